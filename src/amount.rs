@@ -1,0 +1,138 @@
+//! Money as an exact decimal: an amount is parsed from the JSON number's own text, stored as
+//! NUMERIC(20,4) and sent on as decimal text, so no float ever rounds it.
+
+use bigdecimal::{BigDecimal, Signed};
+use std::{fmt, str::FromStr};
+
+/// Digits allowed before the decimal point (NUMERIC(20,4) leaves 16).
+pub const MAX_INTEGER_DIGITS: i64 = 16;
+/// Digits allowed after the decimal point.
+pub const MAX_FRACTION_DIGITS: i64 = 4;
+
+/// A positive amount in major currency units that fits NUMERIC(20,4) without rounding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Amount(BigDecimal);
+
+/// Why a JSON number is not an acceptable amount.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmountError {
+    #[error("must be a JSON number, got {0}")]
+    NotANumber(String),
+    #[error("must be greater than zero, got {0}")]
+    NotPositive(String),
+    #[error("must have at most {MAX_INTEGER_DIGITS} digits before the decimal point, got {0}")]
+    TooLarge(String),
+    #[error("must have at most {MAX_FRACTION_DIGITS} digits after the decimal point, got {0}")]
+    TooPrecise(String),
+}
+
+impl Amount {
+    /// Parses the text of a JSON number (as it stood in the message) into an exact amount.
+    pub fn from_json_number(text: &str) -> Result<Self, AmountError> {
+        let shown = abbreviate(text);
+        let looks_numeric = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+        if !looks_numeric {
+            return Err(AmountError::NotANumber(shown));
+        }
+        let value =
+            BigDecimal::from_str(text).map_err(|_| AmountError::NotANumber(shown.clone()))?;
+        if !value.is_positive() {
+            return Err(AmountError::NotPositive(shown));
+        }
+        // Trailing zeros say nothing about the value: 7.50000 is 7.5 and fits.
+        let normalized = value.normalized();
+        let fraction_digits = normalized.fractional_digit_count().max(0);
+        let integer_digits = normalized.digits() as i64 - normalized.fractional_digit_count();
+        if integer_digits > MAX_INTEGER_DIGITS {
+            return Err(AmountError::TooLarge(shown));
+        }
+        if fraction_digits > MAX_FRACTION_DIGITS {
+            return Err(AmountError::TooPrecise(shown));
+        }
+        // Keep the scale the sender used (7.50 stays 7.50) unless it is beyond what we store.
+        let value = if value.fractional_digit_count() > MAX_FRACTION_DIGITS {
+            normalized
+        } else if value.fractional_digit_count() < 0 {
+            value.with_scale(0)
+        } else {
+            value
+        };
+        Ok(Self(value))
+    }
+
+    /// Wraps a value read back from the database, which already has the stored shape.
+    pub fn from_stored(value: BigDecimal) -> Self {
+        Self(value)
+    }
+
+    /// The exact value.
+    pub fn value(&self) -> &BigDecimal {
+        &self.0
+    }
+
+    /// Plain decimal text, never scientific notation; valid as a JSON number.
+    pub fn to_json_number(&self) -> String {
+        self.0.to_plain_string()
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_json_number())
+    }
+}
+
+/// Keeps error messages short when a sender puts something huge in the amount.
+fn abbreviate(text: &str) -> String {
+    const MAX: usize = 40;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_exact_value_and_scale() {
+        for (input, expected) in [
+            ("9999999999999999.99", "9999999999999999.99"),
+            ("9999999999999999.9999", "9999999999999999.9999"),
+            ("7.50", "7.50"),
+            ("0.0001", "0.0001"),
+            ("12", "12"),
+            ("1e2", "100"),
+            ("1.5E1", "15"),
+            ("7.500000", "7.5"),
+        ] {
+            let amount = Amount::from_json_number(input).unwrap();
+            assert_eq!(amount.to_json_number(), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn rejects_what_numeric_20_4_cannot_hold() {
+        use AmountError::*;
+        let cases: [(&str, fn(String) -> AmountError); 9] = [
+            ("0", NotPositive),
+            ("0.10000000000000000555", TooPrecise),
+            ("-1.00", NotPositive),
+            ("0.00001", TooPrecise),
+            ("1.23456", TooPrecise),
+            ("10000000000000000", TooLarge),
+            ("1e16", TooLarge),
+            ("1e999999999", TooLarge),
+            ("\"7.50\"", NotANumber),
+        ];
+        for (input, kind) in cases {
+            let err = Amount::from_json_number(input).unwrap_err();
+            assert_eq!(err, kind(abbreviate(input)), "{input}");
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The messages the worker publishes: the two events of the contract and dead letters. Built
+//! here, in one place, so the outbox, the relay and a republish all send the same bytes.
+
+use crate::command::Envelope;
+use crate::errors::ErrorKind;
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use serde::Serialize;
+
+/// `type` of the event that carries a new link.
+pub const CREATED: &str = "payment-link.created";
+/// `type` of the event that reports a command that ended without a link.
+pub const FAILED: &str = "payment-link.failed";
+/// AMQP delivery mode that makes the broker write the message to disk.
+pub const PERSISTENT: u8 = 2;
+
+/// Namespace of the event ids, so that an event id is a pure function of the command id.
+const EVENT_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x8f1e_6c2a_4d7b_4a51_9b3e_2f60_a1c4_d9e7);
+
+/// A message ready to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboundMessage {
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+impl OutboundMessage {
+    /// The message id, for logs and the outbox.
+    pub fn message_id(&self) -> &str {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str())
+            .unwrap_or("")
+    }
+}
+
+/// The event id of a command's event of one type: the same on every publish.
+pub fn event_id(event_type: &str, command_id: &str) -> String {
+    uuid::Uuid::new_v5(
+        &EVENT_ID_NAMESPACE,
+        format!("{event_type}/{command_id}").as_bytes(),
+    )
+    .to_string()
+}
+
+/// Where events go and what they say about themselves.
+#[derive(Clone, Debug)]
+pub struct EventTarget {
+    pub exchange: String,
+    pub created_routing_key: String,
+    pub failed_routing_key: String,
+    /// CloudEvents `source`.
+    pub source: String,
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// Properties and CloudEvents headers (AMQP binding, binary mode) shared by both events.
+fn event_properties(
+    target: &EventTarget,
+    event_type: &str,
+    envelope: &Envelope,
+    now: DateTime<Utc>,
+) -> BasicProperties {
+    let id = event_id(event_type, envelope.command_id.as_str());
+    let mut headers = FieldTable::default();
+    headers.insert("cloudEvents:specversion".into(), text("1.0"));
+    headers.insert("cloudEvents:id".into(), text(&id));
+    headers.insert("cloudEvents:source".into(), text(&target.source));
+    headers.insert("cloudEvents:type".into(), text(event_type));
+    headers.insert(
+        "cloudEvents:time".into(),
+        text(&now.to_rfc3339_opts(SecondsFormat::Millis, true)),
+    );
+    headers.insert(
+        "cloudEvents:subject".into(),
+        text(envelope.command_id.as_str()),
+    );
+    if let Some(traceparent) = &envelope.traceparent {
+        headers.insert("traceparent".into(), text(traceparent));
+    }
+    if let Some(tracestate) = &envelope.tracestate {
+        headers.insert("tracestate".into(), text(tracestate));
+    }
+    BasicProperties::default()
+        .with_message_id(id.into())
+        .with_correlation_id(envelope.correlation_id.clone().into())
+        .with_type(event_type.into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT)
+        .with_timestamp(now.timestamp().max(0) as u64)
+        .with_headers(headers)
+}
+
+/// `payment-link.created`: the body is the provider's answer exactly as it came.
+pub fn created_event(
+    target: &EventTarget,
+    envelope: &Envelope,
+    provider_body: &str,
+    now: DateTime<Utc>,
+) -> OutboundMessage {
+    OutboundMessage {
+        exchange: target.exchange.clone(),
+        routing_key: target.created_routing_key.clone(),
+        properties: event_properties(target, CREATED, envelope, now),
+        body: provider_body.as_bytes().to_vec(),
+    }
+}
+
+/// Body of `payment-link.failed`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FailedBody<'a> {
+    command_id: &'a str,
+    error_kind: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invoice_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adhoc_invoice_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_id: Option<i64>,
+}
+
+/// `payment-link.failed`, for a command that ended dead-lettered after reaching the provider.
+pub fn failed_event(
+    target: &EventTarget,
+    envelope: &Envelope,
+    failure: &Failure<'_>,
+    now: DateTime<Utc>,
+) -> OutboundMessage {
+    let cmd = &envelope.command;
+    let body = serde_json::to_vec(&FailedBody {
+        command_id: envelope.command_id.as_str(),
+        error_kind: failure.kind.as_str(),
+        message: failure.message,
+        http_status: failure.http_status,
+        invoice_id: cmd.invoice_id,
+        adhoc_invoice_id: cmd.adhoc_invoice_id,
+        customer_id: cmd.customer_id,
+    })
+    .expect("plain fields serialize");
+    OutboundMessage {
+        exchange: target.exchange.clone(),
+        routing_key: target.failed_routing_key.clone(),
+        properties: event_properties(target, FAILED, envelope, now),
+        body,
+    }
+}
+
+/// What went wrong, for a dead letter's headers and the failed event.
+#[derive(Clone, Debug)]
+pub struct Failure<'a> {
+    pub kind: ErrorKind,
+    pub message: &'a str,
+    pub http_status: Option<u16>,
+    pub error_body: Option<&'a str>,
+    pub attempts: i32,
+}
+
+/// The delivery a dead letter is made from.
+pub struct Original<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub properties: &'a BasicProperties,
+    pub body: &'a [u8],
+}
+
+/// A dead letter: the original body, properties and headers, plus `x-error-*` headers that say
+/// why. It keeps the original routing key so a replay goes where the command went.
+pub fn dead_letter(
+    dead_letter_exchange: &str,
+    original: &Original<'_>,
+    failure: &Failure<'_>,
+    now: DateTime<Utc>,
+) -> OutboundMessage {
+    let mut headers = original.properties.headers().clone().unwrap_or_default();
+    headers.insert("x-error-kind".into(), text(failure.kind.as_str()));
+    headers.insert("x-error-message".into(), text(failure.message));
+    if let Some(status) = failure.http_status {
+        headers.insert(
+            "x-error-status".into(),
+            AMQPValue::LongInt(i32::from(status)),
+        );
+    }
+    if let Some(body) = failure.error_body {
+        headers.insert("x-error-body".into(), text(body));
+    }
+    headers.insert("x-attempts".into(), AMQPValue::LongInt(failure.attempts));
+    headers.insert(
+        "x-failed-at".into(),
+        text(&now.to_rfc3339_opts(SecondsFormat::Millis, true)),
+    );
+    headers.insert("x-original-exchange".into(), text(original.exchange));
+    headers.insert("x-original-routing-key".into(), text(original.routing_key));
+    // The broker refuses a user_id other than the publisher's own, and a per-message TTL would
+    // make the dead letter vanish before anyone looked at it.
+    let mut properties = BasicProperties::default();
+    let p = original.properties;
+    if let Some(v) = p.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        properties = properties.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        properties = properties.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        properties = properties.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        properties = properties.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        properties = properties.with_app_id(v.clone());
+    }
+    OutboundMessage {
+        exchange: dead_letter_exchange.to_owned(),
+        routing_key: original.routing_key.to_owned(),
+        properties: properties
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(headers),
+        body: original.body.to_vec(),
+    }
+}
+
+/// Cuts a provider's error body to what a header should carry, on a character boundary.
+pub fn excerpt(body: &str, max: usize) -> String {
+    let mut end = body.len().min(max);
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    body[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_stable_and_distinct_per_type() {
+        assert_eq!(event_id(CREATED, "c-1"), event_id(CREATED, "c-1"));
+        assert_ne!(event_id(CREATED, "c-1"), event_id(CREATED, "c-2"));
+        assert_ne!(event_id(CREATED, "c-1"), event_id(FAILED, "c-1"));
+    }
+
+    #[test]
+    fn excerpt_respects_characters() {
+        assert_eq!(excerpt("héllo", 2), "h");
+        assert_eq!(excerpt("abc", 10), "abc");
+    }
+
+    #[test]
+    fn properties_survive_the_outbox_round_trip() {
+        let mut headers = FieldTable::default();
+        headers.insert("n".into(), AMQPValue::LongLongInt(-5));
+        headers.insert("s".into(), text("ünïcode"));
+        headers.insert("b".into(), AMQPValue::Boolean(true));
+        let props = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_timestamp(7)
+            .with_headers(headers);
+        let json = serde_json::to_value(&props).unwrap();
+        let back: BasicProperties = serde_json::from_value(json).unwrap();
+        assert_eq!(back, props);
+    }
+}

@@ -1,0 +1,188 @@
+//! Step 5, publish: every message goes out mandatory and publisher-confirmed, so "sent" means the
+//! broker routed it to a queue and took responsibility for it. The relay republishes whatever
+//! the outbox still holds unsent.
+
+use super::messages::OutboundMessage;
+use crate::config::OutboxSettings;
+use crate::store::{PgPool, StoreError, outbox};
+use diesel_async::AsyncConnection;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+
+/// Why the broker did not take a message.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker refused the message (basic.nack)")]
+    Nacked,
+    #[error(
+        "unroutable: no queue is bound to exchange {exchange:?} for routing key {routing_key:?}"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// A confirm-mode channel shared by every task of a worker; reopened if the broker closed it.
+#[derive(Clone)]
+pub struct Publisher {
+    connection: Arc<Connection>,
+    channel: Arc<RwLock<Channel>>,
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+impl Publisher {
+    /// Opens the publishing channel in confirm mode.
+    pub async fn open(connection: Arc<Connection>) -> Result<Self, lapin::Error> {
+        let channel = confirm_channel(&connection).await?;
+        Ok(Self {
+            connection,
+            channel: Arc::new(RwLock::new(channel)),
+        })
+    }
+
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        let current = self.channel.read().await.clone();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        let mut slot = self.channel.write().await;
+        if !slot.status().connected() {
+            *slot = confirm_channel(&self.connection).await?;
+        }
+        Ok(slot.clone())
+    }
+
+    /// Publishes and waits for the broker's confirm; an unroutable or nacked message is an error.
+    pub async fn publish(&self, message: &OutboundMessage) -> Result<(), PublishError> {
+        let confirmation = self
+            .channel()
+            .await?
+            .basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &message.body,
+                message.properties.clone(),
+            )
+            .await?
+            .await?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+            }),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Closes the channel once every publish in flight has been confirmed.
+    pub async fn close(&self) {
+        let channel = self.channel.read().await.clone();
+        if channel.status().connected() {
+            let _ = channel.wait_for_confirms().await;
+            let _ = channel.close(200, "worker stopping".into()).await;
+        }
+    }
+}
+
+/// Publishes the given outbox rows now and marks those the broker confirmed. Rows it could not
+/// publish stay for the relay; the error is recorded on the row and logged, not returned.
+pub async fn publish_rows(
+    pool: &PgPool,
+    publisher: &Publisher,
+    ids: &[i64],
+    settings: &OutboxSettings,
+) -> Result<(), StoreError> {
+    let mut conn = pool.get().await?;
+    let rows = outbox::by_ids(&mut conn, ids).await?;
+    let max_wait = Duration::from_millis(settings.max_retry_interval_ms);
+    let mut sent = Vec::with_capacity(rows.len());
+    for row in rows.iter().filter(|r| r.sent_at.is_none()) {
+        match publish_row(publisher, row).await {
+            Ok(()) => sent.push(row.id),
+            Err(error) => {
+                tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
+                    %error, "publish failed; the outbox relay will retry");
+                outbox::mark_failed(&mut conn, row, &error, max_wait).await?;
+            }
+        }
+    }
+    outbox::mark_sent(&mut conn, &sent).await
+}
+
+async fn publish_row(publisher: &Publisher, row: &outbox::OutboxRecord) -> Result<(), String> {
+    let message = row
+        .message()
+        .map_err(|e| format!("stored properties are unreadable: {e}"))?;
+    publisher.publish(&message).await.map_err(|e| e.to_string())
+}
+
+/// One relay round: locks due rows (other replicas skip them), publishes, records the results.
+/// Returns how many rows were published.
+pub async fn relay_once(
+    pool: &PgPool,
+    publisher: &Publisher,
+    settings: &OutboxSettings,
+) -> Result<usize, StoreError> {
+    let mut conn = pool.get().await?;
+    let max_wait = Duration::from_millis(settings.max_retry_interval_ms);
+    let batch_size = settings.relay_batch_size;
+    let publisher = publisher.clone();
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        let rows = outbox::lock_due(conn, batch_size).await?;
+        let mut sent = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match publish_row(&publisher, row).await {
+                Ok(()) => sent.push(row.id),
+                Err(error) => {
+                    tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
+                        attempts = row.publish_attempts + 1, %error, "relay could not publish; will retry");
+                    outbox::mark_failed(conn, row, &error, max_wait).await?;
+                }
+            }
+        }
+        outbox::mark_sent(conn, &sent).await?;
+        if !sent.is_empty() {
+            tracing::info!(published = sent.len(), "relay published outbox messages");
+        }
+        Ok(sent.len())
+    })
+    .await
+}
+
+/// Runs relay rounds every `relay_interval_ms` until `stop` fires.
+pub async fn run_relay(
+    pool: PgPool,
+    publisher: Publisher,
+    settings: OutboxSettings,
+    stop: CancellationToken,
+) {
+    let interval = Duration::from_millis(settings.relay_interval_ms);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Err(error) = relay_once(&pool, &publisher, &settings).await {
+            tracing::warn!(%error, "outbox relay round failed; will try again");
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The subcommands of the `payment-link-worker` binary.
+
+use crate::config::Settings;
+use crate::provider::sim::{self, SimOptions};
+use crate::{broker, store, telemetry, worker};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Turns "create payment link" commands from RabbitMQ into payment links.
+#[derive(Debug, Parser)]
+#[command(name = "payment-link-worker", version, about)]
+pub struct Cli {
+    /// A TOML file layered over config/default.toml (environment variables still win).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run the worker until SIGTERM or ctrl-c (migrations run first unless disabled).
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Run a local simulator of the payment provider API.
+    ProviderSim(ProviderSimArgs),
+    /// Publish one command (publisher-confirmed) and print its command id.
+    Send(SendArgs),
+}
+
+/// Flags of `provider-sim`.
+#[derive(Debug, Args)]
+pub struct ProviderSimArgs {
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Bearer token to accept (default: PROVIDER_TOKEN, as the worker uses).
+    #[arg(long, env = "PROVIDER_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Latency added to every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Fraction of calls (0 to 1) answered 503.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+}
+
+/// Flags of `send`: a body from flags, or from a JSON file.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The command id (AMQP message_id); a fresh UUID when not given.
+    #[arg(long)]
+    pub command_id: Option<String>,
+    /// A file holding the whole command body (instead of the flags below).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["provider_id", "amount", "description"])]
+    pub json: Option<PathBuf>,
+    /// paymentProviderId.
+    #[arg(long, required_unless_present = "json")]
+    pub provider_id: Option<i64>,
+    /// amountInMajorCurrency, as decimal text (sent exactly as given).
+    #[arg(long, required_unless_present = "json")]
+    pub amount: Option<String>,
+    /// description.
+    #[arg(long, required_unless_present = "json")]
+    pub description: Option<String>,
+    /// emailAddress.
+    #[arg(long)]
+    pub email: Option<String>,
+    /// invoiceId.
+    #[arg(long)]
+    pub invoice_id: Option<i64>,
+    /// adhocInvoiceId.
+    #[arg(long)]
+    pub adhoc_invoice_id: Option<i64>,
+    /// customerId.
+    #[arg(long)]
+    pub customer_id: Option<i64>,
+    /// correlation_id property.
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log);
+    match cli.command {
+        Commands::Run => {
+            settings.check_for_worker()?;
+            let stop = CancellationToken::new();
+            let running = worker::start(settings, stop.clone()).await?;
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown requested");
+                stop.cancel();
+            });
+            running.wait().await
+        }
+        Commands::Migrate => {
+            let pool = store::pool(&settings.database)?;
+            let applied = store::migrate(&pool).await.with_context(|| {
+                format!("cannot migrate the database at {}", settings.database.url)
+            })?;
+            println!("applied {applied} migration(s)");
+            Ok(())
+        }
+        Commands::ProviderSim(args) => provider_sim(args).await,
+        Commands::Send(args) => {
+            let id = send(&settings, args).await?;
+            println!("{id}");
+            Ok(())
+        }
+    }
+}
+
+async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        anyhow::bail!("--fail-rate must be between 0 and 1");
+    }
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    tracing::info!(address = %listener.local_addr()?, latency_ms = args.latency_ms,
+        fail_rate = args.fail_rate, "provider simulator listening");
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let options = SimOptions {
+        token: args.token,
+        latency: Duration::from_millis(args.latency_ms),
+        fail_rate: args.fail_rate,
+    };
+    Ok(sim::serve(listener, options, stop).await?)
+}
+
+/// Builds the body from the flags; the amount is inserted as written so it stays exact.
+fn body_from_flags(args: &SendArgs) -> anyhow::Result<Vec<u8>> {
+    if let Some(path) = &args.json {
+        return std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    }
+    let amount = args.amount.as_deref().unwrap_or_default();
+    let amount = serde_json::value::RawValue::from_string(amount.to_owned())
+        .ok()
+        .filter(|raw| {
+            raw.get()
+                .starts_with(|c: char| c.is_ascii_digit() || c == '-')
+        })
+        .with_context(|| format!("--amount must be a decimal number, got {amount:?}"))?;
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        payment_provider_id: Option<i64>,
+        amount_in_major_currency: &'a serde_json::value::RawValue,
+        description: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        email_address: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        invoice_id: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        adhoc_invoice_id: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        customer_id: Option<i64>,
+    }
+    Ok(serde_json::to_vec(&Body {
+        payment_provider_id: args.provider_id,
+        amount_in_major_currency: &amount,
+        description: args.description.as_deref(),
+        email_address: args.email.as_deref(),
+        invoice_id: args.invoice_id,
+        adhoc_invoice_id: args.adhoc_invoice_id,
+        customer_id: args.customer_id,
+    })?)
+}
+
+/// Publishes one command to the command exchange and waits for the broker's confirm.
+pub async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<String> {
+    let body = body_from_flags(&args)?;
+    let id = args
+        .command_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let connection = broker::connect(&settings.broker, "payment-link-worker send")
+        .await
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut properties = BasicProperties::default()
+        .with_message_id(id.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(crate::broker::messages::PERSISTENT)
+        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+    if let Some(correlation_id) = &args.correlation_id {
+        properties = properties.with_correlation_id(correlation_id.as_str().into());
+    }
+    let confirmation = channel
+        .basic_publish(
+            settings.broker.command_exchange.as_str().into(),
+            settings.broker.command_routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &body,
+            properties,
+        )
+        .await?
+        .await?;
+    let _ = connection.close(200, "sent".into()).await;
+    match confirmation {
+        lapin::Confirmation::Ack(None) => Ok(id),
+        lapin::Confirmation::Ack(Some(_)) => anyhow::bail!(
+            "no queue is bound to {} for {}: start the worker once to declare the topology",
+            settings.broker.command_exchange,
+            settings.broker.command_routing_key
+        ),
+        _ => anyhow::bail!("the broker did not accept the command"),
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn config_is_accepted_before_or_after_the_subcommand() {
+        let before = Cli::try_parse_from(["plw", "--config", "a.toml", "migrate"]).unwrap();
+        let after = Cli::try_parse_from(["plw", "migrate", "--config", "a.toml"]).unwrap();
+        assert_eq!(before.config, after.config);
+        assert_eq!(after.config.unwrap(), PathBuf::from("a.toml"));
+    }
+
+    #[test]
+    fn send_flags_keep_the_amount_text() {
+        let cli = Cli::try_parse_from([
+            "plw",
+            "send",
+            "--provider-id",
+            "3",
+            "--amount",
+            "9999999999999999.99",
+            "--description",
+            "d",
+        ])
+        .unwrap();
+        let Commands::Send(args) = cli.command else {
+            panic!("not send")
+        };
+        let body = String::from_utf8(body_from_flags(&args).unwrap()).unwrap();
+        assert!(
+            body.contains("\"amountInMajorCurrency\":9999999999999999.99"),
+            "{body}"
+        );
+        assert!(crate::command::Command::parse(body.as_bytes()).is_ok());
+    }
+}

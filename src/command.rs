@@ -1,0 +1,474 @@
+//! Step 2, validate: the wire command (AMQP properties and JSON body) is parsed once into a
+//! [`Command`] that cannot hold an invalid value. Everything after this module trusts the type;
+//! everything this module refuses is dead-lettered with the reason it gives.
+
+use crate::amount::Amount;
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Header a deliberate replay increments; a recorded failure is only attempted again when it grows.
+pub const REPLAY_COUNT_HEADER: &str = "x-replay-count";
+
+/// Why a message is not a valid command. The text goes into the `x-error-message` header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+fn invalid(message: impl Into<String>) -> ValidationError {
+    ValidationError(message.into())
+}
+
+/// The command id: the AMQP `message_id`, the idempotency key of everything downstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandId(String);
+
+impl CommandId {
+    /// Accepts any non-blank id of printable characters (AMQP limits it to 255 bytes).
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        if raw.trim().is_empty() {
+            return Err(invalid("message_id (the command id) is empty"));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(invalid(
+                "message_id (the command id) contains control characters",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CommandId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A well-formed email address (the provider sends the link there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmailAddress(String);
+
+impl EmailAddress {
+    /// A deliberately plain check: one `@`, a non-empty local part, a dotted domain, no spaces.
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        let bad = || {
+            invalid(format!(
+                "emailAddress is not a well-formed email address: {raw:?}"
+            ))
+        };
+        if raw.len() > 254 || raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad());
+        }
+        let (local, domain) = raw.split_once('@').ok_or_else(bad)?;
+        let labels_ok = domain
+            .split('.')
+            .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'));
+        if local.is_empty()
+            || local.len() > 64
+            || domain.contains('@')
+            || !domain.contains('.')
+            || !labels_ok
+        {
+            return Err(bad());
+        }
+        Ok(Self(raw.to_owned()))
+    }
+    /// The address as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A valid "create payment link" command body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub payment_provider_id: i64,
+    pub amount: Amount,
+    pub description: String,
+    pub email_address: Option<EmailAddress>,
+    pub invoice_id: Option<i64>,
+    pub adhoc_invoice_id: Option<i64>,
+    pub customer_id: Option<i64>,
+}
+
+/// The body as it stands on the wire: every field kept as raw JSON so types are checked by us,
+/// with messages that name the field, and numbers keep their exact text.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireCommand<'a> {
+    #[serde(borrow)]
+    payment_provider_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    amount_in_major_currency: Option<&'a RawValue>,
+    #[serde(borrow)]
+    description: Option<&'a RawValue>,
+    #[serde(borrow)]
+    email_address: Option<&'a RawValue>,
+    #[serde(borrow)]
+    invoice_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    adhoc_invoice_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    customer_id: Option<&'a RawValue>,
+}
+
+/// The provider's request body, serialized from a valid command: the amount goes as decimal text.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProviderRequest<'a> {
+    payment_provider_id: i64,
+    amount_in_major_currency: &'a RawValue,
+    description: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email_address: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invoice_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adhoc_invoice_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_id: Option<i64>,
+}
+
+/// A JSON `null` counts as absent.
+fn present(raw: Option<&RawValue>) -> Option<&RawValue> {
+    raw.filter(|r| r.get() != "null")
+}
+
+fn required<'a>(field: &str, raw: Option<&'a RawValue>) -> Result<&'a RawValue, ValidationError> {
+    present(raw).ok_or_else(|| invalid(format!("{field} is required")))
+}
+
+fn positive_id(field: &str, raw: &RawValue) -> Result<i64, ValidationError> {
+    match serde_json::from_str::<i64>(raw.get()) {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(invalid(format!(
+            "{field} must be a positive integer, got {}",
+            short(raw.get())
+        ))),
+    }
+}
+
+fn optional_id(field: &str, raw: Option<&RawValue>) -> Result<Option<i64>, ValidationError> {
+    present(raw).map(|r| positive_id(field, r)).transpose()
+}
+
+fn string(field: &str, raw: &RawValue) -> Result<String, ValidationError> {
+    serde_json::from_str::<String>(raw.get()).map_err(|_| {
+        invalid(format!(
+            "{field} must be a string, got {}",
+            short(raw.get())
+        ))
+    })
+}
+
+fn short(text: &str) -> String {
+    let mut end = text.len().min(60);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < text.len() {
+        format!("{}…", &text[..end])
+    } else {
+        text.to_owned()
+    }
+}
+
+impl Command {
+    /// Parses and validates a JSON body. Unknown fields are ignored.
+    pub fn parse(body: &[u8]) -> Result<Self, ValidationError> {
+        let text = std::str::from_utf8(body)
+            .map_err(|e| invalid(format!("body is not valid UTF-8: {e}")))?;
+        let wire: WireCommand<'_> = serde_json::from_str(text).map_err(|e| {
+            if e.is_data() {
+                invalid(format!("body is not a command object: {e}"))
+            } else {
+                invalid(format!("body is not valid JSON: {e}"))
+            }
+        })?;
+        let payment_provider_id = positive_id(
+            "paymentProviderId",
+            required("paymentProviderId", wire.payment_provider_id)?,
+        )?;
+        let amount_raw = required("amountInMajorCurrency", wire.amount_in_major_currency)?;
+        let amount = Amount::from_json_number(amount_raw.get())
+            .map_err(|e| invalid(format!("amountInMajorCurrency {e}")))?;
+        let description = string("description", required("description", wire.description)?)?;
+        if description.trim().is_empty() {
+            return Err(invalid("description must not be blank"));
+        }
+        let email_address = present(wire.email_address)
+            .map(|r| string("emailAddress", r).and_then(|s| EmailAddress::parse(&s)))
+            .transpose()?;
+        Ok(Self {
+            payment_provider_id,
+            amount,
+            description,
+            email_address,
+            invoice_id: optional_id("invoiceId", wire.invoice_id)?,
+            adhoc_invoice_id: optional_id("adhocInvoiceId", wire.adhoc_invoice_id)?,
+            customer_id: optional_id("customerId", wire.customer_id)?,
+        })
+    }
+
+    /// The provider request body: the command's fields in canonical form. Also what decides
+    /// whether a second command with the same id is the same request or a conflict.
+    pub fn provider_request_json(&self) -> String {
+        let amount = RawValue::from_string(self.amount.to_json_number())
+            .expect("a plain decimal is a valid JSON number");
+        serde_json::to_string(&ProviderRequest {
+            payment_provider_id: self.payment_provider_id,
+            amount_in_major_currency: &amount,
+            description: &self.description,
+            email_address: self.email_address.as_ref().map(EmailAddress::as_str),
+            invoice_id: self.invoice_id,
+            adhoc_invoice_id: self.adhoc_invoice_id,
+            customer_id: self.customer_id,
+        })
+        .expect("serializing plain fields cannot fail")
+    }
+}
+
+/// A delivery that passed every check, with what the rest of the pipeline needs from its envelope.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    pub command_id: CommandId,
+    /// The command's own correlation id, or its command id.
+    pub correlation_id: String,
+    /// How many times an operator has replayed this command (0 for a first delivery).
+    pub replay_count: i32,
+    /// W3C trace context carried from the command to the provider and the event.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    pub command: Command,
+    pub request_json: String,
+}
+
+impl Envelope {
+    /// Checks the envelope (size, message id, content type) and then the body.
+    pub fn parse(
+        properties: &BasicProperties,
+        body: &[u8],
+        max_bytes: usize,
+    ) -> Result<Self, ValidationError> {
+        if body.len() > max_bytes {
+            return Err(invalid(format!(
+                "message is {} bytes, more than the {max_bytes} allowed (broker.max_message_bytes)",
+                body.len()
+            )));
+        }
+        let command_id = match properties.message_id() {
+            Some(id) => CommandId::parse(id.as_str())?,
+            None => return Err(invalid("message_id property (the command id) is missing")),
+        };
+        if let Some(content_type) = properties.content_type() {
+            let essence = content_type.as_str().split(';').next().unwrap_or("").trim();
+            if !essence.eq_ignore_ascii_case("application/json") {
+                return Err(invalid(format!(
+                    "content_type must be application/json, got {:?}",
+                    content_type.as_str()
+                )));
+            }
+        }
+        let command = Command::parse(body)?;
+        let request_json = command.provider_request_json();
+        Ok(Self {
+            correlation_id: properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str().to_owned())
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| command_id.as_str().to_owned()),
+            replay_count: header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0) as i32,
+            traceparent: header_text(properties, "traceparent"),
+            tracestate: header_text(properties, "tracestate"),
+            command_id,
+            command,
+            request_json,
+        })
+    }
+}
+
+/// A header as text, whichever string type the publisher used.
+pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header as a non-negative integer, whichever integer type (or decimal text) the publisher used.
+pub fn header_int(properties: &BasicProperties, name: &str) -> Option<i64> {
+    let value = match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?,
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).trim().parse().ok()?,
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
+        _ => return None,
+    };
+    (value >= 0).then_some(value.min(i64::from(i32::MAX)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> String {
+        Command::parse(body.as_bytes()).unwrap_err().0
+    }
+
+    #[test]
+    fn parses_a_full_command_and_ignores_unknown_fields() {
+        let c = Command::parse(
+            br#"{"paymentProviderId":3,"amountInMajorCurrency":9999999999999999.99,"description":"Invoice 7",
+                "emailAddress":"a.b@example.com","invoiceId":10,"adhocInvoiceId":null,"customerId":5,"extra":[1,2]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.payment_provider_id, 3);
+        assert_eq!(c.amount.to_json_number(), "9999999999999999.99");
+        assert_eq!(c.email_address.unwrap().as_str(), "a.b@example.com");
+        assert_eq!(
+            (c.invoice_id, c.adhoc_invoice_id, c.customer_id),
+            (Some(10), None, Some(5))
+        );
+    }
+
+    #[test]
+    fn provider_request_keeps_the_amount_text() {
+        let c = Command::parse(
+            br#"{"paymentProviderId":1,"amountInMajorCurrency":7.50,"description":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.provider_request_json(),
+            r#"{"paymentProviderId":1,"amountInMajorCurrency":7.50,"description":"x"}"#
+        );
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        let cases = [
+            ("not json", "not valid JSON"),
+            ("[1,2]", "not a command object"),
+            (
+                r#"{"amountInMajorCurrency":1,"description":"x"}"#,
+                "paymentProviderId is required",
+            ),
+            (
+                r#"{"paymentProviderId":"1","amountInMajorCurrency":1,"description":"x"}"#,
+                "paymentProviderId must be a positive integer",
+            ),
+            (
+                r#"{"paymentProviderId":0,"amountInMajorCurrency":1,"description":"x"}"#,
+                "paymentProviderId must be a positive integer",
+            ),
+            (
+                r#"{"paymentProviderId":1.5,"amountInMajorCurrency":1,"description":"x"}"#,
+                "paymentProviderId must be a positive integer",
+            ),
+            (
+                r#"{"paymentProviderId":1,"description":"x"}"#,
+                "amountInMajorCurrency is required",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":"1","description":"x"}"#,
+                "amountInMajorCurrency must be a JSON number",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":-1,"description":"x"}"#,
+                "greater than zero",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":1.00001,"description":"x"}"#,
+                "at most 4 digits after",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":1}"#,
+                "description is required",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"  "}"#,
+                "description must not be blank",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":5}"#,
+                "description must be a string",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"x","emailAddress":"nope"}"#,
+                "emailAddress is not a well-formed",
+            ),
+            (
+                r#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"x","customerId":-4}"#,
+                "customerId must be a positive integer",
+            ),
+            (
+                r#"{"paymentProviderId":1,"paymentProviderId":2,"amountInMajorCurrency":1,"description":"x"}"#,
+                "duplicate field",
+            ),
+        ];
+        for (body, expected) in cases {
+            let message = err(body);
+            assert!(message.contains(expected), "{body}: {message}");
+        }
+        let message = Command::parse(&[0x7b, 0xff, 0x7d]).unwrap_err().0;
+        assert!(message.contains("UTF-8"), "{message}");
+    }
+
+    #[test]
+    fn email_check() {
+        for ok in ["a@b.co", "first.last+tag@sub.example.org"] {
+            assert!(EmailAddress::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "a", "@b.co", "a@", "a@b", "a b@c.de", "a@b..c", "a@@b.c", "a@-b.c",
+        ] {
+            assert!(EmailAddress::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn envelope_checks_come_first() {
+        let body = br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"x"}"#;
+        let no_id = BasicProperties::default();
+        assert!(
+            Envelope::parse(&no_id, body, 1024)
+                .unwrap_err()
+                .0
+                .contains("message_id")
+        );
+        let xml = BasicProperties::default()
+            .with_message_id("c1".into())
+            .with_content_type("text/xml".into());
+        assert!(
+            Envelope::parse(&xml, body, 1024)
+                .unwrap_err()
+                .0
+                .contains("content_type")
+        );
+        let ok = BasicProperties::default()
+            .with_message_id("c1".into())
+            .with_content_type("application/json; charset=utf-8".into());
+        assert!(Envelope::parse(&ok, body, 1024).is_ok());
+        assert!(
+            Envelope::parse(&ok, body, 10)
+                .unwrap_err()
+                .0
+                .contains("broker.max_message_bytes")
+        );
+        let envelope = Envelope::parse(&ok, body, 1024).unwrap();
+        assert_eq!(envelope.correlation_id, "c1");
+        assert_eq!(envelope.replay_count, 0);
+    }
+}

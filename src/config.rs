@@ -1,0 +1,606 @@
+//! Typed, layered settings: `config/default.toml` (compiled in), an optional file, then environment
+//! variables. Every key a user can set exists in the defaults, so an unknown key (a typo that would
+//! otherwise be silently ignored) stops start-up with a message that names it.
+
+use serde::Deserialize;
+use std::{fmt, path::Path, time::Duration};
+
+/// The defaults; also the list of every key that exists.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+/// Prefix of the environment variables that override any key.
+pub const ENV_PREFIX: &str = "PAYMENT_LINK_WORKER__";
+/// Short environment variables for the settings most often given by a platform, and their keys.
+const ENV_ALIASES: [(&str, &str); 4] = [
+    ("AMQP_URL", "broker.url"),
+    ("DATABASE_URL", "database.url"),
+    ("PROVIDER_BASE_URL", "provider.base_url"),
+    ("PROVIDER_TOKEN", "provider.token"),
+];
+
+/// Why the settings could not be loaded; the message always names the key, variable or file.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// A value that must never be printed: `Debug` and `Display` show a placeholder.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A URL that may carry a password: printing it shows the URL with the password masked.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The URL with its password, for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// Masks the password of `scheme://user:password@host/...`, leaving the rest readable.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// All settings of the worker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub database: DatabaseSettings,
+    pub provider: ProviderSettings,
+    pub retry: RetrySettings,
+    pub outbox: OutboxSettings,
+    pub worker: WorkerSettings,
+    pub events: EventSettings,
+    pub log: LogSettings,
+}
+
+/// RabbitMQ connection, flow control and topology names.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSettings {
+    pub url: SecretUrl,
+    pub prefetch: u16,
+    pub max_message_bytes: usize,
+    pub delivery_limit: u32,
+    pub command_exchange: String,
+    pub command_routing_key: String,
+    pub command_queue: String,
+    pub event_exchange: String,
+    pub created_routing_key: String,
+    pub failed_routing_key: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+/// PostgreSQL connection.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: SecretUrl,
+    pub pool_size: usize,
+    pub run_migrations: bool,
+}
+
+/// The payment provider's API.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub base_url: String,
+    pub token: Secret,
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+}
+
+/// Exponential backoff of transient provider failures.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub initial_interval_ms: u64,
+    pub max_interval_ms: u64,
+    pub multiplier: f64,
+    pub randomization_factor: f64,
+    pub max_elapsed_ms: u64,
+}
+
+/// The relay that publishes what the worker could not publish at once.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    pub relay_interval_ms: u64,
+    pub relay_batch_size: i64,
+    pub inline_grace_ms: u64,
+    pub max_retry_interval_ms: u64,
+}
+
+/// Shutdown and coordination between replicas.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub shutdown_grace_ms: u64,
+    pub busy_poll_ms: u64,
+}
+
+/// Attributes of published events.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    pub source: String,
+}
+
+/// Log output.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Settings {
+    /// Loads the layers from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Loads the layers from the given environment, so tests need not touch the process's.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut merged = defaults_table();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            let overlay: toml::Table = toml::from_str(&text).map_err(|e| {
+                ConfigError(format!(
+                    "config file {} is not valid TOML: {e}",
+                    path.display()
+                ))
+            })?;
+            merge_file(&mut merged, overlay, "", path)?;
+        }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        for (name, value) in &env {
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                let key = rest
+                    .split("__")
+                    .collect::<Vec<_>>()
+                    .join(".")
+                    .to_lowercase();
+                set_from_env(&mut merged, &key, value, name)?;
+            }
+        }
+        for (name, key) in ENV_ALIASES {
+            if let Some((_, value)) = env.iter().find(|(n, _)| n == name) {
+                set_from_env(&mut merged, key, value, name)?;
+            }
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| ConfigError(format!("`{}`: {}", e.path(), e.inner().message())))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot: ranges, URL shapes, names.
+    fn check(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("`{key}` {why}")));
+        if !self.broker.url.expose().starts_with("amqp://")
+            && !self.broker.url.expose().starts_with("amqps://")
+        {
+            return fail("broker.url", "must start with amqp:// or amqps://");
+        }
+        if self.broker.prefetch == 0 {
+            return fail("broker.prefetch", "must be at least 1");
+        }
+        if self.broker.max_message_bytes == 0 {
+            return fail("broker.max_message_bytes", "must be at least 1");
+        }
+        if self.broker.delivery_limit == 0 {
+            return fail("broker.delivery_limit", "must be at least 1");
+        }
+        for (key, name) in [
+            ("broker.command_exchange", &self.broker.command_exchange),
+            ("broker.command_queue", &self.broker.command_queue),
+            ("broker.event_exchange", &self.broker.event_exchange),
+            (
+                "broker.dead_letter_exchange",
+                &self.broker.dead_letter_exchange,
+            ),
+            ("broker.dead_letter_queue", &self.broker.dead_letter_queue),
+            (
+                "broker.command_routing_key",
+                &self.broker.command_routing_key,
+            ),
+            (
+                "broker.created_routing_key",
+                &self.broker.created_routing_key,
+            ),
+            ("broker.failed_routing_key", &self.broker.failed_routing_key),
+        ] {
+            if name.trim().is_empty() || name.len() > 255 {
+                return fail(key, "must be a name of 1 to 255 bytes");
+            }
+        }
+        let db = self.database.url.expose();
+        if !db.starts_with("postgres://") && !db.starts_with("postgresql://") {
+            return fail(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            );
+        }
+        if self.database.pool_size == 0 {
+            return fail("database.pool_size", "must be at least 1");
+        }
+        let base = &self.provider.base_url;
+        if !(base.starts_with("http://") || base.starts_with("https://"))
+            || reqwest::Url::parse(base).is_err()
+        {
+            return fail("provider.base_url", "must be an http:// or https:// URL");
+        }
+        if self.provider.timeout_ms == 0 || self.provider.connect_timeout_ms == 0 {
+            return fail(
+                "provider.timeout_ms",
+                "and provider.connect_timeout_ms must be above 0",
+            );
+        }
+        let retry = &self.retry;
+        if retry.initial_interval_ms == 0 || retry.max_interval_ms < retry.initial_interval_ms {
+            return fail(
+                "retry.max_interval_ms",
+                "must be at least retry.initial_interval_ms, which must be above 0",
+            );
+        }
+        if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
+            return fail("retry.multiplier", "must be a number of at least 1");
+        }
+        if !(0.0..=1.0).contains(&retry.randomization_factor) {
+            return fail("retry.randomization_factor", "must be between 0 and 1");
+        }
+        if self.outbox.relay_interval_ms == 0 || self.outbox.relay_batch_size < 1 {
+            return fail(
+                "outbox.relay_interval_ms",
+                "and outbox.relay_batch_size must be above 0",
+            );
+        }
+        if self.worker.busy_poll_ms == 0 {
+            return fail("worker.busy_poll_ms", "must be above 0");
+        }
+        if self.events.source.trim().is_empty() {
+            return fail("events.source", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// Checks the settings only the worker needs (not `migrate` or `provider-sim`).
+    pub fn check_for_worker(&self) -> Result<(), ConfigError> {
+        if self.provider.token.expose().trim().is_empty() {
+            return Err(ConfigError(
+                "`provider.token` is empty: set PROVIDER_TOKEN (or PAYMENT_LINK_WORKER__PROVIDER__TOKEN)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long a worker may hold a command before another may take it over: longer than the
+    /// longest provider call sequence, so a live worker is never overtaken.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(
+            self.retry.max_elapsed_ms
+                + self.retry.max_interval_ms
+                + 2 * self.provider.timeout_ms
+                + 30_000,
+        )
+    }
+}
+
+fn defaults_table() -> toml::Table {
+    toml::from_str(DEFAULTS).expect("config/default.toml is valid TOML")
+}
+
+/// Overlays a file's table on the merged one, refusing keys the defaults do not have.
+fn merge_file(
+    into: &mut toml::Table,
+    overlay: toml::Table,
+    prefix: &str,
+    path: &Path,
+) -> Result<(), ConfigError> {
+    for (key, value) in overlay {
+        let full = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(nested)) => {
+                merge_file(existing, nested, &full, path)?
+            }
+            (Some(toml::Value::Table(_)), _) => {
+                return Err(ConfigError(format!(
+                    "`{full}` in {} must be a table",
+                    path.display()
+                )));
+            }
+            (Some(toml::Value::Float(existing)), toml::Value::Integer(value)) => {
+                *existing = value as f64
+            }
+            (Some(existing), value) if existing.type_str() == value.type_str() => *existing = value,
+            (Some(existing), value) => {
+                return Err(ConfigError(format!(
+                    "`{full}` in {} must be {}, got {}",
+                    path.display(),
+                    article(existing.type_str()),
+                    article(value.type_str())
+                )));
+            }
+            (None, _) => {
+                return Err(ConfigError(format!(
+                    "unknown setting `{full}` in {}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn article(type_name: &str) -> String {
+    match type_name {
+        "integer" => "a whole number".into(),
+        "array" => "an array".into(),
+        other => format!("a {other}"),
+    }
+}
+
+/// Sets `key` from an environment variable's text, parsed as the type its default has.
+fn set_from_env(
+    table: &mut toml::Table,
+    key: &str,
+    raw: &str,
+    var: &str,
+) -> Result<(), ConfigError> {
+    let unknown = || {
+        ConfigError(format!(
+            "unknown setting `{key}` in environment variable {var}"
+        ))
+    };
+    let mut parts = key.split('.');
+    let (Some(section), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(unknown());
+    };
+    let Some(toml::Value::Table(section)) = table.get_mut(section) else {
+        return Err(unknown());
+    };
+    let slot = section.get_mut(name).ok_or_else(unknown)?;
+    let bad = |expected: &str| {
+        ConfigError(format!(
+            "environment variable {var} (`{key}`) must be {expected}"
+        ))
+    };
+    *slot = match slot {
+        toml::Value::String(_) => toml::Value::String(raw.to_owned()),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(raw.trim().parse().map_err(|_| bad("a whole number"))?)
+        }
+        toml::Value::Float(_) => {
+            toml::Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?)
+        }
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?)
+        }
+        _ => return Err(unknown()),
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_documented_values() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.broker.command_queue, "payment-links.create");
+        assert_eq!(s.broker.max_message_bytes, 256 * 1024);
+        assert_eq!(s.retry.max_elapsed_ms, 60_000);
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn prefixed_and_short_variables_override_defaults() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PAYMENT_LINK_WORKER__RETRY__MAX_ELAPSED_MS", "1234"),
+                ("PAYMENT_LINK_WORKER__RETRY__MULTIPLIER", "1.5"),
+                ("PAYMENT_LINK_WORKER__DATABASE__RUN_MIGRATIONS", "false"),
+                ("PROVIDER_TOKEN", "tok"),
+                ("AMQP_URL", "amqp://u:p@rabbit:5672/%2f"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.retry.max_elapsed_ms, 1234);
+        assert_eq!(s.retry.multiplier, 1.5);
+        assert!(!s.database.run_migrations);
+        assert_eq!(s.provider.token.expose(), "tok");
+        assert_eq!(s.broker.url.expose(), "amqp://u:p@rabbit:5672/%2f");
+    }
+
+    #[test]
+    fn unknown_variable_is_named() {
+        let err = Settings::load_from(
+            None,
+            env(&[("PAYMENT_LINK_WORKER__RETRY__MAX_ELAPSD_MS", "5")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("PAYMENT_LINK_WORKER__RETRY__MAX_ELAPSD_MS"),
+            "{err}"
+        );
+        assert!(err.contains("retry.max_elapsd_ms"), "{err}");
+    }
+
+    #[test]
+    fn malformed_variable_is_named() {
+        let err = Settings::load_from(
+            None,
+            env(&[("PAYMENT_LINK_WORKER__BROKER__PREFETCH", "lots")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("PAYMENT_LINK_WORKER__BROKER__PREFETCH"),
+            "{err}"
+        );
+        assert!(err.contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_is_named() {
+        let err = Settings::load_from(None, env(&[("PAYMENT_LINK_WORKER__BROKER__PREFETCH", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.prefetch"), "{err}");
+        let err = Settings::load_from(None, env(&[("PAYMENT_LINK_WORKER__LOG__FORMAT", "xml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_file_keys_are_named() {
+        let dir = std::env::temp_dir().join(format!("plw-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[retry]\nmax_elapsed = 5\n").unwrap();
+        let err = Settings::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retry.max_elapsed"), "{err}");
+        assert!(err.contains("bad.toml"), "{err}");
+
+        std::fs::write(&path, "[broker]\nprefetch = \"many\"\n").unwrap();
+        let err = Settings::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefetch"), "{err}");
+
+        std::fs::write(&path, "[broker]\nprefetch = 7\n").unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(s.broker.prefetch, 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn worker_needs_a_token() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        let err = s.check_for_worker().unwrap_err().to_string();
+        assert!(err.contains("provider.token"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PROVIDER_TOKEN", "sk_live_topsecret"),
+                ("AMQP_URL", "amqp://worker:hunter2@rabbit:5672/%2f"),
+                ("DATABASE_URL", "postgres://app:pg-pass@db:5432/links"),
+            ]),
+        )
+        .unwrap();
+        let printed = format!("{s:?}");
+        for secret in ["sk_live_topsecret", "hunter2", "pg-pass"] {
+            assert!(!printed.contains(secret), "{secret} leaked in {printed}");
+        }
+        assert!(
+            printed.contains("amqp://worker:***@rabbit:5672/%2f"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn redaction_leaves_urls_without_password_alone() {
+        assert_eq!(redact_url("amqp://guest@h/%2f"), "amqp://guest@h/%2f");
+        assert_eq!(redact_url("postgres://h:5432/db"), "postgres://h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:p@h/db?x=@"),
+            "postgres://u:***@h/db?x=@"
+        );
+    }
+}

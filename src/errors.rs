@@ -1,0 +1,61 @@
+//! The reasons a command can end without a link. The kind decides the fate of the message and is
+//! what operators filter dead letters by.
+
+use std::fmt;
+
+/// Why a command was dead-lettered; its text is the `x-error-kind` header and `errorKind` field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The message is not a valid command; it never reached the provider.
+    Validation,
+    /// The command id was used before for a different request.
+    IdempotencyConflict,
+    /// The provider refused the request (400 and other 4xx but 401, 403, 408, 425, 429).
+    ProviderRejected,
+    /// The provider refused our credentials (401, 403).
+    ProviderAuth,
+    /// Transient failures outlasted the retry budget.
+    RetriesExhausted,
+}
+
+impl ErrorKind {
+    /// Every kind, for listings and tests.
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Validation,
+        ErrorKind::IdempotencyConflict,
+        ErrorKind::ProviderRejected,
+        ErrorKind::ProviderAuth,
+        ErrorKind::RetriesExhausted,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Validation => "validation",
+            ErrorKind::IdempotencyConflict => "idempotency-conflict",
+            ErrorKind::ProviderRejected => "provider-rejected",
+            ErrorKind::ProviderAuth => "provider-auth",
+            ErrorKind::RetriesExhausted => "retries-exhausted",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// Whether a `payment-link.failed` event reports this failure (the invoicing system only
+    /// hears of failures of well-formed commands it owns).
+    pub fn publishes_failed_event(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::ProviderRejected | ErrorKind::ProviderAuth | ErrorKind::RetriesExhausted
+        )
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

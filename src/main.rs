@@ -1,0 +1,16 @@
+//! The `payment-link-worker` binary: parses the command line and hands over to the library.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = payment_link_worker::cli::Cli::parse();
+    match payment_link_worker::cli::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("payment-link-worker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

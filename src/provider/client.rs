@@ -1,0 +1,344 @@
+//! The HTTP client of the provider API and the classification of its answers.
+
+use super::PAYMENT_LINK_PATH;
+use super::retry::{self, Attempt, GaveUp};
+use crate::config::{ProviderSettings, RetrySettings, Secret};
+use crate::errors::ErrorKind;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+/// How much of a provider's error body is kept for the dead letter and the log.
+pub const ERROR_BODY_LIMIT: usize = 1024;
+
+/// A link the provider created.
+#[derive(Clone, Debug)]
+pub struct LinkCreated {
+    pub http_status: u16,
+    /// The body exactly as the provider sent it.
+    pub body: String,
+    pub link_id: Option<i64>,
+    pub payment_link: String,
+}
+
+/// A failed provider call, permanent or the last of a transient series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderError {
+    pub message: String,
+    pub http_status: Option<u16>,
+    pub body: Option<String>,
+}
+
+/// The final result of a provider call with its retries.
+#[derive(Debug)]
+pub struct CallResult {
+    pub outcome: Result<LinkCreated, (ErrorKind, ProviderError)>,
+    /// HTTP requests made, including the failed ones.
+    pub attempts: i32,
+}
+
+/// What the provider's 200/201 body must contain to count as a link.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LinkBody<'a> {
+    id: Option<i64>,
+    #[allow(dead_code)]
+    payment_provider_id: i64,
+    #[serde(borrow)]
+    amount_in_major_currency: &'a RawValue,
+    #[allow(dead_code)]
+    description: String,
+    payment_link: String,
+}
+
+/// Trace context passed on to the provider with the request.
+#[derive(Clone, Debug, Default)]
+pub struct TraceHeaders {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+/// The provider API client; cheap to clone.
+#[derive(Clone)]
+pub struct ProviderClient {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    token: Secret,
+    retry: RetrySettings,
+}
+
+impl ProviderClient {
+    /// Builds the client with the configured timeouts; redirects are not followed (a redirected
+    /// POST would silently turn into a GET).
+    pub fn new(settings: &ProviderSettings, retry: &RetrySettings) -> anyhow::Result<Self> {
+        let base = settings.base_url.trim_end_matches('/');
+        let url = reqwest::Url::parse(&format!("{base}{PAYMENT_LINK_PATH}"))
+            .map_err(|e| anyhow::anyhow!("`provider.base_url` is not a valid URL: {e}"))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("payment-link-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            url,
+            token: settings.token.clone(),
+            retry: retry.clone(),
+        })
+    }
+
+    /// Asks for a link, retrying transient failures within the retry budget. The command id is
+    /// the `Idempotency-Key`, so a retried or repeated request cannot make a second link.
+    pub async fn create_link(
+        &self,
+        command_id: &str,
+        request_json: &str,
+        trace: &TraceHeaders,
+    ) -> CallResult {
+        let attempts = AtomicI32::new(0);
+        let result = retry::retry(
+            &self.retry,
+            || {
+                let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+                self.attempt(command_id, request_json, trace, attempt)
+            },
+            |error: &ProviderError, wait| {
+                tracing::warn!(command_id, http_status = error.http_status, error = %error.message,
+                    retry_in_ms = wait.as_millis() as u64, "provider call failed; retrying");
+            },
+        )
+        .await;
+        let attempts = attempts.load(Ordering::SeqCst);
+        let outcome = match result {
+            Ok(link) => Ok(link),
+            Err(GaveUp::Permanent(error)) => {
+                let kind = match error.http_status {
+                    Some(401 | 403) => ErrorKind::ProviderAuth,
+                    _ => ErrorKind::ProviderRejected,
+                };
+                Err((kind, error))
+            }
+            Err(GaveUp::Exhausted(mut error)) => {
+                error.message = format!(
+                    "gave up after {attempts} attempts within retry.max_elapsed_ms={}: {}",
+                    self.retry.max_elapsed_ms, error.message
+                );
+                Err((ErrorKind::RetriesExhausted, error))
+            }
+        };
+        CallResult { outcome, attempts }
+    }
+
+    async fn attempt(
+        &self,
+        command_id: &str,
+        request_json: &str,
+        trace: &TraceHeaders,
+        attempt: i32,
+    ) -> Result<LinkCreated, Attempt<ProviderError>> {
+        let mut request = self
+            .http
+            .post(self.url.clone())
+            .bearer_auth(self.token.expose())
+            .header("Idempotency-Key", command_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(request_json.to_owned());
+        if let Some(tp) = &trace.traceparent {
+            request = request.header("traceparent", tp);
+        }
+        if let Some(ts) = &trace.tracestate {
+            request = request.header("tracestate", ts);
+        }
+        tracing::debug!(command_id, attempt, "calling the provider");
+        let response = request.send().await.map_err(|e| {
+            Attempt::Transient(
+                ProviderError {
+                    message: describe_transport_error(&e),
+                    http_status: None,
+                    body: None,
+                },
+                None,
+            )
+        })?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let reason = response.status().canonical_reason().unwrap_or("");
+        let body = response.text().await.map_err(|e| {
+            Attempt::Transient(
+                ProviderError {
+                    message: format!(
+                        "provider answered {status} but the body could not be read: {}",
+                        describe_transport_error(&e)
+                    ),
+                    http_status: Some(status),
+                    body: None,
+                },
+                None,
+            )
+        })?;
+        classify(status, reason, body, retry_after)
+    }
+}
+
+/// Sorts an answer into success, permanent failure and transient failure.
+fn classify(
+    status: u16,
+    reason: &str,
+    body: String,
+    retry_after: Option<Duration>,
+) -> Result<LinkCreated, Attempt<ProviderError>> {
+    let failure = |message: String, body: &str| ProviderError {
+        message,
+        http_status: Some(status),
+        body: (!body.is_empty()).then(|| crate::broker::messages::excerpt(body, ERROR_BODY_LIMIT)),
+    };
+    match status {
+        200 | 201 => match serde_json::from_str::<LinkBody<'_>>(&body) {
+            Ok(link)
+                if is_json_number(link.amount_in_major_currency)
+                    && !link.payment_link.trim().is_empty() =>
+            {
+                Ok(LinkCreated {
+                    http_status: status,
+                    link_id: link.id,
+                    payment_link: link.payment_link,
+                    body,
+                })
+            }
+            Ok(_) => Err(Attempt::Transient(
+                failure(
+                    format!(
+                        "provider answered {status} with an unexpected body: amountInMajorCurrency is not a number or paymentLink is blank"
+                    ),
+                    &body,
+                ),
+                retry_after,
+            )),
+            Err(e) => Err(Attempt::Transient(
+                failure(
+                    format!("provider answered {status} with an unexpected body: {e}"),
+                    &body,
+                ),
+                retry_after,
+            )),
+        },
+        401 | 403 => Err(Attempt::Permanent(failure(
+            format!("provider refused the credentials: {status} {reason}"),
+            &body,
+        ))),
+        408 | 425 | 429 | 500..=599 => Err(Attempt::Transient(
+            failure(format!("provider answered {status} {reason}"), &body),
+            retry_after,
+        )),
+        400..=499 => Err(Attempt::Permanent(failure(
+            format!("provider rejected the request: {status} {reason}"),
+            &body,
+        ))),
+        _ => Err(Attempt::Transient(
+            failure(
+                format!("provider answered an unexpected {status} {reason}"),
+                &body,
+            ),
+            retry_after,
+        )),
+    }
+}
+
+fn is_json_number(raw: &RawValue) -> bool {
+    raw.get()
+        .starts_with(|c: char| c == '-' || c.is_ascii_digit())
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.signed_duration_since(chrono::Utc::now());
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The error and its causes, without the URL (which may carry credentials).
+fn describe_transport_error(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "provider request timed out"
+    } else if error.is_connect() {
+        "cannot connect to the provider"
+    } else {
+        "provider request failed"
+    };
+    let mut message = kind.to_owned();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(status: u16, body: &str) -> &'static str {
+        match classify(status, "", body.to_owned(), None) {
+            Ok(_) => "ok",
+            Err(Attempt::Permanent(_)) => "permanent",
+            Err(Attempt::Transient(..)) => "transient",
+        }
+    }
+
+    const LINK: &str = r#"{"id":9,"paymentProviderId":1,"amountInMajorCurrency":7.50,"description":"d","paymentLink":"https://pay/x"}"#;
+
+    #[test]
+    fn classifies_statuses() {
+        assert_eq!(kind(200, LINK), "ok");
+        assert_eq!(kind(201, LINK), "ok");
+        for status in [400, 401, 403, 404, 409, 422] {
+            assert_eq!(kind(status, "{}"), "permanent", "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503, 504] {
+            assert_eq!(kind(status, ""), "transient", "{status}");
+        }
+        assert_eq!(kind(201, "{}"), "transient");
+        assert_eq!(kind(200, "<html>"), "transient");
+        assert_eq!(kind(201, &LINK.replace("7.50", "\"7.50\"")), "transient");
+    }
+
+    #[test]
+    fn success_keeps_the_body_verbatim() {
+        let link = classify(201, "Created", LINK.to_owned(), None).unwrap();
+        assert_eq!(link.body, LINK);
+        assert_eq!(link.link_id, Some(9));
+        assert_eq!(link.payment_link, "https://pay/x");
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        let future = (chrono::Utc::now() + chrono::TimeDelta::seconds(120)).to_rfc2822();
+        let wait = parse_retry_after(&future).unwrap();
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

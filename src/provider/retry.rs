@@ -1,0 +1,183 @@
+//! The retry schedule, and the only place that uses the `backoff` crate: exponential backoff with
+//! jitter, capped per wait and in total, that honours a server's `Retry-After` within the budget.
+//! Kept in one small module so the crate (unmaintained since 2021) can be swapped in one place.
+
+use crate::config::RetrySettings;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// What one attempt says about trying again.
+#[derive(Debug)]
+pub enum Attempt<E> {
+    /// Trying again cannot help.
+    Permanent(E),
+    /// Trying again may help; `retry_after` is the server's own wish, if it said one.
+    Transient(E, Option<Duration>),
+}
+
+/// How a retried operation ended without success.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GaveUp<E> {
+    /// An attempt failed permanently.
+    Permanent(E),
+    /// Transient failures outlasted the budget; this is the last one.
+    Exhausted(E),
+}
+
+enum Tagged<E> {
+    Permanent(E),
+    Transient(E),
+}
+
+fn schedule(settings: &RetrySettings) -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoff {
+        current_interval: Duration::from_millis(settings.initial_interval_ms),
+        initial_interval: Duration::from_millis(settings.initial_interval_ms),
+        randomization_factor: settings.randomization_factor,
+        multiplier: settings.multiplier,
+        max_interval: Duration::from_millis(settings.max_interval_ms),
+        max_elapsed_time: Some(Duration::from_millis(settings.max_elapsed_ms)),
+        ..backoff::ExponentialBackoff::default()
+    }
+}
+
+/// Runs `operation` until it succeeds, fails permanently, or the budget
+/// (`retry.max_elapsed_ms`) is spent. `on_retry` hears of each transient failure and the wait.
+pub async fn retry<T, E, F, Fut>(
+    settings: &RetrySettings,
+    mut operation: F,
+    mut on_retry: impl FnMut(&E, Duration),
+) -> Result<T, GaveUp<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Attempt<E>>>,
+{
+    let budget = Duration::from_millis(settings.max_elapsed_ms);
+    let started = Instant::now();
+    let result = backoff::future::retry_notify(
+        schedule(settings),
+        || {
+            let attempt = operation();
+            async move {
+                match attempt.await {
+                    Ok(value) => Ok(value),
+                    Err(Attempt::Permanent(e)) => {
+                        Err(backoff::Error::Permanent(Tagged::Permanent(e)))
+                    }
+                    // backoff waits out a retry_after without looking at its budget: we do.
+                    Err(Attempt::Transient(e, Some(wait))) if started.elapsed() + wait > budget => {
+                        Err(backoff::Error::Permanent(Tagged::Transient(e)))
+                    }
+                    Err(Attempt::Transient(e, retry_after)) => Err(backoff::Error::Transient {
+                        err: Tagged::Transient(e),
+                        retry_after,
+                    }),
+                }
+            }
+        },
+        |error: Tagged<E>, wait| {
+            let (Tagged::Transient(e) | Tagged::Permanent(e)) = &error;
+            on_retry(e, wait);
+        },
+    )
+    .await;
+    result.map_err(|tagged| match tagged {
+        Tagged::Permanent(e) => GaveUp::Permanent(e),
+        Tagged::Transient(e) => GaveUp::Exhausted(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn settings(max_elapsed_ms: u64) -> RetrySettings {
+        RetrySettings {
+            initial_interval_ms: 5,
+            max_interval_ms: 20,
+            multiplier: 2.0,
+            randomization_factor: 0.0,
+            max_elapsed_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_transient_failures_until_success() {
+        let calls = AtomicU32::new(0);
+        let mut waits = Vec::new();
+        let result = retry(
+            &settings(5_000),
+            || async {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 | 1 => Err(Attempt::Transient("503", None)),
+                    _ => Ok("link"),
+                }
+            },
+            |_, wait| waits.push(wait),
+        )
+        .await;
+        assert_eq!(result, Ok("link"));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(waits, [Duration::from_millis(5), Duration::from_millis(10)]);
+    }
+
+    #[tokio::test]
+    async fn permanent_failure_stops_at_once() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = retry(
+            &settings(5_000),
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(Attempt::Permanent("400"))
+            },
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(result, Err(GaveUp::Permanent("400")));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn budget_ends_in_exhaustion() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = retry(
+            &settings(100),
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(Attempt::Transient("503", None))
+            },
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(result, Err(GaveUp::Exhausted("503")));
+        assert!(calls.load(Ordering::SeqCst) > 2);
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_honoured_within_the_budget_only() {
+        let mut waits = Vec::new();
+        let calls = AtomicU32::new(0);
+        let result = retry(
+            &settings(5_000),
+            || async {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(Attempt::Transient("429", Some(Duration::from_millis(30)))),
+                    _ => Ok(()),
+                }
+            },
+            |_, wait| waits.push(wait),
+        )
+        .await;
+        assert_eq!(result, Ok(()));
+        assert_eq!(waits, [Duration::from_millis(30)]);
+
+        let result: Result<(), _> = retry(
+            &settings(1_000),
+            || async { Err(Attempt::Transient("429", Some(Duration::from_secs(3600)))) },
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(result, Err(GaveUp::Exhausted("429")));
+    }
+}

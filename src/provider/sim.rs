@@ -1,0 +1,169 @@
+//! A local stand-in for the payment provider's API: bearer auth, the command's validation, a new
+//! link (201) per request and the same link (200) when an `Idempotency-Key` comes again, with
+//! optional latency and a rate of 503 answers. For development, the compose demo and tests.
+
+use super::PAYMENT_LINK_PATH;
+use crate::command::Command;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// How the simulator behaves.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// The bearer token it accepts.
+    pub token: String,
+    /// Added before every answer.
+    pub latency: Duration,
+    /// Fraction of calls (0 to 1) answered 503.
+    pub fail_rate: f64,
+}
+
+#[derive(Default)]
+struct SimState {
+    options: Option<SimOptions>,
+    requests: AtomicU64,
+    next_id: AtomicI64,
+    links: Mutex<HashMap<String, (String, String)>>,
+}
+
+/// The simulator's routes: the provider endpoint and `GET /_sim/stats` (request and link counts).
+pub fn router(options: SimOptions) -> Router {
+    let state = Arc::new(SimState {
+        options: Some(options),
+        next_id: AtomicI64::new(1),
+        ..SimState::default()
+    });
+    Router::new()
+        .route(PAYMENT_LINK_PATH, post(create_link))
+        .route("/_sim/stats", get(stats))
+        .with_state(state)
+}
+
+/// Serves the simulator on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    options: SimOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(options))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    json(status, serde_json::json!({ "error": message }).to_string())
+}
+
+async fn stats(State(state): State<Arc<SimState>>) -> Response {
+    let links = state.links.lock().await.len();
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "requests": state.requests.load(Ordering::SeqCst),
+            "links": state.next_id.load(Ordering::SeqCst) - 1,
+            "idempotencyKeys": links,
+        })
+        .to_string(),
+    )
+}
+
+/// The simulator's answer; the amount is copied as decimal text so it stays exact.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SimLink<'a> {
+    id: i64,
+    payment_provider_id: i64,
+    amount_in_major_currency: &'a RawValue,
+    currency_id: i64,
+    description: &'a str,
+    email_address: Option<&'a str>,
+    invoice_id: Option<i64>,
+    adhoc_invoice_id: Option<i64>,
+    customer_id: Option<i64>,
+    payment_link: String,
+}
+
+/// A random draw in [0, 1) from the OS generator (no extra crate for one coin flip).
+fn draw() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 76) as f64 / (1u64 << 52) as f64
+}
+
+async fn create_link(
+    State(state): State<Arc<SimState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let options = state.options.as_ref().expect("router sets options");
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    if !options.latency.is_zero() {
+        tokio::time::sleep(options.latency).await;
+    }
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth.and_then(|v| v.strip_prefix("Bearer ")) {
+        None => return error(StatusCode::UNAUTHORIZED, "missing bearer token"),
+        Some(token) if token != options.token => {
+            return error(StatusCode::FORBIDDEN, "bearer token not accepted");
+        }
+        Some(_) => {}
+    }
+    if options.fail_rate > 0.0 && draw() < options.fail_rate {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "simulated outage");
+    }
+    let command = match Command::parse(&body) {
+        Ok(command) => command,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
+    };
+    let request = command.provider_request_json();
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut links = state.links.lock().await;
+    if let Some(key) = &key
+        && let Some((earlier_request, answer)) = links.get(key)
+    {
+        return if *earlier_request == request {
+            json(StatusCode::OK, answer.clone())
+        } else {
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Idempotency-Key reused with another request",
+            )
+        };
+    }
+    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    let amount = RawValue::from_string(command.amount.to_json_number()).expect("decimal is JSON");
+    let answer = serde_json::to_string(&SimLink {
+        id,
+        payment_provider_id: command.payment_provider_id,
+        amount_in_major_currency: &amount,
+        currency_id: 1,
+        description: &command.description,
+        email_address: command.email_address.as_ref().map(|e| e.as_str()),
+        invoice_id: command.invoice_id,
+        adhoc_invoice_id: command.adhoc_invoice_id,
+        customer_id: command.customer_id,
+        payment_link: format!("https://instantpaymentlink/sim-{id}"),
+    })
+    .expect("plain fields serialize");
+    if let Some(key) = key {
+        links.insert(key, (request, answer.clone()));
+    }
+    json(StatusCode::CREATED, answer)
+}

@@ -1,0 +1,68 @@
+//! Step 3, record: PostgreSQL through diesel-async. The command table is the idempotency record
+//! shared by every replica; the outbox holds what must be published, written in the same
+//! transaction as the outcome it reports.
+
+pub mod commands;
+pub mod outbox;
+pub mod schema;
+
+use crate::config::DatabaseSettings;
+use diesel_async::AsyncPgConnection;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+/// The migrations in `migrations/`, compiled into the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// A pool of async PostgreSQL connections.
+pub type PgPool = Pool<AsyncPgConnection>;
+/// A connection checked out of the pool.
+pub type PgConn = Object<AsyncPgConnection>;
+
+/// A database operation failed; the caller decides whether to wait and try again.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot get a database connection: {0}")]
+    Pool(#[from] PoolError),
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("cannot run database migrations: {0}")]
+    Migration(String),
+}
+
+/// Builds the pool; connections are opened lazily, so this succeeds while the database is down.
+pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(settings.url.expose());
+    Pool::builder(manager)
+        .max_size(settings.pool_size)
+        .build()
+        .map_err(|e| StoreError::Migration(format!("cannot build the connection pool: {e}")))
+}
+
+/// Advisory lock key that serializes migrations when several replicas start at once.
+const MIGRATION_LOCK: i64 = 0x706c_775f_6d69_67; // "plw_mig"
+
+/// Runs the pending migrations, one replica at a time. Needs a multi-threaded runtime (the
+/// harness blocks in place).
+pub async fn migrate(pool: &PgPool) -> Result<usize, StoreError> {
+    use diesel_async::RunQueryDsl;
+    let mut lock_conn = pool.get().await?;
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK)
+        .execute(&mut lock_conn)
+        .await?;
+    let conn = pool.get().await?;
+    let result = tokio::task::block_in_place(|| {
+        let mut harness = diesel_async::AsyncMigrationHarness::new(conn);
+        harness
+            .run_pending_migrations(MIGRATIONS)
+            .map(|applied| applied.len())
+            .map_err(|e| StoreError::Migration(e.to_string()))
+    });
+    diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK)
+        .execute(&mut lock_conn)
+        .await?;
+    result
+}

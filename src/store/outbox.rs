@@ -1,0 +1,183 @@
+//! The outbox: messages written with the outcome they report, published with a broker confirm,
+//! then marked sent. Whatever is still unsent (a nack, an unroutable return, a crash, an outage)
+//! is picked up by the relay.
+
+use super::schema::outbox::dsl as o;
+use super::{PgConn, StoreError};
+use crate::broker::messages::OutboundMessage;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use std::time::Duration;
+
+/// Kind of an outbox row that is an event.
+pub const EVENT: &str = "event";
+/// Kind of an outbox row that is a dead letter.
+pub const DEAD_LETTER: &str = "dead-letter";
+
+/// A row to insert.
+#[derive(Clone, Debug, Insertable)]
+#[diesel(table_name = super::schema::outbox)]
+pub struct NewOutboxMessage {
+    pub command_id: String,
+    pub message_id: String,
+    pub kind: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: serde_json::Value,
+    pub body: Vec<u8>,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
+impl NewOutboxMessage {
+    /// Stores `message` for `command_id`; the relay leaves it alone for `grace`, the time the
+    /// worker that wrote it needs to publish it itself.
+    pub fn new(command_id: &str, kind: &str, message: &OutboundMessage, grace: Duration) -> Self {
+        Self {
+            command_id: command_id.to_owned(),
+            message_id: message.message_id().to_owned(),
+            kind: kind.to_owned(),
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+            properties: serde_json::to_value(&message.properties)
+                .expect("AMQP properties serialize to JSON"),
+            body: message.body.clone(),
+            next_attempt_at: Utc::now() + grace,
+        }
+    }
+}
+
+/// A stored row.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = super::schema::outbox)]
+pub struct OutboxRecord {
+    pub id: i64,
+    pub command_id: String,
+    pub message_id: String,
+    pub kind: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: serde_json::Value,
+    pub body: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub publish_attempts: i32,
+    pub last_error: Option<String>,
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+impl OutboxRecord {
+    /// The message as it is to be published.
+    pub fn message(&self) -> Result<OutboundMessage, serde_json::Error> {
+        Ok(OutboundMessage {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            properties: serde_json::from_value(self.properties.clone())?,
+            body: self.body.clone(),
+        })
+    }
+}
+
+/// Inserts rows (inside the caller's transaction) and returns their ids.
+pub async fn insert(
+    conn: &mut diesel_async::AsyncPgConnection,
+    rows: Vec<NewOutboxMessage>,
+) -> Result<Vec<i64>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(diesel::insert_into(o::outbox)
+        .values(rows)
+        .returning(o::id)
+        .get_results(conn)
+        .await?)
+}
+
+/// Rows by id.
+pub async fn by_ids(conn: &mut PgConn, ids: &[i64]) -> Result<Vec<OutboxRecord>, StoreError> {
+    Ok(o::outbox
+        .filter(o::id.eq_any(ids))
+        .order(o::id)
+        .select(OutboxRecord::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// The newest event recorded for a command, to publish again when the command comes again.
+pub async fn latest_event(
+    conn: &mut PgConn,
+    command_id: &str,
+) -> Result<Option<OutboxRecord>, StoreError> {
+    Ok(o::outbox
+        .filter(o::command_id.eq(command_id))
+        .filter(o::kind.eq(EVENT))
+        .order(o::id.desc())
+        .select(OutboxRecord::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Marks rows the broker confirmed.
+pub async fn mark_sent(
+    conn: &mut diesel_async::AsyncPgConnection,
+    ids: &[i64],
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    diesel::update(o::outbox.filter(o::id.eq_any(ids)))
+        .set((
+            o::sent_at.eq(Some(Utc::now())),
+            o::publish_attempts.eq(o::publish_attempts + 1),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records a failed publish and when the relay should try again: doubling from one second per
+/// failed attempt, capped at `max_wait`.
+pub async fn mark_failed(
+    conn: &mut diesel_async::AsyncPgConnection,
+    row: &OutboxRecord,
+    error: &str,
+    max_wait: Duration,
+) -> Result<(), StoreError> {
+    let wait = Duration::from_secs(1u64 << row.publish_attempts.clamp(0, 20)).min(max_wait);
+    diesel::update(o::outbox.find(row.id))
+        .set((
+            o::publish_attempts.eq(o::publish_attempts + 1),
+            o::last_error.eq(error),
+            o::next_attempt_at.eq(Utc::now() + wait),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Locks up to `limit` due, unsent rows for this relay; other replicas' relays skip them.
+pub async fn lock_due(
+    conn: &mut diesel_async::AsyncPgConnection,
+    limit: i64,
+) -> Result<Vec<OutboxRecord>, StoreError> {
+    Ok(o::outbox
+        .filter(o::sent_at.is_null())
+        .filter(o::next_attempt_at.le(diesel::dsl::now))
+        .order(o::id)
+        .limit(limit)
+        .for_update()
+        .skip_locked()
+        .select(OutboxRecord::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// How many rows wait to be published.
+pub async fn unsent_count(conn: &mut PgConn) -> Result<i64, StoreError> {
+    Ok(o::outbox
+        .filter(o::sent_at.is_null())
+        .count()
+        .get_result(conn)
+        .await?)
+}

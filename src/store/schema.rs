@@ -1,0 +1,54 @@
+//! diesel's view of the tables in `migrations/`.
+
+diesel::table! {
+    /// One row per command id: its idempotency record and outcome.
+    payment_link_commands (command_id) {
+        command_id -> Text,
+        request_body -> Text,
+        payment_provider_id -> Int8,
+        amount_in_major_currency -> Numeric,
+        description -> Text,
+        email_address -> Nullable<Text>,
+        invoice_id -> Nullable<Int8>,
+        adhoc_invoice_id -> Nullable<Int8>,
+        customer_id -> Nullable<Int8>,
+        correlation_id -> Text,
+        status -> Text,
+        attempts -> Int4,
+        replay_count -> Int4,
+        lease_owner -> Nullable<Text>,
+        lease_expires_at -> Nullable<Timestamptz>,
+        link_id -> Nullable<Int8>,
+        payment_link -> Nullable<Text>,
+        provider_response -> Nullable<Text>,
+        error_kind -> Nullable<Text>,
+        error_message -> Nullable<Text>,
+        http_status -> Nullable<Int4>,
+        error_body -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        completed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Messages to publish, written with the outcome they report.
+    outbox (id) {
+        id -> Int8,
+        command_id -> Text,
+        message_id -> Text,
+        kind -> Text,
+        exchange -> Text,
+        routing_key -> Text,
+        properties -> Jsonb,
+        body -> Bytea,
+        created_at -> Timestamptz,
+        next_attempt_at -> Timestamptz,
+        publish_attempts -> Int4,
+        last_error -> Nullable<Text>,
+        sent_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(outbox -> payment_link_commands (command_id));
+diesel::allow_tables_to_appear_in_same_query!(payment_link_commands, outbox);

@@ -1,0 +1,535 @@
+//! The worker: wiring (connect, declare, consume, relay, shut down) and [`process`], the one
+//! testable step that turns a delivery into its fate. Acking, requeueing and dead-lettering are
+//! decided here and nowhere else.
+
+use crate::broker::messages::{self, EventTarget, Failure, Original};
+use crate::broker::publisher::{self, Publisher};
+use crate::broker::{self, topology};
+use crate::command::Envelope;
+use crate::config::Settings;
+use crate::errors::ErrorKind;
+use crate::provider::client::{ProviderClient, TraceHeaders};
+use crate::store::commands::{self, Claim, CommandRecord};
+use crate::store::outbox::{self, NewOutboxMessage};
+use crate::store::{self, PgPool, StoreError};
+use anyhow::Context as _;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// First wait before trying the database again after an error; doubled up to the cap.
+const DB_RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Longest wait between two tries at the database.
+const DB_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Wait before returning a message whose dead letter could not be published.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+/// After the grace period, how long commands in flight get to give themselves back.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a database step until it succeeds: while PostgreSQL is unreachable the command waits
+/// here (holding its prefetch slot, so the worker takes no more) instead of failing. Gives up
+/// only when the shutdown grace period ends. A macro rather than a function taking an async
+/// closure, whose borrowed captures the compiler cannot yet prove `Send` for a spawned task.
+macro_rules! db {
+    ($shared:expr, $what:expr, |$conn:ident| $step:expr) => {{
+        let mut wait = DB_RETRY_INITIAL;
+        loop {
+            let result = match $shared.pool.get().await {
+                Ok(mut $conn) => $step.await,
+                Err(e) => Err(StoreError::from(e)),
+            };
+            match result {
+                Ok(value) => break Ok(value),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64,
+                        "cannot {}; will try again", $what);
+                    if let Err(abandoned) = wait_or_abandon($shared, wait).await {
+                        break Err(abandoned);
+                    }
+                    wait = (wait * 2).min(DB_RETRY_MAX);
+                }
+            }
+        }
+    }};
+}
+
+/// What becomes of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Its outcome is durable (or it was dead-lettered with a confirm): remove it from the queue.
+    Ack,
+    /// It could not be finished now (shutdown, broker trouble): give it back to the queue.
+    Requeue,
+}
+
+/// Everything a command's processing needs, shared by the tasks of one worker.
+pub struct Shared {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub publisher: Publisher,
+    pub provider: ProviderClient,
+    pub events: EventTarget,
+    /// This worker's name in command leases, unique per process.
+    pub instance_id: String,
+    /// Fires when the shutdown grace period is over: work in flight gives itself back.
+    pub abandon: CancellationToken,
+}
+
+/// A started worker; [`RunningWorker::wait`] returns once it has stopped.
+pub struct RunningWorker {
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The lease owner name, for tests and logs.
+    pub instance_id: String,
+}
+
+impl RunningWorker {
+    /// Waits until the worker has stopped, and says how.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("the worker task panicked")?
+    }
+}
+
+/// Connects, migrates, declares the topology and starts consuming; returns once commands are
+/// being taken. The worker stops taking commands when `stop` fires and then drains.
+pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Result<RunningWorker> {
+    settings.check_for_worker()?;
+    let instance_id = format!("plw-{}", uuid::Uuid::new_v4().simple());
+    let pool = store::pool(&settings.database)?;
+    if settings.database.run_migrations {
+        let applied = store::migrate(&pool)
+            .await
+            .with_context(|| format!("cannot migrate the database at {}", settings.database.url))?;
+        tracing::info!(applied, "database migrations are up to date");
+    }
+    let connection = Arc::new(
+        broker::connect(&settings.broker, &instance_id)
+            .await
+            .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?,
+    );
+    let channel = connection.create_channel().await?;
+    topology::declare(&channel, &settings.broker)
+        .await
+        .context("cannot declare the RabbitMQ topology")?;
+    channel
+        .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
+        .await?;
+    let publisher = Publisher::open(connection.clone()).await?;
+    let provider = ProviderClient::new(&settings.provider, &settings.retry)?;
+    let consumer = channel
+        .basic_consume(
+            settings.broker.command_queue.as_str().into(),
+            instance_id.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("cannot consume from the command queue")?;
+    let shared = Arc::new(Shared {
+        events: EventTarget {
+            exchange: settings.broker.event_exchange.clone(),
+            created_routing_key: settings.broker.created_routing_key.clone(),
+            failed_routing_key: settings.broker.failed_routing_key.clone(),
+            source: settings.events.source.clone(),
+        },
+        pool,
+        publisher,
+        provider,
+        instance_id: instance_id.clone(),
+        abandon: CancellationToken::new(),
+        settings,
+    });
+    tracing::info!(instance_id, queue = %shared.settings.broker.command_queue,
+        prefetch = shared.settings.broker.prefetch, "worker started");
+    let task = tokio::spawn(consume(shared, connection, channel, consumer, stop));
+    Ok(RunningWorker { task, instance_id })
+}
+
+/// The consume loop, then an orderly stop.
+async fn consume(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    channel: Channel,
+    mut consumer: lapin::Consumer,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(publisher::run_relay(
+        shared.pool.clone(),
+        shared.publisher.clone(),
+        shared.settings.outbox.clone(),
+        relay_stop.clone(),
+    ));
+    let mut tasks = JoinSet::new();
+    let ended = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle(shared.clone(), delivery));
+                }
+                Some(Err(e)) => break Err(anyhow::Error::new(e).context("the broker connection failed")),
+                None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    };
+    tracing::info!(
+        in_flight = tasks.len(),
+        "worker stopping: no new commands are taken"
+    );
+    let _ = channel
+        .basic_cancel(
+            shared.instance_id.as_str().into(),
+            BasicCancelOptions::default(),
+        )
+        .await;
+    drain(&shared, &mut tasks).await;
+    relay_stop.cancel();
+    let _ = relay.await;
+    if let Ok(mut conn) = shared.pool.get().await
+        && let Err(error) = commands::release_all(&mut conn, &shared.instance_id).await
+    {
+        tracing::warn!(%error, "could not release this worker's leases; they expire by themselves");
+    }
+    shared.publisher.close().await;
+    let _ = channel.close(200, "worker stopped".into()).await;
+    let _ = connection.close(200, "worker stopped".into()).await;
+    tracing::info!("worker stopped");
+    ended
+}
+
+/// Lets commands in flight finish within the grace period, then makes them give themselves back.
+async fn drain(shared: &Shared, tasks: &mut JoinSet<()>) {
+    let grace = tokio::time::sleep(Duration::from_millis(
+        shared.settings.worker.shutdown_grace_ms,
+    ));
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { return },
+            _ = &mut grace, if !shared.abandon.is_cancelled() => {
+                tracing::warn!(in_flight = tasks.len(), "shutdown grace period over; returning commands in flight to the queue");
+                shared.abandon.cancel();
+                if tokio::time::timeout(ABANDON_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+                    tasks.abort_all();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs [`process`] for one delivery and settles it with the broker. A panic requeues the
+/// message; the queue's delivery limit dead-letters one that keeps failing.
+async fn handle(shared: Arc<Shared>, delivery: Delivery) {
+    let disposition = AssertUnwindSafe(process(&shared, &delivery))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!(
+                delivery_tag = delivery.delivery_tag,
+                "processing panicked; message returned to the queue"
+            );
+            Disposition::Requeue
+        });
+    let settled = match disposition {
+        Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Requeue => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, ?disposition, "could not settle the delivery; the broker will redeliver it");
+    }
+}
+
+/// Work was given up because the shutdown grace period ended.
+struct Abandoned;
+
+impl From<Abandoned> for Disposition {
+    fn from(_: Abandoned) -> Self {
+        Disposition::Requeue
+    }
+}
+
+/// Decides a delivery's fate: dead-letter it, publish its recorded event again, or call the
+/// provider and record the outcome. Returns only once that fate is durable.
+pub async fn process(shared: &Shared, delivery: &Delivery) -> Disposition {
+    let original = Original {
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        properties: &delivery.properties,
+        body: &delivery.data,
+    };
+    let envelope = match Envelope::parse(
+        &delivery.properties,
+        &delivery.data,
+        shared.settings.broker.max_message_bytes,
+    ) {
+        Ok(envelope) => envelope,
+        Err(invalid) => {
+            let message_id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string());
+            let span =
+                tracing::info_span!("command", command_id = message_id.as_deref().unwrap_or(""));
+            let failure = Failure {
+                kind: ErrorKind::Validation,
+                message: &invalid.0,
+                http_status: None,
+                error_body: None,
+                attempts: 0,
+            };
+            return dead_letter_now(shared, &original, &failure)
+                .instrument(span)
+                .await;
+        }
+    };
+    let span = tracing::info_span!("command",
+        command_id = %envelope.command_id, correlation_id = %envelope.correlation_id,
+        replay_count = envelope.replay_count);
+    process_command(shared, &original, &envelope)
+        .instrument(span)
+        .await
+        .unwrap_or_else(Disposition::from)
+}
+
+async fn process_command(
+    shared: &Shared,
+    original: &Original<'_>,
+    envelope: &Envelope,
+) -> Result<Disposition, Abandoned> {
+    let command_id = envelope.command_id.as_str();
+    let owner = shared.instance_id.as_str();
+    let lease = shared.settings.lease();
+    loop {
+        match db!(shared, "claim the command", |conn| commands::claim(
+            &mut conn, envelope, owner, lease
+        ))? {
+            Claim::Acquired { attempts } => {
+                tracing::debug!(earlier_attempts = attempts, "command claimed");
+            }
+            Claim::Finished(record) => return Ok(republish(shared, &record).await),
+            Claim::Busy => {
+                tracing::debug!("another worker holds this command; waiting for its outcome");
+                wait_or_abandon(
+                    shared,
+                    Duration::from_millis(shared.settings.worker.busy_poll_ms),
+                )
+                .await?;
+                continue;
+            }
+            Claim::Conflict => {
+                let message = format!(
+                    "command id {command_id} was already used for a different request; \
+                     the earlier request's link is not reused"
+                );
+                let failure = Failure {
+                    kind: ErrorKind::IdempotencyConflict,
+                    message: &message,
+                    http_status: None,
+                    error_body: None,
+                    attempts: 0,
+                };
+                return Ok(dead_letter_now(shared, original, &failure).await);
+            }
+        }
+
+        let trace = TraceHeaders {
+            traceparent: envelope.traceparent.clone(),
+            tracestate: envelope.tracestate.clone(),
+        };
+        let call = tokio::select! {
+            call = shared.provider.create_link(command_id, &envelope.request_json, &trace) => call,
+            _ = shared.abandon.cancelled() => {
+                if let Ok(mut conn) = shared.pool.get().await {
+                    let _ = commands::release(&mut conn, command_id, owner, 0).await;
+                }
+                return Err(Abandoned);
+            }
+        };
+
+        let now = chrono::Utc::now();
+        let grace = Duration::from_millis(shared.settings.outbox.inline_grace_ms);
+        let recorded = match &call.outcome {
+            Ok(link) => {
+                let event = messages::created_event(&shared.events, envelope, &link.body, now);
+                let rows = vec![NewOutboxMessage::new(
+                    command_id,
+                    outbox::EVENT,
+                    &event,
+                    grace,
+                )];
+                let success = commands::Success {
+                    attempts: call.attempts,
+                    link_id: link.link_id,
+                    payment_link: link.payment_link.clone(),
+                    response_body: link.body.clone(),
+                };
+                let ids = db!(shared, "record the link", |conn| commands::record_success(
+                    &mut conn,
+                    command_id.to_owned(),
+                    owner.to_owned(),
+                    success.clone(),
+                    rows.clone()
+                ))?;
+                if ids.is_some() {
+                    tracing::info!(
+                        attempts = call.attempts,
+                        http_status = link.http_status,
+                        link_id = link.link_id,
+                        "payment link created"
+                    );
+                }
+                ids
+            }
+            Err((kind, error)) => {
+                let failure = Failure {
+                    kind: *kind,
+                    message: &error.message,
+                    http_status: error.http_status,
+                    error_body: error.body.as_deref(),
+                    attempts: call.attempts,
+                };
+                let mut rows = Vec::with_capacity(2);
+                if kind.publishes_failed_event() {
+                    let event = messages::failed_event(&shared.events, envelope, &failure, now);
+                    rows.push(NewOutboxMessage::new(
+                        command_id,
+                        outbox::EVENT,
+                        &event,
+                        grace,
+                    ));
+                }
+                let dead_letter = messages::dead_letter(
+                    &shared.settings.broker.dead_letter_exchange,
+                    original,
+                    &failure,
+                    now,
+                );
+                rows.push(NewOutboxMessage::new(
+                    command_id,
+                    outbox::DEAD_LETTER,
+                    &dead_letter,
+                    grace,
+                ));
+                let record = commands::Failure {
+                    kind: *kind,
+                    message: error.message.clone(),
+                    attempts: call.attempts,
+                    http_status: error.http_status,
+                    error_body: error.body.clone(),
+                };
+                let ids = db!(shared, "record the failure", |conn| {
+                    commands::record_failure(
+                        &mut conn,
+                        command_id.to_owned(),
+                        owner.to_owned(),
+                        record.clone(),
+                        rows.clone(),
+                    )
+                })?;
+                if ids.is_some() {
+                    tracing::warn!(error_kind = %kind, attempts = call.attempts, http_status = error.http_status,
+                        error = %error.message, "command dead-lettered");
+                }
+                ids
+            }
+        };
+        let Some(ids) = recorded else {
+            tracing::warn!("this worker's lease ran out and another worker took the command over");
+            continue;
+        };
+        if let Err(error) = publisher::publish_rows(
+            &shared.pool,
+            &shared.publisher,
+            &ids,
+            &shared.settings.outbox,
+        )
+        .await
+        {
+            tracing::warn!(%error, "could not publish at once; the outbox relay will");
+        }
+        return Ok(Disposition::Ack);
+    }
+}
+
+/// A command that already has an outcome came again: publish its recorded event again (same
+/// event id) and make no provider call.
+async fn republish(shared: &Shared, record: &CommandRecord) -> Disposition {
+    tracing::info!(status = %record.status, "duplicate command; publishing its recorded event again");
+    let event = match shared.pool.get().await {
+        Ok(mut conn) => outbox::latest_event(&mut conn, &record.command_id).await,
+        Err(e) => Err(StoreError::from(e)),
+    };
+    match event {
+        Ok(Some(row)) => match row.message() {
+            Ok(message) => {
+                if let Err(error) = shared.publisher.publish(&message).await {
+                    tracing::warn!(%error, "could not publish the recorded event again; the original stays in the outbox");
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, outbox_id = row.id, "recorded event is unreadable")
+            }
+        },
+        Ok(None) => tracing::debug!("this outcome has no event to publish"),
+        Err(error) => {
+            tracing::warn!(%error, "could not read the recorded event; returning the command to the queue");
+            return Disposition::Requeue;
+        }
+    }
+    Disposition::Ack
+}
+
+/// Publishes a dead letter for a command that has no record to hang it on (invalid, or in
+/// conflict with another command's record), and acks only once the broker confirmed it.
+async fn dead_letter_now(
+    shared: &Shared,
+    original: &Original<'_>,
+    failure: &Failure<'_>,
+) -> Disposition {
+    let message = messages::dead_letter(
+        &shared.settings.broker.dead_letter_exchange,
+        original,
+        failure,
+        chrono::Utc::now(),
+    );
+    match shared.publisher.publish(&message).await {
+        Ok(()) => {
+            tracing::warn!(error_kind = %failure.kind, error = failure.message, "command dead-lettered");
+            Disposition::Ack
+        }
+        Err(error) => {
+            tracing::error!(%error, error_kind = %failure.kind, "could not dead-letter the command; returning it to the queue");
+            let _ = wait_or_abandon(shared, REQUEUE_DELAY).await;
+            Disposition::Requeue
+        }
+    }
+}
+
+/// Waits, unless the grace period ends first.
+async fn wait_or_abandon(shared: &Shared, wait: Duration) -> Result<(), Abandoned> {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => Ok(()),
+        _ = shared.abandon.cancelled() => Err(Abandoned),
+    }
+}
