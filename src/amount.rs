@@ -119,7 +119,8 @@ mod tests {
     #[test]
     fn rejects_what_numeric_20_4_cannot_hold() {
         use AmountError::*;
-        let cases: [(&str, fn(String) -> AmountError); 9] = [
+        type Expected = fn(String) -> AmountError;
+        let cases: [(&str, Expected); 9] = [
             ("0", NotPositive),
             ("0.10000000000000000555", TooPrecise),
             ("-1.00", NotPositive),

@@ -215,11 +215,19 @@ impl Command {
         })
     }
 
-    /// The provider request body: the command's fields in canonical form. Also what decides
-    /// whether a second command with the same id is the same request or a conflict.
+    /// The provider request body: the command's fields, the amount as the sender wrote it.
     pub fn provider_request_json(&self) -> String {
-        let amount = RawValue::from_string(self.amount.to_json_number())
-            .expect("a plain decimal is a valid JSON number");
+        self.to_json(self.amount.to_json_number())
+    }
+
+    /// The request in canonical form (amount at the stored scale, so 10.0 and 10.00 agree):
+    /// what decides whether a second command with the same id is the same request or a conflict.
+    pub fn canonical_request_json(&self) -> String {
+        self.to_json(self.amount.value().with_scale(4).to_plain_string())
+    }
+
+    fn to_json(&self, amount: String) -> String {
+        let amount = RawValue::from_string(amount).expect("a plain decimal is a valid JSON number");
         serde_json::to_string(&ProviderRequest {
             payment_provider_id: self.payment_provider_id,
             amount_in_major_currency: &amount,
@@ -245,7 +253,10 @@ pub struct Envelope {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     pub command: Command,
+    /// The provider request body.
     pub request_json: String,
+    /// The idempotency comparison form of the request.
+    pub canonical_request: String,
 }
 
 impl Envelope {
@@ -276,6 +287,7 @@ impl Envelope {
         }
         let command = Command::parse(body)?;
         let request_json = command.provider_request_json();
+        let canonical_request = command.canonical_request_json();
         Ok(Self {
             correlation_id: properties
                 .correlation_id()
@@ -289,6 +301,7 @@ impl Envelope {
             command_id,
             command,
             request_json,
+            canonical_request,
         })
     }
 }
@@ -354,6 +367,25 @@ mod tests {
             c.provider_request_json(),
             r#"{"paymentProviderId":1,"amountInMajorCurrency":7.50,"description":"x"}"#
         );
+    }
+
+    #[test]
+    fn canonical_form_ignores_how_the_amount_was_written() {
+        let a = Command::parse(
+            br#"{"paymentProviderId":1,"amountInMajorCurrency":10.0,"description":"x"}"#,
+        )
+        .unwrap();
+        let b = Command::parse(
+            br#"{"paymentProviderId":1,"amountInMajorCurrency":1e1,"description":"x"}"#,
+        )
+        .unwrap();
+        let c = Command::parse(
+            br#"{"paymentProviderId":1,"amountInMajorCurrency":10.01,"description":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(a.canonical_request_json(), b.canonical_request_json());
+        assert_ne!(a.canonical_request_json(), c.canonical_request_json());
+        assert!(a.canonical_request_json().contains(":10.0000,"));
     }
 
     #[test]

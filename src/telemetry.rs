@@ -6,9 +6,14 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber once; later calls (tests) keep the first one.
 pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs every returned (unroutable) message in full, payload included; the worker
+    // reports those itself, without the payload.
+    let quiet = "lapin::returned_messages=error";
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|env| EnvFilter::try_new(format!("{env},{quiet}")).ok())
+        .or_else(|| EnvFilter::try_new(format!("{},{quiet}", settings.level)).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

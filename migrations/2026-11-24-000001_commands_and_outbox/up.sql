@@ -2,8 +2,8 @@
 -- processed once across every replica; the lease says which worker holds it right now.
 CREATE TABLE payment_link_commands (
     command_id TEXT PRIMARY KEY,
-    -- The canonical provider request; a second command with the same id and another body is a conflict.
-    request_body TEXT NOT NULL,
+    -- The request in canonical form; the same command id with another request is a conflict.
+    canonical_request TEXT NOT NULL,
     payment_provider_id BIGINT NOT NULL,
     amount_in_major_currency NUMERIC(20, 4) NOT NULL CHECK (amount_in_major_currency > 0),
     description TEXT NOT NULL,

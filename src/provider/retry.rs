@@ -24,13 +24,8 @@ pub enum GaveUp<E> {
     Exhausted(E),
 }
 
-enum Tagged<E> {
-    Permanent(E),
-    Transient(E),
-}
-
 fn schedule(settings: &RetrySettings) -> backoff::ExponentialBackoff {
-    backoff::ExponentialBackoff {
+    let mut schedule = backoff::ExponentialBackoff {
         current_interval: Duration::from_millis(settings.initial_interval_ms),
         initial_interval: Duration::from_millis(settings.initial_interval_ms),
         randomization_factor: settings.randomization_factor,
@@ -38,11 +33,15 @@ fn schedule(settings: &RetrySettings) -> backoff::ExponentialBackoff {
         max_interval: Duration::from_millis(settings.max_interval_ms),
         max_elapsed_time: Some(Duration::from_millis(settings.max_elapsed_ms)),
         ..backoff::ExponentialBackoff::default()
-    }
+    };
+    backoff::backoff::Backoff::reset(&mut schedule);
+    schedule
 }
 
 /// Runs `operation` until it succeeds, fails permanently, or the budget
-/// (`retry.max_elapsed_ms`) is spent. `on_retry` hears of each transient failure and the wait.
+/// (`retry.max_elapsed_ms`) is spent. Each wait is the schedule's next interval, or the server's
+/// `Retry-After` when that is longer; a wait that would end past the budget is not started.
+/// `on_retry` hears of each transient failure and the wait that follows it.
 pub async fn retry<T, E, F, Fut>(
     settings: &RetrySettings,
     mut operation: F,
@@ -52,39 +51,27 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Attempt<E>>>,
 {
+    use backoff::backoff::Backoff;
     let budget = Duration::from_millis(settings.max_elapsed_ms);
     let started = Instant::now();
-    let result = backoff::future::retry_notify(
-        schedule(settings),
-        || {
-            let attempt = operation();
-            async move {
-                match attempt.await {
-                    Ok(value) => Ok(value),
-                    Err(Attempt::Permanent(e)) => {
-                        Err(backoff::Error::Permanent(Tagged::Permanent(e)))
-                    }
-                    // backoff waits out a retry_after without looking at its budget: we do.
-                    Err(Attempt::Transient(e, Some(wait))) if started.elapsed() + wait > budget => {
-                        Err(backoff::Error::Permanent(Tagged::Transient(e)))
-                    }
-                    Err(Attempt::Transient(e, retry_after)) => Err(backoff::Error::Transient {
-                        err: Tagged::Transient(e),
-                        retry_after,
-                    }),
+    let mut schedule = schedule(settings);
+    loop {
+        match operation().await {
+            Ok(value) => return Ok(value),
+            Err(Attempt::Permanent(error)) => return Err(GaveUp::Permanent(error)),
+            Err(Attempt::Transient(error, retry_after)) => {
+                let Some(interval) = schedule.next_backoff() else {
+                    return Err(GaveUp::Exhausted(error));
+                };
+                let wait = retry_after.map_or(interval, |asked| asked.max(interval));
+                if started.elapsed() + wait > budget {
+                    return Err(GaveUp::Exhausted(error));
                 }
+                on_retry(&error, wait);
+                tokio::time::sleep(wait).await;
             }
-        },
-        |error: Tagged<E>, wait| {
-            let (Tagged::Transient(e) | Tagged::Permanent(e)) = &error;
-            on_retry(e, wait);
-        },
-    )
-    .await;
-    result.map_err(|tagged| match tagged {
-        Tagged::Permanent(e) => GaveUp::Permanent(e),
-        Tagged::Transient(e) => GaveUp::Exhausted(e),
-    })
+        }
+    }
 }
 
 #[cfg(test)]

@@ -129,7 +129,7 @@ async fn create_link(
         Ok(command) => command,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };
-    let request = command.provider_request_json();
+    let request = command.canonical_request_json();
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())

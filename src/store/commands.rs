@@ -25,7 +25,7 @@ pub const FAILED: &str = "failed";
 #[diesel(table_name = super::schema::payment_link_commands)]
 pub struct CommandRecord {
     pub command_id: String,
-    pub request_body: String,
+    pub canonical_request: String,
     pub payment_provider_id: i64,
     pub amount_in_major_currency: BigDecimal,
     pub description: String,
@@ -80,7 +80,7 @@ pub async fn claim(
 ) -> Result<Claim, StoreError> {
     let cmd = &envelope.command;
     let claimed: Option<Claimed> = diesel::sql_query(
-        "INSERT INTO payment_link_commands AS c (command_id, request_body, payment_provider_id, \
+        "INSERT INTO payment_link_commands AS c (command_id, canonical_request, payment_provider_id, \
              amount_in_major_currency, description, email_address, invoice_id, adhoc_invoice_id, \
              customer_id, correlation_id, status, replay_count, lease_owner, lease_expires_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'processing', $11, $12, \
@@ -88,13 +88,13 @@ pub async fn claim(
          ON CONFLICT (command_id) DO UPDATE SET status = 'processing', \
              lease_owner = EXCLUDED.lease_owner, lease_expires_at = EXCLUDED.lease_expires_at, \
              replay_count = GREATEST(c.replay_count, EXCLUDED.replay_count), updated_at = now() \
-         WHERE c.request_body = EXCLUDED.request_body AND ( \
+         WHERE c.canonical_request = EXCLUDED.canonical_request AND ( \
              (c.status = 'processing' AND c.lease_expires_at < now()) \
              OR (c.status = 'failed' AND EXCLUDED.replay_count > c.replay_count)) \
          RETURNING c.attempts",
     )
     .bind::<Text, _>(envelope.command_id.as_str())
-    .bind::<Text, _>(&envelope.request_json)
+    .bind::<Text, _>(&envelope.canonical_request)
     .bind::<BigInt, _>(cmd.payment_provider_id)
     .bind::<Numeric, _>(cmd.amount.value())
     .bind::<Text, _>(&cmd.description)
@@ -118,13 +118,15 @@ pub async fn claim(
         // Deleted between the two statements (only by hand): the next delivery claims it anew.
         return Ok(Claim::Busy);
     };
-    Ok(if existing.request_body != envelope.request_json {
-        Claim::Conflict
-    } else if existing.status == PROCESSING {
-        Claim::Busy
-    } else {
-        Claim::Finished(Box::new(existing))
-    })
+    Ok(
+        if existing.canonical_request != envelope.canonical_request {
+            Claim::Conflict
+        } else if existing.status == PROCESSING {
+            Claim::Busy
+        } else {
+            Claim::Finished(Box::new(existing))
+        },
+    )
 }
 
 /// The row of one command.

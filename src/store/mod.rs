@@ -41,7 +41,7 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
 }
 
 /// Advisory lock key that serializes migrations when several replicas start at once.
-const MIGRATION_LOCK: i64 = 0x706c_775f_6d69_67; // "plw_mig"
+const MIGRATION_LOCK: i64 = 0x0070_6c77_5f6d_6967; // "plw_mig"
 
 /// Runs the pending migrations, one replica at a time. Needs a multi-threaded runtime (the
 /// harness blocks in place).

@@ -4,7 +4,7 @@ diesel::table! {
     /// One row per command id: its idempotency record and outcome.
     payment_link_commands (command_id) {
         command_id -> Text,
-        request_body -> Text,
+        canonical_request -> Text,
         payment_provider_id -> Int8,
         amount_in_major_currency -> Numeric,
         description -> Text,

@@ -1,0 +1,97 @@
+//! Guarantee: the real binary refuses a bad setting at start-up with a message naming it, and
+//! never prints a secret while doing so.
+
+use std::process::Command;
+
+fn worker() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_payment-link-worker"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("PAYMENT_LINK_WORKER__")
+            || [
+                "AMQP_URL",
+                "DATABASE_URL",
+                "PROVIDER_BASE_URL",
+                "PROVIDER_TOKEN",
+                "RUST_LOG",
+            ]
+            .contains(&name.as_str())
+        {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+fn stderr_of(command: &mut Command) -> String {
+    let output = command.output().expect("binary runs");
+    assert!(!output.status.success(), "expected start-up to fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn unknown_setting_stops_start_up_naming_it() {
+    let err = stderr_of(
+        worker()
+            .arg("run")
+            .env("PAYMENT_LINK_WORKER__BROKER__PREFECH", "4"),
+    );
+    assert!(
+        err.contains("PAYMENT_LINK_WORKER__BROKER__PREFECH"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_setting_stops_start_up_naming_it() {
+    let err = stderr_of(
+        worker()
+            .arg("run")
+            .env("PAYMENT_LINK_WORKER__RETRY__MAX_ELAPSED_MS", "soon"),
+    );
+    assert!(
+        err.contains("PAYMENT_LINK_WORKER__RETRY__MAX_ELAPSED_MS"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_token_stops_start_up_naming_it() {
+    let err = stderr_of(worker().arg("run"));
+    assert!(err.contains("provider.token"), "{err}");
+}
+
+#[test]
+fn config_file_errors_name_the_key_with_the_option_after_the_subcommand() {
+    let dir = std::env::temp_dir().join(format!("plw-bin-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("worker.toml");
+    std::fs::write(&file, "[broker]\nprefetch = 0\n").unwrap();
+    let err = stderr_of(
+        worker()
+            .args(["run", "--config"])
+            .arg(&file)
+            .env("PROVIDER_TOKEN", "t"),
+    );
+    assert!(err.contains("broker.prefetch"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn connection_errors_do_not_print_secrets() {
+    // Nothing listens on port 1: start-up fails at the first connection.
+    let err = stderr_of(
+        worker()
+            .arg("run")
+            .env("PROVIDER_TOKEN", "sk_live_never_print_me")
+            .env("AMQP_URL", "amqp://worker:amqp-hunter2@127.0.0.1:1/%2f")
+            .env(
+                "DATABASE_URL",
+                "postgres://app:pg-hunter2@127.0.0.1:1/links",
+            )
+            .env("PAYMENT_LINK_WORKER__LOG__FORMAT", "text"),
+    );
+    assert!(err.contains("cannot"), "{err}");
+    for secret in ["sk_live_never_print_me", "amqp-hunter2", "pg-hunter2"] {
+        assert!(!err.contains(secret), "{secret} printed: {err}");
+    }
+}

@@ -1,0 +1,464 @@
+//! The shared harness: each test gets its own database and its own exchange and queue names on
+//! the real PostgreSQL and RabbitMQ, starts workers in-process, and waits for conditions with a
+//! bound. Everything it creates is removed when the [`TestEnv`] is dropped, pass or fail.
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use payment_link_worker::config::Settings;
+use payment_link_worker::store::commands::CommandRecord;
+use payment_link_worker::store::outbox::OutboxRecord;
+use payment_link_worker::store::{self, PgPool};
+use payment_link_worker::worker::{self, RunningWorker};
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The bearer token tests configure on both sides.
+pub const TOKEN: &str = "test-token";
+/// How long a test waits for something that should happen in well under a second.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// PostgreSQL server the tests create their databases on.
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// RabbitMQ the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A worker started by a test; dropping it stops it.
+pub struct WorkerHandle {
+    stop: CancellationToken,
+    running: Option<RunningWorker>,
+}
+
+impl WorkerHandle {
+    /// Stops taking commands, drains, and returns how the worker ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.running.take().expect("running").wait().await
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A message read back from a queue.
+pub struct Received {
+    pub routing_key: String,
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        payment_link_worker::command::header_text(&self.properties, name)
+    }
+    /// A header as an integer.
+    pub fn header_int(&self, name: &str) -> Option<i64> {
+        payment_link_worker::command::header_int(&self.properties, name)
+    }
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+    /// The message id.
+    pub fn message_id(&self) -> String {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// One test's private world.
+pub struct TestEnv {
+    pub id: String,
+    pub settings: Settings,
+    pub pool: PgPool,
+    database: String,
+    /// Owns the channel below; dropping it closes the test's publishing connection.
+    _connection: Connection,
+    pub channel: Channel,
+    extra_queues: std::sync::Mutex<Vec<String>>,
+}
+
+impl TestEnv {
+    /// A fresh database and topology names; the worker's settings point at `provider_url`.
+    pub async fn new(provider_url: &str) -> Self {
+        Self::with(provider_url, &[]).await
+    }
+
+    /// As [`TestEnv::new`], with extra `PAYMENT_LINK_WORKER__…` style overrides.
+    pub async fn with(provider_url: &str, overrides: &[(&str, &str)]) -> Self {
+        init_logs();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let database = format!("plw_test_{id}");
+        let admin = admin_database_url();
+        exec_admin(&admin, &format!("CREATE DATABASE {database}")).await;
+        let base = admin.rsplit_once('/').expect("database URL has a path").0;
+        let prefix = format!("t.{id}.");
+        let mut env: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), format!("{base}/{database}")),
+            ("AMQP_URL".into(), amqp_url()),
+            ("PROVIDER_BASE_URL".into(), provider_url.into()),
+            ("PROVIDER_TOKEN".into(), TOKEN.into()),
+        ];
+        for (key, value) in [
+            ("BROKER__COMMAND_EXCHANGE", "commands"),
+            ("BROKER__COMMAND_QUEUE", "create"),
+            ("BROKER__EVENT_EXCHANGE", "events"),
+            ("BROKER__DEAD_LETTER_EXCHANGE", "dead-letter"),
+            ("BROKER__DEAD_LETTER_QUEUE", "create.dead-letter"),
+        ] {
+            env.push((
+                format!("PAYMENT_LINK_WORKER__{key}"),
+                format!("{prefix}{value}"),
+            ));
+        }
+        for (key, value) in [
+            ("RETRY__INITIAL_INTERVAL_MS", "20"),
+            ("RETRY__MAX_INTERVAL_MS", "100"),
+            ("RETRY__MAX_ELAPSED_MS", "5000"),
+            ("PROVIDER__TIMEOUT_MS", "3000"),
+            ("OUTBOX__RELAY_INTERVAL_MS", "100"),
+            ("OUTBOX__INLINE_GRACE_MS", "3000"),
+            ("WORKER__SHUTDOWN_GRACE_MS", "10000"),
+            ("WORKER__BUSY_POLL_MS", "50"),
+            ("DATABASE__POOL_SIZE", "4"),
+            ("LOG__FORMAT", "text"),
+        ]
+        .iter()
+        .chain(overrides)
+        {
+            env.push((format!("PAYMENT_LINK_WORKER__{key}"), value.to_string()));
+        }
+        let settings = Settings::load_from(None, env).expect("test settings are valid");
+        let pool = store::pool(&settings.database).expect("pool");
+        store::migrate(&pool).await.expect("migrations run");
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ is reachable");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        // The worker declares the topology too; declaring it here lets a test publish first.
+        payment_link_worker::broker::topology::declare(&channel, &settings.broker)
+            .await
+            .expect("topology");
+        Self {
+            id,
+            settings,
+            pool,
+            database,
+            _connection: connection,
+            channel,
+            extra_queues: Default::default(),
+        }
+    }
+
+    /// Starts a worker with this test's settings.
+    pub async fn start_worker(&self) -> WorkerHandle {
+        self.start_worker_with(self.settings.clone()).await
+    }
+
+    /// Starts a worker with adjusted settings.
+    pub async fn start_worker_with(&self, settings: Settings) -> WorkerHandle {
+        let stop = CancellationToken::new();
+        let running = worker::start(settings, stop.clone())
+            .await
+            .expect("worker starts");
+        WorkerHandle {
+            stop,
+            running: Some(running),
+        }
+    }
+
+    /// Publishes raw bytes with the given properties to the command exchange, confirmed.
+    pub async fn publish_raw(&self, properties: BasicProperties, body: &[u8]) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.settings.broker.command_exchange.as_str().into(),
+                self.settings.broker.command_routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert_eq!(
+            confirm,
+            lapin::Confirmation::Ack(None),
+            "command was routed"
+        );
+    }
+
+    /// Publishes a JSON command with this id.
+    pub async fn send(&self, command_id: &str, body: &str) {
+        self.publish_raw(command_properties(command_id), body.as_bytes())
+            .await;
+    }
+
+    /// A queue bound to the event exchange for every routing key, deleted with the test.
+    pub async fn capture_events(&self) -> String {
+        let queue = format!("t.{}.capture.{}", self.id, uuid::Uuid::new_v4().simple());
+        self.channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("capture queue");
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.settings.broker.event_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind capture queue");
+        self.extra_queues.lock().unwrap().push(queue.clone());
+        queue
+    }
+
+    /// Takes the next message from `queue`, waiting up to `limit`.
+    pub async fn next_message(&self, queue: &str, limit: Duration) -> Received {
+        eventually(&format!("a message on {queue}"), limit, || async {
+            self.try_get(queue).await
+        })
+        .await
+    }
+
+    /// Takes `n` messages from `queue`, waiting up to `limit` for all of them.
+    pub async fn messages(&self, queue: &str, n: usize, limit: Duration) -> Vec<Received> {
+        let mut got = Vec::with_capacity(n);
+        let started = Instant::now();
+        while got.len() < n {
+            let left = limit.saturating_sub(started.elapsed());
+            assert!(
+                !left.is_zero(),
+                "timed out with {} of {n} messages on {queue}",
+                got.len()
+            );
+            got.push(self.next_message(queue, left).await);
+        }
+        got
+    }
+
+    /// Takes a message from `queue` if there is one now.
+    pub async fn try_get(&self, queue: &str) -> Option<Received> {
+        let message = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")?;
+        Some(Received {
+            routing_key: message.delivery.routing_key.to_string(),
+            properties: message.delivery.properties.clone(),
+            body: message.delivery.data.clone(),
+        })
+    }
+
+    /// Messages ready in `queue` (not counting those delivered and unacknowledged).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists")
+            .message_count()
+    }
+
+    /// The dead-letter queue's name.
+    pub fn dead_letter_queue(&self) -> String {
+        self.settings.broker.dead_letter_queue.clone()
+    }
+
+    /// The command queue's name.
+    pub fn command_queue(&self) -> String {
+        self.settings.broker.command_queue.clone()
+    }
+
+    /// A command's row.
+    pub async fn record(&self, command_id: &str) -> Option<CommandRecord> {
+        let mut conn = self.pool.get().await.expect("db connection");
+        store::commands::find(&mut conn, command_id)
+            .await
+            .expect("query")
+    }
+
+    /// Every outbox row of a command.
+    pub async fn outbox(&self, command_id: &str) -> Vec<OutboxRecord> {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        use payment_link_worker::store::schema::outbox::dsl as o;
+        let mut conn = self.pool.get().await.expect("db connection");
+        o::outbox
+            .filter(o::command_id.eq(command_id))
+            .order(o::id)
+            .select(OutboxRecord::as_select())
+            .load(&mut conn)
+            .await
+            .expect("query")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let database = self.database.clone();
+        let mut queues = vec![
+            self.settings.broker.command_queue.clone(),
+            self.settings.broker.dead_letter_queue.clone(),
+        ];
+        queues.extend(self.extra_queues.lock().unwrap().drain(..));
+        let exchanges = [
+            self.settings.broker.command_exchange.clone(),
+            self.settings.broker.event_exchange.clone(),
+            self.settings.broker.dead_letter_exchange.clone(),
+        ];
+        // Drop runs inside the test's runtime, which cannot block on itself: clean up from a
+        // thread with a runtime of its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                if let Ok(connection) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    for queue in queues {
+                        let _ = channel
+                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    for exchange in exchanges {
+                        let _ = channel
+                            .exchange_delete(
+                                exchange.as_str().into(),
+                                ExchangeDeleteOptions::default(),
+                            )
+                            .await;
+                    }
+                    let _ = connection.close(200, "test done".into()).await;
+                }
+                exec_admin(
+                    &admin_database_url(),
+                    &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
+                )
+                .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn exec_admin(url: &str, sql: &str) {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is reachable: {e}"));
+    diesel::sql_query(sql)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Properties of a well-formed command.
+pub fn command_properties(command_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(command_id.into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}
+
+/// Adds a text header.
+pub fn with_header(properties: BasicProperties, name: &str, value: &str) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        name.into(),
+        AMQPValue::LongString(value.as_bytes().to_vec().into()),
+    );
+    properties.with_headers(headers)
+}
+
+/// Adds an integer header.
+pub fn with_int_header(properties: BasicProperties, name: &str, value: i64) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(name.into(), AMQPValue::LongLongInt(value));
+    properties.with_headers(headers)
+}
+
+/// A command body with this amount (as JSON number text) and invoice id.
+pub fn command_body(amount: &str, invoice_id: i64) -> String {
+    format!(
+        r#"{{"paymentProviderId":7,"amountInMajorCurrency":{amount},"description":"Invoice {invoice_id}","emailAddress":"payer@example.com","invoiceId":{invoice_id},"customerId":99}}"#
+    )
+}
+
+/// A provider answer for a command body built by [`command_body`], in an unusual layout so a
+/// test can tell a verbatim copy from a re-serialization.
+pub fn provider_answer(link_id: i64, amount: &str, invoice_id: i64) -> String {
+    format!(
+        r#"{{ "paymentLink": "https://instantpaymentlink/ref-{link_id}", "id": {link_id}, "paymentProviderId": 7, "amountInMajorCurrency": {amount}, "currencyId": 826, "description": "Invoice {invoice_id}", "emailAddress": "payer@example.com", "invoiceId": {invoice_id}, "adhocInvoiceId": null, "customerId": 99 }}"#
+    )
+}

@@ -1,0 +1,14 @@
+//! Integration tests against the real RabbitMQ and PostgreSQL on this machine and a real HTTP
+//! provider (wiremock for scripted faults, the simulator for its own contract). One test binary,
+//! one module per behaviour.
+
+mod binary;
+mod conflicts;
+mod duplicates;
+mod happy_path;
+mod helpers;
+mod provider_failures;
+mod relay;
+mod shutdown;
+mod simulator;
+mod validation;
