@@ -1,0 +1,18 @@
+# Builds the payment-link-worker binary; the same image runs the worker, migrations, the provider
+# simulator and `send` (the subcommand is the container command).
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY migrations migrations
+COPY config config
+RUN cargo build --release --locked && cp target/release/payment-link-worker /usr/local/bin/
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 worker
+COPY --from=build /usr/local/bin/payment-link-worker /usr/local/bin/payment-link-worker
+USER worker
+ENTRYPOINT ["payment-link-worker"]
+CMD ["run"]
