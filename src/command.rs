@@ -10,6 +10,8 @@ use serde_json::value::RawValue;
 
 /// Header a deliberate replay increments; a recorded failure is only attempted again when it grows.
 pub const REPLAY_COUNT_HEADER: &str = "x-replay-count";
+/// Header counting the delay tiers a command has already waited in.
+pub const DELAY_ROUND_HEADER: &str = "x-delay-round";
 
 /// Why a message is not a valid command. The text goes into the `x-error-message` header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -249,6 +251,8 @@ pub struct Envelope {
     pub correlation_id: String,
     /// How many times an operator has replayed this command (0 for a first delivery).
     pub replay_count: i32,
+    /// How many delay tiers the command has already waited in.
+    pub delay_round: usize,
     /// W3C trace context carried from the command to the provider and the event.
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
@@ -296,6 +300,7 @@ impl Envelope {
                 .filter(|c| !c.is_empty())
                 .unwrap_or_else(|| command_id.as_str().to_owned()),
             replay_count: header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0) as i32,
+            delay_round: header_int(properties, DELAY_ROUND_HEADER).unwrap_or(0) as usize,
             traceparent: header_text(properties, "traceparent"),
             tracestate: header_text(properties, "tracestate"),
             command_id,

@@ -107,6 +107,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub provider: ProviderSettings,
     pub retry: RetrySettings,
+    pub breaker: BreakerSettings,
     pub outbox: OutboxSettings,
     pub worker: WorkerSettings,
     pub events: EventSettings,
@@ -159,6 +160,17 @@ pub struct RetrySettings {
     pub multiplier: f64,
     pub randomization_factor: f64,
     pub max_elapsed_ms: u64,
+    pub delay_tiers_ms: Vec<u64>,
+}
+
+/// When to stop calling a provider that is down.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub failure_ratio: f64,
+    pub min_calls: usize,
+    pub window_ms: u64,
+    pub probe_interval_ms: u64,
 }
 
 /// The relay that publishes what the worker could not publish at once.
@@ -177,6 +189,7 @@ pub struct OutboxSettings {
 pub struct WorkerSettings {
     pub shutdown_grace_ms: u64,
     pub busy_poll_ms: u64,
+    pub lease_margin_ms: u64,
 }
 
 /// Attributes of published events.
@@ -323,6 +336,19 @@ impl Settings {
         if !(0.0..=1.0).contains(&retry.randomization_factor) {
             return fail("retry.randomization_factor", "must be between 0 and 1");
         }
+        if retry.delay_tiers_ms.contains(&0) {
+            return fail("retry.delay_tiers_ms", "must hold delays above 0");
+        }
+        let breaker = &self.breaker;
+        if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
+            return fail("breaker.failure_ratio", "must be above 0 and at most 1");
+        }
+        if breaker.min_calls == 0 || breaker.window_ms == 0 || breaker.probe_interval_ms == 0 {
+            return fail(
+                "breaker.min_calls",
+                "breaker.window_ms and breaker.probe_interval_ms must be above 0",
+            );
+        }
         if self.outbox.relay_interval_ms == 0 || self.outbox.relay_batch_size < 1 {
             return fail(
                 "outbox.relay_interval_ms",
@@ -361,7 +387,7 @@ impl Settings {
             self.retry.max_elapsed_ms
                 + self.retry.max_interval_ms
                 + 2 * self.provider.timeout_ms
-                + 30_000,
+                + self.worker.lease_margin_ms,
         )
     }
 }
@@ -460,6 +486,14 @@ fn set_from_env(
         toml::Value::Boolean(_) => {
             toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?)
         }
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| item.parse().map(toml::Value::Integer))
+                .collect::<Result<_, _>>()
+                .map_err(|_| bad("a comma-separated list of whole numbers"))?,
+        ),
         _ => return Err(unknown()),
     };
     Ok(())
@@ -492,6 +526,7 @@ mod tests {
             env(&[
                 ("PAYMENT_LINK_WORKER__RETRY__MAX_ELAPSED_MS", "1234"),
                 ("PAYMENT_LINK_WORKER__RETRY__MULTIPLIER", "1.5"),
+                ("PAYMENT_LINK_WORKER__RETRY__DELAY_TIERS_MS", "5, 70"),
                 ("PAYMENT_LINK_WORKER__DATABASE__RUN_MIGRATIONS", "false"),
                 ("PROVIDER_TOKEN", "tok"),
                 ("AMQP_URL", "amqp://u:p@rabbit:5672/%2f"),
@@ -499,6 +534,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.retry.max_elapsed_ms, 1234);
+        assert_eq!(s.retry.delay_tiers_ms, [5, 70]);
         assert_eq!(s.retry.multiplier, 1.5);
         assert!(!s.database.run_migrations);
         assert_eq!(s.provider.token.expose(), "tok");
@@ -518,6 +554,23 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("retry.max_elapsd_ms"), "{err}");
+    }
+
+    #[test]
+    fn empty_tier_list_means_no_delayed_redelivery() {
+        let s = Settings::load_from(
+            None,
+            env(&[("PAYMENT_LINK_WORKER__RETRY__DELAY_TIERS_MS", "")]),
+        )
+        .unwrap();
+        assert!(s.retry.delay_tiers_ms.is_empty());
+        let err = Settings::load_from(
+            None,
+            env(&[("PAYMENT_LINK_WORKER__RETRY__DELAY_TIERS_MS", "1,x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("comma-separated"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::broker::{self, topology};
 use crate::command::Envelope;
 use crate::config::Settings;
 use crate::errors::ErrorKind;
+use crate::provider::breaker::Breaker;
 use crate::provider::client::{ProviderClient, TraceHeaders};
 use crate::store::commands::{self, Claim, CommandRecord};
 use crate::store::outbox::{self, NewOutboxMessage};
@@ -35,6 +36,10 @@ const DB_RETRY_MAX: Duration = Duration::from_secs(5);
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 /// After the grace period, how long commands in flight get to give themselves back.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before reconnecting to the broker; doubled up to the cap, reset after success.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
+/// Longest wait between two reconnection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 /// Runs a database step until it succeeds: while PostgreSQL is unreachable the command waits
 /// here (holding its prefetch slot, so the worker takes no more) instead of failing. Gives up
@@ -78,6 +83,8 @@ pub struct Shared {
     pub pool: PgPool,
     pub publisher: Publisher,
     pub provider: ProviderClient,
+    /// The provider's circuit breaker (also read by readiness).
+    pub breaker: Arc<Breaker>,
     pub events: EventTarget,
     /// This worker's name in command leases, unique per process.
     pub instance_id: String,
@@ -99,8 +106,63 @@ impl RunningWorker {
     }
 }
 
+/// One connection to the broker with the worker's consumer on it.
+struct Session {
+    connection: Arc<Connection>,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Session {
+    /// Connects, declares the topology (every replica does, idempotently), sets the prefetch and
+    /// starts consuming.
+    async fn open(settings: &Settings, instance_id: &str) -> anyhow::Result<Self> {
+        let connection = Arc::new(
+            broker::connect(&settings.broker, instance_id)
+                .await
+                .with_context(|| {
+                    format!("cannot connect to RabbitMQ at {}", settings.broker.url)
+                })?,
+        );
+        let channel = connection.create_channel().await?;
+        topology::declare(&channel, &settings.broker)
+            .await
+            .context("cannot declare the RabbitMQ topology")?;
+        topology::declare_delay_queues(&channel, &settings.broker, &settings.retry.delay_tiers_ms)
+            .await
+            .context("cannot declare the delay queues")?;
+        channel
+            .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                settings.broker.command_queue.as_str().into(),
+                instance_id.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot consume from the command queue")?;
+        Ok(Self {
+            connection,
+            channel,
+            consumer,
+        })
+    }
+
+    async fn close(self, instance_id: &str) {
+        let _ = self
+            .channel
+            .basic_cancel(instance_id.into(), BasicCancelOptions::default())
+            .await;
+        let _ = self.channel.close(200, "worker stopped".into()).await;
+        let _ = self.connection.close(200, "worker stopped".into()).await;
+    }
+}
+
 /// Connects, migrates, declares the topology and starts consuming; returns once commands are
-/// being taken. The worker stops taking commands when `stop` fires and then drains.
+/// being taken, or with an error naming what could not be reached. After that, the worker rides
+/// out broker outages by reconnecting. It stops taking commands when `stop` fires, then drains.
 pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Result<RunningWorker> {
     settings.check_for_worker()?;
     let instance_id = format!("plw-{}", uuid::Uuid::new_v4().simple());
@@ -111,29 +173,10 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
             .with_context(|| format!("cannot migrate the database at {}", settings.database.url))?;
         tracing::info!(applied, "database migrations are up to date");
     }
-    let connection = Arc::new(
-        broker::connect(&settings.broker, &instance_id)
-            .await
-            .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?,
-    );
-    let channel = connection.create_channel().await?;
-    topology::declare(&channel, &settings.broker)
-        .await
-        .context("cannot declare the RabbitMQ topology")?;
-    channel
-        .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
-        .await?;
-    let publisher = Publisher::open(connection.clone()).await?;
-    let provider = ProviderClient::new(&settings.provider, &settings.retry)?;
-    let consumer = channel
-        .basic_consume(
-            settings.broker.command_queue.as_str().into(),
-            instance_id.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .context("cannot consume from the command queue")?;
+    let session = Session::open(&settings, &instance_id).await?;
+    let publisher = Publisher::open(session.connection.clone()).await?;
+    let breaker = Breaker::new(settings.breaker.clone());
+    let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
     let shared = Arc::new(Shared {
         events: EventTarget {
             exchange: settings.broker.event_exchange.clone(),
@@ -144,22 +187,28 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         pool,
         publisher,
         provider,
+        breaker,
         instance_id: instance_id.clone(),
         abandon: CancellationToken::new(),
         settings,
     });
     tracing::info!(instance_id, queue = %shared.settings.broker.command_queue,
         prefetch = shared.settings.broker.prefetch, "worker started");
-    let task = tokio::spawn(consume(shared, connection, channel, consumer, stop));
+    let task = tokio::spawn(run(shared, session, stop));
     Ok(RunningWorker { task, instance_id })
 }
 
-/// The consume loop, then an orderly stop.
-async fn consume(
+/// How a consume loop ended.
+enum Ended {
+    Stopped,
+    Lost(anyhow::Error),
+}
+
+/// Consumes until stopped, reconnecting whenever the broker connection is lost, then stops in
+/// order: no new commands, in-flight ones finished or returned, leases released, channels closed.
+async fn run(
     shared: Arc<Shared>,
-    connection: Arc<Connection>,
-    channel: Channel,
-    mut consumer: lapin::Consumer,
+    mut session: Session,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let relay_stop = CancellationToken::new();
@@ -170,24 +219,48 @@ async fn consume(
         relay_stop.clone(),
     ));
     let mut tasks = JoinSet::new();
-    let ended = loop {
-        tokio::select! {
-            _ = stop.cancelled() => break Ok(()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    tasks.spawn(handle(shared.clone(), delivery));
-                }
-                Some(Err(e)) => break Err(anyhow::Error::new(e).context("the broker connection failed")),
-                None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+    'sessions: loop {
+        let error = match consume(&shared, &mut session, &mut tasks, &stop).await {
+            Ended::Stopped => break 'sessions,
+            Ended::Lost(error) => error,
+        };
+        tracing::warn!(
+            error = format!("{error:#}"),
+            in_flight = tasks.len(),
+            "lost the broker connection; reconnecting (commands in flight finish, the broker redelivers what was not acked)"
+        );
+        let mut wait = RECONNECT_INITIAL;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break 'sessions,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match Session::open(&shared.settings, &shared.instance_id).await {
+                Ok(new) => match shared.publisher.replace(new.connection.clone()).await {
+                    Ok(()) => {
+                        session = new;
+                        tracing::info!("reconnected to the broker; consuming again");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "reconnected but cannot open the publishing channel")
+                    }
+                },
+                Err(error) => tracing::warn!(
+                    error = format!("{error:#}"),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "cannot reconnect to the broker yet"
+                ),
+            }
+            wait = (wait * 2).min(RECONNECT_MAX);
         }
-    };
+    }
     tracing::info!(
         in_flight = tasks.len(),
         "worker stopping: no new commands are taken"
     );
-    let _ = channel
+    let _ = session
+        .channel
         .basic_cancel(
             shared.instance_id.as_str().into(),
             BasicCancelOptions::default(),
@@ -202,10 +275,31 @@ async fn consume(
         tracing::warn!(%error, "could not release this worker's leases; they expire by themselves");
     }
     shared.publisher.close().await;
-    let _ = channel.close(200, "worker stopped".into()).await;
-    let _ = connection.close(200, "worker stopped".into()).await;
+    session.close(&shared.instance_id).await;
     tracing::info!("worker stopped");
-    ended
+    Ok(())
+}
+
+/// Takes deliveries and hands each to its own task until stopped or the connection is lost.
+async fn consume(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> Ended {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ended::Stopped,
+            next = session.consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle(shared.clone(), delivery));
+                }
+                Some(Err(e)) => return Ended::Lost(anyhow::Error::new(e)),
+                None => return Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
 }
 
 /// Lets commands in flight finish within the grace period, then makes them give themselves back.
@@ -321,13 +415,14 @@ async fn process_command(
     let owner = shared.instance_id.as_str();
     let lease = shared.settings.lease();
     loop {
-        match db!(shared, "claim the command", |conn| commands::claim(
+        let earlier_attempts = match db!(shared, "claim the command", |conn| commands::claim(
             &mut conn, envelope, owner, lease
         ))? {
             Claim::Acquired { attempts } => {
                 tracing::debug!(earlier_attempts = attempts, "command claimed");
+                attempts
             }
-            Claim::Finished(record) => return Ok(republish(shared, &record).await),
+            Claim::Finished(record) => return republish(shared, &record).await,
             Claim::Busy => {
                 tracing::debug!("another worker holds this command; waiting for its outcome");
                 wait_or_abandon(
@@ -351,7 +446,7 @@ async fn process_command(
                 };
                 return Ok(dead_letter_now(shared, original, &failure).await);
             }
-        }
+        };
 
         let trace = TraceHeaders {
             traceparent: envelope.traceparent.clone(),
@@ -361,7 +456,7 @@ async fn process_command(
             call = shared.provider.create_link(command_id, &envelope.request_json, &trace) => call,
             _ = shared.abandon.cancelled() => {
                 if let Ok(mut conn) = shared.pool.get().await {
-                    let _ = commands::release(&mut conn, command_id, owner, 0).await;
+                    let _ = commands::release(&mut conn, command_id, owner, 0, None).await;
                 }
                 return Err(Abandoned);
             }
@@ -401,13 +496,27 @@ async fn process_command(
                 }
                 ids
             }
+            Err((ErrorKind::RetriesExhausted, error))
+                if envelope.delay_round < shared.settings.retry.delay_tiers_ms.len() =>
+            {
+                let attempts = earlier_attempts + call.attempts;
+                return delay(
+                    shared,
+                    original,
+                    envelope,
+                    attempts,
+                    call.attempts,
+                    &error.message,
+                )
+                .await;
+            }
             Err((kind, error)) => {
                 let failure = Failure {
                     kind: *kind,
                     message: &error.message,
                     http_status: error.http_status,
                     error_body: error.body.as_deref(),
-                    attempts: call.attempts,
+                    attempts: earlier_attempts + call.attempts,
                 };
                 let mut rows = Vec::with_capacity(2);
                 if kind.publishes_failed_event() {
@@ -474,30 +583,67 @@ async fn process_command(
 
 /// A command that already has an outcome came again: publish its recorded event again (same
 /// event id) and make no provider call.
-async fn republish(shared: &Shared, record: &CommandRecord) -> Disposition {
+async fn republish(shared: &Shared, record: &CommandRecord) -> Result<Disposition, Abandoned> {
     tracing::info!(status = %record.status, "duplicate command; publishing its recorded event again");
-    let event = match shared.pool.get().await {
-        Ok(mut conn) => outbox::latest_event(&mut conn, &record.command_id).await,
-        Err(e) => Err(StoreError::from(e)),
-    };
-    match event {
-        Ok(Some(row)) => match row.message() {
-            Ok(message) => {
-                if let Err(error) = shared.publisher.publish(&message).await {
-                    tracing::warn!(%error, "could not publish the recorded event again; the original stays in the outbox");
-                }
+    let command_id = record.command_id.as_str();
+    let event = db!(shared, "read the recorded event", |conn| {
+        outbox::latest_event(&mut conn, command_id)
+    })?;
+    match event.map(|row| (row.id, row.message())) {
+        Some((_, Ok(message))) => {
+            if let Err(error) = shared.publisher.publish(&message).await {
+                tracing::warn!(%error, "could not publish the recorded event again; the original stays in the outbox");
             }
-            Err(error) => {
-                tracing::error!(%error, outbox_id = row.id, "recorded event is unreadable")
-            }
-        },
-        Ok(None) => tracing::debug!("this outcome has no event to publish"),
+        }
+        Some((outbox_id, Err(error))) => {
+            tracing::error!(%error, outbox_id, "recorded event is unreadable")
+        }
+        None => tracing::debug!("this outcome has no event to publish"),
+    }
+    Ok(Disposition::Ack)
+}
+
+/// The round's retry budget is spent but delay tiers remain: park the command in the next delay
+/// queue (confirmed), record the attempts, give up the lease, and ack this delivery.
+async fn delay(
+    shared: &Shared,
+    original: &Original<'_>,
+    envelope: &Envelope,
+    total_attempts: i32,
+    round_attempts: i32,
+    last_error: &str,
+) -> Result<Disposition, Abandoned> {
+    let round = envelope.delay_round;
+    let delay_ms = shared.settings.retry.delay_tiers_ms[round];
+    let queue = topology::delay_queue(&shared.settings.broker, delay_ms);
+    let message = messages::delayed(&queue, original, round + 1, total_attempts, last_error);
+    let command_id = envelope.command_id.as_str();
+    let owner = shared.instance_id.as_str();
+    let published = shared.publisher.publish(&message).await;
+    db!(shared, "record the attempts", |conn| commands::release(
+        &mut conn,
+        command_id,
+        owner,
+        round_attempts,
+        Some(last_error)
+    ))?;
+    match published {
+        Ok(()) => {
+            tracing::warn!(
+                round = round + 1,
+                delay_ms,
+                attempts = total_attempts,
+                error = last_error,
+                "provider still failing; command waits in a delay queue"
+            );
+            Ok(Disposition::Ack)
+        }
         Err(error) => {
-            tracing::warn!(%error, "could not read the recorded event; returning the command to the queue");
-            return Disposition::Requeue;
+            tracing::error!(%error, "could not park the command in its delay queue; returning it to the queue");
+            let _ = wait_or_abandon(shared, REQUEUE_DELAY).await;
+            Ok(Disposition::Requeue)
         }
     }
-    Disposition::Ack
 }
 
 /// Publishes a dead letter for a command that has no record to hang it on (invalid, or in

@@ -175,6 +175,47 @@ pub struct Original<'a> {
     pub body: &'a [u8],
 }
 
+/// A received message's properties, as the worker may publish them again. The broker refuses a
+/// `user_id` other than the publisher's own, and a per-message TTL (`expiration`) would make a
+/// dead letter or a delayed command vanish: both are left out.
+pub fn republishable(p: &BasicProperties) -> BasicProperties {
+    let mut properties = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        properties = properties.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        properties = properties.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        properties = properties.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        properties = properties.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        properties = properties.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        properties = properties.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        properties = properties.with_app_id(v.clone());
+    }
+    properties
+}
+
 /// A dead letter: the original body, properties and headers, plus `x-error-*` headers that say
 /// why. It keeps the original routing key so a replay goes where the command went.
 pub fn dead_letter(
@@ -202,41 +243,36 @@ pub fn dead_letter(
     );
     headers.insert("x-original-exchange".into(), text(original.exchange));
     headers.insert("x-original-routing-key".into(), text(original.routing_key));
-    // The broker refuses a user_id other than the publisher's own, and a per-message TTL would
-    // make the dead letter vanish before anyone looked at it.
-    let mut properties = BasicProperties::default();
-    let p = original.properties;
-    if let Some(v) = p.content_type() {
-        properties = properties.with_content_type(v.clone());
-    }
-    if let Some(v) = p.content_encoding() {
-        properties = properties.with_content_encoding(v.clone());
-    }
-    if let Some(v) = p.priority() {
-        properties = properties.with_priority(*v);
-    }
-    if let Some(v) = p.correlation_id() {
-        properties = properties.with_correlation_id(v.clone());
-    }
-    if let Some(v) = p.reply_to() {
-        properties = properties.with_reply_to(v.clone());
-    }
-    if let Some(v) = p.message_id() {
-        properties = properties.with_message_id(v.clone());
-    }
-    if let Some(v) = p.timestamp() {
-        properties = properties.with_timestamp(*v);
-    }
-    if let Some(v) = p.kind() {
-        properties = properties.with_type(v.clone());
-    }
-    if let Some(v) = p.app_id() {
-        properties = properties.with_app_id(v.clone());
-    }
     OutboundMessage {
         exchange: dead_letter_exchange.to_owned(),
         routing_key: original.routing_key.to_owned(),
-        properties: properties
+        properties: republishable(original.properties)
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(headers),
+        body: original.body.to_vec(),
+    }
+}
+
+/// The command again, for a delay queue: same body and properties, with the round it is
+/// entering and the attempt history so far in headers.
+pub fn delayed(
+    delay_queue: &str,
+    original: &Original<'_>,
+    round: usize,
+    attempts: i32,
+    last_error: &str,
+) -> OutboundMessage {
+    let mut headers = original.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        crate::command::DELAY_ROUND_HEADER.into(),
+        AMQPValue::LongInt(round as i32),
+    );
+    headers.insert("x-attempts".into(), AMQPValue::LongInt(attempts));
+    headers.insert("x-last-error".into(), text(last_error));
+    OutboundMessage {
+        exchange: String::new(),
+        routing_key: delay_queue.to_owned(),
+        properties: republishable(original.properties)
             .with_delivery_mode(PERSISTENT)
             .with_headers(headers),
         body: original.body.to_vec(),

@@ -29,11 +29,11 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
-/// A confirm-mode channel shared by every task of a worker; reopened if the broker closed it.
+/// A confirm-mode channel shared by every task of a worker; reopened if the broker closed it,
+/// and moved to the new connection when the worker reconnects.
 #[derive(Clone)]
 pub struct Publisher {
-    connection: Arc<Connection>,
-    channel: Arc<RwLock<Channel>>,
+    slot: Arc<RwLock<(Arc<Connection>, Channel)>>,
 }
 
 async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
@@ -49,21 +49,27 @@ impl Publisher {
     pub async fn open(connection: Arc<Connection>) -> Result<Self, lapin::Error> {
         let channel = confirm_channel(&connection).await?;
         Ok(Self {
-            connection,
-            channel: Arc::new(RwLock::new(channel)),
+            slot: Arc::new(RwLock::new((connection, channel))),
         })
     }
 
+    /// Moves publishing to a new connection (after a reconnect).
+    pub async fn replace(&self, connection: Arc<Connection>) -> Result<(), lapin::Error> {
+        let channel = confirm_channel(&connection).await?;
+        *self.slot.write().await = (connection, channel);
+        Ok(())
+    }
+
     async fn channel(&self) -> Result<Channel, lapin::Error> {
-        let current = self.channel.read().await.clone();
+        let current = self.slot.read().await.1.clone();
         if current.status().connected() {
             return Ok(current);
         }
-        let mut slot = self.channel.write().await;
-        if !slot.status().connected() {
-            *slot = confirm_channel(&self.connection).await?;
+        let mut slot = self.slot.write().await;
+        if !slot.1.status().connected() {
+            slot.1 = confirm_channel(&slot.0).await?;
         }
-        Ok(slot.clone())
+        Ok(slot.1.clone())
     }
 
     /// Publishes and waits for the broker's confirm; an unroutable or nacked message is an error.
@@ -95,7 +101,7 @@ impl Publisher {
 
     /// Closes the channel once every publish in flight has been confirmed.
     pub async fn close(&self) {
-        let channel = self.channel.read().await.clone();
+        let channel = self.slot.read().await.1.clone();
         if channel.status().connected() {
             let _ = channel.wait_for_confirms().await;
             let _ = channel.close(200, "worker stopping".into()).await;

@@ -21,6 +21,50 @@ fn quorum_queue_arguments() -> FieldTable {
     args
 }
 
+/// The delay queue of one tier: messages wait there `delay_ms`, then go back to the command
+/// exchange with the command routing key.
+pub fn delay_queue(s: &BrokerSettings, delay_ms: u64) -> String {
+    format!("{}.delay.{delay_ms}ms", s.command_queue)
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// Declares the delay queues of the tiers: quorum queues with a message TTL that dead-letter
+/// (at-least-once) back to the command exchange, so a waiting command holds no consumer slot.
+pub async fn declare_delay_queues(
+    channel: &Channel,
+    s: &BrokerSettings,
+    tiers_ms: &[u64],
+) -> Result<(), lapin::Error> {
+    for &delay_ms in tiers_ms {
+        let mut args = quorum_queue_arguments();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay_ms as i64),
+        );
+        args.insert("x-dead-letter-exchange".into(), text(&s.command_exchange));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            text(&s.command_routing_key),
+        );
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        channel
+            .queue_declare(
+                delay_queue(s, delay_ms).as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 /// Declares the command, event and dead-letter exchanges and the command and dead-letter queues.
 ///
 /// The command queue dead-letters to the dead-letter exchange by itself once a message has been

@@ -1,11 +1,13 @@
 //! The HTTP client of the provider API and the classification of its answers.
 
 use super::PAYMENT_LINK_PATH;
+use super::breaker::Breaker;
 use super::retry::{self, Attempt, GaveUp};
 use crate::config::{ProviderSettings, RetrySettings, Secret};
 use crate::errors::ErrorKind;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
@@ -66,12 +68,17 @@ pub struct ProviderClient {
     url: reqwest::Url,
     token: Secret,
     retry: RetrySettings,
+    breaker: Arc<Breaker>,
 }
 
 impl ProviderClient {
     /// Builds the client with the configured timeouts; redirects are not followed (a redirected
     /// POST would silently turn into a GET).
-    pub fn new(settings: &ProviderSettings, retry: &RetrySettings) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: &ProviderSettings,
+        retry: &RetrySettings,
+        breaker: Arc<Breaker>,
+    ) -> anyhow::Result<Self> {
         let base = settings.base_url.trim_end_matches('/');
         let url = reqwest::Url::parse(&format!("{base}{PAYMENT_LINK_PATH}"))
             .map_err(|e| anyhow::anyhow!("`provider.base_url` is not a valid URL: {e}"))?;
@@ -86,6 +93,7 @@ impl ProviderClient {
             url,
             token: settings.token.clone(),
             retry: retry.clone(),
+            breaker,
         })
     }
 
@@ -131,7 +139,21 @@ impl ProviderClient {
         CallResult { outcome, attempts }
     }
 
+    /// One HTTP call, admitted by the circuit breaker and reported to it.
     async fn attempt(
+        &self,
+        command_id: &str,
+        request_json: &str,
+        trace: &TraceHeaders,
+        attempt: i32,
+    ) -> Result<LinkCreated, Attempt<ProviderError>> {
+        let permit = self.breaker.admit().await;
+        let result = self.call(command_id, request_json, trace, attempt).await;
+        permit.record(matches!(result, Err(Attempt::Transient(..))));
+        result
+    }
+
+    async fn call(
         &self,
         command_id: &str,
         request_json: &str,

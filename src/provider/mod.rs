@@ -2,6 +2,7 @@
 //! permanent failure or transient failure; the retry module decides how long to keep trying; the
 //! simulator stands in for the provider in development, the compose demo and the tests.
 
+pub mod breaker;
 pub mod client;
 pub mod retry;
 pub mod sim;

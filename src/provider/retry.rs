@@ -86,6 +86,7 @@ mod tests {
             multiplier: 2.0,
             randomization_factor: 0.0,
             max_elapsed_ms,
+            delay_tiers_ms: Vec::new(),
         }
     }
 

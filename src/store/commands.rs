@@ -224,16 +224,19 @@ pub async fn record_failure(
     .await
 }
 
-/// Adds provider calls made by a worker that then had to give the command back.
+/// Gives a command back (shutdown, or a wait in a delay queue), adding the provider calls made
+/// and the last error seen, so the attempt history stays on the row.
 pub async fn release(
     conn: &mut PgConn,
     command_id: &str,
     owner: &str,
     attempts: i32,
+    last_error: Option<&str>,
 ) -> Result<(), StoreError> {
     diesel::update(held_by(command_id, owner))
         .set((
             c::attempts.eq(c::attempts + attempts),
+            c::error_message.eq(last_error),
             c::lease_owner.eq(None::<String>),
             c::lease_expires_at.eq(diesel::dsl::now),
             c::updated_at.eq(diesel::dsl::now),

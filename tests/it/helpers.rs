@@ -161,6 +161,8 @@ impl TestEnv {
             ("RETRY__INITIAL_INTERVAL_MS", "20"),
             ("RETRY__MAX_INTERVAL_MS", "100"),
             ("RETRY__MAX_ELAPSED_MS", "5000"),
+            ("RETRY__DELAY_TIERS_MS", ""),
+            ("WORKER__LEASE_MARGIN_MS", "1000"),
             ("PROVIDER__TIMEOUT_MS", "3000"),
             ("OUTBOX__RELAY_INTERVAL_MS", "100"),
             ("OUTBOX__INLINE_GRACE_MS", "3000"),

@@ -1,0 +1,216 @@
+//! The circuit breaker: when most recent provider calls failed transiently, the provider is taken
+//! to be down. Commands then wait here instead of hammering it (and, holding their prefetch
+//! slots, the worker takes no new ones); one probe call goes through per probe interval, and the
+//! first probe that succeeds closes the breaker. Each state change is logged once.
+
+use crate::config::BreakerSettings;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// The breaker's state, for logs and readiness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Calls go through.
+    Closed,
+    /// The provider is taken to be down; calls wait for a probe to succeed.
+    Open,
+    /// A probe call is under way.
+    HalfOpen,
+}
+
+struct Inner {
+    state: State,
+    /// Recent calls: when, and whether they failed transiently.
+    window: VecDeque<(Instant, bool)>,
+    next_probe_at: Instant,
+}
+
+/// Shared by every command of a worker.
+pub struct Breaker {
+    settings: BreakerSettings,
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+/// Leave to make one call; report its result with [`Permit::record`].
+pub struct Permit {
+    breaker: Arc<Breaker>,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(settings: BreakerSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                window: VecDeque::new(),
+                next_probe_at: Instant::now(),
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.inner.lock().expect("breaker lock").state
+    }
+
+    /// Waits until a call may be made: at once while closed; while open, until this caller
+    /// becomes the next probe or another probe has closed the breaker.
+    pub async fn admit(self: &Arc<Self>) -> Permit {
+        loop {
+            let notified = self.changed.notified();
+            let wait = {
+                let mut inner = self.inner.lock().expect("breaker lock");
+                let now = Instant::now();
+                match inner.state {
+                    State::Closed => return self.permit(false),
+                    State::Open if now >= inner.next_probe_at => {
+                        inner.state = State::HalfOpen;
+                        tracing::info!("provider circuit half-open: sending a probe call");
+                        return self.permit(true);
+                    }
+                    State::Open => inner.next_probe_at - now,
+                    State::HalfOpen => Duration::from_millis(self.settings.probe_interval_ms),
+                }
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
+        Permit {
+            breaker: self.clone(),
+            probe,
+            recorded: false,
+        }
+    }
+
+    fn on_result(&self, probe: bool, failed: bool) {
+        let mut inner = self.inner.lock().expect("breaker lock");
+        let now = Instant::now();
+        let probe_interval = Duration::from_millis(self.settings.probe_interval_ms);
+        if probe {
+            if failed {
+                inner.state = State::Open;
+                inner.next_probe_at = now + probe_interval;
+            } else {
+                inner.state = State::Closed;
+                inner.window.clear();
+                tracing::info!("provider circuit closed: the probe call succeeded; resuming");
+                self.changed.notify_waiters();
+            }
+            return;
+        }
+        let window = Duration::from_millis(self.settings.window_ms);
+        inner.window.push_back((now, failed));
+        while inner
+            .window
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > window)
+        {
+            inner.window.pop_front();
+        }
+        let calls = inner.window.len();
+        let failures = inner.window.iter().filter(|(_, failed)| *failed).count();
+        if inner.state == State::Closed
+            && calls >= self.settings.min_calls
+            && failures as f64 >= self.settings.failure_ratio * calls as f64
+        {
+            inner.state = State::Open;
+            inner.next_probe_at = now + probe_interval;
+            tracing::warn!(
+                failures,
+                calls,
+                probe_interval_ms = self.settings.probe_interval_ms,
+                "provider circuit open: the provider looks down; pausing calls and probing"
+            );
+        }
+    }
+}
+
+impl Permit {
+    /// Reports the call: `failed` when it failed transiently (the kind of failure that says the
+    /// provider is down; a 4xx answer says it is up).
+    pub fn record(mut self, failed: bool) {
+        self.recorded = true;
+        self.breaker.on_result(self.probe, failed);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // A probe abandoned mid-call must not leave the breaker waiting for it forever.
+        if !self.recorded && self.probe {
+            self.breaker.on_result(true, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(probe_interval_ms: u64) -> Arc<Breaker> {
+        Breaker::new(BreakerSettings {
+            failure_ratio: 0.5,
+            min_calls: 4,
+            window_ms: 60_000,
+            probe_interval_ms,
+        })
+    }
+
+    #[tokio::test]
+    async fn opens_on_mostly_failing_calls_and_closes_on_a_good_probe() {
+        let b = breaker(50);
+        for failed in [false, true, true, true] {
+            b.admit().await.record(failed);
+        }
+        assert_eq!(b.state(), State::Open);
+        let started = Instant::now();
+        let probe = b.admit().await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(40),
+            "waited for the probe interval"
+        );
+        assert_eq!(b.state(), State::HalfOpen);
+        // Others wait while the probe is out…
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.admit().await.record(false) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        // …and go once it succeeds.
+        probe.record(false);
+        waiter.await.unwrap();
+        assert_eq!(b.state(), State::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_keeps_it_open_and_few_calls_do_not_open_it() {
+        let b = breaker(10);
+        for _ in 0..3 {
+            b.admit().await.record(true);
+        }
+        assert_eq!(b.state(), State::Closed, "below min_calls");
+        b.admit().await.record(true);
+        assert_eq!(b.state(), State::Open);
+        b.admit().await.record(true);
+        assert_eq!(b.state(), State::Open);
+        drop(b.admit().await);
+        assert_eq!(
+            b.state(),
+            State::Open,
+            "an abandoned probe counts as failed"
+        );
+    }
+}
