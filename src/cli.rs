@@ -2,7 +2,7 @@
 
 use crate::config::Settings;
 use crate::provider::sim::{self, SimOptions};
-use crate::{broker, store, telemetry, worker};
+use crate::{broker, dead_letters, store, telemetry, worker};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use lapin::BasicProperties;
@@ -33,6 +33,62 @@ pub enum Commands {
     ProviderSim(ProviderSimArgs),
     /// Publish one command (publisher-confirmed) and print its command id.
     Send(SendArgs),
+    /// Inspect and replay dead-lettered commands.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommands),
+}
+
+/// The dead-letter operations.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommands {
+    /// One line per dead-lettered command, then a count per kind. Removes nothing.
+    List {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send matching dead letters back to the command exchange (each confirmed before its dead
+    /// letter is removed); exits non-zero if any could not be replayed.
+    Replay {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Show what would be replayed; change nothing (the run is still recorded).
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many replays per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Who is replaying, for the audit trail (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+/// Which dead letters a dead-letter operation applies to.
+#[derive(Debug, Args)]
+pub struct SelectArgs {
+    /// Only this error kind (validation, idempotency-conflict, provider-rejected, provider-auth,
+    /// retries-exhausted, or delivery-limit for messages the broker dead-lettered).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only this command id.
+    #[arg(long)]
+    pub command_id: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> dead_letters::Selection {
+        dead_letters::Selection {
+            kind: self.kind.clone(),
+            command_id: self.command_id.clone(),
+            limit: self.limit,
+        }
+    }
 }
 
 /// Flags of `provider-sim`.
@@ -53,6 +109,9 @@ pub struct ProviderSimArgs {
     /// Fraction of calls (0 to 1) answered 503.
     #[arg(long, default_value_t = 0.0)]
     pub fail_rate: f64,
+    /// Fraction of calls (0 to 1) that hang for a minute (to exercise callers' timeouts).
+    #[arg(long, default_value_t = 0.0)]
+    pub stall_rate: f64,
 }
 
 /// Flags of `send`: a body from flags, or from a JSON file.
@@ -120,12 +179,96 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{id}");
             Ok(())
         }
+        Commands::DeadLetters(DeadLetterCommands::List { select, json }) => {
+            let listing = dead_letters::list(&settings, &select.selection()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", format_listing(&listing));
+            }
+            Ok(())
+        }
+        Commands::DeadLetters(DeadLetterCommands::Replay {
+            select,
+            dry_run,
+            rate,
+            operator,
+        }) => {
+            let request = dead_letters::ReplayRequest {
+                selection: select.selection(),
+                dry_run,
+                rate,
+                requested_by: operator
+                    .or_else(|| std::env::var("USER").ok())
+                    .unwrap_or_else(|| "unknown".into()),
+            };
+            let summary = dead_letters::replay(&settings, &request).await?;
+            for id in &summary.replayed {
+                println!("{} {id}", if dry_run { "would replay" } else { "replayed" });
+            }
+            println!(
+                "replay run {}: {} {}, {} skipped, {} failed, {} left in the dead-letter queue",
+                summary.run_id,
+                summary.replayed.len(),
+                if dry_run {
+                    "selected (dry run)"
+                } else {
+                    "replayed"
+                },
+                summary.skipped,
+                summary.failed,
+                summary.left
+            );
+            if summary.failed > 0 {
+                anyhow::bail!("{} dead letter(s) could not be replayed", summary.failed);
+            }
+            Ok(())
+        }
     }
 }
 
+/// The listing as aligned lines, then the count per kind.
+fn format_listing(listing: &dead_letters::Listing) -> String {
+    let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    let mut out = String::from(
+        "COMMAND ID\tKIND\tSTATUS\tATTEMPTS\tFAILED AT\tINVOICE\tADHOC INVOICE\tCUSTOMER\tREPLAYS\tMESSAGE\n",
+    );
+    for l in &listing.letters {
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            l.command_id,
+            l.kind,
+            opt(l.http_status),
+            opt(l.attempts),
+            l.failed_at.as_deref().unwrap_or("-"),
+            opt(l.invoice_id),
+            opt(l.adhoc_invoice_id),
+            opt(l.customer_id),
+            l.replay_count,
+            l.message.replace(['\n', '\t'], " ")
+        ));
+    }
+    let kinds: Vec<String> = listing
+        .by_kind
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
+    out.push_str(&format!(
+        "{} shown of {} in the dead-letter queue; by kind: {}\n",
+        listing.letters.len(),
+        listing.in_queue,
+        if kinds.is_empty() {
+            "none".into()
+        } else {
+            kinds.join(", ")
+        }
+    ));
+    out
+}
+
 async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
-    if !(0.0..=1.0).contains(&args.fail_rate) {
-        anyhow::bail!("--fail-rate must be between 0 and 1");
+    if !(0.0..=1.0).contains(&args.fail_rate) || !(0.0..=1.0).contains(&args.stall_rate) {
+        anyhow::bail!("--fail-rate and --stall-rate must be between 0 and 1");
     }
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -142,6 +285,7 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         token: args.token,
         latency: Duration::from_millis(args.latency_ms),
         fail_rate: args.fail_rate,
+        stall_rate: args.stall_rate,
     };
     Ok(sim::serve(listener, options, stop).await?)
 }

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod dead_letters;
 pub mod errors;
 pub mod provider;
 pub mod store;

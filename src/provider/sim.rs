@@ -26,6 +26,8 @@ pub struct SimOptions {
     pub latency: Duration,
     /// Fraction of calls (0 to 1) answered 503.
     pub fail_rate: f64,
+    /// Fraction of calls (0 to 1) that hang for a minute before answering, to make callers time out.
+    pub stall_rate: f64,
 }
 
 #[derive(Default)]
@@ -121,6 +123,9 @@ async fn create_link(
             return error(StatusCode::FORBIDDEN, "bearer token not accepted");
         }
         Some(_) => {}
+    }
+    if options.stall_rate > 0.0 && draw() < options.stall_rate {
+        tokio::time::sleep(Duration::from_secs(60)).await;
     }
     if options.fail_rate > 0.0 && draw() < options.fail_rate {
         return error(StatusCode::SERVICE_UNAVAILABLE, "simulated outage");

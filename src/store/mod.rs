@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod outbox;
+pub mod replay_runs;
 pub mod schema;
 
 use crate::config::DatabaseSettings;

@@ -51,4 +51,24 @@ diesel::table! {
 }
 
 diesel::joinable!(outbox -> payment_link_commands (command_id));
-diesel::allow_tables_to_appear_in_same_query!(payment_link_commands, outbox);
+diesel::allow_tables_to_appear_in_same_query!(payment_link_commands, outbox, replay_runs);
+
+diesel::table! {
+    /// Replay runs of dead letters, for audit.
+    replay_runs (id) {
+        id -> Int8,
+        started_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+        requested_by -> Text,
+        filter_kind -> Nullable<Text>,
+        filter_command_id -> Nullable<Text>,
+        max_count -> Nullable<Int8>,
+        rate_per_second -> Nullable<Float8>,
+        dry_run -> Bool,
+        replayed -> Int4,
+        skipped -> Int4,
+        failed -> Int4,
+        left_in_queue -> Nullable<Int4>,
+        command_ids -> Array<Text>,
+    }
+}

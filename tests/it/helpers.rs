@@ -116,6 +116,8 @@ impl Received {
 pub struct TestEnv {
     pub id: String,
     pub settings: Settings,
+    /// The environment the settings were built from, to start the real binary with.
+    pub env: Vec<(String, String)>,
     pub pool: PgPool,
     database: String,
     /// Owns the channel below; dropping it closes the test's publishing connection.
@@ -176,7 +178,7 @@ impl TestEnv {
         {
             env.push((format!("PAYMENT_LINK_WORKER__{key}"), value.to_string()));
         }
-        let settings = Settings::load_from(None, env).expect("test settings are valid");
+        let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
         let pool = store::pool(&settings.database).expect("pool");
         store::migrate(&pool).await.expect("migrations run");
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -194,6 +196,7 @@ impl TestEnv {
         Self {
             id,
             settings,
+            env,
             pool,
             database,
             _connection: connection,
@@ -423,6 +426,36 @@ async fn exec_admin(url: &str, sql: &str) {
         .execute(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Serves the provider simulator on a free port; returns its base URL and its stop switch.
+pub async fn start_simulator(
+    options: payment_link_worker::provider::sim::SimOptions,
+) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(payment_link_worker::provider::sim::serve(
+        listener,
+        options,
+        stop.clone(),
+    ));
+    (url, stop)
+}
+
+/// The simulator's counters: requests received and links made.
+pub async fn simulator_stats(url: &str) -> (u64, u64) {
+    let text = reqwest::get(format!("{url}/_sim/stats"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&text).unwrap();
+    (
+        stats["requests"].as_u64().unwrap(),
+        stats["links"].as_u64().unwrap(),
+    )
 }
 
 /// Properties of a well-formed command.

@@ -2,21 +2,18 @@
 //! and the worker works end to end against it.
 
 use crate::helpers::*;
-use payment_link_worker::provider::sim::{self, SimOptions};
+use payment_link_worker::provider::sim::SimOptions;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 async fn start_sim(fail_rate: f64) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let options = SimOptions {
+    start_simulator(SimOptions {
         token: TOKEN.into(),
         latency: Duration::ZERO,
         fail_rate,
-    };
-    tokio::spawn(sim::serve(listener, options, stop.clone()));
-    (url, stop)
+        stall_rate: 0.0,
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,410 @@
+//! Operators' view of the dead-letter queue: list what is there and why, and replay a selection
+//! back to the command exchange. Listing takes nothing away (every message it reads goes back when
+//! its channel closes). Replaying publishes each copy with a confirm before acking the dead
+//! letter, so a crash midway loses nothing (at worst a duplicate, which idempotency absorbs), and
+//! every run is recorded in PostgreSQL.
+
+use crate::broker::messages::{self, OutboundMessage};
+use crate::broker::{self};
+use crate::command::{REPLAY_COUNT_HEADER, header_int, header_text};
+use crate::config::Settings;
+use crate::store::{self, replay_runs};
+use anyhow::Context as _;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Headers the worker or the broker added when dead-lettering or delaying; a replay drops them.
+const DEAD_LETTER_HEADERS: [&str; 15] = [
+    "x-error-kind",
+    "x-error-message",
+    "x-error-status",
+    "x-error-body",
+    "x-attempts",
+    "x-failed-at",
+    "x-original-exchange",
+    "x-original-routing-key",
+    "x-delay-round",
+    "x-last-error",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
+];
+
+/// Which dead letters an operation applies to.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub kind: Option<String>,
+    pub command_id: Option<String>,
+    pub limit: Option<usize>,
+}
+
+impl Selection {
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        self.kind.as_ref().is_none_or(|k| *k == letter.kind)
+            && self
+                .command_id
+                .as_ref()
+                .is_none_or(|c| *c == letter.command_id)
+    }
+}
+
+/// One dead-lettered command, as an operator sees it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub command_id: String,
+    pub kind: String,
+    pub message: String,
+    pub http_status: Option<i64>,
+    pub attempts: Option<i64>,
+    pub failed_at: Option<String>,
+    pub invoice_id: Option<i64>,
+    pub adhoc_invoice_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub replay_count: i64,
+}
+
+impl DeadLetter {
+    /// Reads the dead-letter headers (or, for a message the broker dead-lettered after its
+    /// delivery limit, its `x-death`) and the ids in the body where it is JSON.
+    pub fn from_message(properties: &BasicProperties, body: &[u8]) -> Self {
+        let has_death = properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key("x-death"));
+        let kind = header_text(properties, "x-error-kind").unwrap_or_else(|| {
+            if has_death {
+                "delivery-limit"
+            } else {
+                "unknown"
+            }
+            .to_owned()
+        });
+        let message = header_text(properties, "x-error-message").unwrap_or_else(|| {
+            if has_death {
+                "dead-lettered by the broker after broker.delivery_limit deliveries".to_owned()
+            } else {
+                String::new()
+            }
+        });
+        let ids: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let id = |field: &str| ids.get(field).and_then(serde_json::Value::as_i64);
+        Self {
+            command_id: properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default(),
+            kind,
+            message,
+            http_status: header_int(properties, "x-error-status"),
+            attempts: header_int(properties, "x-attempts"),
+            failed_at: header_text(properties, "x-failed-at"),
+            invoice_id: id("invoiceId"),
+            adhoc_invoice_id: id("adhocInvoiceId"),
+            customer_id: id("customerId"),
+            replay_count: header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0),
+        }
+    }
+}
+
+/// What `list` found.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listing {
+    pub letters: Vec<DeadLetter>,
+    /// Matching dead letters per kind.
+    pub by_kind: BTreeMap<String, usize>,
+    /// Messages in the dead-letter queue when the listing started.
+    pub in_queue: u32,
+}
+
+/// What `replay` did.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySummary {
+    pub run_id: i64,
+    /// Published back to the command exchange (or, in a dry run, selected).
+    pub replayed: Vec<String>,
+    /// Looked at and left in place because they did not match or the limit was reached.
+    pub skipped: usize,
+    /// Selected but not replayed because the broker refused the copy; they stay dead-lettered.
+    pub failed: usize,
+    /// Messages in the dead-letter queue afterwards.
+    pub left: u32,
+    pub dry_run: bool,
+}
+
+async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    Ok(channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("dead-letter queue {queue} not found"))?
+        .message_count())
+}
+
+/// Lists the dead letters that match, without removing or changing any.
+pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<Listing> {
+    let queue = &settings.broker.dead_letter_queue;
+    let connection = broker::connect(&settings.broker, "payment-link-worker dead-letters list")
+        .await
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?;
+    let channel = connection.create_channel().await?;
+    let in_queue = depth(&channel, queue).await?;
+    let mut letters = Vec::new();
+    // Each message stays unacknowledged on this channel, so none is read twice, and all go back
+    // to the queue, in order, when the channel closes.
+    for _ in 0..in_queue {
+        let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let letter = DeadLetter::from_message(&message.delivery.properties, &message.delivery.data);
+        if selection.matches(&letter) {
+            letters.push(letter);
+            if selection.limit.is_some_and(|limit| letters.len() >= limit) {
+                break;
+            }
+        }
+    }
+    let _ = channel.close(200, "listing done".into()).await;
+    let _ = connection.close(200, "listing done".into()).await;
+    let mut by_kind = BTreeMap::new();
+    for letter in &letters {
+        *by_kind.entry(letter.kind.clone()).or_default() += 1;
+    }
+    Ok(Listing {
+        letters,
+        by_kind,
+        in_queue,
+    })
+}
+
+/// The command again, as it was first published, with the replay count increased.
+pub fn replay_message(
+    settings: &Settings,
+    routing_key: &str,
+    properties: &BasicProperties,
+    body: &[u8],
+) -> OutboundMessage {
+    let exchange = header_text(properties, "x-original-exchange")
+        .unwrap_or_else(|| settings.broker.command_exchange.clone());
+    let routing_key =
+        header_text(properties, "x-original-routing-key").unwrap_or_else(|| routing_key.to_owned());
+    let replay_count = header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0) + 1;
+    let mut headers = FieldTable::default();
+    if let Some(original) = properties.headers() {
+        for (name, value) in original.inner() {
+            let name = name.as_str();
+            if !DEAD_LETTER_HEADERS.contains(&name) && !name.starts_with("x-last-death-") {
+                headers.insert(name.into(), value.clone());
+            }
+        }
+    }
+    headers.insert(
+        REPLAY_COUNT_HEADER.into(),
+        AMQPValue::LongLongInt(replay_count),
+    );
+    OutboundMessage {
+        exchange,
+        routing_key,
+        properties: messages::republishable(properties).with_headers(headers),
+        body: body.to_vec(),
+    }
+}
+
+/// How a replay run is asked for.
+#[derive(Clone, Debug)]
+pub struct ReplayRequest {
+    pub selection: Selection,
+    pub dry_run: bool,
+    /// Replays per second at most.
+    pub rate: Option<f64>,
+    /// Who asked, for the audit trail.
+    pub requested_by: String,
+}
+
+/// Replays the matching dead letters to the command exchange, each confirmed before its dead
+/// letter is acked; records the run in PostgreSQL.
+pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Result<ReplaySummary> {
+    let selection = &request.selection;
+    let pool = store::pool(&settings.database)?;
+    let mut conn = pool.get().await.with_context(|| {
+        format!(
+            "cannot reach the database at {} to record the replay",
+            settings.database.url
+        )
+    })?;
+    let run_id = replay_runs::start(
+        &mut conn,
+        &replay_runs::NewReplayRun {
+            requested_by: request.requested_by.clone(),
+            filter_kind: selection.kind.clone(),
+            filter_command_id: selection.command_id.clone(),
+            max_count: selection.limit.map(|l| l as i64),
+            rate_per_second: request.rate,
+            dry_run: request.dry_run,
+        },
+    )
+    .await?;
+    let queue = &settings.broker.dead_letter_queue;
+    let connection = broker::connect(&settings.broker, "payment-link-worker dead-letters replay")
+        .await
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let in_queue = depth(&channel, queue).await?;
+    let pause = request
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut summary = ReplaySummary {
+        run_id,
+        dry_run: request.dry_run,
+        ..ReplaySummary::default()
+    };
+    for _ in 0..in_queue {
+        let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let delivery = message.delivery;
+        let letter = DeadLetter::from_message(&delivery.properties, &delivery.data);
+        let wanted = selection.matches(&letter)
+            && selection
+                .limit
+                .is_none_or(|limit| summary.replayed.len() < limit);
+        if !wanted {
+            summary.skipped += 1;
+            continue;
+        }
+        if !request.dry_run {
+            let copy = replay_message(
+                settings,
+                delivery.routing_key.as_str(),
+                &delivery.properties,
+                &delivery.data,
+            );
+            let confirmed = channel
+                .basic_publish(
+                    copy.exchange.as_str().into(),
+                    copy.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &copy.body,
+                    copy.properties.clone(),
+                )
+                .await?
+                .await?;
+            if confirmed != Confirmation::Ack(None) {
+                tracing::error!(command_id = %letter.command_id, ?confirmed, "the broker did not take the replayed command; it stays dead-lettered");
+                summary.failed += 1;
+                continue;
+            }
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        replay_runs::add_command(&mut conn, run_id, &letter.command_id).await?;
+        summary.replayed.push(letter.command_id);
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    // What was not acked goes back to the queue with the channel.
+    let _ = channel.close(200, "replay done".into()).await;
+    let check = connection.create_channel().await?;
+    summary.left = depth(&check, queue).await?;
+    let _ = connection.close(200, "replay done".into()).await;
+    replay_runs::finish(
+        &mut conn,
+        run_id,
+        (
+            summary.replayed.len() as i32,
+            summary.skipped as i32,
+            summary.failed as i32,
+            summary.left as i32,
+        ),
+    )
+    .await?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::LongString;
+
+    fn text(v: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn replay_restores_the_command_and_counts_the_replay() {
+        let settings = Settings::load_from(None, Vec::new()).unwrap();
+        let mut headers = FieldTable::default();
+        headers.insert("x-error-kind".into(), text("provider-rejected"));
+        headers.insert("x-error-status".into(), AMQPValue::LongInt(400));
+        headers.insert("x-original-exchange".into(), text("cmds"));
+        headers.insert("x-original-routing-key".into(), text("payment-link.create"));
+        headers.insert("x-replay-count".into(), AMQPValue::LongInt(2));
+        headers.insert("x-delay-round".into(), AMQPValue::LongInt(4));
+        headers.insert("traceparent".into(), text("00-abc"));
+        let properties = BasicProperties::default()
+            .with_message_id("c-1".into())
+            .with_headers(headers);
+        let copy = replay_message(&settings, "payment-link.create", &properties, b"{}");
+        assert_eq!(copy.exchange, "cmds");
+        assert_eq!(copy.routing_key, "payment-link.create");
+        assert_eq!(copy.message_id(), "c-1");
+        assert_eq!(header_int(&copy.properties, REPLAY_COUNT_HEADER), Some(3));
+        assert_eq!(
+            header_text(&copy.properties, "traceparent").as_deref(),
+            Some("00-abc")
+        );
+        for gone in [
+            "x-error-kind",
+            "x-error-status",
+            "x-delay-round",
+            "x-original-exchange",
+        ] {
+            assert!(
+                header_text(&copy.properties, gone).is_none()
+                    && header_int(&copy.properties, gone).is_none(),
+                "{gone}"
+            );
+        }
+        let letter = DeadLetter::from_message(&properties, br#"{"invoiceId":5}"#);
+        assert_eq!(
+            (
+                letter.kind.as_str(),
+                letter.http_status,
+                letter.invoice_id,
+                letter.replay_count
+            ),
+            ("provider-rejected", Some(400), Some(5), 2)
+        );
+    }
+}
