@@ -374,6 +374,12 @@ impl Drop for TestEnv {
             self.settings.broker.dead_letter_queue.clone(),
         ];
         queues.extend(self.extra_queues.lock().unwrap().drain(..));
+        for &delay_ms in &self.settings.retry.delay_tiers_ms {
+            queues.push(payment_link_worker::broker::topology::delay_queue(
+                &self.settings.broker,
+                delay_ms,
+            ));
+        }
         let exchanges = [
             self.settings.broker.command_exchange.clone(),
             self.settings.broker.event_exchange.clone(),
@@ -496,4 +502,45 @@ pub fn provider_answer(link_id: i64, amount: &str, invoice_id: i64) -> String {
     format!(
         r#"{{ "paymentLink": "https://instantpaymentlink/ref-{link_id}", "id": {link_id}, "paymentProviderId": 7, "amountInMajorCurrency": {amount}, "currencyId": 826, "description": "Invoice {invoice_id}", "emailAddress": "payer@example.com", "invoiceId": {invoice_id}, "adhocInvoiceId": null, "customerId": 99 }}"#
     )
+}
+
+/// A message the worker must refuse, and what its dead letter must say.
+pub struct BadCase {
+    pub name: &'static str,
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+    pub reason: &'static str,
+}
+
+/// One bad command of every kind: not JSON, not UTF-8, wrong shape, no message id, wrong content
+/// type, too large, missing fields, wrong types, absurd numbers, blank text, bad email, bad ids.
+pub fn bad_commands() -> Vec<BadCase> {
+    let good = command_body("1.00", 1).into_bytes();
+    let props = command_properties;
+    let huge = format!(
+        r#"{{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"{}"}}"#,
+        "x".repeat(300 * 1024)
+    );
+    let case = |name, properties, body: &[u8], reason| BadCase {
+        name,
+        properties,
+        body: body.to_vec(),
+        reason,
+    };
+    vec![
+        case("not-json", props("bad-1"), b"hello", "not valid JSON"),
+        case("not-utf8", props("bad-2"), &[0x7b, 0xff, 0xfe, 0x7d], "not valid UTF-8"),
+        case("array", props("bad-3"), b"[1,2,3]", "not a command object"),
+        case("no-message-id", BasicProperties::default().with_content_type("application/json".into()), &good, "message_id"),
+        case("wrong-content-type", props("bad-5").with_content_type("text/plain".into()), &good, "content_type must be application/json"),
+        case("too-large", props("bad-6"), huge.as_bytes(), "broker.max_message_bytes"),
+        case("missing-provider-id", props("bad-7"), br#"{"amountInMajorCurrency":1,"description":"d"}"#, "paymentProviderId is required"),
+        case("string-amount", props("bad-8"), br#"{"paymentProviderId":1,"amountInMajorCurrency":"1.00","description":"d"}"#, "must be a JSON number"),
+        case("negative-amount", props("bad-9"), br#"{"paymentProviderId":1,"amountInMajorCurrency":-5,"description":"d"}"#, "greater than zero"),
+        case("too-precise", props("bad-10"), br#"{"paymentProviderId":1,"amountInMajorCurrency":0.12345,"description":"d"}"#, "at most 4 digits after"),
+        case("absurd-amount", props("bad-11"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1e300,"description":"d"}"#, "at most 16 digits before"),
+        case("blank-description", props("bad-12"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":" "}"#, "description must not be blank"),
+        case("bad-email", props("bad-13"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"d","emailAddress":"x@"}"#, "emailAddress"),
+        case("zero-id", props("bad-14"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"d","invoiceId":0}"#, "invoiceId must be a positive integer"),
+    ]
 }

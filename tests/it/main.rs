@@ -9,6 +9,7 @@ mod happy_path;
 mod helpers;
 mod operations;
 mod provider_failures;
+mod recovery;
 mod relay;
 mod shutdown;
 mod simulator;

@@ -3,7 +3,6 @@
 //! commands around it go through.
 
 use crate::helpers::*;
-use lapin::BasicProperties;
 use std::collections::HashMap;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -23,31 +22,11 @@ async fn every_kind_of_bad_command_is_dead_lettered_with_its_reason() {
     let _worker = env.start_worker().await;
 
     let good = command_body("1.00", 1);
-    let props = |id: &str| command_properties(id);
-    let huge = format!(
-        r#"{{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"{}"}}"#,
-        "x".repeat(300 * 1024)
-    );
-    let cases: Vec<(&str, BasicProperties, Vec<u8>, &str)> = vec![
-        ("not-json", props("bad-1"), b"hello".to_vec(), "not valid JSON"),
-        ("not-utf8", props("bad-2"), vec![0x7b, 0xff, 0xfe, 0x7d], "not valid UTF-8"),
-        ("array", props("bad-3"), b"[1,2,3]".to_vec(), "not a command object"),
-        ("no-message-id", BasicProperties::default().with_content_type("application/json".into()), good.clone().into_bytes(), "message_id"),
-        ("wrong-content-type", props("bad-5").with_content_type("text/plain".into()), good.clone().into_bytes(), "content_type must be application/json"),
-        ("too-large", props("bad-6"), huge.into_bytes(), "broker.max_message_bytes"),
-        ("missing-provider-id", props("bad-7"), br#"{"amountInMajorCurrency":1,"description":"d"}"#.to_vec(), "paymentProviderId is required"),
-        ("string-amount", props("bad-8"), br#"{"paymentProviderId":1,"amountInMajorCurrency":"1.00","description":"d"}"#.to_vec(), "must be a JSON number"),
-        ("negative-amount", props("bad-9"), br#"{"paymentProviderId":1,"amountInMajorCurrency":-5,"description":"d"}"#.to_vec(), "greater than zero"),
-        ("too-precise", props("bad-10"), br#"{"paymentProviderId":1,"amountInMajorCurrency":0.12345,"description":"d"}"#.to_vec(), "at most 4 digits after"),
-        ("absurd-amount", props("bad-11"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1e300,"description":"d"}"#.to_vec(), "at most 16 digits before"),
-        ("blank-description", props("bad-12"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":" "}"#.to_vec(), "description must not be blank"),
-        ("bad-email", props("bad-13"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"d","emailAddress":"x@"}"#.to_vec(), "emailAddress"),
-        ("zero-id", props("bad-14"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"d","invoiceId":0}"#.to_vec(), "invoiceId must be a positive integer"),
-    ];
+    let cases = bad_commands();
     // Bad and good interleaved: the good ones must not wait behind the bad.
-    for (i, (name, properties, body, _)) in cases.iter().enumerate() {
-        env.publish_raw(with_header(properties.clone(), "x-test-case", name), body)
-            .await;
+    for (i, case) in cases.iter().enumerate() {
+        let properties = with_header(case.properties.clone(), "x-test-case", case.name);
+        env.publish_raw(properties, &case.body).await;
         env.send(&format!("good-{i}"), &good).await;
     }
 
@@ -58,7 +37,13 @@ async fn every_kind_of_bad_command_is_dead_lettered_with_its_reason() {
         .iter()
         .map(|m| (m.header("x-test-case").unwrap(), m))
         .collect();
-    for (name, _, body, expected) in &cases {
+    for BadCase {
+        name,
+        body,
+        reason: expected,
+        ..
+    } in &cases
+    {
         let letter = by_case
             .get(*name)
             .unwrap_or_else(|| panic!("{name} was dead-lettered"));

@@ -1,0 +1,492 @@
+//! Fault injection: the real worker binary killed mid-load, its broker connection closed by the
+//! broker, the database cut off, the provider down for longer than the retry budget, slow and
+//! flaky, and bad commands mixed into a load. Each test checks the end state: every command has
+//! exactly one link and at least one event with its stable event id, the command queue is empty,
+//! and the dead-letter queue holds exactly the commands that belong there.
+
+use crate::helpers::*;
+use payment_link_worker::broker::messages::{CREATED, event_id};
+use payment_link_worker::provider::sim::SimOptions;
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Long enough for a few hundred commands on two shared cores, with kills and outages.
+const LOAD_WAIT: Duration = Duration::from_secs(90);
+
+fn sim(latency_ms: u64, fail_rate: f64, stall_rate: f64) -> SimOptions {
+    SimOptions {
+        token: TOKEN.into(),
+        latency: Duration::from_millis(latency_ms),
+        fail_rate,
+        stall_rate,
+    }
+}
+
+/// How many commands have their link.
+async fn succeeded(env: &TestEnv) -> i64 {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use payment_link_worker::store::schema::payment_link_commands::dsl as c;
+    let mut conn = env.pool.get().await.unwrap();
+    c::payment_link_commands
+        .filter(c::status.eq("succeeded"))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Reads the capture queue until every id in `ids` has its created event; returns how many
+/// events each got. Panics after `limit`.
+async fn created_events_for(
+    env: &TestEnv,
+    queue: &str,
+    ids: &[String],
+    limit: Duration,
+) -> HashMap<String, usize> {
+    let expected: HashMap<String, String> = ids
+        .iter()
+        .map(|id| (event_id(CREATED, id), id.clone()))
+        .collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let started = std::time::Instant::now();
+    while seen.len() < expected.len() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} with created events for {} of {} commands",
+            seen.len(),
+            expected.len()
+        );
+        match env.try_get(queue).await {
+            Some(event) => {
+                assert_eq!(event.routing_key, "payment-link.created");
+                let id = expected
+                    .get(&event.message_id())
+                    .unwrap_or_else(|| panic!("unexpected event id {}", event.message_id()));
+                *seen.entry(id.clone()).or_default() += 1;
+            }
+            None => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+    seen
+}
+
+/// Checks that every command ended with exactly one link and nothing is left behind.
+async fn assert_clean_end(env: &TestEnv, ids: &[String], sim_url: &str) {
+    let mut links = HashSet::new();
+    for id in ids {
+        let record = env
+            .record(id)
+            .await
+            .unwrap_or_else(|| panic!("{id} has a record"));
+        assert_eq!(record.status, "succeeded", "{id}");
+        assert!(
+            links.insert(record.payment_link.clone().unwrap()),
+            "{id} shares a link"
+        );
+    }
+    let (_, links_made) = simulator_stats(sim_url).await;
+    assert_eq!(
+        links_made as usize,
+        ids.len(),
+        "the provider made exactly one link per command"
+    );
+    eventually("the command queue to be empty", WAIT, || async {
+        (env.queue_depth(&env.command_queue()).await == 0).then_some(())
+    })
+    .await;
+}
+
+/// The worker binary as a child process; killed when dropped.
+struct ChildWorker(Child);
+
+impl ChildWorker {
+    fn start(env: &TestEnv) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_payment-link-worker"));
+        command
+            .arg("run")
+            .envs(env.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("RUST_LOG");
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        Self(command.spawn().expect("worker binary starts"))
+    }
+
+    /// SIGKILL: no shutdown, no cleanup.
+    fn kill(mut self) {
+        self.0.kill().expect("kill");
+        self.0.wait().expect("reaped");
+    }
+}
+
+impl Drop for ChildWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_in_the_middle_of_a_load_loses_nothing_and_links_nothing_twice() {
+    let (sim_url, _sim) = start_simulator(sim(10, 0.0, 0.0)).await;
+    // A short lease so commands held by a killed worker are taken over within seconds.
+    let env = TestEnv::with(
+        &sim_url,
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "1000"),
+            ("PROVIDER__TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let ids: Vec<String> = (0..300).map(|i| format!("kill-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &command_body("19.99", i as i64 + 1)).await;
+    }
+    for milestone in [40, 120, 200] {
+        let worker = ChildWorker::start(&env);
+        eventually(&format!("{milestone} commands done"), LOAD_WAIT, || async {
+            (succeeded(&env).await >= milestone).then_some(())
+        })
+        .await;
+        worker.kill();
+    }
+    let _last = ChildWorker::start(&env);
+    let seen = created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert!(seen.values().all(|n| *n >= 1));
+    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .arg("-q")
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A broker user of the test's own, so the broker can close exactly the worker's connections;
+/// deleted when dropped.
+struct BrokerUser(String);
+
+impl BrokerUser {
+    fn create(name: String) -> Self {
+        rabbitmqctl(&["add_user", &name, "recovery-pass"]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        Self(name)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.0, "-q"])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_closed_by_the_broker_are_reopened_without_a_restart() {
+    let (sim_url, _sim) = start_simulator(sim(10, 0.0, 0.0)).await;
+    let env = TestEnv::new(&sim_url).await;
+    let user = BrokerUser::create(format!("plw-{}", env.id));
+    let mut settings = env.settings.clone();
+    let url = format!("amqp://{}:recovery-pass@127.0.0.1:5672/%2f", user.0);
+    settings.broker.url = payment_link_worker::config::SecretUrl::new(url);
+    let events = env.capture_events().await;
+    let worker = env.start_worker_with(settings).await;
+    let ids: Vec<String> = (0..200).map(|i| format!("conn-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &command_body("5.00", i as i64 + 1)).await;
+    }
+    for milestone in [30, 100] {
+        eventually(&format!("{milestone} commands done"), LOAD_WAIT, || async {
+            (succeeded(&env).await >= milestone).then_some(())
+        })
+        .await;
+        rabbitmqctl(&[
+            "close_all_user_connections",
+            &user.0,
+            "closed by the recovery test",
+        ]);
+    }
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    worker
+        .stop()
+        .await
+        .expect("the same worker, never restarted, stops cleanly");
+}
+
+/// A TCP proxy the test can cut (dropping every connection and refusing new ones) and restore.
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    refused: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    async fn start(target: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(generation);
+        let refused = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (up2, generation2, refused2, stop2) = (
+            up.clone(),
+            generation.clone(),
+            refused.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    refused2.fetch_add(1, Ordering::SeqCst);
+                    continue; // dropped at once
+                }
+                let mut cut = generation2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            up,
+            generation,
+            refused,
+            stop,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_delays_commands_but_fails_none() {
+    let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let env = TestEnv::new(&sim_url).await;
+    let mut settings = env.settings.clone();
+    let direct = settings.database.url.expose().to_owned();
+    let through_proxy = direct.replacen(":5432/", &format!(":{}/", proxy.port), 1);
+    assert_ne!(direct, through_proxy);
+    settings.database.url = payment_link_worker::config::SecretUrl::new(through_proxy);
+    let events = env.capture_events().await;
+    let worker = env.start_worker_with(settings).await;
+
+    let ids: Vec<String> = (0..60).map(|i| format!("db-{i}")).collect();
+    for (i, id) in ids[..20].iter().enumerate() {
+        env.send(id, &command_body("3.00", i as i64 + 1)).await;
+    }
+    eventually("the first commands done", LOAD_WAIT, || async {
+        (succeeded(&env).await >= 20).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    for (i, id) in ids[20..].iter().enumerate() {
+        env.send(id, &command_body("3.00", i as i64 + 21)).await;
+    }
+    eventually(
+        "the worker to try the database during the outage",
+        WAIT,
+        || async { (proxy.refused.load(Ordering::SeqCst) >= 3).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        env.queue_depth(&env.dead_letter_queue()).await,
+        0,
+        "nothing dead-lettered during the outage"
+    );
+    proxy.restore();
+
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    worker.stop().await.expect("the worker rode out the outage");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_outage_longer_than_the_budget_waits_in_delay_queues() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "300"),
+            ("RETRY__DELAY_TIERS_MS", "400,800,1600,3200,6400"),
+            ("BREAKER__MIN_CALLS", "5"),
+            ("BREAKER__PROBE_INTERVAL_MS", "200"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let _worker = env.start_worker().await;
+    let ids: Vec<String> = (0..10).map(|i| format!("outage-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &command_body("8.00", i as i64 + 1)).await;
+    }
+    // Wait until commands have spent a whole round and gone to wait in a delay queue.
+    eventually("a command parked in a delay queue", WAIT, || async {
+        let record = env.record("outage-0").await?;
+        (record.error_message.is_some() && record.attempts > 0).then_some(())
+    })
+    .await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+
+    provider.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_raw(provider_answer(1, "8.00", 1), "application/json"),
+        )
+        .mount(&provider)
+        .await;
+    let got = env
+        .messages(&events, ids.len(), Duration::from_secs(30))
+        .await;
+    assert!(
+        got.iter().all(|e| e.routing_key == "payment-link.created"),
+        "nothing failed"
+    );
+    for id in &ids {
+        let record = env.record(id).await.unwrap();
+        assert_eq!(record.status, "succeeded", "{id}");
+    }
+    assert!(
+        env.record("outage-0").await.unwrap().attempts >= 2,
+        "the attempt history is kept"
+    );
+    assert_eq!(
+        env.queue_depth(&env.dead_letter_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_flaky_provider_still_gives_every_command_exactly_one_link() {
+    let (sim_url, _sim) = start_simulator(sim(20, 0.3, 0.02)).await;
+    let env = TestEnv::with(
+        &sim_url,
+        &[
+            ("PROVIDER__TIMEOUT_MS", "500"),
+            ("RETRY__MAX_ELAPSED_MS", "20000"),
+            ("BREAKER__FAILURE_RATIO", "0.9"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let _worker = env.start_worker().await;
+    let ids: Vec<String> = (0..200).map(|i| format!("flaky-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &command_body("42.4242", i as i64 + 1)).await;
+    }
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert_clean_end(&env, &ids, &sim_url).await;
+    let (requests, _) = simulator_stats(&sim_url).await;
+    assert!(
+        requests as usize > ids.len(),
+        "failures were retried ({requests} calls)"
+    );
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_commands_in_a_load_are_dead_lettered_and_hold_nothing_up() {
+    let (sim_url, _sim) = start_simulator(sim(2, 0.0, 0.0)).await;
+    let env = TestEnv::new(&sim_url).await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    let corpus = bad_commands();
+    let ids: Vec<String> = (0..200).map(|i| format!("load-{i}")).collect();
+    let mut bad = corpus.iter();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &command_body("1.50", i as i64 + 1)).await;
+        if i % 10 == 0
+            && let Some(case) = bad.next()
+        {
+            env.publish_raw(
+                with_header(case.properties.clone(), "x-test-case", case.name),
+                &case.body,
+            )
+            .await;
+        }
+    }
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    let dead = env
+        .messages(&env.dead_letter_queue(), corpus.len(), WAIT)
+        .await;
+    let mut names: Vec<String> = dead
+        .iter()
+        .map(|d| d.header("x-test-case").unwrap())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = corpus.iter().map(|c| c.name.to_owned()).collect();
+    expected.sort();
+    assert_eq!(
+        names, expected,
+        "exactly the bad commands are dead-lettered"
+    );
+    for (letter, case) in dead.iter().map(|d| {
+        (
+            d,
+            corpus
+                .iter()
+                .find(|c| Some(c.name.to_owned()) == d.header("x-test-case"))
+                .unwrap(),
+        )
+    }) {
+        assert_eq!(letter.header("x-error-kind").as_deref(), Some("validation"));
+        let message = letter.header("x-error-message").unwrap();
+        assert!(message.contains(case.reason), "{}: {message}", case.name);
+    }
+    assert_clean_end(&env, &ids, &sim_url).await;
+    worker.stop().await.expect("the worker never stopped");
+}
