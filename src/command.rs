@@ -509,3 +509,75 @@ mod tests {
         assert_eq!(envelope.replay_count, 0);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use bigdecimal::BigDecimal;
+    use proptest::prelude::*;
+    use std::str::FromStr;
+
+    /// Arbitrary JSON documents, nested a few levels deep.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            ".{0,20}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::hash_map(
+                    prop_oneof![
+                        Just("paymentProviderId".to_owned()),
+                        Just("amountInMajorCurrency".to_owned()),
+                        Just("description".to_owned()),
+                        Just("emailAddress".to_owned()),
+                        Just("invoiceId".to_owned()),
+                        "[a-z]{1,8}",
+                    ],
+                    inner,
+                    0..8
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Command::parse(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(value in json()) {
+            let _ = Command::parse(value.to_string().as_bytes());
+        }
+
+        #[test]
+        fn valid_commands_keep_their_amount_exactly(
+            integer in 0u64..10_000_000_000_000_000,
+            fraction in "[0-9]{0,4}",
+            provider in 1i64..i64::MAX,
+            invoice in prop::option::of(1i64..i64::MAX),
+        ) {
+            let text = if fraction.is_empty() { integer.to_string() } else { format!("{integer}.{fraction}") };
+            let value = BigDecimal::from_str(&text).unwrap();
+            prop_assume!(value > BigDecimal::from(0));
+            let invoice_field = invoice.map(|i| format!(r#","invoiceId":{i}"#)).unwrap_or_default();
+            let body = format!(r#"{{"paymentProviderId":{provider},"amountInMajorCurrency":{text},"description":"d"{invoice_field}}}"#);
+            let command = Command::parse(body.as_bytes()).unwrap();
+            prop_assert_eq!(command.amount.value(), &value);
+            prop_assert_eq!(command.amount.to_json_number(), text.clone());
+            prop_assert_eq!(command.invoice_id, invoice);
+            let request = command.provider_request_json();
+            let expected = format!(r#""amountInMajorCurrency":{text},"#);
+            prop_assert!(request.contains(&expected));
+            // Parsing the request again gives the same command.
+            prop_assert_eq!(Command::parse(request.as_bytes()).unwrap(), command);
+        }
+    }
+}
