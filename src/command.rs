@@ -566,7 +566,7 @@ mod properties {
         ) {
             let text = if fraction.is_empty() { integer.to_string() } else { format!("{integer}.{fraction}") };
             let value = BigDecimal::from_str(&text).unwrap();
-            prop_assume!(value > BigDecimal::from(0));
+            prop_assume!(value > 0);
             let invoice_field = invoice.map(|i| format!(r#","invoiceId":{i}"#)).unwrap_or_default();
             let body = format!(r#"{{"paymentProviderId":{provider},"amountInMajorCurrency":{text},"description":"d"{invoice_field}}}"#);
             let command = Command::parse(body.as_bytes()).unwrap();
