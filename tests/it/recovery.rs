@@ -305,6 +305,41 @@ impl Drop for Proxy {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_network_cut_to_the_broker_is_ridden_out() {
+    let (sim_url, _sim) = start_simulator(sim(10, 0.0, 0.0)).await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let env = TestEnv::new(&sim_url).await;
+    let mut settings = env.settings.clone();
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    settings.broker.url = payment_link_worker::config::SecretUrl::new(url);
+    let events = env.capture_events().await;
+    let worker = env.start_worker_with(settings).await;
+    let ids: Vec<String> = (0..150).map(|i| format!("blip-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &command_body("6.00", i as i64 + 1)).await;
+    }
+    eventually("some commands done", LOAD_WAIT, || async {
+        (succeeded(&env).await >= 30).then_some(())
+    })
+    .await;
+    proxy.cut();
+    eventually(
+        "the worker to try to reconnect while the network is cut",
+        WAIT,
+        || async { (proxy.refused.load(Ordering::SeqCst) >= 1).then_some(()) },
+    )
+    .await;
+    proxy.restore();
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    worker
+        .stop()
+        .await
+        .expect("the worker, never restarted, stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_database_outage_delays_commands_but_fails_none() {
     let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
