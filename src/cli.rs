@@ -152,7 +152,7 @@ pub struct SendArgs {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(&settings.log);
+    let _telemetry = telemetry::init(&settings.log)?;
     match cli.command {
         Commands::Run => {
             settings.check_for_worker()?;

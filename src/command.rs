@@ -253,9 +253,6 @@ pub struct Envelope {
     pub replay_count: i32,
     /// How many delay tiers the command has already waited in.
     pub delay_round: usize,
-    /// W3C trace context carried from the command to the provider and the event.
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
     pub command: Command,
     /// The provider request body.
     pub request_json: String,
@@ -301,8 +298,6 @@ impl Envelope {
                 .unwrap_or_else(|| command_id.as_str().to_owned()),
             replay_count: header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0) as i32,
             delay_round: header_int(properties, DELAY_ROUND_HEADER).unwrap_or(0) as usize,
-            traceparent: header_text(properties, "traceparent"),
-            tracestate: header_text(properties, "tracestate"),
             command_id,
             command,
             request_json,

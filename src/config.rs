@@ -111,7 +111,16 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub worker: WorkerSettings,
     pub events: EventSettings,
+    pub telemetry: TelemetrySettings,
     pub log: LogSettings,
+}
+
+/// The operator's HTTP endpoint and the gauges behind it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub http_listen: String,
+    pub levels_interval_ms: u64,
 }
 
 /// RabbitMQ connection, flow control and topology names.
@@ -362,6 +371,16 @@ impl Settings {
             return Err(ConfigError(format!(
                 "`log.level` is not a valid filter: {e}"
             )));
+        }
+        let listen = self.telemetry.http_listen.trim();
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(
+                "telemetry.http_listen",
+                "must be empty or an address like 0.0.0.0:9464",
+            );
+        }
+        if self.telemetry.levels_interval_ms == 0 {
+            return fail("telemetry.levels_interval_ms", "must be above 0");
         }
         if self.events.source.trim().is_empty() {
             return fail("events.source", "must not be empty");

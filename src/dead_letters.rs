@@ -139,7 +139,7 @@ pub struct ReplaySummary {
     pub skipped: usize,
     /// Selected but not replayed because the broker refused the copy; they stay dead-lettered.
     pub failed: usize,
-    /// Messages in the dead-letter queue afterwards.
+    /// Of the messages in the dead-letter queue when the run started, those still there.
     pub left: u32,
     pub dry_run: bool,
 }
@@ -333,11 +333,16 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
             tokio::time::sleep(pause).await;
         }
     }
-    // What was not acked goes back to the queue with the channel.
+    // What was not acked goes back to the queue with the channel. (The broker puts it back
+    // asynchronously, so `left` is counted, not read back.)
     let _ = channel.close(200, "replay done".into()).await;
-    let check = connection.create_channel().await?;
-    summary.left = depth(&check, queue).await?;
     let _ = connection.close(200, "replay done".into()).await;
+    let removed = if request.dry_run {
+        0
+    } else {
+        summary.replayed.len() as u32
+    };
+    summary.left = in_queue.saturating_sub(removed);
     replay_runs::finish(
         &mut conn,
         run_id,

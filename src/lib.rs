@@ -13,6 +13,8 @@ pub mod command;
 pub mod config;
 pub mod dead_letters;
 pub mod errors;
+pub mod health;
+pub mod metrics;
 pub mod provider;
 pub mod store;
 pub mod telemetry;

@@ -1,29 +1,191 @@
-//! Logging: JSON lines for machines or text for people, filtered by `log.level` or `RUST_LOG`.
-//! Each command's lines carry its command id and correlation id through the `command` span.
+//! Logs and traces. Logs are JSON lines for machines or text for people; each line of a
+//! command's processing carries its command id, correlation id and trace id through the command's
+//! span. Traces go to OpenTelemetry and are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; without it spans still carry trace context
+//! from the command to the provider and the event, and nothing is exported.
+//!
+//! W3C trace context travels in AMQP headers (`traceparent`, `tracestate`) and HTTP headers; the
+//! helpers here read and write it.
 
 use crate::config::{LogFormat, LogSettings};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber once; later calls (tests) keep the first one.
-pub fn init(settings: &LogSettings) {
+/// Name of the instrumentation scope of this crate's spans and metrics.
+pub const SCOPE: &str = "payment-link-worker";
+
+/// Keeps the tracer provider alive; flushes and shuts it down when dropped.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Whether OTLP export is configured through the standard variables.
+pub fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|v| !v.trim().is_empty()))
+}
+
+/// The resource every signal is tagged with (`OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
+/// win over the default service name).
+pub fn resource() -> opentelemetry_sdk::Resource {
+    let builder = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
+        builder.build()
+    } else {
+        builder.with_service_name(SCOPE).build()
+    }
+}
+
+fn filter(settings: &LogSettings) -> EnvFilter {
     // lapin logs every returned (unroutable) message in full, payload included; the worker
     // reports those itself, without the payload.
     let quiet = "lapin::returned_messages=error";
-    let filter = std::env::var("RUST_LOG")
+    std::env::var("RUST_LOG")
         .ok()
         .and_then(|env| EnvFilter::try_new(format!("{env},{quiet}")).ok())
         .or_else(|| EnvFilter::try_new(format!("{},{quiet}", settings.level)).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+/// Installs the global subscriber: the log layer and the OpenTelemetry layer. Call once, from
+/// the binary; keep the guard until the process ends.
+pub fn init(settings: &LogSettings) -> anyhow::Result<TelemetryGuard> {
+    let mut builder = SdkTracerProvider::builder().with_resource(resource());
+    if otlp_configured() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the OTLP trace exporter: {e}"))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    install(settings, provider.tracer(SCOPE));
+    Ok(TelemetryGuard { provider })
+}
+
+/// Installs the global subscriber with a given tracer (tests pass one that records in memory).
+pub fn install(settings: &LogSettings, tracer: opentelemetry_sdk::trace::SdkTracer) {
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry()
+        .with(filter(settings))
+        .with(otel);
     let _ = match settings.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
     };
+}
+
+/// Reads trace context from AMQP headers.
+struct HeaderReader<'a>(Option<&'a FieldTable>);
+
+impl Extractor for HeaderReader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match self.0?.inner().get(key)? {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .map(|h| h.inner().keys().map(|k| k.as_str()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Writes trace context into AMQP headers.
+struct HeaderWriter<'a>(&'a mut FieldTable);
+
+impl Injector for HeaderWriter<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(
+            key.into(),
+            AMQPValue::LongString(LongString::from(value.into_bytes())),
+        );
+    }
+}
+
+/// The trace context a message carries (an empty context when it carries none).
+pub fn extract(headers: Option<&FieldTable>) -> Context {
+    TraceContextPropagator::new().extract(&HeaderReader(headers))
+}
+
+/// Writes the current span's trace context into AMQP headers.
+pub fn inject_current(headers: &mut FieldTable) {
+    let context = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&context, &mut HeaderWriter(headers));
+}
+
+/// The current span's trace context as HTTP header pairs.
+pub fn current_http_headers() -> Vec<(String, String)> {
+    let context = tracing::Span::current().context();
+    let mut pairs = Vec::new();
+    struct Pairs<'a>(&'a mut Vec<(String, String)>);
+    impl Injector for Pairs<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.push((key.to_owned(), value));
+        }
+    }
+    TraceContextPropagator::new().inject_context(&context, &mut Pairs(&mut pairs));
+    pairs
+}
+
+/// Trace context for an outgoing message or request: the current span's, or, when no
+/// OpenTelemetry layer is installed (the library used on its own), the incoming headers as they
+/// came, so the trace id still reaches the provider and the notifier.
+pub fn outgoing(incoming: Option<&FieldTable>) -> Vec<(String, String)> {
+    let current = current_http_headers();
+    if !current.is_empty() {
+        return current;
+    }
+    let reader = HeaderReader(incoming);
+    ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|name| {
+            reader
+                .get(name)
+                .map(|value| (name.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// The trace id of a span, as logged (empty when tracing is not installed).
+pub fn trace_id(span: &tracing::Span) -> String {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
 }

@@ -8,8 +8,10 @@ use crate::broker::{self, topology};
 use crate::command::Envelope;
 use crate::config::Settings;
 use crate::errors::ErrorKind;
+use crate::health;
+use crate::metrics::{Metrics, MetricsHandle};
 use crate::provider::breaker::Breaker;
-use crate::provider::client::{ProviderClient, TraceHeaders};
+use crate::provider::client::ProviderClient;
 use crate::store::commands::{self, Claim, CommandRecord};
 use crate::store::outbox::{self, NewOutboxMessage};
 use crate::store::{self, PgPool, StoreError};
@@ -23,10 +25,12 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// First wait before trying the database again after an error; doubled up to the cap.
 const DB_RETRY_INITIAL: Duration = Duration::from_millis(100);
@@ -49,10 +53,16 @@ macro_rules! db {
     ($shared:expr, $what:expr, |$conn:ident| $step:expr) => {{
         let mut wait = DB_RETRY_INITIAL;
         loop {
-            let result = match $shared.pool.get().await {
-                Ok(mut $conn) => $step.await,
-                Err(e) => Err(StoreError::from(e)),
-            };
+            let span = tracing::info_span!("db", otel.name = $what, otel.kind = "client",
+                db.system.name = "postgresql");
+            let result = async {
+                match $shared.pool.get().await {
+                    Ok(mut $conn) => $step.await,
+                    Err(e) => Err(StoreError::from(e)),
+                }
+            }
+            .instrument(span)
+            .await;
             match result {
                 Ok(value) => break Ok(value),
                 Err(error) => {
@@ -66,6 +76,57 @@ macro_rules! db {
             }
         }
     }};
+}
+
+fn since(first_seen: chrono::DateTime<chrono::Utc>) -> Duration {
+    (chrono::Utc::now() - first_seen)
+        .to_std()
+        .unwrap_or_default()
+}
+
+/// The gauges read from PostgreSQL and RabbitMQ.
+mod levels {
+    use super::Shared;
+    use crate::store::{commands, outbox};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    /// Refreshes the levels every `telemetry.levels_interval_ms` until `stop` fires.
+    pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+        let interval = Duration::from_millis(shared.settings.telemetry.levels_interval_ms);
+        loop {
+            refresh(&shared).await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    async fn refresh(shared: &Shared) {
+        let levels = &shared.metrics.levels;
+        if let Ok(mut conn) = shared.pool.get().await {
+            if let Ok(backlog) = outbox::unsent_count(&mut conn).await {
+                levels.outbox_backlog.store(backlog, Ordering::Relaxed);
+            }
+            if let Ok(age) = commands::oldest_processing_age(&mut conn).await {
+                levels
+                    .oldest_processing_age_ms
+                    .store(age.as_millis() as i64, Ordering::Relaxed);
+            }
+        }
+        let broker = &shared.settings.broker;
+        for (queue, level) in [
+            (&broker.dead_letter_queue, &levels.dead_letter_depth),
+            (&broker.command_queue, &levels.command_queue_depth),
+        ] {
+            if let Ok(depth) = shared.publisher.queue_depth(queue).await {
+                level.store(i64::from(depth), Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// What becomes of a delivery.
@@ -85,6 +146,9 @@ pub struct Shared {
     pub provider: ProviderClient,
     /// The provider's circuit breaker (also read by readiness).
     pub breaker: Arc<Breaker>,
+    pub metrics: Arc<Metrics>,
+    /// True while a consumer on the command queue is live (read by readiness).
+    pub consuming: Arc<AtomicBool>,
     pub events: EventTarget,
     /// This worker's name in command leases, unique per process.
     pub instance_id: String,
@@ -97,6 +161,10 @@ pub struct RunningWorker {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// The lease owner name, for tests and logs.
     pub instance_id: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, when enabled.
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// The worker's figures.
+    pub metrics: Arc<MetricsHandle>,
 }
 
 impl RunningWorker {
@@ -176,6 +244,27 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     let session = Session::open(&settings, &instance_id).await?;
     let publisher = Publisher::open(session.connection.clone()).await?;
     let breaker = Breaker::new(settings.breaker.clone());
+    let metrics = Arc::new(MetricsHandle::new()?);
+    let consuming = Arc::new(AtomicBool::new(true));
+    let background = CancellationToken::new();
+    let listen = settings.telemetry.http_listen.trim();
+    let http_addr = if listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (telemetry.http_listen)"))?;
+        let addr = listener.local_addr()?;
+        let probe = health::Probe {
+            metrics: metrics.clone(),
+            pool: pool.clone(),
+            breaker: breaker.clone(),
+            consuming: consuming.clone(),
+        };
+        tokio::spawn(health::serve(listener, probe, background.clone()));
+        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+        Some(addr)
+    };
     let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
     let shared = Arc::new(Shared {
         events: EventTarget {
@@ -188,14 +277,26 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         publisher,
         provider,
         breaker,
+        metrics: metrics.metrics.clone(),
+        consuming,
         instance_id: instance_id.clone(),
         abandon: CancellationToken::new(),
         settings,
     });
     tracing::info!(instance_id, queue = %shared.settings.broker.command_queue,
         prefetch = shared.settings.broker.prefetch, "worker started");
-    let task = tokio::spawn(run(shared, session, stop));
-    Ok(RunningWorker { task, instance_id })
+    tokio::spawn(levels::run(shared.clone(), background.clone()));
+    let task = tokio::spawn(async move {
+        let ended = run(shared, session, stop).await;
+        background.cancel();
+        ended
+    });
+    Ok(RunningWorker {
+        task,
+        instance_id,
+        http_addr,
+        metrics,
+    })
 }
 
 /// How a consume loop ended.
@@ -220,7 +321,10 @@ async fn run(
     ));
     let mut tasks = JoinSet::new();
     'sessions: loop {
-        let error = match consume(&shared, &mut session, &mut tasks, &stop).await {
+        shared.consuming.store(true, Ordering::SeqCst);
+        let ended = consume(&shared, &mut session, &mut tasks, &stop).await;
+        shared.consuming.store(false, Ordering::SeqCst);
+        let error = match ended {
             Ended::Stopped => break 'sessions,
             Ended::Lost(error) => error,
         };
@@ -326,6 +430,12 @@ async fn drain(shared: &Shared, tasks: &mut JoinSet<()>) {
 /// Runs [`process`] for one delivery and settles it with the broker. A panic requeues the
 /// message; the queue's delivery limit dead-letters one that keeps failing.
 async fn handle(shared: Arc<Shared>, delivery: Delivery) {
+    let waited = delivery.properties.timestamp().and_then(|sent| {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        now.checked_sub(sent).map(Duration::from_secs)
+    });
+    shared.metrics.received(waited);
+    let _in_flight = shared.metrics.in_flight();
     let disposition = AssertUnwindSafe(process(&shared, &delivery))
         .catch_unwind()
         .await
@@ -398,8 +508,26 @@ pub async fn process(shared: &Shared, delivery: &Delivery) -> Disposition {
         }
     };
     let span = tracing::info_span!("command",
-        command_id = %envelope.command_id, correlation_id = %envelope.correlation_id,
-        replay_count = envelope.replay_count);
+        otel.name = format!("process {}", shared.settings.broker.command_queue),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %shared.settings.broker.command_queue,
+        messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+        messaging.message.id = %envelope.command_id,
+        messaging.message.conversation_id = %envelope.correlation_id,
+        messaging.message.body.size = delivery.data.len(),
+        command_id = %envelope.command_id,
+        correlation_id = %envelope.correlation_id,
+        replay_count = envelope.replay_count,
+        delay_round = envelope.delay_round,
+        trace_id = tracing::field::Empty,
+    );
+    let _ = span.set_parent(crate::telemetry::extract(
+        delivery.properties.headers().as_ref(),
+    ));
+    span.record("trace_id", crate::telemetry::trace_id(&span));
     process_command(shared, &original, &envelope)
         .instrument(span)
         .await
@@ -448,12 +576,8 @@ async fn process_command(
             }
         };
 
-        let trace = TraceHeaders {
-            traceparent: envelope.traceparent.clone(),
-            tracestate: envelope.tracestate.clone(),
-        };
         let call = tokio::select! {
-            call = shared.provider.create_link(command_id, &envelope.request_json, &trace) => call,
+            call = shared.provider.create_link(command_id, &envelope.request_json, original.properties.headers().as_ref(), &shared.metrics) => call,
             _ = shared.abandon.cancelled() => {
                 if let Ok(mut conn) = shared.pool.get().await {
                     let _ = commands::release(&mut conn, command_id, owner, 0, None).await;
@@ -464,9 +588,11 @@ async fn process_command(
 
         let now = chrono::Utc::now();
         let grace = Duration::from_millis(shared.settings.outbox.inline_grace_ms);
+        let trace = crate::telemetry::outgoing(original.properties.headers().as_ref());
         let recorded = match &call.outcome {
             Ok(link) => {
-                let event = messages::created_event(&shared.events, envelope, &link.body, now);
+                let event =
+                    messages::created_event(&shared.events, envelope, &link.body, now, &trace);
                 let rows = vec![NewOutboxMessage::new(
                     command_id,
                     outbox::EVENT,
@@ -520,7 +646,8 @@ async fn process_command(
                 };
                 let mut rows = Vec::with_capacity(2);
                 if kind.publishes_failed_event() {
-                    let event = messages::failed_event(&shared.events, envelope, &failure, now);
+                    let event =
+                        messages::failed_event(&shared.events, envelope, &failure, now, &trace);
                     rows.push(NewOutboxMessage::new(
                         command_id,
                         outbox::EVENT,
@@ -556,14 +683,17 @@ async fn process_command(
                         rows.clone(),
                     )
                 })?;
-                if ids.is_some() {
+                if let Some((_, first_seen)) = &ids {
+                    shared
+                        .metrics
+                        .dead_lettered(kind.as_str(), Some(since(*first_seen)));
                     tracing::warn!(error_kind = %kind, attempts = call.attempts, http_status = error.http_status,
                         error = %error.message, "command dead-lettered");
                 }
                 ids
             }
         };
-        let Some(ids) = recorded else {
+        let Some((ids, _)) = recorded else {
             tracing::warn!("this worker's lease ran out and another worker took the command over");
             continue;
         };
@@ -584,6 +714,7 @@ async fn process_command(
 /// A command that already has an outcome came again: publish its recorded event again (same
 /// event id) and make no provider call.
 async fn republish(shared: &Shared, record: &CommandRecord) -> Result<Disposition, Abandoned> {
+    shared.metrics.duplicate();
     tracing::info!(status = %record.status, "duplicate command; publishing its recorded event again");
     let command_id = record.command_id.as_str();
     let event = db!(shared, "read the recorded event", |conn| {
@@ -661,6 +792,7 @@ async fn dead_letter_now(
     );
     match shared.publisher.publish(&message).await {
         Ok(()) => {
+            shared.metrics.dead_lettered(failure.kind.as_str(), None);
             tracing::warn!(error_kind = %failure.kind, error = failure.message, "command dead-lettered");
             Disposition::Ack
         }

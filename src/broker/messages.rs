@@ -68,6 +68,7 @@ fn event_properties(
     event_type: &str,
     envelope: &Envelope,
     now: DateTime<Utc>,
+    trace: &[(String, String)],
 ) -> BasicProperties {
     let id = event_id(event_type, envelope.command_id.as_str());
     let mut headers = FieldTable::default();
@@ -83,11 +84,8 @@ fn event_properties(
         "cloudEvents:subject".into(),
         text(envelope.command_id.as_str()),
     );
-    if let Some(traceparent) = &envelope.traceparent {
-        headers.insert("traceparent".into(), text(traceparent));
-    }
-    if let Some(tracestate) = &envelope.tracestate {
-        headers.insert("tracestate".into(), text(tracestate));
+    for (name, value) in trace {
+        headers.insert(name.as_str().into(), text(value));
     }
     BasicProperties::default()
         .with_message_id(id.into())
@@ -99,17 +97,19 @@ fn event_properties(
         .with_headers(headers)
 }
 
-/// `payment-link.created`: the body is the provider's answer exactly as it came.
+/// `payment-link.created`: the body is the provider's answer exactly as it came. `trace` is the
+/// W3C trace context (header name, value) the notifier continues the trace from.
 pub fn created_event(
     target: &EventTarget,
     envelope: &Envelope,
     provider_body: &str,
     now: DateTime<Utc>,
+    trace: &[(String, String)],
 ) -> OutboundMessage {
     OutboundMessage {
         exchange: target.exchange.clone(),
         routing_key: target.created_routing_key.clone(),
-        properties: event_properties(target, CREATED, envelope, now),
+        properties: event_properties(target, CREATED, envelope, now, trace),
         body: provider_body.as_bytes().to_vec(),
     }
 }
@@ -137,6 +137,7 @@ pub fn failed_event(
     envelope: &Envelope,
     failure: &Failure<'_>,
     now: DateTime<Utc>,
+    trace: &[(String, String)],
 ) -> OutboundMessage {
     let cmd = &envelope.command;
     let body = serde_json::to_vec(&FailedBody {
@@ -152,7 +153,7 @@ pub fn failed_event(
     OutboundMessage {
         exchange: target.exchange.clone(),
         routing_key: target.failed_routing_key.clone(),
-        properties: event_properties(target, FAILED, envelope, now),
+        properties: event_properties(target, FAILED, envelope, now, trace),
         body,
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Why the broker did not take a message.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,29 @@ impl Publisher {
 
     /// Publishes and waits for the broker's confirm; an unroutable or nacked message is an error.
     pub async fn publish(&self, message: &OutboundMessage) -> Result<(), PublishError> {
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("publish {}", message.exchange),
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = %message.exchange,
+            messaging.rabbitmq.destination.routing_key = %message.routing_key,
+            messaging.message.id = message.message_id(),
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = self
+            .publish_confirmed(message)
+            .instrument(span.clone())
+            .await;
+        if let Err(error) = &result {
+            span.record("otel.status_code", "ERROR");
+            tracing::debug!(parent: &span, %error, "publish not confirmed");
+        }
+        result
+    }
+
+    async fn publish_confirmed(&self, message: &OutboundMessage) -> Result<(), PublishError> {
         let confirmation = self
             .channel()
             .await?
@@ -97,6 +121,25 @@ impl Publisher {
             }),
             Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
         }
+    }
+
+    /// Messages ready in a queue (a passive declare on a short-lived channel, so a missing queue
+    /// cannot close the publishing channel).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, lapin::Error> {
+        let connection = self.slot.read().await.0.clone();
+        let channel = connection.create_channel().await?;
+        let result = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..lapin::options::QueueDeclareOptions::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "depth read".into()).await;
+        Ok(result?.message_count())
     }
 
     /// Closes the channel once every publish in flight has been confirmed.

@@ -5,11 +5,13 @@ use super::breaker::Breaker;
 use super::retry::{self, Attempt, GaveUp};
 use crate::config::{ProviderSettings, RetrySettings, Secret};
 use crate::errors::ErrorKind;
+use crate::metrics::Metrics;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// How much of a provider's error body is kept for the dead letter and the log.
 pub const ERROR_BODY_LIMIT: usize = 1024;
@@ -54,18 +56,13 @@ struct LinkBody<'a> {
     payment_link: String,
 }
 
-/// Trace context passed on to the provider with the request.
-#[derive(Clone, Debug, Default)]
-pub struct TraceHeaders {
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-}
-
 /// The provider API client; cheap to clone.
 #[derive(Clone)]
 pub struct ProviderClient {
     http: reqwest::Client,
     url: reqwest::Url,
+    /// The URL without credentials, for spans and logs.
+    url_for_logs: String,
     token: Secret,
     retry: RetrySettings,
     breaker: Arc<Breaker>,
@@ -88,9 +85,11 @@ impl ProviderClient {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("payment-link-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let url_for_logs = crate::config::redact_url(url.as_str());
         Ok(Self {
             http,
             url,
+            url_for_logs,
             token: settings.token.clone(),
             retry: retry.clone(),
             breaker,
@@ -103,16 +102,18 @@ impl ProviderClient {
         &self,
         command_id: &str,
         request_json: &str,
-        trace: &TraceHeaders,
+        incoming_trace: Option<&lapin::types::FieldTable>,
+        metrics: &Metrics,
     ) -> CallResult {
         let attempts = AtomicI32::new(0);
         let result = retry::retry(
             &self.retry,
             || {
                 let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
-                self.attempt(command_id, request_json, trace, attempt)
+                self.attempt(command_id, request_json, incoming_trace, attempt, metrics)
             },
             |error: &ProviderError, wait| {
+                metrics.retry();
                 tracing::warn!(command_id, http_status = error.http_status, error = %error.message,
                     retry_in_ms = wait.as_millis() as u64, "provider call failed; retrying");
             },
@@ -139,16 +140,45 @@ impl ProviderClient {
         CallResult { outcome, attempts }
     }
 
-    /// One HTTP call, admitted by the circuit breaker and reported to it.
+    /// One HTTP call, admitted by the circuit breaker and reported to it, in a client span whose
+    /// trace context goes to the provider.
     async fn attempt(
         &self,
         command_id: &str,
         request_json: &str,
-        trace: &TraceHeaders,
+        incoming_trace: Option<&lapin::types::FieldTable>,
         attempt: i32,
+        metrics: &Metrics,
     ) -> Result<LinkCreated, Attempt<ProviderError>> {
         let permit = self.breaker.admit().await;
-        let result = self.call(command_id, request_json, trace, attempt).await;
+        let span = tracing::info_span!(
+            "POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            url.full = %self.url_for_logs,
+            server.address = self.url.host_str().unwrap_or(""),
+            http.request.resend_count = attempt - 1,
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = self
+            .call(command_id, request_json, incoming_trace, attempt)
+            .instrument(span.clone())
+            .await;
+        let status = match &result {
+            Ok(link) => Some(link.http_status),
+            Err(Attempt::Permanent(e) | Attempt::Transient(e, _)) => e.http_status,
+        };
+        metrics.provider_call(status, started.elapsed());
+        match status {
+            Some(status) => span.record("http.response.status_code", i64::from(status)),
+            None => span.record("error.type", "transport"),
+        };
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         permit.record(matches!(result, Err(Attempt::Transient(..))));
         result
     }
@@ -157,7 +187,7 @@ impl ProviderClient {
         &self,
         command_id: &str,
         request_json: &str,
-        trace: &TraceHeaders,
+        incoming_trace: Option<&lapin::types::FieldTable>,
         attempt: i32,
     ) -> Result<LinkCreated, Attempt<ProviderError>> {
         let mut request = self
@@ -168,11 +198,8 @@ impl ProviderClient {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "application/json")
             .body(request_json.to_owned());
-        if let Some(tp) = &trace.traceparent {
-            request = request.header("traceparent", tp);
-        }
-        if let Some(ts) = &trace.tracestate {
-            request = request.header("tracestate", ts);
+        for (name, value) in crate::telemetry::outgoing(incoming_trace) {
+            request = request.header(name, value);
         }
         tracing::debug!(command_id, attempt, "calling the provider");
         let response = request.send().await.map_err(|e| {

@@ -161,15 +161,16 @@ pub struct Failure {
     pub error_body: Option<String>,
 }
 
-/// Records a success and its event in one transaction. Returns the outbox ids to publish, or
-/// `None` when this worker no longer holds the command (its lease ran out and another took it).
+/// Records a success and its event in one transaction. Returns the outbox ids to publish and
+/// when the command was first seen, or `None` when this worker no longer holds the command (its
+/// lease ran out and another took it).
 pub async fn record_success(
     conn: &mut PgConn,
     command_id: String,
     owner: String,
     success: Success,
     messages: Vec<NewOutboxMessage>,
-) -> Result<Option<Vec<i64>>, StoreError> {
+) -> Result<Option<(Vec<i64>, DateTime<Utc>)>, StoreError> {
     // The closure owns its data: borrowed captures trip the compiler's Send check on spawn.
     conn.transaction::<_, StoreError, _>(async move |conn| {
         let updated = diesel::update(held_by(&command_id, &owner))
@@ -185,12 +186,14 @@ pub async fn record_success(
                 c::error_body.eq(None::<String>),
                 finished(),
             ))
-            .execute(conn)
-            .await?;
-        if updated == 0 {
+            .returning(c::created_at)
+            .get_result::<DateTime<Utc>>(conn)
+            .await
+            .optional()?;
+        let Some(first_seen) = updated else {
             return Ok(None);
-        }
-        Ok(Some(outbox::insert(conn, messages).await?))
+        };
+        Ok(Some((outbox::insert(conn, messages).await?, first_seen)))
     })
     .await
 }
@@ -202,7 +205,7 @@ pub async fn record_failure(
     owner: String,
     failure: Failure,
     messages: Vec<NewOutboxMessage>,
-) -> Result<Option<Vec<i64>>, StoreError> {
+) -> Result<Option<(Vec<i64>, DateTime<Utc>)>, StoreError> {
     conn.transaction::<_, StoreError, _>(async move |conn| {
         let updated = diesel::update(held_by(&command_id, &owner))
             .set((
@@ -214,12 +217,14 @@ pub async fn record_failure(
                 c::error_body.eq(&failure.error_body),
                 finished(),
             ))
-            .execute(conn)
-            .await?;
-        if updated == 0 {
+            .returning(c::created_at)
+            .get_result::<DateTime<Utc>>(conn)
+            .await
+            .optional()?;
+        let Some(first_seen) = updated else {
             return Ok(None);
-        }
-        Ok(Some(outbox::insert(conn, messages).await?))
+        };
+        Ok(Some((outbox::insert(conn, messages).await?, first_seen)))
     })
     .await
 }
@@ -244,6 +249,18 @@ pub async fn release(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// How long the oldest command still being processed has been (zero when none is).
+pub async fn oldest_processing_age(conn: &mut PgConn) -> Result<Duration, StoreError> {
+    let oldest: Option<DateTime<Utc>> = c::payment_link_commands
+        .filter(c::status.eq(PROCESSING))
+        .select(diesel::dsl::min(c::created_at))
+        .first(conn)
+        .await?;
+    Ok(oldest
+        .and_then(|at| (Utc::now() - at).to_std().ok())
+        .unwrap_or_default())
 }
 
 /// Lets other workers take every command `owner` still holds (at shutdown).

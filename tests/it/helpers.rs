@@ -172,6 +172,8 @@ impl TestEnv {
             ("WORKER__BUSY_POLL_MS", "50"),
             ("DATABASE__POOL_SIZE", "4"),
             ("LOG__FORMAT", "text"),
+            ("TELEMETRY__HTTP_LISTEN", "127.0.0.1:0"),
+            ("TELEMETRY__LEVELS_INTERVAL_MS", "200"),
         ]
         .iter()
         .chain(overrides)

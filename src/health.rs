@@ -1,0 +1,104 @@
+//! The operator's HTTP endpoint (`telemetry.http_listen`): `/healthz` says the process is alive,
+//! `/readyz` whether it can do its job (consuming from the broker, database reachable, provider
+//! circuit not open) and which part is not, `/metrics` the figures in Prometheus text format.
+
+use crate::metrics::MetricsHandle;
+use crate::provider::breaker::{Breaker, State};
+use crate::store::PgPool;
+use axum::Router;
+use axum::extract::State as Extract;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long `/readyz` waits for the database before calling it unreachable.
+const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the endpoint looks at.
+#[derive(Clone)]
+pub struct Probe {
+    pub metrics: Arc<MetricsHandle>,
+    pub pool: PgPool,
+    pub breaker: Arc<Breaker>,
+    /// True while the worker holds a live consumer on the command queue.
+    pub consuming: Arc<AtomicBool>,
+}
+
+/// The routes.
+pub fn router(probe: Probe) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { json(StatusCode::OK, r#"{"status":"alive"}"#.into()) }),
+        )
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(probe)
+}
+
+/// Serves the routes on `listener` until `stop` fires.
+pub async fn serve(listener: tokio::net::TcpListener, probe: Probe, stop: CancellationToken) {
+    if let Err(error) = axum::serve(listener, router(probe))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(%error, "the health and metrics endpoint stopped");
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn ready(Extract(probe): Extract<Probe>) -> Response {
+    let broker = if probe.consuming.load(Ordering::SeqCst) {
+        "ok".to_owned()
+    } else {
+        "not consuming (connecting to the broker)".to_owned()
+    };
+    let database = match tokio::time::timeout(DATABASE_CHECK_TIMEOUT, async {
+        use diesel_async::RunQueryDsl;
+        let mut conn = probe.pool.get().await.map_err(|e| e.to_string())?;
+        diesel::sql_query("SELECT 1")
+            .execute(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(error)) => format!("unreachable: {error}"),
+        Err(_) => "unreachable: no answer within 2 s".to_owned(),
+    };
+    let provider = match probe.breaker.state() {
+        State::Open => "circuit open: the provider looks down".to_owned(),
+        State::HalfOpen => "circuit half-open: probing the provider".to_owned(),
+        State::Closed => "ok".to_owned(),
+    };
+    let ready = broker == "ok" && database == "ok" && probe.breaker.state() != State::Open;
+    let body = serde_json::json!({
+        "ready": ready,
+        "broker": broker,
+        "database": database,
+        "provider": provider,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, body.to_string())
+}
+
+async fn metrics(Extract(probe): Extract<Probe>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        probe.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,277 @@
+//! The worker's figures, as OpenTelemetry instruments: exported over OTLP when configured, and
+//! rendered as Prometheus text for `/metrics`. Each worker has its own meter provider, so several
+//! workers in one process (tests) keep separate figures.
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _, UpDownCounter};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+/// Figures read from PostgreSQL and RabbitMQ by a background task, for the gauges.
+#[derive(Default)]
+pub struct Levels {
+    /// Outbox rows not yet confirmed by the broker.
+    pub outbox_backlog: AtomicI64,
+    /// Messages in the dead-letter queue.
+    pub dead_letter_depth: AtomicI64,
+    /// Messages waiting in the command queue.
+    pub command_queue_depth: AtomicI64,
+    /// Age in milliseconds of the oldest command being processed (0 when none).
+    pub oldest_processing_age_ms: AtomicI64,
+}
+
+/// The instruments the worker records to.
+pub struct Metrics {
+    received: Counter<u64>,
+    succeeded: Counter<u64>,
+    failed: Counter<u64>,
+    duplicates: Counter<u64>,
+    dead_lettered: Counter<u64>,
+    retries: Counter<u64>,
+    delayed: Counter<u64>,
+    in_flight: UpDownCounter<i64>,
+    provider_duration: Histogram<f64>,
+    queue_wait: Histogram<f64>,
+    time_to_outcome: Histogram<f64>,
+    /// Updated by the worker's level task.
+    pub levels: Arc<Levels>,
+}
+
+/// The metrics of one worker and what renders or exports them.
+pub struct MetricsHandle {
+    pub metrics: Arc<Metrics>,
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+}
+
+impl MetricsHandle {
+    /// Builds the meter provider (Prometheus reader, plus OTLP when configured) and instruments.
+    pub fn new() -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the Prometheus exporter: {e}"))?;
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(crate::telemetry::resource())
+            .with_reader(prometheus);
+        if crate::telemetry::otlp_configured()
+            || std::env::var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_ok_and(|v| !v.is_empty())
+        {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot set up the OTLP metric exporter: {e}"))?;
+            builder = builder
+                .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
+        }
+        let provider = builder.build();
+        let meter = provider.meter(crate::telemetry::SCOPE);
+        let levels = Arc::new(Levels::default());
+        let gauge = |name: &'static str,
+                     unit: &'static str,
+                     description: &'static str,
+                     read: fn(&Levels) -> i64| {
+            let levels = levels.clone();
+            meter
+                .i64_observable_gauge(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |observer| observer.observe(read(&levels), &[]))
+                .build()
+        };
+        // Observable instruments live as long as the provider; the handles need not be kept.
+        gauge(
+            "payment_link.outbox.backlog",
+            "{message}",
+            "Events and dead letters not yet confirmed by the broker",
+            |l| l.outbox_backlog.load(Ordering::Relaxed),
+        );
+        gauge(
+            "payment_link.dead_letter.depth",
+            "{message}",
+            "Messages in the dead-letter queue",
+            |l| l.dead_letter_depth.load(Ordering::Relaxed),
+        );
+        gauge(
+            "payment_link.commands.waiting",
+            "{message}",
+            "Commands waiting in the command queue",
+            |l| l.command_queue_depth.load(Ordering::Relaxed),
+        );
+        gauge(
+            "payment_link.commands.oldest_processing.age",
+            "ms",
+            "Age of the oldest command being processed",
+            |l| l.oldest_processing_age_ms.load(Ordering::Relaxed),
+        );
+        let counter = |name: &'static str, description: &'static str| {
+            meter
+                .u64_counter(name)
+                .with_unit("{command}")
+                .with_description(description)
+                .build()
+        };
+        let seconds = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 1800.0,
+                ])
+                .build()
+        };
+        let metrics = Metrics {
+            received: counter(
+                "payment_link.commands.received",
+                "Commands taken from the queue",
+            ),
+            succeeded: counter(
+                "payment_link.commands.succeeded",
+                "Commands that got their link",
+            ),
+            failed: counter(
+                "payment_link.commands.failed",
+                "Commands that ended without a link, by error kind",
+            ),
+            duplicates: counter(
+                "payment_link.commands.duplicates",
+                "Repeated commands answered from the record, without a provider call",
+            ),
+            dead_lettered: counter(
+                "payment_link.commands.dead_lettered",
+                "Commands dead-lettered, by error kind",
+            ),
+            retries: counter(
+                "payment_link.provider.retries",
+                "Provider calls retried after a transient failure",
+            ),
+            delayed: counter(
+                "payment_link.commands.delayed",
+                "Commands parked in a delay queue for another round",
+            ),
+            in_flight: meter
+                .i64_up_down_counter("payment_link.commands.in_flight")
+                .with_unit("{command}")
+                .with_description("Commands being processed")
+                .build(),
+            provider_duration: seconds(
+                "http.client.request.duration",
+                "Provider call duration, by status class",
+            ),
+            queue_wait: seconds(
+                "payment_link.command.queue_wait",
+                "Time from publish (AMQP timestamp) to being taken",
+            ),
+            time_to_outcome: seconds(
+                "payment_link.command.time_to_outcome",
+                "Time from the first attempt to success or dead-letter",
+            ),
+            levels,
+        };
+        Ok(Self {
+            metrics: Arc::new(metrics),
+            registry,
+            provider,
+        })
+    }
+
+    /// The figures in Prometheus text format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Flushes and stops the exporters.
+    pub fn shutdown(&self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(200..=299) => "2xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        Some(_) => "other",
+        None => "error",
+    }
+}
+
+impl Metrics {
+    /// A command was taken; `waited` is its time in the queue when known.
+    pub fn received(&self, waited: Option<Duration>) {
+        self.received.add(1, &[]);
+        if let Some(waited) = waited {
+            self.queue_wait.record(waited.as_secs_f64(), &[]);
+        }
+    }
+    /// A command got its link, `elapsed` after its first attempt.
+    pub fn succeeded(&self, elapsed: Duration) {
+        self.succeeded.add(1, &[]);
+        self.time_to_outcome.record(
+            elapsed.as_secs_f64(),
+            &[KeyValue::new("outcome", "succeeded")],
+        );
+    }
+    /// A command was dead-lettered with `kind`; `elapsed` after its first attempt when it had one.
+    pub fn dead_lettered(&self, kind: &str, elapsed: Option<Duration>) {
+        let attributes = [KeyValue::new("error.type", kind.to_owned())];
+        self.dead_lettered.add(1, &attributes);
+        self.failed.add(1, &attributes);
+        if let Some(elapsed) = elapsed {
+            self.time_to_outcome.record(
+                elapsed.as_secs_f64(),
+                &[KeyValue::new("outcome", "dead-lettered")],
+            );
+        }
+    }
+    /// A repeated command was answered from its record.
+    pub fn duplicate(&self) {
+        self.duplicates.add(1, &[]);
+    }
+    /// A command went to wait in a delay queue.
+    pub fn delayed(&self) {
+        self.delayed.add(1, &[]);
+    }
+    /// A provider call is being retried.
+    pub fn retry(&self) {
+        self.retries.add(1, &[]);
+    }
+    /// A provider call ended with `status` (None: no answer) after `elapsed`.
+    pub fn provider_call(&self, status: Option<u16>, elapsed: Duration) {
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", "POST"),
+            KeyValue::new("http.status_class", status_class(status)),
+        ];
+        if let Some(status) = status {
+            attributes.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+        }
+        self.provider_duration
+            .record(elapsed.as_secs_f64(), &attributes);
+    }
+    /// Counts a command in flight until the guard is dropped.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.add(1, &[]);
+        InFlight(self.clone())
+    }
+}
+
+/// Held while a command is processed.
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.add(-1, &[]);
+    }
+}
