@@ -612,7 +612,8 @@ async fn process_command(
                     success.clone(),
                     rows.clone()
                 ))?;
-                if ids.is_some() {
+                if let Some((_, first_seen)) = &ids {
+                    shared.metrics.succeeded(since(*first_seen));
                     tracing::info!(
                         attempts = call.attempts,
                         http_status = link.http_status,
@@ -760,6 +761,7 @@ async fn delay(
     ))?;
     match published {
         Ok(()) => {
+            shared.metrics.delayed();
             tracing::warn!(
                 round = round + 1,
                 delay_ms,

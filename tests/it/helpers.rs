@@ -69,6 +69,11 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// Where the worker serves /healthz, /readyz and /metrics.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.running.as_ref().expect("running").http_addr
+    }
+
     /// Stops taking commands, drains, and returns how the worker ended.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.stop.cancel();

@@ -7,6 +7,7 @@ mod conflicts;
 mod duplicates;
 mod happy_path;
 mod helpers;
+mod observability;
 mod operations;
 mod provider_failures;
 mod recovery;

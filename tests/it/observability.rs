@@ -1,0 +1,153 @@
+//! Guarantee: an operator can see at a glance whether the worker is healthy and what it did:
+//! `/healthz`, `/readyz` (saying which part is not ready) and Prometheus figures at `/metrics`.
+
+use crate::helpers::*;
+use wiremock::matchers::{header, method};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+async fn get(url: String) -> (u16, String) {
+    let response = reqwest::get(url).await.expect("endpoint answers");
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// The value of the Prometheus sample `name` whose labels include `label` (may be empty).
+fn sample(metrics: &str, name: &str, label: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics_tell_what_happened() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("idempotency-key", "obs-rejected"))
+        .respond_with(ResponseTemplate::new(400))
+        .mount(&provider)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_raw(provider_answer(1, "2.00", 1), "application/json"),
+        )
+        .mount(&provider)
+        .await;
+    let env = TestEnv::new(&provider.uri()).await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    let base = format!("http://{}", worker.http_addr().expect("endpoint enabled"));
+
+    assert_eq!(get(format!("{base}/healthz")).await.0, 200);
+    let (status, body) = get(format!("{base}/readyz")).await;
+    assert_eq!(status, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["database"], "ok");
+
+    for i in 0..3 {
+        env.send(&format!("obs-{i}"), &command_body("2.00", 1))
+            .await;
+    }
+    env.send("obs-0", &command_body("2.00", 1)).await; // a duplicate
+    env.send("obs-rejected", &command_body("2.00", 1)).await;
+    env.publish_raw(command_properties("obs-bad"), b"not json")
+        .await;
+    env.messages(&events, 5, WAIT).await;
+    env.messages(&env.dead_letter_queue(), 2, WAIT).await;
+
+    let metrics = eventually("the figures to add up", WAIT, || async {
+        let (_, metrics) = get(format!("{base}/metrics")).await;
+        (sample(&metrics, "payment_link_commands_received_total", "") == Some(6.0))
+            .then_some(metrics)
+    })
+    .await;
+    assert_eq!(
+        sample(&metrics, "payment_link_commands_succeeded_total", ""),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "payment_link_commands_duplicates_total", ""),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "payment_link_commands_failed_total",
+            "error_type=\"provider-rejected\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "payment_link_commands_dead_lettered_total",
+            "error_type=\"validation\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "payment_link_commands_in_flight", ""),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("http_client_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("http_status_class=\"2xx\""), "{metrics}");
+    assert!(metrics.contains("http_status_class=\"4xx\""), "{metrics}");
+    assert!(
+        metrics.contains("payment_link_command_time_to_outcome_seconds_bucket"),
+        "{metrics}"
+    );
+    let metrics = eventually("the dead-letter depth gauge", WAIT, || async {
+        let (_, metrics) = get(format!("{base}/metrics")).await;
+        (sample(&metrics, "payment_link_dead_letter_depth", "") == Some(0.0)).then_some(metrics)
+    })
+    .await;
+    assert_eq!(
+        sample(&metrics, "payment_link_outbox_backlog", ""),
+        Some(0.0),
+        "{metrics}"
+    );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_reports_an_open_provider_circuit() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            ("BREAKER__MIN_CALLS", "3"),
+            ("BREAKER__PROBE_INTERVAL_MS", "60000"),
+        ],
+    )
+    .await;
+    let worker = env.start_worker().await;
+    let base = format!("http://{}", worker.http_addr().unwrap());
+    env.send("down-1", &command_body("1.00", 1)).await;
+    let body = eventually("readiness to report the open circuit", WAIT, || async {
+        let (status, body) = get(format!("{base}/readyz")).await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["ready"], false);
+    assert!(
+        ready["provider"].as_str().unwrap().contains("circuit open"),
+        "{body}"
+    );
+    assert_eq!(ready["broker"], "ok");
+    assert_eq!(get(format!("{base}/healthz")).await.0, 200, "still alive");
+}
