@@ -4,6 +4,7 @@
 
 mod binary;
 mod conflicts;
+mod contract;
 mod duplicates;
 mod happy_path;
 mod helpers;
