@@ -589,6 +589,8 @@ async fn process_command(
         let now = chrono::Utc::now();
         let grace = Duration::from_millis(shared.settings.outbox.inline_grace_ms);
         let trace = crate::telemetry::outgoing(original.properties.headers().as_ref());
+        // What the outbox rows hold, kept to publish without reading them back.
+        let mut outgoing = Vec::with_capacity(2);
         let recorded = match &call.outcome {
             Ok(link) => {
                 let event =
@@ -599,6 +601,7 @@ async fn process_command(
                     &event,
                     grace,
                 )];
+                outgoing.push(event);
                 let success = commands::Success {
                     attempts: call.attempts,
                     link_id: link.link_id,
@@ -655,6 +658,7 @@ async fn process_command(
                         &event,
                         grace,
                     ));
+                    outgoing.push(event);
                 }
                 let dead_letter = messages::dead_letter(
                     &shared.settings.broker.dead_letter_exchange,
@@ -668,6 +672,7 @@ async fn process_command(
                     &dead_letter,
                     grace,
                 ));
+                outgoing.push(dead_letter);
                 let record = commands::Failure {
                     kind: *kind,
                     message: error.message.clone(),
@@ -698,10 +703,11 @@ async fn process_command(
             tracing::warn!("this worker's lease ran out and another worker took the command over");
             continue;
         };
-        if let Err(error) = publisher::publish_rows(
+        let rows: Vec<_> = ids.into_iter().zip(outgoing).collect();
+        if let Err(error) = publisher::publish_recorded(
             &shared.pool,
             &shared.publisher,
-            &ids,
+            &rows,
             &shared.settings.outbox,
         )
         .await

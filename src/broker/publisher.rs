@@ -152,27 +152,31 @@ impl Publisher {
     }
 }
 
-/// Publishes the given outbox rows now and marks those the broker confirmed. Rows it could not
-/// publish stay for the relay; the error is recorded on the row and logged, not returned.
-pub async fn publish_rows(
+/// Publishes just-recorded outbox rows (their ids with the messages they hold, so nothing is
+/// read back) and marks those the broker confirmed, in one statement. Rows it could not publish
+/// stay for the relay; the error is recorded on the row and logged, not returned.
+pub async fn publish_recorded(
     pool: &PgPool,
     publisher: &Publisher,
-    ids: &[i64],
+    rows: &[(i64, OutboundMessage)],
     settings: &OutboxSettings,
 ) -> Result<(), StoreError> {
-    let mut conn = pool.get().await?;
-    let rows = outbox::by_ids(&mut conn, ids).await?;
     let max_wait = Duration::from_millis(settings.max_retry_interval_ms);
     let mut sent = Vec::with_capacity(rows.len());
-    for row in rows.iter().filter(|r| r.sent_at.is_none()) {
-        match publish_row(publisher, row).await {
-            Ok(()) => sent.push(row.id),
+    let mut failed = Vec::new();
+    for (id, message) in rows {
+        match publisher.publish(message).await {
+            Ok(()) => sent.push(*id),
             Err(error) => {
-                tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
-                    %error, "publish failed; the outbox relay will retry");
-                outbox::mark_failed(&mut conn, row, &error, max_wait).await?;
+                tracing::warn!(outbox_id = id, message_id = message.message_id(), %error,
+                    "publish failed; the outbox relay will retry");
+                failed.push((*id, error.to_string()));
             }
         }
+    }
+    let mut conn = pool.get().await?;
+    for (id, error) in failed {
+        outbox::mark_failed(&mut conn, id, 0, &error, max_wait).await?;
     }
     outbox::mark_sent(&mut conn, &sent).await
 }
@@ -204,7 +208,8 @@ pub async fn relay_once(
                 Err(error) => {
                     tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
                         attempts = row.publish_attempts + 1, %error, "relay could not publish; will retry");
-                    outbox::mark_failed(conn, row, &error, max_wait).await?;
+                    outbox::mark_failed(conn, row.id, row.publish_attempts, &error, max_wait)
+                        .await?;
                 }
             }
         }

@@ -78,7 +78,7 @@ impl OutboxRecord {
     }
 }
 
-/// Inserts rows (inside the caller's transaction) and returns their ids.
+/// Inserts rows (inside the caller's transaction) and returns their ids, in the order of `rows`.
 pub async fn insert(
     conn: &mut diesel_async::AsyncPgConnection,
     rows: Vec<NewOutboxMessage>,
@@ -86,11 +86,14 @@ pub async fn insert(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    Ok(diesel::insert_into(o::outbox)
+    let mut ids: Vec<i64> = diesel::insert_into(o::outbox)
         .values(rows)
         .returning(o::id)
         .get_results(conn)
-        .await?)
+        .await?;
+    // Ids come from a sequence in insertion order: sorted, they line up with `rows`.
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 /// Rows by id.
@@ -140,12 +143,13 @@ pub async fn mark_sent(
 /// failed attempt, capped at `max_wait`.
 pub async fn mark_failed(
     conn: &mut diesel_async::AsyncPgConnection,
-    row: &OutboxRecord,
+    id: i64,
+    earlier_attempts: i32,
     error: &str,
     max_wait: Duration,
 ) -> Result<(), StoreError> {
-    let wait = Duration::from_secs(1u64 << row.publish_attempts.clamp(0, 20)).min(max_wait);
-    diesel::update(o::outbox.find(row.id))
+    let wait = Duration::from_secs(1u64 << earlier_attempts.clamp(0, 20)).min(max_wait);
+    diesel::update(o::outbox.find(id))
         .set((
             o::publish_attempts.eq(o::publish_attempts + 1),
             o::last_error.eq(error),

@@ -1,0 +1,661 @@
+//! The benchmark: measures the real worker binary against the local RabbitMQ, PostgreSQL and the
+//! provider simulator, next to the broker's own ceiling measured in the same run, and prints a
+//! table and JSON. Build with `--release`; see the README's Benchmark section.
+//!
+//! Phases: (1) the broker-only ceiling: N messages through consume → publish with confirm → ack,
+//! no database and no HTTP, with lapin; (2) end-to-end throughput of the worker on N pre-loaded
+//! commands, with its CPU time and peak memory; (3) publish-to-event latency under a steady
+//! offered load below saturation; (4) throughput with 100 ms of provider latency.
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use payment_link_worker::provider::sim::{self, SimOptions};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "bench-token";
+
+struct Options {
+    commands: usize,
+    prefetch: u16,
+    latency_commands: usize,
+    slow_commands: usize,
+    json_only: bool,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        commands: 20_000,
+        prefetch: 256,
+        latency_commands: 3_000,
+        slow_commands: 5_000,
+        json_only: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().context("a value is missing after a flag");
+        match arg.as_str() {
+            "--commands" => o.commands = value()?.parse()?,
+            "--prefetch" => o.prefetch = value()?.parse()?,
+            "--latency-commands" => o.latency_commands = value()?.parse()?,
+            "--slow-commands" => o.slow_commands = value()?.parse()?,
+            "--json" => o.json_only = true,
+            other => anyhow::bail!(
+                "unknown flag {other}; flags: --commands N --prefetch P --latency-commands N --slow-commands N --json"
+            ),
+        }
+    }
+    Ok(o)
+}
+
+fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+async fn admin(sql: &str) -> anyhow::Result<()> {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    let mut conn = AsyncPgConnection::establish(&admin_url()).await?;
+    diesel::sql_query(sql).execute(&mut conn).await?;
+    Ok(())
+}
+
+fn text(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
+}
+
+/// A run's private names, database and simulator.
+struct Run {
+    id: String,
+    env: Vec<(String, String)>,
+    database: String,
+    sim_stop: CancellationToken,
+}
+
+impl Run {
+    async fn new(prefetch: u16, latency: Duration) -> anyhow::Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let database = format!("plw_bench_{id}");
+        admin(&format!("CREATE DATABASE {database}")).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sim_url = format!("http://{}", listener.local_addr()?);
+        let sim_stop = CancellationToken::new();
+        tokio::spawn(sim::serve(
+            listener,
+            SimOptions {
+                token: TOKEN.into(),
+                latency,
+                fail_rate: 0.0,
+                stall_rate: 0.0,
+            },
+            sim_stop.clone(),
+        ));
+        let base = admin_url().rsplit_once('/').unwrap().0.to_owned();
+        let p = format!("bench.{id}.");
+        let env = vec![
+            ("DATABASE_URL".into(), format!("{base}/{database}")),
+            ("AMQP_URL".into(), amqp_url()),
+            ("PROVIDER_BASE_URL".into(), sim_url.clone()),
+            ("PROVIDER_TOKEN".into(), TOKEN.into()),
+            (
+                "PAYMENT_LINK_WORKER__BROKER__COMMAND_EXCHANGE".into(),
+                format!("{p}commands"),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__BROKER__COMMAND_QUEUE".into(),
+                format!("{p}create"),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__BROKER__EVENT_EXCHANGE".into(),
+                format!("{p}events"),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__BROKER__DEAD_LETTER_EXCHANGE".into(),
+                format!("{p}dead-letter"),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__BROKER__DEAD_LETTER_QUEUE".into(),
+                format!("{p}dead-letter-queue"),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__BROKER__PREFETCH".into(),
+                prefetch.to_string(),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__DATABASE__POOL_SIZE".into(),
+                "16".into(),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__RETRY__DELAY_TIERS_MS".into(),
+                "".into(),
+            ),
+            (
+                "PAYMENT_LINK_WORKER__TELEMETRY__HTTP_LISTEN".into(),
+                "".into(),
+            ),
+            ("PAYMENT_LINK_WORKER__LOG__LEVEL".into(), "warn".into()),
+        ];
+        Ok(Self {
+            id,
+            env,
+            database,
+            sim_stop,
+        })
+    }
+
+    fn settings(&self) -> anyhow::Result<payment_link_worker::config::Settings> {
+        Ok(payment_link_worker::config::Settings::load_from(
+            None,
+            self.env.clone(),
+        )?)
+    }
+
+    fn start_worker(&self) -> anyhow::Result<Child> {
+        let exe = std::env::current_exe()?.with_file_name("payment-link-worker");
+        Command::new(&exe)
+            .arg("run")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with --release first)",
+                    exe.display()
+                )
+            })
+    }
+
+    async fn cleanup(&self, channel: &Channel) {
+        self.sim_stop.cancel();
+        let s = match self.settings() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        for q in [&s.broker.command_queue, &s.broker.dead_letter_queue] {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [
+            &s.broker.command_exchange,
+            &s.broker.event_exchange,
+            &s.broker.dead_letter_exchange,
+        ] {
+            let _ = channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = admin(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        ))
+        .await;
+    }
+}
+
+/// CPU seconds (user + system) and peak resident memory of a process, from /proc.
+fn cpu_and_peak_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (ticks / 100.0, hwm_kb * 1024)
+}
+
+async fn confirm_channel(connection: &Connection) -> anyhow::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// Publishes `n` commands, confirmed in windows so the broker is kept busy.
+async fn preload(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(512);
+    for i in 0..n {
+        let body = format!(
+            r#"{{"paymentProviderId":1,"amountInMajorCurrency":{}.{:02},"description":"Invoice {i}","invoiceId":{}}}"#,
+            i % 10_000 + 1,
+            i % 100,
+            i + 1
+        );
+        let properties = BasicProperties::default()
+            .with_message_id(format!("{prefix}-{i}").into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        pending.push(
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    properties,
+                )
+                .await?,
+        );
+        if pending.len() == 512 {
+            for confirm in pending.drain(..) {
+                confirm.await?;
+            }
+        }
+    }
+    for confirm in pending {
+        confirm.await?;
+    }
+    Ok(())
+}
+
+/// A queue bound to the event exchange, to receive the events.
+async fn event_queue(channel: &Channel, exchange: &str, name: &str) -> anyhow::Result<()> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            name.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Phase 1: the same number of messages through consume → publish with confirm → ack.
+async fn broker_ceiling(connection: &Connection, n: usize, prefetch: u16) -> anyhow::Result<f64> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (input, output) = (format!("bench.{id}.in"), format!("bench.{id}.out"));
+    let channel = confirm_channel(connection).await?;
+    let mut quorum = FieldTable::default();
+    quorum.insert("x-queue-type".into(), text("quorum"));
+    for q in [&input, &output] {
+        channel
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                quorum.clone(),
+            )
+            .await?;
+    }
+    preload(&channel, "", &input, "ceiling", n).await?;
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            input.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let publisher = confirm_channel(connection).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut started = None;
+    for _ in 0..n {
+        let delivery = consumer.next().await.context("consumer ended")??;
+        started.get_or_insert_with(Instant::now);
+        let publisher = publisher.clone();
+        let output = output.clone();
+        tasks.spawn(async move {
+            let confirm = publisher
+                .basic_publish(
+                    "".into(),
+                    output.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &delivery.data,
+                    delivery.properties.clone().with_delivery_mode(2),
+                )
+                .await?
+                .await?;
+            anyhow::ensure!(confirm.is_ack(), "not confirmed");
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            Ok::<_, anyhow::Error>(())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let elapsed = started.unwrap().elapsed().as_secs_f64();
+    for q in [&input, &output] {
+        channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    Ok(n as f64 / elapsed)
+}
+
+/// Result of an end-to-end phase.
+struct EndToEnd {
+    throughput: f64,
+    cpu_seconds_per_1000: f64,
+    peak_rss_bytes: u64,
+}
+
+/// Phases 2 and 4: pre-load `n` commands, run the worker, wait for every event.
+async fn end_to_end(
+    connection: &Connection,
+    n: usize,
+    prefetch: u16,
+    latency: Duration,
+) -> anyhow::Result<EndToEnd> {
+    let run = Run::new(prefetch, latency).await?;
+    let settings = run.settings()?;
+    let channel = confirm_channel(connection).await?;
+    let result = async {
+        payment_link_worker::broker::topology::declare(&channel, &settings.broker).await?;
+        let events = format!("bench.{}.events-capture", run.id);
+        event_queue(&channel, &settings.broker.event_exchange, &events).await?;
+        preload(
+            &channel,
+            &settings.broker.command_exchange,
+            &settings.broker.command_routing_key,
+            "e2e",
+            n,
+        )
+        .await?;
+        let mut child = run.start_worker()?;
+        let pid = child.id();
+        let consumer_channel = connection.create_channel().await?;
+        consumer_channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await?;
+        let mut consumer = consumer_channel
+            .basic_consume(
+                events.as_str().into(),
+                "bench-events".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut first: Option<Instant> = None;
+        let mut got = 0;
+        let mut peak = 0;
+        let limit = Duration::from_secs(600);
+        let start = Instant::now();
+        while got < n {
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "only {got} of {n} events within {limit:?}"
+            );
+            match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+                Ok(Some(delivery)) => {
+                    delivery?;
+                    // The first event marks (within one command's processing time) the first
+                    // command taken.
+                    first.get_or_insert_with(Instant::now);
+                    got += 1;
+                }
+                Ok(None) => anyhow::bail!("event consumer ended"),
+                Err(_) => {}
+            }
+            if got % 500 == 0 {
+                peak = peak.max(cpu_and_peak_rss(pid).1);
+            }
+        }
+        let elapsed = first.unwrap().elapsed().as_secs_f64();
+        let (cpu, rss) = cpu_and_peak_rss(pid);
+        child.kill()?;
+        child.wait()?;
+        Ok::<_, anyhow::Error>(EndToEnd {
+            throughput: n as f64 / elapsed,
+            cpu_seconds_per_1000: cpu / n as f64 * 1000.0,
+            peak_rss_bytes: rss.max(peak),
+        })
+    }
+    .await;
+    run.cleanup(&channel).await;
+    result
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Phase 3: commands offered at `rate` per second; latency from publish to event received.
+async fn latency(
+    connection: &Connection,
+    n: usize,
+    rate: f64,
+    prefetch: u16,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let run = Run::new(prefetch, Duration::ZERO).await?;
+    let settings = run.settings()?;
+    let channel = confirm_channel(connection).await?;
+    let result = async {
+        payment_link_worker::broker::topology::declare(&channel, &settings.broker).await?;
+        let events = format!("bench.{}.events-capture", run.id);
+        event_queue(&channel, &settings.broker.event_exchange, &events).await?;
+        let mut child = run.start_worker()?;
+        // Wait until the worker consumes (its consumer appears on the command queue).
+        let started = Instant::now();
+        loop {
+            let queue = channel
+                .queue_declare(settings.broker.command_queue.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                .await?;
+            if queue.consumer_count() > 0 {
+                break;
+            }
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "the worker did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let consumer_channel = connection.create_channel().await?;
+        let mut consumer = consumer_channel
+            .basic_consume(events.as_str().into(), "bench-latency".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await?;
+        let sent: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+        let publisher = {
+            let channel = channel.clone();
+            let sent = sent.clone();
+            let exchange = settings.broker.command_exchange.clone();
+            let key = settings.broker.command_routing_key.clone();
+            tokio::spawn(async move {
+                let interval = Duration::from_secs_f64(1.0 / rate);
+                let begin = Instant::now();
+                for i in 0..n {
+                    let due = begin + interval * i as u32;
+                    tokio::time::sleep_until(due.into()).await;
+                    let id = format!("lat-{i}");
+                    let body = format!(r#"{{"paymentProviderId":1,"amountInMajorCurrency":1.00,"description":"d","invoiceId":{}}}"#, i + 1);
+                    sent.lock().unwrap().insert(id.clone(), Instant::now());
+                    let props = BasicProperties::default()
+                        .with_message_id(id.into())
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2);
+                    channel
+                        .basic_publish(exchange.as_str().into(), key.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), props)
+                        .await?
+                        .await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        };
+        let mut latencies = Vec::with_capacity(n);
+        let limit = Instant::now() + Duration::from_secs_f64(n as f64 / rate) + Duration::from_secs(120);
+        while latencies.len() < n {
+            anyhow::ensure!(Instant::now() < limit, "only {} of {n} events arrived", latencies.len());
+            let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await else { continue };
+            let delivery = delivery?;
+            let subject = payment_link_worker::command::header_text(&delivery.properties, "cloudEvents:subject").unwrap_or_default();
+            if let Some(at) = sent.lock().unwrap().remove(&subject) {
+                latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        publisher.await??;
+        child.kill()?;
+        child.wait()?;
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        Ok::<_, anyhow::Error>((percentile(&latencies, 50.0), percentile(&latencies, 95.0), percentile(&latencies, 99.0)))
+    }
+    .await;
+    run.cleanup(&channel).await;
+    result
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .context("RabbitMQ is not reachable")?;
+    let log = |what: &str| {
+        if !o.json_only {
+            eprintln!("… {what}");
+        }
+    };
+    log(&format!(
+        "broker-only ceiling, {} messages, prefetch {}",
+        o.commands, o.prefetch
+    ));
+    let ceiling = broker_ceiling(&connection, o.commands, o.prefetch).await?;
+    log(&format!(
+        "end to end, {} commands, prefetch {}",
+        o.commands, o.prefetch
+    ));
+    let e2e = end_to_end(&connection, o.commands, o.prefetch, Duration::ZERO).await?;
+    let offered = (e2e.throughput * 0.5).max(1.0);
+    log(&format!(
+        "latency, {} commands offered at {offered:.0}/s",
+        o.latency_commands
+    ));
+    let (p50, p95, p99) = latency(&connection, o.latency_commands, offered, o.prefetch).await?;
+    log(&format!(
+        "end to end with 100 ms provider latency, {} commands, prefetch {}",
+        o.slow_commands, o.prefetch
+    ));
+    let slow = end_to_end(
+        &connection,
+        o.slow_commands,
+        o.prefetch,
+        Duration::from_millis(100),
+    )
+    .await?;
+    let _ = connection.close(200, "bench done".into()).await;
+
+    let latency_target = (f64::from(o.prefetch) / 0.1 * 0.8).min(e2e.throughput);
+    let report = serde_json::json!({
+        "machine": { "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0) },
+        "commands": o.commands,
+        "prefetch": o.prefetch,
+        "broker_ceiling_per_s": ceiling,
+        "end_to_end_per_s": e2e.throughput,
+        "end_to_end_to_ceiling_ratio": e2e.throughput / ceiling,
+        "cpu_seconds_per_1000_commands": e2e.cpu_seconds_per_1000,
+        "peak_rss_mib": e2e.peak_rss_bytes as f64 / 1048576.0,
+        "latency_offered_per_s": offered,
+        "latency_ms": { "p50": p50, "p95": p95, "p99": p99 },
+        "provider_100ms": {
+            "commands": o.slow_commands,
+            "throughput_per_s": slow.throughput,
+            "target_per_s": latency_target,
+            "peak_rss_mib": slow.peak_rss_bytes as f64 / 1048576.0,
+        },
+    });
+    if !o.json_only {
+        println!("| figure | value | target |");
+        println!("| --- | --- | --- |");
+        println!(
+            "| broker-only ceiling (consume → publish+confirm → ack) | {ceiling:.0} msg/s | |"
+        );
+        println!(
+            "| end-to-end throughput | {:.0} commands/s | ≥ 50 % of ceiling = {:.0}/s |",
+            e2e.throughput,
+            ceiling * 0.5
+        );
+        println!(
+            "| end-to-end / ceiling | {:.1} % | ≥ 50 % |",
+            e2e.throughput / ceiling * 100.0
+        );
+        println!(
+            "| worker CPU per 1,000 commands | {:.2} s | |",
+            e2e.cpu_seconds_per_1000
+        );
+        println!(
+            "| worker peak RSS (prefetch {}) | {:.1} MiB | < 64 MiB |",
+            o.prefetch,
+            e2e.peak_rss_bytes as f64 / 1048576.0
+        );
+        println!(
+            "| publish → event latency at {offered:.0}/s offered | p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms | |"
+        );
+        println!(
+            "| throughput with 100 ms provider latency | {:.0} commands/s | ≥ {latency_target:.0}/s |",
+            slow.throughput
+        );
+        println!(
+            "| worker peak RSS with 100 ms latency ({} in flight) | {:.1} MiB | < 64 MiB |",
+            o.prefetch,
+            slow.peak_rss_bytes as f64 / 1048576.0
+        );
+        println!();
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
