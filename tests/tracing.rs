@@ -51,13 +51,7 @@ async fn one_trace_from_command_to_provider_to_event() {
         .up_to_n_times(1)
         .mount(&provider)
         .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(1, "1.00", 1), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let worker = env.start_worker().await;

@@ -4,19 +4,12 @@
 use crate::helpers::*;
 use bigdecimal::BigDecimal;
 use std::str::FromStr;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::MockServer;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn same_id_with_another_body_is_dead_lettered_as_a_conflict() {
     let provider = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(6, "10.00", 30), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 6, "10.00", 30).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;

@@ -121,13 +121,7 @@ async fn messages_consumed_and_published_match_the_document() {
         .respond_with(ResponseTemplate::new(422).set_body_string("unprocessable"))
         .mount(&provider)
         .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(3, "12.3400", 55), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 3, "12.3400", 55).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;

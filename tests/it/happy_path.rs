@@ -138,13 +138,7 @@ async fn created_event_carries_the_provider_answer_and_the_exact_amount() {
 async fn amount_keeps_its_scale_and_failed_event_carries_known_ids() {
     // 7.50 must reach the provider as 7.50, not 7.5 and never 7.4999…
     let provider = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(provider_answer(5, "7.50", 3), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 200, 5, "7.50", 3).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;

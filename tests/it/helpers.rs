@@ -441,6 +441,24 @@ async fn exec_admin(url: &str, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Makes `provider` answer every call (not matched by an earlier mock) with `status` and a link
+/// built by [`provider_answer`].
+pub async fn answer_with_link(
+    provider: &wiremock::MockServer,
+    status: u16,
+    link_id: i64,
+    amount: &str,
+    invoice_id: i64,
+) {
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(status).set_body_raw(
+            provider_answer(link_id, amount, invoice_id),
+            "application/json",
+        ))
+        .mount(provider)
+        .await;
+}
+
 /// Serves the provider simulator on a free port; returns its base URL and its stop switch.
 pub async fn start_simulator(
     options: payment_link_worker::provider::sim::SimOptions,

@@ -27,13 +27,7 @@ async fn health_readiness_and_metrics_tell_what_happened() {
         .respond_with(ResponseTemplate::new(400))
         .mount(&provider)
         .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(1, "2.00", 1), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 1, "2.00", 1).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let worker = env.start_worker().await;

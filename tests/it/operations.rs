@@ -97,13 +97,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         .respond_with(ResponseTemplate::new(400).set_body_string("still rejected"))
         .mount(&provider)
         .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(1, "1.00", 1), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
 
     let by_id = dead_letters::replay(
         &env.settings,
@@ -171,13 +165,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     );
     // Now the provider accepts everything.
     provider.reset().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(1, "1.00", 1), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
     let limited = dead_letters::replay(
         &env.settings,
         &request(

@@ -16,13 +16,7 @@ async fn two_503s_then_201_make_one_link() {
         .up_to_n_times(2)
         .mount(&provider)
         .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(1, "12.34", 5), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 1, "12.34", 5).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;
@@ -171,13 +165,7 @@ async fn a_timed_out_call_is_retried() {
         .up_to_n_times(1)
         .mount(&provider)
         .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(2, "5.00", 7), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 2, "5.00", 7).await;
     let env = TestEnv::with(&provider.uri(), &[("PROVIDER__TIMEOUT_MS", "300")]).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;
@@ -196,13 +184,7 @@ async fn a_recorded_failure_is_retried_only_on_a_deliberate_replay() {
         .up_to_n_times(1)
         .mount(&provider)
         .await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(3, "4.00", 8), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 3, "4.00", 8).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;

@@ -416,13 +416,7 @@ async fn a_provider_outage_longer_than_the_budget_waits_in_delay_queues() {
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 
     provider.reset().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(1, "8.00", 1), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 1, "8.00", 1).await;
     let got = env
         .messages(&events, ids.len(), Duration::from_secs(30))
         .await;

@@ -4,19 +4,12 @@
 
 use crate::helpers::*;
 use std::collections::HashMap;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::MockServer;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_kind_of_bad_command_is_dead_lettered_with_its_reason() {
     let provider = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_raw(provider_answer(1, "1.00", 1), "application/json"),
-        )
-        .mount(&provider)
-        .await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
     let env = TestEnv::new(&provider.uri()).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;
