@@ -147,6 +147,8 @@ pub struct Shared {
     /// The provider's circuit breaker (also read by readiness).
     pub breaker: Arc<Breaker>,
     pub metrics: Arc<Metrics>,
+    /// Marks published outbox rows sent, in batches.
+    pub sent: publisher::SentMarker,
     /// True while a consumer on the command queue is live (read by readiness).
     pub consuming: Arc<AtomicBool>,
     pub events: EventTarget,
@@ -266,6 +268,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         Some(addr)
     };
     let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
+    let sent = publisher::SentMarker::start(pool.clone());
     let shared = Arc::new(Shared {
         events: EventTarget {
             exchange: settings.broker.event_exchange.clone(),
@@ -278,6 +281,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         provider,
         breaker,
         metrics: metrics.metrics.clone(),
+        sent,
         consuming,
         instance_id: instance_id.clone(),
         abandon: CancellationToken::new(),
@@ -373,6 +377,7 @@ async fn run(
     drain(&shared, &mut tasks).await;
     relay_stop.cancel();
     let _ = relay.await;
+    shared.sent.flush().await;
     if let Ok(mut conn) = shared.pool.get().await
         && let Err(error) = commands::release_all(&mut conn, &shared.instance_id).await
     {
@@ -707,6 +712,7 @@ async fn process_command(
         if let Err(error) = publisher::publish_recorded(
             &shared.pool,
             &shared.publisher,
+            &shared.sent,
             &rows,
             &shared.settings.outbox,
         )

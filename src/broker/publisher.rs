@@ -153,20 +153,20 @@ impl Publisher {
 }
 
 /// Publishes just-recorded outbox rows (their ids with the messages they hold, so nothing is
-/// read back) and marks those the broker confirmed, in one statement. Rows it could not publish
-/// stay for the relay; the error is recorded on the row and logged, not returned.
+/// read back) and hands the confirmed ones to `sent`, which marks them in batches. Rows it could
+/// not publish stay for the relay; the error is recorded on the row and logged, not returned.
 pub async fn publish_recorded(
     pool: &PgPool,
     publisher: &Publisher,
+    sent: &SentMarker,
     rows: &[(i64, OutboundMessage)],
     settings: &OutboxSettings,
 ) -> Result<(), StoreError> {
     let max_wait = Duration::from_millis(settings.max_retry_interval_ms);
-    let mut sent = Vec::with_capacity(rows.len());
     let mut failed = Vec::new();
     for (id, message) in rows {
         match publisher.publish(message).await {
-            Ok(()) => sent.push(*id),
+            Ok(()) => sent.sent(*id),
             Err(error) => {
                 tracing::warn!(outbox_id = id, message_id = message.message_id(), %error,
                     "publish failed; the outbox relay will retry");
@@ -174,11 +174,81 @@ pub async fn publish_recorded(
             }
         }
     }
-    let mut conn = pool.get().await?;
-    for (id, error) in failed {
-        outbox::mark_failed(&mut conn, id, 0, &error, max_wait).await?;
+    if !failed.is_empty() {
+        let mut conn = pool.get().await?;
+        for (id, error) in failed {
+            outbox::mark_failed(&mut conn, id, 0, &error, max_wait).await?;
+        }
     }
-    outbox::mark_sent(&mut conn, &sent).await
+    Ok(())
+}
+
+enum Marking {
+    Sent(i64),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Marks confirmed outbox rows sent in batches: one UPDATE for every id that arrived while the
+/// previous one ran, instead of one statement (and one commit) per command. A row whose mark is
+/// lost (the database was unreachable) stays unsent and is published again by the relay after
+/// its grace period, with the same message id.
+#[derive(Clone)]
+pub struct SentMarker {
+    tx: tokio::sync::mpsc::UnboundedSender<Marking>,
+}
+
+/// Most ids marked by one statement.
+const MARK_BATCH: usize = 1000;
+
+impl SentMarker {
+    /// Starts the marking task.
+    pub fn start(pool: PgPool) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(MARK_BATCH);
+            let mut waiting = Vec::new();
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    match item {
+                        Marking::Sent(id) => ids.push(id),
+                        Marking::Flush(done) => waiting.push(done),
+                    }
+                    if ids.len() < MARK_BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !ids.is_empty() {
+                    let result = match pool.get().await {
+                        Ok(mut conn) => outbox::mark_sent(&mut conn, &ids).await,
+                        Err(e) => Err(StoreError::from(e)),
+                    };
+                    if let Err(error) = result {
+                        tracing::warn!(%error, rows = ids.len(),
+                            "could not mark published rows sent; the relay will publish them again");
+                    }
+                    ids.clear();
+                }
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Notes a row the broker confirmed.
+    pub fn sent(&self, id: i64) {
+        let _ = self.tx.send(Marking::Sent(id));
+    }
+
+    /// Waits until every row noted so far is marked (or its marking failed).
+    pub async fn flush(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.tx.send(Marking::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
 }
 
 async fn publish_row(publisher: &Publisher, row: &outbox::OutboxRecord) -> Result<(), String> {

@@ -1,7 +1,7 @@
 //! The command record: claiming a command (the idempotency decision), and recording its outcome
 //! together with the outbox messages that report it.
 
-use super::outbox::{self, NewOutboxMessage};
+use super::outbox::NewOutboxMessage;
 use super::schema::payment_link_commands::dsl as c;
 use super::{PgConn, StoreError};
 use crate::command::Envelope;
@@ -9,8 +9,10 @@ use crate::errors::ErrorKind;
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Integer, Nullable, Numeric, Text};
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel::sql_types::{
+    Array, BigInt, Bytea, Integer, Jsonb, Nullable, Numeric, Text, Timestamptz,
+};
+use diesel_async::RunQueryDsl;
 use std::time::Duration;
 
 /// Status of a command whose provider call is under way (or was, until its lease expires).
@@ -161,9 +163,87 @@ pub struct Failure {
     pub error_body: Option<String>,
 }
 
-/// Records a success and its event in one transaction. Returns the outbox ids to publish and
-/// when the command was first seen, or `None` when this worker no longer holds the command (its
-/// lease ran out and another took it).
+/// The tail shared by both outcome statements: the outbox rows go in only if the update found
+/// the command still held by this worker, all in one statement (one round trip, one commit).
+/// `$1` is the command id, `$2` the owner; the outbox columns are the last seven parameters.
+fn outcome_statement(set: &str, first_outbox_param: usize) -> String {
+    let p = |i: usize| format!("${}", first_outbox_param + i);
+    format!(
+        "WITH updated AS ( \
+            UPDATE payment_link_commands SET {set}, lease_owner = NULL, lease_expires_at = NULL, \
+                completed_at = now(), updated_at = now() \
+            WHERE command_id = $1 AND lease_owner = $2 AND status = 'processing' \
+            RETURNING created_at), \
+         inserted AS ( \
+            INSERT INTO outbox (command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at) \
+            SELECT $1, m.message_id, m.kind, m.exchange, m.routing_key, m.properties, m.body, m.next_attempt_at \
+            FROM unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::jsonb[], {}::bytea[], {}::timestamptz[]) \
+                WITH ORDINALITY AS m(message_id, kind, exchange, routing_key, properties, body, next_attempt_at, ord) \
+            WHERE EXISTS (SELECT 1 FROM updated) \
+            ORDER BY m.ord \
+            RETURNING id) \
+         SELECT (SELECT created_at FROM updated) AS first_seen, ARRAY(SELECT id FROM inserted ORDER BY id) AS ids",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6)
+    )
+}
+
+#[derive(QueryableByName)]
+struct Recorded {
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    first_seen: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Array<BigInt>)]
+    ids: Vec<i64>,
+}
+
+impl Recorded {
+    fn into_result(self) -> Option<(Vec<i64>, DateTime<Utc>)> {
+        self.first_seen.map(|first_seen| (self.ids, first_seen))
+    }
+}
+
+/// The outbox rows as column arrays, for `unnest`.
+#[allow(clippy::type_complexity)]
+fn columns(
+    messages: Vec<NewOutboxMessage>,
+) -> (
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<serde_json::Value>,
+    Vec<Vec<u8>>,
+    Vec<DateTime<Utc>>,
+) {
+    let mut c = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for m in messages {
+        c.0.push(m.message_id);
+        c.1.push(m.kind);
+        c.2.push(m.exchange);
+        c.3.push(m.routing_key);
+        c.4.push(m.properties);
+        c.5.push(m.body);
+        c.6.push(m.next_attempt_at);
+    }
+    c
+}
+
+/// Records a success and its event atomically (one statement). Returns the outbox ids to
+/// publish, in the order of `messages`, and when the command was first seen; or `None` when this
+/// worker no longer holds the command (its lease ran out and another took it).
 pub async fn record_success(
     conn: &mut PgConn,
     command_id: String,
@@ -171,34 +251,32 @@ pub async fn record_success(
     success: Success,
     messages: Vec<NewOutboxMessage>,
 ) -> Result<Option<(Vec<i64>, DateTime<Utc>)>, StoreError> {
-    // The closure owns its data: borrowed captures trip the compiler's Send check on spawn.
-    conn.transaction::<_, StoreError, _>(async move |conn| {
-        let updated = diesel::update(held_by(&command_id, &owner))
-            .set((
-                c::status.eq(SUCCEEDED),
-                c::attempts.eq(c::attempts + success.attempts),
-                c::link_id.eq(success.link_id),
-                c::payment_link.eq(&success.payment_link),
-                c::provider_response.eq(&success.response_body),
-                c::error_kind.eq(None::<String>),
-                c::error_message.eq(None::<String>),
-                c::http_status.eq(None::<i32>),
-                c::error_body.eq(None::<String>),
-                finished(),
-            ))
-            .returning(c::created_at)
-            .get_result::<DateTime<Utc>>(conn)
-            .await
-            .optional()?;
-        let Some(first_seen) = updated else {
-            return Ok(None);
-        };
-        Ok(Some((outbox::insert(conn, messages).await?, first_seen)))
-    })
-    .await
+    let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(messages);
+    let recorded: Recorded = diesel::sql_query(outcome_statement(
+        "status = 'succeeded', attempts = attempts + $3, link_id = $4, payment_link = $5, \
+         provider_response = $6, error_kind = NULL, error_message = NULL, http_status = NULL, \
+         error_body = NULL",
+        7,
+    ))
+    .bind::<Text, _>(&command_id)
+    .bind::<Text, _>(&owner)
+    .bind::<Integer, _>(success.attempts)
+    .bind::<Nullable<BigInt>, _>(success.link_id)
+    .bind::<Text, _>(&success.payment_link)
+    .bind::<Text, _>(&success.response_body)
+    .bind::<Array<Text>, _>(message_ids)
+    .bind::<Array<Text>, _>(kinds)
+    .bind::<Array<Text>, _>(exchanges)
+    .bind::<Array<Text>, _>(keys)
+    .bind::<Array<Jsonb>, _>(properties)
+    .bind::<Array<Bytea>, _>(bodies)
+    .bind::<Array<Timestamptz>, _>(due)
+    .get_result(conn)
+    .await?;
+    Ok(recorded.into_result())
 }
 
-/// Records a failure and its event and dead letter in one transaction; `None` as for success.
+/// Records a failure with its event and dead letter atomically; `None` as for success.
 pub async fn record_failure(
     conn: &mut PgConn,
     command_id: String,
@@ -206,27 +284,29 @@ pub async fn record_failure(
     failure: Failure,
     messages: Vec<NewOutboxMessage>,
 ) -> Result<Option<(Vec<i64>, DateTime<Utc>)>, StoreError> {
-    conn.transaction::<_, StoreError, _>(async move |conn| {
-        let updated = diesel::update(held_by(&command_id, &owner))
-            .set((
-                c::status.eq(FAILED),
-                c::attempts.eq(c::attempts + failure.attempts),
-                c::error_kind.eq(failure.kind.as_str()),
-                c::error_message.eq(&failure.message),
-                c::http_status.eq(failure.http_status.map(i32::from)),
-                c::error_body.eq(&failure.error_body),
-                finished(),
-            ))
-            .returning(c::created_at)
-            .get_result::<DateTime<Utc>>(conn)
-            .await
-            .optional()?;
-        let Some(first_seen) = updated else {
-            return Ok(None);
-        };
-        Ok(Some((outbox::insert(conn, messages).await?, first_seen)))
-    })
-    .await
+    let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(messages);
+    let recorded: Recorded = diesel::sql_query(outcome_statement(
+        "status = 'failed', attempts = attempts + $3, error_kind = $4, error_message = $5, \
+         http_status = $6, error_body = $7",
+        8,
+    ))
+    .bind::<Text, _>(&command_id)
+    .bind::<Text, _>(&owner)
+    .bind::<Integer, _>(failure.attempts)
+    .bind::<Text, _>(failure.kind.as_str())
+    .bind::<Text, _>(&failure.message)
+    .bind::<Nullable<Integer>, _>(failure.http_status.map(i32::from))
+    .bind::<Nullable<Text>, _>(&failure.error_body)
+    .bind::<Array<Text>, _>(message_ids)
+    .bind::<Array<Text>, _>(kinds)
+    .bind::<Array<Text>, _>(exchanges)
+    .bind::<Array<Text>, _>(keys)
+    .bind::<Array<Jsonb>, _>(properties)
+    .bind::<Array<Bytea>, _>(bodies)
+    .bind::<Array<Timestamptz>, _>(due)
+    .get_result(conn)
+    .await?;
+    Ok(recorded.into_result())
 }
 
 /// Gives a command back (shutdown, or a wait in a delay queue), adding the provider calls made
@@ -292,20 +372,4 @@ fn held_by<'a>(command_id: &'a str, owner: &'a str) -> HeldBy<'a> {
         .filter(c::command_id.eq(command_id))
         .filter(c::lease_owner.eq(owner))
         .filter(c::status.eq(PROCESSING))
-}
-
-/// Columns set when a command reaches its outcome.
-#[allow(clippy::type_complexity)]
-fn finished() -> (
-    diesel::dsl::Eq<c::lease_owner, Option<String>>,
-    diesel::dsl::Eq<c::lease_expires_at, Option<DateTime<Utc>>>,
-    diesel::dsl::Eq<c::completed_at, diesel::dsl::now>,
-    diesel::dsl::Eq<c::updated_at, diesel::dsl::now>,
-) {
-    (
-        c::lease_owner.eq(None),
-        c::lease_expires_at.eq(None),
-        c::completed_at.eq(diesel::dsl::now),
-        c::updated_at.eq(diesel::dsl::now),
-    )
 }
