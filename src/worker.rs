@@ -50,19 +50,20 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// only when the shutdown grace period ends. A macro rather than a function taking an async
 /// closure, whose borrowed captures the compiler cannot yet prove `Send` for a spawned task.
 macro_rules! db {
-    ($shared:expr, $what:expr, |$conn:ident| $step:expr) => {{
+    ($shared:expr, $what:expr, |$conn:ident| $step:expr) => {
+        db!($shared, $what, async {
+            match $shared.pool.get().await {
+                Ok(mut $conn) => $step.await,
+                Err(e) => Err(StoreError::from(e)),
+            }
+        })
+    };
+    ($shared:expr, $what:expr, $step:expr) => {{
         let mut wait = DB_RETRY_INITIAL;
         loop {
             let span = tracing::info_span!("db", otel.name = $what, otel.kind = "client",
                 db.system.name = "postgresql");
-            let result = async {
-                match $shared.pool.get().await {
-                    Ok(mut $conn) => $step.await,
-                    Err(e) => Err(StoreError::from(e)),
-                }
-            }
-            .instrument(span)
-            .await;
+            let result = $step.instrument(span).await;
             match result {
                 Ok(value) => break Ok(value),
                 Err(error) => {
@@ -147,6 +148,8 @@ pub struct Shared {
     /// The provider's circuit breaker (also read by readiness).
     pub breaker: Arc<Breaker>,
     pub metrics: Arc<Metrics>,
+    /// Claims commands in batches.
+    pub claims: commands::ClaimBatcher,
     /// Marks published outbox rows sent, in batches.
     pub sent: publisher::SentMarker,
     /// True while a consumer on the command queue is live (read by readiness).
@@ -269,6 +272,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     };
     let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
     let sent = publisher::SentMarker::start(pool.clone());
+    let claims = commands::ClaimBatcher::start(pool.clone(), instance_id.clone(), settings.lease());
     let shared = Arc::new(Shared {
         events: EventTarget {
             exchange: settings.broker.event_exchange.clone(),
@@ -282,6 +286,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         breaker,
         metrics: metrics.metrics.clone(),
         sent,
+        claims,
         consuming,
         instance_id: instance_id.clone(),
         abandon: CancellationToken::new(),
@@ -546,11 +551,12 @@ async fn process_command(
 ) -> Result<Disposition, Abandoned> {
     let command_id = envelope.command_id.as_str();
     let owner = shared.instance_id.as_str();
-    let lease = shared.settings.lease();
     loop {
-        let earlier_attempts = match db!(shared, "claim the command", |conn| commands::claim(
-            &mut conn, envelope, owner, lease
-        ))? {
+        let earlier_attempts = match db!(
+            shared,
+            "claim the command",
+            commands::claim(&shared.pool, &shared.claims, envelope)
+        )? {
             Claim::Acquired { attempts } => {
                 tracing::debug!(earlier_attempts = attempts, "command claimed");
                 attempts

@@ -68,54 +68,199 @@ pub enum Claim {
 
 #[derive(QueryableByName)]
 struct Claimed {
+    #[diesel(sql_type = Text)]
+    command_id: String,
     #[diesel(sql_type = Integer)]
     attempts: i32,
 }
 
-/// Claims the command for `owner` in one statement: inserts its row, or takes over a row whose
-/// holder's lease ran out, or re-opens a recorded failure when an operator replayed it.
-pub async fn claim(
+/// What a claim needs of a command.
+struct ClaimRequest {
+    command_id: String,
+    canonical_request: String,
+    payment_provider_id: i64,
+    amount: BigDecimal,
+    description: String,
+    email_address: Option<String>,
+    invoice_id: Option<i64>,
+    adhoc_invoice_id: Option<i64>,
+    customer_id: Option<i64>,
+    correlation_id: String,
+    replay_count: i32,
+}
+
+type ClaimReply = tokio::sync::oneshot::Sender<Result<Option<i32>, String>>;
+
+/// Most claims in one statement.
+const CLAIM_BATCH: usize = 512;
+
+/// The one writer of claims: every command that arrives while the previous statement runs is
+/// claimed by the next one, a single multi-row `INSERT … ON CONFLICT … RETURNING`. One round trip
+/// and one commit serve many commands, instead of one each.
+#[derive(Clone)]
+pub struct ClaimBatcher {
+    tx: tokio::sync::mpsc::UnboundedSender<(ClaimRequest, ClaimReply)>,
+}
+
+impl ClaimBatcher {
+    /// Starts the writer; `owner` and `lease` are the worker's.
+    pub fn start(pool: super::PgPool, owner: String, lease: Duration) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(ClaimRequest, ClaimReply)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < CLAIM_BATCH {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                // One row may not be affected twice by one statement: a second copy of a
+                // command in the same batch is answered "not claimed" and looks at the record.
+                let mut seen = std::collections::HashSet::new();
+                let (unique, repeated): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|(r, _)| seen.insert(r.command_id.clone()));
+                for (_, reply) in repeated {
+                    let _ = reply.send(Ok(None));
+                }
+                let result = match pool.get().await {
+                    Ok(mut conn) => {
+                        claim_batch(&mut conn, unique.iter().map(|(r, _)| r), &owner, lease).await
+                    }
+                    Err(e) => Err(StoreError::from(e)),
+                };
+                match result {
+                    Ok(claimed) => {
+                        for (request, reply) in unique {
+                            let _ = reply.send(Ok(claimed.get(&request.command_id).copied()));
+                        }
+                    }
+                    Err(error) => {
+                        let error = error.to_string();
+                        for (_, reply) in unique {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Claims one command; `Some(attempts made before)` when this worker now holds it.
+    async fn claim(&self, envelope: &Envelope) -> Result<Option<i32>, StoreError> {
+        let cmd = &envelope.command;
+        let request = ClaimRequest {
+            command_id: envelope.command_id.as_str().to_owned(),
+            canonical_request: envelope.canonical_request.clone(),
+            payment_provider_id: cmd.payment_provider_id,
+            amount: cmd.amount.value().clone(),
+            description: cmd.description.clone(),
+            email_address: cmd.email_address.as_ref().map(|e| e.as_str().to_owned()),
+            invoice_id: cmd.invoice_id,
+            adhoc_invoice_id: cmd.adhoc_invoice_id,
+            customer_id: cmd.customer_id,
+            correlation_id: envelope.correlation_id.clone(),
+            replay_count: envelope.replay_count,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((request, reply))
+            .map_err(|_| StoreError::Batch("the claim writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Batch("the claim writer has stopped".into()))?
+            .map_err(StoreError::Batch)
+    }
+}
+
+/// Inserts the commands' rows, or takes over rows whose holder's lease ran out, or re-opens
+/// recorded failures an operator replayed; returns the ids now held with their earlier attempts.
+async fn claim_batch<'a>(
     conn: &mut PgConn,
-    envelope: &Envelope,
+    requests: impl Iterator<Item = &'a ClaimRequest>,
     owner: &str,
     lease: Duration,
-) -> Result<Claim, StoreError> {
-    let cmd = &envelope.command;
-    let claimed: Option<Claimed> = diesel::sql_query(
+) -> Result<std::collections::HashMap<String, i32>, StoreError> {
+    let mut ids = Vec::new();
+    let mut canonical = Vec::new();
+    let mut providers = Vec::new();
+    let mut amounts = Vec::new();
+    let mut descriptions = Vec::new();
+    let mut emails = Vec::new();
+    let mut invoices = Vec::new();
+    let mut adhoc = Vec::new();
+    let mut customers = Vec::new();
+    let mut correlations = Vec::new();
+    let mut replays = Vec::new();
+    for r in requests {
+        ids.push(r.command_id.clone());
+        canonical.push(r.canonical_request.clone());
+        providers.push(r.payment_provider_id);
+        amounts.push(r.amount.clone());
+        descriptions.push(r.description.clone());
+        emails.push(r.email_address.clone());
+        invoices.push(r.invoice_id);
+        adhoc.push(r.adhoc_invoice_id);
+        customers.push(r.customer_id);
+        correlations.push(r.correlation_id.clone());
+        replays.push(r.replay_count);
+    }
+    let claimed: Vec<Claimed> = diesel::sql_query(
         "INSERT INTO payment_link_commands AS c (command_id, canonical_request, payment_provider_id, \
              amount_in_major_currency, description, email_address, invoice_id, adhoc_invoice_id, \
              customer_id, correlation_id, status, replay_count, lease_owner, lease_expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'processing', $11, $12, \
-             now() + $13 * interval '1 millisecond') \
+         SELECT u.command_id, u.canonical_request, u.payment_provider_id, u.amount, u.description, \
+             u.email_address, u.invoice_id, u.adhoc_invoice_id, u.customer_id, u.correlation_id, \
+             'processing', u.replay_count, $12, now() + $13 * interval '1 millisecond' \
+         FROM unnest($1::text[], $2::text[], $3::int8[], $4::numeric[], $5::text[], $6::text[], \
+             $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::int4[]) \
+             AS u(command_id, canonical_request, payment_provider_id, amount, description, \
+                  email_address, invoice_id, adhoc_invoice_id, customer_id, correlation_id, replay_count) \
          ON CONFLICT (command_id) DO UPDATE SET status = 'processing', \
              lease_owner = EXCLUDED.lease_owner, lease_expires_at = EXCLUDED.lease_expires_at, \
              replay_count = GREATEST(c.replay_count, EXCLUDED.replay_count), updated_at = now() \
          WHERE c.canonical_request = EXCLUDED.canonical_request AND ( \
              (c.status = 'processing' AND c.lease_expires_at < now()) \
              OR (c.status = 'failed' AND EXCLUDED.replay_count > c.replay_count)) \
-         RETURNING c.attempts",
+         RETURNING c.command_id, c.attempts",
     )
-    .bind::<Text, _>(envelope.command_id.as_str())
-    .bind::<Text, _>(&envelope.canonical_request)
-    .bind::<BigInt, _>(cmd.payment_provider_id)
-    .bind::<Numeric, _>(cmd.amount.value())
-    .bind::<Text, _>(&cmd.description)
-    .bind::<Nullable<Text>, _>(cmd.email_address.as_ref().map(|e| e.as_str()))
-    .bind::<Nullable<BigInt>, _>(cmd.invoice_id)
-    .bind::<Nullable<BigInt>, _>(cmd.adhoc_invoice_id)
-    .bind::<Nullable<BigInt>, _>(cmd.customer_id)
-    .bind::<Text, _>(&envelope.correlation_id)
-    .bind::<Integer, _>(envelope.replay_count)
+    .bind::<Array<Text>, _>(ids)
+    .bind::<Array<Text>, _>(canonical)
+    .bind::<Array<BigInt>, _>(providers)
+    .bind::<Array<Numeric>, _>(amounts)
+    .bind::<Array<Text>, _>(descriptions)
+    .bind::<Array<Nullable<Text>>, _>(emails)
+    .bind::<Array<Nullable<BigInt>>, _>(invoices)
+    .bind::<Array<Nullable<BigInt>>, _>(adhoc)
+    .bind::<Array<Nullable<BigInt>>, _>(customers)
+    .bind::<Array<Text>, _>(correlations)
+    .bind::<Array<Integer>, _>(replays)
     .bind::<Text, _>(owner)
     .bind::<BigInt, _>(lease.as_millis() as i64)
-    .get_result(conn)
-    .await
-    .optional()?;
-    if let Some(claimed) = claimed {
-        return Ok(Claim::Acquired {
-            attempts: claimed.attempts,
-        });
+    .load(conn)
+    .await?;
+    Ok(claimed
+        .into_iter()
+        .map(|c| (c.command_id, c.attempts))
+        .collect())
+}
+
+/// Claims the command for this worker through the batched writer: inserts its row, or takes
+/// over a row whose holder's lease ran out, or re-opens a recorded failure an operator replayed.
+/// Otherwise the record says why not: finished, held by another worker, or in conflict.
+pub async fn claim(
+    pool: &super::PgPool,
+    batcher: &ClaimBatcher,
+    envelope: &Envelope,
+) -> Result<Claim, StoreError> {
+    // No connection is held while waiting for the writer, which needs one from the same pool.
+    let claimed = batcher.claim(envelope).await?;
+    if let Some(attempts) = claimed {
+        return Ok(Claim::Acquired { attempts });
     }
+    let conn = &mut pool.get().await?;
     let Some(existing) = find(conn, envelope.command_id.as_str()).await? else {
         // Deleted between the two statements (only by hand): the next delivery claims it anew.
         return Ok(Claim::Busy);

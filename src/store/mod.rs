@@ -30,6 +30,8 @@ pub enum StoreError {
     Query(#[from] diesel::result::Error),
     #[error("cannot run database migrations: {0}")]
     Migration(String),
+    #[error("database write failed: {0}")]
+    Batch(String),
 }
 
 /// Builds the pool; connections are opened lazily, so this succeeds while the database is down.
