@@ -150,6 +150,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Claims commands in batches.
     pub claims: commands::ClaimBatcher,
+    /// Records outcomes in batches.
+    pub outcomes: commands::OutcomeWriter,
     /// Marks published outbox rows sent, in batches.
     pub sent: publisher::SentMarker,
     /// True while a consumer on the command queue is live (read by readiness).
@@ -273,6 +275,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
     let sent = publisher::SentMarker::start(pool.clone());
     let claims = commands::ClaimBatcher::start(pool.clone(), instance_id.clone(), settings.lease());
+    let outcomes = commands::OutcomeWriter::start(pool.clone(), instance_id.clone());
     let shared = Arc::new(Shared {
         events: EventTarget {
             exchange: settings.broker.event_exchange.clone(),
@@ -287,6 +290,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         metrics: metrics.metrics.clone(),
         sent,
         claims,
+        outcomes,
         consuming,
         instance_id: instance_id.clone(),
         abandon: CancellationToken::new(),
@@ -619,13 +623,15 @@ async fn process_command(
                     payment_link: link.payment_link.clone(),
                     response_body: link.body.clone(),
                 };
-                let ids = db!(shared, "record the link", |conn| commands::record_success(
-                    &mut conn,
-                    command_id.to_owned(),
-                    owner.to_owned(),
-                    success.clone(),
-                    rows.clone()
-                ))?;
+                let ids = db!(
+                    shared,
+                    "record the link",
+                    shared.outcomes.record(
+                        command_id,
+                        commands::Outcome::Succeeded(success.clone()),
+                        rows.clone()
+                    )
+                )?;
                 if let Some((_, first_seen)) = &ids {
                     shared.metrics.succeeded(since(*first_seen));
                     tracing::info!(
@@ -691,15 +697,15 @@ async fn process_command(
                     http_status: error.http_status,
                     error_body: error.body.clone(),
                 };
-                let ids = db!(shared, "record the failure", |conn| {
-                    commands::record_failure(
-                        &mut conn,
-                        command_id.to_owned(),
-                        owner.to_owned(),
-                        record.clone(),
-                        rows.clone(),
+                let ids = db!(
+                    shared,
+                    "record the failure",
+                    shared.outcomes.record(
+                        command_id,
+                        commands::Outcome::Failed(record.clone()),
+                        rows.clone()
                     )
-                })?;
+                )?;
                 if let Some((_, first_seen)) = &ids {
                     shared
                         .metrics

@@ -308,51 +308,123 @@ pub struct Failure {
     pub error_body: Option<String>,
 }
 
-/// The tail shared by both outcome statements: the outbox rows go in only if the update found
-/// the command still held by this worker, all in one statement (one round trip, one commit).
-/// `$1` is the command id, `$2` the owner; the outbox columns are the last seven parameters.
-fn outcome_statement(set: &str, first_outbox_param: usize) -> String {
-    let p = |i: usize| format!("${}", first_outbox_param + i);
-    format!(
-        "WITH updated AS ( \
-            UPDATE payment_link_commands SET {set}, lease_owner = NULL, lease_expires_at = NULL, \
-                completed_at = now(), updated_at = now() \
-            WHERE command_id = $1 AND lease_owner = $2 AND status = 'processing' \
-            RETURNING created_at), \
-         inserted AS ( \
-            INSERT INTO outbox (command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at) \
-            SELECT $1, m.message_id, m.kind, m.exchange, m.routing_key, m.properties, m.body, m.next_attempt_at \
-            FROM unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::jsonb[], {}::bytea[], {}::timestamptz[]) \
-                WITH ORDINALITY AS m(message_id, kind, exchange, routing_key, properties, body, next_attempt_at, ord) \
-            WHERE EXISTS (SELECT 1 FROM updated) \
-            ORDER BY m.ord \
-            RETURNING id) \
-         SELECT (SELECT created_at FROM updated) AS first_seen, ARRAY(SELECT id FROM inserted ORDER BY id) AS ids",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6)
-    )
+/// A command's outcome, as the outcome writer records it.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Succeeded(Success),
+    Failed(Failure),
+}
+
+/// What the outcome writer answers: the outbox ids (in the order of the messages) and when the
+/// command was first seen, or `None` when this worker no longer held the command.
+pub type Recorded = Option<(Vec<i64>, DateTime<Utc>)>;
+
+type OutcomeReply = tokio::sync::oneshot::Sender<Result<Recorded, String>>;
+
+struct OutcomeRequest {
+    command_id: String,
+    outcome: Outcome,
+    messages: Vec<NewOutboxMessage>,
+}
+
+/// Most outcomes in one transaction.
+const OUTCOME_BATCH: usize = 512;
+
+/// The one writer of outcomes: the outcomes of every command that finished while the previous
+/// transaction ran are recorded, with their outbox rows, by the next one, in a few multi-row
+/// statements and a single commit. A command's delivery is acked only after the transaction
+/// holding its outcome has committed (its caller waits for the answer).
+#[derive(Clone)]
+pub struct OutcomeWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<(OutcomeRequest, OutcomeReply)>,
 }
 
 #[derive(QueryableByName)]
-struct Recorded {
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    first_seen: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Array<BigInt>)]
-    ids: Vec<i64>,
+struct Updated {
+    #[diesel(sql_type = Text)]
+    command_id: String,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
 }
 
-impl Recorded {
-    fn into_result(self) -> Option<(Vec<i64>, DateTime<Utc>)> {
-        self.first_seen.map(|first_seen| (self.ids, first_seen))
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    command_id: String,
+}
+
+impl OutcomeWriter {
+    /// Starts the writer for the commands `owner` holds.
+    pub fn start(pool: super::PgPool, owner: String) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(OutcomeRequest, OutcomeReply)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < OUTCOME_BATCH {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let result = match pool.get().await {
+                    Ok(mut conn) => record_batch(&mut conn, requests.clone(), &owner).await,
+                    Err(e) => Err(StoreError::from(e)),
+                };
+                match result {
+                    Ok(mut recorded) => {
+                        for (request, reply) in requests.iter().zip(replies) {
+                            let _ = reply.send(Ok(recorded.remove(&request.command_id)));
+                        }
+                    }
+                    Err(error) => {
+                        let error = error.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Records one command's outcome and its outbox rows; returns once they are committed.
+    pub async fn record(
+        &self,
+        command_id: &str,
+        outcome: Outcome,
+        messages: Vec<NewOutboxMessage>,
+    ) -> Result<Recorded, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = OutcomeRequest {
+            command_id: command_id.to_owned(),
+            outcome,
+            messages,
+        };
+        self.tx
+            .send((request, reply))
+            .map_err(|_| StoreError::Batch("the outcome writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Batch("the outcome writer has stopped".into()))?
+            .map_err(StoreError::Batch)
     }
 }
 
-/// The outbox rows as column arrays, for `unnest`.
+impl Clone for OutcomeRequest {
+    fn clone(&self) -> Self {
+        Self {
+            command_id: self.command_id.clone(),
+            outcome: self.outcome.clone(),
+            messages: self.messages.clone(),
+        }
+    }
+}
+
+/// Outbox rows as column arrays, for `unnest`.
 #[allow(clippy::type_complexity)]
 fn columns(
     messages: Vec<NewOutboxMessage>,
@@ -386,72 +458,130 @@ fn columns(
     c
 }
 
-/// Records a success and its event atomically (one statement). Returns the outbox ids to
-/// publish, in the order of `messages`, and when the command was first seen; or `None` when this
-/// worker no longer holds the command (its lease ran out and another took it).
-pub async fn record_success(
+/// One transaction: the successes, the failures (each only where `owner` still holds the
+/// command), then the outbox rows of the commands that were updated.
+async fn record_batch(
     conn: &mut PgConn,
-    command_id: String,
-    owner: String,
-    success: Success,
-    messages: Vec<NewOutboxMessage>,
-) -> Result<Option<(Vec<i64>, DateTime<Utc>)>, StoreError> {
-    let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(messages);
-    let recorded: Recorded = diesel::sql_query(outcome_statement(
-        "status = 'succeeded', attempts = attempts + $3, link_id = $4, payment_link = $5, \
-         provider_response = $6, error_kind = NULL, error_message = NULL, http_status = NULL, \
-         error_body = NULL",
-        7,
-    ))
-    .bind::<Text, _>(&command_id)
-    .bind::<Text, _>(&owner)
-    .bind::<Integer, _>(success.attempts)
-    .bind::<Nullable<BigInt>, _>(success.link_id)
-    .bind::<Text, _>(&success.payment_link)
-    .bind::<Text, _>(&success.response_body)
-    .bind::<Array<Text>, _>(message_ids)
-    .bind::<Array<Text>, _>(kinds)
-    .bind::<Array<Text>, _>(exchanges)
-    .bind::<Array<Text>, _>(keys)
-    .bind::<Array<Jsonb>, _>(properties)
-    .bind::<Array<Bytea>, _>(bodies)
-    .bind::<Array<Timestamptz>, _>(due)
-    .get_result(conn)
-    .await?;
-    Ok(recorded.into_result())
-}
-
-/// Records a failure with its event and dead letter atomically; `None` as for success.
-pub async fn record_failure(
-    conn: &mut PgConn,
-    command_id: String,
-    owner: String,
-    failure: Failure,
-    messages: Vec<NewOutboxMessage>,
-) -> Result<Option<(Vec<i64>, DateTime<Utc>)>, StoreError> {
-    let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(messages);
-    let recorded: Recorded = diesel::sql_query(outcome_statement(
-        "status = 'failed', attempts = attempts + $3, error_kind = $4, error_message = $5, \
-         http_status = $6, error_body = $7",
-        8,
-    ))
-    .bind::<Text, _>(&command_id)
-    .bind::<Text, _>(&owner)
-    .bind::<Integer, _>(failure.attempts)
-    .bind::<Text, _>(failure.kind.as_str())
-    .bind::<Text, _>(&failure.message)
-    .bind::<Nullable<Integer>, _>(failure.http_status.map(i32::from))
-    .bind::<Nullable<Text>, _>(&failure.error_body)
-    .bind::<Array<Text>, _>(message_ids)
-    .bind::<Array<Text>, _>(kinds)
-    .bind::<Array<Text>, _>(exchanges)
-    .bind::<Array<Text>, _>(keys)
-    .bind::<Array<Jsonb>, _>(properties)
-    .bind::<Array<Bytea>, _>(bodies)
-    .bind::<Array<Timestamptz>, _>(due)
-    .get_result(conn)
-    .await?;
-    Ok(recorded.into_result())
+    requests: Vec<OutcomeRequest>,
+    owner: &str,
+) -> Result<std::collections::HashMap<String, (Vec<i64>, DateTime<Utc>)>, StoreError> {
+    use diesel_async::AsyncConnection;
+    let owner = owner.to_owned();
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        let (mut ok_ids, mut ok_attempts, mut ok_link_ids, mut ok_links, mut ok_bodies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut bad_ids, mut bad_attempts, mut bad_kinds, mut bad_messages, mut bad_statuses, mut bad_bodies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut outbox_command_ids = Vec::new();
+        let mut all_messages = Vec::new();
+        for request in requests {
+            match request.outcome {
+                Outcome::Succeeded(s) => {
+                    ok_ids.push(request.command_id.clone());
+                    ok_attempts.push(s.attempts);
+                    ok_link_ids.push(s.link_id);
+                    ok_links.push(s.payment_link);
+                    ok_bodies.push(s.response_body);
+                }
+                Outcome::Failed(f) => {
+                    bad_ids.push(request.command_id.clone());
+                    bad_attempts.push(f.attempts);
+                    bad_kinds.push(f.kind.as_str().to_owned());
+                    bad_messages.push(f.message);
+                    bad_statuses.push(f.http_status.map(i32::from));
+                    bad_bodies.push(f.error_body);
+                }
+            }
+            for message in request.messages {
+                outbox_command_ids.push(request.command_id.clone());
+                all_messages.push(message);
+            }
+        }
+        let mut updated: Vec<Updated> = Vec::new();
+        if !ok_ids.is_empty() {
+            updated.extend(
+                diesel::sql_query(
+                    "UPDATE payment_link_commands AS c SET status = 'succeeded', attempts = c.attempts + u.attempts, \
+                         link_id = u.link_id, payment_link = u.payment_link, provider_response = u.response, \
+                         error_kind = NULL, error_message = NULL, http_status = NULL, error_body = NULL, \
+                         lease_owner = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() \
+                     FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[]) \
+                         AS u(command_id, attempts, link_id, payment_link, response) \
+                     WHERE c.command_id = u.command_id AND c.lease_owner = $6 AND c.status = 'processing' \
+                     RETURNING c.command_id, c.created_at",
+                )
+                .bind::<Array<Text>, _>(ok_ids)
+                .bind::<Array<Integer>, _>(ok_attempts)
+                .bind::<Array<Nullable<BigInt>>, _>(ok_link_ids)
+                .bind::<Array<Text>, _>(ok_links)
+                .bind::<Array<Text>, _>(ok_bodies)
+                .bind::<Text, _>(&owner)
+                .load::<Updated>(conn)
+                .await?,
+            );
+        }
+        if !bad_ids.is_empty() {
+            updated.extend(
+                diesel::sql_query(
+                    "UPDATE payment_link_commands AS c SET status = 'failed', attempts = c.attempts + u.attempts, \
+                         error_kind = u.kind, error_message = u.message, http_status = u.status, error_body = u.body, \
+                         lease_owner = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() \
+                     FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[]) \
+                         AS u(command_id, attempts, kind, message, status, body) \
+                     WHERE c.command_id = u.command_id AND c.lease_owner = $7 AND c.status = 'processing' \
+                     RETURNING c.command_id, c.created_at",
+                )
+                .bind::<Array<Text>, _>(bad_ids)
+                .bind::<Array<Integer>, _>(bad_attempts)
+                .bind::<Array<Text>, _>(bad_kinds)
+                .bind::<Array<Text>, _>(bad_messages)
+                .bind::<Array<Nullable<Integer>>, _>(bad_statuses)
+                .bind::<Array<Nullable<Text>>, _>(bad_bodies)
+                .bind::<Text, _>(&owner)
+                .load::<Updated>(conn)
+                .await?,
+            );
+        }
+        let mut recorded: std::collections::HashMap<String, (Vec<i64>, DateTime<Utc>)> = updated
+            .into_iter()
+            .map(|u| (u.command_id, (Vec::new(), u.created_at)))
+            .collect();
+        let held: Vec<String> = recorded.keys().cloned().collect();
+        if !held.is_empty() && !all_messages.is_empty() {
+            let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(all_messages);
+            let inserted: Vec<Inserted> = diesel::sql_query(
+                "INSERT INTO outbox (command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at) \
+                 SELECT m.command_id, m.message_id, m.kind, m.exchange, m.routing_key, m.properties, m.body, m.next_attempt_at \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[]) \
+                     WITH ORDINALITY AS m(command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at, ord) \
+                 WHERE m.command_id = ANY($9) \
+                 ORDER BY m.ord \
+                 RETURNING id, command_id",
+            )
+            .bind::<Array<Text>, _>(outbox_command_ids)
+            .bind::<Array<Text>, _>(message_ids)
+            .bind::<Array<Text>, _>(kinds)
+            .bind::<Array<Text>, _>(exchanges)
+            .bind::<Array<Text>, _>(keys)
+            .bind::<Array<Jsonb>, _>(properties)
+            .bind::<Array<Bytea>, _>(bodies)
+            .bind::<Array<Timestamptz>, _>(due)
+            .bind::<Array<Text>, _>(held)
+            .load(conn)
+            .await?;
+            for row in inserted {
+                if let Some((ids, _)) = recorded.get_mut(&row.command_id) {
+                    ids.push(row.id);
+                }
+            }
+            // Ids come from a sequence in insertion order: sorted, they line up with the messages.
+            for (ids, _) in recorded.values_mut() {
+                ids.sort_unstable();
+            }
+        }
+        Ok(recorded)
+    })
+    .await
 }
 
 /// Gives a command back (shutdown, or a wait in a delay queue), adding the provider calls made
