@@ -3,6 +3,7 @@
 //! one module per behaviour.
 
 mod binary;
+mod cli_flows;
 mod conflicts;
 mod contract;
 mod duplicates;
