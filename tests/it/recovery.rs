@@ -29,6 +29,15 @@ fn sim(latency_ms: u64, fail_rate: f64, stall_rate: f64) -> SimOptions {
     }
 }
 
+/// Publishes `n` commands `{prefix}-{i}` and returns their ids.
+async fn send_load(env: &TestEnv, prefix: &str, n: usize, amount: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &command_body(amount, i as i64 + 1)).await;
+    }
+    ids
+}
+
 /// How many commands have their link.
 async fn succeeded(env: &TestEnv) -> i64 {
     use diesel::prelude::*;
@@ -147,10 +156,7 @@ async fn sigkill_in_the_middle_of_a_load_loses_nothing_and_links_nothing_twice()
     )
     .await;
     let events = env.capture_events().await;
-    let ids: Vec<String> = (0..300).map(|i| format!("kill-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        env.send(id, &command_body("19.99", i as i64 + 1)).await;
-    }
+    let ids = send_load(&env, "kill", 300, "19.99").await;
     for milestone in [40, 120, 200] {
         let worker = ChildWorker::start(&env);
         eventually(&format!("{milestone} commands done"), LOAD_WAIT, || async {
@@ -209,10 +215,7 @@ async fn connections_closed_by_the_broker_are_reopened_without_a_restart() {
     settings.broker.url = payment_link_worker::config::SecretUrl::new(url);
     let events = env.capture_events().await;
     let worker = env.start_worker_with(settings).await;
-    let ids: Vec<String> = (0..200).map(|i| format!("conn-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        env.send(id, &command_body("5.00", i as i64 + 1)).await;
-    }
+    let ids = send_load(&env, "conn", 200, "5.00").await;
     for milestone in [30, 100] {
         eventually(&format!("{milestone} commands done"), LOAD_WAIT, || async {
             (succeeded(&env).await >= milestone).then_some(())
@@ -314,10 +317,7 @@ async fn a_network_cut_to_the_broker_is_ridden_out() {
     settings.broker.url = payment_link_worker::config::SecretUrl::new(url);
     let events = env.capture_events().await;
     let worker = env.start_worker_with(settings).await;
-    let ids: Vec<String> = (0..150).map(|i| format!("blip-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        env.send(id, &command_body("6.00", i as i64 + 1)).await;
-    }
+    let ids = send_load(&env, "blip", 150, "6.00").await;
     eventually("some commands done", LOAD_WAIT, || async {
         (succeeded(&env).await >= 30).then_some(())
     })
@@ -403,10 +403,7 @@ async fn a_provider_outage_longer_than_the_budget_waits_in_delay_queues() {
     .await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;
-    let ids: Vec<String> = (0..10).map(|i| format!("outage-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        env.send(id, &command_body("8.00", i as i64 + 1)).await;
-    }
+    let ids = send_load(&env, "outage", 10, "8.00").await;
     // Wait until commands have spent a whole round and gone to wait in a delay queue.
     eventually("a command parked in a delay queue", WAIT, || async {
         let record = env.record("outage-0").await?;
@@ -453,10 +450,7 @@ async fn a_slow_flaky_provider_still_gives_every_command_exactly_one_link() {
     .await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;
-    let ids: Vec<String> = (0..200).map(|i| format!("flaky-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        env.send(id, &command_body("42.4242", i as i64 + 1)).await;
-    }
+    let ids = send_load(&env, "flaky", 200, "42.4242").await;
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
     assert_clean_end(&env, &ids, &sim_url).await;
     let (requests, _) = simulator_stats(&sim_url).await;
