@@ -199,4 +199,60 @@ async fn one_trace_from_command_to_provider_to_event() {
     assert!(spans.iter().any(|s| s.span_kind == SpanKind::Consumer
         && s.span_context.trace_id().to_string() == trace_id_of(&untraced_tp)
         && !s.parent_span_id.to_string().chars().any(|c| c != '0')));
+
+    // The trace continues across a delayed redelivery: the context travels in the headers.
+    let flaky = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(2)
+        .mount(&flaky)
+        .await;
+    answer_with_link(&flaky, 201, 2, "1.00", 1).await;
+    let env = TestEnv::with(
+        &flaky.uri(),
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "30"),
+            ("RETRY__DELAY_TIERS_MS", "200,200,200,200"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    let delayed_parent = "00-1bf7651916cd43dd8448eb211c80319d-c7ad6b7169203332-01";
+    env.publish_raw(
+        with_header(command_properties("delayed"), "traceparent", delayed_parent),
+        command_body("1.00", 1).as_bytes(),
+    )
+    .await;
+    let event = env.next_message(&events, WAIT).await;
+    worker.stop().await.unwrap();
+    provider_of_spans.force_flush().unwrap();
+    assert_eq!(
+        trace_id_of(&event.header("traceparent").unwrap()),
+        trace_id_of(delayed_parent)
+    );
+    let spans = exporter.get_finished_spans().unwrap();
+    let rounds: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| {
+            s.span_kind == SpanKind::Consumer
+                && attribute(s, "messaging.message.id").as_deref() == Some("delayed")
+        })
+        .collect();
+    assert!(
+        rounds.len() >= 2,
+        "the command came back from a delay queue ({} rounds)",
+        rounds.len()
+    );
+    for round in rounds {
+        assert_eq!(
+            round.span_context.trace_id().to_string(),
+            trace_id_of(delayed_parent)
+        );
+        assert_eq!(
+            round.parent_span_id.to_string(),
+            "c7ad6b7169203332",
+            "every round continues the command's trace"
+        );
+    }
 }
