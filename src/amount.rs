@@ -17,12 +17,16 @@ pub struct Amount(BigDecimal);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AmountError {
     #[error("must be a JSON number, got {0}")]
+    /// Not a JSON number (a string, say).
     NotANumber(String),
     #[error("must be greater than zero, got {0}")]
+    /// Zero or negative.
     NotPositive(String),
     #[error("must have at most {MAX_INTEGER_DIGITS} digits before the decimal point, got {0}")]
+    /// More than 16 digits before the point.
     TooLarge(String),
     #[error("must have at most {MAX_FRACTION_DIGITS} digits after the decimal point, got {0}")]
+    /// More than 4 significant digits after the point.
     TooPrecise(String),
 }
 

@@ -19,6 +19,7 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
+    /// The subcommand.
     pub command: Commands,
 }
 
@@ -44,6 +45,7 @@ pub enum DeadLetterCommands {
     /// One line per dead-lettered command, then a count per kind. Removes nothing.
     List {
         #[command(flatten)]
+        /// Which dead letters.
         select: SelectArgs,
         /// One JSON document instead of lines.
         #[arg(long)]
@@ -53,6 +55,7 @@ pub enum DeadLetterCommands {
     /// letter is removed); exits non-zero if any could not be replayed.
     Replay {
         #[command(flatten)]
+        /// Which dead letters.
         select: SelectArgs,
         /// Show what would be replayed; change nothing (the run is still recorded).
         #[arg(long)]

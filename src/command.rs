@@ -89,12 +89,19 @@ impl EmailAddress {
 /// A valid "create payment link" command body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Command {
+    /// Which provider account the link is for.
     pub payment_provider_id: i64,
+    /// The exact amount in major currency units.
     pub amount: Amount,
+    /// Shown to the payer; never blank.
     pub description: String,
+    /// Where the provider sends the link, if anywhere.
     pub email_address: Option<EmailAddress>,
+    /// The invoice this link pays, if any.
     pub invoice_id: Option<i64>,
+    /// The ad hoc invoice this link pays, if any.
     pub adhoc_invoice_id: Option<i64>,
+    /// The customer, if known.
     pub customer_id: Option<i64>,
 }
 
@@ -246,6 +253,7 @@ impl Command {
 /// A delivery that passed every check, with what the rest of the pipeline needs from its envelope.
 #[derive(Clone, Debug)]
 pub struct Envelope {
+    /// The command id (`message_id`).
     pub command_id: CommandId,
     /// The command's own correlation id, or its command id.
     pub correlation_id: String,
@@ -253,6 +261,7 @@ pub struct Envelope {
     pub replay_count: i32,
     /// How many delay tiers the command has already waited in.
     pub delay_round: usize,
+    /// The validated body.
     pub command: Command,
     /// The provider request body.
     pub request_json: String,

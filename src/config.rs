@@ -103,15 +103,25 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The `[broker]` section.
     pub broker: BrokerSettings,
+    /// The `[database]` section.
     pub database: DatabaseSettings,
+    /// The `[provider]` section.
     pub provider: ProviderSettings,
+    /// The `[retry]` section.
     pub retry: RetrySettings,
+    /// The `[breaker]` section.
     pub breaker: BreakerSettings,
+    /// The `[outbox]` section.
     pub outbox: OutboxSettings,
+    /// The `[worker]` section.
     pub worker: WorkerSettings,
+    /// The `[events]` section.
     pub events: EventSettings,
+    /// The `[telemetry]` section.
     pub telemetry: TelemetrySettings,
+    /// The `[log]` section.
     pub log: LogSettings,
 }
 
@@ -119,7 +129,9 @@ pub struct Settings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
+    /// Address of the HTTP endpoint with /healthz, /readyz and /metrics (Prometheus text). Empty turns it off.
     pub http_listen: String,
+    /// How often the gauges read from PostgreSQL and RabbitMQ (outbox backlog, queue depths, oldest command) are refreshed.
     pub levels_interval_ms: u64,
 }
 
@@ -127,17 +139,29 @@ pub struct TelemetrySettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerSettings {
+    /// AMQP URL of RabbitMQ. A password in it is never logged.
     pub url: SecretUrl,
+    /// How many commands one worker processes at once (unacknowledged deliveries).
     pub prefetch: u16,
+    /// Commands larger than this are dead-lettered as invalid without being parsed.
     pub max_message_bytes: usize,
+    /// Deliveries of one message before the broker dead-letters it by itself (a message that keeps crashing workers).
     pub delivery_limit: u32,
+    /// Topic exchange the invoicing system publishes commands to.
     pub command_exchange: String,
+    /// Routing key of the commands (and of their dead letters).
     pub command_routing_key: String,
+    /// Quorum queue the workers consume; also the prefix of the delay queues.
     pub command_queue: String,
+    /// Topic exchange the events go to.
     pub event_exchange: String,
+    /// Routing key of `payment-link.created`.
     pub created_routing_key: String,
+    /// Routing key of `payment-link.failed`.
     pub failed_routing_key: String,
+    /// Topic exchange dead letters go to.
     pub dead_letter_exchange: String,
+    /// Quorum queue holding the dead letters, bound with `#`.
     pub dead_letter_queue: String,
 }
 
@@ -145,8 +169,11 @@ pub struct BrokerSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
+    /// PostgreSQL URL. A password in it is never logged.
     pub url: SecretUrl,
+    /// Connections in this worker's pool.
     pub pool_size: usize,
+    /// Run the embedded migrations when `run` starts (`migrate` runs them on its own).
     pub run_migrations: bool,
 }
 
@@ -154,9 +181,13 @@ pub struct DatabaseSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSettings {
+    /// Base URL of the payment provider API; the worker posts to {base_url}/payment-provider-payment-link.
     pub base_url: String,
+    /// Bearer token for the provider. Required by `run`; never logged. Prefer PROVIDER_TOKEN.
     pub token: Secret,
+    /// Time allowed to open a connection to the provider.
     pub connect_timeout_ms: u64,
+    /// Time allowed for one whole request, connect included.
     pub timeout_ms: u64,
 }
 
@@ -164,11 +195,17 @@ pub struct ProviderSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
+    /// First wait between retries of a transient provider failure.
     pub initial_interval_ms: u64,
+    /// Longest wait between two retries.
     pub max_interval_ms: u64,
+    /// Growth of the wait from one retry to the next.
     pub multiplier: f64,
+    /// Jitter: each wait is drawn from [wait * (1 - factor), wait * (1 + factor)].
     pub randomization_factor: f64,
+    /// In-process budget for one round of retries. Past it the command waits in the next delay tier.
     pub max_elapsed_ms: u64,
+    /// Waits in broker-side delay queues between retry rounds; empty dead-letters after the first round.
     pub delay_tiers_ms: Vec<u64>,
 }
 
@@ -176,9 +213,13 @@ pub struct RetrySettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerSettings {
+    /// Share of transiently failed calls in the window that opens the circuit.
     pub failure_ratio: f64,
+    /// Calls in the window before the ratio counts.
     pub min_calls: usize,
+    /// How far back calls count.
     pub window_ms: u64,
+    /// How often one probe call goes through while the circuit is open.
     pub probe_interval_ms: u64,
 }
 
@@ -186,9 +227,13 @@ pub struct BreakerSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxSettings {
+    /// How often the relay looks for events and dead letters that are not yet confirmed by the broker.
     pub relay_interval_ms: u64,
+    /// Rows the relay publishes per round.
     pub relay_batch_size: i64,
+    /// How long the relay leaves a fresh row to the worker that wrote it before publishing it itself.
     pub inline_grace_ms: u64,
+    /// Longest wait between two relay attempts at the same row.
     pub max_retry_interval_ms: u64,
 }
 
@@ -196,8 +241,11 @@ pub struct OutboxSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
+    /// On SIGTERM or ctrl-c, how long commands in flight may take to finish before they are returned to the queue.
     pub shutdown_grace_ms: u64,
+    /// How often a worker looks again at a command that another worker is processing right now.
     pub busy_poll_ms: u64,
+    /// Added to the longest provider call sequence to give a worker's hold on a command (its lease);
     pub lease_margin_ms: u64,
 }
 
@@ -205,6 +253,7 @@ pub struct WorkerSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventSettings {
+    /// CloudEvents `source` attribute of the events this worker publishes.
     pub source: String,
 }
 
@@ -212,7 +261,9 @@ pub struct EventSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
+    /// "json" (one object per line) or "text" (for people).
     pub format: LogFormat,
+    /// tracing filter directives, such as "info" or "payment_link_worker=debug,info"; RUST_LOG wins when set.
     pub level: String,
 }
 
@@ -220,7 +271,9 @@ pub struct LogSettings {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// One JSON object per line, for log pipelines.
     Json,
+    /// Human-readable lines.
     Text,
 }
 

@@ -42,8 +42,11 @@ const DEAD_LETTER_HEADERS: [&str; 15] = [
 /// Which dead letters an operation applies to.
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
+    /// Only this error kind.
     pub kind: Option<String>,
+    /// Only this command id.
     pub command_id: Option<String>,
+    /// At most this many.
     pub limit: Option<usize>,
 }
 
@@ -61,15 +64,25 @@ impl Selection {
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
+    /// The command id (`message_id`).
     pub command_id: String,
+    /// The error kind (`x-error-kind`).
     pub kind: String,
+    /// What went wrong (`x-error-message`).
     pub message: String,
+    /// The provider's HTTP status (`x-error-status`).
     pub http_status: Option<i64>,
+    /// Provider calls made (`x-attempts`).
     pub attempts: Option<i64>,
+    /// When it was dead-lettered (`x-failed-at`).
     pub failed_at: Option<String>,
+    /// From the body, when it is JSON.
     pub invoice_id: Option<i64>,
+    /// From the body, when it is JSON.
     pub adhoc_invoice_id: Option<i64>,
+    /// From the body, when it is JSON.
     pub customer_id: Option<i64>,
+    /// Replays so far (`x-replay-count`).
     pub replay_count: i64,
 }
 
@@ -121,6 +134,7 @@ impl DeadLetter {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Listing {
+    /// The matching dead letters.
     pub letters: Vec<DeadLetter>,
     /// Matching dead letters per kind.
     pub by_kind: BTreeMap<String, usize>,
@@ -132,6 +146,7 @@ pub struct Listing {
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplaySummary {
+    /// The run's row in `replay_runs`.
     pub run_id: i64,
     /// Published back to the command exchange (or, in a dry run, selected).
     pub replayed: Vec<String>,
@@ -141,6 +156,7 @@ pub struct ReplaySummary {
     pub failed: usize,
     /// Of the messages in the dead-letter queue when the run started, those still there.
     pub left: u32,
+    /// Whether nothing was changed.
     pub dry_run: bool,
 }
 
@@ -234,7 +250,9 @@ pub fn replay_message(
 /// How a replay run is asked for.
 #[derive(Clone, Debug)]
 pub struct ReplayRequest {
+    /// Which dead letters.
     pub selection: Selection,
+    /// Only show what would be replayed.
     pub dry_run: bool,
     /// Replays per second at most.
     pub rate: Option<f64>,

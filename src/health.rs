@@ -21,8 +21,11 @@ const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the endpoint looks at.
 #[derive(Clone)]
 pub struct Probe {
+    /// The figures for `/metrics`.
     pub metrics: Arc<MetricsHandle>,
+    /// Checked by `/readyz`.
     pub pool: PgPool,
+    /// Checked by `/readyz`.
     pub breaker: Arc<Breaker>,
     /// True while the worker holds a live consumer on the command queue.
     pub consuming: Arc<AtomicBool>,

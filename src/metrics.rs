@@ -41,6 +41,7 @@ pub struct Metrics {
 
 /// The metrics of one worker and what renders or exports them.
 pub struct MetricsHandle {
+    /// The instruments.
     pub metrics: Arc<Metrics>,
     registry: prometheus::Registry,
     provider: SdkMeterProvider,

@@ -141,12 +141,17 @@ pub enum Disposition {
 
 /// Everything a command's processing needs, shared by the tasks of one worker.
 pub struct Shared {
+    /// The settings it runs with.
     pub settings: Settings,
+    /// Database connections.
     pub pool: PgPool,
+    /// The confirm-mode publisher.
     pub publisher: Publisher,
+    /// The provider API client.
     pub provider: ProviderClient,
     /// The provider's circuit breaker (also read by readiness).
     pub breaker: Arc<Breaker>,
+    /// The figures it records.
     pub metrics: Arc<Metrics>,
     /// Claims commands in batches.
     pub claims: commands::ClaimBatcher,
@@ -156,6 +161,7 @@ pub struct Shared {
     pub sent: publisher::SentMarker,
     /// True while a consumer on the command queue is live (read by readiness).
     pub consuming: Arc<AtomicBool>,
+    /// Where events go.
     pub events: EventTarget,
     /// This worker's name in command leases, unique per process.
     pub instance_id: String,

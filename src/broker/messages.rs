@@ -22,9 +22,13 @@ const EVENT_ID_NAMESPACE: uuid::Uuid =
 /// A message ready to publish.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboundMessage {
+    /// Exchange to publish to (empty: the default exchange).
     pub exchange: String,
+    /// Routing key (a queue name on the default exchange).
     pub routing_key: String,
+    /// AMQP properties and headers.
     pub properties: BasicProperties,
+    /// Body bytes.
     pub body: Vec<u8>,
 }
 
@@ -51,8 +55,11 @@ pub fn event_id(event_type: &str, command_id: &str) -> String {
 /// Where events go and what they say about themselves.
 #[derive(Clone, Debug)]
 pub struct EventTarget {
+    /// Exchange the events go to.
     pub exchange: String,
+    /// Routing key of `payment-link.created`.
     pub created_routing_key: String,
+    /// Routing key of `payment-link.failed`.
     pub failed_routing_key: String,
     /// CloudEvents `source`.
     pub source: String,
@@ -161,18 +168,27 @@ pub fn failed_event(
 /// What went wrong, for a dead letter's headers and the failed event.
 #[derive(Clone, Debug)]
 pub struct Failure<'a> {
+    /// The error kind.
     pub kind: ErrorKind,
+    /// What went wrong, in words.
     pub message: &'a str,
+    /// The provider's HTTP status, where there was one.
     pub http_status: Option<u16>,
+    /// The start of the provider's error body, where there was one.
     pub error_body: Option<&'a str>,
+    /// Provider calls made.
     pub attempts: i32,
 }
 
 /// The delivery a dead letter is made from.
 pub struct Original<'a> {
+    /// Exchange the command was published to.
     pub exchange: &'a str,
+    /// Routing key the command was published with.
     pub routing_key: &'a str,
+    /// The command's properties and headers.
     pub properties: &'a BasicProperties,
+    /// The command's body.
     pub body: &'a [u8],
 }
 

@@ -18,15 +18,20 @@ use tracing::Instrument;
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("the broker refused the message (basic.nack)")]
+    /// The broker refused the message.
     Nacked,
     #[error(
         "unroutable: no queue is bound to exchange {exchange:?} for routing key {routing_key:?}"
     )]
+    /// No queue is bound for the message.
     Unroutable {
+        /// Where it was published.
         exchange: String,
+        /// With which routing key.
         routing_key: String,
     },
     #[error("broker error: {0}")]
+    /// The connection or channel failed.
     Broker(#[from] lapin::Error),
 }
 

@@ -19,24 +19,31 @@ pub const ERROR_BODY_LIMIT: usize = 1024;
 /// A link the provider created.
 #[derive(Clone, Debug)]
 pub struct LinkCreated {
+    /// 200 or 201.
     pub http_status: u16,
     /// The body exactly as the provider sent it.
     pub body: String,
+    /// The link's id, when the provider gave one.
     pub link_id: Option<i64>,
+    /// The link itself.
     pub payment_link: String,
 }
 
 /// A failed provider call, permanent or the last of a transient series.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProviderError {
+    /// What went wrong, in words (never with credentials).
     pub message: String,
+    /// The HTTP status, where there was an answer.
     pub http_status: Option<u16>,
+    /// The start of the answer's body, where there was one.
     pub body: Option<String>,
 }
 
 /// The final result of a provider call with its retries.
 #[derive(Debug)]
 pub struct CallResult {
+    /// The link, or why there is none.
     pub outcome: Result<LinkCreated, (ErrorKind, ProviderError)>,
     /// HTTP requests made, including the failed ones.
     pub attempts: i32,

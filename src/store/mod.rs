@@ -25,12 +25,16 @@ pub type PgConn = Object<AsyncPgConnection>;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot get a database connection: {0}")]
+    /// No connection could be had.
     Pool(#[from] PoolError),
     #[error("database query failed: {0}")]
+    /// A statement failed.
     Query(#[from] diesel::result::Error),
     #[error("cannot run database migrations: {0}")]
+    /// Migrations (or the pool set-up) failed.
     Migration(String),
     #[error("database write failed: {0}")]
+    /// A batched write failed; every command in the batch tries again.
     Batch(String),
 }
 
