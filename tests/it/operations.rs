@@ -240,3 +240,46 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
             .any(|r| r.dry_run && r.replayed == 2 && r.command_ids.len() == 2)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_keeps_failing_is_dead_lettered_by_the_broker_and_listed() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let provider = MockServer::start().await;
+    let env = TestEnv::with(&provider.uri(), &[("BROKER__DELIVERY_LIMIT", "2")]).await;
+    env.send("poison", &command_body("1.00", 1)).await;
+    // A consumer that crashes on it: every delivery comes back (nack with requeue).
+    eventually(
+        "the broker to dead-letter the message after its delivery limit",
+        WAIT,
+        || async {
+            if let Some(message) = env
+                .channel
+                .basic_get(
+                    env.command_queue().as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .unwrap()
+            {
+                message
+                    .delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            (env.queue_depth(&env.dead_letter_queue()).await == 1).then_some(())
+        },
+    )
+    .await;
+    let listing = dead_letters::list(&env.settings, &Selection::default())
+        .await
+        .unwrap();
+    assert_eq!(listing.letters.len(), 1);
+    assert_eq!(listing.letters[0].command_id, "poison");
+    assert_eq!(listing.letters[0].kind, "delivery-limit");
+    assert_eq!(env.queue_depth(&env.command_queue()).await, 0);
+}
