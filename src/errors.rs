@@ -39,11 +39,6 @@ impl ErrorKind {
         }
     }
 
-    /// Parses a wire name.
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == text)
-    }
-
     /// Whether a `payment-link.failed` event reports this failure (the invoicing system only
     /// hears of failures of well-formed commands it owns).
     pub fn publishes_failed_event(self) -> bool {

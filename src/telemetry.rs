@@ -8,7 +8,7 @@
 //! helpers here read and write it.
 
 use crate::config::{LogFormat, LogSettings};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
@@ -123,27 +123,9 @@ impl Extractor for HeaderReader<'_> {
     }
 }
 
-/// Writes trace context into AMQP headers.
-struct HeaderWriter<'a>(&'a mut FieldTable);
-
-impl Injector for HeaderWriter<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(
-            key.into(),
-            AMQPValue::LongString(LongString::from(value.into_bytes())),
-        );
-    }
-}
-
 /// The trace context a message carries (an empty context when it carries none).
 pub fn extract(headers: Option<&FieldTable>) -> Context {
     TraceContextPropagator::new().extract(&HeaderReader(headers))
-}
-
-/// Writes the current span's trace context into AMQP headers.
-pub fn inject_current(headers: &mut FieldTable) {
-    let context = tracing::Span::current().context();
-    TraceContextPropagator::new().inject_context(&context, &mut HeaderWriter(headers));
 }
 
 /// The current span's trace context as HTTP header pairs.

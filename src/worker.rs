@@ -183,7 +183,10 @@ pub struct RunningWorker {
 impl RunningWorker {
     /// Waits until the worker has stopped, and says how.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("the worker task panicked")?
+        let ended = self.task.await.context("the worker task panicked");
+        // Flushes the last figures to OTLP, when configured.
+        self.metrics.shutdown();
+        ended?
     }
 }
 

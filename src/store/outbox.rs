@@ -78,34 +78,6 @@ impl OutboxRecord {
     }
 }
 
-/// Inserts rows (inside the caller's transaction) and returns their ids, in the order of `rows`.
-pub async fn insert(
-    conn: &mut diesel_async::AsyncPgConnection,
-    rows: Vec<NewOutboxMessage>,
-) -> Result<Vec<i64>, StoreError> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut ids: Vec<i64> = diesel::insert_into(o::outbox)
-        .values(rows)
-        .returning(o::id)
-        .get_results(conn)
-        .await?;
-    // Ids come from a sequence in insertion order: sorted, they line up with `rows`.
-    ids.sort_unstable();
-    Ok(ids)
-}
-
-/// Rows by id.
-pub async fn by_ids(conn: &mut PgConn, ids: &[i64]) -> Result<Vec<OutboxRecord>, StoreError> {
-    Ok(o::outbox
-        .filter(o::id.eq_any(ids))
-        .order(o::id)
-        .select(OutboxRecord::as_select())
-        .load(conn)
-        .await?)
-}
-
 /// The newest event recorded for a command, to publish again when the command comes again.
 pub async fn latest_event(
     conn: &mut PgConn,
