@@ -339,9 +339,7 @@ pub async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<String>
         .command_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let connection = broker::connect(&settings.broker, "payment-link-worker send")
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?;
+    let connection = broker::connect(&settings.broker, "payment-link-worker send").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -10,10 +10,7 @@ use crate::command::{REPLAY_COUNT_HEADER, header_int, header_text};
 use crate::config::Settings;
 use crate::store::{self, replay_runs};
 use anyhow::Context as _;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use serde::Serialize;
@@ -161,26 +158,16 @@ pub struct ReplaySummary {
 }
 
 async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    Ok(channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    broker::queue_depth(channel, queue)
         .await
-        .with_context(|| format!("dead-letter queue {queue} not found"))?
-        .message_count())
+        .with_context(|| format!("dead-letter queue {queue} not found"))
 }
 
 /// Lists the dead letters that match, without removing or changing any.
 pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<Listing> {
     let queue = &settings.broker.dead_letter_queue;
-    let connection = broker::connect(&settings.broker, "payment-link-worker dead-letters list")
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?;
+    let connection =
+        broker::connect(&settings.broker, "payment-link-worker dead-letters list").await?;
     let channel = connection.create_channel().await?;
     let in_queue = depth(&channel, queue).await?;
     let mut letters = Vec::new();
@@ -284,9 +271,8 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
     )
     .await?;
     let queue = &settings.broker.dead_letter_queue;
-    let connection = broker::connect(&settings.broker, "payment-link-worker dead-letters replay")
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.broker.url))?;
+    let connection =
+        broker::connect(&settings.broker, "payment-link-worker dead-letters replay").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -201,13 +201,7 @@ impl Session {
     /// Connects, declares the topology (every replica does, idempotently), sets the prefetch and
     /// starts consuming.
     async fn open(settings: &Settings, instance_id: &str) -> anyhow::Result<Self> {
-        let connection = Arc::new(
-            broker::connect(&settings.broker, instance_id)
-                .await
-                .with_context(|| {
-                    format!("cannot connect to RabbitMQ at {}", settings.broker.url)
-                })?,
-        );
+        let connection = Arc::new(broker::connect(&settings.broker, instance_id).await?);
         let channel = connection.create_channel().await?;
         topology::declare(&channel, &settings.broker)
             .await

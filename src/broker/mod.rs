@@ -6,13 +6,34 @@ pub mod publisher;
 pub mod topology;
 
 use crate::config::BrokerSettings;
-use lapin::{Connection, ConnectionProperties};
+use anyhow::Context as _;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
 
-/// Opens a connection named after the worker, so operators can tell its connections apart.
-pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Connection, lapin::Error> {
+/// Opens a connection named `name`, so operators can tell the connections apart; an error says
+/// where it tried to connect (without the password).
+pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Connection> {
     Connection::connect(
         settings.url.expose(),
         ConnectionProperties::default().with_connection_name(name.into()),
     )
     .await
+    .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.url))
+}
+
+/// Messages ready in `queue` (not those delivered and unacknowledged), by a passive declare.
+/// A missing queue closes the channel, so callers use a channel of its own for this.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    Ok(channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count())
 }

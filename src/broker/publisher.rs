@@ -133,18 +133,9 @@ impl Publisher {
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, lapin::Error> {
         let connection = self.slot.read().await.0.clone();
         let channel = connection.create_channel().await?;
-        let result = channel
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..lapin::options::QueueDeclareOptions::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
+        let depth = super::queue_depth(&channel, queue).await;
         let _ = channel.close(200, "depth read".into()).await;
-        Ok(result?.message_count())
+        depth
     }
 
     /// Closes the channel once every publish in flight has been confirmed.

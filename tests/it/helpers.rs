@@ -325,18 +325,9 @@ impl TestEnv {
 
     /// Messages ready in `queue` (not counting those delivered and unacknowledged).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        payment_link_worker::broker::queue_depth(&self.channel, queue)
             .await
             .expect("queue exists")
-            .message_count()
     }
 
     /// The dead-letter queue's name.

@@ -8,6 +8,14 @@ use payment_link_worker::store::replay_runs;
 use wiremock::matchers::{header, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+fn select(kind: Option<&str>, command_id: Option<&str>, limit: Option<usize>) -> Selection {
+    Selection {
+        kind: kind.map(str::to_owned),
+        command_id: command_id.map(str::to_owned),
+        limit,
+    }
+}
+
 fn request(selection: Selection, dry_run: bool) -> ReplayRequest {
     ReplayRequest {
         selection,
@@ -58,15 +66,9 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         (Some(400), Some(1), Some(100), 0)
     );
     assert!(first.failed_at.is_some());
-    let only = dead_letters::list(
-        &env.settings,
-        &Selection {
-            command_id: Some("cmd-3".into()),
-            ..Selection::default()
-        },
-    )
-    .await
-    .unwrap();
+    let only = dead_letters::list(&env.settings, &select(None, Some("cmd-3"), None))
+        .await
+        .unwrap();
     assert_eq!(only.letters.len(), 1);
     eventually("listed messages back in the queue", WAIT, || async {
         (env.queue_depth(&env.dead_letter_queue()).await == 6).then_some(())
@@ -76,14 +78,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     // A dry run selects and changes nothing.
     let dry = dead_letters::replay(
         &env.settings,
-        &request(
-            Selection {
-                kind: Some("provider-rejected".into()),
-                limit: Some(2),
-                ..Selection::default()
-            },
-            true,
-        ),
+        &request(select(Some("provider-rejected"), None, Some(2)), true),
     )
     .await
     .unwrap();
@@ -101,13 +96,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
 
     let by_id = dead_letters::replay(
         &env.settings,
-        &request(
-            Selection {
-                command_id: Some("cmd-2".into()),
-                ..Selection::default()
-            },
-            false,
-        ),
+        &request(select(None, Some("cmd-2"), None), false),
     )
     .await
     .unwrap();
@@ -127,27 +116,15 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
 
     let flapping = dead_letters::replay(
         &env.settings,
-        &request(
-            Selection {
-                command_id: Some("cmd-5".into()),
-                ..Selection::default()
-            },
-            false,
-        ),
+        &request(select(None, Some("cmd-5"), None), false),
     )
     .await
     .unwrap();
     assert_eq!(flapping.replayed, ["cmd-5"]);
     let again = eventually("cmd-5 dead-lettered again", WAIT, || async {
-        let listing = dead_letters::list(
-            &env.settings,
-            &Selection {
-                command_id: Some("cmd-5".into()),
-                ..Selection::default()
-            },
-        )
-        .await
-        .unwrap();
+        let listing = dead_letters::list(&env.settings, &select(None, Some("cmd-5"), None))
+            .await
+            .unwrap();
         listing.letters.into_iter().next()
     })
     .await;
@@ -168,14 +145,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     answer_with_link(&provider, 201, 1, "1.00", 1).await;
     let limited = dead_letters::replay(
         &env.settings,
-        &request(
-            Selection {
-                kind: Some("provider-rejected".into()),
-                limit: Some(2),
-                ..Selection::default()
-            },
-            false,
-        ),
+        &request(select(Some("provider-rejected"), None, Some(2)), false),
     )
     .await
     .unwrap();
