@@ -24,6 +24,9 @@ struct Inner {
     state: State,
     /// Recent calls: when, and whether they failed transiently.
     window: VecDeque<(Instant, bool)>,
+    /// How many calls in `window` failed, kept as calls come and go so that recording a result
+    /// costs the same whatever the window holds.
+    failures: usize,
     next_probe_at: Instant,
 }
 
@@ -49,6 +52,7 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 window: VecDeque::new(),
+                failures: 0,
                 next_probe_at: Instant::now(),
             }),
             changed: Notify::new(),
@@ -105,6 +109,7 @@ impl Breaker {
             } else {
                 inner.state = State::Closed;
                 inner.window.clear();
+                inner.failures = 0;
                 tracing::info!("provider circuit closed: the probe call succeeded; resuming");
                 self.changed.notify_waiters();
             }
@@ -112,15 +117,16 @@ impl Breaker {
         }
         let window = Duration::from_millis(self.settings.window_ms);
         inner.window.push_back((now, failed));
-        while inner
-            .window
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > window)
-        {
+        inner.failures += usize::from(failed);
+        while let Some(&(at, old_failed)) = inner.window.front() {
+            if now.duration_since(at) <= window {
+                break;
+            }
             inner.window.pop_front();
+            inner.failures -= usize::from(old_failed);
         }
         let calls = inner.window.len();
-        let failures = inner.window.iter().filter(|(_, failed)| *failed).count();
+        let failures = inner.failures;
         if inner.state == State::Closed
             && calls >= self.settings.min_calls
             && failures as f64 >= self.settings.failure_ratio * calls as f64
@@ -212,5 +218,29 @@ mod tests {
             State::Open,
             "an abandoned probe counts as failed"
         );
+    }
+
+    #[tokio::test]
+    async fn failures_that_left_the_window_no_longer_count() {
+        let b = Breaker::new(BreakerSettings {
+            failure_ratio: 0.5,
+            min_calls: 4,
+            window_ms: 1_000,
+            probe_interval_ms: 10,
+        });
+        for _ in 0..3 {
+            b.admit().await.record(true);
+        }
+        // Let those three failures age out of the window (the wait is the condition itself).
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        for failed in [false, false, false, true] {
+            b.admit().await.record(failed);
+        }
+        // Counting the old failures too would make it 4 of 7 and open the breaker.
+        assert_eq!(b.state(), State::Closed);
+        b.admit().await.record(true);
+        assert_eq!(b.state(), State::Closed, "2 of 5 recent calls failed");
+        b.admit().await.record(true);
+        assert_eq!(b.state(), State::Open, "3 of 6 recent calls failed");
     }
 }
