@@ -613,38 +613,39 @@ async fn process_command(
             Ok(link) => {
                 let event =
                     messages::created_event(&shared.events, envelope, &link.body, now, &trace);
-                let rows = vec![NewOutboxMessage::new(
-                    command_id,
-                    outbox::EVENT,
-                    &event,
-                    grace,
-                )];
-                outgoing.push(event);
                 let success = commands::Success {
                     attempts: call.attempts,
                     link_id: link.link_id,
                     payment_link: link.payment_link.clone(),
                     response_body: link.body.clone(),
+                    event: commands::KeptEvent::new(&event),
                 };
-                let ids = db!(
+                // The event is kept on the command's row, not in the outbox: this delivery is
+                // acked only once the broker confirmed the event, so after a crash the broker's
+                // redelivery finds the outcome and publishes the kept event again.
+                let recorded = db!(
                     shared,
                     "record the link",
                     shared.outcomes.record(
                         command_id,
                         commands::Outcome::Succeeded(success.clone()),
-                        rows.clone()
+                        Vec::new()
                     )
                 )?;
-                if let Some((_, first_seen)) = &ids {
-                    shared.metrics.succeeded(since(*first_seen));
-                    tracing::info!(
-                        attempts = call.attempts,
-                        http_status = link.http_status,
-                        link_id = link.link_id,
-                        "payment link created"
+                let Some((_, first_seen)) = recorded else {
+                    tracing::warn!(
+                        "this worker's lease ran out and another worker took the command over"
                     );
-                }
-                ids
+                    continue;
+                };
+                shared.metrics.succeeded(since(first_seen));
+                tracing::info!(
+                    attempts = call.attempts,
+                    http_status = link.http_status,
+                    link_id = link.link_id,
+                    "payment link created"
+                );
+                return publish_or_hand_over(shared, command_id, &event).await;
             }
             Err((ErrorKind::RetriesExhausted, error))
                 if envelope.delay_round < shared.settings.retry.delay_tiers_ms.len() =>
@@ -746,19 +747,45 @@ async fn republish(shared: &Shared, record: &CommandRecord) -> Result<Dispositio
     tracing::info!(status = %record.status, "duplicate command; publishing its recorded event again");
     let command_id = record.command_id.as_str();
     let event = db!(shared, "read the recorded event", |conn| {
-        outbox::latest_event(&mut conn, command_id)
+        commands::recorded_event(&mut conn, command_id)
     })?;
-    match event.map(|row| (row.id, row.message())) {
-        Some((_, Ok(message))) => {
-            if let Err(error) = shared.publisher.publish(&message).await {
-                tracing::warn!(%error, "could not publish the recorded event again; the original stays in the outbox");
-            }
+    match event {
+        Some(Ok(message)) => publish_or_hand_over(shared, command_id, &message).await,
+        Some(Err(error)) => {
+            tracing::error!(%error, "recorded event is unreadable");
+            Ok(Disposition::Ack)
         }
-        Some((outbox_id, Err(error))) => {
-            tracing::error!(%error, outbox_id, "recorded event is unreadable")
+        None => {
+            tracing::debug!("this outcome has no event to publish");
+            Ok(Disposition::Ack)
         }
-        None => tracing::debug!("this outcome has no event to publish"),
     }
+}
+
+/// Publishes a recorded event and, if the broker does not take it now (a nack, no queue bound,
+/// a lost channel), hands it to the outbox relay, so the delivery can be acked either way.
+async fn publish_or_hand_over(
+    shared: &Shared,
+    command_id: &str,
+    event: &messages::OutboundMessage,
+) -> Result<Disposition, Abandoned> {
+    let error = match shared.publisher.publish(event).await {
+        Ok(()) => return Ok(Disposition::Ack),
+        Err(error) => error.to_string(),
+    };
+    tracing::warn!(message_id = event.message_id(), %error,
+        "publish failed; the outbox relay will retry");
+    let max_wait = Duration::from_millis(shared.settings.outbox.max_retry_interval_ms);
+    db!(shared, "hand the event to the relay", |conn| {
+        outbox::hand_to_relay(
+            &mut conn,
+            command_id,
+            outbox::EVENT,
+            event,
+            &error,
+            max_wait,
+        )
+    })?;
     Ok(Disposition::Ack)
 }
 

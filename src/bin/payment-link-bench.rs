@@ -209,6 +209,96 @@ impl Run {
     }
 }
 
+/// Where the machine's CPU time goes, by the program that spent it (RabbitMQ, PostgreSQL, the
+/// worker, this benchmark with its simulator); everything else is counted as `other`.
+#[derive(Clone, Copy, Default)]
+struct CpuSplit {
+    broker: f64,
+    database: f64,
+    worker: f64,
+    bench: f64,
+    other: f64,
+}
+
+impl CpuSplit {
+    /// CPU seconds spent so far by every live process, grouped.
+    fn now() -> Self {
+        let mut split = Self::default();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return split;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, tail)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+            let fields: Vec<&str> = tail.split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let seconds = (ticks(11) + ticks(12)) / 100.0;
+            let slot = match comm {
+                "beam.smp" | "erl_child_setup" | "inet_gethost" | "epmd" => &mut split.broker,
+                "postgres" => &mut split.database,
+                c if c.starts_with("payment-link-wo") => &mut split.worker,
+                c if c.starts_with("payment-link-be") => &mut split.bench,
+                _ => &mut split.other,
+            };
+            *slot += seconds;
+        }
+        split
+    }
+
+    /// What was spent since `earlier`, per 1,000 messages out of `n`.
+    fn per_1000_since(self, earlier: Self, n: usize) -> Self {
+        let k = 1000.0 / n as f64;
+        Self {
+            broker: (self.broker - earlier.broker) * k,
+            database: (self.database - earlier.database) * k,
+            worker: (self.worker - earlier.worker) * k,
+            bench: (self.bench - earlier.bench) * k,
+            other: (self.other - earlier.other).max(0.0) * k,
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.broker + self.database + self.worker + self.bench + self.other
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "rabbitmq": self.broker,
+            "postgresql": self.database,
+            "worker": self.worker,
+            "benchmark_and_simulator": self.bench,
+            "other": self.other,
+            "total": self.total(),
+        })
+    }
+
+    fn row(&self) -> String {
+        format!(
+            "{:.3} s: RabbitMQ {:.3}, PostgreSQL {:.3}, worker {:.3}, benchmark + simulator {:.3}, other {:.3}",
+            self.total(),
+            self.broker,
+            self.database,
+            self.worker,
+            self.bench,
+            self.other
+        )
+    }
+}
+
 /// CPU seconds (user + system) and peak resident memory of a process, from /proc.
 fn cpu_and_peak_rss(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -312,7 +402,11 @@ async fn event_queue(channel: &Channel, exchange: &str, name: &str) -> anyhow::R
 }
 
 /// Phase 1: the same number of messages through consume → publish with confirm → ack.
-async fn broker_ceiling(connection: &Connection, n: usize, prefetch: u16) -> anyhow::Result<f64> {
+async fn broker_ceiling(
+    connection: &Connection,
+    n: usize,
+    prefetch: u16,
+) -> anyhow::Result<(f64, CpuSplit)> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (input, output) = (format!("bench.{id}.in"), format!("bench.{id}.out"));
     let channel = confirm_channel(connection).await?;
@@ -346,6 +440,7 @@ async fn broker_ceiling(connection: &Connection, n: usize, prefetch: u16) -> any
     let publisher = confirm_channel(connection).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut started = None;
+    let cpu_before = CpuSplit::now();
     for _ in 0..n {
         let delivery = consumer.next().await.context("consumer ended")??;
         started.get_or_insert_with(Instant::now);
@@ -377,17 +472,20 @@ async fn broker_ceiling(connection: &Connection, n: usize, prefetch: u16) -> any
         done??;
     }
     let elapsed = started.unwrap().elapsed().as_secs_f64();
+    let cpu = CpuSplit::now().per_1000_since(cpu_before, n);
     for q in [&input, &output] {
         channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    Ok(n as f64 / elapsed)
+    Ok((n as f64 / elapsed, cpu))
 }
 
 /// Result of an end-to-end phase.
 struct EndToEnd {
     throughput: f64,
+    /// The whole machine's CPU time per 1,000 commands, by program.
+    cpu: CpuSplit,
     cpu_seconds_per_1000: f64,
     peak_rss_bytes: u64,
 }
@@ -414,6 +512,7 @@ async fn end_to_end(
             n,
         )
         .await?;
+        let cpu_before = CpuSplit::now();
         let mut child = run.start_worker()?;
         let pid = child.id();
         let consumer_channel = connection.create_channel().await?;
@@ -458,10 +557,12 @@ async fn end_to_end(
         }
         let elapsed = first.unwrap().elapsed().as_secs_f64();
         let (cpu, rss) = cpu_and_peak_rss(pid);
+        let split = CpuSplit::now().per_1000_since(cpu_before, n);
         child.kill()?;
         child.wait()?;
         Ok::<_, anyhow::Error>(EndToEnd {
             throughput: n as f64 / elapsed,
+            cpu: split,
             cpu_seconds_per_1000: cpu / n as f64 * 1000.0,
             peak_rss_bytes: rss.max(peak),
         })
@@ -574,7 +675,7 @@ async fn main() -> anyhow::Result<()> {
         "broker-only ceiling, {} messages, prefetch {}",
         o.commands, o.prefetch
     ));
-    let ceiling = broker_ceiling(&connection, o.commands, o.prefetch).await?;
+    let (ceiling, ceiling_cpu) = broker_ceiling(&connection, o.commands, o.prefetch).await?;
     log(&format!(
         "end to end, {} commands, prefetch {}",
         o.commands, o.prefetch
@@ -608,6 +709,10 @@ async fn main() -> anyhow::Result<()> {
         "end_to_end_per_s": e2e.throughput,
         "end_to_end_to_ceiling_ratio": e2e.throughput / ceiling,
         "cpu_seconds_per_1000_commands": e2e.cpu_seconds_per_1000,
+        "machine_cpu_seconds_per_1000": {
+            "broker_ceiling": ceiling_cpu.json(),
+            "end_to_end": e2e.cpu.json(),
+        },
         "peak_rss_mib": e2e.peak_rss_bytes as f64 / 1048576.0,
         "latency_offered_per_s": offered,
         "latency_ms": { "p50": p50, "p95": p95, "p99": p99 },
@@ -636,6 +741,14 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| worker CPU per 1,000 commands | {:.2} s | |",
             e2e.cpu_seconds_per_1000
+        );
+        println!(
+            "| machine CPU per 1,000 messages, broker-only | {} | |",
+            ceiling_cpu.row()
+        );
+        println!(
+            "| machine CPU per 1,000 commands, end to end | {} | |",
+            e2e.cpu.row()
         );
         println!(
             "| worker peak RSS (prefetch {}) | {:.1} MiB | < 64 MiB |",

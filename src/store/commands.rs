@@ -4,6 +4,7 @@
 use super::outbox::NewOutboxMessage;
 use super::schema::payment_link_commands::dsl as c;
 use super::{PgConn, StoreError};
+use crate::broker::messages::OutboundMessage;
 use crate::command::Envelope;
 use crate::errors::ErrorKind;
 use bigdecimal::BigDecimal;
@@ -289,13 +290,78 @@ pub async fn find(
         .optional()?)
 }
 
-/// The link the provider made for a command.
+/// The link the provider made for a command, and the event that reports it.
 #[derive(Clone, Debug)]
 pub struct Success {
     pub attempts: i32,
     pub link_id: Option<i64>,
     pub payment_link: String,
     pub response_body: String,
+    /// Kept on the command's row: published again from there if the command comes again.
+    pub event: KeptEvent,
+}
+
+/// Where a created event went and its properties, as the command's row keeps them; its body is
+/// the provider's answer, which the row keeps anyway.
+#[derive(Clone, Debug)]
+pub struct KeptEvent {
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: serde_json::Value,
+}
+
+impl KeptEvent {
+    /// What to keep of `event`, a created event.
+    pub fn new(event: &OutboundMessage) -> Self {
+        Self {
+            exchange: event.exchange.clone(),
+            routing_key: event.routing_key.clone(),
+            properties: crate::broker::messages::properties_to_json(&event.properties),
+        }
+    }
+}
+
+/// The kept event's columns: exchange, routing key, properties, and the provider's answer.
+type KeptRow = (
+    Option<String>,
+    Option<String>,
+    Option<serde_json::Value>,
+    Option<String>,
+);
+
+/// The event to publish again for a command that has an outcome: the created event kept on its
+/// row, or else the newest event in the outbox (a failed event, or a row written before events
+/// were kept on the command). `None` when it has none; an `Err` inside when it is unreadable.
+pub async fn recorded_event(
+    conn: &mut PgConn,
+    command_id: &str,
+) -> Result<Option<Result<OutboundMessage, serde_json::Error>>, StoreError> {
+    let on_row: Option<KeptRow> = c::payment_link_commands
+        .find(command_id)
+        .select((
+            c::event_exchange,
+            c::event_routing_key,
+            c::event_properties,
+            c::provider_response,
+        ))
+        .first(conn)
+        .await
+        .optional()?;
+    if let Some((Some(exchange), Some(routing_key), Some(properties), Some(body))) = on_row {
+        return Ok(Some(
+            crate::broker::messages::properties_from_json(properties).map(|properties| {
+                OutboundMessage {
+                    exchange,
+                    routing_key,
+                    properties,
+                    body: body.into_bytes(),
+                }
+            }),
+        ));
+    }
+    Ok(super::outbox::latest_event(conn, command_id)
+        .await?
+        .map(|row| row.message()))
 }
 
 /// Why a command ended without a link.
@@ -369,14 +435,15 @@ impl OutcomeWriter {
                     }
                 }
                 let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let ids: Vec<String> = requests.iter().map(|r| r.command_id.clone()).collect();
                 let result = match pool.get().await {
-                    Ok(mut conn) => record_batch(&mut conn, requests.clone(), &owner).await,
+                    Ok(mut conn) => record_batch(&mut conn, requests, &owner).await,
                     Err(e) => Err(StoreError::from(e)),
                 };
                 match result {
                     Ok(mut recorded) => {
-                        for (request, reply) in requests.iter().zip(replies) {
-                            let _ = reply.send(Ok(recorded.remove(&request.command_id)));
+                        for (id, reply) in ids.iter().zip(replies) {
+                            let _ = reply.send(Ok(recorded.remove(id)));
                         }
                     }
                     Err(error) => {
@@ -411,16 +478,6 @@ impl OutcomeWriter {
             .await
             .map_err(|_| StoreError::Batch("the outcome writer has stopped".into()))?
             .map_err(StoreError::Batch)
-    }
-}
-
-impl Clone for OutcomeRequest {
-    fn clone(&self) -> Self {
-        Self {
-            command_id: self.command_id.clone(),
-            outcome: self.outcome.clone(),
-            messages: self.messages.clone(),
-        }
     }
 }
 
@@ -470,6 +527,7 @@ async fn record_batch(
     conn.transaction::<_, StoreError, _>(async move |conn| {
         let (mut ok_ids, mut ok_attempts, mut ok_link_ids, mut ok_links, mut ok_bodies) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ev_exchanges, mut ev_keys, mut ev_properties) = (Vec::new(), Vec::new(), Vec::new());
         let (mut bad_ids, mut bad_attempts, mut bad_kinds, mut bad_messages, mut bad_statuses, mut bad_bodies) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut outbox_command_ids = Vec::new();
@@ -482,6 +540,9 @@ async fn record_batch(
                     ok_link_ids.push(s.link_id);
                     ok_links.push(s.payment_link);
                     ok_bodies.push(s.response_body);
+                    ev_exchanges.push(s.event.exchange);
+                    ev_keys.push(s.event.routing_key);
+                    ev_properties.push(s.event.properties);
                 }
                 Outcome::Failed(f) => {
                     bad_ids.push(request.command_id.clone());
@@ -503,11 +564,15 @@ async fn record_batch(
                 diesel::sql_query(
                     "UPDATE payment_link_commands AS c SET status = 'succeeded', attempts = c.attempts + u.attempts, \
                          link_id = u.link_id, payment_link = u.payment_link, provider_response = u.response, \
+                         event_exchange = u.ev_exchange, event_routing_key = u.ev_key, \
+                         event_properties = u.ev_properties, \
                          error_kind = NULL, error_message = NULL, http_status = NULL, error_body = NULL, \
                          lease_owner = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() \
-                     FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[]) \
-                         AS u(command_id, attempts, link_id, payment_link, response) \
-                     WHERE c.command_id = u.command_id AND c.lease_owner = $6 AND c.status = 'processing' \
+                     FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[], \
+                             $6::text[], $7::text[], $8::jsonb[]) \
+                         AS u(command_id, attempts, link_id, payment_link, response, \
+                             ev_exchange, ev_key, ev_properties) \
+                     WHERE c.command_id = u.command_id AND c.lease_owner = $9 AND c.status = 'processing' \
                      RETURNING c.command_id, c.created_at",
                 )
                 .bind::<Array<Text>, _>(ok_ids)
@@ -515,6 +580,9 @@ async fn record_batch(
                 .bind::<Array<Nullable<BigInt>>, _>(ok_link_ids)
                 .bind::<Array<Text>, _>(ok_links)
                 .bind::<Array<Text>, _>(ok_bodies)
+                .bind::<Array<Text>, _>(ev_exchanges)
+                .bind::<Array<Text>, _>(ev_keys)
+                .bind::<Array<Jsonb>, _>(ev_properties)
                 .bind::<Text, _>(&owner)
                 .load::<Updated>(conn)
                 .await?,

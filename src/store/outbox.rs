@@ -39,8 +39,7 @@ impl NewOutboxMessage {
             kind: kind.to_owned(),
             exchange: message.exchange.clone(),
             routing_key: message.routing_key.clone(),
-            properties: serde_json::to_value(&message.properties)
-                .expect("AMQP properties serialize to JSON"),
+            properties: crate::broker::messages::properties_to_json(&message.properties),
             body: message.body.clone(),
             next_attempt_at: Utc::now() + grace,
         }
@@ -72,7 +71,7 @@ impl OutboxRecord {
         Ok(OutboundMessage {
             exchange: self.exchange.clone(),
             routing_key: self.routing_key.clone(),
-            properties: serde_json::from_value(self.properties.clone())?,
+            properties: crate::broker::messages::properties_from_json(self.properties.clone())?,
             body: self.body.clone(),
         })
     }
@@ -120,13 +119,36 @@ pub async fn mark_failed(
     error: &str,
     max_wait: Duration,
 ) -> Result<(), StoreError> {
-    let wait = Duration::from_secs(1u64 << earlier_attempts.clamp(0, 20)).min(max_wait);
     diesel::update(o::outbox.find(id))
         .set((
             o::publish_attempts.eq(o::publish_attempts + 1),
             o::last_error.eq(error),
-            o::next_attempt_at.eq(Utc::now() + wait),
+            o::next_attempt_at.eq(Utc::now() + retry_wait(earlier_attempts, max_wait)),
         ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// How long the relay waits after a failed publish: doubling from one second per failed
+/// attempt, capped at `max_wait`.
+fn retry_wait(earlier_attempts: i32, max_wait: Duration) -> Duration {
+    Duration::from_secs(1u64 << earlier_attempts.clamp(0, 20)).min(max_wait)
+}
+
+/// Stores a message the broker did not take (its first publish failed with `error`) so that
+/// the relay publishes it: the attempt is counted and the relay waits as after any failure.
+pub async fn hand_to_relay(
+    conn: &mut PgConn,
+    command_id: &str,
+    kind: &str,
+    message: &OutboundMessage,
+    error: &str,
+    max_wait: Duration,
+) -> Result<(), StoreError> {
+    let row = NewOutboxMessage::new(command_id, kind, message, retry_wait(0, max_wait));
+    diesel::insert_into(o::outbox)
+        .values((row, o::publish_attempts.eq(1), o::last_error.eq(error)))
         .execute(conn)
         .await?;
     Ok(())

@@ -28,6 +28,9 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         completed_at -> Nullable<Timestamptz>,
+        event_exchange -> Nullable<Text>,
+        event_routing_key -> Nullable<Text>,
+        event_properties -> Nullable<Jsonb>,
     }
 }
 

@@ -32,10 +32,18 @@ async fn redelivered_command_publishes_the_same_event_without_a_second_call() {
         "one provider call"
     );
     assert_eq!(env.record("cmd-dup").await.unwrap().attempts, 1);
+    let kept = env
+        .recorded_event("cmd-dup")
+        .await
+        .expect("the event is kept");
     assert_eq!(
-        env.outbox("cmd-dup").await.len(),
-        1,
-        "the outcome is recorded once"
+        kept.message_id(),
+        second.message_id(),
+        "published from the record"
+    );
+    assert!(
+        env.outbox("cmd-dup").await.is_empty(),
+        "both publishes were confirmed: nothing left for the relay"
     );
 }
 
@@ -68,4 +76,71 @@ async fn two_workers_never_process_one_command_at_the_same_time() {
     );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on_redelivery() {
+    use payment_link_worker::broker::messages::{self, EventTarget};
+    use payment_link_worker::command::Envelope;
+    use payment_link_worker::store::commands::{self, Claim, KeptEvent, Outcome, Success};
+
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::new(&provider.uri()).await;
+    let events = env.capture_events().await;
+    let body = command_body("12.34", 31);
+    let answer = provider_answer(31, "12.34", 31);
+
+    // What a worker does before it dies between the commit and the broker's confirm: it claims
+    // the command and records the link with its event, and never publishes or acks.
+    let envelope = Envelope::parse(&command_properties("cmd-crashed"), body.as_bytes(), 65_536)
+        .expect("valid command");
+    let dead = "plw-died-before-publishing".to_owned();
+    let claims =
+        commands::ClaimBatcher::start(env.pool.clone(), dead.clone(), env.settings.lease());
+    let claim = commands::claim(&env.pool, &claims, &envelope)
+        .await
+        .expect("claim");
+    assert!(
+        matches!(claim, Claim::Acquired { attempts: 0 }),
+        "{claim:?}"
+    );
+    let target = EventTarget {
+        exchange: env.settings.broker.event_exchange.clone(),
+        created_routing_key: env.settings.broker.created_routing_key.clone(),
+        failed_routing_key: env.settings.broker.failed_routing_key.clone(),
+        source: env.settings.events.source.clone(),
+    };
+    let event = messages::created_event(&target, &envelope, &answer, chrono::Utc::now(), &[]);
+    let success = Success {
+        attempts: 1,
+        link_id: Some(31),
+        payment_link: "https://instantpaymentlink/ref-31".into(),
+        response_body: answer.clone(),
+        event: KeptEvent::new(&event),
+    };
+    let recorded = commands::OutcomeWriter::start(env.pool.clone(), dead)
+        .record("cmd-crashed", Outcome::Succeeded(success), Vec::new())
+        .await
+        .expect("recorded");
+    assert!(recorded.is_some(), "the dead worker held the command");
+
+    // The broker redelivers the unacked command (here: it arrives again) to a live worker.
+    let _worker = env.start_worker().await;
+    env.send("cmd-crashed", &body).await;
+    let published = env.next_message(&events, WAIT).await;
+    assert_eq!(published.message_id(), event.message_id());
+    assert_eq!(published.body, answer.as_bytes());
+    assert_eq!(
+        provider.received_requests().await.unwrap().len(),
+        0,
+        "the recorded link is not asked for again"
+    );
+    eventually("the command to be acked", WAIT, || async {
+        (env.queue_depth(&env.command_queue()).await == 0).then_some(())
+    })
+    .await;
 }

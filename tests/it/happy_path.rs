@@ -121,11 +121,16 @@ async fn created_event_carries_the_provider_answer_and_the_exact_amount() {
     assert_eq!(record.provider_response.as_deref(), Some(answer.as_str()));
     assert!(record.lease_owner.is_none());
 
-    eventually("the outbox row to be marked sent", WAIT, || async {
-        let rows = env.outbox("cmd-happy").await;
-        (rows.len() == 1 && rows[0].sent_at.is_some()).then_some(())
-    })
-    .await;
+    // The event is kept on the command's row (to publish again if the command comes again); it
+    // went out at once, so nothing was left for the outbox relay.
+    let kept = env
+        .recorded_event("cmd-happy")
+        .await
+        .expect("the event is kept");
+    assert_eq!(kept.message_id(), event_id);
+    assert_eq!(kept.body, event.body);
+    assert_eq!(kept.routing_key, event.routing_key);
+    assert!(env.outbox("cmd-happy").await.is_empty());
     eventually("the command to be acked", WAIT, || async {
         (env.queue_depth(&env.command_queue()).await == 0).then_some(())
     })

@@ -8,6 +8,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use payment_link_worker::broker::messages::OutboundMessage;
 use payment_link_worker::config::Settings;
 use payment_link_worker::store::commands::CommandRecord;
 use payment_link_worker::store::outbox::OutboxRecord;
@@ -346,6 +347,15 @@ impl TestEnv {
         store::commands::find(&mut conn, command_id)
             .await
             .expect("query")
+    }
+
+    /// The event the worker would publish again for a command (kept on its row or in the outbox).
+    pub async fn recorded_event(&self, command_id: &str) -> Option<OutboundMessage> {
+        let mut conn = self.pool.get().await.expect("db connection");
+        store::commands::recorded_event(&mut conn, command_id)
+            .await
+            .expect("query")
+            .map(|event| event.expect("readable event"))
     }
 
     /// Every outbox row of a command.
