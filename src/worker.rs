@@ -280,12 +280,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     let claims = commands::ClaimBatcher::start(pool.clone(), instance_id.clone(), settings.lease());
     let outcomes = commands::OutcomeWriter::start(pool.clone(), instance_id.clone());
     let shared = Arc::new(Shared {
-        events: EventTarget {
-            exchange: settings.broker.event_exchange.clone(),
-            created_routing_key: settings.broker.created_routing_key.clone(),
-            failed_routing_key: settings.broker.failed_routing_key.clone(),
-            source: settings.events.source.clone(),
-        },
+        events: EventTarget::new(&settings),
         pool,
         publisher,
         provider,

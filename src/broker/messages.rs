@@ -65,6 +65,18 @@ pub struct EventTarget {
     pub source: String,
 }
 
+impl EventTarget {
+    /// The target the settings name.
+    pub fn new(settings: &crate::config::Settings) -> Self {
+        Self {
+            exchange: settings.broker.event_exchange.clone(),
+            created_routing_key: settings.broker.created_routing_key.clone(),
+            failed_routing_key: settings.broker.failed_routing_key.clone(),
+            source: settings.events.source.clone(),
+        }
+    }
+}
+
 fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }

@@ -108,12 +108,7 @@ async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on
         matches!(claim, Claim::Acquired { attempts: 0 }),
         "{claim:?}"
     );
-    let target = EventTarget {
-        exchange: env.settings.broker.event_exchange.clone(),
-        created_routing_key: env.settings.broker.created_routing_key.clone(),
-        failed_routing_key: env.settings.broker.failed_routing_key.clone(),
-        source: env.settings.events.source.clone(),
-    };
+    let target = EventTarget::new(&env.settings);
     let event = messages::created_event(&target, &envelope, &answer, chrono::Utc::now(), &[]);
     let success = Success {
         attempts: 1,
