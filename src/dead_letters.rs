@@ -163,6 +163,18 @@ async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("dead-letter queue {queue} not found"))
 }
 
+/// Takes the next dead letter without acking it: it stays on this channel until acked, or goes
+/// back to the queue when the channel closes.
+async fn next_letter(
+    channel: &Channel,
+    queue: &str,
+) -> anyhow::Result<Option<lapin::message::Delivery>> {
+    Ok(channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await?
+        .map(|message| message.delivery))
+}
+
 /// Lists the dead letters that match, without removing or changing any.
 pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<Listing> {
     let queue = &settings.broker.dead_letter_queue;
@@ -174,13 +186,10 @@ pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<
     // Each message stays unacknowledged on this channel, so none is read twice, and all go back
     // to the queue, in order, when the channel closes.
     for _ in 0..in_queue {
-        let Some(message) = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
+        let Some(delivery) = next_letter(&channel, queue).await? else {
             break;
         };
-        let letter = DeadLetter::from_message(&message.delivery.properties, &message.delivery.data);
+        let letter = DeadLetter::from_message(&delivery.properties, &delivery.data);
         if selection.matches(&letter) {
             letters.push(letter);
             if selection.limit.is_some_and(|limit| letters.len() >= limit) {
@@ -288,13 +297,9 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
         ..ReplaySummary::default()
     };
     for _ in 0..in_queue {
-        let Some(message) = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
+        let Some(delivery) = next_letter(&channel, queue).await? else {
             break;
         };
-        let delivery = message.delivery;
         let letter = DeadLetter::from_message(&delivery.properties, &delivery.data);
         let wanted = selection.matches(&letter)
             && selection

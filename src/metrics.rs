@@ -88,7 +88,7 @@ impl MetricsHandle {
         gauge(
             "payment_link.outbox.backlog",
             "{message}",
-            "Events and dead letters not yet confirmed by the broker",
+            "Events and dead letters in the outbox that the relay has still to publish",
             |l| l.outbox_backlog.load(Ordering::Relaxed),
         );
         gauge(

@@ -181,6 +181,18 @@ impl Run {
             })
     }
 
+    /// Declares the worker's topology and a queue capturing its events; returns that queue.
+    async fn declare(
+        &self,
+        channel: &Channel,
+        settings: &payment_link_worker::config::Settings,
+    ) -> anyhow::Result<String> {
+        payment_link_worker::broker::topology::declare(channel, &settings.broker).await?;
+        let events = format!("bench.{}.events-capture", self.id);
+        event_queue(channel, &settings.broker.event_exchange, &events).await?;
+        Ok(events)
+    }
+
     async fn cleanup(&self, channel: &Channel) {
         self.sim_stop.cancel();
         let s = match self.settings() {
@@ -501,9 +513,7 @@ async fn end_to_end(
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
-        payment_link_worker::broker::topology::declare(&channel, &settings.broker).await?;
-        let events = format!("bench.{}.events-capture", run.id);
-        event_queue(&channel, &settings.broker.event_exchange, &events).await?;
+        let events = run.declare(&channel, &settings).await?;
         preload(
             &channel,
             &settings.broker.command_exchange,
@@ -591,9 +601,7 @@ async fn latency(
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
-        payment_link_worker::broker::topology::declare(&channel, &settings.broker).await?;
-        let events = format!("bench.{}.events-capture", run.id);
-        event_queue(&channel, &settings.broker.event_exchange, &events).await?;
+        let events = run.declare(&channel, &settings).await?;
         let mut child = run.start_worker()?;
         // Wait until the worker consumes (its consumer appears on the command queue).
         let started = Instant::now();

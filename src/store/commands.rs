@@ -1,5 +1,6 @@
 //! The command record: claiming a command (the idempotency decision), and recording its outcome
-//! together with the outbox messages that report it.
+//! with what reports it: a success keeps its created event on the row, a failure writes its
+//! failed event and dead letter to the outbox in the same transaction.
 
 use super::outbox::NewOutboxMessage;
 use super::schema::payment_link_commands::dsl as c;

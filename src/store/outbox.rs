@@ -1,6 +1,8 @@
-//! The outbox: messages written with the outcome they report, published with a broker confirm,
-//! then marked sent. Whatever is still unsent (a nack, an unroutable return, a crash, an outage)
-//! is picked up by the relay.
+//! The outbox: messages the relay guarantees. A failure's event and dead letter are written with
+//! the outcome they report, published with a broker confirm, then marked sent; a created event
+//! lands here only when the broker refused it (it is otherwise kept on the command's row).
+//! Whatever is still unsent (a nack, an unroutable return, a crash, an outage) is picked up by
+//! the relay.
 
 use super::schema::outbox::dsl as o;
 use super::{PgConn, StoreError};
