@@ -218,4 +218,11 @@ async fn a_recorded_failure_is_retried_only_on_a_deliberate_replay() {
         0,
         "no second dead letter"
     );
+
+    // Coming again now, it gets the link's event, not the older failed one still in the outbox.
+    env.send("cmd-replay", &body).await;
+    let latest = env.next_message(&events, WAIT).await;
+    assert_eq!(latest.routing_key, "payment-link.created");
+    assert_eq!(latest.message_id(), created.message_id());
+    assert_eq!(provider.received_requests().await.unwrap().len(), 2);
 }
