@@ -1,12 +1,11 @@
 //! The subcommands of the `payment-link-worker` binary.
 
 use crate::config::Settings;
+use crate::ops::{dead_letters, send};
 use crate::provider::sim::{self, SimOptions};
-use crate::{broker, dead_letters, store, telemetry, worker};
+use crate::{startup, store, telemetry};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -160,7 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Run => {
             settings.check_for_worker()?;
             let stop = CancellationToken::new();
-            let running = worker::start(settings, stop.clone()).await?;
+            let running = startup::start(settings, stop.clone()).await?;
             tokio::spawn(async move {
                 shutdown_signal().await;
                 tracing::info!("shutdown requested");
@@ -178,7 +177,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::ProviderSim(args) => provider_sim(args).await,
         Commands::Send(args) => {
-            let id = send(&settings, args).await?;
+            let id = send::send(&settings, &args).await?;
             println!("{id}");
             Ok(())
         }
@@ -187,7 +186,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
-                print!("{}", format_listing(&listing));
+                print!("{}", dead_letters::format_listing(&listing));
             }
             Ok(())
         }
@@ -230,45 +229,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The listing as aligned lines, then the count per kind.
-fn format_listing(listing: &dead_letters::Listing) -> String {
-    let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-    let mut out = String::from(
-        "COMMAND ID\tKIND\tSTATUS\tATTEMPTS\tFAILED AT\tINVOICE\tADHOC INVOICE\tCUSTOMER\tREPLAYS\tMESSAGE\n",
-    );
-    for l in &listing.letters {
-        out.push_str(&format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
-            l.command_id,
-            l.kind,
-            opt(l.http_status),
-            opt(l.attempts),
-            l.failed_at.as_deref().unwrap_or("-"),
-            opt(l.invoice_id),
-            opt(l.adhoc_invoice_id),
-            opt(l.customer_id),
-            l.replay_count,
-            l.message.replace(['\n', '\t'], " ")
-        ));
-    }
-    let kinds: Vec<String> = listing
-        .by_kind
-        .iter()
-        .map(|(k, n)| format!("{k}: {n}"))
-        .collect();
-    out.push_str(&format!(
-        "{} shown of {} in the dead-letter queue; by kind: {}\n",
-        listing.letters.len(),
-        listing.in_queue,
-        if kinds.is_empty() {
-            "none".into()
-        } else {
-            kinds.join(", ")
-        }
-    ));
-    out
-}
-
 async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.fail_rate) || !(0.0..=1.0).contains(&args.stall_rate) {
         anyhow::bail!("--fail-rate and --stall-rate must be between 0 and 1");
@@ -291,90 +251,6 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         stall_rate: args.stall_rate,
     };
     Ok(sim::serve(listener, options, stop).await?)
-}
-
-/// Builds the body from the flags; the amount is inserted as written so it stays exact.
-fn body_from_flags(args: &SendArgs) -> anyhow::Result<Vec<u8>> {
-    if let Some(path) = &args.json {
-        return std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
-    }
-    let amount = args.amount.as_deref().unwrap_or_default();
-    let amount = serde_json::value::RawValue::from_string(amount.to_owned())
-        .ok()
-        .filter(|raw| {
-            raw.get()
-                .starts_with(|c: char| c.is_ascii_digit() || c == '-')
-        })
-        .with_context(|| format!("--amount must be a decimal number, got {amount:?}"))?;
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Body<'a> {
-        payment_provider_id: Option<i64>,
-        amount_in_major_currency: &'a serde_json::value::RawValue,
-        description: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        email_address: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        invoice_id: Option<i64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        adhoc_invoice_id: Option<i64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        customer_id: Option<i64>,
-    }
-    Ok(serde_json::to_vec(&Body {
-        payment_provider_id: args.provider_id,
-        amount_in_major_currency: &amount,
-        description: args.description.as_deref(),
-        email_address: args.email.as_deref(),
-        invoice_id: args.invoice_id,
-        adhoc_invoice_id: args.adhoc_invoice_id,
-        customer_id: args.customer_id,
-    })?)
-}
-
-/// Publishes one command to the command exchange and waits for the broker's confirm.
-pub async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<String> {
-    let body = body_from_flags(&args)?;
-    let id = args
-        .command_id
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let connection = broker::connect(&settings.broker, "payment-link-worker send").await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let mut properties = BasicProperties::default()
-        .with_message_id(id.as_str().into())
-        .with_content_type("application/json".into())
-        .with_delivery_mode(crate::broker::messages::PERSISTENT)
-        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
-    if let Some(correlation_id) = &args.correlation_id {
-        properties = properties.with_correlation_id(correlation_id.as_str().into());
-    }
-    let confirmation = channel
-        .basic_publish(
-            settings.broker.command_exchange.as_str().into(),
-            settings.broker.command_routing_key.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &body,
-            properties,
-        )
-        .await?
-        .await?;
-    let _ = connection.close(200, "sent".into()).await;
-    match confirmation {
-        lapin::Confirmation::Ack(None) => Ok(id),
-        lapin::Confirmation::Ack(Some(_)) => anyhow::bail!(
-            "no queue is bound to {} for {}: start the worker once to declare the topology",
-            settings.broker.command_exchange,
-            settings.broker.command_routing_key
-        ),
-        _ => anyhow::bail!("the broker did not accept the command"),
-    }
 }
 
 /// Resolves on ctrl-c or SIGTERM.
@@ -427,7 +303,7 @@ mod tests {
         let Commands::Send(args) = cli.command else {
             panic!("not send")
         };
-        let body = String::from_utf8(body_from_flags(&args).unwrap()).unwrap();
+        let body = String::from_utf8(send::body_from_flags(&args).unwrap()).unwrap();
         assert!(
             body.contains("\"amountInMajorCurrency\":9999999999999999.99"),
             "{body}"

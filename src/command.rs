@@ -3,15 +3,13 @@
 //! everything this module refuses is dead-lettered with the reason it gives.
 
 use crate::amount::Amount;
+use crate::headers::{self, excerpt, read_int};
 use lapin::BasicProperties;
-use lapin::types::AMQPValue;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-/// Header a deliberate replay increments; a recorded failure is only attempted again when it grows.
-pub const REPLAY_COUNT_HEADER: &str = "x-replay-count";
-/// Header counting the delay tiers a command has already waited in.
-pub const DELAY_ROUND_HEADER: &str = "x-delay-round";
+/// How much of an offending value a validation message quotes.
+const QUOTE_LIMIT: usize = 60;
 
 /// Why a message is not a valid command. The text goes into the `x-error-message` header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,42 +103,39 @@ pub struct Command {
     pub customer_id: Option<i64>,
 }
 
-/// The body as it stands on the wire: every field kept as raw JSON so types are checked by us,
-/// with messages that name the field, and numbers keep their exact text.
-#[derive(Deserialize)]
+/// The command's fields as they stand on the wire: the one place that names them. Every field
+/// is kept as raw JSON, so types are checked by us with messages that name the field, and numbers
+/// keep their exact text; the provider request, the canonical form and the `send` tool serialize
+/// the same struct.
+#[derive(Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct WireCommand<'a> {
-    #[serde(borrow)]
-    payment_provider_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    amount_in_major_currency: Option<&'a RawValue>,
-    #[serde(borrow)]
-    description: Option<&'a RawValue>,
-    #[serde(borrow)]
-    email_address: Option<&'a RawValue>,
-    #[serde(borrow)]
-    invoice_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    adhoc_invoice_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    customer_id: Option<&'a RawValue>,
+pub struct WireCommand<'a> {
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// Which provider account the link is for (a positive integer).
+    pub payment_provider_id: Option<&'a RawValue>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// The amount, a JSON number in major currency units.
+    pub amount_in_major_currency: Option<&'a RawValue>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// Shown to the payer.
+    pub description: Option<&'a RawValue>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// Where the provider sends the link.
+    pub email_address: Option<&'a RawValue>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// The invoice this link pays.
+    pub invoice_id: Option<&'a RawValue>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// The ad hoc invoice this link pays.
+    pub adhoc_invoice_id: Option<&'a RawValue>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// The customer.
+    pub customer_id: Option<&'a RawValue>,
 }
 
-/// The provider's request body, serialized from a valid command: the amount goes as decimal text.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ProviderRequest<'a> {
-    payment_provider_id: i64,
-    amount_in_major_currency: &'a RawValue,
-    description: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    email_address: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    invoice_id: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    adhoc_invoice_id: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    customer_id: Option<i64>,
+/// A JSON value as raw JSON, to fill a [`WireCommand`].
+pub fn raw<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("plain values serialize")
 }
 
 /// A JSON `null` counts as absent.
@@ -157,7 +152,7 @@ fn positive_id(field: &str, raw: &RawValue) -> Result<i64, ValidationError> {
         Ok(id) if id > 0 => Ok(id),
         _ => Err(invalid(format!(
             "{field} must be a positive integer, got {}",
-            short(raw.get())
+            excerpt(raw.get(), QUOTE_LIMIT)
         ))),
     }
 }
@@ -170,21 +165,9 @@ fn string(field: &str, raw: &RawValue) -> Result<String, ValidationError> {
     serde_json::from_str::<String>(raw.get()).map_err(|_| {
         invalid(format!(
             "{field} must be a string, got {}",
-            short(raw.get())
+            excerpt(raw.get(), QUOTE_LIMIT)
         ))
     })
-}
-
-fn short(text: &str) -> String {
-    let mut end = text.len().min(60);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    if end < text.len() {
-        format!("{}…", &text[..end])
-    } else {
-        text.to_owned()
-    }
 }
 
 impl Command {
@@ -237,14 +220,22 @@ impl Command {
 
     fn to_json(&self, amount: String) -> String {
         let amount = RawValue::from_string(amount).expect("a plain decimal is a valid JSON number");
-        serde_json::to_string(&ProviderRequest {
-            payment_provider_id: self.payment_provider_id,
-            amount_in_major_currency: &amount,
-            description: &self.description,
-            email_address: self.email_address.as_ref().map(EmailAddress::as_str),
-            invoice_id: self.invoice_id,
-            adhoc_invoice_id: self.adhoc_invoice_id,
-            customer_id: self.customer_id,
+        let id = |id: Option<i64>| id.map(|id| raw(&id));
+        let (provider, description) = (raw(&self.payment_provider_id), raw(&self.description));
+        let email = self.email_address.as_ref().map(|e| raw(e.as_str()));
+        let (invoice, adhoc, customer) = (
+            id(self.invoice_id),
+            id(self.adhoc_invoice_id),
+            id(self.customer_id),
+        );
+        serde_json::to_string(&WireCommand {
+            payment_provider_id: Some(&provider),
+            amount_in_major_currency: Some(&amount),
+            description: Some(&description),
+            email_address: email.as_deref(),
+            invoice_id: invoice.as_deref(),
+            adhoc_invoice_id: adhoc.as_deref(),
+            customer_id: customer.as_deref(),
         })
         .expect("serializing plain fields cannot fail")
     }
@@ -305,41 +296,14 @@ impl Envelope {
                 .map(|c| c.as_str().to_owned())
                 .filter(|c| !c.is_empty())
                 .unwrap_or_else(|| command_id.as_str().to_owned()),
-            replay_count: header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0) as i32,
-            delay_round: header_int(properties, DELAY_ROUND_HEADER).unwrap_or(0) as usize,
+            replay_count: read_int(properties, headers::REPLAY_COUNT).unwrap_or(0) as i32,
+            delay_round: read_int(properties, headers::DELAY_ROUND).unwrap_or(0) as usize,
             command_id,
             command,
             request_json,
             canonical_request,
         })
     }
-}
-
-/// A header as text, whichever string type the publisher used.
-pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-/// A header as a non-negative integer, whichever integer type (or decimal text) the publisher used.
-pub fn header_int(properties: &BasicProperties, name: &str) -> Option<i64> {
-    let value = match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::ShortShortInt(v) => i64::from(*v),
-        AMQPValue::ShortShortUInt(v) => i64::from(*v),
-        AMQPValue::ShortInt(v) => i64::from(*v),
-        AMQPValue::ShortUInt(v) => i64::from(*v),
-        AMQPValue::LongInt(v) => i64::from(*v),
-        AMQPValue::LongUInt(v) => i64::from(*v),
-        AMQPValue::LongLongInt(v) => *v,
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?,
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).trim().parse().ok()?,
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
-        _ => return None,
-    };
-    (value >= 0).then_some(value.min(i64::from(i32::MAX)))
 }
 
 #[cfg(test)]

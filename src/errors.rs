@@ -54,3 +54,32 @@ impl fmt::Display for ErrorKind {
         f.write_str(self.as_str())
     }
 }
+
+/// Why a command ended without a link: what its dead letter's headers, its failed event and its
+/// row say. One type from the provider's answer to the dead letter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The error kind, which decides the fate.
+    pub kind: ErrorKind,
+    /// What went wrong, in words (never with credentials).
+    pub message: String,
+    /// The provider's HTTP status, where there was one.
+    pub http_status: Option<u16>,
+    /// An excerpt of the provider's error body, where there was one.
+    pub error_body: Option<String>,
+    /// Every provider call made for the command so far, across deliveries and delay rounds.
+    pub attempts: i32,
+}
+
+impl Failure {
+    /// A failure found before any provider call (an invalid or conflicting command).
+    pub fn before_any_call(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            http_status: None,
+            error_body: None,
+            attempts: 0,
+        }
+    }
+}

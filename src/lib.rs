@@ -2,20 +2,26 @@
 //! idempotently in PostgreSQL, asks the payment provider for the link, and publishes a
 //! "payment link created" event, or dead-letters the command with the reason it failed.
 //!
-//! The data flow reads top-down: [`worker`] takes a delivery, [`command`] validates it, [`store`]
-//! records it, [`provider`] calls the provider, [`broker::publisher`] publishes the outcome, and
-//! [`worker`] acks, requeues or dead-letters it.
+//! The data flow reads top-down: [`startup`] builds the context, [`consumer`] takes a delivery,
+//! [`pipeline`] decides its fate ([`command`] validates, [`store`] claims and records,
+//! [`provider`] calls the provider), [`pipeline::fate`] carries the fate out through
+//! [`broker::publisher`] (with [`relay`] as the safety net), and [`consumer`] acks or requeues.
 
 pub mod amount;
 pub mod broker;
 pub mod cli;
 pub mod command;
 pub mod config;
-pub mod dead_letters;
+pub mod consumer;
 pub mod errors;
+pub mod headers;
 pub mod health;
+pub mod levels;
 pub mod metrics;
+pub mod ops;
+pub mod pipeline;
 pub mod provider;
+pub mod relay;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
-pub mod worker;

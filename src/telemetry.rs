@@ -142,15 +142,9 @@ pub fn current_http_headers() -> Vec<(String, String)> {
     pairs
 }
 
-/// Trace context for an outgoing message or request: the current span's, or, when no
-/// OpenTelemetry layer is installed (the library used on its own), the incoming headers as they
-/// came, so the trace id still reaches the provider and the notifier.
-pub fn outgoing(incoming: Option<&FieldTable>) -> Vec<(String, String)> {
-    let current = current_http_headers();
-    if !current.is_empty() {
-        return current;
-    }
-    let reader = HeaderReader(incoming);
+/// The W3C trace context headers a message carries, as (name, value) pairs.
+pub fn carried(headers: Option<&FieldTable>) -> Vec<(String, String)> {
+    let reader = HeaderReader(headers);
     ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|name| {
@@ -159,6 +153,18 @@ pub fn outgoing(incoming: Option<&FieldTable>) -> Vec<(String, String)> {
                 .map(|value| (name.to_owned(), value.to_owned()))
         })
         .collect()
+}
+
+/// Trace context for an outgoing message or request: the current span's, or, when no
+/// OpenTelemetry layer is installed (the library used on its own), the `carried` context as it
+/// came, so the trace id still reaches the provider and the notifier.
+pub fn outgoing(carried: &[(String, String)]) -> Vec<(String, String)> {
+    let current = current_http_headers();
+    if current.is_empty() {
+        carried.to_vec()
+    } else {
+        current
+    }
 }
 
 /// The trace id of a span, as logged (empty when tracing is not installed).

@@ -2,10 +2,11 @@
 //! here, in one place, so the outbox, the relay and a republish all send the same bytes.
 
 use crate::command::Envelope;
-use crate::errors::ErrorKind;
+use crate::errors::Failure;
+use crate::headers::{self, text};
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
 /// `type` of the event that carries a new link.
@@ -75,10 +76,6 @@ impl EventTarget {
             source: settings.events.source.clone(),
         }
     }
-}
-
-fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }
 
 /// Properties and CloudEvents headers (AMQP binding, binary mode) shared by both events.
@@ -154,7 +151,7 @@ struct FailedBody<'a> {
 pub fn failed_event(
     target: &EventTarget,
     envelope: &Envelope,
-    failure: &Failure<'_>,
+    failure: &Failure,
     now: DateTime<Utc>,
     trace: &[(String, String)],
 ) -> OutboundMessage {
@@ -162,7 +159,7 @@ pub fn failed_event(
     let body = serde_json::to_vec(&FailedBody {
         command_id: envelope.command_id.as_str(),
         error_kind: failure.kind.as_str(),
-        message: failure.message,
+        message: &failure.message,
         http_status: failure.http_status,
         invoice_id: cmd.invoice_id,
         adhoc_invoice_id: cmd.adhoc_invoice_id,
@@ -177,22 +174,9 @@ pub fn failed_event(
     }
 }
 
-/// What went wrong, for a dead letter's headers and the failed event.
-#[derive(Clone, Debug)]
-pub struct Failure<'a> {
-    /// The error kind.
-    pub kind: ErrorKind,
-    /// What went wrong, in words.
-    pub message: &'a str,
-    /// The provider's HTTP status, where there was one.
-    pub http_status: Option<u16>,
-    /// The start of the provider's error body, where there was one.
-    pub error_body: Option<&'a str>,
-    /// Provider calls made.
-    pub attempts: i32,
-}
-
-/// The delivery a dead letter is made from.
+/// A delivery as the pipeline sees it: what it is parsed from and what a dead letter or a
+/// delayed copy is made from.
+#[derive(Clone, Copy, Debug)]
 pub struct Original<'a> {
     /// Exchange the command was published to.
     pub exchange: &'a str,
@@ -250,28 +234,34 @@ pub fn republishable(p: &BasicProperties) -> BasicProperties {
 pub fn dead_letter(
     dead_letter_exchange: &str,
     original: &Original<'_>,
-    failure: &Failure<'_>,
+    failure: &Failure,
     now: DateTime<Utc>,
 ) -> OutboundMessage {
     let mut headers = original.properties.headers().clone().unwrap_or_default();
-    headers.insert("x-error-kind".into(), text(failure.kind.as_str()));
-    headers.insert("x-error-message".into(), text(failure.message));
+    headers.insert(headers::ERROR_KIND.into(), text(failure.kind.as_str()));
+    headers.insert(headers::ERROR_MESSAGE.into(), text(&failure.message));
     if let Some(status) = failure.http_status {
         headers.insert(
-            "x-error-status".into(),
+            headers::ERROR_STATUS.into(),
             AMQPValue::LongInt(i32::from(status)),
         );
     }
-    if let Some(body) = failure.error_body {
-        headers.insert("x-error-body".into(), text(body));
+    if let Some(body) = &failure.error_body {
+        headers.insert(headers::ERROR_BODY.into(), text(body));
     }
-    headers.insert("x-attempts".into(), AMQPValue::LongInt(failure.attempts));
     headers.insert(
-        "x-failed-at".into(),
+        headers::ATTEMPTS.into(),
+        AMQPValue::LongInt(failure.attempts),
+    );
+    headers.insert(
+        headers::FAILED_AT.into(),
         text(&now.to_rfc3339_opts(SecondsFormat::Millis, true)),
     );
-    headers.insert("x-original-exchange".into(), text(original.exchange));
-    headers.insert("x-original-routing-key".into(), text(original.routing_key));
+    headers.insert(headers::ORIGINAL_EXCHANGE.into(), text(original.exchange));
+    headers.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        text(original.routing_key),
+    );
     OutboundMessage {
         exchange: dead_letter_exchange.to_owned(),
         routing_key: original.routing_key.to_owned(),
@@ -293,11 +283,11 @@ pub fn delayed(
 ) -> OutboundMessage {
     let mut headers = original.properties.headers().clone().unwrap_or_default();
     headers.insert(
-        crate::command::DELAY_ROUND_HEADER.into(),
+        headers::DELAY_ROUND.into(),
         AMQPValue::LongInt(round as i32),
     );
-    headers.insert("x-attempts".into(), AMQPValue::LongInt(attempts));
-    headers.insert("x-last-error".into(), text(last_error));
+    headers.insert(headers::ATTEMPTS.into(), AMQPValue::LongInt(attempts));
+    headers.insert(headers::LAST_ERROR.into(), text(last_error));
     OutboundMessage {
         exchange: String::new(),
         routing_key: delay_queue.to_owned(),
@@ -306,15 +296,6 @@ pub fn delayed(
             .with_headers(headers),
         body: original.body.to_vec(),
     }
-}
-
-/// Cuts a provider's error body to what a header should carry, on a character boundary.
-pub fn excerpt(body: &str, max: usize) -> String {
-    let mut end = body.len().min(max);
-    while !body.is_char_boundary(end) {
-        end -= 1;
-    }
-    body[..end].to_owned()
 }
 
 /// Properties as the outbox and the command row keep them: lapin's serde form, except that text
@@ -377,12 +358,6 @@ mod tests {
         assert_eq!(event_id(CREATED, "c-1"), event_id(CREATED, "c-1"));
         assert_ne!(event_id(CREATED, "c-1"), event_id(CREATED, "c-2"));
         assert_ne!(event_id(CREATED, "c-1"), event_id(FAILED, "c-1"));
-    }
-
-    #[test]
-    fn excerpt_respects_characters() {
-        assert_eq!(excerpt("héllo", 2), "h");
-        assert_eq!(excerpt("abc", 10), "abc");
     }
 
     #[test]

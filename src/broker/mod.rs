@@ -1,5 +1,6 @@
 //! RabbitMQ: the topology the worker declares, the messages it builds, and the confirmed
-//! publisher with its outbox relay. The consume loop lives in [`crate::worker`].
+//! publisher. The consume loop lives in [`crate::consumer`], the outbox relay in
+//! [`crate::relay`].
 
 pub mod messages;
 pub mod publisher;

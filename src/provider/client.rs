@@ -109,7 +109,7 @@ impl ProviderClient {
         &self,
         command_id: &str,
         request_json: &str,
-        incoming_trace: Option<&lapin::types::FieldTable>,
+        carried_trace: &[(String, String)],
         metrics: &Metrics,
     ) -> CallResult {
         let attempts = AtomicI32::new(0);
@@ -117,7 +117,7 @@ impl ProviderClient {
             &self.retry,
             || {
                 let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
-                self.attempt(command_id, request_json, incoming_trace, attempt, metrics)
+                self.attempt(command_id, request_json, carried_trace, attempt, metrics)
             },
             |error: &ProviderError, wait| {
                 metrics.retry();
@@ -153,7 +153,7 @@ impl ProviderClient {
         &self,
         command_id: &str,
         request_json: &str,
-        incoming_trace: Option<&lapin::types::FieldTable>,
+        carried_trace: &[(String, String)],
         attempt: i32,
         metrics: &Metrics,
     ) -> Result<LinkCreated, Attempt<ProviderError>> {
@@ -171,7 +171,7 @@ impl ProviderClient {
         );
         let started = Instant::now();
         let result = self
-            .call(command_id, request_json, incoming_trace, attempt)
+            .call(command_id, request_json, carried_trace, attempt)
             .instrument(span.clone())
             .await;
         let status = match &result {
@@ -194,7 +194,7 @@ impl ProviderClient {
         &self,
         command_id: &str,
         request_json: &str,
-        incoming_trace: Option<&lapin::types::FieldTable>,
+        carried_trace: &[(String, String)],
         attempt: i32,
     ) -> Result<LinkCreated, Attempt<ProviderError>> {
         let mut request = self
@@ -205,7 +205,7 @@ impl ProviderClient {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "application/json")
             .body(request_json.to_owned());
-        for (name, value) in crate::telemetry::outgoing(incoming_trace) {
+        for (name, value) in crate::telemetry::outgoing(carried_trace) {
             request = request.header(name, value);
         }
         tracing::debug!(command_id, attempt, "calling the provider");
@@ -253,7 +253,7 @@ fn classify(
     let failure = |message: String, body: &str| ProviderError {
         message,
         http_status: Some(status),
-        body: (!body.is_empty()).then(|| crate::broker::messages::excerpt(body, ERROR_BODY_LIMIT)),
+        body: (!body.is_empty()).then(|| crate::headers::excerpt(body, ERROR_BODY_LIMIT)),
     };
     match status {
         200 | 201 => match serde_json::from_str::<LinkBody<'_>>(&body) {

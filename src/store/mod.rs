@@ -1,9 +1,13 @@
 //! Step 3, record: PostgreSQL through diesel-async. The command table is the idempotency record
-//! shared by every replica; the outbox holds what must be published, written in the same
-//! transaction as the outcome it reports.
+//! shared by every replica ([`claims`] decides, [`outcomes`] records); the outbox holds what must
+//! be published, written in the same transaction as the outcome it reports. Every batched write
+//! goes through the one [`batch::Batcher`].
 
+pub mod batch;
+pub mod claims;
 pub mod commands;
 pub mod outbox;
+pub mod outcomes;
 pub mod replay_runs;
 pub mod schema;
 

@@ -82,7 +82,10 @@ async fn two_workers_never_process_one_command_at_the_same_time() {
 async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on_redelivery() {
     use payment_link_worker::broker::messages::{self, EventTarget};
     use payment_link_worker::command::Envelope;
-    use payment_link_worker::store::commands::{self, Claim, KeptEvent, Outcome, Success};
+    use payment_link_worker::store::claims::{self, Claim, ClaimWriter};
+    use payment_link_worker::store::outcomes::{
+        KeptEvent, Outcome, OutcomeRequest, OutcomeWriter, Success,
+    };
 
     let provider = MockServer::start().await;
     Mock::given(method("POST"))
@@ -99,9 +102,8 @@ async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on
     let envelope = Envelope::parse(&command_properties("cmd-crashed"), body.as_bytes(), 65_536)
         .expect("valid command");
     let dead = "plw-died-before-publishing".to_owned();
-    let claims =
-        commands::ClaimBatcher::start(env.pool.clone(), dead.clone(), env.settings.lease());
-    let claim = commands::claim(&env.pool, &claims, &envelope)
+    let claims = ClaimWriter::start(env.pool.clone(), dead.clone(), env.settings.lease());
+    let claim = claims::claim(&env.pool, &claims, &envelope)
         .await
         .expect("claim");
     assert!(
@@ -117,8 +119,12 @@ async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on
         response_body: answer.clone(),
         event: KeptEvent::new(&event),
     };
-    let recorded = commands::OutcomeWriter::start(env.pool.clone(), dead)
-        .record("cmd-crashed", Outcome::Succeeded(success), Vec::new())
+    let recorded = OutcomeWriter::start(env.pool.clone(), dead)
+        .submit(OutcomeRequest {
+            command_id: "cmd-crashed".into(),
+            outcome: Outcome::Succeeded(success),
+            messages: Vec::new(),
+        })
         .await
         .expect("recorded");
     assert!(recorded.is_some(), "the dead worker held the command");

@@ -3,17 +3,17 @@
 //! bound. Everything it creates is removed when the [`TestEnv`] is dropped, pass or fail.
 
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use payment_link_worker::broker::messages::OutboundMessage;
 use payment_link_worker::config::Settings;
+use payment_link_worker::startup::{self, RunningWorker};
 use payment_link_worker::store::commands::CommandRecord;
 use payment_link_worker::store::outbox::OutboxRecord;
 use payment_link_worker::store::{self, PgPool};
-use payment_link_worker::worker::{self, RunningWorker};
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -98,11 +98,11 @@ pub struct Received {
 impl Received {
     /// A header as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        payment_link_worker::command::header_text(&self.properties, name)
+        payment_link_worker::headers::read_text(&self.properties, name)
     }
     /// A header as an integer.
     pub fn header_int(&self, name: &str) -> Option<i64> {
-        payment_link_worker::command::header_int(&self.properties, name)
+        payment_link_worker::headers::read_int(&self.properties, name)
     }
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
@@ -221,7 +221,7 @@ impl TestEnv {
     /// Starts a worker with adjusted settings.
     pub async fn start_worker_with(&self, settings: Settings) -> WorkerHandle {
         let stop = CancellationToken::new();
-        let running = worker::start(settings, stop.clone())
+        let running = startup::start(settings, stop.clone())
             .await
             .expect("worker starts");
         WorkerHandle {
@@ -232,27 +232,15 @@ impl TestEnv {
 
     /// Publishes raw bytes with the given properties to the command exchange, confirmed.
     pub async fn publish_raw(&self, properties: BasicProperties, body: &[u8]) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.settings.broker.command_exchange.as_str().into(),
-                self.settings.broker.command_routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
+        let message = OutboundMessage {
+            exchange: self.settings.broker.command_exchange.clone(),
+            routing_key: self.settings.broker.command_routing_key.clone(),
+            properties,
+            body: body.to_vec(),
+        };
+        payment_link_worker::broker::publisher::publish_confirmed(&self.channel, &message)
             .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert_eq!(
-            confirm,
-            lapin::Confirmation::Ack(None),
-            "command was routed"
-        );
+            .expect("the command was confirmed and routed");
     }
 
     /// Publishes a JSON command with this id.

@@ -3,7 +3,7 @@
 //! comes back with its replay count, and every run is on record.
 
 use crate::helpers::*;
-use payment_link_worker::dead_letters::{self, ReplayRequest, Selection};
+use payment_link_worker::ops::dead_letters::{self, ReplayRequest, Selection};
 use payment_link_worker::store::replay_runs;
 use wiremock::matchers::{header, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};

@@ -1,6 +1,7 @@
 //! The benchmark: measures the real worker binary against the local RabbitMQ, PostgreSQL and the
 //! provider simulator, next to the broker's own ceiling measured in the same run, and prints a
-//! table and JSON. Build with `--release`; see the README's Benchmark section.
+//! table and JSON. Run with `cargo bench --bench payment-link-bench` (release profile; `-- --help`
+//! lists the flags); see the README's Benchmark section.
 //!
 //! Phases: (1) the broker-only ceiling: N messages through consume → publish with confirm → ack,
 //! no database and no HTTP, with lapin; (2) end-to-end throughput of the worker on N pre-loaded
@@ -24,37 +25,28 @@ use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "bench-token";
 
+/// Measures the worker against the local RabbitMQ and PostgreSQL; prints a table and JSON.
+#[derive(clap::Parser)]
+#[command(name = "payment-link-bench")]
 struct Options {
+    /// Commands in the broker-only and end-to-end phases.
+    #[arg(long, default_value_t = 20_000)]
     commands: usize,
+    /// The worker's prefetch (commands in flight).
+    #[arg(long, default_value_t = 256)]
     prefetch: u16,
+    /// Commands offered in the latency phase.
+    #[arg(long, default_value_t = 3_000)]
     latency_commands: usize,
+    /// Commands in the phase with 100 ms of provider latency.
+    #[arg(long, default_value_t = 5_000)]
     slow_commands: usize,
+    /// Print only the JSON.
+    #[arg(long = "json")]
     json_only: bool,
-}
-
-fn options() -> anyhow::Result<Options> {
-    let mut o = Options {
-        commands: 20_000,
-        prefetch: 256,
-        latency_commands: 3_000,
-        slow_commands: 5_000,
-        json_only: false,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().context("a value is missing after a flag");
-        match arg.as_str() {
-            "--commands" => o.commands = value()?.parse()?,
-            "--prefetch" => o.prefetch = value()?.parse()?,
-            "--latency-commands" => o.latency_commands = value()?.parse()?,
-            "--slow-commands" => o.slow_commands = value()?.parse()?,
-            "--json" => o.json_only = true,
-            other => anyhow::bail!(
-                "unknown flag {other}; flags: --commands N --prefetch P --latency-commands N --slow-commands N --json"
-            ),
-        }
-    }
-    Ok(o)
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn amqp_url() -> String {
@@ -165,7 +157,8 @@ impl Run {
     }
 
     fn start_worker(&self) -> anyhow::Result<Child> {
-        let exe = std::env::current_exe()?.with_file_name("payment-link-worker");
+        // Cargo builds the worker binary for the benchmark, in the benchmark's profile.
+        let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_payment-link-worker"));
         Command::new(&exe)
             .arg("run")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -173,12 +166,7 @@ impl Run {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {} (build it with --release first)",
-                    exe.display()
-                )
-            })
+            .with_context(|| format!("cannot start {}", exe.display()))
     }
 
     /// Declares the worker's topology and a queue capturing its events; returns that queue.
@@ -652,7 +640,7 @@ async fn latency(
             anyhow::ensure!(Instant::now() < limit, "only {} of {n} events arrived", latencies.len());
             let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await else { continue };
             let delivery = delivery?;
-            let subject = payment_link_worker::command::header_text(&delivery.properties, "cloudEvents:subject").unwrap_or_default();
+            let subject = payment_link_worker::headers::read_text(&delivery.properties, "cloudEvents:subject").unwrap_or_default();
             if let Some(at) = sent.lock().unwrap().remove(&subject) {
                 latencies.push(at.elapsed().as_secs_f64() * 1000.0);
             }
@@ -670,7 +658,7 @@ async fn latency(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let o = options()?;
+    let o = <Options as clap::Parser>::parse();
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .context("RabbitMQ is not reachable")?;

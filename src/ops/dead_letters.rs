@@ -5,36 +5,18 @@
 //! every run is recorded in PostgreSQL.
 
 use crate::broker::messages::{self, OutboundMessage};
+use crate::broker::publisher::{confirm_channel, publish_confirmed};
 use crate::broker::{self};
-use crate::command::{REPLAY_COUNT_HEADER, header_int, header_text};
 use crate::config::Settings;
+use crate::headers::{self, read_int, read_text};
 use crate::store::{self, replay_runs};
 use anyhow::Context as _;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// Headers the worker or the broker added when dead-lettering or delaying; a replay drops them.
-const DEAD_LETTER_HEADERS: [&str; 15] = [
-    "x-error-kind",
-    "x-error-message",
-    "x-error-status",
-    "x-error-body",
-    "x-attempts",
-    "x-failed-at",
-    "x-original-exchange",
-    "x-original-routing-key",
-    "x-delay-round",
-    "x-last-error",
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-delivery-count",
-];
 
 /// Which dead letters an operation applies to.
 #[derive(Clone, Debug, Default)]
@@ -87,11 +69,8 @@ impl DeadLetter {
     /// Reads the dead-letter headers (or, for a message the broker dead-lettered after its
     /// delivery limit, its `x-death`) and the ids in the body where it is JSON.
     pub fn from_message(properties: &BasicProperties, body: &[u8]) -> Self {
-        let has_death = properties
-            .headers()
-            .as_ref()
-            .is_some_and(|h| h.inner().contains_key("x-death"));
-        let kind = header_text(properties, "x-error-kind").unwrap_or_else(|| {
+        let has_death = headers::has_death(properties);
+        let kind = read_text(properties, headers::ERROR_KIND).unwrap_or_else(|| {
             if has_death {
                 "delivery-limit"
             } else {
@@ -99,7 +78,7 @@ impl DeadLetter {
             }
             .to_owned()
         });
-        let message = header_text(properties, "x-error-message").unwrap_or_else(|| {
+        let message = read_text(properties, headers::ERROR_MESSAGE).unwrap_or_else(|| {
             if has_death {
                 "dead-lettered by the broker after broker.delivery_limit deliveries".to_owned()
             } else {
@@ -116,13 +95,13 @@ impl DeadLetter {
                 .unwrap_or_default(),
             kind,
             message,
-            http_status: header_int(properties, "x-error-status"),
-            attempts: header_int(properties, "x-attempts"),
-            failed_at: header_text(properties, "x-failed-at"),
+            http_status: read_int(properties, headers::ERROR_STATUS),
+            attempts: read_int(properties, headers::ATTEMPTS),
+            failed_at: read_text(properties, headers::FAILED_AT),
             invoice_id: id("invoiceId"),
             adhoc_invoice_id: id("adhocInvoiceId"),
             customer_id: id("customerId"),
-            replay_count: header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0),
+            replay_count: read_int(properties, headers::REPLAY_COUNT).unwrap_or(0),
         }
     }
 }
@@ -217,28 +196,20 @@ pub fn replay_message(
     properties: &BasicProperties,
     body: &[u8],
 ) -> OutboundMessage {
-    let exchange = header_text(properties, "x-original-exchange")
+    let exchange = read_text(properties, headers::ORIGINAL_EXCHANGE)
         .unwrap_or_else(|| settings.broker.command_exchange.clone());
-    let routing_key =
-        header_text(properties, "x-original-routing-key").unwrap_or_else(|| routing_key.to_owned());
-    let replay_count = header_int(properties, REPLAY_COUNT_HEADER).unwrap_or(0) + 1;
-    let mut headers = FieldTable::default();
-    if let Some(original) = properties.headers() {
-        for (name, value) in original.inner() {
-            let name = name.as_str();
-            if !DEAD_LETTER_HEADERS.contains(&name) && !name.starts_with("x-last-death-") {
-                headers.insert(name.into(), value.clone());
-            }
-        }
-    }
-    headers.insert(
-        REPLAY_COUNT_HEADER.into(),
+    let routing_key = read_text(properties, headers::ORIGINAL_ROUTING_KEY)
+        .unwrap_or_else(|| routing_key.to_owned());
+    let replay_count = read_int(properties, headers::REPLAY_COUNT).unwrap_or(0) + 1;
+    let mut kept = headers::without_failure_headers(properties);
+    kept.insert(
+        headers::REPLAY_COUNT.into(),
         AMQPValue::LongLongInt(replay_count),
     );
     OutboundMessage {
         exchange,
         routing_key,
-        properties: messages::republishable(properties).with_headers(headers),
+        properties: messages::republishable(properties).with_headers(kept),
         body: body.to_vec(),
     }
 }
@@ -282,10 +253,7 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
     let queue = &settings.broker.dead_letter_queue;
     let connection =
         broker::connect(&settings.broker, "payment-link-worker dead-letters replay").await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let channel = confirm_channel(&connection).await?;
     let in_queue = depth(&channel, queue).await?;
     let pause = request
         .rate
@@ -316,21 +284,8 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
                 &delivery.properties,
                 &delivery.data,
             );
-            let confirmed = channel
-                .basic_publish(
-                    copy.exchange.as_str().into(),
-                    copy.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &copy.body,
-                    copy.properties.clone(),
-                )
-                .await?
-                .await?;
-            if confirmed != Confirmation::Ack(None) {
-                tracing::error!(command_id = %letter.command_id, ?confirmed, "the broker did not take the replayed command; it stays dead-lettered");
+            if let Err(error) = publish_confirmed(&channel, &copy).await {
+                tracing::error!(command_id = %letter.command_id, %error, "the broker did not take the replayed command; it stays dead-lettered");
                 summary.failed += 1;
                 continue;
             }
@@ -366,14 +321,50 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
     Ok(summary)
 }
 
+/// The listing as aligned lines, then the count per kind.
+pub fn format_listing(listing: &Listing) -> String {
+    let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    let mut out = String::from(
+        "COMMAND ID\tKIND\tSTATUS\tATTEMPTS\tFAILED AT\tINVOICE\tADHOC INVOICE\tCUSTOMER\tREPLAYS\tMESSAGE\n",
+    );
+    for l in &listing.letters {
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            l.command_id,
+            l.kind,
+            opt(l.http_status),
+            opt(l.attempts),
+            l.failed_at.as_deref().unwrap_or("-"),
+            opt(l.invoice_id),
+            opt(l.adhoc_invoice_id),
+            opt(l.customer_id),
+            l.replay_count,
+            l.message.replace(['\n', '\t'], " ")
+        ));
+    }
+    let kinds: Vec<String> = listing
+        .by_kind
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
+    out.push_str(&format!(
+        "{} shown of {} in the dead-letter queue; by kind: {}\n",
+        listing.letters.len(),
+        listing.in_queue,
+        if kinds.is_empty() {
+            "none".into()
+        } else {
+            kinds.join(", ")
+        }
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::LongString;
-
-    fn text(v: &str) -> AMQPValue {
-        AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
-    }
+    use crate::headers::text;
+    use lapin::types::FieldTable;
 
     #[test]
     fn replay_restores_the_command_and_counts_the_replay() {
@@ -393,9 +384,9 @@ mod tests {
         assert_eq!(copy.exchange, "cmds");
         assert_eq!(copy.routing_key, "payment-link.create");
         assert_eq!(copy.message_id(), "c-1");
-        assert_eq!(header_int(&copy.properties, REPLAY_COUNT_HEADER), Some(3));
+        assert_eq!(read_int(&copy.properties, headers::REPLAY_COUNT), Some(3));
         assert_eq!(
-            header_text(&copy.properties, "traceparent").as_deref(),
+            read_text(&copy.properties, "traceparent").as_deref(),
             Some("00-abc")
         );
         for gone in [
@@ -405,8 +396,8 @@ mod tests {
             "x-original-exchange",
         ] {
             assert!(
-                header_text(&copy.properties, gone).is_none()
-                    && header_int(&copy.properties, gone).is_none(),
+                read_text(&copy.properties, gone).is_none()
+                    && read_int(&copy.properties, gone).is_none(),
                 "{gone}"
             );
         }

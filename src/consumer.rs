@@ -1,0 +1,261 @@
+//! Step 1, consume: the broker session (connect, declare, consume), reconnection, and the
+//! orderly stop. Each delivery runs the [`pipeline`] in a task of its own; its [`Disposition`] is
+//! carried out here, the only place that acks or requeues a command.
+
+use crate::broker::messages::Original;
+use crate::broker::{self, topology};
+use crate::config::Settings;
+use crate::pipeline::{self, Disposition};
+use crate::relay;
+use crate::startup::Context;
+use crate::store::commands;
+use anyhow::Context as _;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// After the grace period, how long commands in flight get to give themselves back.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before reconnecting to the broker; doubled up to the cap, reset after success.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
+/// Longest wait between two reconnection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// One connection to the broker with the worker's consumer on it.
+pub struct Session {
+    /// The connection, shared with the publisher.
+    pub connection: Arc<Connection>,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Session {
+    /// Connects, declares the topology (every replica does, idempotently), sets the prefetch and
+    /// starts consuming.
+    pub async fn open(settings: &Settings, instance_id: &str) -> anyhow::Result<Self> {
+        let connection = Arc::new(broker::connect(&settings.broker, instance_id).await?);
+        let channel = connection.create_channel().await?;
+        topology::declare(&channel, &settings.broker)
+            .await
+            .context("cannot declare the RabbitMQ topology")?;
+        topology::declare_delay_queues(&channel, &settings.broker, &settings.retry.delay_tiers_ms)
+            .await
+            .context("cannot declare the delay queues")?;
+        channel
+            .basic_qos(settings.broker.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                settings.broker.command_queue.as_str().into(),
+                instance_id.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot consume from the command queue")?;
+        Ok(Self {
+            connection,
+            channel,
+            consumer,
+        })
+    }
+
+    async fn cancel(&self, instance_id: &str) {
+        let _ = self
+            .channel
+            .basic_cancel(instance_id.into(), BasicCancelOptions::default())
+            .await;
+    }
+
+    async fn close(self, instance_id: &str) {
+        self.cancel(instance_id).await;
+        let _ = self.channel.close(200, "worker stopped".into()).await;
+        let _ = self.connection.close(200, "worker stopped".into()).await;
+    }
+}
+
+/// How a consume loop ended.
+enum Ended {
+    Stopped,
+    Lost(anyhow::Error),
+}
+
+/// Consumes until stopped, reconnecting whenever the broker connection is lost, then stops in
+/// order: no new commands, in-flight ones finished or returned, leases released, channels closed.
+pub async fn run(
+    context: Arc<Context>,
+    mut session: Session,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(relay::run_relay(
+        context.pool.clone(),
+        context.publisher.clone(),
+        context.settings.outbox.clone(),
+        relay_stop.clone(),
+    ));
+    let mut tasks = JoinSet::new();
+    loop {
+        context.consuming.store(true, Ordering::SeqCst);
+        let ended = consume(&context, &mut session, &mut tasks, &stop).await;
+        context.consuming.store(false, Ordering::SeqCst);
+        let Ended::Lost(error) = ended else { break };
+        tracing::warn!(
+            error = format!("{error:#}"),
+            in_flight = tasks.len(),
+            "lost the broker connection; reconnecting (commands in flight finish, the broker redelivers what was not acked)"
+        );
+        match reconnect(&context, &stop).await {
+            Some(new) => session = new,
+            None => break,
+        }
+    }
+    tracing::info!(
+        in_flight = tasks.len(),
+        "worker stopping: no new commands are taken"
+    );
+    session.cancel(&context.instance_id).await;
+    drain(&context, &mut tasks).await;
+    relay_stop.cancel();
+    let _ = relay.await;
+    relay::flush_sent(&context.sent).await;
+    if let Ok(mut conn) = context.pool.get().await
+        && let Err(error) = commands::release_all(&mut conn, &context.instance_id).await
+    {
+        tracing::warn!(%error, "could not release this worker's leases; they expire by themselves");
+    }
+    context.publisher.close().await;
+    session.close(&context.instance_id).await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Opens a new session (and moves the publisher to it), waiting longer after each failure;
+/// `None` when stopped first.
+async fn reconnect(context: &Context, stop: &CancellationToken) -> Option<Session> {
+    let mut wait = RECONNECT_INITIAL;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match Session::open(&context.settings, &context.instance_id).await {
+            Ok(new) => match context.publisher.replace(new.connection.clone()).await {
+                Ok(()) => {
+                    tracing::info!("reconnected to the broker; consuming again");
+                    return Some(new);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reconnected but cannot open the publishing channel")
+                }
+            },
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                retry_in_ms = wait.as_millis() as u64,
+                "cannot reconnect to the broker yet"
+            ),
+        }
+        wait = (wait * 2).min(RECONNECT_MAX);
+    }
+}
+
+/// Takes deliveries and hands each to its own task until stopped or the connection is lost.
+async fn consume(
+    context: &Arc<Context>,
+    session: &mut Session,
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> Ended {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ended::Stopped,
+            next = session.consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle(context.clone(), delivery));
+                }
+                Some(Err(e)) => return Ended::Lost(anyhow::Error::new(e)),
+                None => return Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+/// Lets commands in flight finish within the grace period, then makes them give themselves back.
+async fn drain(context: &Context, tasks: &mut JoinSet<()>) {
+    let grace = tokio::time::sleep(Duration::from_millis(
+        context.settings.worker.shutdown_grace_ms,
+    ));
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { return },
+            _ = &mut grace, if !context.abandon.is_cancelled() => {
+                tracing::warn!(in_flight = tasks.len(), "shutdown grace period over; returning commands in flight to the queue");
+                context.abandon.cancel();
+                if tokio::time::timeout(ABANDON_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+                    tasks.abort_all();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs the pipeline for one delivery and settles it with the broker. A panic requeues the
+/// message; the queue's delivery limit dead-letters one that keeps failing.
+async fn handle(context: Arc<Context>, delivery: Delivery) {
+    let waited = delivery.properties.timestamp().and_then(|sent| {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        now.checked_sub(sent).map(Duration::from_secs)
+    });
+    context.metrics.received(waited);
+    let _in_flight = context.metrics.in_flight();
+    let original = Original {
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        properties: &delivery.properties,
+        body: &delivery.data,
+    };
+    let span = pipeline::span(&context, &original);
+    let work = async {
+        let fate = pipeline::process(&context, &original).await;
+        pipeline::settle(&context, &original, fate).await
+    };
+    let disposition = AssertUnwindSafe(work.instrument(span))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!(
+                delivery_tag = delivery.delivery_tag,
+                "processing panicked; message returned to the queue"
+            );
+            Disposition::Requeue
+        });
+    let settled = match disposition {
+        Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Requeue => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, ?disposition, "could not settle the delivery; the broker will redeliver it");
+    }
+}

@@ -1,0 +1,144 @@
+//! Every AMQP header the worker reads or writes, by name, with the typed readers and the one
+//! writer of text values. A header name appears as a string literal here and nowhere else in
+//! `src/`, so renaming one (or finding who reads it) is a one-file change.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+/// A deliberate replay increments it; a recorded failure is only attempted again when it grows.
+pub const REPLAY_COUNT: &str = "x-replay-count";
+/// The delay tiers a command has already waited in.
+pub const DELAY_ROUND: &str = "x-delay-round";
+/// Provider calls made so far (on a dead letter or a delayed command).
+pub const ATTEMPTS: &str = "x-attempts";
+/// The last provider error a delayed command met.
+pub const LAST_ERROR: &str = "x-last-error";
+/// A dead letter's error kind (`ErrorKind::as_str`).
+pub const ERROR_KIND: &str = "x-error-kind";
+/// What went wrong, in words.
+pub const ERROR_MESSAGE: &str = "x-error-message";
+/// The provider's HTTP status, where there was one.
+pub const ERROR_STATUS: &str = "x-error-status";
+/// An excerpt of the provider's error body, where there was one.
+pub const ERROR_BODY: &str = "x-error-body";
+/// When the worker dead-lettered the command (RFC 3339).
+pub const FAILED_AT: &str = "x-failed-at";
+/// The exchange the command was first published to (where a replay sends it).
+pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
+/// The routing key the command was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+/// Added by the broker when it dead-letters a message itself (delivery limit, TTL).
+pub const DEATH: &str = "x-death";
+/// Prefix of the broker's own `x-last-death-*` headers.
+pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
+
+/// Headers the worker or the broker add when dead-lettering or delaying; a replay drops them.
+pub const ADDED_ON_FAILURE: [&str; 15] = [
+    ERROR_KIND,
+    ERROR_MESSAGE,
+    ERROR_STATUS,
+    ERROR_BODY,
+    ATTEMPTS,
+    FAILED_AT,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    DELAY_ROUND,
+    LAST_ERROR,
+    DEATH,
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
+];
+
+/// A text header value (AMQP long string).
+pub fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// A header as text, whichever string type the publisher used.
+pub fn read_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header as a non-negative integer, whichever integer type (or decimal text) the publisher
+/// used; capped at `i32::MAX` so counters read from it cannot overflow.
+pub fn read_int(properties: &BasicProperties, name: &str) -> Option<i64> {
+    let value = match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok()?,
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).trim().parse().ok()?,
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
+        _ => return None,
+    };
+    (value >= 0).then_some(value.min(i64::from(i32::MAX)))
+}
+
+/// Whether the broker itself dead-lettered the message (it carries `x-death`).
+pub fn has_death(properties: &BasicProperties) -> bool {
+    properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key(DEATH))
+}
+
+/// The message's headers, without the ones a failure added: what a replay sends again.
+pub fn without_failure_headers(properties: &BasicProperties) -> FieldTable {
+    let mut headers = FieldTable::default();
+    for (name, value) in properties.headers().iter().flat_map(|h| h.inner()) {
+        let name = name.as_str();
+        if !ADDED_ON_FAILURE.contains(&name) && !name.starts_with(LAST_DEATH_PREFIX) {
+            headers.insert(name.into(), value.clone());
+        }
+    }
+    headers
+}
+
+/// The start of `text`, at most `max` bytes cut on a character boundary, with `…` when cut: what
+/// an error message, header or log line quotes of a value that may be of any size.
+pub fn excerpt(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < text.len() {
+        format!("{}…", &text[..end])
+    } else {
+        text.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_respects_characters_and_marks_the_cut() {
+        assert_eq!(excerpt("héllo", 2), "h…");
+        assert_eq!(excerpt("abc", 10), "abc");
+        assert_eq!(excerpt("abc", 3), "abc");
+    }
+
+    #[test]
+    fn integers_are_read_from_any_integer_type_and_capped() {
+        let mut headers = FieldTable::default();
+        headers.insert("a".into(), AMQPValue::LongLongInt(i64::MAX));
+        headers.insert("b".into(), text(" 7 "));
+        headers.insert("c".into(), AMQPValue::ShortInt(-1));
+        let p = BasicProperties::default().with_headers(headers);
+        assert_eq!(read_int(&p, "a"), Some(i64::from(i32::MAX)));
+        assert_eq!(read_int(&p, "b"), Some(7));
+        assert_eq!(read_int(&p, "c"), None);
+        assert_eq!(read_text(&p, "b").as_deref(), Some(" 7 "));
+    }
+}

@@ -1,0 +1,45 @@
+//! The gauges read from PostgreSQL and RabbitMQ (outbox backlog, oldest command in processing,
+//! queue depths), refreshed on a timer rather than per command, so reading them costs the hot
+//! path nothing.
+
+use crate::startup::Context;
+use crate::store::{commands, outbox};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Refreshes the levels every `telemetry.levels_interval_ms` until `stop` fires.
+pub async fn run(context: Arc<Context>, stop: CancellationToken) {
+    let interval = Duration::from_millis(context.settings.telemetry.levels_interval_ms);
+    loop {
+        refresh(&context).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+async fn refresh(context: &Context) {
+    let levels = &context.metrics.levels;
+    if let Ok(mut conn) = context.pool.get().await {
+        if let Ok(backlog) = outbox::unsent_count(&mut conn).await {
+            levels.outbox_backlog.store(backlog, Ordering::Relaxed);
+        }
+        if let Ok(age) = commands::oldest_processing_age(&mut conn).await {
+            levels
+                .oldest_processing_age_ms
+                .store(age.as_millis() as i64, Ordering::Relaxed);
+        }
+    }
+    let broker = &context.settings.broker;
+    for (queue, level) in [
+        (&broker.dead_letter_queue, &levels.dead_letter_depth),
+        (&broker.command_queue, &levels.command_queue_depth),
+    ] {
+        if let Ok(depth) = context.publisher.queue_depth(queue).await {
+            level.store(i64::from(depth), Ordering::Relaxed);
+        }
+    }
+}

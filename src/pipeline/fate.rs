@@ -1,0 +1,178 @@
+//! What becomes of a delivery, decided in one place: [`process`](super::process) returns a
+//! [`Fate`], [`settle`] carries it out with the broker (each broker refusal handled here) and
+//! tells the consumer whether to ack the delivery or give it back.
+
+use super::{Abandoned, Context, wait_or_abandon};
+use crate::broker::messages::{self, Original, OutboundMessage};
+use crate::errors::Failure;
+use crate::relay;
+use crate::store::{commands, outbox};
+use std::time::Duration;
+
+/// Wait before returning a message that could not be dead-lettered or delayed.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+
+/// What becomes of a delivery.
+#[derive(Debug)]
+pub enum Fate {
+    /// Nothing is left to publish (an outcome with no event): ack.
+    Done,
+    /// Publish this event (just recorded, or recorded earlier for a duplicate); if the broker does
+    /// not take it now, hand it to the outbox relay. Then ack.
+    Publish {
+        /// The command it reports.
+        command_id: String,
+        /// The event.
+        event: OutboundMessage,
+    },
+    /// Publish these just-recorded outbox rows (id, message); the relay takes whatever the
+    /// broker does not confirm now. Then ack.
+    PublishRecorded(Vec<(i64, OutboundMessage)>),
+    /// Dead-letter the command now; it has no record to hang the dead letter on (invalid, or in
+    /// conflict with another request's record). Ack once the broker confirmed the dead letter.
+    DeadLetter(Failure),
+    /// Park the command in a delay queue, then ack.
+    Delay(Delay),
+    /// Give the message back to the queue (the shutdown grace period ended).
+    Requeue,
+}
+
+/// A command that waits in a delay queue before its next round of provider calls.
+#[derive(Debug)]
+pub struct Delay {
+    /// The command.
+    pub command_id: String,
+    /// The command again, addressed to its delay queue.
+    pub message: OutboundMessage,
+    /// The round it enters.
+    pub round: usize,
+    /// How long it waits.
+    pub delay_ms: u64,
+    /// Every provider call made so far.
+    pub attempts: i32,
+    /// The provider calls of the round that just ended (added to the row).
+    pub round_attempts: i32,
+    /// The last provider error.
+    pub last_error: String,
+}
+
+/// What the consumer does with the delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Its outcome is durable (or it was dead-lettered with a confirm): remove it from the queue.
+    Ack,
+    /// It could not be finished now (shutdown, broker trouble): give it back to the queue.
+    Requeue,
+}
+
+impl From<Abandoned> for Disposition {
+    fn from(_: Abandoned) -> Self {
+        Disposition::Requeue
+    }
+}
+
+/// Carries out a fate with the broker; returns once the delivery may be acked, or must be
+/// given back.
+pub async fn settle(context: &Context, original: &Original<'_>, fate: Fate) -> Disposition {
+    match fate {
+        Fate::Done => Disposition::Ack,
+        Fate::Requeue => Disposition::Requeue,
+        Fate::Publish { command_id, event } => publish_or_hand_over(context, &command_id, &event)
+            .await
+            .map_or_else(Disposition::from, |()| Disposition::Ack),
+        Fate::PublishRecorded(rows) => {
+            let (pool, publisher, sent) = (&context.pool, &context.publisher, &context.sent);
+            let settings = &context.settings.outbox;
+            if let Err(error) =
+                relay::publish_recorded(pool, publisher, sent, &rows, settings).await
+            {
+                tracing::warn!(%error, "could not publish at once; the outbox relay will");
+            }
+            Disposition::Ack
+        }
+        Fate::DeadLetter(failure) => dead_letter(context, original, &failure).await,
+        Fate::Delay(delay) => park(context, &delay)
+            .await
+            .unwrap_or_else(Disposition::from),
+    }
+}
+
+/// Publishes a recorded event and, if the broker does not take it now (a nack, no queue bound,
+/// a lost channel), hands it to the outbox relay, so the delivery can be acked either way.
+async fn publish_or_hand_over(
+    context: &Context,
+    command_id: &str,
+    event: &OutboundMessage,
+) -> Result<(), Abandoned> {
+    let error = match context.publisher.publish(event).await {
+        Ok(()) => return Ok(()),
+        Err(error) => error.to_string(),
+    };
+    tracing::warn!(message_id = event.message_id(), %error,
+        "publish failed; the outbox relay will retry");
+    let max_wait = Duration::from_millis(context.settings.outbox.max_retry_interval_ms);
+    db!(context, "hand the event to the relay", |conn| {
+        outbox::hand_to_relay(
+            &mut conn,
+            command_id,
+            outbox::EVENT,
+            event,
+            &error,
+            max_wait,
+        )
+    })
+}
+
+/// Publishes the dead letter of a command that has no record, and acks only once the broker
+/// confirmed it; otherwise the command goes back to the queue after a pause.
+async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failure) -> Disposition {
+    let message = messages::dead_letter(
+        &context.settings.broker.dead_letter_exchange,
+        original,
+        failure,
+        chrono::Utc::now(),
+    );
+    match context.publisher.publish(&message).await {
+        Ok(()) => {
+            context.metrics.dead_lettered(failure.kind.as_str(), None);
+            tracing::warn!(error_kind = %failure.kind, error = failure.message, "command dead-lettered");
+            Disposition::Ack
+        }
+        Err(error) => {
+            tracing::error!(%error, error_kind = %failure.kind, "could not dead-letter the command; returning it to the queue");
+            let _ = wait_or_abandon(context, REQUEUE_DELAY).await;
+            Disposition::Requeue
+        }
+    }
+}
+
+/// Publishes the command to its delay queue (confirmed), records the round's attempts and gives
+/// up the lease; acks if the broker took the copy, otherwise returns the command to the queue.
+async fn park(context: &Context, delay: &Delay) -> Result<Disposition, Abandoned> {
+    let published = context.publisher.publish(&delay.message).await;
+    db!(context, "record the attempts", |conn| commands::release(
+        &mut conn,
+        &delay.command_id,
+        &context.instance_id,
+        delay.round_attempts,
+        Some(&delay.last_error)
+    ))?;
+    match published {
+        Ok(()) => {
+            context.metrics.delayed();
+            tracing::warn!(
+                round = delay.round,
+                delay_ms = delay.delay_ms,
+                attempts = delay.attempts,
+                error = delay.last_error,
+                "provider still failing; command waits in a delay queue"
+            );
+            Ok(Disposition::Ack)
+        }
+        Err(error) => {
+            tracing::error!(%error, "could not park the command in its delay queue; returning it to the queue");
+            let _ = wait_or_abandon(context, REQUEUE_DELAY).await;
+            Ok(Disposition::Requeue)
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Steps 2 to 4 for one delivery: [`process`] parses it, claims the command, calls the provider
+//! and records the outcome, each a short function below, and returns the message's [`Fate`];
+//! [`settle`] (in [`fate`]) carries the fate out with the broker. Neither acks: the consumer
+//! does, with the [`Disposition`] `settle` returns.
+
+/// Runs a database step until it succeeds: while PostgreSQL is unreachable the command waits
+/// here (holding its prefetch slot, so the worker takes no more) instead of failing. Gives up
+/// only when the shutdown grace period ends. A macro rather than a function taking an async
+/// closure, whose borrowed captures the compiler cannot yet prove `Send` for a spawned task.
+macro_rules! db {
+    ($ctx:expr, $what:expr, |$conn:ident| $step:expr) => {
+        db!($ctx, $what, async {
+            match $ctx.pool.get().await {
+                Ok(mut $conn) => $step.await,
+                Err(e) => Err($crate::store::StoreError::from(e)),
+            }
+        })
+    };
+    ($ctx:expr, $what:expr, $step:expr) => {{
+        use tracing::Instrument as _;
+        let mut wait = $crate::pipeline::DB_RETRY_INITIAL;
+        loop {
+            let span = tracing::info_span!("db", otel.name = $what, otel.kind = "client",
+                db.system.name = "postgresql");
+            match $step.instrument(span).await {
+                Ok(value) => break Ok(value),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64,
+                        "cannot {}; will try again", $what);
+                    if let Err(abandoned) = $crate::pipeline::wait_or_abandon($ctx, wait).await {
+                        break Err(abandoned);
+                    }
+                    wait = (wait * 2).min($crate::pipeline::DB_RETRY_MAX);
+                }
+            }
+        }
+    }};
+}
+
+pub mod fate;
+mod record;
+
+pub use fate::{Disposition, Fate, settle};
+
+use crate::broker::messages::Original;
+use crate::command::Envelope;
+use crate::errors::{ErrorKind, Failure};
+use crate::provider::client::CallResult;
+use crate::startup::Context;
+use crate::store::claims::{self, Claim};
+use crate::store::commands::{self, CommandRecord};
+use std::time::Duration;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// First wait before trying the database again after an error; doubled up to the cap.
+pub const DB_RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Longest wait between two tries at the database.
+pub const DB_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Work was given up because the shutdown grace period ended.
+#[derive(Debug)]
+pub struct Abandoned;
+
+/// Waits, unless the grace period ends first.
+pub async fn wait_or_abandon(context: &Context, wait: Duration) -> Result<(), Abandoned> {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => Ok(()),
+        _ = context.abandon.cancelled() => Err(Abandoned),
+    }
+}
+
+/// The consumer span of one delivery, continuing the trace its headers carry; [`process`]
+/// records the fields it learns from the command.
+pub fn span(context: &Context, original: &Original<'_>) -> tracing::Span {
+    let queue = &context.settings.broker.command_queue;
+    let message_id = original.properties.message_id().as_ref();
+    let message_id = message_id.map(|m| m.as_str()).unwrap_or("");
+    let span = tracing::info_span!("command",
+        otel.name = format!("process {queue}"),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %queue,
+        messaging.rabbitmq.destination.routing_key = %original.routing_key,
+        messaging.message.id = message_id,
+        messaging.message.conversation_id = tracing::field::Empty,
+        messaging.message.body.size = original.body.len(),
+        command_id = message_id,
+        correlation_id = tracing::field::Empty,
+        replay_count = tracing::field::Empty,
+        delay_round = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let _ = span.set_parent(crate::telemetry::extract(
+        original.properties.headers().as_ref(),
+    ));
+    span.record("trace_id", crate::telemetry::trace_id(&span));
+    span
+}
+
+/// Decides a delivery's fate: dead-letter it, publish its recorded event again, or call the
+/// provider and record the outcome. Whatever must be durable before the message is acked (the
+/// claim, the outcome) is durable when this returns.
+pub async fn process(context: &Context, original: &Original<'_>) -> Fate {
+    let envelope = match parse(context, original) {
+        Ok(envelope) => envelope,
+        Err(failure) => return Fate::DeadLetter(failure),
+    };
+    let span = tracing::Span::current();
+    span.record(
+        "messaging.message.conversation_id",
+        envelope.correlation_id.as_str(),
+    );
+    span.record("correlation_id", envelope.correlation_id.as_str());
+    span.record("replay_count", envelope.replay_count);
+    span.record("delay_round", envelope.delay_round);
+    decide(context, original, &envelope)
+        .await
+        .unwrap_or(Fate::Requeue)
+}
+
+/// Step 2: the delivery as a valid command, or the validation failure that dead-letters it.
+fn parse(context: &Context, original: &Original<'_>) -> Result<Envelope, Failure> {
+    let max_bytes = context.settings.broker.max_message_bytes;
+    Envelope::parse(original.properties, original.body, max_bytes)
+        .map_err(|invalid| Failure::before_any_call(ErrorKind::Validation, invalid.0))
+}
+
+/// Claim, call, record; again from the claim when the lease was lost on the way.
+async fn decide(
+    context: &Context,
+    original: &Original<'_>,
+    envelope: &Envelope,
+) -> Result<Fate, Abandoned> {
+    loop {
+        let earlier_attempts = match claim(context, envelope).await? {
+            Claim::Acquired { attempts } => attempts,
+            Claim::Finished(record) => return recorded_fate(context, &record).await,
+            Claim::Busy => {
+                tracing::debug!("another worker holds this command; waiting for its outcome");
+                let poll = Duration::from_millis(context.settings.worker.busy_poll_ms);
+                wait_or_abandon(context, poll).await?;
+                continue;
+            }
+            Claim::Conflict => return Ok(Fate::DeadLetter(conflict(envelope))),
+        };
+        let call = call(context, original, envelope).await?;
+        match record::record(context, original, envelope, earlier_attempts, call).await? {
+            Some(fate) => return Ok(fate),
+            None => tracing::warn!(
+                "this worker's lease ran out and another worker took the command over"
+            ),
+        }
+    }
+}
+
+/// Step 3: the idempotency decision.
+async fn claim(context: &Context, envelope: &Envelope) -> Result<Claim, Abandoned> {
+    let claim = db!(
+        context,
+        "claim the command",
+        claims::claim(&context.pool, &context.claims, envelope)
+    )?;
+    if let Claim::Acquired { attempts } = claim {
+        tracing::debug!(earlier_attempts = attempts, "command claimed");
+    }
+    Ok(claim)
+}
+
+fn conflict(envelope: &Envelope) -> Failure {
+    Failure::before_any_call(
+        ErrorKind::IdempotencyConflict,
+        format!(
+            "command id {} was already used for a different request; \
+             the earlier request's link is not reused",
+            envelope.command_id
+        ),
+    )
+}
+
+/// Step 4: the provider call with its retries; at the end of the grace period the lease is
+/// given back and the command returned to the queue.
+async fn call(
+    context: &Context,
+    original: &Original<'_>,
+    envelope: &Envelope,
+) -> Result<CallResult, Abandoned> {
+    let command_id = envelope.command_id.as_str();
+    let carried = crate::telemetry::carried(original.properties.headers().as_ref());
+    let provider = &context.provider;
+    tokio::select! {
+        call = provider.create_link(command_id, &envelope.request_json, &carried, &context.metrics) => Ok(call),
+        _ = context.abandon.cancelled() => {
+            if let Ok(mut conn) = context.pool.get().await {
+                let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
+            }
+            Err(Abandoned)
+        }
+    }
+}
+
+/// A command that already has an outcome came again: its recorded event is published again
+/// (same event id) and the provider is not called.
+async fn recorded_fate(context: &Context, record: &CommandRecord) -> Result<Fate, Abandoned> {
+    context.metrics.duplicate();
+    tracing::info!(status = %record.status, "duplicate command; publishing its recorded event again");
+    let command_id = record.command_id.as_str();
+    let event = db!(context, "read the recorded event", |conn| {
+        commands::recorded_event(&mut conn, command_id)
+    })?;
+    Ok(match event {
+        Some(Ok(event)) => Fate::Publish {
+            command_id: command_id.to_owned(),
+            event,
+        },
+        Some(Err(error)) => {
+            tracing::error!(%error, "recorded event is unreadable");
+            Fate::Done
+        }
+        None => {
+            tracing::debug!("this outcome has no event to publish");
+            Fate::Done
+        }
+    })
+}

@@ -1,0 +1,180 @@
+//! Step 4's end: the provider's answer becomes the command's recorded outcome (a link with its
+//! created event, a failure with its failed event and dead letter) or a wait in a delay queue.
+
+use super::fate::{Delay, Fate};
+use super::{Abandoned, Context};
+use crate::broker::messages::{self, Original};
+use crate::broker::topology;
+use crate::command::Envelope;
+use crate::errors::{ErrorKind, Failure};
+use crate::provider::client::{CallResult, LinkCreated, ProviderError};
+use crate::store::outbox::{self, NewOutboxMessage};
+use crate::store::outcomes::{KeptEvent, Outcome, OutcomeRequest, Success};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// The fate the call's result leads to, once what must be durable is; `None` when this worker's
+/// lease ran out and another worker took the command over.
+pub(super) async fn record(
+    context: &Context,
+    original: &Original<'_>,
+    envelope: &Envelope,
+    earlier_attempts: i32,
+    call: CallResult,
+) -> Result<Option<Fate>, Abandoned> {
+    let attempts = earlier_attempts + call.attempts;
+    match call.outcome {
+        Ok(link) => record_link(context, original, envelope, attempts, link).await,
+        Err((ErrorKind::RetriesExhausted, error))
+            if envelope.delay_round < context.settings.retry.delay_tiers_ms.len() =>
+        {
+            Ok(Some(delay(
+                context,
+                original,
+                envelope,
+                attempts,
+                call.attempts,
+                error.message,
+            )))
+        }
+        Err((kind, error)) => {
+            record_failure(context, original, envelope, attempts, kind, error).await
+        }
+    }
+}
+
+fn since(first_seen: DateTime<Utc>) -> Duration {
+    (Utc::now() - first_seen).to_std().unwrap_or_default()
+}
+
+/// The link and its created event, kept on the command's row (not in the outbox): the delivery
+/// is acked only once the broker confirmed the event, so after a crash the broker's redelivery
+/// finds the outcome and publishes the kept event again.
+async fn record_link(
+    context: &Context,
+    original: &Original<'_>,
+    envelope: &Envelope,
+    attempts: i32,
+    link: LinkCreated,
+) -> Result<Option<Fate>, Abandoned> {
+    let trace = crate::telemetry::outgoing(&crate::telemetry::carried(
+        original.properties.headers().as_ref(),
+    ));
+    let event = messages::created_event(&context.events, envelope, &link.body, Utc::now(), &trace);
+    let request = OutcomeRequest {
+        command_id: envelope.command_id.as_str().to_owned(),
+        outcome: Outcome::Succeeded(Success {
+            attempts,
+            link_id: link.link_id,
+            payment_link: link.payment_link,
+            response_body: link.body,
+            event: KeptEvent::new(&event),
+        }),
+        messages: Vec::new(),
+    };
+    let recorded = db!(
+        context,
+        "record the link",
+        context.outcomes.submit(request.clone())
+    )?;
+    let Some((_, first_seen)) = recorded else {
+        return Ok(None);
+    };
+    context.metrics.succeeded(since(first_seen));
+    tracing::info!(
+        attempts,
+        http_status = link.http_status,
+        link_id = link.link_id,
+        "payment link created"
+    );
+    Ok(Some(Fate::Publish {
+        command_id: request.command_id,
+        event,
+    }))
+}
+
+/// The failure with its failed event (when the invoicing system hears of this kind) and its
+/// dead letter, written to the outbox in the outcome's transaction.
+async fn record_failure(
+    context: &Context,
+    original: &Original<'_>,
+    envelope: &Envelope,
+    attempts: i32,
+    kind: ErrorKind,
+    error: ProviderError,
+) -> Result<Option<Fate>, Abandoned> {
+    let command_id = envelope.command_id.as_str();
+    let now = Utc::now();
+    let failure = Failure {
+        kind,
+        message: error.message,
+        http_status: error.http_status,
+        error_body: error.body,
+        attempts,
+    };
+    let trace = crate::telemetry::outgoing(&crate::telemetry::carried(
+        original.properties.headers().as_ref(),
+    ));
+    let mut outgoing = Vec::with_capacity(2);
+    if kind.publishes_failed_event() {
+        let event = messages::failed_event(&context.events, envelope, &failure, now, &trace);
+        outgoing.push((outbox::EVENT, event));
+    }
+    let dead_letter = messages::dead_letter(
+        &context.settings.broker.dead_letter_exchange,
+        original,
+        &failure,
+        now,
+    );
+    outgoing.push((outbox::DEAD_LETTER, dead_letter));
+    let grace = Duration::from_millis(context.settings.outbox.inline_grace_ms);
+    let request = OutcomeRequest {
+        command_id: command_id.to_owned(),
+        messages: outgoing
+            .iter()
+            .map(|(row_kind, message)| NewOutboxMessage::new(command_id, row_kind, message, grace))
+            .collect(),
+        outcome: Outcome::Failed(failure),
+    };
+    let recorded = db!(
+        context,
+        "record the failure",
+        context.outcomes.submit(request.clone())
+    )?;
+    let Some((ids, first_seen)) = recorded else {
+        return Ok(None);
+    };
+    context
+        .metrics
+        .dead_lettered(kind.as_str(), Some(since(first_seen)));
+    if let Outcome::Failed(failure) = &request.outcome {
+        tracing::warn!(error_kind = %kind, attempts, http_status = failure.http_status,
+            error = %failure.message, "command dead-lettered");
+    }
+    let rows = ids.into_iter().zip(outgoing.into_iter().map(|(_, m)| m));
+    Ok(Some(Fate::PublishRecorded(rows.collect())))
+}
+
+/// The round's retry budget is spent but delay tiers remain: the command is to wait in the next
+/// delay queue.
+fn delay(
+    context: &Context,
+    original: &Original<'_>,
+    envelope: &Envelope,
+    attempts: i32,
+    round_attempts: i32,
+    last_error: String,
+) -> Fate {
+    let round = envelope.delay_round;
+    let delay_ms = context.settings.retry.delay_tiers_ms[round];
+    let queue = topology::delay_queue(&context.settings.broker, delay_ms);
+    Fate::Delay(Delay {
+        command_id: envelope.command_id.as_str().to_owned(),
+        message: messages::delayed(&queue, original, round + 1, attempts, &last_error),
+        round: round + 1,
+        delay_ms,
+        attempts,
+        round_attempts,
+        last_error,
+    })
+}

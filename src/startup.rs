@@ -1,0 +1,173 @@
+//! Start-up: check the settings, migrate, connect, build the [`Context`] every command's
+//! processing shares (pool, publisher, provider client, batching writers), and spawn the
+//! long-running tasks (health server, gauges, consumer). What follows start-up is in
+//! [`crate::consumer`].
+
+use crate::broker::messages::EventTarget;
+use crate::broker::publisher::Publisher;
+use crate::config::Settings;
+use crate::consumer::{self, Session};
+use crate::metrics::{Metrics, MetricsHandle};
+use crate::provider::breaker::Breaker;
+use crate::provider::client::ProviderClient;
+use crate::relay::{SentMarker, SentWriter};
+use crate::store::claims::{ClaimWriter, Claims};
+use crate::store::outcomes::{OutcomeWriter, Outcomes};
+use crate::store::{self, PgPool};
+use crate::{health, levels};
+use anyhow::Context as _;
+use lapin::Connection;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use tokio_util::sync::CancellationToken;
+
+/// Everything a command's processing needs, shared by the tasks of one worker.
+pub struct Context {
+    /// The settings it runs with.
+    pub settings: Settings,
+    /// Database connections.
+    pub pool: PgPool,
+    /// The confirm-mode publisher.
+    pub publisher: Publisher,
+    /// The provider API client.
+    pub provider: ProviderClient,
+    /// The provider's circuit breaker (also read by readiness).
+    pub breaker: Arc<Breaker>,
+    /// The figures it records.
+    pub metrics: Arc<Metrics>,
+    /// Claims commands in batches.
+    pub claims: Claims,
+    /// Records outcomes in batches.
+    pub outcomes: Outcomes,
+    /// Marks published outbox rows sent, in batches.
+    pub sent: SentMarker,
+    /// True while a consumer on the command queue is live (read by readiness).
+    pub consuming: Arc<AtomicBool>,
+    /// Where events go.
+    pub events: EventTarget,
+    /// This worker's name in command leases, unique per process.
+    pub instance_id: String,
+    /// Fires when the shutdown grace period is over: work in flight gives itself back.
+    pub abandon: CancellationToken,
+}
+
+impl Context {
+    /// Builds the context on an open broker connection (the publisher's channel is opened on it)
+    /// and starts the batching writers. Tests build one this way to drive the pipeline directly.
+    pub async fn new(
+        settings: Settings,
+        pool: PgPool,
+        connection: Arc<Connection>,
+        metrics: Arc<Metrics>,
+        instance_id: String,
+    ) -> anyhow::Result<Self> {
+        let publisher = Publisher::open(connection)
+            .await
+            .context("cannot open the publishing channel")?;
+        let breaker = Breaker::new(settings.breaker.clone());
+        let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
+        Ok(Self {
+            events: EventTarget::new(&settings),
+            sent: SentWriter::start(pool.clone()),
+            claims: ClaimWriter::start(pool.clone(), instance_id.clone(), settings.lease()),
+            outcomes: OutcomeWriter::start(pool.clone(), instance_id.clone()),
+            pool,
+            publisher,
+            provider,
+            breaker,
+            metrics,
+            consuming: Arc::new(AtomicBool::new(true)),
+            instance_id,
+            abandon: CancellationToken::new(),
+            settings,
+        })
+    }
+}
+
+/// A started worker; [`RunningWorker::wait`] returns once it has stopped.
+pub struct RunningWorker {
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The lease owner name, for tests and logs.
+    pub instance_id: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, when enabled.
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// The worker's figures.
+    pub metrics: Arc<MetricsHandle>,
+}
+
+impl RunningWorker {
+    /// Waits until the worker has stopped, and says how.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let ended = self.task.await.context("the worker task panicked");
+        // Flushes the last figures to OTLP, when configured.
+        self.metrics.shutdown();
+        ended?
+    }
+}
+
+/// Connects, migrates, declares the topology and starts consuming; returns once commands are
+/// being taken, or with an error naming what could not be reached. After that, the worker rides
+/// out broker outages by reconnecting. It stops taking commands when `stop` fires, then drains.
+pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Result<RunningWorker> {
+    settings.check_for_worker()?;
+    let instance_id = format!("plw-{}", uuid::Uuid::new_v4().simple());
+    let pool = store::pool(&settings.database)?;
+    if settings.database.run_migrations {
+        let applied = store::migrate(&pool)
+            .await
+            .with_context(|| format!("cannot migrate the database at {}", settings.database.url))?;
+        tracing::info!(applied, "database migrations are up to date");
+    }
+    let session = Session::open(&settings, &instance_id).await?;
+    let metrics = Arc::new(MetricsHandle::new()?);
+    let context = Context::new(
+        settings,
+        pool,
+        session.connection.clone(),
+        metrics.metrics.clone(),
+        instance_id.clone(),
+    )
+    .await?;
+    let background = CancellationToken::new();
+    let http_addr = serve_health(&context, &metrics, &background).await?;
+    let context = Arc::new(context);
+    tracing::info!(instance_id, queue = %context.settings.broker.command_queue,
+        prefetch = context.settings.broker.prefetch, "worker started");
+    tokio::spawn(levels::run(context.clone(), background.clone()));
+    let task = tokio::spawn(async move {
+        let ended = consumer::run(context, session, stop).await;
+        background.cancel();
+        ended
+    });
+    Ok(RunningWorker {
+        task,
+        instance_id,
+        http_addr,
+        metrics,
+    })
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `telemetry.http_listen`, unless it is empty.
+async fn serve_health(
+    context: &Context,
+    metrics: &Arc<MetricsHandle>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let listen = context.settings.telemetry.http_listen.trim();
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (telemetry.http_listen)"))?;
+    let addr = listener.local_addr()?;
+    let probe = health::Probe {
+        metrics: metrics.clone(),
+        pool: context.pool.clone(),
+        breaker: context.breaker.clone(),
+        consuming: context.consuming.clone(),
+    };
+    tokio::spawn(health::serve(listener, probe, stop.clone()));
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    Ok(Some(addr))
+}

@@ -1,0 +1,111 @@
+//! One batching writer behind the claim writer, the outcome writer and the sent marker: every
+//! request that arrives while the previous statement runs is written by the next one, so one
+//! round trip and one commit serve many commands. Callers wait for their own answer; a
+//! statement that fails because of one request's data is tried again row by row, so one bad
+//! row never sinks the others in its batch.
+
+use super::{PgConn, PgPool, StoreError};
+use std::future::Future;
+use tokio::sync::{mpsc, oneshot};
+
+/// What a batching writer writes: a batch of requests in, one reply per request out (same order).
+pub trait Write: Send + Sync + 'static {
+    /// One caller's request.
+    type Request: Send + Sync + 'static;
+    /// One caller's answer.
+    type Reply: Send + 'static;
+    /// The writer's name in errors and logs.
+    const NAME: &'static str;
+    /// Most requests in one statement.
+    const MAX_BATCH: usize;
+    /// Writes the batch; the replies line up with `requests`.
+    fn write(
+        &self,
+        conn: &mut PgConn,
+        requests: &[Self::Request],
+    ) -> impl Future<Output = Result<Vec<Self::Reply>, StoreError>> + Send;
+}
+
+type Reply<W> = oneshot::Sender<Result<<W as Write>::Reply, String>>;
+
+/// A handle on a running batching writer; cheap to clone.
+pub struct Batcher<W: Write> {
+    tx: mpsc::UnboundedSender<(W::Request, Reply<W>)>,
+}
+
+impl<W: Write> Clone for Batcher<W> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<W: Write> Batcher<W> {
+    /// Starts the writer task; it stops when the last handle is dropped.
+    pub fn start(pool: PgPool, writer: W) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(W::Request, Reply<W>)>();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(W::MAX_BATCH);
+            while rx.recv_many(&mut batch, W::MAX_BATCH).await > 0 {
+                let (requests, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                let answers = write_or_split(&pool, &writer, &requests).await;
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Hands one request to the writer and waits until it has been written.
+    pub async fn submit(&self, request: W::Request) -> Result<W::Reply, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Batch(format!("the {} has stopped", W::NAME));
+        self.tx.send((request, reply)).map_err(|_| stopped())?;
+        answer
+            .await
+            .map_err(|_| stopped())?
+            .map_err(StoreError::Batch)
+    }
+
+    /// Hands one request to the writer without waiting for it.
+    pub fn submit_and_forget(&self, request: W::Request) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.tx.send((request, reply));
+    }
+}
+
+/// Writes the batch; if a statement failed (not the connection) and the batch holds more than one
+/// request, writes each alone, so only the request whose data the database refused fails.
+async fn write_or_split<W: Write>(
+    pool: &PgPool,
+    writer: &W,
+    requests: &[W::Request],
+) -> Vec<Result<W::Reply, String>> {
+    let mut conn = match pool.get().await {
+        Ok(conn) => conn,
+        Err(error) => return fail_all(requests.len(), &StoreError::from(error)),
+    };
+    match writer.write(&mut conn, requests).await {
+        Ok(replies) => replies.into_iter().map(Ok).collect(),
+        Err(error @ StoreError::Query(_)) if requests.len() > 1 => {
+            tracing::warn!(%error, rows = requests.len(), writer = W::NAME,
+                "batched write failed; writing its rows one by one");
+            let mut answers = Vec::with_capacity(requests.len());
+            for one in requests.chunks(1) {
+                answers.push(match writer.write(&mut conn, one).await {
+                    Ok(mut reply) => reply.pop().ok_or_else(|| "no reply".to_owned()),
+                    Err(error) => Err(error.to_string()),
+                });
+            }
+            answers
+        }
+        Err(error) => fail_all(requests.len(), &error),
+    }
+}
+
+fn fail_all<T>(n: usize, error: &StoreError) -> Vec<Result<T, String>> {
+    let error = error.to_string();
+    (0..n).map(|_| Err(error.clone())).collect()
+}

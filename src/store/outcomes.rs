@@ -1,0 +1,297 @@
+//! Recording a command's outcome with what reports it: a success keeps its created event on the
+//! row, a failure writes its failed event and dead letter to the outbox, in the same transaction.
+//! One writer (through the [`Batcher`]) records the outcomes of every command that finished while
+//! the previous transaction ran, in a few multi-row statements and a single commit; a command's
+//! delivery is acked only after the transaction holding its outcome has committed.
+
+use super::batch::{Batcher, Write};
+use super::outbox::NewOutboxMessage;
+use super::{PgConn, PgPool, StoreError};
+use crate::broker::messages::OutboundMessage;
+use crate::errors::Failure;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bytea, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel_async::RunQueryDsl;
+
+/// The link the provider made for a command, and the event that reports it.
+#[derive(Clone, Debug)]
+pub struct Success {
+    /// Every provider call made for the command, this one included.
+    pub attempts: i32,
+    /// The link's id, when the provider gave one.
+    pub link_id: Option<i64>,
+    /// The link.
+    pub payment_link: String,
+    /// The provider's answer, verbatim: the created event's body.
+    pub response_body: String,
+    /// Kept on the command's row: published again from there if the command comes again.
+    pub event: KeptEvent,
+}
+
+/// Where a created event went and its properties, as the command's row keeps them; its body is
+/// the provider's answer, which the row keeps anyway.
+#[derive(Clone, Debug)]
+pub struct KeptEvent {
+    /// Where it was published.
+    pub exchange: String,
+    /// With which routing key.
+    pub routing_key: String,
+    /// Its properties, in the stored JSON form.
+    pub properties: serde_json::Value,
+}
+
+impl KeptEvent {
+    /// What to keep of `event`, a created event.
+    pub fn new(event: &OutboundMessage) -> Self {
+        Self {
+            exchange: event.exchange.clone(),
+            routing_key: event.routing_key.clone(),
+            properties: crate::broker::messages::properties_to_json(&event.properties),
+        }
+    }
+}
+
+/// A command's outcome, as the outcome writer records it.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// The provider made the link.
+    Succeeded(Success),
+    /// The command ended without one.
+    Failed(Failure),
+}
+
+/// What the outcome writer answers: the outbox ids (in the order of the messages) and when the
+/// command was first seen, or `None` when this worker no longer held the command.
+pub type Recorded = Option<(Vec<i64>, DateTime<Utc>)>;
+
+#[derive(QueryableByName)]
+struct Updated {
+    #[diesel(sql_type = Text)]
+    command_id: String,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+}
+
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    command_id: String,
+}
+
+/// One command's outcome and the outbox rows that report it.
+#[derive(Clone, Debug)]
+pub struct OutcomeRequest {
+    /// The command.
+    pub command_id: String,
+    /// What became of it.
+    pub outcome: Outcome,
+    /// The failed event and dead letter of a failure (empty for a success).
+    pub messages: Vec<NewOutboxMessage>,
+}
+
+/// The outcome writer, for the commands `owner` holds.
+pub struct OutcomeWriter {
+    owner: String,
+}
+
+/// The running outcome writer.
+pub type Outcomes = Batcher<OutcomeWriter>;
+
+impl OutcomeWriter {
+    /// Starts the writer for the commands `owner` holds.
+    pub fn start(pool: PgPool, owner: String) -> Outcomes {
+        Batcher::start(pool, Self { owner })
+    }
+}
+
+impl Write for OutcomeWriter {
+    type Request = OutcomeRequest;
+    type Reply = Recorded;
+    const NAME: &'static str = "outcome writer";
+    const MAX_BATCH: usize = 512;
+
+    async fn write(
+        &self,
+        conn: &mut PgConn,
+        requests: &[OutcomeRequest],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let mut recorded = record_batch(conn, requests, &self.owner).await?;
+        Ok(requests
+            .iter()
+            .map(|r| recorded.remove(&r.command_id))
+            .collect())
+    }
+}
+
+/// Outbox rows as column arrays, for `unnest`.
+#[allow(clippy::type_complexity)]
+fn columns(
+    messages: Vec<NewOutboxMessage>,
+) -> (
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<serde_json::Value>,
+    Vec<Vec<u8>>,
+    Vec<DateTime<Utc>>,
+) {
+    let mut c = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for m in messages {
+        c.0.push(m.message_id);
+        c.1.push(m.kind);
+        c.2.push(m.exchange);
+        c.3.push(m.routing_key);
+        c.4.push(m.properties);
+        c.5.push(m.body);
+        c.6.push(m.next_attempt_at);
+    }
+    c
+}
+
+/// One transaction: the successes, the failures (each only where `owner` still holds the
+/// command), then the outbox rows of the commands that were updated.
+async fn record_batch(
+    conn: &mut PgConn,
+    requests: &[OutcomeRequest],
+    owner: &str,
+) -> Result<std::collections::HashMap<String, (Vec<i64>, DateTime<Utc>)>, StoreError> {
+    use diesel_async::AsyncConnection;
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        let (mut ok_ids, mut ok_attempts, mut ok_link_ids, mut ok_links, mut ok_bodies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ev_exchanges, mut ev_keys, mut ev_properties) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut bad_ids, mut bad_attempts, mut bad_kinds, mut bad_messages, mut bad_statuses, mut bad_bodies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut outbox_command_ids = Vec::new();
+        let mut all_messages = Vec::new();
+        for request in requests {
+            match &request.outcome {
+                Outcome::Succeeded(s) => {
+                    ok_ids.push(request.command_id.clone());
+                    ok_attempts.push(s.attempts);
+                    ok_link_ids.push(s.link_id);
+                    ok_links.push(s.payment_link.clone());
+                    ok_bodies.push(s.response_body.clone());
+                    ev_exchanges.push(s.event.exchange.clone());
+                    ev_keys.push(s.event.routing_key.clone());
+                    ev_properties.push(s.event.properties.clone());
+                }
+                Outcome::Failed(f) => {
+                    bad_ids.push(request.command_id.clone());
+                    bad_attempts.push(f.attempts);
+                    bad_kinds.push(f.kind.as_str().to_owned());
+                    bad_messages.push(f.message.clone());
+                    bad_statuses.push(f.http_status.map(i32::from));
+                    bad_bodies.push(f.error_body.clone());
+                }
+            }
+            for message in &request.messages {
+                outbox_command_ids.push(request.command_id.clone());
+                all_messages.push(message.clone());
+            }
+        }
+        let mut updated: Vec<Updated> = Vec::new();
+        if !ok_ids.is_empty() {
+            updated.extend(
+                diesel::sql_query(
+                    "UPDATE payment_link_commands AS c SET status = 'succeeded', attempts = u.attempts, \
+                         link_id = u.link_id, payment_link = u.payment_link, provider_response = u.response, \
+                         event_exchange = u.ev_exchange, event_routing_key = u.ev_key, \
+                         event_properties = u.ev_properties, \
+                         error_kind = NULL, error_message = NULL, http_status = NULL, error_body = NULL, \
+                         lease_owner = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() \
+                     FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[], \
+                             $6::text[], $7::text[], $8::jsonb[]) \
+                         AS u(command_id, attempts, link_id, payment_link, response, \
+                             ev_exchange, ev_key, ev_properties) \
+                     WHERE c.command_id = u.command_id AND c.lease_owner = $9 AND c.status = 'processing' \
+                     RETURNING c.command_id, c.created_at",
+                )
+                .bind::<Array<Text>, _>(ok_ids)
+                .bind::<Array<Integer>, _>(ok_attempts)
+                .bind::<Array<Nullable<BigInt>>, _>(ok_link_ids)
+                .bind::<Array<Text>, _>(ok_links)
+                .bind::<Array<Text>, _>(ok_bodies)
+                .bind::<Array<Text>, _>(ev_exchanges)
+                .bind::<Array<Text>, _>(ev_keys)
+                .bind::<Array<Jsonb>, _>(ev_properties)
+                .bind::<Text, _>(owner)
+                .load::<Updated>(conn)
+                .await?,
+            );
+        }
+        if !bad_ids.is_empty() {
+            updated.extend(
+                diesel::sql_query(
+                    "UPDATE payment_link_commands AS c SET status = 'failed', attempts = u.attempts, \
+                         error_kind = u.kind, error_message = u.message, http_status = u.status, error_body = u.body, \
+                         lease_owner = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() \
+                     FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[]) \
+                         AS u(command_id, attempts, kind, message, status, body) \
+                     WHERE c.command_id = u.command_id AND c.lease_owner = $7 AND c.status = 'processing' \
+                     RETURNING c.command_id, c.created_at",
+                )
+                .bind::<Array<Text>, _>(bad_ids)
+                .bind::<Array<Integer>, _>(bad_attempts)
+                .bind::<Array<Text>, _>(bad_kinds)
+                .bind::<Array<Text>, _>(bad_messages)
+                .bind::<Array<Nullable<Integer>>, _>(bad_statuses)
+                .bind::<Array<Nullable<Text>>, _>(bad_bodies)
+                .bind::<Text, _>(owner)
+                .load::<Updated>(conn)
+                .await?,
+            );
+        }
+        let mut recorded: std::collections::HashMap<String, (Vec<i64>, DateTime<Utc>)> = updated
+            .into_iter()
+            .map(|u| (u.command_id, (Vec::new(), u.created_at)))
+            .collect();
+        let held: Vec<String> = recorded.keys().cloned().collect();
+        if !held.is_empty() && !all_messages.is_empty() {
+            let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(all_messages);
+            let inserted: Vec<Inserted> = diesel::sql_query(
+                "INSERT INTO outbox (command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at) \
+                 SELECT m.command_id, m.message_id, m.kind, m.exchange, m.routing_key, m.properties, m.body, m.next_attempt_at \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[]) \
+                     WITH ORDINALITY AS m(command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at, ord) \
+                 WHERE m.command_id = ANY($9) \
+                 ORDER BY m.ord \
+                 RETURNING id, command_id",
+            )
+            .bind::<Array<Text>, _>(outbox_command_ids)
+            .bind::<Array<Text>, _>(message_ids)
+            .bind::<Array<Text>, _>(kinds)
+            .bind::<Array<Text>, _>(exchanges)
+            .bind::<Array<Text>, _>(keys)
+            .bind::<Array<Jsonb>, _>(properties)
+            .bind::<Array<Bytea>, _>(bodies)
+            .bind::<Array<Timestamptz>, _>(due)
+            .bind::<Array<Text>, _>(held)
+            .load(conn)
+            .await?;
+            for row in inserted {
+                if let Some((ids, _)) = recorded.get_mut(&row.command_id) {
+                    ids.push(row.id);
+                }
+            }
+            // Ids come from a sequence in insertion order: sorted, they line up with the messages.
+            for (ids, _) in recorded.values_mut() {
+                ids.sort_unstable();
+            }
+        }
+        Ok(recorded)
+    })
+    .await
+}
