@@ -11,6 +11,7 @@ mod happy_path;
 mod helpers;
 mod observability;
 mod operations;
+mod pipeline;
 mod provider_failures;
 mod recovery;
 mod relay;

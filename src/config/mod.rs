@@ -2,11 +2,17 @@
 //! variables. Every key a user can set exists in the defaults, so an unknown key (a typo that would
 //! otherwise be silently ignored) stops start-up with a message that names it.
 
+mod layers;
+mod secret;
+
+pub use secret::{Secret, SecretUrl, redact_url};
+
+use layers::{defaults_table, merge_file, set_from_env};
 use serde::Deserialize;
-use std::{fmt, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 /// The defaults; also the list of every key that exists.
-const DEFAULTS: &str = include_str!("../config/default.toml");
+const DEFAULTS: &str = include_str!("../../config/default.toml");
 /// Prefix of the environment variables that override any key.
 pub const ENV_PREFIX: &str = "PAYMENT_LINK_WORKER__";
 /// Short environment variables for the settings most often given by a platform, and their keys.
@@ -20,84 +26,7 @@ const ENV_ALIASES: [(&str, &str); 4] = [
 /// Why the settings could not be loaded; the message always names the key, variable or file.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
-pub struct ConfigError(String);
-
-/// A value that must never be printed: `Debug` and `Display` show a placeholder.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-/// A URL that may carry a password: printing it shows the URL with the password masked.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    /// Wraps a URL.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The URL with its password, for the one place that connects with it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", redact_url(&self.0))
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
-
-/// Masks the password of `scheme://user:password@host/...`, leaving the rest readable.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
+pub struct ConfigError(pub(crate) String);
 
 /// All settings of the worker.
 #[derive(Clone, Debug, Deserialize)]
@@ -462,113 +391,6 @@ impl Settings {
                 + self.worker.lease_margin_ms,
         )
     }
-}
-
-fn defaults_table() -> toml::Table {
-    toml::from_str(DEFAULTS).expect("config/default.toml is valid TOML")
-}
-
-/// Overlays a file's table on the merged one, refusing keys the defaults do not have.
-fn merge_file(
-    into: &mut toml::Table,
-    overlay: toml::Table,
-    prefix: &str,
-    path: &Path,
-) -> Result<(), ConfigError> {
-    for (key, value) in overlay {
-        let full = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match (into.get_mut(&key), value) {
-            (Some(toml::Value::Table(existing)), toml::Value::Table(nested)) => {
-                merge_file(existing, nested, &full, path)?
-            }
-            (Some(toml::Value::Table(_)), _) => {
-                return Err(ConfigError(format!(
-                    "`{full}` in {} must be a table",
-                    path.display()
-                )));
-            }
-            (Some(toml::Value::Float(existing)), toml::Value::Integer(value)) => {
-                *existing = value as f64
-            }
-            (Some(existing), value) if existing.type_str() == value.type_str() => *existing = value,
-            (Some(existing), value) => {
-                return Err(ConfigError(format!(
-                    "`{full}` in {} must be {}, got {}",
-                    path.display(),
-                    article(existing.type_str()),
-                    article(value.type_str())
-                )));
-            }
-            (None, _) => {
-                return Err(ConfigError(format!(
-                    "unknown setting `{full}` in {}",
-                    path.display()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn article(type_name: &str) -> String {
-    match type_name {
-        "integer" => "a whole number".into(),
-        "array" => "an array".into(),
-        other => format!("a {other}"),
-    }
-}
-
-/// Sets `key` from an environment variable's text, parsed as the type its default has.
-fn set_from_env(
-    table: &mut toml::Table,
-    key: &str,
-    raw: &str,
-    var: &str,
-) -> Result<(), ConfigError> {
-    let unknown = || {
-        ConfigError(format!(
-            "unknown setting `{key}` in environment variable {var}"
-        ))
-    };
-    let mut parts = key.split('.');
-    let (Some(section), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(unknown());
-    };
-    let Some(toml::Value::Table(section)) = table.get_mut(section) else {
-        return Err(unknown());
-    };
-    let slot = section.get_mut(name).ok_or_else(unknown)?;
-    let bad = |expected: &str| {
-        ConfigError(format!(
-            "environment variable {var} (`{key}`) must be {expected}"
-        ))
-    };
-    *slot = match slot {
-        toml::Value::String(_) => toml::Value::String(raw.to_owned()),
-        toml::Value::Integer(_) => {
-            toml::Value::Integer(raw.trim().parse().map_err(|_| bad("a whole number"))?)
-        }
-        toml::Value::Float(_) => {
-            toml::Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?)
-        }
-        toml::Value::Boolean(_) => {
-            toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?)
-        }
-        toml::Value::Array(_) => toml::Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|item| !item.is_empty())
-                .map(|item| item.parse().map(toml::Value::Integer))
-                .collect::<Result<_, _>>()
-                .map_err(|_| bad("a comma-separated list of whole numbers"))?,
-        ),
-        _ => return Err(unknown()),
-    };
-    Ok(())
 }
 
 #[cfg(test)]
