@@ -38,6 +38,19 @@ impl Amount {
         if !looks_numeric {
             return Err(AmountError::NotANumber(shown));
         }
+        // The shape is checked on the text first, in time linear in its length and with checked
+        // arithmetic: an exponent such as 1e-9223372036854775808 never reaches the decimal type,
+        // which would try to build a power of ten that large.
+        let shape = Shape::of(text).ok_or_else(|| AmountError::NotANumber(shown.clone()))?;
+        if shape.negative || shape.significant == 0 {
+            return Err(AmountError::NotPositive(shown));
+        }
+        if shape.integer_digits > MAX_INTEGER_DIGITS {
+            return Err(AmountError::TooLarge(shown));
+        }
+        if shape.fraction_digits > MAX_FRACTION_DIGITS {
+            return Err(AmountError::TooPrecise(shown));
+        }
         let value =
             BigDecimal::from_str(text).map_err(|_| AmountError::NotANumber(shown.clone()))?;
         if !value.is_positive() {
@@ -86,6 +99,85 @@ impl fmt::Display for Amount {
     }
 }
 
+/// What the text of a JSON number says about its value, read without building it.
+#[derive(Debug, PartialEq, Eq)]
+struct Shape {
+    negative: bool,
+    /// Significant digits (leading and trailing zeros left out); 0 for the value zero.
+    significant: i64,
+    /// Digits before the decimal point once written out without an exponent.
+    integer_digits: i64,
+    /// Digits after the decimal point once written out without an exponent (trailing zeros
+    /// left out).
+    fraction_digits: i64,
+}
+
+impl Shape {
+    /// The shape of a JSON number's text, `None` when the text is not one. An exponent too large
+    /// for an `i64` saturates: the value is then far outside NUMERIC(20,4) either way.
+    fn of(text: &str) -> Option<Self> {
+        let (negative, rest) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exponent) = match rest.find(['e', 'E']) {
+            Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+            None => (rest, None),
+        };
+        let (integer, fraction) = match mantissa.split_once('.') {
+            Some((i, f)) => (i, Some(f)),
+            None => (mantissa, None),
+        };
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(integer) || fraction.is_some_and(|f| !all_digits(f)) {
+            return None;
+        }
+        let exponent = match exponent {
+            None => 0,
+            Some(e) => {
+                let (sign, digits) = match e.as_bytes().first() {
+                    Some(b'-') => (-1i64, &e[1..]),
+                    Some(b'+') => (1, &e[1..]),
+                    _ => (1, e),
+                };
+                if !all_digits(digits) {
+                    return None;
+                }
+                let magnitude = digits.trim_start_matches('0').parse::<i64>().unwrap_or(
+                    if digits.trim_start_matches('0').is_empty() {
+                        0
+                    } else {
+                        i64::MAX
+                    },
+                );
+                sign * magnitude
+            }
+        };
+        let fraction = fraction.unwrap_or("");
+        let digits = integer.bytes().chain(fraction.bytes());
+        let leading = digits.clone().take_while(|b| *b == b'0').count() as i64;
+        let total = (integer.len() + fraction.len()) as i64;
+        let trailing = digits.rev().take_while(|b| *b == b'0').count() as i64;
+        if leading == total {
+            return Some(Self {
+                negative,
+                significant: 0,
+                integer_digits: 0,
+                fraction_digits: 0,
+            });
+        }
+        let significant = total - leading - trailing;
+        // Where the decimal point stands, counted from the first significant digit.
+        let point = (integer.len() as i64 - leading).saturating_add(exponent);
+        Some(Self {
+            negative,
+            significant,
+            integer_digits: point.max(0),
+            fraction_digits: significant.saturating_sub(point).max(0),
+        })
+    }
+}
+
 /// Keeps error messages short when a sender puts something huge in the amount.
 fn abbreviate(text: &str) -> String {
     const MAX: usize = 40;
@@ -114,6 +206,10 @@ mod tests {
             ("1e2", "100"),
             ("1.5E1", "15"),
             ("7.500000", "7.5"),
+            ("0.00012e1", "0.0012"),
+            ("000012.3400e-2", "0.1234"),
+            ("1E+3", "1000"),
+            ("12345678901234560000e-4", "1234567890123456.0000"),
         ] {
             let amount = Amount::from_json_number(input).unwrap();
             assert_eq!(amount.to_json_number(), expected, "{input}");
@@ -124,7 +220,7 @@ mod tests {
     fn rejects_what_numeric_20_4_cannot_hold() {
         use AmountError::*;
         type Expected = fn(String) -> AmountError;
-        let cases: [(&str, Expected); 9] = [
+        let cases: [(&str, Expected); 17] = [
             ("0", NotPositive),
             ("0.10000000000000000555", TooPrecise),
             ("-1.00", NotPositive),
@@ -134,6 +230,14 @@ mod tests {
             ("1e16", TooLarge),
             ("1e999999999", TooLarge),
             ("\"7.50\"", NotANumber),
+            ("1e9223372036854775807", TooLarge),
+            ("1e99999999999999999999999", TooLarge),
+            ("1e-9223372036854775808", TooPrecise),
+            ("1e-99999999999999999999999", TooPrecise),
+            ("0e99999999999999999999999", NotPositive),
+            ("-1e-99999999999999999999999", NotPositive),
+            ("1.", NotANumber),
+            ("1e", NotANumber),
         ];
         for (input, kind) in cases {
             let err = Amount::from_json_number(input).unwrap_err();

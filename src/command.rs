@@ -58,7 +58,8 @@ impl EmailAddress {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         let bad = || {
             invalid(format!(
-                "emailAddress is not a well-formed email address: {raw:?}"
+                "emailAddress is not a well-formed email address: {:?}",
+                excerpt(raw, QUOTE_LIMIT)
             ))
         };
         if raw.len() > 254 || raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -193,6 +194,11 @@ impl Command {
         if description.trim().is_empty() {
             return Err(invalid("description must not be blank"));
         }
+        if description.contains('\0') {
+            return Err(invalid(
+                "description contains the NUL character (\\u0000), which PostgreSQL cannot store",
+            ));
+        }
         let email_address = present(wire.email_address)
             .map(|r| string("emailAddress", r).and_then(|s| EmailAddress::parse(&s)))
             .transpose()?;
@@ -286,6 +292,20 @@ impl Envelope {
                 )));
             }
         }
+        if let Some(correlation_id) = properties.correlation_id()
+            && correlation_id.as_str().contains('\0')
+        {
+            return Err(invalid(
+                "correlation_id contains the NUL character, which PostgreSQL cannot store",
+            ));
+        }
+        if let Some(name) = headers::first_unstorable(properties) {
+            return Err(invalid(format!(
+                "header {:?} holds a value that cannot be stored (the NUL character in a short \
+                 string or a name, or a float that is not finite)",
+                excerpt(&name, QUOTE_LIMIT)
+            )));
+        }
         let command = Command::parse(body)?;
         let request_json = command.provider_request_json();
         let canonical_request = command.canonical_request_json();
@@ -328,6 +348,23 @@ mod tests {
             (c.invoice_id, c.adhoc_invoice_id, c.customer_id),
             (Some(10), None, Some(5))
         );
+    }
+
+    #[test]
+    fn text_postgresql_cannot_store_is_refused_with_the_field() {
+        let body = br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"a\u0000b"}"#;
+        assert!(err(std::str::from_utf8(body).unwrap()).contains("description contains the NUL"));
+        let props = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_correlation_id("c\u{0}".into());
+        let ok = br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"x"}"#;
+        let refused = Envelope::parse(&props, ok, 1 << 20).unwrap_err().0;
+        assert!(refused.contains("correlation_id"), "{refused}");
+        let long = format!(
+            r#"{{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"x","emailAddress":"{}"}}"#,
+            "e".repeat(100_000)
+        );
+        assert!(err(&long).len() < 200, "the message quotes an excerpt");
     }
 
     #[test]

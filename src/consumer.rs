@@ -14,6 +14,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -236,13 +237,20 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
     let disposition = AssertUnwindSafe(work.instrument(span))
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| {
-            tracing::error!(
-                delivery_tag = delivery.delivery_tag,
-                "processing panicked; message returned to the queue"
-            );
-            Disposition::Requeue
-        });
+        .unwrap_or_else(|_| Disposition::Reject);
+    if disposition == Disposition::Reject {
+        let command_id = original.properties.message_id().as_ref();
+        let command_id = command_id.map(|id| id.as_str()).unwrap_or("");
+        tracing::error!(
+            command_id,
+            delivery_tag = delivery.delivery_tag,
+            "processing panicked; the message goes back to the queue (its delivery limit applies)"
+        );
+        // The panic may have left the command claimed: let the next delivery take it at once.
+        if let Ok(mut conn) = context.pool.get().await {
+            let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
+        }
+    }
     let settled = match disposition {
         Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
         Disposition::Requeue => {
@@ -252,6 +260,12 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
                     requeue: true,
                     ..BasicNackOptions::default()
                 })
+                .await
+        }
+        Disposition::Reject => {
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
                 .await
         }
     };

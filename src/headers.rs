@@ -51,6 +51,10 @@ pub const ADDED_ON_FAILURE: [&str; 15] = [
     "x-delivery-count",
 ];
 
+/// Most bytes of free text (an error message, a provider's error body) a header added by the
+/// worker carries, whatever the input: a dead letter's headers stay far below the frame size.
+pub const TEXT_LIMIT: usize = 1024;
+
 /// A text header value (AMQP long string).
 pub fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
@@ -92,6 +96,33 @@ pub fn has_death(properties: &BasicProperties) -> bool {
         .is_some_and(|h| h.inner().contains_key(DEATH))
 }
 
+/// The name of the first header whose name or value the stored form of a message (JSON in
+/// PostgreSQL) cannot hold exactly: the NUL character in a name or a short string (long strings
+/// holding it are stored as bytes), or a float that is not finite (JSON has no NaN).
+pub fn first_unstorable(properties: &BasicProperties) -> Option<String> {
+    fn table(t: &FieldTable) -> bool {
+        t.inner()
+            .iter()
+            .any(|(k, v)| k.as_str().contains('\0') || value(v))
+    }
+    fn value(v: &AMQPValue) -> bool {
+        match v {
+            AMQPValue::ShortString(s) => s.as_str().contains('\0'),
+            AMQPValue::Float(f) => !f.is_finite(),
+            AMQPValue::Double(f) => !f.is_finite(),
+            AMQPValue::FieldTable(t) => table(t),
+            AMQPValue::FieldArray(a) => a.as_slice().iter().any(value),
+            _ => false,
+        }
+    }
+    let headers = properties.headers().as_ref()?;
+    headers
+        .inner()
+        .iter()
+        .find(|(k, v)| k.as_str().contains('\0') || value(v))
+        .map(|(k, _)| k.as_str().to_owned())
+}
+
 /// The message's headers, without the ones a failure added: what a replay sends again.
 pub fn without_failure_headers(properties: &BasicProperties) -> FieldTable {
     let mut headers = FieldTable::default();
@@ -127,6 +158,28 @@ mod tests {
         assert_eq!(excerpt("héllo", 2), "h…");
         assert_eq!(excerpt("abc", 10), "abc");
         assert_eq!(excerpt("abc", 3), "abc");
+    }
+
+    #[test]
+    fn values_json_cannot_hold_are_named() {
+        let with = |name: &str, v: AMQPValue| {
+            let mut headers = FieldTable::default();
+            headers.insert("fine".into(), text("a\u{0}b"));
+            headers.insert(name.into(), v);
+            BasicProperties::default().with_headers(headers)
+        };
+        let mut nested = FieldTable::default();
+        nested.insert("inner".into(), AMQPValue::Double(f64::NAN));
+        for (name, value) in [
+            ("nan", AMQPValue::Double(f64::NAN)),
+            ("inf", AMQPValue::Float(f32::INFINITY)),
+            ("short", AMQPValue::ShortString("a\u{0}b".into())),
+            ("nested", AMQPValue::FieldTable(nested)),
+            ("n\u{0}ame", AMQPValue::Boolean(true)),
+        ] {
+            assert_eq!(first_unstorable(&with(name, value)).as_deref(), Some(name));
+        }
+        assert_eq!(first_unstorable(&with("ok", AMQPValue::Double(1.5))), None);
     }
 
     #[test]

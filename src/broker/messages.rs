@@ -239,7 +239,8 @@ pub fn dead_letter(
 ) -> OutboundMessage {
     let mut headers = original.properties.headers().clone().unwrap_or_default();
     headers.insert(headers::ERROR_KIND.into(), text(failure.kind.as_str()));
-    headers.insert(headers::ERROR_MESSAGE.into(), text(&failure.message));
+    let bounded = |t: &str| text(&headers::excerpt(t, headers::TEXT_LIMIT));
+    headers.insert(headers::ERROR_MESSAGE.into(), bounded(&failure.message));
     if let Some(status) = failure.http_status {
         headers.insert(
             headers::ERROR_STATUS.into(),
@@ -247,7 +248,7 @@ pub fn dead_letter(
         );
     }
     if let Some(body) = &failure.error_body {
-        headers.insert(headers::ERROR_BODY.into(), text(body));
+        headers.insert(headers::ERROR_BODY.into(), bounded(body));
     }
     headers.insert(
         headers::ATTEMPTS.into(),
@@ -287,7 +288,8 @@ pub fn delayed(
         AMQPValue::LongInt(round as i32),
     );
     headers.insert(headers::ATTEMPTS.into(), AMQPValue::LongInt(attempts));
-    headers.insert(headers::LAST_ERROR.into(), text(last_error));
+    let last_error = headers::excerpt(last_error, headers::TEXT_LIMIT);
+    headers.insert(headers::LAST_ERROR.into(), text(&last_error));
     OutboundMessage {
         exchange: String::new(),
         routing_key: delay_queue.to_owned(),
@@ -316,7 +318,10 @@ pub fn properties_to_json(properties: &BasicProperties) -> serde_json::Value {
     let mut text_headers = Vec::new();
     for (name, value) in properties.headers().iter().flat_map(|h| h.inner()) {
         match value {
-            AMQPValue::LongString(s) if std::str::from_utf8(s.as_bytes()).is_ok() => {
+            // Text with a NUL stays in lapin's byte form: PostgreSQL's JSON cannot hold `\u0000`.
+            AMQPValue::LongString(s)
+                if std::str::from_utf8(s.as_bytes()).is_ok() && !s.as_bytes().contains(&0) =>
+            {
                 let text = String::from_utf8_lossy(s.as_bytes()).into_owned();
                 text_headers.push((name.to_string(), text));
             }

@@ -63,6 +63,10 @@ pub enum Disposition {
     Ack,
     /// It could not be finished now (shutdown, broker trouble): give it back to the queue.
     Requeue,
+    /// Processing it panicked: give it back with `basic.reject`, which the queue's delivery limit
+    /// counts on every RabbitMQ version (4.x does not count a requeueing `basic.nack`), so a
+    /// message that panics every time ends dead-lettered instead of looping.
+    Reject,
 }
 
 impl From<Abandoned> for Disposition {

@@ -123,8 +123,10 @@ pub async fn process(context: &Context, original: &Original<'_>) -> Fate {
 /// Step 2: the delivery as a valid command, or the validation failure that dead-letters it.
 fn parse(context: &Context, original: &Original<'_>) -> Result<Envelope, Failure> {
     let max_bytes = context.settings.broker.max_message_bytes;
-    Envelope::parse(original.properties, original.body, max_bytes)
-        .map_err(|invalid| Failure::before_any_call(ErrorKind::Validation, invalid.0))
+    Envelope::parse(original.properties, original.body, max_bytes).map_err(|invalid| {
+        let message = crate::headers::excerpt(&invalid.0, crate::headers::TEXT_LIMIT);
+        Failure::before_any_call(ErrorKind::Validation, message)
+    })
 }
 
 /// Claim, call, record; again from the claim when the lease was lost on the way.

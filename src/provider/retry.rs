@@ -63,8 +63,10 @@ where
                 let Some(interval) = schedule.next_backoff() else {
                     return Err(GaveUp::Exhausted(error));
                 };
+                // Whatever the server asked for (any size), a wait past the budget is not started;
+                // compared against what is left, so no sum can overflow.
                 let wait = retry_after.map_or(interval, |asked| asked.max(interval));
-                if started.elapsed() + wait > budget {
+                if wait > budget.saturating_sub(started.elapsed()) {
                     return Err(GaveUp::Exhausted(error));
                 }
                 on_retry(&error, wait);
@@ -108,6 +110,28 @@ mod tests {
         assert_eq!(result, Ok("link"));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(waits, [Duration::from_millis(5), Duration::from_millis(10)]);
+    }
+
+    #[tokio::test]
+    async fn an_absurd_retry_after_ends_the_round_without_a_panic() {
+        for asked in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX),
+            Duration::from_secs(3600),
+        ] {
+            let calls = AtomicU32::new(0);
+            let result: Result<(), _> = retry(
+                &settings(5_000),
+                || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(Attempt::Transient("429", Some(asked)))
+                },
+                |_, _| panic!("no wait past the budget is started"),
+            )
+            .await;
+            assert_eq!(result, Err(GaveUp::Exhausted("429")), "{asked:?}");
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+        }
     }
 
     #[tokio::test]

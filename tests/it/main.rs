@@ -9,6 +9,7 @@ mod contract;
 mod duplicates;
 mod happy_path;
 mod helpers;
+mod hostile;
 mod observability;
 mod operations;
 mod pipeline;

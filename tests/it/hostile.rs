@@ -1,0 +1,182 @@
+//! Hostile messages published among good ones, so they share batches: each hostile one reaches
+//! its documented outcome within the bound, its dead letter's added headers stay bounded, and
+//! every good one still gets its event.
+
+use crate::helpers::*;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, LongString};
+use payment_link_worker::broker::messages::{CREATED, FAILED, event_id};
+use std::collections::BTreeMap;
+use wiremock::matchers::{body_string_contains, method};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Most bytes a free-text header the worker adds may hold (1 KiB and the `…` that marks a cut).
+const HEADER_BOUND: usize = 1024 + '…'.len_utf8();
+
+fn header(properties: BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(name.into(), value);
+    properties.with_headers(headers)
+}
+
+fn body_with(amount: &str, description: &str, email: &str) -> String {
+    format!(
+        r#"{{"paymentProviderId":7,"amountInMajorCurrency":{amount},"description":{},"emailAddress":{}}}"#,
+        serde_json::to_string(description).unwrap(),
+        serde_json::to_string(email).unwrap()
+    )
+}
+
+/// (name, properties, body, the dead letter's kind). A float NaN or a short string in a header
+/// is not among them: RabbitMQ 3.10 refuses such a message at publish (INTERNAL_ERROR), so it
+/// never reaches the worker here; the parser's refusal of one is a unit test.
+fn hostile() -> Vec<(&'static str, BasicProperties, String, &'static str)> {
+    let props = command_properties;
+    let long = "x".repeat(300_000);
+    vec![
+        (
+            "huge-exponent",
+            props("h-1"),
+            body_with("1e99999999999999999999", "d", "a@b.co"),
+            "validation",
+        ),
+        (
+            "min-i64-exponent",
+            props("h-2"),
+            body_with("1e-9223372036854775808", "d", "a@b.co"),
+            "validation",
+        ),
+        (
+            "i64-exponent",
+            props("h-3"),
+            body_with("7e9223372036854775807", "d", "a@b.co"),
+            "validation",
+        ),
+        (
+            "nul-description",
+            props("h-4"),
+            body_with("1.00", "a\u{0}b", "a@b.co"),
+            "validation",
+        ),
+        (
+            "nul-email",
+            props("h-5"),
+            body_with("1.00", "d", "a\u{0}@b.co"),
+            "validation",
+        ),
+        (
+            "nul-correlation-id",
+            props("h-6").with_correlation_id("c\u{0}d".into()),
+            command_body("1.00", 6),
+            "validation",
+        ),
+        (
+            "300-kb-email",
+            props("h-9"),
+            body_with("1.00", "d", &long),
+            "validation",
+        ),
+        (
+            "200-kb-string-body",
+            props("h-10"),
+            serde_json::to_string(&"y".repeat(200_000)).unwrap(),
+            "validation",
+        ),
+        (
+            // Valid, but the provider refuses it: its dead letter (with a NUL in a long-string
+            // header it only carries) is stored in the outbox with the failure.
+            "nul-long-string-header-stored",
+            header(
+                props("h-11"),
+                "x-note",
+                AMQPValue::LongString(LongString::from(b"a\0b".to_vec())),
+            ),
+            command_body("1.00", 666),
+            "provider-rejected",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_messages_end_bounded_and_good_ones_beside_them_get_their_events() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("\"invoiceId\":666"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("x".repeat(100_000)))
+        .mount(&provider)
+        .await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
+    let env = TestEnv::new(&provider.uri()).await;
+    let events = env.capture_events().await;
+    let cases = hostile();
+    // Hostile and good messages alternate, published before the worker starts, so they are
+    // claimed and recorded in the same batches.
+    let mut good = Vec::new();
+    for (i, (_, properties, body, _)) in cases.iter().enumerate() {
+        env.publish_raw(properties.clone(), body.as_bytes()).await;
+        let id = format!("good-{i}");
+        env.send(&id, &command_body("12.50", 100 + i as i64)).await;
+        good.push(id);
+    }
+    let _worker = env.start_worker().await;
+
+    let letters: BTreeMap<String, Received> = env
+        .messages(&env.dead_letter_queue(), cases.len(), WAIT)
+        .await
+        .into_iter()
+        .map(|m| (m.message_id(), m))
+        .collect();
+    for (name, properties, _, kind) in &cases {
+        let id = properties.message_id().as_ref().unwrap().to_string();
+        let letter = letters
+            .get(&id)
+            .unwrap_or_else(|| panic!("{name}: no dead letter"));
+        assert_eq!(
+            letter.header("x-error-kind").as_deref(),
+            Some(*kind),
+            "{name}"
+        );
+        let message = letter.header("x-error-message").unwrap();
+        assert!(
+            message.len() <= HEADER_BOUND,
+            "{name}: {} bytes",
+            message.len()
+        );
+        if let Some(body) = letter.header("x-error-body") {
+            assert!(
+                body.len() <= HEADER_BOUND,
+                "{name}: error body of {} bytes",
+                body.len()
+            );
+        }
+    }
+    let stored = &letters["h-11"];
+    assert_eq!(
+        stored
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get("x-note"),
+        Some(&AMQPValue::LongString(LongString::from(b"a\0b".to_vec()))),
+        "a carried header round-trips exactly through the outbox"
+    );
+
+    // The refused command's failed event comes too.
+    let mut published: Vec<String> = env
+        .messages(&events, good.len() + 1, WAIT)
+        .await
+        .into_iter()
+        .map(|m| m.message_id())
+        .collect();
+    published.sort();
+    let mut expected: Vec<String> = good.iter().map(|id| event_id(CREATED, id)).collect();
+    expected.push(event_id(FAILED, "h-11"));
+    expected.sort();
+    assert_eq!(published, expected, "every good command got its event");
+    eventually("the command queue to be empty", WAIT, || async {
+        (env.queue_depth(&env.command_queue()).await == 0).then_some(())
+    })
+    .await;
+}
