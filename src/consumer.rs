@@ -237,7 +237,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
     let disposition = AssertUnwindSafe(work.instrument(span))
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| Disposition::Reject);
+        .unwrap_or(Disposition::Reject);
     if disposition == Disposition::Reject {
         let command_id = original.properties.message_id().as_ref();
         let command_id = command_id.map(|id| id.as_str()).unwrap_or("");
