@@ -118,6 +118,8 @@ pub struct ProviderSettings {
     pub connect_timeout_ms: u64,
     /// Time allowed for one whole request, connect included.
     pub timeout_ms: u64,
+    /// Largest answer body read from the provider; a larger one is an invalid answer (retried).
+    pub max_response_bytes: usize,
 }
 
 /// Exponential backoff of transient provider failures.
@@ -313,6 +315,9 @@ impl Settings {
                 "provider.timeout_ms",
                 "and provider.connect_timeout_ms must be above 0",
             );
+        }
+        if self.provider.max_response_bytes == 0 {
+            return fail("provider.max_response_bytes", "must be above 0");
         }
         let retry = &self.retry;
         if retry.initial_interval_ms == 0 || retry.max_interval_ms < retry.initial_interval_ms {

@@ -73,6 +73,7 @@ pub struct ProviderClient {
     token: Secret,
     retry: RetrySettings,
     breaker: Arc<Breaker>,
+    max_response_bytes: usize,
 }
 
 impl ProviderClient {
@@ -98,6 +99,7 @@ impl ProviderClient {
             url,
             url_for_logs,
             token: settings.token.clone(),
+            max_response_bytes: settings.max_response_bytes,
             retry: retry.clone(),
             breaker,
         })
@@ -226,21 +228,39 @@ impl ProviderClient {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let reason = response.status().canonical_reason().unwrap_or("");
-        let body = response.text().await.map_err(|e| {
-            Attempt::Transient(
-                ProviderError {
-                    message: format!(
-                        "provider answered {status} but the body could not be read: {}",
-                        describe_transport_error(&e)
-                    ),
+        let body = read_capped(response, self.max_response_bytes)
+            .await
+            .map_err(|message| {
+                let message = format!("provider answered {status} but {message}");
+                let error = ProviderError {
+                    message,
                     http_status: Some(status),
                     body: None,
-                },
-                None,
-            )
-        })?;
+                };
+                Attempt::Transient(error, None)
+            })?;
         classify(status, reason, body, retry_after)
     }
+}
+
+/// Reads an answer's body, at most `cap` bytes of it (a larger body is not read further), as
+/// text (invalid UTF-8 replaced).
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        format!(
+            "the body could not be read: {}",
+            describe_transport_error(&e)
+        )
+    })? {
+        if bytes.len() + chunk.len() > cap {
+            return Err(format!(
+                "the body is larger than provider.max_response_bytes ({cap})"
+            ));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Sorts an answer into success, permanent failure and transient failure.
@@ -253,13 +273,16 @@ fn classify(
     let failure = |message: String, body: &str| ProviderError {
         message,
         http_status: Some(status),
-        body: (!body.is_empty()).then(|| crate::headers::excerpt(body, ERROR_BODY_LIMIT)),
+        // An excerpt for people: NUL (which PostgreSQL's text cannot hold) shown as U+FFFD.
+        body: (!body.is_empty())
+            .then(|| crate::headers::excerpt(body, ERROR_BODY_LIMIT).replace('\0', "\u{FFFD}")),
     };
     match status {
         200 | 201 => match serde_json::from_str::<LinkBody<'_>>(&body) {
             Ok(link)
                 if is_json_number(link.amount_in_major_currency)
-                    && !link.payment_link.trim().is_empty() =>
+                    && !link.payment_link.trim().is_empty()
+                    && !link.payment_link.contains(char::is_control) =>
             {
                 Ok(LinkCreated {
                     http_status: status,
@@ -271,7 +294,7 @@ fn classify(
             Ok(_) => Err(Attempt::Transient(
                 failure(
                     format!(
-                        "provider answered {status} with an unexpected body: amountInMajorCurrency is not a number or paymentLink is blank"
+                        "provider answered {status} with an unexpected body: amountInMajorCurrency is not a number, or paymentLink is blank or holds control characters"
                     ),
                     &body,
                 ),

@@ -180,3 +180,162 @@ async fn hostile_messages_end_bounded_and_good_ones_beside_them_get_their_events
     })
     .await;
 }
+
+/// A provider answer for the command with this invoice id.
+async fn answer_for(provider: &MockServer, invoice_id: i64, answer: ResponseTemplate) {
+    Mock::given(method("POST"))
+        .and(body_string_contains(format!("\"invoiceId\":{invoice_id},")))
+        .respond_with(answer)
+        .mount(provider)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_provider_answers_end_each_command_bounded_and_spare_the_others() {
+    let provider = MockServer::start().await;
+    let nul_link = r#"{"paymentLink":"https://x/\u0000","id":1,"paymentProviderId":7,"amountInMajorCurrency":1}"#;
+    let mut nul_error = b"refused \0 because\0".to_vec();
+    nul_error.extend(std::iter::repeat_n(b'z', 100_000));
+    // (invoice id, answer, the dead letter's kind)
+    let cases: Vec<(i64, ResponseTemplate, &str)> = vec![
+        (
+            201,
+            ResponseTemplate::new(200).set_body_string("[]"),
+            "retries-exhausted",
+        ),
+        (
+            202,
+            ResponseTemplate::new(200).set_body_string("null"),
+            "retries-exhausted",
+        ),
+        (
+            203,
+            ResponseTemplate::new(201).set_body_string("x".repeat(2 << 20)),
+            "retries-exhausted",
+        ),
+        (
+            204,
+            ResponseTemplate::new(201).set_body_string(nul_link),
+            "retries-exhausted",
+        ),
+        (
+            205,
+            ResponseTemplate::new(400).set_body_bytes(nul_error),
+            "provider-rejected",
+        ),
+        (
+            206,
+            ResponseTemplate::new(503).insert_header("Retry-After", "18446744073709551615"),
+            "retries-exhausted",
+        ),
+        (
+            207,
+            ResponseTemplate::new(503).insert_header("Retry-After", "99999999999999999999999"),
+            "retries-exhausted",
+        ),
+        (
+            208,
+            ResponseTemplate::new(429)
+                .insert_header("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            "retries-exhausted",
+        ),
+        (
+            209,
+            ResponseTemplate::new(429)
+                .insert_header("Retry-After", "Mon, 01 Jan 1900 00:00:00 GMT"),
+            "retries-exhausted",
+        ),
+        (
+            210,
+            ResponseTemplate::new(503).insert_header("Retry-After", "-5"),
+            "retries-exhausted",
+        ),
+        (
+            211,
+            ResponseTemplate::new(503).insert_header("Retry-After", "soon, maybe"),
+            "retries-exhausted",
+        ),
+    ];
+    for (invoice_id, answer, _) in &cases {
+        answer_for(&provider, *invoice_id, answer.clone()).await;
+    }
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
+    // Half the calls here fail on purpose: the breaker (tested on its own) stays out of the way.
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "400"),
+            ("BREAKER__MIN_CALLS", "1000000"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let mut good = Vec::new();
+    for (invoice_id, _, _) in &cases {
+        env.send(
+            &format!("bad-{invoice_id}"),
+            &command_body("1.00", *invoice_id),
+        )
+        .await;
+        let id = format!("good-{invoice_id}");
+        env.send(&id, &command_body("12.50", 1000 + invoice_id))
+            .await;
+        good.push(id);
+    }
+    let _worker = env.start_worker().await;
+
+    let letters: BTreeMap<String, Received> = env
+        .messages(&env.dead_letter_queue(), cases.len(), WAIT)
+        .await
+        .into_iter()
+        .map(|m| (m.message_id(), m))
+        .collect();
+    for (invoice_id, _, kind) in &cases {
+        let letter = &letters[&format!("bad-{invoice_id}")];
+        assert_eq!(
+            letter.header("x-error-kind").as_deref(),
+            Some(*kind),
+            "{invoice_id}"
+        );
+        let message = letter.header("x-error-message").unwrap();
+        assert!(
+            message.len() <= HEADER_BOUND,
+            "{invoice_id}: {} bytes",
+            message.len()
+        );
+        if let Some(body) = letter.header("x-error-body") {
+            assert!(
+                body.len() <= HEADER_BOUND,
+                "{invoice_id}: {} bytes",
+                body.len()
+            );
+            assert!(
+                !body.contains('\0'),
+                "{invoice_id}: the stored excerpt holds no NUL"
+            );
+        }
+    }
+    let too_big = letters["bad-203"].header("x-error-message").unwrap();
+    assert!(too_big.contains("provider.max_response_bytes"), "{too_big}");
+
+    // The failed events of the refused commands come too; the created ones are the good ones.
+    let published: Vec<String> = env
+        .messages(&events, good.len() + cases.len(), WAIT)
+        .await
+        .into_iter()
+        .map(|m| m.message_id())
+        .collect();
+    for id in &good {
+        assert!(
+            published.contains(&event_id(CREATED, id)),
+            "{id} got its event"
+        );
+    }
+    for (invoice_id, _, _) in &cases {
+        let id = format!("bad-{invoice_id}");
+        assert!(
+            published.contains(&event_id(FAILED, &id)),
+            "{id} got its failed event"
+        );
+    }
+}
