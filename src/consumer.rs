@@ -214,8 +214,8 @@ async fn drain(context: &Context, tasks: &mut JoinSet<()>) {
     }
 }
 
-/// Runs the pipeline for one delivery and settles it with the broker. A panic requeues the
-/// message; the queue's delivery limit dead-letters one that keeps failing.
+/// Runs the pipeline for one delivery and settles it with the broker. A panic rejects the
+/// message back to the queue; the queue's delivery limit dead-letters one that keeps failing.
 async fn handle(context: Arc<Context>, delivery: Delivery) {
     let waited = delivery.properties.timestamp().and_then(|sent| {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
@@ -234,23 +234,32 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
         let fate = pipeline::process(&context, &original).await;
         pipeline::settle(&context, &original, fate).await
     };
-    let disposition = AssertUnwindSafe(work.instrument(span))
-        .catch_unwind()
-        .await
-        .unwrap_or(Disposition::Reject);
-    if disposition == Disposition::Reject {
-        let command_id = original.properties.message_id().as_ref();
-        let command_id = command_id.map(|id| id.as_str()).unwrap_or("");
-        tracing::error!(
-            command_id,
-            delivery_tag = delivery.delivery_tag,
-            "processing panicked; the message goes back to the queue (its delivery limit applies)"
-        );
-        // The panic may have left the command claimed: let the next delivery take it at once.
-        if let Ok(mut conn) = context.pool.get().await {
-            let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
-        }
+    let disposition = match AssertUnwindSafe(work.instrument(span)).catch_unwind().await {
+        Ok(disposition) => disposition,
+        Err(_) => panicked(&context, &original, delivery.delivery_tag).await,
+    };
+    settle(&delivery, disposition).await;
+}
+
+/// A delivery whose processing panicked: logged with its command id, its lease released (the
+/// panic may have left the command claimed), and rejected so the delivery limit applies.
+async fn panicked(context: &Context, original: &Original<'_>, delivery_tag: u64) -> Disposition {
+    let command_id = original.properties.message_id().as_ref();
+    let command_id = command_id.map(|id| id.as_str()).unwrap_or("");
+    context.metrics.panicked();
+    tracing::error!(
+        command_id,
+        delivery_tag,
+        "processing panicked; the message goes back to the queue (its delivery limit applies)"
+    );
+    if let Ok(mut conn) = context.pool.get().await {
+        let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
     }
+    Disposition::Reject
+}
+
+/// Acks, requeues or rejects the delivery as `disposition` says.
+async fn settle(delivery: &Delivery, disposition: Disposition) {
     let settled = match disposition {
         Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
         Disposition::Requeue => {

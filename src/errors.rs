@@ -16,16 +16,20 @@ pub enum ErrorKind {
     ProviderAuth,
     /// Transient failures outlasted the retry budget.
     RetriesExhausted,
+    /// PostgreSQL refused the command's data although it was reachable (a value it cannot hold
+    /// that the validation did not foresee): the database is not retried for it.
+    Unstorable,
 }
 
 impl ErrorKind {
     /// Every kind, for listings and tests.
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 6] = [
         ErrorKind::Validation,
         ErrorKind::IdempotencyConflict,
         ErrorKind::ProviderRejected,
         ErrorKind::ProviderAuth,
         ErrorKind::RetriesExhausted,
+        ErrorKind::Unstorable,
     ];
 
     /// The wire name.
@@ -36,6 +40,7 @@ impl ErrorKind {
             ErrorKind::ProviderRejected => "provider-rejected",
             ErrorKind::ProviderAuth => "provider-auth",
             ErrorKind::RetriesExhausted => "retries-exhausted",
+            ErrorKind::Unstorable => "unstorable",
         }
     }
 

@@ -31,6 +31,7 @@ pub struct Metrics {
     dead_lettered: Counter<u64>,
     retries: Counter<u64>,
     delayed: Counter<u64>,
+    panics: Counter<u64>,
     in_flight: UpDownCounter<i64>,
     provider_duration: Histogram<f64>,
     queue_wait: Histogram<f64>,
@@ -156,6 +157,10 @@ impl MetricsHandle {
                 "payment_link.commands.delayed",
                 "Commands parked in a delay queue for another round",
             ),
+            panics: counter(
+                "payment_link.commands.panics",
+                "Deliveries whose processing panicked (rejected; the delivery limit applies)",
+            ),
             in_flight: meter
                 .i64_up_down_counter("payment_link.commands.in_flight")
                 .with_unit("{command}")
@@ -237,6 +242,10 @@ impl Metrics {
     /// A repeated command was answered from its record.
     pub fn duplicate(&self) {
         self.duplicates.add(1, &[]);
+    }
+    /// Processing a delivery panicked.
+    pub fn panicked(&self) {
+        self.panics.add(1, &[]);
     }
     /// A command went to wait in a delay queue.
     pub fn delayed(&self) {

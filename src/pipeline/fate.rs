@@ -2,7 +2,7 @@
 //! [`Fate`], [`settle`] carries it out with the broker (each broker refusal handled here) and
 //! tells the consumer whether to ack the delivery or give it back.
 
-use super::{Abandoned, Context, wait_or_abandon};
+use super::{Context, Halt, wait_or_abandon};
 use crate::broker::messages::{self, Original, OutboundMessage};
 use crate::errors::Failure;
 use crate::relay;
@@ -63,15 +63,21 @@ pub enum Disposition {
     Ack,
     /// It could not be finished now (shutdown, broker trouble): give it back to the queue.
     Requeue,
-    /// Processing it panicked: give it back with `basic.reject`, which the queue's delivery limit
-    /// counts on every RabbitMQ version (4.x does not count a requeueing `basic.nack`), so a
-    /// message that panics every time ends dead-lettered instead of looping.
+    /// Processing it panicked, or the database refused what settling it needed: give it back
+    /// with `basic.reject`, which the queue's delivery limit counts on every RabbitMQ version
+    /// (4.x does not count a requeueing `basic.nack`), so a message that fails every time ends
+    /// dead-lettered instead of looping.
     Reject,
 }
 
-impl From<Abandoned> for Disposition {
-    fn from(_: Abandoned) -> Self {
-        Disposition::Requeue
+impl From<Halt> for Disposition {
+    /// Abandoned work goes back to the queue; work the database refused to record is rejected,
+    /// so the queue's delivery limit ends it rather than a loop.
+    fn from(halt: Halt) -> Self {
+        match halt {
+            Halt::Abandoned => Disposition::Requeue,
+            Halt::Refused(_) => Disposition::Reject,
+        }
     }
 }
 
@@ -107,7 +113,7 @@ async fn publish_or_hand_over(
     context: &Context,
     command_id: &str,
     event: &OutboundMessage,
-) -> Result<(), Abandoned> {
+) -> Result<(), Halt> {
     let error = match context.publisher.publish(event).await {
         Ok(()) => return Ok(()),
         Err(error) => error.to_string(),
@@ -152,7 +158,7 @@ async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failu
 
 /// Publishes the command to its delay queue (confirmed), records the round's attempts and gives
 /// up the lease; acks if the broker took the copy, otherwise returns the command to the queue.
-async fn park(context: &Context, delay: &Delay) -> Result<Disposition, Abandoned> {
+async fn park(context: &Context, delay: &Delay) -> Result<Disposition, Halt> {
     let published = context.publisher.publish(&delay.message).await;
     db!(context, "record the attempts", |conn| commands::release(
         &mut conn,

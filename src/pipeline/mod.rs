@@ -5,7 +5,8 @@
 
 /// Runs a database step until it succeeds: while PostgreSQL is unreachable the command waits
 /// here (holding its prefetch slot, so the worker takes no more) instead of failing. Gives up
-/// only when the shutdown grace period ends. A macro rather than a function taking an async
+/// when the shutdown grace period ends ([`Halt::Abandoned`]) or when the database refuses the
+/// data itself ([`Halt::Refused`]): waiting cannot change that. A macro rather than a function taking an async
 /// closure, whose borrowed captures the compiler cannot yet prove `Send` for a spawned task.
 macro_rules! db {
     ($ctx:expr, $what:expr, |$conn:ident| $step:expr) => {
@@ -24,6 +25,10 @@ macro_rules! db {
                 db.system.name = "postgresql");
             match $step.instrument(span).await {
                 Ok(value) => break Ok(value),
+                Err(error) if error.is_refusal() => {
+                    tracing::error!(%error, "cannot {}: the database refuses the data", $what);
+                    break Err($crate::pipeline::Halt::Refused(error.to_string()));
+                }
                 Err(error) => {
                     tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64,
                         "cannot {}; will try again", $what);
@@ -57,15 +62,20 @@ pub const DB_RETRY_INITIAL: Duration = Duration::from_millis(100);
 /// Longest wait between two tries at the database.
 pub const DB_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Work was given up because the shutdown grace period ended.
+/// Why a command's processing stopped short of a fate of its own.
 #[derive(Debug)]
-pub struct Abandoned;
+pub enum Halt {
+    /// The shutdown grace period ended: the command goes back to the queue.
+    Abandoned,
+    /// The database, while reachable, refused the command's data: trying again cannot help.
+    Refused(String),
+}
 
 /// Waits, unless the grace period ends first.
-pub async fn wait_or_abandon(context: &Context, wait: Duration) -> Result<(), Abandoned> {
+pub async fn wait_or_abandon(context: &Context, wait: Duration) -> Result<(), Halt> {
     tokio::select! {
         _ = tokio::time::sleep(wait) => Ok(()),
-        _ = context.abandon.cancelled() => Err(Abandoned),
+        _ = context.abandon.cancelled() => Err(Halt::Abandoned),
     }
 }
 
@@ -115,9 +125,14 @@ pub async fn process(context: &Context, original: &Original<'_>) -> Fate {
     span.record("correlation_id", envelope.correlation_id.as_str());
     span.record("replay_count", envelope.replay_count);
     span.record("delay_round", envelope.delay_round);
-    decide(context, original, &envelope)
-        .await
-        .unwrap_or(Fate::Requeue)
+    match decide(context, original, &envelope).await {
+        Ok(fate) => fate,
+        Err(Halt::Abandoned) => Fate::Requeue,
+        Err(Halt::Refused(message)) => Fate::DeadLetter(Failure::before_any_call(
+            ErrorKind::Unstorable,
+            crate::headers::excerpt(&message, crate::headers::TEXT_LIMIT),
+        )),
+    }
 }
 
 /// Step 2: the delivery as a valid command, or the validation failure that dead-letters it.
@@ -134,7 +149,7 @@ async fn decide(
     context: &Context,
     original: &Original<'_>,
     envelope: &Envelope,
-) -> Result<Fate, Abandoned> {
+) -> Result<Fate, Halt> {
     loop {
         let earlier_attempts = match claim(context, envelope).await? {
             Claim::Acquired { attempts } => attempts,
@@ -158,7 +173,7 @@ async fn decide(
 }
 
 /// Step 3: the idempotency decision.
-async fn claim(context: &Context, envelope: &Envelope) -> Result<Claim, Abandoned> {
+async fn claim(context: &Context, envelope: &Envelope) -> Result<Claim, Halt> {
     let claim = db!(
         context,
         "claim the command",
@@ -187,7 +202,7 @@ async fn call(
     context: &Context,
     original: &Original<'_>,
     envelope: &Envelope,
-) -> Result<CallResult, Abandoned> {
+) -> Result<CallResult, Halt> {
     let command_id = envelope.command_id.as_str();
     let carried = crate::telemetry::carried(original.properties.headers().as_ref());
     let provider = &context.provider;
@@ -197,14 +212,14 @@ async fn call(
             if let Ok(mut conn) = context.pool.get().await {
                 let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
             }
-            Err(Abandoned)
+            Err(Halt::Abandoned)
         }
     }
 }
 
 /// A command that already has an outcome came again: its recorded event is published again
 /// (same event id) and the provider is not called.
-async fn recorded_fate(context: &Context, record: &CommandRecord) -> Result<Fate, Abandoned> {
+async fn recorded_fate(context: &Context, record: &CommandRecord) -> Result<Fate, Halt> {
     context.metrics.duplicate();
     tracing::info!(status = %record.status, "duplicate command; publishing its recorded event again");
     let command_id = record.command_id.as_str();

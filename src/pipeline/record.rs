@@ -2,7 +2,7 @@
 //! created event, a failure with its failed event and dead letter) or a wait in a delay queue.
 
 use super::fate::{Delay, Fate};
-use super::{Abandoned, Context};
+use super::{Context, Halt};
 use crate::broker::messages::{self, Original};
 use crate::broker::topology;
 use crate::command::Envelope;
@@ -21,7 +21,7 @@ pub(super) async fn record(
     envelope: &Envelope,
     earlier_attempts: i32,
     call: CallResult,
-) -> Result<Option<Fate>, Abandoned> {
+) -> Result<Option<Fate>, Halt> {
     let attempts = earlier_attempts + call.attempts;
     match call.outcome {
         Ok(link) => record_link(context, original, envelope, attempts, link).await,
@@ -56,7 +56,7 @@ async fn record_link(
     envelope: &Envelope,
     attempts: i32,
     link: LinkCreated,
-) -> Result<Option<Fate>, Abandoned> {
+) -> Result<Option<Fate>, Halt> {
     let trace = crate::telemetry::outgoing(&crate::telemetry::carried(
         original.properties.headers().as_ref(),
     ));
@@ -102,7 +102,7 @@ async fn record_failure(
     attempts: i32,
     kind: ErrorKind,
     error: ProviderError,
-) -> Result<Option<Fate>, Abandoned> {
+) -> Result<Option<Fate>, Halt> {
     let command_id = envelope.command_id.as_str();
     let now = Utc::now();
     let failure = Failure {

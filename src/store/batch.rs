@@ -2,7 +2,9 @@
 //! request that arrives while the previous statement runs is written by the next one, so one
 //! round trip and one commit serve many commands. Callers wait for their own answer; a
 //! statement that fails because of one request's data is tried again row by row, so one bad
-//! row never sinks the others in its batch.
+//! row never sinks the others in its batch, and the row the database refuses (while it answers
+//! otherwise) is answered [`StoreError::Refused`]: a retry loop is for the database being away,
+//! not for data it refuses.
 
 use super::{PgConn, PgPool, StoreError};
 use std::future::Future;
@@ -26,7 +28,7 @@ pub trait Write: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Self::Reply>, StoreError>> + Send;
 }
 
-type Reply<W> = oneshot::Sender<Result<<W as Write>::Reply, String>>;
+type Reply<W> = oneshot::Sender<Result<<W as Write>::Reply, StoreError>>;
 
 /// A handle on a running batching writer; cheap to clone.
 pub struct Batcher<W: Write> {
@@ -63,10 +65,7 @@ impl<W: Write> Batcher<W> {
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Batch(format!("the {} has stopped", W::NAME));
         self.tx.send((request, reply)).map_err(|_| stopped())?;
-        answer
-            .await
-            .map_err(|_| stopped())?
-            .map_err(StoreError::Batch)
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Hands one request to the writer without waiting for it.
@@ -76,27 +75,30 @@ impl<W: Write> Batcher<W> {
     }
 }
 
-/// Writes the batch; if a statement failed (not the connection) and the batch holds more than one
-/// request, writes each alone, so only the request whose data the database refused fails.
+/// Writes the batch; if a statement failed on what PostgreSQL answered (not the connection),
+/// writes each request alone, so only the request whose data the database refused fails.
 async fn write_or_split<W: Write>(
     pool: &PgPool,
     writer: &W,
     requests: &[W::Request],
-) -> Vec<Result<W::Reply, String>> {
+) -> Vec<Result<W::Reply, StoreError>> {
     let mut conn = match pool.get().await {
         Ok(conn) => conn,
         Err(error) => return fail_all(requests.len(), &StoreError::from(error)),
     };
     match writer.write(&mut conn, requests).await {
         Ok(replies) => replies.into_iter().map(Ok).collect(),
-        Err(error @ StoreError::Query(_)) if requests.len() > 1 => {
+        Err(error) if error.is_refusal() || error.may_be_the_data() => {
+            if requests.len() == 1 {
+                return vec![confirm_refusal(&mut conn, writer, requests, error).await];
+            }
             tracing::warn!(%error, rows = requests.len(), writer = W::NAME,
                 "batched write failed; writing its rows one by one");
             let mut answers = Vec::with_capacity(requests.len());
             for one in requests.chunks(1) {
                 answers.push(match writer.write(&mut conn, one).await {
-                    Ok(mut reply) => reply.pop().ok_or_else(|| "no reply".to_owned()),
-                    Err(error) => Err(error.to_string()),
+                    Ok(reply) => single(reply),
+                    Err(error) => confirm_refusal(&mut conn, writer, one, error).await,
                 });
             }
             answers
@@ -105,7 +107,45 @@ async fn write_or_split<W: Write>(
     }
 }
 
-fn fail_all<T>(n: usize, error: &StoreError) -> Vec<Result<T, String>> {
+fn single<R>(mut replies: Vec<R>) -> Result<R, StoreError> {
+    replies
+        .pop()
+        .ok_or_else(|| StoreError::Batch("the writer gave no reply".into()))
+}
+
+/// One request's write failed with `error`: a constraint violation is a refusal; another error
+/// PostgreSQL answered is one if the database still answers and the same write fails again.
+async fn confirm_refusal<W: Write>(
+    conn: &mut PgConn,
+    writer: &W,
+    one: &[W::Request],
+    error: StoreError,
+) -> Result<W::Reply, StoreError> {
+    if error.is_refusal() {
+        return Err(StoreError::Refused(error.to_string()));
+    }
+    if !error.may_be_the_data() || !answers(conn).await {
+        return Err(StoreError::Batch(error.to_string()));
+    }
+    match writer.write(conn, one).await {
+        Ok(reply) => single(reply),
+        Err(again) if again.is_refusal() || again.may_be_the_data() => {
+            tracing::warn!(error = %again, writer = W::NAME, "the database refuses this request's data");
+            Err(StoreError::Refused(again.to_string()))
+        }
+        Err(again) => Err(StoreError::Batch(again.to_string())),
+    }
+}
+
+/// Whether the database answers a trivial statement on this connection.
+async fn answers(conn: &mut PgConn) -> bool {
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query("SELECT 1").execute(conn).await.is_ok()
+}
+
+fn fail_all<T>(n: usize, error: &StoreError) -> Vec<Result<T, StoreError>> {
     let error = error.to_string();
-    (0..n).map(|_| Err(error.clone())).collect()
+    (0..n)
+        .map(|_| Err(StoreError::Batch(error.clone())))
+        .collect()
 }

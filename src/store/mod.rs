@@ -40,6 +40,44 @@ pub enum StoreError {
     #[error("database write failed: {0}")]
     /// A batched write failed; every command in the batch tries again.
     Batch(String),
+    #[error("the database refused the command's data: {0}")]
+    /// The database is there but refuses this request's data: trying again cannot help.
+    Refused(String),
+}
+
+impl StoreError {
+    /// Whether trying again cannot help: the database refused the data itself.
+    pub fn is_refusal(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error};
+        match self {
+            StoreError::Refused(_) => true,
+            StoreError::Query(Error::DatabaseError(kind, _)) => matches!(
+                kind,
+                K::UniqueViolation
+                    | K::ForeignKeyViolation
+                    | K::NotNullViolation
+                    | K::CheckViolation
+                    | K::ExclusionViolation
+                    | K::RestrictViolation
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether this may be the data's fault (an error PostgreSQL answered with, other than the
+    /// ones that say the database or the transaction is the trouble). Such an error is tried
+    /// once more alone before it counts as a refusal.
+    fn may_be_the_data(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error};
+        let StoreError::Query(Error::DatabaseError(kind, info)) = self else {
+            return false;
+        };
+        let message = info.message();
+        matches!(kind, K::Unknown)
+            && !message.starts_with("canceling statement")
+            && !message.contains("deadlock")
+            && !message.contains("terminating connection")
+    }
 }
 
 /// Builds the pool; connections are opened lazily, so this succeeds while the database is down.

@@ -193,7 +193,7 @@ async fn answer_for(provider: &MockServer, invoice_id: i64, answer: ResponseTemp
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_provider_answers_end_each_command_bounded_and_spare_the_others() {
     let provider = MockServer::start().await;
-    let nul_link = r#"{"paymentLink":"https://x/\u0000","id":1,"paymentProviderId":7,"amountInMajorCurrency":1}"#;
+    let nul_link = r#"{"paymentLink":"https://x/\u0000","id":1,"paymentProviderId":7,"amountInMajorCurrency":1,"description":"d"}"#;
     let mut nul_error = b"refused \0 because\0".to_vec();
     nul_error.extend(std::iter::repeat_n(b'z', 100_000));
     // (invoice id, answer, the dead letter's kind)
@@ -338,4 +338,102 @@ async fn hostile_provider_answers_end_each_command_bounded_and_spare_the_others(
             "{id} got its failed event"
         );
     }
+}
+
+/// Runs SQL on this test's own database.
+async fn exec(env: &TestEnv, sql: &str) {
+    use diesel_async::RunQueryDsl;
+    let mut conn = env.pool.get().await.expect("db connection");
+    diesel::sql_query(sql)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_the_database_refuses_ends_unstorable_and_spares_its_batch() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("\"invoiceId\":777,"))
+        .respond_with(ResponseTemplate::new(201).set_body_string(
+            r#"{"paymentLink":"https://instantpaymentlink/evil","id":777,"paymentProviderId":7,"amountInMajorCurrency":1.00,"description":"d"}"#,
+        ))
+        .mount(&provider)
+        .await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
+    let env = TestEnv::new(&provider.uri()).await;
+    // What this database refuses and the validation does not foresee: a constraint (class 23)
+    // on the claim, a data exception (class 22) on the claim, and one on recording the link.
+    exec(&env, "ALTER TABLE payment_link_commands ADD CONSTRAINT no_evil CHECK (description <> 'evil-check')").await;
+    exec(
+        &env,
+        "CREATE FUNCTION refuse_evil() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.description = 'evil-data' OR NEW.payment_link LIKE '%/evil' THEN \
+         RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023'; END IF; RETURN NEW; END $$",
+    )
+    .await;
+    exec(
+        &env,
+        "CREATE TRIGGER refuse_evil BEFORE INSERT OR UPDATE ON payment_link_commands \
+         FOR EACH ROW EXECUTE FUNCTION refuse_evil()",
+    )
+    .await;
+    let events = env.capture_events().await;
+    let evil = [
+        (
+            "evil-1",
+            r#"{"paymentProviderId":7,"amountInMajorCurrency":1,"description":"evil-check"}"#
+                .to_owned(),
+        ),
+        (
+            "evil-2",
+            r#"{"paymentProviderId":7,"amountInMajorCurrency":1,"description":"evil-data"}"#
+                .to_owned(),
+        ),
+        ("evil-3", command_body("1.00", 777)),
+    ];
+    let mut good = Vec::new();
+    for (i, (id, body)) in evil.iter().enumerate() {
+        env.send(id, body).await;
+        for j in 0..3 {
+            let id = format!("good-{i}-{j}");
+            env.send(&id, &command_body("3.00", (10 * i + j) as i64 + 1))
+                .await;
+            good.push(id);
+        }
+    }
+    let _worker = env.start_worker().await;
+
+    let letters = env
+        .messages(&env.dead_letter_queue(), evil.len(), WAIT)
+        .await;
+    for letter in &letters {
+        assert_eq!(
+            letter.header("x-error-kind").as_deref(),
+            Some("unstorable"),
+            "{}",
+            letter.message_id()
+        );
+        assert!(letter.header("x-error-message").unwrap().contains("refuse"));
+    }
+    let mut ids: Vec<String> = letters.iter().map(|l| l.message_id()).collect();
+    ids.sort();
+    assert_eq!(ids, ["evil-1", "evil-2", "evil-3"]);
+    let mut published: Vec<String> = env
+        .messages(&events, good.len(), WAIT)
+        .await
+        .into_iter()
+        .map(|m| m.message_id())
+        .collect();
+    published.sort();
+    let mut expected: Vec<String> = good.iter().map(|id| event_id(CREATED, id)).collect();
+    expected.sort();
+    assert_eq!(
+        published, expected,
+        "every good command in the same batches got its event"
+    );
+    eventually("the command queue to be empty", WAIT, || async {
+        (env.queue_depth(&env.command_queue()).await == 0).then_some(())
+    })
+    .await;
 }
