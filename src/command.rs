@@ -557,6 +557,21 @@ mod properties {
             let _ = Command::parse(&bytes);
         }
 
+        /// Numbers of any shape, exponents far beyond an i64 included: an answer, in time linear
+        /// in the text, and an accepted amount fits NUMERIC(20,4) exactly.
+        #[test]
+        fn any_number_text_is_answered_and_accepted_amounts_fit(
+            text in "-?[0-9]{1,40}(\\.[0-9]{1,40})?([eE][+-]?[0-9]{1,30})?"
+        ) {
+            if let Ok(amount) = Amount::from_json_number(&text) {
+                let plain = amount.to_json_number();
+                let (integer, fraction) = plain.split_once('.').unwrap_or((&plain, ""));
+                prop_assert!(integer.trim_start_matches('0').len() <= 16, "{}", plain);
+                prop_assert!(fraction.trim_end_matches('0').len() <= 4, "{}", plain);
+                prop_assert_eq!(amount.value(), &BigDecimal::from_str(&text).unwrap());
+            }
+        }
+
         #[test]
         fn arbitrary_json_never_panics(value in json()) {
             let _ = Command::parse(value.to_string().as_bytes());

@@ -263,6 +263,17 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Stri
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// What a failure keeps of an error body, for people: an excerpt of at most
+/// [`ERROR_BODY_LIMIT`] bytes, NUL (which PostgreSQL's text cannot hold) shown as U+FFFD.
+fn error_body_excerpt(body: &str) -> String {
+    let shown = if body.contains('\0') {
+        std::borrow::Cow::Owned(body.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(body)
+    };
+    crate::headers::excerpt(&shown, ERROR_BODY_LIMIT)
+}
+
 /// Sorts an answer into success, permanent failure and transient failure.
 fn classify(
     status: u16,
@@ -273,9 +284,7 @@ fn classify(
     let failure = |message: String, body: &str| ProviderError {
         message,
         http_status: Some(status),
-        // An excerpt for people: NUL (which PostgreSQL's text cannot hold) shown as U+FFFD.
-        body: (!body.is_empty())
-            .then(|| crate::headers::excerpt(body, ERROR_BODY_LIMIT).replace('\0', "\u{FFFD}")),
+        body: (!body.is_empty()).then(|| error_body_excerpt(body)),
     };
     match status {
         200 | 201 => match serde_json::from_str::<LinkBody<'_>>(&body) {
@@ -382,6 +391,14 @@ mod tests {
 
     const LINK: &str = r#"{"id":9,"paymentProviderId":1,"amountInMajorCurrency":7.50,"description":"d","paymentLink":"https://pay/x"}"#;
 
+    /// Found by the fuzz target: NUL shown as U+FFFD grew the excerpt past its bound.
+    #[test]
+    fn an_error_body_of_nuls_stays_bounded() {
+        let excerpt = error_body_excerpt(&"\0".repeat(2_000));
+        assert!(excerpt.len() <= ERROR_BODY_LIMIT + '…'.len_utf8());
+        assert!(!excerpt.contains('\0'));
+    }
+
     #[test]
     fn classifies_statuses() {
         assert_eq!(kind(200, LINK), "ok");
@@ -419,5 +436,55 @@ mod tests {
             "{wait:?}"
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Provider answers as a hostile or broken provider might send them.
+    fn answer() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            ".{0,2000}",
+            "[\\[\\]{}\",:0-9a-zA-Z\\\\u .-]{0,200}",
+            (any::<String>(), any::<String>(), any::<i64>(), any::<f64>()).prop_map(
+                |(link, description, id, amount)| {
+                    serde_json::json!({
+                        "id": id, "paymentProviderId": 1, "amountInMajorCurrency": amount,
+                        "description": description, "paymentLink": link,
+                    })
+                    .to_string()
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the status, body and `Retry-After`, the classifier answers (no panic), a
+        /// link it accepts can be stored, and what it quotes of the body is bounded and NUL-free.
+        #[test]
+        fn any_answer_is_classified_and_what_is_kept_can_be_stored(
+            status in 100u16..600,
+            body in answer(),
+            retry_after in ".{0,40}",
+        ) {
+            match classify(status, "", body, parse_retry_after(&retry_after)) {
+                Ok(link) => {
+                    prop_assert!(!link.payment_link.contains(char::is_control));
+                    prop_assert!(!link.body.contains('\0'));
+                }
+                Err(Attempt::Permanent(error) | Attempt::Transient(error, _)) => {
+                    if let Some(body) = error.body {
+                        prop_assert!(body.len() <= ERROR_BODY_LIMIT + '…'.len_utf8());
+                        prop_assert!(!body.contains('\0'));
+                    }
+                }
+            }
+        }
     }
 }

@@ -18,4 +18,5 @@ mod recovery;
 mod relay;
 mod shutdown;
 mod simulator;
+mod store_invariant;
 mod validation;
