@@ -192,6 +192,8 @@ async fn whatever_the_parser_accepts_the_store_accepts() {
         cases: 400,
         ..Config::default()
     });
+    // The error (the failing input) is only unwrapped below, so its size does not matter.
+    #[allow(clippy::result_large_err)]
     let result = tokio::task::block_in_place(|| {
         runner.run(
             &(properties(), body(), any::<bool>()),
