@@ -27,7 +27,10 @@ const TOKEN: &str = "bench-token";
 
 /// Measures the worker against the local RabbitMQ and PostgreSQL; prints a table and JSON.
 #[derive(clap::Parser)]
-#[command(name = "payment-link-bench")]
+#[command(
+    name = "payment-link-bench",
+    bin_name = "cargo bench --bench payment-link-bench --"
+)]
 struct Options {
     /// Commands in the broker-only and end-to-end phases.
     #[arg(long, default_value_t = 20_000)]

@@ -75,6 +75,11 @@ impl WorkerHandle {
         self.running.as_ref().expect("running").http_addr
     }
 
+    /// The worker's Prometheus figures, as `/metrics` renders them.
+    pub fn metrics(&self) -> String {
+        self.running.as_ref().expect("running").metrics.render()
+    }
+
     /// Stops taking commands, drains, and returns how the worker ended.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.stop.cancel();

@@ -118,7 +118,7 @@ async fn hostile_messages_end_bounded_and_good_ones_beside_them_get_their_events
         env.send(&id, &command_body("12.50", 100 + i as i64)).await;
         good.push(id);
     }
-    let _worker = env.start_worker().await;
+    let worker = env.start_worker().await;
 
     let letters: BTreeMap<String, Received> = env
         .messages(&env.dead_letter_queue(), cases.len(), WAIT)
@@ -179,6 +179,7 @@ async fn hostile_messages_end_bounded_and_good_ones_beside_them_get_their_events
         (env.queue_depth(&env.command_queue()).await == 0).then_some(())
     })
     .await;
+    assert_no_panic(&worker);
 }
 
 /// A provider answer for the command with this invoice id.
@@ -282,7 +283,7 @@ async fn hostile_provider_answers_end_each_command_bounded_and_spare_the_others(
             .await;
         good.push(id);
     }
-    let _worker = env.start_worker().await;
+    let worker = env.start_worker().await;
 
     let letters: BTreeMap<String, Received> = env
         .messages(&env.dead_letter_queue(), cases.len(), WAIT)
@@ -338,6 +339,24 @@ async fn hostile_provider_answers_end_each_command_bounded_and_spare_the_others(
             "{id} got its failed event"
         );
     }
+    assert_no_panic(&worker);
+}
+
+/// The worker processed everything without a panic (it counts them).
+fn assert_no_panic(worker: &WorkerHandle) {
+    let metrics = worker.metrics();
+    let panics = metrics
+        .lines()
+        .find(|l| l.starts_with("payment_link_commands_panics_total"))
+        .map(|l| l.rsplit(' ').next().unwrap_or("").to_owned());
+    assert!(
+        panics.is_none() || panics.as_deref() == Some("0"),
+        "{panics:?}"
+    );
+    assert!(
+        metrics.contains("payment_link_commands_received_total"),
+        "the figures are the worker's"
+    );
 }
 
 /// Runs SQL on this test's own database.
@@ -402,7 +421,7 @@ async fn data_the_database_refuses_ends_unstorable_and_spares_its_batch() {
             good.push(id);
         }
     }
-    let _worker = env.start_worker().await;
+    let worker = env.start_worker().await;
 
     let letters = env
         .messages(&env.dead_letter_queue(), evil.len(), WAIT)
@@ -436,4 +455,5 @@ async fn data_the_database_refuses_ends_unstorable_and_spares_its_batch() {
         (env.queue_depth(&env.command_queue()).await == 0).then_some(())
     })
     .await;
+    assert_no_panic(&worker);
 }
