@@ -120,35 +120,13 @@ async fn hostile_messages_end_bounded_and_good_ones_beside_them_get_their_events
     }
     let worker = env.start_worker().await;
 
-    let letters: BTreeMap<String, Received> = env
-        .messages(&env.dead_letter_queue(), cases.len(), WAIT)
-        .await
-        .into_iter()
-        .map(|m| (m.message_id(), m))
-        .collect();
+    let letters = dead_letters_by_id(&env, cases.len()).await;
     for (name, properties, _, kind) in &cases {
         let id = properties.message_id().as_ref().unwrap().to_string();
         let letter = letters
             .get(&id)
             .unwrap_or_else(|| panic!("{name}: no dead letter"));
-        assert_eq!(
-            letter.header("x-error-kind").as_deref(),
-            Some(*kind),
-            "{name}"
-        );
-        let message = letter.header("x-error-message").unwrap();
-        assert!(
-            message.len() <= HEADER_BOUND,
-            "{name}: {} bytes",
-            message.len()
-        );
-        if let Some(body) = letter.header("x-error-body") {
-            assert!(
-                body.len() <= HEADER_BOUND,
-                "{name}: error body of {} bytes",
-                body.len()
-            );
-        }
+        assert_bounded_letter(letter, kind, name);
     }
     let stored = &letters["h-11"];
     assert_eq!(
@@ -285,36 +263,10 @@ async fn hostile_provider_answers_end_each_command_bounded_and_spare_the_others(
     }
     let worker = env.start_worker().await;
 
-    let letters: BTreeMap<String, Received> = env
-        .messages(&env.dead_letter_queue(), cases.len(), WAIT)
-        .await
-        .into_iter()
-        .map(|m| (m.message_id(), m))
-        .collect();
+    let letters = dead_letters_by_id(&env, cases.len()).await;
     for (invoice_id, _, kind) in &cases {
         let letter = &letters[&format!("bad-{invoice_id}")];
-        assert_eq!(
-            letter.header("x-error-kind").as_deref(),
-            Some(*kind),
-            "{invoice_id}"
-        );
-        let message = letter.header("x-error-message").unwrap();
-        assert!(
-            message.len() <= HEADER_BOUND,
-            "{invoice_id}: {} bytes",
-            message.len()
-        );
-        if let Some(body) = letter.header("x-error-body") {
-            assert!(
-                body.len() <= HEADER_BOUND,
-                "{invoice_id}: {} bytes",
-                body.len()
-            );
-            assert!(
-                !body.contains('\0'),
-                "{invoice_id}: the stored excerpt holds no NUL"
-            );
-        }
+        assert_bounded_letter(letter, kind, &invoice_id.to_string());
     }
     let too_big = letters["bad-203"].header("x-error-message").unwrap();
     assert!(too_big.contains("provider.max_response_bytes"), "{too_big}");
@@ -340,6 +292,39 @@ async fn hostile_provider_answers_end_each_command_bounded_and_spare_the_others(
         );
     }
     assert_no_panic(&worker);
+}
+
+/// The next `n` dead letters, by command id.
+async fn dead_letters_by_id(env: &TestEnv, n: usize) -> BTreeMap<String, Received> {
+    env.messages(&env.dead_letter_queue(), n, WAIT)
+        .await
+        .into_iter()
+        .map(|m| (m.message_id(), m))
+        .collect()
+}
+
+/// The dead letter has the expected kind, and its added free-text headers are bounded and hold
+/// no NUL (they were stored).
+fn assert_bounded_letter(letter: &Received, kind: &str, what: &str) {
+    assert_eq!(
+        letter.header("x-error-kind").as_deref(),
+        Some(kind),
+        "{what}"
+    );
+    for name in ["x-error-message", "x-error-body"] {
+        if let Some(text) = letter.header(name) {
+            assert!(
+                text.len() <= HEADER_BOUND,
+                "{what}: {name} of {} bytes",
+                text.len()
+            );
+            assert!(!text.contains('\0'), "{what}: {name} holds NUL");
+        }
+    }
+    assert!(
+        letter.header("x-error-message").is_some(),
+        "{what}: a message"
+    );
 }
 
 /// The worker processed everything without a panic (it counts them).
