@@ -72,7 +72,8 @@ pub enum DeadLetterCommands {
 #[derive(Debug, Args)]
 pub struct SelectArgs {
     /// Only this error kind (validation, idempotency-conflict, provider-rejected, provider-auth,
-    /// retries-exhausted, unstorable, or delivery-limit for messages the broker dead-lettered).
+    /// retries-exhausted, unstorable, internal-error, or delivery-limit for messages the broker
+    /// dead-lettered).
     #[arg(long)]
     pub kind: Option<String>,
     /// Only this command id.

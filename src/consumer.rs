@@ -5,7 +5,9 @@
 use crate::broker::messages::Original;
 use crate::broker::{self, topology};
 use crate::config::Settings;
-use crate::pipeline::{self, Disposition};
+use crate::errors::{ErrorKind, Failure};
+use crate::headers;
+use crate::pipeline::{self, Disposition, Fate};
 use crate::relay;
 use crate::startup::Context;
 use crate::store::commands;
@@ -241,8 +243,10 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
     settle(&delivery, disposition).await;
 }
 
-/// A delivery whose processing panicked: logged with its command id, its lease released (the
-/// panic may have left the command claimed), and rejected so the delivery limit applies.
+/// A delivery whose processing panicked: counted, logged with its command id, its lease released
+/// (the panic may have left the command claimed), and rejected so the delivery limit applies; on
+/// its last delivery before that limit it is dead-lettered as `internal-error` instead, so the
+/// dead letter says why.
 async fn panicked(context: &Context, original: &Original<'_>, delivery_tag: u64) -> Disposition {
     let command_id = original.properties.message_id().as_ref();
     let command_id = command_id.map(|id| id.as_str()).unwrap_or("");
@@ -255,7 +259,26 @@ async fn panicked(context: &Context, original: &Original<'_>, delivery_tag: u64)
     if let Ok(mut conn) = context.pool.get().await {
         let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
     }
-    Disposition::Reject
+    let returns = headers::read_int(original.properties, headers::DELIVERY_COUNT).unwrap_or(0);
+    if !last_delivery(returns, context.settings.broker.delivery_limit) {
+        return Disposition::Reject;
+    }
+    let failure = Failure::before_any_call(
+        ErrorKind::InternalError,
+        format!("processing panicked on each of {} deliveries", returns + 1),
+    );
+    let fate = pipeline::settle(context, original, Fate::DeadLetter(failure)).await;
+    if fate == Disposition::Ack {
+        Disposition::Ack
+    } else {
+        Disposition::Reject
+    }
+}
+
+/// Whether a delivery that has been returned `returns` times is the last the queue's delivery
+/// limit allows (counted one early, so the worker's dead letter comes before the broker's).
+fn last_delivery(returns: i64, delivery_limit: u32) -> bool {
+    returns + 1 >= i64::from(delivery_limit)
 }
 
 /// Acks, requeues or rejects the delivery as `disposition` says.
@@ -280,5 +303,19 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
     };
     if let Err(error) = settled {
         tracing::warn!(%error, ?disposition, "could not settle the delivery; the broker will redeliver it");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_message_is_dead_lettered_on_its_last_delivery_only() {
+        assert!(!last_delivery(0, 10));
+        assert!(!last_delivery(8, 10));
+        assert!(last_delivery(9, 10));
+        assert!(last_delivery(40, 10));
+        assert!(last_delivery(0, 1));
     }
 }

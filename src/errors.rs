@@ -19,17 +19,21 @@ pub enum ErrorKind {
     /// PostgreSQL refused the command's data although it was reachable (a value it cannot hold
     /// that the validation did not foresee): the database is not retried for it.
     Unstorable,
+    /// Processing the command panicked on every delivery up to the delivery limit: a defect of
+    /// the worker, reported rather than left to loop.
+    InternalError,
 }
 
 impl ErrorKind {
     /// Every kind, for listings and tests.
-    pub const ALL: [ErrorKind; 6] = [
+    pub const ALL: [ErrorKind; 7] = [
         ErrorKind::Validation,
         ErrorKind::IdempotencyConflict,
         ErrorKind::ProviderRejected,
         ErrorKind::ProviderAuth,
         ErrorKind::RetriesExhausted,
         ErrorKind::Unstorable,
+        ErrorKind::InternalError,
     ];
 
     /// The wire name.
@@ -41,6 +45,7 @@ impl ErrorKind {
             ErrorKind::ProviderAuth => "provider-auth",
             ErrorKind::RetriesExhausted => "retries-exhausted",
             ErrorKind::Unstorable => "unstorable",
+            ErrorKind::InternalError => "internal-error",
         }
     }
 

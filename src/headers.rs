@@ -29,6 +29,8 @@ pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 /// Added by the broker when it dead-letters a message itself (delivery limit, TTL).
 pub const DEATH: &str = "x-death";
+/// Returns of the message so far, added by a quorum queue on redelivery.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
 /// Prefix of the broker's own `x-last-death-*` headers.
 pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
 
@@ -48,7 +50,7 @@ pub const ADDED_ON_FAILURE: [&str; 15] = [
     "x-first-death-exchange",
     "x-first-death-queue",
     "x-first-death-reason",
-    "x-delivery-count",
+    DELIVERY_COUNT,
 ];
 
 /// Most bytes of free text (an error message, a provider's error body) a header added by the
