@@ -74,7 +74,11 @@ async fn ready(Extract(probe): Extract<Probe>) -> Response {
     .await
     {
         Ok(Ok(_)) => "ok".to_owned(),
-        Ok(Err(error)) => format!("unreachable: {error}"),
+        // The detail goes to the log, not to whoever can reach the port.
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "readiness: the database is unreachable");
+            "unreachable (the worker's log says why)".to_owned()
+        }
         Err(_) => "unreachable: no answer within 2 s".to_owned(),
     };
     let provider = match probe.breaker.state() {

@@ -7,7 +7,6 @@ pub mod publisher;
 pub mod topology;
 
 use crate::config::BrokerSettings;
-use anyhow::Context as _;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -20,7 +19,11 @@ pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Co
         ConnectionProperties::default().with_connection_name(name.into()),
     )
     .await
-    .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.url))
+    // lapin's own error may quote the URL: its text is scrubbed of the password.
+    .map_err(|error| {
+        let cause = settings.url.scrub(&error.to_string());
+        anyhow::anyhow!("cannot connect to RabbitMQ at {}: {cause}", settings.url)
+    })
 }
 
 /// Messages ready in `queue` (not those delivered and unacknowledged), by a passive declare.

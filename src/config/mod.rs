@@ -111,7 +111,7 @@ pub struct DatabaseSettings {
 #[serde(deny_unknown_fields)]
 pub struct ProviderSettings {
     /// Base URL of the payment provider API; the worker posts to {base_url}/payment-provider-payment-link.
-    pub base_url: String,
+    pub base_url: SecretUrl,
     /// Bearer token for the provider. Required by `run`; never logged. Prefer PROVIDER_TOKEN.
     pub token: Secret,
     /// Time allowed to open a connection to the provider.
@@ -120,6 +120,8 @@ pub struct ProviderSettings {
     pub timeout_ms: u64,
     /// Largest answer body read from the provider; a larger one is an invalid answer (retried).
     pub max_response_bytes: usize,
+    /// Allow sending the bearer token over plain http:// to a host other than loopback.
+    pub allow_plain_http: bool,
 }
 
 /// Exponential backoff of transient provider failures.
@@ -304,11 +306,19 @@ impl Settings {
         if self.database.pool_size == 0 {
             return fail("database.pool_size", "must be at least 1");
         }
-        let base = &self.provider.base_url;
-        if !(base.starts_with("http://") || base.starts_with("https://"))
-            || reqwest::Url::parse(base).is_err()
-        {
+        let base = self.provider.base_url.expose();
+        let Some(url) = reqwest::Url::parse(base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+        else {
             return fail("provider.base_url", "must be an http:// or https:// URL");
+        };
+        if url.scheme() == "http" && !self.provider.allow_plain_http && !is_loopback(&url) {
+            return fail(
+                "provider.base_url",
+                "is plain http:// to a host other than this machine: the bearer token would travel \
+                 unencrypted; use https://, or set provider.allow_plain_http = true",
+            );
         }
         if self.provider.timeout_ms == 0 || self.provider.connect_timeout_ms == 0 {
             return fail(
@@ -396,6 +406,17 @@ impl Settings {
                 + self.worker.lease_margin_ms,
         )
     }
+}
+
+/// Whether the URL's host is this machine (the only place plain http may carry the token by
+/// default).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -531,6 +552,34 @@ mod tests {
     }
 
     #[test]
+    fn the_token_goes_over_plain_http_to_loopback_only_unless_allowed() {
+        let with = |url: &str, allow: &str| {
+            Settings::load_from(
+                None,
+                env(&[
+                    ("PROVIDER_BASE_URL", url),
+                    ("PAYMENT_LINK_WORKER__PROVIDER__ALLOW_PLAIN_HTTP", allow),
+                ]),
+            )
+        };
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:1",
+            "https://pay.example.com",
+        ] {
+            assert!(with(url, "false").is_ok(), "{url}");
+        }
+        let refused = with("http://pay.example.com", "false")
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("provider.allow_plain_http"), "{refused}");
+        assert!(with("http://pay.example.com", "true").is_ok());
+        let with_password = with("http://u:provider-pass@pay.example.com", "false").unwrap_err();
+        assert!(!with_password.to_string().contains("provider-pass"));
+    }
+
+    #[test]
     fn secrets_never_print() {
         let s = Settings::load_from(
             None,
@@ -538,11 +587,15 @@ mod tests {
                 ("PROVIDER_TOKEN", "sk_live_topsecret"),
                 ("AMQP_URL", "amqp://worker:hunter2@rabbit:5672/%2f"),
                 ("DATABASE_URL", "postgres://app:pg-pass@db:5432/links"),
+                (
+                    "PROVIDER_BASE_URL",
+                    "https://acct:prov-pass@pay.example.com",
+                ),
             ]),
         )
         .unwrap();
         let printed = format!("{s:?}");
-        for secret in ["sk_live_topsecret", "hunter2", "pg-pass"] {
+        for secret in ["sk_live_topsecret", "hunter2", "pg-pass", "prov-pass"] {
             assert!(!printed.contains(secret), "{secret} leaked in {printed}");
         }
         assert!(

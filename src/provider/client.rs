@@ -84,7 +84,7 @@ impl ProviderClient {
         retry: &RetrySettings,
         breaker: Arc<Breaker>,
     ) -> anyhow::Result<Self> {
-        let base = settings.base_url.trim_end_matches('/');
+        let base = settings.base_url.expose().trim_end_matches('/');
         let url = reqwest::Url::parse(&format!("{base}{PAYMENT_LINK_PATH}"))
             .map_err(|e| anyhow::anyhow!("`provider.base_url` is not a valid URL: {e}"))?;
         let http = reqwest::Client::builder()

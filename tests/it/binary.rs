@@ -95,3 +95,47 @@ fn connection_errors_do_not_print_secrets() {
         assert!(!err.contains(secret), "{secret} printed: {err}");
     }
 }
+
+#[test]
+fn no_url_form_prints_its_password_on_any_error_path() {
+    // Passwords written raw with the characters that end a URL's parts, and as a query parameter.
+    let amqp = [
+        "amqp://worker:amqp/hunter2@127.0.0.1:1/%2f",
+        "amqp://worker:amqp?hunter2@127.0.0.1:1/%2f",
+        "amqp://worker:amqp#hunter2@127.0.0.1:1/%2f",
+        "amqp://worker:amqp@hunter2@127.0.0.1:1/%2f",
+        "amqp://worker:amqp-hunter2@127.0.0.1:1/%2f",
+    ];
+    let postgres = [
+        "postgres://app:pg/hunter2@127.0.0.1:1/links",
+        "postgres://app:pg#hunter2@127.0.0.1:1/links",
+        "postgres://127.0.0.1:1/links?user=app&password=pg-hunter2",
+        "postgres://app:pg-hunter2@127.0.0.1:1/links",
+    ];
+    for url in amqp {
+        // Migrations off: the broker is the first thing the worker reaches for.
+        let err = stderr_of(
+            worker()
+                .arg("run")
+                .env("PROVIDER_TOKEN", "sk_live_never_print_me")
+                .env("AMQP_URL", url)
+                .env("PAYMENT_LINK_WORKER__DATABASE__RUN_MIGRATIONS", "false"),
+        );
+        assert!(err.contains("RabbitMQ"), "{url}: {err}");
+        for secret in ["hunter2", "sk_live_never_print_me"] {
+            assert!(!err.contains(secret), "{url}: {secret} printed: {err}");
+        }
+    }
+    for url in postgres {
+        let err = stderr_of(
+            worker()
+                .arg("run")
+                .env("PROVIDER_TOKEN", "sk_live_never_print_me")
+                .env("DATABASE_URL", url),
+        );
+        assert!(err.contains("database"), "{url}: {err}");
+        for secret in ["hunter2", "sk_live_never_print_me"] {
+            assert!(!err.contains(secret), "{url}: {secret} printed: {err}");
+        }
+    }
+}
