@@ -143,8 +143,12 @@ pub async fn run_relay(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        if let Err(error) = relay_once(&pool, &publisher, &settings).await {
-            tracing::warn!(%error, "outbox relay round failed; will try again");
+        // A panic in one round is that round's failure; the relay goes on.
+        let round = std::panic::AssertUnwindSafe(relay_once(&pool, &publisher, &settings));
+        match futures_util::FutureExt::catch_unwind(round).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "outbox relay round failed; will try again"),
+            Err(_) => tracing::error!("outbox relay round panicked; will try again"),
         }
     }
 }

@@ -104,6 +104,12 @@ pub struct DatabaseSettings {
     pub pool_size: usize,
     /// Run the embedded migrations when `run` starts (`migrate` runs them on its own).
     pub run_migrations: bool,
+    /// Time allowed to open a connection.
+    pub connect_timeout_ms: u64,
+    /// Longest a statement, or any one database step, may take.
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL's idle_in_transaction_session_timeout.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 /// The payment provider's API.
@@ -305,6 +311,24 @@ impl Settings {
         }
         if self.database.pool_size == 0 {
             return fail("database.pool_size", "must be at least 1");
+        }
+        for (key, value) in [
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+            ),
+            (
+                "database.idle_in_transaction_timeout_ms",
+                self.database.idle_in_transaction_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return fail(key, "must be above 0");
+            }
         }
         let base = self.provider.base_url.expose();
         let Some(url) = reqwest::Url::parse(base)

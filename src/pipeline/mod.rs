@@ -23,7 +23,7 @@ macro_rules! db {
         loop {
             let span = tracing::info_span!("db", otel.name = $what, otel.kind = "client",
                 db.system.name = "postgresql");
-            match $step.instrument(span).await {
+            match $crate::store::bounded(&$ctx.pool, $step).instrument(span).await {
                 Ok(value) => break Ok(value),
                 Err(error) if error.is_refusal() => {
                     tracing::error!(%error, "cannot {}: the database refuses the data", $what);

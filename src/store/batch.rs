@@ -6,8 +6,10 @@
 //! otherwise) is answered [`StoreError::Refused`]: a retry loop is for the database being away,
 //! not for data it refuses.
 
-use super::{PgConn, PgPool, StoreError};
+use super::{PgConn, PgPool, StoreError, bounded};
+use futures_util::FutureExt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use tokio::sync::{mpsc, oneshot};
 
 /// What a batching writer writes: a batch of requests in, one reply per request out (same order).
@@ -51,7 +53,20 @@ impl<W: Write> Batcher<W> {
             let mut batch = Vec::with_capacity(W::MAX_BATCH);
             while rx.recv_many(&mut batch, W::MAX_BATCH).await > 0 {
                 let (requests, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-                let answers = write_or_split(&pool, &writer, &requests).await;
+                // Supervised in place: a panic in one write answers that batch with an error,
+                // and the writer goes on with the next (it never dies while it has callers).
+                let answers = AssertUnwindSafe(write_or_split(&pool, &writer, &requests))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::error!(
+                            writer = W::NAME,
+                            rows = requests.len(),
+                            "the writer panicked on a batch; it goes on with the next"
+                        );
+                        let error = StoreError::Batch(format!("the {} panicked", W::NAME));
+                        fail_all(requests.len(), &error)
+                    });
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     let _ = reply.send(answer);
                 }
@@ -86,24 +101,38 @@ async fn write_or_split<W: Write>(
         Ok(conn) => conn,
         Err(error) => return fail_all(requests.len(), &StoreError::from(error)),
     };
-    match writer.write(&mut conn, requests).await {
+    match bounded(pool, writer.write(&mut conn, requests)).await {
         Ok(replies) => replies.into_iter().map(Ok).collect(),
         Err(error) if error.is_refusal() || error.may_be_the_data() => {
             if requests.len() == 1 {
-                return vec![confirm_refusal(&mut conn, writer, requests, error).await];
+                return vec![confirm_refusal(pool, &mut conn, writer, requests, error).await];
             }
             tracing::warn!(%error, rows = requests.len(), writer = W::NAME,
                 "batched write failed; writing its rows one by one");
             let mut answers = Vec::with_capacity(requests.len());
             for one in requests.chunks(1) {
-                answers.push(match writer.write(&mut conn, one).await {
+                let answer = match bounded(pool, writer.write(&mut conn, one)).await {
                     Ok(reply) => single(reply),
-                    Err(error) => confirm_refusal(&mut conn, writer, one, error).await,
-                });
+                    Err(error) => confirm_refusal(pool, &mut conn, writer, one, error).await,
+                };
+                if let Err(StoreError::TimedOut(limit)) = &answer {
+                    // The connection may be stuck mid-statement: it is not given back.
+                    let error = StoreError::TimedOut(*limit);
+                    let _ = deadpool::managed::Object::take(conn);
+                    answers.extend(fail_all(requests.len() - answers.len(), &error));
+                    return answers;
+                }
+                answers.push(answer);
             }
             answers
         }
-        Err(error) => fail_all(requests.len(), &error),
+        Err(error) => {
+            if matches!(error, StoreError::TimedOut(_)) {
+                // The connection may be stuck mid-statement: it is not given back.
+                let _ = deadpool::managed::Object::take(conn);
+            }
+            fail_all(requests.len(), &error)
+        }
     }
 }
 
@@ -116,6 +145,7 @@ fn single<R>(mut replies: Vec<R>) -> Result<R, StoreError> {
 /// One request's write failed with `error`: a constraint violation is a refusal; another error
 /// PostgreSQL answered is one if the database still answers and the same write fails again.
 async fn confirm_refusal<W: Write>(
+    pool: &PgPool,
     conn: &mut PgConn,
     writer: &W,
     one: &[W::Request],
@@ -124,23 +154,24 @@ async fn confirm_refusal<W: Write>(
     if error.is_refusal() {
         return Err(StoreError::Refused(error.to_string()));
     }
-    if !error.may_be_the_data() || !answers(conn).await {
-        return Err(StoreError::Batch(error.to_string()));
+    if !error.may_be_the_data() || !answers(pool, conn).await {
+        return Err(error);
     }
-    match writer.write(conn, one).await {
+    match bounded(pool, writer.write(conn, one)).await {
         Ok(reply) => single(reply),
         Err(again) if again.is_refusal() || again.may_be_the_data() => {
             tracing::warn!(error = %again, writer = W::NAME, "the database refuses this request's data");
             Err(StoreError::Refused(again.to_string()))
         }
-        Err(again) => Err(StoreError::Batch(again.to_string())),
+        Err(again) => Err(again),
     }
 }
 
 /// Whether the database answers a trivial statement on this connection.
-async fn answers(conn: &mut PgConn) -> bool {
+async fn answers(pool: &PgPool, conn: &mut PgConn) -> bool {
     use diesel_async::RunQueryDsl;
-    diesel::sql_query("SELECT 1").execute(conn).await.is_ok()
+    let check = async { Ok(diesel::sql_query("SELECT 1").execute(conn).await?) };
+    bounded(pool, check).await.is_ok()
 }
 
 fn fail_all<T>(n: usize, error: &StoreError) -> Vec<Result<T, StoreError>> {

@@ -16,6 +16,7 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use std::time::Duration;
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -40,6 +41,9 @@ pub enum StoreError {
     #[error("database write failed: {0}")]
     /// A batched write failed; every command in the batch tries again.
     Batch(String),
+    #[error("the database did not answer within {0:?} (database.statement_timeout_ms)")]
+    /// A step got no answer in time; the database counts as away.
+    TimedOut(Duration),
     #[error("the database refused the command's data: {0}")]
     /// The database is there but refuses this request's data: trying again cannot help.
     Refused(String),
@@ -81,12 +85,66 @@ impl StoreError {
 }
 
 /// Builds the pool; connections are opened lazily, so this succeeds while the database is down.
+/// Every wait is bounded: opening a connection by `database.connect_timeout_ms`, waiting for a
+/// free or recycled one, and each statement by `database.statement_timeout_ms` (set on the server
+/// too, with `idle_in_transaction_session_timeout`), so a database that hangs is a database that
+/// is away, never a worker that hangs.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(settings.url.expose());
+    use diesel_async::pooled_connection::ManagerConfig;
+    let connect = Duration::from_millis(settings.connect_timeout_ms);
+    let statement = Duration::from_millis(settings.statement_timeout_ms);
+    let session = format!(
+        "SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {}",
+        settings.statement_timeout_ms, settings.idle_in_transaction_timeout_ms
+    );
+    let mut config = ManagerConfig::<AsyncPgConnection>::default();
+    config.custom_setup = Box::new(move |url| {
+        let (url, session) = (url.to_owned(), session.clone());
+        Box::pin(async move {
+            use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+            let mut conn = tokio::time::timeout(connect, AsyncPgConnection::establish(&url))
+                .await
+                .map_err(|_| {
+                    diesel::ConnectionError::BadConnection(format!(
+                        "no answer within {} ms (database.connect_timeout_ms)",
+                        connect.as_millis()
+                    ))
+                })??;
+            conn.batch_execute(&session)
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        })
+    });
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        settings.url.expose(),
+        config,
+    );
     Pool::builder(manager)
         .max_size(settings.pool_size)
+        .runtime(deadpool::Runtime::Tokio1)
+        .create_timeout(Some(connect))
+        .wait_timeout(Some(statement))
+        .recycle_timeout(Some(statement))
         .build()
         .map_err(|e| StoreError::Migration(format!("cannot build the connection pool: {e}")))
+}
+
+/// Runs one database step, bounded by [`step_limit`].
+pub async fn bounded<T>(
+    pool: &PgPool,
+    step: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let limit = step_limit(pool);
+    tokio::time::timeout(limit, step)
+        .await
+        .unwrap_or(Err(StoreError::TimedOut(limit)))
+}
+
+/// How long the worker waits for one database step (`database.statement_timeout_ms`, as the pool
+/// was built with), with a little more for the server's own timeout to answer first.
+pub fn step_limit(pool: &PgPool) -> Duration {
+    pool.timeouts().recycle.unwrap_or(Duration::from_secs(30)) + Duration::from_secs(1)
 }
 
 /// Advisory lock key that serializes migrations when several replicas start at once.

@@ -236,11 +236,14 @@ async fn connections_closed_by_the_broker_are_reopened_without_a_restart() {
         .expect("the same worker, never restarted, stops cleanly");
 }
 
-/// A TCP proxy the test can cut (dropping every connection and refusing new ones) and restore.
+/// A TCP proxy the test can cut (dropping every connection and refusing new ones) and restore,
+/// or stall: a black hole that keeps every connection open and forwards nothing, as a server
+/// that hangs does. Connections caught in a stall stay black holes until the proxy is dropped.
 struct Proxy {
     port: u16,
     up: Arc<AtomicBool>,
     generation: Arc<tokio::sync::watch::Sender<u64>>,
+    stalled: Arc<tokio::sync::watch::Sender<bool>>,
     refused: Arc<AtomicUsize>,
     stop: CancellationToken,
 }
@@ -254,11 +257,13 @@ impl Proxy {
         let generation = Arc::new(generation);
         let refused = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let (up2, generation2, refused2, stop2) = (
+        let stalled = Arc::new(tokio::sync::watch::channel(false).0);
+        let (up2, generation2, refused2, stop2, stalled2) = (
             up.clone(),
             generation.clone(),
             refused.clone(),
             stop.clone(),
+            stalled.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -270,7 +275,17 @@ impl Proxy {
                     refused2.fetch_add(1, Ordering::SeqCst);
                     continue; // dropped at once
                 }
+                let held = stop2.clone();
+                if *stalled2.borrow() {
+                    refused2.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let _open = inbound;
+                        held.cancelled().await;
+                    });
+                    continue;
+                }
                 let mut cut = generation2.subscribe();
+                let mut stall = stalled2.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
@@ -278,6 +293,9 @@ impl Proxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut.changed() => {}
+                        _ = async { stall.wait_for(|stalled| *stalled).await.is_ok() } => {
+                            held.cancelled().await
+                        }
                     }
                 });
             }
@@ -286,9 +304,20 @@ impl Proxy {
             port,
             up,
             generation,
+            stalled,
             refused,
             stop,
         }
+    }
+
+    /// Stops forwarding without closing anything; new connections are held open, unanswered.
+    fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// New connections are forwarded again; those caught in the stall stay black holes.
+    fn unstall(&self) {
+        self.stalled.send_replace(false);
     }
 
     fn cut(&self) {
@@ -382,6 +411,56 @@ async fn a_database_outage_delays_commands_but_fails_none() {
     assert_clean_end(&env, &ids, &sim_url).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     worker.stop().await.expect("the worker rode out the outage");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_hangs_holds_commands_no_longer_than_its_timeouts() {
+    let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let env = TestEnv::new(&sim_url).await;
+    let mut settings = env.settings.clone();
+    let direct = settings.database.url.expose().to_owned();
+    let through_proxy = direct.replacen(":5432/", &format!(":{}/", proxy.port), 1);
+    settings.database.url = payment_link_worker::config::SecretUrl::new(through_proxy);
+    settings.database.connect_timeout_ms = 1_000;
+    settings.database.statement_timeout_ms = 1_000;
+    let events = env.capture_events().await;
+    let worker = env.start_worker_with(settings).await;
+    let readyz = format!("http://{}/readyz", worker.http_addr().unwrap());
+
+    let ids: Vec<String> = (0..60).map(|i| format!("hang-{i}")).collect();
+    for (i, id) in ids[..20].iter().enumerate() {
+        env.send(id, &command_body("3.00", i as i64 + 1)).await;
+    }
+    eventually("the first commands done", LOAD_WAIT, || async {
+        (succeeded(&env).await >= 20).then_some(())
+    })
+    .await;
+
+    // PostgreSQL stops answering, its connections left open: the worker must not wait forever.
+    proxy.stall();
+    for (i, id) in ids[20..].iter().enumerate() {
+        env.send(id, &command_body("3.00", i as i64 + 21)).await;
+    }
+    let not_ready = eventually("readiness to name the database", WAIT, || async {
+        let answer = reqwest::get(&readyz).await.ok()?;
+        let status = answer.status();
+        let body = answer.text().await.ok()?;
+        (status == 503 && body.contains("\"database\":\"unreachable")).then_some(body)
+    })
+    .await;
+    assert!(not_ready.contains("\"ready\":false"), "{not_ready}");
+    assert_eq!(
+        env.queue_depth(&env.dead_letter_queue()).await,
+        0,
+        "nothing dead-lettered while the database hangs"
+    );
+    proxy.unstall();
+
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    worker.stop().await.expect("the worker rode out the hang");
 }
 
 #[tokio::test(flavor = "multi_thread")]
