@@ -30,6 +30,8 @@ use tracing::Instrument;
 
 /// After the grace period, how long commands in flight get to give themselves back.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long closing the consuming channel and connection may take at the end of a stop.
+const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait before reconnecting to the broker; doubled up to the cap, reset after success.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
 /// Longest wait between two reconnection attempts.
@@ -37,7 +39,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 /// One connection to the broker with the worker's consumer on it.
 pub struct Session {
-    /// The connection, shared with the publisher.
+    /// The consuming connection (publishing has its own).
     pub connection: Arc<Connection>,
     channel: Channel,
     consumer: lapin::Consumer,
@@ -133,19 +135,29 @@ pub async fn run(
     relay_stop.cancel();
     let _ = relay.await;
     relay::flush_sent(&context.sent).await;
-    if let Ok(mut conn) = context.pool.get().await
-        && let Err(error) = commands::release_all(&mut conn, &context.instance_id).await
-    {
+    let release = async {
+        let mut conn = context.pool.get().await?;
+        commands::release_all(&mut conn, &context.instance_id).await
+    };
+    if let Err(error) = crate::store::bounded(&context.pool, release).await {
         tracing::warn!(%error, "could not release this worker's leases; they expire by themselves");
     }
     context.publisher.close().await;
-    session.close(&context.instance_id).await;
+    // Every step of the stop is bounded: a broker that does not answer the close is left to
+    // notice the closed socket.
+    let close = session.close(&context.instance_id);
+    if tokio::time::timeout(SESSION_CLOSE_TIMEOUT, close)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the consuming connection did not close in time");
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
 
-/// Opens a new session (and moves the publisher to it), waiting longer after each failure;
-/// `None` when stopped first.
+/// Opens a new session, waiting longer after each failure; `None` when stopped first. (The
+/// publisher reopens its own connection when it next publishes.)
 async fn reconnect(context: &Context, stop: &CancellationToken) -> Option<Session> {
     let mut wait = RECONNECT_INITIAL;
     loop {
@@ -154,15 +166,10 @@ async fn reconnect(context: &Context, stop: &CancellationToken) -> Option<Sessio
             _ = tokio::time::sleep(wait) => {}
         }
         match Session::open(&context.settings, &context.instance_id).await {
-            Ok(new) => match context.publisher.replace(new.connection.clone()).await {
-                Ok(()) => {
-                    tracing::info!("reconnected to the broker; consuming again");
-                    return Some(new);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "reconnected but cannot open the publishing channel")
-                }
-            },
+            Ok(new) => {
+                tracing::info!("reconnected to the broker; consuming again");
+                return Some(new);
+            }
             Err(error) => tracing::warn!(
                 error = format!("{error:#}"),
                 retry_in_ms = wait.as_millis() as u64,

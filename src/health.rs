@@ -29,6 +29,8 @@ pub struct Probe {
     pub breaker: Arc<Breaker>,
     /// True while the worker holds a live consumer on the command queue.
     pub consuming: Arc<AtomicBool>,
+    /// Checked by `/readyz`: a publishing connection the broker blocked (an alarm).
+    pub publisher: crate::broker::publisher::Publisher,
 }
 
 /// The routes.
@@ -58,10 +60,12 @@ fn json(status: StatusCode, body: String) -> Response {
 }
 
 async fn ready(Extract(probe): Extract<Probe>) -> Response {
-    let broker = if probe.consuming.load(Ordering::SeqCst) {
-        "ok".to_owned()
-    } else {
+    let broker = if !probe.consuming.load(Ordering::SeqCst) {
         "not consuming (connecting to the broker)".to_owned()
+    } else if probe.publisher.blocked().await {
+        "blocked: the broker refuses publishes (memory or disk alarm)".to_owned()
+    } else {
+        "ok".to_owned()
     };
     let database = match tokio::time::timeout(DATABASE_CHECK_TIMEOUT, async {
         use diesel_async::RunQueryDsl;

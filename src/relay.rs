@@ -3,11 +3,10 @@
 //! marked sent. It needs both the store and the broker, so it lives beside them.
 
 use crate::broker::messages::OutboundMessage;
-use crate::broker::publisher::Publisher;
+use crate::broker::publisher::{PublishError, Publisher};
 use crate::config::OutboxSettings;
 use crate::store::batch::{Batcher, Write};
-use crate::store::{PgConn, PgPool, StoreError, outbox};
-use diesel_async::AsyncConnection;
+use crate::store::{PgConn, PgPool, StoreError, bounded, outbox};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -89,45 +88,72 @@ pub async fn flush_sent(sent: &SentMarker) {
     let _ = sent.submit(None).await;
 }
 
-async fn publish_row(publisher: &Publisher, row: &outbox::OutboxRecord) -> Result<(), String> {
+/// Publishes one stored row; the error in words, and whether the broker is not taking publishes
+/// now (no point trying the rest of the round).
+async fn publish_row(
+    publisher: &Publisher,
+    row: &outbox::OutboxRecord,
+) -> Result<(), (String, bool)> {
     let message = row
         .message()
-        .map_err(|e| format!("stored properties are unreadable: {e}"))?;
-    publisher.publish(&message).await.map_err(|e| e.to_string())
+        .map_err(|e| (format!("stored properties are unreadable: {e}"), false))?;
+    publisher.publish(&message).await.map_err(|e| {
+        let broker_away = matches!(e, PublishError::TimedOut(_) | PublishError::Reconnect(_));
+        (e.to_string(), broker_away)
+    })
 }
 
-/// One relay round: locks due rows (other replicas skip them), publishes, records the results.
-/// Returns how many rows were published.
+/// One relay round: claims due rows (a short statement; other replicas skip them), publishes
+/// them outside any transaction, then records the results. Stops at the first publish the
+/// broker does not take in time, giving the rest back. Returns how many rows were published.
 pub async fn relay_once(
     pool: &PgPool,
     publisher: &Publisher,
     settings: &OutboxSettings,
 ) -> Result<usize, StoreError> {
-    let mut conn = pool.get().await?;
     let max_wait = Duration::from_millis(settings.max_retry_interval_ms);
-    let batch_size = settings.relay_batch_size;
-    let publisher = publisher.clone();
-    conn.transaction::<_, StoreError, _>(async move |conn| {
-        let rows = outbox::lock_due(conn, batch_size).await?;
-        let mut sent = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match publish_row(&publisher, row).await {
-                Ok(()) => sent.push(row.id),
-                Err(error) => {
-                    tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
-                        attempts = row.publish_attempts + 1, %error, "relay could not publish; will retry");
-                    outbox::mark_failed(conn, row.id, row.publish_attempts, &error, max_wait)
-                        .await?;
-                }
+    // Long enough for the round's publishes, each bounded by broker.publish_timeout_ms.
+    let lease = max_wait.max(Duration::from_secs(60));
+    let rows = {
+        let mut conn = pool.get().await?;
+        bounded(
+            pool,
+            outbox::claim_due(&mut conn, settings.relay_batch_size, lease),
+        )
+        .await?
+    };
+    let mut sent = Vec::with_capacity(rows.len());
+    let mut failed = Vec::new();
+    let mut untried = Vec::new();
+    let mut broker_away = false;
+    for row in &rows {
+        if broker_away {
+            untried.push(row.id);
+            continue;
+        }
+        match publish_row(publisher, row).await {
+            Ok(()) => sent.push(row.id),
+            Err((error, away)) => {
+                tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
+                    attempts = row.publish_attempts + 1, %error, "relay could not publish; will retry");
+                failed.push((row.id, row.publish_attempts, error));
+                broker_away = away;
             }
         }
-        outbox::mark_sent(conn, &sent).await?;
-        if !sent.is_empty() {
-            tracing::info!(published = sent.len(), "relay published outbox messages");
+    }
+    let mut conn = pool.get().await?;
+    bounded(pool, async {
+        outbox::mark_sent(&mut conn, &sent).await?;
+        for (id, attempts, error) in &failed {
+            outbox::mark_failed(&mut conn, *id, *attempts, error, max_wait).await?;
         }
-        Ok(sent.len())
+        outbox::release(&mut conn, &untried).await
     })
-    .await
+    .await?;
+    if !sent.is_empty() {
+        tracing::info!(published = sent.len(), "relay published outbox messages");
+    }
+    Ok(sent.len())
 }
 
 /// Runs relay rounds every `relay_interval_ms` until `stop` fires.

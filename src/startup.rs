@@ -16,7 +16,6 @@ use crate::store::outcomes::{OutcomeWriter, Outcomes};
 use crate::store::{self, PgPool};
 use crate::{health, levels};
 use anyhow::Context as _;
-use lapin::Connection;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use tokio_util::sync::CancellationToken;
@@ -52,18 +51,18 @@ pub struct Context {
 }
 
 impl Context {
-    /// Builds the context on an open broker connection (the publisher's channel is opened on it)
-    /// and starts the batching writers. Tests build one this way to drive the pipeline directly.
+    /// Builds the context: opens the publishing connection (one of its own, named after the
+    /// instance) and starts the batching writers. Tests build one this way to drive the
+    /// pipeline directly.
     pub async fn new(
         settings: Settings,
         pool: PgPool,
-        connection: Arc<Connection>,
         metrics: Arc<Metrics>,
         instance_id: String,
     ) -> anyhow::Result<Self> {
-        let publisher = Publisher::open(connection)
+        let publisher = Publisher::open(&settings.broker, &format!("{instance_id} publisher"))
             .await
-            .context("cannot open the publishing channel")?;
+            .context("cannot open the publishing connection")?;
         let breaker = Breaker::new(settings.breaker.clone());
         let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
         Ok(Self {
@@ -120,14 +119,8 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     }
     let session = Session::open(&settings, &instance_id).await?;
     let metrics = Arc::new(MetricsHandle::new()?);
-    let context = Context::new(
-        settings,
-        pool,
-        session.connection.clone(),
-        metrics.metrics.clone(),
-        instance_id.clone(),
-    )
-    .await?;
+    let context =
+        Context::new(settings, pool, metrics.metrics.clone(), instance_id.clone()).await?;
     let background = CancellationToken::new();
     let http_addr = serve_health(&context, &metrics, &background).await?;
     let context = Arc::new(context);
@@ -166,6 +159,7 @@ async fn serve_health(
         pool: context.pool.clone(),
         breaker: context.breaker.clone(),
         consuming: context.consuming.clone(),
+        publisher: context.publisher.clone(),
     };
     tokio::spawn(health::serve(listener, probe, stop.clone()));
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");

@@ -4,10 +4,12 @@
 //! go through it.
 
 use super::messages::OutboundMessage;
+use crate::config::BrokerSettings;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection};
 use std::sync::Arc;
-use tokio::sync::RwLock;
+use std::time::Duration;
+use tokio::sync::{Mutex, RwLock};
 use tracing::Instrument;
 
 /// Why the broker did not take a message.
@@ -29,13 +31,33 @@ pub enum PublishError {
     #[error("broker error: {0}")]
     /// The connection or channel failed.
     Broker(#[from] lapin::Error),
+    #[error(
+        "no confirm within {0:?} (broker.publish_timeout_ms); is the broker blocking publishers?"
+    )]
+    /// The broker did not confirm in time (an alarm blocks publishers, or it is unreachable).
+    TimedOut(Duration),
+    #[error("cannot reopen the publishing connection: {0}")]
+    /// The publishing connection was lost and could not be opened again yet.
+    Reconnect(String),
 }
 
-/// A confirm-mode channel shared by every task of a worker; reopened if the broker closed it,
-/// and moved to the new connection when the worker reconnects.
+/// A confirm-mode channel shared by every task of a worker, on a connection of its own: when the
+/// broker blocks publishers (a memory or disk alarm), only this connection waits, and the
+/// consumer's acks still flow. Every publish and confirm is bounded by
+/// `broker.publish_timeout_ms`; the channel and the connection are reopened when the broker
+/// closed them.
 #[derive(Clone)]
 pub struct Publisher {
-    slot: Arc<RwLock<(Arc<Connection>, Channel)>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: BrokerSettings,
+    name: String,
+    timeout: Duration,
+    slot: RwLock<(Arc<Connection>, Channel)>,
+    /// Serializes reopening, so a lost channel is reopened once, not by every waiting task.
+    reopening: Mutex<()>,
 }
 
 /// Opens a channel in confirm mode.
@@ -48,34 +70,53 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::
 }
 
 impl Publisher {
-    /// Opens the publishing channel in confirm mode.
-    pub async fn open(connection: Arc<Connection>) -> Result<Self, lapin::Error> {
+    /// Opens the publishing connection (named `name`) and its channel in confirm mode.
+    pub async fn open(settings: &BrokerSettings, name: &str) -> anyhow::Result<Self> {
+        let connection = Arc::new(super::connect(settings, name).await?);
         let channel = confirm_channel(&connection).await?;
         Ok(Self {
-            slot: Arc::new(RwLock::new((connection, channel))),
+            inner: Arc::new(Inner {
+                settings: settings.clone(),
+                name: name.to_owned(),
+                timeout: Duration::from_millis(settings.publish_timeout_ms),
+                slot: RwLock::new((connection, channel)),
+                reopening: Mutex::new(()),
+            }),
         })
     }
 
-    /// Moves publishing to a new connection (after a reconnect).
-    pub async fn replace(&self, connection: Arc<Connection>) -> Result<(), lapin::Error> {
-        let channel = confirm_channel(&connection).await?;
-        *self.slot.write().await = (connection, channel);
-        Ok(())
-    }
-
-    async fn channel(&self) -> Result<Channel, lapin::Error> {
-        let current = self.slot.read().await.1.clone();
+    /// The channel, reopened (on a new connection if the old one is gone) when it was closed.
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let current = self.inner.slot.read().await.1.clone();
         if current.status().connected() {
             return Ok(current);
         }
-        let mut slot = self.slot.write().await;
-        if !slot.1.status().connected() {
-            slot.1 = confirm_channel(&slot.0).await?;
+        let _reopening = self.inner.reopening.lock().await;
+        let (connection, channel) = self.inner.slot.read().await.clone();
+        if channel.status().connected() {
+            return Ok(channel);
         }
-        Ok(slot.1.clone())
+        let connection = if connection.status().connected() {
+            connection
+        } else {
+            let settings = &self.inner.settings;
+            let fresh = super::connect(settings, &self.inner.name)
+                .await
+                .map_err(|e| PublishError::Reconnect(format!("{e:#}")))?;
+            Arc::new(fresh)
+        };
+        let channel = confirm_channel(&connection).await?;
+        *self.inner.slot.write().await = (connection, channel.clone());
+        Ok(channel)
     }
 
-    /// Publishes and waits for the broker's confirm; an unroutable or nacked message is an error.
+    /// Whether the broker has told the publishing connection it is blocked (an alarm).
+    pub async fn blocked(&self) -> bool {
+        self.inner.slot.read().await.0.status().blocked()
+    }
+
+    /// Publishes and waits for the broker's confirm, within `broker.publish_timeout_ms`; an
+    /// unroutable, nacked or unconfirmed message is an error.
     pub async fn publish(&self, message: &OutboundMessage) -> Result<(), PublishError> {
         let span = tracing::info_span!(
             "publish",
@@ -88,10 +129,11 @@ impl Publisher {
             messaging.message.id = message.message_id(),
             otel.status_code = tracing::field::Empty,
         );
-        let result = self
-            .publish_confirmed(message)
+        let confirmed = async { publish_confirmed(&self.channel().await?, message).await };
+        let result = tokio::time::timeout(self.inner.timeout, confirmed)
             .instrument(span.clone())
-            .await;
+            .await
+            .unwrap_or(Err(PublishError::TimedOut(self.inner.timeout)));
         if let Err(error) = &result {
             span.record("otel.status_code", "ERROR");
             tracing::debug!(parent: &span, %error, "publish not confirmed");
@@ -99,26 +141,32 @@ impl Publisher {
         result
     }
 
-    async fn publish_confirmed(&self, message: &OutboundMessage) -> Result<(), PublishError> {
-        publish_confirmed(&self.channel().await?, message).await
-    }
-
     /// Messages ready in a queue (a passive declare on a short-lived channel, so a missing queue
     /// cannot close the publishing channel).
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, lapin::Error> {
-        let connection = self.slot.read().await.0.clone();
+        let connection = self.inner.slot.read().await.0.clone();
         let channel = connection.create_channel().await?;
         let depth = super::queue_depth(&channel, queue).await;
         let _ = channel.close(200, "depth read".into()).await;
         depth
     }
 
-    /// Closes the channel once every publish in flight has been confirmed.
+    /// Closes the channel and the connection once every publish in flight has been confirmed,
+    /// or `broker.publish_timeout_ms` has passed (a blocked broker may never confirm).
     pub async fn close(&self) {
-        let channel = self.slot.read().await.1.clone();
-        if channel.status().connected() {
-            let _ = channel.wait_for_confirms().await;
-            let _ = channel.close(200, "worker stopping".into()).await;
+        let (connection, channel) = self.inner.slot.read().await.clone();
+        let closing = async {
+            if channel.status().connected() {
+                let _ = channel.wait_for_confirms().await;
+                let _ = channel.close(200, "worker stopping".into()).await;
+            }
+            let _ = connection.close(200, "worker stopping".into()).await;
+        };
+        if tokio::time::timeout(self.inner.timeout, closing)
+            .await
+            .is_err()
+        {
+            tracing::warn!("publishing connection not closed in time; leaving it to the broker");
         }
     }
 }

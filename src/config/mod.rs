@@ -76,6 +76,8 @@ pub struct BrokerSettings {
     pub max_message_bytes: usize,
     /// Deliveries of one message before the broker dead-letters it by itself (a message that keeps crashing workers).
     pub delivery_limit: u32,
+    /// Longest wait for the broker to confirm a publish.
+    pub publish_timeout_ms: u64,
     /// Topic exchange the invoicing system publishes commands to.
     pub command_exchange: String,
     /// Routing key of the commands (and of their dead letters).
@@ -275,6 +277,9 @@ impl Settings {
         }
         if self.broker.max_message_bytes == 0 {
             return fail("broker.max_message_bytes", "must be at least 1");
+        }
+        if self.broker.publish_timeout_ms == 0 {
+            return fail("broker.publish_timeout_ms", "must be above 0");
         }
         if self.broker.delivery_limit == 0 {
             return fail("broker.delivery_limit", "must be at least 1");

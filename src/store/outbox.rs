@@ -49,7 +49,7 @@ impl NewOutboxMessage {
 }
 
 /// A stored row.
-#[derive(Clone, Debug, Queryable, Selectable)]
+#[derive(Clone, Debug, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = super::schema::outbox)]
 pub struct OutboxRecord {
     pub id: i64,
@@ -156,21 +156,47 @@ pub async fn hand_to_relay(
     Ok(())
 }
 
-/// Locks up to `limit` due, unsent rows for this relay; other replicas' relays skip them.
-pub async fn lock_due(
+/// Claims up to `limit` due, unsent rows for this relay, in one short statement: each is made due
+/// again only after `lease`, so other replicas' relays leave it alone while this one publishes it,
+/// outside any transaction (and take it over if this one dies).
+pub async fn claim_due(
     conn: &mut diesel_async::AsyncPgConnection,
     limit: i64,
+    lease: Duration,
 ) -> Result<Vec<OutboxRecord>, StoreError> {
-    Ok(o::outbox
-        .filter(o::sent_at.is_null())
-        .filter(o::next_attempt_at.le(diesel::dsl::now))
-        .order(o::id)
-        .limit(limit)
-        .for_update()
-        .skip_locked()
-        .select(OutboxRecord::as_select())
-        .load(conn)
-        .await?)
+    Ok(diesel::sql_query(
+        "UPDATE outbox SET next_attempt_at = now() + $2 * interval '1 millisecond' \
+         WHERE id IN (SELECT id FROM outbox WHERE sent_at IS NULL AND next_attempt_at <= now() \
+                      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         RETURNING *",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .bind::<diesel::sql_types::BigInt, _>(lease.as_millis() as i64)
+    .load::<OutboxRecord>(conn)
+    .await
+    .map(|mut rows| {
+        rows.sort_by_key(|r| r.id);
+        rows
+    })?)
+}
+
+/// Makes claimed rows this relay will not publish now due again at once.
+pub async fn release(
+    conn: &mut diesel_async::AsyncPgConnection,
+    ids: &[i64],
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    diesel::update(
+        o::outbox
+            .filter(o::id.eq_any(ids))
+            .filter(o::sent_at.is_null()),
+    )
+    .set(o::next_attempt_at.eq(diesel::dsl::now))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// How many rows wait to be published.

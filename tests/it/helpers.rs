@@ -221,9 +221,6 @@ impl TestEnv {
     /// The context a worker with this test's settings would build, without a consumer: to drive
     /// the pipeline directly. Declares the delay queues its settings name (removed on drop).
     pub async fn context(&self) -> payment_link_worker::startup::Context {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ is reachable");
         let tiers = &self.settings.retry.delay_tiers_ms;
         payment_link_worker::broker::topology::declare_delay_queues(
             &self.channel,
@@ -236,7 +233,6 @@ impl TestEnv {
         payment_link_worker::startup::Context::new(
             self.settings.clone(),
             self.pool.clone(),
-            std::sync::Arc::new(connection),
             metrics.metrics.clone(),
             format!("plw-direct-{}", self.id),
         )
