@@ -129,6 +129,18 @@ impl ChildWorker {
         Self(command.spawn().expect("worker binary starts"))
     }
 
+    /// SIGTERM, then waits for the process to exit by itself within `limit`; says how it ended.
+    async fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        eventually("the worker to exit after SIGTERM", limit, || {
+            let exited = self.0.try_wait().unwrap();
+            async move { exited }
+        })
+        .await
+    }
+
     /// SIGKILL: no shutdown, no cleanup.
     fn kill(mut self) {
         self.0.kill().expect("kill");
@@ -591,4 +603,110 @@ async fn bad_commands_in_a_load_are_dead_lettered_and_hold_nothing_up() {
     }
     assert_clean_end(&env, &ids, &sim_url).await;
     worker.stop().await.expect("the worker never stopped");
+}
+
+/// A broker memory alarm for everyone (RabbitMQ blocks every publishing connection), cleared
+/// when dropped, so a failing test never leaves the broker blocked. The test that uses it runs
+/// alone (see `.config/nextest.toml`).
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    fn raise() -> Self {
+        rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"]);
+        MemoryAlarm
+    }
+}
+
+impl Drop for MemoryAlarm {
+    /// Restores the default watermark, then waits (bounded) until the broker has cleared the
+    /// alarm, so the tests that run next find publishing open.
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4", "-q"])
+            .status();
+        for _ in 0..100 {
+            let alarms = Command::new("rabbitmqctl")
+                .args(["-q", "eval", "rabbit_alarm:get_alarms()."])
+                .output();
+            if alarms.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "[]") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("the broker still reports an alarm 10 s after the watermark was restored");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_alarm_blocks_publishing_but_loses_nothing_and_wedges_nothing() {
+    // A slow provider keeps commands in flight (32 at a time, 150 ms each) while the alarm is on.
+    let (sim_url, _sim) = start_simulator(sim(150, 0.0, 0.0)).await;
+    let env = TestEnv::with(&sim_url, &[("BROKER__PUBLISH_TIMEOUT_MS", "1000")]).await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    let readyz = format!("http://{}/readyz", worker.http_addr().unwrap());
+    // Every command is published before the alarm: while it lasts, nobody can publish.
+    let ids = send_load(&env, "alarm", 1500, "4.00").await;
+    eventually("some commands done", LOAD_WAIT, || async {
+        (succeeded(&env).await >= 20).then_some(())
+    })
+    .await;
+
+    let alarm = MemoryAlarm::raise();
+    let blocked = eventually("readiness to report the blocked broker", WAIT, || async {
+        let answer = reqwest::get(&readyz).await.ok()?;
+        let body = answer.text().await.ok()?;
+        body.contains("blocked").then_some(body)
+    })
+    .await;
+    assert!(blocked.contains("\"ready\":false"), "{blocked}");
+    // The consumer's connection is not the publisher's: acks still flow, so commands keep
+    // being taken (their events wait in the outbox).
+    let during = succeeded(&env).await;
+    eventually(
+        "commands to go on being recorded during the alarm",
+        WAIT,
+        || async { (succeeded(&env).await > during).then_some(()) },
+    )
+    .await;
+    drop(alarm);
+
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    worker
+        .stop()
+        .await
+        .expect("the worker, never restarted, stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_alarm_then_sigterm_exits_in_bounded_time_and_a_restart_loses_nothing() {
+    let (sim_url, _sim) = start_simulator(sim(150, 0.0, 0.0)).await;
+    let env = TestEnv::with(
+        &sim_url,
+        &[
+            ("BROKER__PUBLISH_TIMEOUT_MS", "1000"),
+            ("WORKER__SHUTDOWN_GRACE_MS", "2000"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let ids = send_load(&env, "alarm-term", 300, "4.50").await;
+    let child = ChildWorker::start(&env);
+    eventually("some commands done", LOAD_WAIT, || async {
+        (succeeded(&env).await >= 20).then_some(())
+    })
+    .await;
+    let alarm = MemoryAlarm::raise();
+    // The stop must end while the broker still blocks publishers: the grace period (2 s), then
+    // each bounded step; 30 s is far beyond their sum, and far below "forever".
+    let status = child.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "clean exit during the alarm: {status}");
+    drop(alarm);
+
+    let _worker = env.start_worker().await;
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 }
