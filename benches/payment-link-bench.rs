@@ -230,11 +230,14 @@ impl CpuSplit {
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return split;
         };
+        // This process is the benchmark whatever Cargo named its executable.
+        let own_pid = std::process::id().to_string();
         for entry in dir.flatten() {
             let name = entry.file_name();
             if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
+            let own = name.to_string_lossy() == own_pid;
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
@@ -251,6 +254,7 @@ impl CpuSplit {
             };
             let seconds = (ticks(11) + ticks(12)) / 100.0;
             let slot = match comm {
+                _ if own => &mut split.bench,
                 "beam.smp" | "erl_child_setup" | "inet_gethost" | "epmd" => &mut split.broker,
                 "postgres" => &mut split.database,
                 c if c.starts_with("payment-link-wo") => &mut split.worker,
