@@ -34,11 +34,14 @@ pub struct SimOptions {
 struct SimState {
     options: Option<SimOptions>,
     requests: AtomicU64,
+    /// Requests per `Idempotency-Key`, to tell a repeated call from a repeated link.
+    per_key: Mutex<HashMap<String, u64>>,
     next_id: AtomicI64,
     links: Mutex<HashMap<String, (String, String)>>,
 }
 
-/// The simulator's routes: the provider endpoint and `GET /_sim/stats` (request and link counts).
+/// The simulator's routes: the provider endpoint and `GET /_sim/stats` (request and link counts,
+/// and how often one `Idempotency-Key` was called).
 pub fn router(options: SimOptions) -> Router {
     let state = Arc::new(SimState {
         options: Some(options),
@@ -72,12 +75,15 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 async fn stats(State(state): State<Arc<SimState>>) -> Response {
     let links = state.links.lock().await.len();
+    let per_key = state.per_key.lock().await;
     json(
         StatusCode::OK,
         serde_json::json!({
             "requests": state.requests.load(Ordering::SeqCst),
             "links": state.next_id.load(Ordering::SeqCst) - 1,
             "idempotencyKeys": links,
+            "maxRequestsPerKey": per_key.values().max().copied().unwrap_or(0),
+            "repeatedKeys": per_key.values().filter(|n| **n > 1).count(),
         })
         .to_string(),
     )
@@ -111,6 +117,14 @@ async fn create_link(
 ) -> Response {
     let options = state.options.as_ref().expect("router sets options");
     state.requests.fetch_add(1, Ordering::SeqCst);
+    if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        *state
+            .per_key
+            .lock()
+            .await
+            .entry(key.to_owned())
+            .or_default() += 1;
+    }
     if !options.latency.is_zero() {
         tokio::time::sleep(options.latency).await;
     }

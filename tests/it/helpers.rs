@@ -490,18 +490,33 @@ pub async fn start_simulator(
     (url, stop)
 }
 
-/// The simulator's counters: requests received and links made.
-pub async fn simulator_stats(url: &str) -> (u64, u64) {
+/// Everything the simulator counts (`GET /_sim/stats`).
+async fn simulator_counters(url: &str) -> serde_json::Value {
     let text = reqwest::get(format!("{url}/_sim/stats"))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The simulator's counters: requests received and links made.
+pub async fn simulator_stats(url: &str) -> (u64, u64) {
+    let stats = simulator_counters(url).await;
     (
         stats["requests"].as_u64().unwrap(),
         stats["links"].as_u64().unwrap(),
+    )
+}
+
+/// The simulator's repeat counters: the most requests one `Idempotency-Key` got, and how many
+/// keys got more than one.
+pub async fn simulator_repeats(url: &str) -> (u64, u64) {
+    let stats = simulator_counters(url).await;
+    (
+        stats["maxRequestsPerKey"].as_u64().unwrap(),
+        stats["repeatedKeys"].as_u64().unwrap(),
     )
 }
 

@@ -87,8 +87,20 @@ async fn created_events_for(
     seen
 }
 
-/// Checks that every command ended with exactly one link and nothing is left behind.
-async fn assert_clean_end(env: &TestEnv, ids: &[String], sim_url: &str) {
+/// Which repeated provider requests (for one `Idempotency-Key`) a test allows, and why.
+enum Repeats {
+    /// None: nothing in the test may make a second call for a command.
+    None,
+    /// A call cut short by SIGKILL is made again once its lease runs out: at most one more per
+    /// kill for a command, and at most `in_flight` commands per kill.
+    AfterKills { kills: u64, in_flight: u64 },
+    /// Transient failures (503, timeouts) are retried by design; only links are bounded.
+    Retries,
+}
+
+/// Checks that every command ended with exactly one link, that the provider was called no more
+/// often per command than `repeats` allows, and that nothing is left behind.
+async fn assert_clean_end(env: &TestEnv, ids: &[String], sim_url: &str, repeats: Repeats) {
     let mut links = HashSet::new();
     for id in ids {
         let record = env
@@ -107,6 +119,24 @@ async fn assert_clean_end(env: &TestEnv, ids: &[String], sim_url: &str) {
         ids.len(),
         "the provider made exactly one link per command"
     );
+    let (most, repeated) = simulator_repeats(sim_url).await;
+    match repeats {
+        Repeats::None => assert_eq!(
+            most, 1,
+            "one provider request per command ({repeated} commands were called again)"
+        ),
+        Repeats::AfterKills { kills, in_flight } => {
+            assert!(
+                most <= 1 + kills,
+                "a command was called {most} times; only a call cut short by each of {kills} kills may repeat"
+            );
+            assert!(
+                repeated <= kills * in_flight,
+                "{repeated} commands called again; at most {in_flight} were in flight at each of {kills} kills"
+            );
+        }
+        Repeats::Retries => {}
+    }
     eventually("the command queue to be empty", WAIT, || async {
         (env.queue_depth(&env.command_queue()).await == 0).then_some(())
     })
@@ -178,9 +208,18 @@ async fn sigkill_in_the_middle_of_a_load_loses_nothing_and_links_nothing_twice()
         worker.kill();
     }
     let _last = ChildWorker::start(&env);
-    let seen = created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert!(seen.values().all(|n| *n >= 1));
-    assert_clean_end(&env, &ids, &sim_url).await;
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+    let in_flight = u64::from(env.settings.broker.prefetch);
+    assert_clean_end(
+        &env,
+        &ids,
+        &sim_url,
+        Repeats::AfterKills {
+            kills: 3,
+            in_flight,
+        },
+    )
+    .await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 }
 
@@ -240,7 +279,7 @@ async fn connections_closed_by_the_broker_are_reopened_without_a_restart() {
         ]);
     }
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     worker
         .stop()
@@ -372,7 +411,7 @@ async fn a_network_cut_to_the_broker_is_ridden_out() {
     .await;
     proxy.restore();
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     worker
         .stop()
@@ -420,7 +459,7 @@ async fn a_database_outage_delays_commands_but_fails_none() {
     proxy.restore();
 
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     worker.stop().await.expect("the worker rode out the outage");
 }
@@ -470,7 +509,7 @@ async fn a_database_that_hangs_holds_commands_no_longer_than_its_timeouts() {
     proxy.unstall();
 
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     worker.stop().await.expect("the worker rode out the hang");
 }
@@ -543,7 +582,7 @@ async fn a_slow_flaky_provider_still_gives_every_command_exactly_one_link() {
     let _worker = env.start_worker().await;
     let ids = send_load(&env, "flaky", 200, "42.4242").await;
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::Retries).await;
     let (requests, _) = simulator_stats(&sim_url).await;
     assert!(
         requests as usize > ids.len(),
@@ -601,7 +640,7 @@ async fn bad_commands_in_a_load_are_dead_lettered_and_hold_nothing_up() {
         let message = letter.header("x-error-message").unwrap();
         assert!(message.contains(case.reason), "{}: {message}", case.name);
     }
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     worker.stop().await.expect("the worker never stopped");
 }
 
@@ -672,7 +711,7 @@ async fn broker_alarm_blocks_publishing_but_loses_nothing_and_wedges_nothing() {
     drop(alarm);
 
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     worker
         .stop()
@@ -707,6 +746,6 @@ async fn broker_alarm_then_sigterm_exits_in_bounded_time_and_a_restart_loses_not
 
     let _worker = env.start_worker().await;
     created_events_for(&env, &events, &ids, LOAD_WAIT).await;
-    assert_clean_end(&env, &ids, &sim_url).await;
+    assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 }
