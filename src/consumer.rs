@@ -263,9 +263,11 @@ async fn panicked(context: &Context, original: &Original<'_>, delivery_tag: u64)
         delivery_tag,
         "processing panicked; the message goes back to the queue (its delivery limit applies)"
     );
-    if let Ok(mut conn) = context.pool.get().await {
-        let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
-    }
+    let release = async {
+        let mut conn = context.pool.get().await?;
+        commands::release(&mut conn, command_id, &context.instance_id, None, 0, None).await
+    };
+    let _ = crate::store::bounded(&context.pool, release).await;
     let returns = headers::read_int(original.properties, headers::DELIVERY_COUNT).unwrap_or(0);
     if !last_delivery(returns, context.settings.broker.delivery_limit) {
         return Disposition::Reject;

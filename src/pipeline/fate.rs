@@ -42,6 +42,8 @@ pub enum Fate {
 pub struct Delay {
     /// The command.
     pub command_id: String,
+    /// The token of the claim that gives the command back.
+    pub lease_token: String,
     /// The command again, addressed to its delay queue.
     pub message: OutboundMessage,
     /// The round it enters.
@@ -164,6 +166,7 @@ async fn park(context: &Context, delay: &Delay) -> Result<Disposition, Halt> {
         &mut conn,
         &delay.command_id,
         &context.instance_id,
+        Some(&delay.lease_token),
         delay.round_attempts,
         Some(&delay.last_error)
     ))?;

@@ -151,8 +151,8 @@ async fn decide(
     envelope: &Envelope,
 ) -> Result<Fate, Halt> {
     loop {
-        let earlier_attempts = match claim(context, envelope).await? {
-            Claim::Acquired { attempts } => attempts,
+        let (earlier_attempts, token) = match claim(context, envelope).await? {
+            Claim::Acquired { attempts, token } => (attempts, token),
             Claim::Finished(record) => return recorded_fate(context, &record).await,
             Claim::Busy => {
                 tracing::debug!("another worker holds this command; waiting for its outcome");
@@ -162,8 +162,12 @@ async fn decide(
             }
             Claim::Conflict => return Ok(Fate::DeadLetter(conflict(envelope))),
         };
-        let call = call(context, original, envelope).await?;
-        match record::record(context, original, envelope, earlier_attempts, call).await? {
+        let call = call(context, original, envelope, &token).await?;
+        let held = record::Held {
+            token,
+            earlier_attempts,
+        };
+        match record::record(context, original, envelope, held, call).await? {
             Some(fate) => return Ok(fate),
             None => tracing::warn!(
                 "this worker's lease ran out and another worker took the command over"
@@ -179,7 +183,7 @@ async fn claim(context: &Context, envelope: &Envelope) -> Result<Claim, Halt> {
         "claim the command",
         claims::claim(&context.pool, &context.claims, envelope)
     )?;
-    if let Claim::Acquired { attempts } = claim {
+    if let Claim::Acquired { attempts, .. } = &claim {
         tracing::debug!(earlier_attempts = attempts, "command claimed");
     }
     Ok(claim)
@@ -196,23 +200,48 @@ fn conflict(envelope: &Envelope) -> Failure {
     )
 }
 
-/// Step 4: the provider call with its retries; at the end of the grace period the lease is
-/// given back and the command returned to the queue.
+/// Step 4: the provider call with its retries, the claim's lease renewed all the while (a slow
+/// provider or an open circuit never lets another worker take the command over); at the end of
+/// the grace period the lease is given back and the command returned to the queue.
 async fn call(
     context: &Context,
     original: &Original<'_>,
     envelope: &Envelope,
+    token: &str,
 ) -> Result<CallResult, Halt> {
     let command_id = envelope.command_id.as_str();
     let carried = crate::telemetry::carried(original.properties.headers().as_ref());
     let provider = &context.provider;
     tokio::select! {
         call = provider.create_link(command_id, &envelope.request_json, &carried, &context.metrics) => Ok(call),
+        never = keep_lease(context, command_id, token) => match never {},
         _ = context.abandon.cancelled() => {
-            if let Ok(mut conn) = context.pool.get().await {
-                let _ = commands::release(&mut conn, command_id, &context.instance_id, 0, None).await;
-            }
+            let owner = &context.instance_id;
+            let release = async {
+                let mut conn = context.pool.get().await?;
+                commands::release(&mut conn, command_id, owner, Some(token), 0, None).await
+            };
+            let _ = crate::store::bounded(&context.pool, release).await;
             Err(Halt::Abandoned)
+        }
+    }
+}
+
+/// Renews the claim's lease every third of its length, for as long as it is polled.
+async fn keep_lease(context: &Context, command_id: &str, token: &str) -> std::convert::Infallible {
+    let lease = context.settings.lease();
+    let mut every = tokio::time::interval(lease / 3);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let renew = async {
+            let mut conn = context.pool.get().await?;
+            commands::renew(&mut conn, command_id, token, lease).await
+        };
+        match crate::store::bounded(&context.pool, renew).await {
+            Ok(true) => tracing::debug!("lease renewed"),
+            Ok(false) => tracing::warn!("the lease was lost while the provider call ran"),
+            Err(error) => tracing::warn!(%error, "cannot renew the lease; will try again"),
         }
     }
 }

@@ -13,18 +13,27 @@ use crate::store::outcomes::{KeptEvent, Outcome, OutcomeRequest, Success};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
-/// The fate the call's result leads to, once what must be durable is; `None` when this worker's
-/// lease ran out and another worker took the command over.
+/// The claim a call was made under.
+pub(super) struct Held {
+    /// The claim's token.
+    pub token: String,
+    /// Provider calls made for the command before this claim.
+    pub earlier_attempts: i32,
+}
+
+/// The fate the call's result leads to, once what must be durable is; `None` when this claim
+/// no longer holds the command (another worker took it over).
 pub(super) async fn record(
     context: &Context,
     original: &Original<'_>,
     envelope: &Envelope,
-    earlier_attempts: i32,
+    held: Held,
     call: CallResult,
 ) -> Result<Option<Fate>, Halt> {
-    let attempts = earlier_attempts + call.attempts;
+    let attempts = held.earlier_attempts + call.attempts;
+    let token = held.token;
     match call.outcome {
-        Ok(link) => record_link(context, original, envelope, attempts, link).await,
+        Ok(link) => record_link(context, original, envelope, (attempts, token), link).await,
         Err((ErrorKind::RetriesExhausted, error))
             if envelope.delay_round < context.settings.retry.delay_tiers_ms.len() =>
         {
@@ -32,13 +41,13 @@ pub(super) async fn record(
                 context,
                 original,
                 envelope,
-                attempts,
+                (attempts, token),
                 call.attempts,
                 error.message,
             )))
         }
         Err((kind, error)) => {
-            record_failure(context, original, envelope, attempts, kind, error).await
+            record_failure(context, original, envelope, (attempts, token), kind, error).await
         }
     }
 }
@@ -54,7 +63,7 @@ async fn record_link(
     context: &Context,
     original: &Original<'_>,
     envelope: &Envelope,
-    attempts: i32,
+    (attempts, lease_token): (i32, String),
     link: LinkCreated,
 ) -> Result<Option<Fate>, Halt> {
     let trace = crate::telemetry::outgoing(&crate::telemetry::carried(
@@ -63,6 +72,7 @@ async fn record_link(
     let event = messages::created_event(&context.events, envelope, &link.body, Utc::now(), &trace);
     let request = OutcomeRequest {
         command_id: envelope.command_id.as_str().to_owned(),
+        lease_token,
         outcome: Outcome::Succeeded(Success {
             attempts,
             link_id: link.link_id,
@@ -99,7 +109,7 @@ async fn record_failure(
     context: &Context,
     original: &Original<'_>,
     envelope: &Envelope,
-    attempts: i32,
+    (attempts, lease_token): (i32, String),
     kind: ErrorKind,
     error: ProviderError,
 ) -> Result<Option<Fate>, Halt> {
@@ -130,6 +140,7 @@ async fn record_failure(
     let grace = Duration::from_millis(context.settings.outbox.inline_grace_ms);
     let request = OutcomeRequest {
         command_id: command_id.to_owned(),
+        lease_token,
         messages: outgoing
             .iter()
             .map(|(row_kind, message)| NewOutboxMessage::new(command_id, row_kind, message, grace))
@@ -161,7 +172,7 @@ fn delay(
     context: &Context,
     original: &Original<'_>,
     envelope: &Envelope,
-    attempts: i32,
+    (attempts, lease_token): (i32, String),
     round_attempts: i32,
     last_error: String,
 ) -> Fate {
@@ -170,6 +181,7 @@ fn delay(
     let queue = topology::delay_queue(&context.settings.broker, delay_ms);
     Fate::Delay(Delay {
         command_id: envelope.command_id.as_str().to_owned(),
+        lease_token,
         message: messages::delayed(&queue, original, round + 1, attempts, &last_error),
         round: round + 1,
         delay_ms,

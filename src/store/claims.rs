@@ -19,6 +19,8 @@ pub enum Claim {
     Acquired {
         /// Provider calls made for the command before this claim.
         attempts: i32,
+        /// This claim's token: the outcome, a renewal or a release must present it.
+        token: String,
     },
     /// The command already has an outcome; publish its event again, do not call the provider.
     Finished(Box<CommandRecord>),
@@ -34,6 +36,8 @@ struct Claimed {
     command_id: String,
     #[diesel(sql_type = Integer)]
     attempts: i32,
+    #[diesel(sql_type = Text)]
+    lease_token: String,
 }
 
 /// The claim writer: claims for `owner`, with a lease of `lease`.
@@ -54,8 +58,8 @@ impl ClaimWriter {
 
 impl Write for ClaimWriter {
     type Request = Envelope;
-    /// `Some(attempts made before)` when this worker now holds the command.
-    type Reply = Option<i32>;
+    /// `Some((attempts made before, the claim's token))` when this worker now holds the command.
+    type Reply = Option<(i32, String)>;
     const NAME: &'static str = "claim writer";
     const MAX_BATCH: usize = 512;
 
@@ -67,7 +71,7 @@ impl Write for ClaimWriter {
         &self,
         conn: &mut PgConn,
         requests: &[Envelope],
-    ) -> Result<Vec<Option<i32>>, StoreError> {
+    ) -> Result<Vec<Option<(i32, String)>>, StoreError> {
         let mut seen = std::collections::HashSet::new();
         let first: Vec<bool> = requests
             .iter()
@@ -106,6 +110,7 @@ struct ClaimColumns {
     customers: Vec<Option<i64>>,
     correlations: Vec<String>,
     replays: Vec<i32>,
+    tokens: Vec<String>,
 }
 
 impl<'a, I: Iterator<Item = &'a Envelope>> From<I> for ClaimColumns {
@@ -125,6 +130,7 @@ impl<'a, I: Iterator<Item = &'a Envelope>> From<I> for ClaimColumns {
             c.customers.push(cmd.customer_id);
             c.correlations.push(e.correlation_id.clone());
             c.replays.push(e.replay_count);
+            c.tokens.push(uuid::Uuid::new_v4().simple().to_string());
         }
         c
     }
@@ -136,25 +142,28 @@ async fn insert_or_take_over(
     c: ClaimColumns,
     owner: &str,
     lease: Duration,
-) -> Result<std::collections::HashMap<String, i32>, StoreError> {
+) -> Result<std::collections::HashMap<String, (i32, String)>, StoreError> {
     let claimed: Vec<Claimed> = diesel::sql_query(
         "INSERT INTO payment_link_commands AS c (command_id, canonical_request, payment_provider_id, \
              amount_in_major_currency, description, email_address, invoice_id, adhoc_invoice_id, \
-             customer_id, correlation_id, status, replay_count, lease_owner, lease_expires_at) \
+             customer_id, correlation_id, status, replay_count, lease_owner, lease_expires_at, \
+             lease_token) \
          SELECT u.command_id, u.canonical_request, u.payment_provider_id, u.amount, u.description, \
              u.email_address, u.invoice_id, u.adhoc_invoice_id, u.customer_id, u.correlation_id, \
-             'processing', u.replay_count, $12, now() + $13 * interval '1 millisecond' \
+             'processing', u.replay_count, $12, now() + $13 * interval '1 millisecond', u.token \
          FROM unnest($1::text[], $2::text[], $3::int8[], $4::numeric[], $5::text[], $6::text[], \
-             $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::int4[]) \
+             $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::int4[], $14::text[]) \
              AS u(command_id, canonical_request, payment_provider_id, amount, description, \
-                  email_address, invoice_id, adhoc_invoice_id, customer_id, correlation_id, replay_count) \
+                  email_address, invoice_id, adhoc_invoice_id, customer_id, correlation_id, replay_count, \
+                  token) \
          ON CONFLICT (command_id) DO UPDATE SET status = 'processing', \
              lease_owner = EXCLUDED.lease_owner, lease_expires_at = EXCLUDED.lease_expires_at, \
+             lease_token = EXCLUDED.lease_token, \
              replay_count = GREATEST(c.replay_count, EXCLUDED.replay_count), updated_at = now() \
          WHERE c.canonical_request = EXCLUDED.canonical_request AND ( \
              (c.status = 'processing' AND c.lease_expires_at < now()) \
              OR (c.status = 'failed' AND EXCLUDED.replay_count > c.replay_count)) \
-         RETURNING c.command_id, c.attempts",
+         RETURNING c.command_id, c.attempts, c.lease_token",
     )
     .bind::<Array<Text>, _>(c.ids)
     .bind::<Array<Text>, _>(c.canonical)
@@ -169,11 +178,12 @@ async fn insert_or_take_over(
     .bind::<Array<Integer>, _>(c.replays)
     .bind::<Text, _>(owner)
     .bind::<BigInt, _>(lease.as_millis() as i64)
+    .bind::<Array<Text>, _>(c.tokens)
     .load(conn)
     .await?;
     Ok(claimed
         .into_iter()
-        .map(|c| (c.command_id, c.attempts))
+        .map(|c| (c.command_id, (c.attempts, c.lease_token)))
         .collect())
 }
 
@@ -186,8 +196,8 @@ pub async fn claim(
     envelope: &Envelope,
 ) -> Result<Claim, StoreError> {
     // No connection is held while waiting for the writer, which needs one from the same pool.
-    if let Some(attempts) = claims.submit(envelope.clone()).await? {
-        return Ok(Claim::Acquired { attempts });
+    if let Some((attempts, token)) = claims.submit(envelope.clone()).await? {
+        return Ok(Claim::Acquired { attempts, token });
     }
     let conn = &mut pool.get().await?;
     let Some(existing) = find(conn, envelope.command_id.as_str()).await? else {

@@ -37,6 +37,7 @@ pub struct CommandRecord {
     pub replay_count: i32,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    pub lease_token: Option<String>,
     pub link_id: Option<i64>,
     pub payment_link: Option<String>,
     pub provider_response: Option<String>,
@@ -105,26 +106,55 @@ pub async fn recorded_event(
         .map(|row| row.message()))
 }
 
-/// Gives a command back (shutdown, or a wait in a delay queue), adding the provider calls made
-/// and the last error seen, so the attempt history stays on the row.
+/// Gives a command back (shutdown, a wait in a delay queue, a panic), adding the provider calls
+/// made and the last error seen, so the attempt history stays on the row. Only the claim holding
+/// `token` gives it back; without a token (a panic, whose claim is unknown), any claim of `owner`.
 pub async fn release(
     conn: &mut PgConn,
     command_id: &str,
     owner: &str,
+    token: Option<&str>,
     attempts: i32,
     last_error: Option<&str>,
 ) -> Result<(), StoreError> {
-    diesel::update(held_by(command_id, owner))
-        .set((
-            c::attempts.eq(c::attempts + attempts),
-            c::error_message.eq(last_error),
-            c::lease_owner.eq(None::<String>),
-            c::lease_expires_at.eq(diesel::dsl::now),
-            c::updated_at.eq(diesel::dsl::now),
-        ))
-        .execute(conn)
-        .await?;
+    use diesel::sql_types::{Integer, Nullable, Text};
+    diesel::sql_query(
+        "UPDATE payment_link_commands SET attempts = attempts + $4, error_message = $5, \
+             lease_owner = NULL, lease_token = NULL, lease_expires_at = now(), updated_at = now() \
+         WHERE command_id = $1 AND lease_owner = $2 AND status = 'processing' \
+             AND ($3::text IS NULL OR lease_token = $3)",
+    )
+    .bind::<Text, _>(command_id)
+    .bind::<Text, _>(owner)
+    .bind::<Nullable<Text>, _>(token)
+    .bind::<Integer, _>(attempts)
+    .bind::<Nullable<Text>, _>(last_error)
+    .execute(conn)
+    .await?;
     Ok(())
+}
+
+/// Renews the lease of the claim holding `token` for another `lease`: a command whose provider
+/// call is still under way (slow, waiting on the breaker) is never taken over by another worker.
+/// `false` when that claim no longer holds the command.
+pub async fn renew(
+    conn: &mut PgConn,
+    command_id: &str,
+    token: &str,
+    lease: Duration,
+) -> Result<bool, StoreError> {
+    use diesel::sql_types::{BigInt, Text};
+    let renewed = diesel::sql_query(
+        "UPDATE payment_link_commands \
+         SET lease_expires_at = now() + $3 * interval '1 millisecond' \
+         WHERE command_id = $1 AND lease_token = $2 AND status = 'processing'",
+    )
+    .bind::<Text, _>(command_id)
+    .bind::<Text, _>(token)
+    .bind::<BigInt, _>(lease.as_millis() as i64)
+    .execute(conn)
+    .await?;
+    Ok(renewed == 1)
 }
 
 /// How long the oldest command still being processed has been (zero when none is).
@@ -148,24 +178,9 @@ pub async fn release_all(conn: &mut PgConn, owner: &str) -> Result<usize, StoreE
     )
     .set((
         c::lease_owner.eq(None::<String>),
+        c::lease_token.eq(None::<String>),
         c::lease_expires_at.eq(diesel::dsl::now),
     ))
     .execute(conn)
     .await?)
-}
-
-type HeldBy<'a> = diesel::dsl::Filter<
-    diesel::dsl::Filter<
-        diesel::dsl::Filter<c::payment_link_commands, diesel::dsl::Eq<c::command_id, &'a str>>,
-        diesel::dsl::Eq<c::lease_owner, &'a str>,
-    >,
-    diesel::dsl::Eq<c::status, &'static str>,
->;
-
-/// The command's row, only while `owner` holds it.
-fn held_by<'a>(command_id: &'a str, owner: &'a str) -> HeldBy<'a> {
-    c::payment_link_commands
-        .filter(c::command_id.eq(command_id))
-        .filter(c::lease_owner.eq(owner))
-        .filter(c::status.eq(PROCESSING))
 }

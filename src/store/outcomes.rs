@@ -86,6 +86,8 @@ struct Inserted {
 pub struct OutcomeRequest {
     /// The command.
     pub command_id: String,
+    /// The token of the claim the outcome belongs to: only that claim may record it.
+    pub lease_token: String,
     /// What became of it.
     pub outcome: Outcome,
     /// The failed event and dead letter of a failure (empty for a success).
@@ -171,6 +173,7 @@ async fn record_batch(
     conn.transaction::<_, StoreError, _>(async move |conn| {
         let (mut ok_ids, mut ok_attempts, mut ok_link_ids, mut ok_links, mut ok_bodies) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ok_tokens, mut bad_tokens) = (Vec::new(), Vec::new());
         let (mut ev_exchanges, mut ev_keys, mut ev_properties) = (Vec::new(), Vec::new(), Vec::new());
         let (mut bad_ids, mut bad_attempts, mut bad_kinds, mut bad_messages, mut bad_statuses, mut bad_bodies) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -180,6 +183,7 @@ async fn record_batch(
             match &request.outcome {
                 Outcome::Succeeded(s) => {
                     ok_ids.push(request.command_id.clone());
+                    ok_tokens.push(request.lease_token.clone());
                     ok_attempts.push(s.attempts);
                     ok_link_ids.push(s.link_id);
                     ok_links.push(s.payment_link.clone());
@@ -190,6 +194,7 @@ async fn record_batch(
                 }
                 Outcome::Failed(f) => {
                     bad_ids.push(request.command_id.clone());
+                    bad_tokens.push(request.lease_token.clone());
                     bad_attempts.push(f.attempts);
                     bad_kinds.push(f.kind.as_str().to_owned());
                     bad_messages.push(f.message.clone());
@@ -211,12 +216,14 @@ async fn record_batch(
                          event_exchange = u.ev_exchange, event_routing_key = u.ev_key, \
                          event_properties = u.ev_properties, \
                          error_kind = NULL, error_message = NULL, http_status = NULL, error_body = NULL, \
-                         lease_owner = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() \
+                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, completed_at = now(), \
+                         updated_at = now() \
                      FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[], \
-                             $6::text[], $7::text[], $8::jsonb[]) \
+                             $6::text[], $7::text[], $8::jsonb[], $10::text[]) \
                          AS u(command_id, attempts, link_id, payment_link, response, \
-                             ev_exchange, ev_key, ev_properties) \
+                             ev_exchange, ev_key, ev_properties, token) \
                      WHERE c.command_id = u.command_id AND c.lease_owner = $9 AND c.status = 'processing' \
+                         AND c.lease_token = u.token \
                      RETURNING c.command_id, c.created_at",
                 )
                 .bind::<Array<Text>, _>(ok_ids)
@@ -228,6 +235,7 @@ async fn record_batch(
                 .bind::<Array<Text>, _>(ev_keys)
                 .bind::<Array<Jsonb>, _>(ev_properties)
                 .bind::<Text, _>(owner)
+                .bind::<Array<Text>, _>(ok_tokens)
                 .load::<Updated>(conn)
                 .await?,
             );
@@ -237,10 +245,13 @@ async fn record_batch(
                 diesel::sql_query(
                     "UPDATE payment_link_commands AS c SET status = 'failed', attempts = u.attempts, \
                          error_kind = u.kind, error_message = u.message, http_status = u.status, error_body = u.body, \
-                         lease_owner = NULL, lease_expires_at = NULL, completed_at = now(), updated_at = now() \
-                     FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[]) \
-                         AS u(command_id, attempts, kind, message, status, body) \
+                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, completed_at = now(), \
+                         updated_at = now() \
+                     FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[], \
+                             $8::text[]) \
+                         AS u(command_id, attempts, kind, message, status, body, token) \
                      WHERE c.command_id = u.command_id AND c.lease_owner = $7 AND c.status = 'processing' \
+                         AND c.lease_token = u.token \
                      RETURNING c.command_id, c.created_at",
                 )
                 .bind::<Array<Text>, _>(bad_ids)
@@ -250,6 +261,7 @@ async fn record_batch(
                 .bind::<Array<Nullable<Integer>>, _>(bad_statuses)
                 .bind::<Array<Nullable<Text>>, _>(bad_bodies)
                 .bind::<Text, _>(owner)
+                .bind::<Array<Text>, _>(bad_tokens)
                 .load::<Updated>(conn)
                 .await?,
             );

@@ -31,6 +31,7 @@ diesel::table! {
         event_exchange -> Nullable<Text>,
         event_routing_key -> Nullable<Text>,
         event_properties -> Nullable<Jsonb>,
+        lease_token -> Nullable<Text>,
     }
 }
 

@@ -106,10 +106,9 @@ async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on
     let claim = claims::claim(&env.pool, &claims, &envelope)
         .await
         .expect("claim");
-    assert!(
-        matches!(claim, Claim::Acquired { attempts: 0 }),
-        "{claim:?}"
-    );
+    let Claim::Acquired { attempts: 0, token } = claim else {
+        panic!("the first claim acquires the command: {claim:?}")
+    };
     let target = EventTarget::new(&env.settings);
     let event = messages::created_event(&target, &envelope, &answer, chrono::Utc::now(), &[]);
     let success = Success {
@@ -122,6 +121,7 @@ async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on
     let recorded = OutcomeWriter::start(env.pool.clone(), dead)
         .submit(OutcomeRequest {
             command_id: "cmd-crashed".into(),
+            lease_token: token,
             outcome: Outcome::Succeeded(success),
             messages: Vec::new(),
         })
@@ -144,4 +144,76 @@ async fn a_link_recorded_by_a_worker_that_died_before_publishing_is_published_on
         (env.queue_depth(&env.command_queue()).await == 0).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_waiting_past_its_lease_keeps_the_command_and_the_provider_is_asked_once() {
+    use payment_link_worker::broker::messages::{CREATED, event_id};
+    use wiremock::matchers::body_string_contains;
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("\"invoiceId\":900,"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&provider)
+        .await;
+    answer_with_link(&provider, 201, 42, "42.00", 42).await;
+    // Lease 0.3 + 0.1 + 2 × 1 + 1 = 3.4 s; the open circuit makes the call wait up to 6 s for its
+    // probe, well past the lease.
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "300"),
+            ("PROVIDER__TIMEOUT_MS", "1000"),
+            ("BREAKER__MIN_CALLS", "2"),
+            ("BREAKER__PROBE_INTERVAL_MS", "6000"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    // Replica A takes one command at a time, so the second copy below goes to replica B.
+    let mut one_at_a_time = env.settings.clone();
+    one_at_a_time.broker.prefetch = 1;
+    let a = env.start_worker_with(one_at_a_time).await;
+    env.send("blocker", &command_body("9.00", 900)).await;
+    env.next_message(&env.dead_letter_queue(), WAIT).await;
+
+    // A's circuit is open: A claims the command and waits for its probe, past the lease.
+    let body = command_body("42.00", 42);
+    env.send("slow-call", &body).await;
+    eventually("A to claim the command", WAIT, || async {
+        env.record("slow-call")
+            .await
+            .filter(|r| r.status == "processing")
+    })
+    .await;
+    let b = env.start_worker().await;
+    env.send("slow-call", &body).await;
+
+    // (The blocker's failed event comes first; it is passed over.)
+    let created = event_id(CREATED, "slow-call");
+    eventually("the command's created event", WAIT, || async {
+        env.try_get(&events)
+            .await
+            .filter(|event| event.message_id() == created)
+    })
+    .await;
+    // Both replicas finish what they hold (A's probe comes within the grace period) and stop.
+    a.stop().await.expect("A stops cleanly");
+    b.stop().await.expect("B stops cleanly");
+    assert_eq!(env.queue_depth(&env.command_queue()).await, 0);
+    let calls = provider
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r.headers
+                .get("idempotency-key")
+                .is_some_and(|v| v == "slow-call")
+        })
+        .count();
+    assert_eq!(
+        calls, 1,
+        "one request for the command: the waiting claim kept its lease, so B never took it over"
+    );
 }

@@ -110,10 +110,9 @@ async fn store_accepts(
     };
     let id = envelope.command_id.as_str().to_owned();
     let claimed = writers.0.submit(envelope.clone()).await;
-    prop_assert!(
-        matches!(claimed, Ok(Some(0))),
-        "claim of {id:?}: {claimed:?}"
-    );
+    let Ok(Some((0, lease_token))) = claimed else {
+        return Err(TestCaseError::fail(format!("claim of {id:?}: {claimed:?}")));
+    };
     let original = Original {
         exchange: "commands",
         routing_key: "create",
@@ -150,6 +149,7 @@ async fn store_accepts(
         .collect();
     let request = OutcomeRequest {
         command_id: id.clone(),
+        lease_token,
         outcome,
         messages: rows,
     };

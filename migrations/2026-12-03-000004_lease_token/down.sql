@@ -1,0 +1,1 @@
+ALTER TABLE payment_link_commands DROP COLUMN lease_token;
