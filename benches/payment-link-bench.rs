@@ -175,10 +175,13 @@ impl Run {
     /// Declares the worker's topology and a queue capturing its events; returns that queue.
     async fn declare(
         &self,
+        connection: &Connection,
         channel: &Channel,
         settings: &payment_link_worker::config::Settings,
     ) -> anyhow::Result<String> {
-        payment_link_worker::broker::topology::declare(channel, &settings.broker).await?;
+        let declared =
+            payment_link_worker::broker::topology::declare(connection, &settings.broker).await?;
+        let _ = declared.close(200, "declared".into()).await;
         let events = format!("bench.{}.events-capture", self.id);
         event_queue(channel, &settings.broker.event_exchange, &events).await?;
         Ok(events)
@@ -508,7 +511,7 @@ async fn end_to_end(
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
-        let events = run.declare(&channel, &settings).await?;
+        let events = run.declare(connection, &channel, &settings).await?;
         preload(
             &channel,
             &settings.broker.command_exchange,
@@ -596,7 +599,7 @@ async fn latency(
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
-        let events = run.declare(&channel, &settings).await?;
+        let events = run.declare(connection, &channel, &settings).await?;
         let mut child = run.start_worker()?;
         // Wait until the worker consumes (its consumer appears on the command queue).
         let started = Instant::now();

@@ -50,8 +50,7 @@ impl Session {
     /// starts consuming.
     pub async fn open(settings: &Settings, instance_id: &str) -> anyhow::Result<Self> {
         let connection = Arc::new(broker::connect(&settings.broker, instance_id).await?);
-        let channel = connection.create_channel().await?;
-        topology::declare(&channel, &settings.broker)
+        let channel = topology::declare(&connection, &settings.broker)
             .await
             .context("cannot declare the RabbitMQ topology")?;
         topology::declare_delay_queues(&channel, &settings.broker, &settings.retry.delay_tiers_ms)

@@ -3,7 +3,7 @@
 use crate::config::BrokerSettings;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
@@ -65,11 +65,23 @@ pub async fn declare_delay_queues(
     Ok(())
 }
 
-/// Declares the command, event and dead-letter exchanges and the command and dead-letter queues.
+/// How an operator gives an existing command queue the arguments it could not be redeclared with.
+const POLICY_HINT: &str = "rabbitmqctl set_policy payment-link-commands '^<command queue>$' \
+     '{\"dead-letter-strategy\":\"at-least-once\",\"overflow\":\"reject-publish\"}' \
+     --apply-to quorum_queues";
+
+/// Declares the command, event and dead-letter exchanges and the command and dead-letter queues,
+/// on a channel of `connection`; returns the channel, for the caller to go on with.
 ///
 /// The command queue dead-letters to the dead-letter exchange by itself once a message has been
-/// delivered `delivery_limit` times, so a message that crashes every worker cannot loop forever.
-pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), lapin::Error> {
+/// delivered `delivery_limit` times, so a message that crashes every worker cannot loop forever,
+/// and it does so at-least-once (with `x-overflow: reject-publish`, as RabbitMQ requires), so a
+/// message the broker dead-letters is not lost on the way. A command queue declared by an older
+/// version without those two arguments cannot be redeclared with them (RabbitMQ refuses other
+/// arguments for an existing queue): it is used as it is, with a warning that says how to give
+/// it the same behaviour through a policy.
+pub async fn declare(connection: &Connection, s: &BrokerSettings) -> Result<Channel, lapin::Error> {
+    let mut channel = connection.create_channel().await?;
     for exchange in [
         &s.command_exchange,
         &s.event_exchange,
@@ -91,18 +103,40 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), lapin:
     let mut command_args = quorum_queue_arguments();
     command_args.insert(
         "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(s.dead_letter_exchange.as_bytes().to_vec())),
+        text(&s.dead_letter_exchange),
     );
     command_args.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(i64::from(s.delivery_limit)),
     );
-    channel
-        .queue_declare(s.command_queue.as_str().into(), queue_options, command_args)
-        .await?;
+    command_args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    command_args.insert("x-overflow".into(), text("reject-publish"));
+    let queue = s.command_queue.as_str();
+    match channel
+        .queue_declare(queue.into(), queue_options, command_args)
+        .await
+    {
+        Ok(_) => {}
+        Err(error) if error.to_string().contains("PRECONDITION_FAILED") => {
+            tracing::warn!(queue, %error, policy = POLICY_HINT,
+                "the command queue exists with other arguments (declared by an older version); \
+                 using it as it is; apply the policy shown to make the broker's own dead-lettering \
+                 at-least-once");
+            // The refusal closed the channel.
+            channel = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await?;
+        }
+        Err(error) => return Err(error),
+    }
     channel
         .queue_bind(
-            s.command_queue.as_str().into(),
+            queue.into(),
             s.command_exchange.as_str().into(),
             s.command_routing_key.as_str().into(),
             QueueBindOptions::default(),
@@ -125,5 +159,5 @@ pub async fn declare(channel: &Channel, s: &BrokerSettings) -> Result<(), lapin:
             FieldTable::default(),
         )
         .await?;
-    Ok(())
+    Ok(channel)
 }

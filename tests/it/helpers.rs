@@ -203,9 +203,11 @@ impl TestEnv {
             .await
             .expect("confirm mode");
         // The worker declares the topology too; declaring it here lets a test publish first.
-        payment_link_worker::broker::topology::declare(&channel, &settings.broker)
-            .await
-            .expect("topology");
+        let declared =
+            payment_link_worker::broker::topology::declare(&connection, &settings.broker)
+                .await
+                .expect("topology");
+        let _ = declared.close(200, "declared".into()).await;
         Self {
             id,
             settings,

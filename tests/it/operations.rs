@@ -253,3 +253,83 @@ async fn a_message_that_keeps_failing_is_dead_lettered_by_the_broker_and_listed(
     assert_eq!(listing.letters[0].kind, "delivery-limit");
     assert_eq!(env.queue_depth(&env.command_queue()).await, 0);
 }
+
+/// The arguments RabbitMQ reports for a queue (`rabbitmqctl list_queues name arguments`).
+fn queue_arguments(queue: &str) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "name",
+            "arguments",
+            "-q",
+            "--no-table-headers",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|line| line.starts_with(&format!("{queue}\t")))
+        .unwrap_or_else(|| panic!("{queue} is listed"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_queue_dead_letters_at_least_once_and_an_older_queue_still_works() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let provider = MockServer::start().await;
+    answer_with_link(&provider, 201, 3, "3.00", 3).await;
+    let env = TestEnv::new(&provider.uri()).await;
+    let queue = env.command_queue();
+    let arguments = queue_arguments(&queue);
+    assert!(arguments.contains("at-least-once"), "{arguments}");
+    assert!(arguments.contains("reject-publish"), "{arguments}");
+
+    // The queue as an older version declared it: no dead-letter strategy, no overflow.
+    env.channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let text = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
+    let mut older = FieldTable::default();
+    older.insert("x-queue-type".into(), text("quorum"));
+    older.insert(
+        "x-dead-letter-exchange".into(),
+        text(&env.settings.broker.dead_letter_exchange),
+    );
+    older.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(10));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    env.channel
+        .queue_declare(queue.as_str().into(), durable, older)
+        .await
+        .unwrap();
+    env.channel
+        .queue_bind(
+            queue.as_str().into(),
+            env.settings.broker.command_exchange.as_str().into(),
+            env.settings.broker.command_routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let events = env.capture_events().await;
+    let _worker = env.start_worker().await;
+    env.send("older-queue", &command_body("3.00", 3)).await;
+    let event = env.next_message(&events, WAIT).await;
+    assert_eq!(
+        event.message_id(),
+        payment_link_worker::broker::messages::event_id(
+            payment_link_worker::broker::messages::CREATED,
+            "older-queue"
+        )
+    );
+    assert!(
+        !queue_arguments(&queue).contains("at-least-once"),
+        "used as it was"
+    );
+}
