@@ -15,8 +15,9 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use payment_link_worker::headers::text;
 use payment_link_worker::provider::sim::{self, SimOptions};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -67,10 +68,6 @@ async fn admin(sql: &str) -> anyhow::Result<()> {
     let mut conn = AsyncPgConnection::establish(&admin_url()).await?;
     diesel::sql_query(sql).execute(&mut conn).await?;
     Ok(())
-}
-
-fn text(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
 }
 
 /// A run's private names, database and simulator.

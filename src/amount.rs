@@ -180,15 +180,7 @@ impl Shape {
 
 /// Keeps error messages short when a sender puts something huge in the amount.
 fn abbreviate(text: &str) -> String {
-    const MAX: usize = 40;
-    if text.len() <= MAX {
-        return text.to_owned();
-    }
-    let mut end = MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    crate::headers::excerpt(text, 40)
 }
 
 #[cfg(test)]

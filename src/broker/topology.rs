@@ -1,8 +1,9 @@
 //! The exchanges and queues of the contract, declared idempotently at start by every replica.
 
 use crate::config::BrokerSettings;
+use crate::headers::text;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
 fn durable_exchange() -> ExchangeDeclareOptions {
@@ -14,10 +15,7 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 
 fn quorum_queue_arguments() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
+    args.insert("x-queue-type".into(), text("quorum"));
     args
 }
 
@@ -25,10 +23,6 @@ fn quorum_queue_arguments() -> FieldTable {
 /// exchange with the command routing key.
 pub fn delay_queue(s: &BrokerSettings, delay_ms: u64) -> String {
     format!("{}.delay.{delay_ms}ms", s.command_queue)
-}
-
-fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }
 
 /// Declares the delay queues of the tiers: quorum queues with a message TTL that dead-letter

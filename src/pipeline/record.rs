@@ -138,13 +138,15 @@ async fn record_failure(
     );
     outgoing.push((outbox::DEAD_LETTER, dead_letter));
     let grace = Duration::from_millis(context.settings.outbox.inline_grace_ms);
+    let messages = outgoing
+        .iter()
+        .map(|(row_kind, message)| NewOutboxMessage::new(command_id, row_kind, message, grace))
+        .collect::<Result<_, _>>()
+        .map_err(|refused| Halt::Refused(refused.to_string()))?;
     let request = OutcomeRequest {
         command_id: command_id.to_owned(),
         lease_token,
-        messages: outgoing
-            .iter()
-            .map(|(row_kind, message)| NewOutboxMessage::new(command_id, row_kind, message, grace))
-            .collect(),
+        messages,
         outcome: Outcome::Failed(failure),
     };
     let recorded = db!(

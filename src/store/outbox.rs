@@ -33,18 +33,32 @@ pub struct NewOutboxMessage {
 
 impl NewOutboxMessage {
     /// Stores `message` for `command_id`; the relay leaves it alone for `grace`, the time the
-    /// worker that wrote it needs to publish it itself.
-    pub fn new(command_id: &str, kind: &str, message: &OutboundMessage, grace: Duration) -> Self {
-        Self {
+    /// worker that wrote it needs to publish it itself. Refused when the stored form of its
+    /// properties would not read back exactly: a row the relay could never publish is not written.
+    pub fn new(
+        command_id: &str,
+        kind: &str,
+        message: &OutboundMessage,
+        grace: Duration,
+    ) -> Result<Self, StoreError> {
+        use crate::broker::messages::{properties_from_json, properties_to_json};
+        let properties = properties_to_json(&message.properties);
+        if properties_from_json(properties.clone()).ok().as_ref() != Some(&message.properties) {
+            return Err(StoreError::Refused(format!(
+                "the {kind} {} would not read back from its stored form",
+                message.message_id()
+            )));
+        }
+        Ok(Self {
             command_id: command_id.to_owned(),
             message_id: message.message_id().to_owned(),
             kind: kind.to_owned(),
             exchange: message.exchange.clone(),
             routing_key: message.routing_key.clone(),
-            properties: crate::broker::messages::properties_to_json(&message.properties),
+            properties,
             body: message.body.clone(),
             next_attempt_at: Utc::now() + grace,
-        }
+        })
     }
 }
 
@@ -148,7 +162,7 @@ pub async fn hand_to_relay(
     error: &str,
     max_wait: Duration,
 ) -> Result<(), StoreError> {
-    let row = NewOutboxMessage::new(command_id, kind, message, retry_wait(0, max_wait));
+    let row = NewOutboxMessage::new(command_id, kind, message, retry_wait(0, max_wait))?;
     diesel::insert_into(o::outbox)
         .values((row, o::publish_attempts.eq(1), o::last_error.eq(error)))
         .execute(conn)
@@ -206,4 +220,42 @@ pub async fn unsent_count(conn: &mut PgConn) -> Result<i64, StoreError> {
         .count()
         .get_result(conn)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::BasicProperties;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    fn message(value: AMQPValue) -> OutboundMessage {
+        let mut headers = FieldTable::default();
+        headers.insert("h".into(), value);
+        OutboundMessage {
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            properties: BasicProperties::default()
+                .with_message_id("m".into())
+                .with_headers(headers),
+            body: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_row_is_written_only_if_it_reads_back() {
+        let ok = NewOutboxMessage::new(
+            "c",
+            DEAD_LETTER,
+            &message(AMQPValue::Double(1.5)),
+            Duration::ZERO,
+        );
+        assert!(ok.is_ok());
+        let nan = NewOutboxMessage::new(
+            "c",
+            DEAD_LETTER,
+            &message(AMQPValue::Double(f64::NAN)),
+            Duration::ZERO,
+        );
+        assert!(matches!(nan, Err(StoreError::Refused(_))), "{nan:?}");
+    }
 }

@@ -126,6 +126,26 @@ async fn rejected_and_unauthorized_calls_are_dead_lettered_once_with_their_reaso
     assert_eq!(record.status, "failed");
     assert_eq!(record.error_kind.as_deref(), Some("provider-rejected"));
     assert_eq!(record.http_status, Some(400));
+
+    // Dead-lettered exactly once: once every outbox row is marked sent, the relay has nothing
+    // left to publish again, and no second copy of either dead letter or event is there.
+    for id in ["cmd-400", "cmd-401"] {
+        eventually(
+            &format!("{id}'s outbox rows to be marked sent"),
+            WAIT,
+            || async {
+                let rows = env.outbox(id).await;
+                (rows.len() == 2 && rows.iter().all(|r| r.sent_at.is_some())).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        env.queue_depth(&env.dead_letter_queue()).await,
+        0,
+        "one dead letter each"
+    );
+    assert_eq!(env.queue_depth(&events).await, 0, "one failed event each");
 }
 
 #[tokio::test(flavor = "multi_thread")]

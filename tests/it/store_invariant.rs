@@ -146,7 +146,8 @@ async fn store_accepts(
     let rows = kept
         .iter()
         .map(|m| NewOutboxMessage::new(&id, outbox::DEAD_LETTER, m, Duration::ZERO))
-        .collect();
+        .collect::<Result<_, _>>()
+        .map_err(|e| TestCaseError::fail(format!("{id:?}: {e}")))?;
     let request = OutcomeRequest {
         command_id: id.clone(),
         lease_token,
