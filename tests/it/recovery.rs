@@ -419,32 +419,48 @@ async fn a_network_cut_to_the_broker_is_ridden_out() {
         .expect("the worker, never restarted, stops cleanly");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_database_outage_delays_commands_but_fails_none() {
-    let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
-    let proxy = Proxy::start("127.0.0.1:5432").await;
-    let env = TestEnv::new(&sim_url).await;
+/// The test's settings with the database reached through `proxy`.
+fn database_through(env: &TestEnv, proxy: &Proxy) -> payment_link_worker::config::Settings {
     let mut settings = env.settings.clone();
     let direct = settings.database.url.expose().to_owned();
     let through_proxy = direct.replacen(":5432/", &format!(":{}/", proxy.port), 1);
     assert_ne!(direct, through_proxy);
     settings.database.url = payment_link_worker::config::SecretUrl::new(through_proxy);
-    let events = env.capture_events().await;
-    let worker = env.start_worker_with(settings).await;
+    settings
+}
 
-    let ids: Vec<String> = (0..60).map(|i| format!("db-{i}")).collect();
+/// The first 20 of 60 commands, sent and done before a fault; returns the 60 ids.
+async fn first_wave(env: &TestEnv, prefix: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..60).map(|i| format!("{prefix}-{i}")).collect();
     for (i, id) in ids[..20].iter().enumerate() {
         env.send(id, &command_body("3.00", i as i64 + 1)).await;
     }
     eventually("the first commands done", LOAD_WAIT, || async {
-        (succeeded(&env).await >= 20).then_some(())
+        (succeeded(env).await >= 20).then_some(())
     })
     .await;
+    ids
+}
 
-    proxy.cut();
+/// The other 40, sent during the fault.
+async fn second_wave(env: &TestEnv, ids: &[String]) {
     for (i, id) in ids[20..].iter().enumerate() {
         env.send(id, &command_body("3.00", i as i64 + 21)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_delays_commands_but_fails_none() {
+    let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let env = TestEnv::new(&sim_url).await;
+    let settings = database_through(&env, &proxy);
+    let events = env.capture_events().await;
+    let worker = env.start_worker_with(settings).await;
+
+    let ids = first_wave(&env, "db").await;
+    proxy.cut();
+    second_wave(&env, &ids).await;
     eventually(
         "the worker to try the database during the outage",
         WAIT,
@@ -469,30 +485,17 @@ async fn a_database_that_hangs_holds_commands_no_longer_than_its_timeouts() {
     let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
     let env = TestEnv::new(&sim_url).await;
-    let mut settings = env.settings.clone();
-    let direct = settings.database.url.expose().to_owned();
-    let through_proxy = direct.replacen(":5432/", &format!(":{}/", proxy.port), 1);
-    settings.database.url = payment_link_worker::config::SecretUrl::new(through_proxy);
+    let mut settings = database_through(&env, &proxy);
     settings.database.connect_timeout_ms = 1_000;
     settings.database.statement_timeout_ms = 1_000;
     let events = env.capture_events().await;
     let worker = env.start_worker_with(settings).await;
     let readyz = format!("http://{}/readyz", worker.http_addr().unwrap());
 
-    let ids: Vec<String> = (0..60).map(|i| format!("hang-{i}")).collect();
-    for (i, id) in ids[..20].iter().enumerate() {
-        env.send(id, &command_body("3.00", i as i64 + 1)).await;
-    }
-    eventually("the first commands done", LOAD_WAIT, || async {
-        (succeeded(&env).await >= 20).then_some(())
-    })
-    .await;
-
+    let ids = first_wave(&env, "hang").await;
     // PostgreSQL stops answering, its connections left open: the worker must not wait forever.
     proxy.stall();
-    for (i, id) in ids[20..].iter().enumerate() {
-        env.send(id, &command_body("3.00", i as i64 + 21)).await;
-    }
+    second_wave(&env, &ids).await;
     let not_ready = eventually("readiness to name the database", WAIT, || async {
         let answer = reqwest::get(&readyz).await.ok()?;
         let status = answer.status();
