@@ -52,6 +52,12 @@ pub(super) async fn record(
     }
 }
 
+/// The trace context an event carries: the current span's, or the command's own.
+fn outgoing_trace(original: &Original<'_>) -> Vec<(String, String)> {
+    let carried = crate::telemetry::carried(original.properties.headers().as_ref());
+    crate::telemetry::outgoing(&carried)
+}
+
 fn since(first_seen: DateTime<Utc>) -> Duration {
     (Utc::now() - first_seen).to_std().unwrap_or_default()
 }
@@ -66,9 +72,7 @@ async fn record_link(
     (attempts, lease_token): (i32, String),
     link: LinkCreated,
 ) -> Result<Option<Fate>, Halt> {
-    let trace = crate::telemetry::outgoing(&crate::telemetry::carried(
-        original.properties.headers().as_ref(),
-    ));
+    let trace = outgoing_trace(original);
     let event = messages::created_event(&context.events, envelope, &link.body, Utc::now(), &trace);
     let request = OutcomeRequest {
         command_id: envelope.command_id.as_str().to_owned(),
@@ -122,9 +126,7 @@ async fn record_failure(
         error_body: error.body,
         attempts,
     };
-    let trace = crate::telemetry::outgoing(&crate::telemetry::carried(
-        original.properties.headers().as_ref(),
-    ));
+    let trace = outgoing_trace(original);
     let mut outgoing = Vec::with_capacity(2);
     if kind.publishes_failed_event() {
         let event = messages::failed_event(&context.events, envelope, &failure, now, &trace);
