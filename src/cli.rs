@@ -31,7 +31,8 @@ pub enum Commands {
     Migrate,
     /// Run a local simulator of the payment provider API.
     ProviderSim(ProviderSimArgs),
-    /// Publish one command (publisher-confirmed) and print its command id.
+    /// Publish one command (publisher-confirmed) and print its command id; with --wait, also
+    /// what became of it.
     Send(SendArgs),
     /// Inspect and replay dead-lettered commands.
     #[command(subcommand)]
@@ -150,6 +151,13 @@ pub struct SendArgs {
     /// correlation_id property.
     #[arg(long)]
     pub correlation_id: Option<String>,
+    /// Wait for the command's event or dead letter and print it; exit non-zero unless a link
+    /// was created.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 30, requires = "wait", value_name = "SECONDS")]
+    pub timeout: u64,
 }
 
 /// Runs a parsed command line.
@@ -170,17 +178,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::Migrate => {
             let pool = store::pool(&settings.database)?;
-            let applied = store::migrate(&pool).await.with_context(|| {
-                format!("cannot migrate the database at {}", settings.database.url)
-            })?;
-            println!("applied {applied} migration(s)");
+            match startup::migrate(&settings, &pool).await? {
+                0 => println!("the database schema is up to date"),
+                applied => println!("applied {applied} migration(s)"),
+            }
             Ok(())
         }
         Commands::ProviderSim(args) => provider_sim(args).await,
         Commands::Send(args) => {
-            let id = send::send(&settings, &args).await?;
+            let wait = args.wait.then(|| Duration::from_secs(args.timeout));
+            let (id, heard) = send::send(&settings, &args, wait).await?;
             println!("{id}");
-            Ok(())
+            match heard {
+                None => Ok(()),
+                Some(send::Heard::Created(body)) => {
+                    println!("{}", pretty(&body));
+                    Ok(())
+                }
+                Some(send::Heard::Failed(body)) => {
+                    println!("{}", pretty(&body));
+                    anyhow::bail!("command {id} failed (payment-link.failed event above)")
+                }
+                Some(send::Heard::DeadLettered { kind, message }) => {
+                    anyhow::bail!("command {id} was dead-lettered as {kind}: {message}")
+                }
+            }
         }
         Commands::DeadLetters(DeadLetterCommands::List { select, json }) => {
             let listing = dead_letters::list(&settings, &select.selection()).await?;
@@ -252,6 +274,11 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         stall_rate: args.stall_rate,
     };
     Ok(sim::serve(listener, options, stop).await?)
+}
+
+/// An event body exactly as it came (re-formatting JSON through floats would change amounts).
+fn pretty(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).into_owned()
 }
 
 /// Resolves on ctrl-c or SIGTERM.

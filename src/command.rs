@@ -20,6 +20,43 @@ fn invalid(message: impl Into<String>) -> ValidationError {
     ValidationError(message.into())
 }
 
+/// Every problem a message has, not only the first, so one dead letter tells the sender all it
+/// must fix. Bounded: a command has a handful of fields and each message quotes at most
+/// [`QUOTE_LIMIT`] characters of the offending value.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// The value when `checked` passed; otherwise notes why.
+    fn take<T>(&mut self, checked: Result<T, ValidationError>) -> Option<T> {
+        checked.map_err(|e| self.0.push(e.0)).ok()
+    }
+
+    /// Notes a problem.
+    fn push(&mut self, message: String) {
+        self.0.push(message);
+    }
+
+    /// Notes a problem when `bad`.
+    fn check(&mut self, bad: bool, message: impl FnOnce() -> String) {
+        if bad {
+            self.0.push(message());
+        }
+    }
+
+    /// All problems as one message, or `Ok` when there were none.
+    fn into_result(self) -> Result<(), ValidationError> {
+        match self.0.len() {
+            0 => Ok(()),
+            1 => Err(ValidationError(self.0.concat())),
+            n => Err(ValidationError(format!(
+                "{n} problems: {}",
+                self.0.join("; ")
+            ))),
+        }
+    }
+}
+
 /// The command id: the AMQP `message_id`, the idempotency key of everything downstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandId(String);
@@ -171,46 +208,82 @@ fn string(field: &str, raw: &RawValue) -> Result<String, ValidationError> {
     })
 }
 
+fn checked_description(description: String) -> Result<String, ValidationError> {
+    if description.trim().is_empty() {
+        return Err(invalid("description must not be blank"));
+    }
+    if description.contains('\0') {
+        return Err(invalid(
+            "description contains the NUL character (\\u0000), which PostgreSQL cannot store",
+        ));
+    }
+    Ok(description)
+}
+
 impl Command {
-    /// Parses and validates a JSON body. Unknown fields are ignored.
+    /// Parses and validates a JSON body; every field's problem is reported, not only the first.
     pub fn parse(body: &[u8]) -> Result<Self, ValidationError> {
-        let text = std::str::from_utf8(body)
-            .map_err(|e| invalid(format!("body is not valid UTF-8: {e}")))?;
-        let wire: WireCommand<'_> = serde_json::from_str(text).map_err(|e| {
+        let mut problems = Problems::default();
+        let command = Self::check(body, &mut problems);
+        problems.into_result()?;
+        command.ok_or_else(|| invalid("a field failed its check without saying why"))
+    }
+
+    /// The command, or `None` with each reason noted in `problems`.
+    fn check(body: &[u8], problems: &mut Problems) -> Option<Self> {
+        let text = problems.take(
+            std::str::from_utf8(body).map_err(|e| invalid(format!("body is not valid UTF-8: {e}"))),
+        )?;
+        let wire: WireCommand<'_> = problems.take(serde_json::from_str(text).map_err(|e| {
             if e.is_data() {
                 invalid(format!("body is not a command object: {e}"))
             } else {
                 invalid(format!("body is not valid JSON: {e}"))
             }
-        })?;
-        let payment_provider_id = positive_id(
-            "paymentProviderId",
-            required("paymentProviderId", wire.payment_provider_id)?,
-        )?;
-        let amount_raw = required("amountInMajorCurrency", wire.amount_in_major_currency)?;
-        let amount = Amount::from_json_number(amount_raw.get())
-            .map_err(|e| invalid(format!("amountInMajorCurrency {e}")))?;
-        let description = string("description", required("description", wire.description)?)?;
-        if description.trim().is_empty() {
-            return Err(invalid("description must not be blank"));
-        }
-        if description.contains('\0') {
-            return Err(invalid(
-                "description contains the NUL character (\\u0000), which PostgreSQL cannot store",
-            ));
-        }
-        let email_address = present(wire.email_address)
-            .map(|r| string("emailAddress", r).and_then(|s| EmailAddress::parse(&s)))
-            .transpose()?;
-        Ok(Self {
+        }))?;
+        let payment_provider_id = problems.take(
+            required("paymentProviderId", wire.payment_provider_id)
+                .and_then(|r| positive_id("paymentProviderId", r)),
+        );
+        let amount = problems.take(
+            required("amountInMajorCurrency", wire.amount_in_major_currency).and_then(|r| {
+                Amount::from_json_number(r.get())
+                    .map_err(|e| invalid(format!("amountInMajorCurrency {e}")))
+            }),
+        );
+        let description = problems.take(
+            required("description", wire.description)
+                .and_then(|r| string("description", r))
+                .and_then(checked_description),
+        );
+        let email_address = problems.take(
+            present(wire.email_address)
+                .map(|r| string("emailAddress", r).and_then(|s| EmailAddress::parse(&s)))
+                .transpose(),
+        );
+        let invoice_id = problems.take(optional_id("invoiceId", wire.invoice_id));
+        let adhoc_invoice_id = problems.take(optional_id("adhocInvoiceId", wire.adhoc_invoice_id));
+        let customer_id = problems.take(optional_id("customerId", wire.customer_id));
+        match (
             payment_provider_id,
             amount,
             description,
             email_address,
-            invoice_id: optional_id("invoiceId", wire.invoice_id)?,
-            adhoc_invoice_id: optional_id("adhocInvoiceId", wire.adhoc_invoice_id)?,
-            customer_id: optional_id("customerId", wire.customer_id)?,
-        })
+            invoice_id,
+            adhoc_invoice_id,
+            customer_id,
+        ) {
+            (Some(p), Some(a), Some(d), Some(e), Some(i), Some(h), Some(c)) => Some(Self {
+                payment_provider_id: p,
+                amount: a,
+                description: d,
+                email_address: e,
+                invoice_id: i,
+                adhoc_invoice_id: h,
+                customer_id: c,
+            }),
+            _ => None,
+        }
     }
 
     /// The provider request body: the command's fields, the amount as the sender wrote it.
@@ -279,34 +352,37 @@ impl Envelope {
                 body.len()
             )));
         }
-        let command_id = match properties.message_id() {
-            Some(id) => CommandId::parse(id.as_str())?,
-            None => return Err(invalid("message_id property (the command id) is missing")),
-        };
+        let mut problems = Problems::default();
+        let command_id = problems.take(match properties.message_id() {
+            Some(id) => CommandId::parse(id.as_str()),
+            None => Err(invalid("message_id property (the command id) is missing")),
+        });
         if let Some(content_type) = properties.content_type() {
             let essence = content_type.as_str().split(';').next().unwrap_or("").trim();
-            if !essence.eq_ignore_ascii_case("application/json") {
-                return Err(invalid(format!(
+            problems.check(!essence.eq_ignore_ascii_case("application/json"), || {
+                format!(
                     "content_type must be application/json, got {:?}",
-                    content_type.as_str()
-                )));
-            }
+                    excerpt(content_type.as_str(), QUOTE_LIMIT)
+                )
+            });
         }
-        if let Some(correlation_id) = properties.correlation_id()
-            && correlation_id.as_str().contains('\0')
-        {
-            return Err(invalid(
-                "correlation_id contains the NUL character, which PostgreSQL cannot store",
-            ));
-        }
+        let correlation_id = properties.correlation_id().as_ref();
+        problems.check(
+            correlation_id.is_some_and(|c| c.as_str().contains('\0')),
+            || "correlation_id contains the NUL character, which PostgreSQL cannot store".into(),
+        );
         if let Some(name) = headers::first_unstorable(properties) {
-            return Err(invalid(format!(
+            problems.push(format!(
                 "header {:?} holds a value that cannot be stored (the NUL character in a short \
                  string or a name, or a float that is not finite)",
                 excerpt(&name, QUOTE_LIMIT)
-            )));
+            ));
         }
-        let command = Command::parse(body)?;
+        let command = Command::check(body, &mut problems);
+        problems.into_result()?;
+        let (Some(command_id), Some(command)) = (command_id, command) else {
+            return Err(invalid("the envelope failed its check without saying why"));
+        };
         let request_json = command.provider_request_json();
         let canonical_request = command.canonical_request_json();
         Ok(Self {
@@ -348,6 +424,33 @@ mod tests {
             (c.invoice_id, c.adhoc_invoice_id, c.customer_id),
             (Some(10), None, Some(5))
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_in_one_bounded_message() {
+        let props = BasicProperties::default().with_content_type("text/plain".into());
+        let body = format!(
+            r#"{{"paymentProviderId":0,"amountInMajorCurrency":"12","description":" ","emailAddress":"no","invoiceId":-{}}}"#,
+            "9".repeat(10_000)
+        );
+        let message = Envelope::parse(&props, body.as_bytes(), 1 << 20)
+            .unwrap_err()
+            .0;
+        assert!(message.starts_with("7 problems: "), "{message}");
+        for field in [
+            "message_id",
+            "content_type",
+            "paymentProviderId",
+            "amountInMajorCurrency",
+            "description",
+            "emailAddress",
+            "invoiceId",
+        ] {
+            assert!(message.contains(field), "{field} missing: {message}");
+        }
+        assert!(message.len() < 1024, "{} bytes: {message}", message.len());
+        let one = err(r#"{"paymentProviderId":1,"amountInMajorCurrency":1}"#);
+        assert_eq!(one, "description is required");
     }
 
     #[test]

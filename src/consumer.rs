@@ -19,7 +19,7 @@ use lapin::options::{
     BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -225,10 +225,7 @@ async fn drain(context: &Context, tasks: &mut JoinSet<()>) {
 /// Runs the pipeline for one delivery and settles it with the broker. A panic rejects the
 /// message back to the queue; the queue's delivery limit dead-letters one that keeps failing.
 async fn handle(context: Arc<Context>, delivery: Delivery) {
-    let waited = delivery.properties.timestamp().and_then(|sent| {
-        let now = chrono::Utc::now().timestamp().max(0) as u64;
-        now.checked_sub(sent).map(Duration::from_secs)
-    });
+    let waited = queue_wait(&delivery.properties, chrono::Utc::now());
     context.metrics.received(waited);
     let _in_flight = context.metrics.in_flight();
     let original = Original {
@@ -247,6 +244,22 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
         Err(_) => panicked(&context, &original, delivery.delivery_tag).await,
     };
     settle(&delivery, disposition).await;
+}
+
+/// How long the command waited between its publish and now: from the producer's millisecond
+/// header when it set one, else from the AMQP `timestamp` (whole seconds); unknown without either,
+/// or when the producer's clock is ahead.
+fn queue_wait(
+    properties: &BasicProperties,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Duration> {
+    if let Some(sent_ms) = headers::read_whole(properties, headers::PUBLISHED_AT_MS) {
+        let waited = now.timestamp_millis().checked_sub(sent_ms)?;
+        return u64::try_from(waited).ok().map(Duration::from_millis);
+    }
+    let sent = (*properties.timestamp())?;
+    let now = u64::try_from(now.timestamp()).ok()?;
+    now.checked_sub(sent).map(Duration::from_secs)
 }
 
 /// A delivery whose processing panicked: counted, logged with its command id, its lease released
@@ -317,6 +330,25 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_wait_prefers_the_millisecond_header() {
+        let now = chrono::DateTime::from_timestamp_millis(1_700_000_000_250).unwrap();
+        let mut table = FieldTable::default();
+        table.insert(
+            headers::PUBLISHED_AT_MS.into(),
+            lapin::types::AMQPValue::LongLongInt(1_700_000_000_000),
+        );
+        let both = BasicProperties::default()
+            .with_headers(table)
+            .with_timestamp(1_699_999_990);
+        assert_eq!(queue_wait(&both, now), Some(Duration::from_millis(250)));
+        let seconds = BasicProperties::default().with_timestamp(1_699_999_990);
+        assert_eq!(queue_wait(&seconds, now), Some(Duration::from_secs(10)));
+        let ahead = BasicProperties::default().with_timestamp(1_800_000_000);
+        assert_eq!(queue_wait(&ahead, now), None);
+        assert_eq!(queue_wait(&BasicProperties::default(), now), None);
+    }
 
     #[test]
     fn a_panicking_message_is_dead_lettered_on_its_last_delivery_only() {

@@ -31,6 +31,12 @@ pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 pub const DEATH: &str = "x-death";
 /// Returns of the message so far, added by a quorum queue on redelivery.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// When the producer published the command, in milliseconds since the Unix epoch (the name
+/// RabbitMQ's `rabbitmq_message_timestamp` plugin uses); preferred over the AMQP `timestamp`
+/// property, which has whole seconds only, for the queue-wait figure.
+pub const PUBLISHED_AT_MS: &str = "timestamp_in_ms";
+/// An event's CloudEvents subject: the command id it reports.
+pub const EVENT_SUBJECT: &str = "cloudEvents:subject";
 /// Prefix of the broker's own `x-last-death-*` headers.
 pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
 
@@ -74,7 +80,13 @@ pub fn read_text(properties: &BasicProperties, name: &str) -> Option<String> {
 /// A header as a non-negative integer, whichever integer type (or decimal text) the publisher
 /// used; capped at `i32::MAX` so counters read from it cannot overflow.
 pub fn read_int(properties: &BasicProperties, name: &str) -> Option<i64> {
-    let value = match properties.headers().as_ref()?.inner().get(name)? {
+    let value = read_whole(properties, name)?;
+    (value >= 0).then_some(value.min(i64::from(i32::MAX)))
+}
+
+/// A header as a whole number, unclamped (for times in milliseconds); `None` as for [`read_int`].
+pub fn read_whole(properties: &BasicProperties, name: &str) -> Option<i64> {
+    Some(match properties.headers().as_ref()?.inner().get(name)? {
         AMQPValue::ShortShortInt(v) => i64::from(*v),
         AMQPValue::ShortShortUInt(v) => i64::from(*v),
         AMQPValue::ShortInt(v) => i64::from(*v),
@@ -86,8 +98,7 @@ pub fn read_int(properties: &BasicProperties, name: &str) -> Option<i64> {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).trim().parse().ok()?,
         AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
         _ => return None,
-    };
-    (value >= 0).then_some(value.min(i64::from(i32::MAX)))
+    })
 }
 
 /// Whether the broker itself dead-lettered the message (it carries `x-death`).

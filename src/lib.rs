@@ -13,6 +13,7 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod consumer;
+pub mod diagnose;
 pub mod errors;
 pub mod headers;
 pub mod health;

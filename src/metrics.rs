@@ -172,7 +172,7 @@ impl MetricsHandle {
             ),
             queue_wait: seconds(
                 "payment_link.command.queue_wait",
-                "Time from publish (AMQP timestamp) to being taken",
+                "Time from publish (timestamp_in_ms header, else the AMQP timestamp) to being taken",
             ),
             time_to_outcome: seconds(
                 "payment_link.command.time_to_outcome",
@@ -180,6 +180,7 @@ impl MetricsHandle {
             ),
             levels,
         };
+        metrics.start_at_zero();
         Ok(Self {
             metrics: Arc::new(metrics),
             registry,
@@ -212,6 +213,27 @@ fn status_class(status: Option<u16>) -> &'static str {
 }
 
 impl Metrics {
+    /// Puts every counter, and each error kind's, in the output at zero from the start, so a
+    /// `rate()` over a fresh worker has no gap before the first command of each kind.
+    fn start_at_zero(&self) {
+        for counter in [
+            &self.received,
+            &self.succeeded,
+            &self.duplicates,
+            &self.retries,
+            &self.delayed,
+            &self.panics,
+        ] {
+            counter.add(0, &[]);
+        }
+        for kind in crate::errors::ErrorKind::ALL {
+            let attributes = [KeyValue::new("error.type", kind.as_str())];
+            self.dead_lettered.add(0, &attributes);
+            self.failed.add(0, &attributes);
+        }
+        self.in_flight.add(0, &[]);
+    }
+
     /// A command was taken; `waited` is its time in the queue when known.
     pub fn received(&self, waited: Option<Duration>) {
         self.received.add(1, &[]);

@@ -112,10 +112,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     let instance_id = format!("plw-{}", uuid::Uuid::new_v4().simple());
     let pool = store::pool(&settings.database)?;
     if settings.database.run_migrations {
-        let applied = store::migrate(&pool)
-            .await
-            .with_context(|| format!("cannot migrate the database at {}", settings.database.url))?;
-        tracing::info!(applied, "database migrations are up to date");
+        migrate(&settings, &pool).await?;
     }
     let session = Session::open(&settings, &instance_id).await?;
     let metrics = Arc::new(MetricsHandle::new()?);
@@ -138,6 +135,21 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         http_addr,
         metrics,
     })
+}
+
+/// Applies the pending migrations and says what it did; a failure is one line saying why.
+pub async fn migrate(settings: &Settings, pool: &PgPool) -> anyhow::Result<usize> {
+    match store::migrate(pool).await {
+        Ok(0) => {
+            tracing::info!("the database schema is up to date");
+            Ok(0)
+        }
+        Ok(applied) => {
+            tracing::info!(applied, "applied database migrations");
+            Ok(applied)
+        }
+        Err(error) => Err(crate::diagnose::database(settings, "migrate the database", error).await),
+    }
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on `telemetry.http_listen`, unless it is empty.

@@ -97,7 +97,7 @@ fn event_properties(
         text(&now.to_rfc3339_opts(SecondsFormat::Millis, true)),
     );
     headers.insert(
-        "cloudEvents:subject".into(),
+        crate::headers::EVENT_SUBJECT.into(),
         text(envelope.command_id.as_str()),
     );
     for (name, value) in trace {

@@ -11,19 +11,16 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-/// Opens a connection named `name`, so operators can tell the connections apart; an error says
-/// where it tried to connect (without the password).
+/// Opens a connection named `name`, so operators can tell the connections apart; an error is
+/// one line saying where it tried to connect (without the password), which setting gave that
+/// URL, and why it failed.
 pub async fn connect(settings: &BrokerSettings, name: &str) -> anyhow::Result<Connection> {
     Connection::connect(
         settings.url.expose(),
         ConnectionProperties::default().with_connection_name(name.into()),
     )
     .await
-    // lapin's own error may quote the URL: its text is scrubbed of the password.
-    .map_err(|error| {
-        let cause = settings.url.scrub(&error.to_string());
-        anyhow::anyhow!("cannot connect to RabbitMQ at {}: {cause}", settings.url)
-    })
+    .map_err(|error| crate::diagnose::broker(settings, &error))
 }
 
 /// Messages ready in `queue` (not those delivered and unacknowledged), by a passive declare.

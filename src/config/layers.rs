@@ -111,3 +111,18 @@ pub(super) fn set_from_env(
     };
     Ok(())
 }
+
+/// Every leaf key of a file's table, dotted (`broker.prefetch`), for recording where it came from.
+pub(super) fn keys_of(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let full = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(nested) => keys_of(nested, &full, out),
+            _ => out.push(full),
+        }
+    }
+}

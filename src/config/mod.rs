@@ -52,6 +52,24 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// The `[log]` section.
     pub log: LogSettings,
+    /// Where each setting that is not a default came from, for messages that point there.
+    #[serde(skip)]
+    pub origins: Origins,
+}
+
+/// Which layer set each key (absent: the default), so an error can name the variable or file
+/// to change, not only the key.
+#[derive(Clone, Debug, Default)]
+pub struct Origins(std::collections::BTreeMap<String, String>);
+
+impl Origins {
+    /// `key` and where its value came from, e.g. "`database.url` (from DATABASE_URL)".
+    pub fn describe(&self, key: &str) -> String {
+        match self.0.get(key) {
+            Some(origin) => format!("`{key}` (from {origin})"),
+            None => format!("`{key}` (default)"),
+        }
+    }
 }
 
 /// The operator's HTTP endpoint and the gauges behind it.
@@ -70,6 +88,9 @@ pub struct TelemetrySettings {
 pub struct BrokerSettings {
     /// AMQP URL of RabbitMQ. A password in it is never logged.
     pub url: SecretUrl,
+    /// Which setting gave the URL (e.g. "`broker.url` (from AMQP_URL)"), for connection errors.
+    #[serde(skip)]
+    pub url_origin: String,
     /// How many commands one worker processes at once (unacknowledged deliveries).
     pub prefetch: u16,
     /// Commands larger than this are dead-lettered as invalid without being parsed.
@@ -202,7 +223,7 @@ pub struct EventSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
-    /// "json" (one object per line) or "text" (for people).
+    /// "auto" (short lines at a terminal, JSON elsewhere), "json" or "text".
     pub format: LogFormat,
     /// tracing filter directives, such as "info" or "payment_link_worker=debug,info"; RUST_LOG wins when set.
     pub level: String,
@@ -212,9 +233,11 @@ pub struct LogSettings {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Short lines when stderr is a terminal, JSON lines otherwise.
+    Auto,
     /// One JSON object per line, for log pipelines.
     Json,
-    /// Human-readable lines.
+    /// One short line per event, for people (coloured only at a terminal).
     Text,
 }
 
@@ -230,6 +253,7 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut merged = defaults_table();
+        let mut origins = std::collections::BTreeMap::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError(format!("cannot read config file {}: {e}", path.display()))
@@ -240,6 +264,11 @@ impl Settings {
                     path.display()
                 ))
             })?;
+            let mut keys = Vec::new();
+            layers::keys_of(&overlay, "", &mut keys);
+            for key in keys {
+                origins.insert(key, format!("file {}", path.display()));
+            }
             merge_file(&mut merged, overlay, "", path)?;
         }
         let env: Vec<(String, String)> = env.into_iter().collect();
@@ -251,22 +280,36 @@ impl Settings {
                     .join(".")
                     .to_lowercase();
                 set_from_env(&mut merged, &key, value, name)?;
+                origins.insert(key, name.clone());
             }
         }
         for (name, key) in ENV_ALIASES {
             if let Some((_, value)) = env.iter().find(|(n, _)| n == name) {
                 set_from_env(&mut merged, key, value, name)?;
+                origins.insert((*key).to_owned(), (*name).to_owned());
             }
         }
-        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(merged))
-            .map_err(|e| ConfigError(format!("`{}`: {}", e.path(), e.inner().message())))?;
+        let origins = Origins(origins);
+        let mut settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError(format!(
+                "{}: {}",
+                origins.describe(&key),
+                e.inner().message()
+            ))
+        })?;
+        settings.broker.url_origin = origins.describe("broker.url");
+        settings.origins = origins;
         settings.check()?;
         Ok(settings)
     }
 
     /// Checks what types alone cannot: ranges, URL shapes, names.
     fn check(&self) -> Result<(), ConfigError> {
-        let fail = |key: &str, why: &str| Err(ConfigError(format!("`{key}` {why}")));
+        let fail = |key: &str, why: &str| {
+            Err(ConfigError(format!("{} {why}", self.origins.describe(key))))
+        };
         if !self.broker.url.expose().starts_with("amqp://")
             && !self.broker.url.expose().starts_with("amqps://")
         {
@@ -465,7 +508,7 @@ mod tests {
         assert_eq!(s.broker.command_queue, "payment-links.create");
         assert_eq!(s.broker.max_message_bytes, 256 * 1024);
         assert_eq!(s.retry.max_elapsed_ms, 60_000);
-        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.log.format, LogFormat::Auto);
     }
 
     #[test]
@@ -538,11 +581,18 @@ mod tests {
     }
 
     #[test]
-    fn out_of_range_value_is_named() {
+    fn out_of_range_value_is_named_with_the_variable_that_set_it() {
         let err = Settings::load_from(None, env(&[("PAYMENT_LINK_WORKER__BROKER__PREFETCH", "0")]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("broker.prefetch"), "{err}");
+        assert!(
+            err.contains("`broker.prefetch` (from PAYMENT_LINK_WORKER__BROKER__PREFETCH)"),
+            "{err}"
+        );
+        let err = Settings::load_from(None, env(&[("AMQP_URL", "http://rabbit")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`broker.url` (from AMQP_URL)"), "{err}");
         let err = Settings::load_from(None, env(&[("PAYMENT_LINK_WORKER__LOG__FORMAT", "xml")]))
             .unwrap_err()
             .to_string();

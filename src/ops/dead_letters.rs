@@ -232,12 +232,13 @@ pub struct ReplayRequest {
 pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Result<ReplaySummary> {
     let selection = &request.selection;
     let pool = store::pool(&settings.database)?;
-    let mut conn = pool.get().await.with_context(|| {
-        format!(
-            "cannot reach the database at {} to record the replay",
-            settings.database.url
-        )
-    })?;
+    let mut conn = match pool.get().await {
+        Ok(conn) => conn,
+        Err(error) => {
+            let what = "record the replay run";
+            return Err(crate::diagnose::database(settings, what, error).await);
+        }
+    };
     let run_id = replay_runs::start(
         &mut conn,
         &replay_runs::NewReplayRun {

@@ -7,9 +7,14 @@ use crate::broker::{self};
 use crate::cli::SendArgs;
 use crate::command::{WireCommand, raw};
 use crate::config::Settings;
+use crate::headers;
 use anyhow::Context as _;
-use lapin::BasicProperties;
+use futures_util::StreamExt as _;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, Consumer};
 use serde_json::value::RawValue;
+use std::time::Duration;
 
 /// Builds the body from the flags; the amount is inserted as written so it stays exact.
 pub fn body_from_flags(args: &SendArgs) -> anyhow::Result<Vec<u8>> {
@@ -44,19 +49,48 @@ pub fn body_from_flags(args: &SendArgs) -> anyhow::Result<Vec<u8>> {
     })?)
 }
 
+/// What became of a sent command, as `send --wait` saw it.
+#[derive(Debug)]
+pub enum Heard {
+    /// Its `payment-link.created` event: the body is the provider's answer.
+    Created(Vec<u8>),
+    /// Its `payment-link.failed` event.
+    Failed(Vec<u8>),
+    /// Its dead letter: the kind and message from its `x-error-*` headers.
+    DeadLettered {
+        /// `x-error-kind`.
+        kind: String,
+        /// `x-error-message`.
+        message: String,
+    },
+}
+
 /// Publishes one command to the command exchange and waits for the broker's confirm; returns
-/// its command id.
-pub async fn send(settings: &Settings, args: &SendArgs) -> anyhow::Result<String> {
+/// its command id, and, when `wait` is given, what became of it within that time (its event or
+/// its dead letter), read from a queue of this process's own that is bound before the command
+/// is sent, so nothing is missed.
+pub async fn send(
+    settings: &Settings,
+    args: &SendArgs,
+    wait: Option<Duration>,
+) -> anyhow::Result<(String, Option<Heard>)> {
     let body = body_from_flags(args)?;
     let id = args
         .command_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let now = chrono::Utc::now();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        headers::PUBLISHED_AT_MS.into(),
+        AMQPValue::LongLongInt(now.timestamp_millis()),
+    );
     let mut properties = BasicProperties::default()
         .with_message_id(id.as_str().into())
         .with_content_type("application/json".into())
         .with_delivery_mode(PERSISTENT)
-        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+        .with_timestamp(now.timestamp().max(0) as u64)
+        .with_headers(headers);
     if let Some(correlation_id) = &args.correlation_id {
         properties = properties.with_correlation_id(correlation_id.as_str().into());
     }
@@ -67,16 +101,113 @@ pub async fn send(settings: &Settings, args: &SendArgs) -> anyhow::Result<String
         body,
     };
     let connection = broker::connect(&settings.broker, "payment-link-worker send").await?;
-    let channel = confirm_channel(&connection).await?;
-    let published = publish_confirmed(&channel, &message).await;
-    let _ = connection.close(200, "sent".into()).await;
-    match published {
-        Ok(()) => Ok(id),
-        Err(PublishError::Unroutable { .. }) => anyhow::bail!(
-            "no queue is bound to {} for {}: start the worker once to declare the topology",
-            settings.broker.command_exchange,
-            settings.broker.command_routing_key
-        ),
-        Err(error) => Err(error).context("the broker did not accept the command"),
+    let outcome = async {
+        let listener = match wait {
+            Some(_) => Some(listen(&connection, settings).await?),
+            None => None,
+        };
+        let channel = confirm_channel(&connection).await?;
+        match publish_confirmed(&channel, &message).await {
+            Ok(()) => {}
+            Err(PublishError::Unroutable { .. }) => anyhow::bail!(
+                "no queue is bound to {} for {}: start the worker once to declare the topology",
+                settings.broker.command_exchange,
+                settings.broker.command_routing_key
+            ),
+            Err(error) => return Err(error).context("the broker did not accept the command"),
+        }
+        let (Some(limit), Some(listener)) = (wait, listener) else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(limit, hear(listener, &id)).await {
+            Ok(heard) => heard.map(Some),
+            Err(_) => anyhow::bail!(
+                "command {id} was sent, but neither its event nor a dead letter came within {} s; \
+                 is a worker running (payment-link-worker run)?",
+                limit.as_secs()
+            ),
+        }
     }
+    .await;
+    let _ = connection.close(200, "sent".into()).await;
+    Ok((id, outcome?))
+}
+
+/// A queue of this process's own (exclusive, removed when it disconnects), bound to both event
+/// routing keys and to every dead letter.
+async fn listen(connection: &Connection, settings: &Settings) -> anyhow::Result<Consumer> {
+    let broker = &settings.broker;
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let bindings = [
+        (&broker.event_exchange, broker.created_routing_key.as_str()),
+        (&broker.event_exchange, broker.failed_routing_key.as_str()),
+        (&broker.dead_letter_exchange, "#"),
+    ];
+    for (exchange, routing_key) in bindings {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.as_str().into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "exchange {exchange} not found: start the worker once to declare the topology"
+                )
+            })?;
+    }
+    Ok(channel
+        .basic_consume(
+            queue.name().clone(),
+            "payment-link-worker send".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}
+
+/// The first event or dead letter about command `id`.
+async fn hear(mut listener: Consumer, id: &str) -> anyhow::Result<Heard> {
+    while let Some(delivery) = listener.next().await {
+        let delivery = delivery?;
+        let properties = &delivery.properties;
+        if let Some(kind) = headers::read_text(properties, headers::ERROR_KIND) {
+            let about = properties.message_id().as_ref().map(|m| m.as_str());
+            if about == Some(id) {
+                let message = headers::read_text(properties, headers::ERROR_MESSAGE);
+                return Ok(Heard::DeadLettered {
+                    kind,
+                    message: message.unwrap_or_default(),
+                });
+            }
+            continue;
+        }
+        if headers::read_text(properties, headers::EVENT_SUBJECT).as_deref() != Some(id) {
+            continue;
+        }
+        let kind = properties.kind().as_ref().map(|k| k.as_str().to_owned());
+        return Ok(if kind.as_deref() == Some("payment-link.failed") {
+            Heard::Failed(delivery.data)
+        } else {
+            Heard::Created(delivery.data)
+        });
+    }
+    anyhow::bail!("the broker closed the connection while waiting for the outcome")
 }

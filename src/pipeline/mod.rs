@@ -97,7 +97,13 @@ pub fn span(context: &Context, original: &Original<'_>) -> tracing::Span {
         messaging.message.conversation_id = tracing::field::Empty,
         messaging.message.body.size = original.body.len(),
         command_id = message_id,
-        correlation_id = tracing::field::Empty,
+        // Known before the body is read, so even a validation failure's lines carry it.
+        correlation_id = original
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str())
+            .unwrap_or(message_id),
         replay_count = tracing::field::Empty,
         delay_round = tracing::field::Empty,
         trace_id = tracing::field::Empty,

@@ -110,11 +110,26 @@ fn draw() -> f64 {
     (uuid::Uuid::new_v4().as_u128() >> 76) as f64 / (1u64 << 52) as f64
 }
 
+/// Answers one call and logs it in one line: method, idempotency key, status, latency.
 async fn create_link(
     State(state): State<Arc<SimState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let started = std::time::Instant::now();
+    let response = answer(&state, &headers, &body).await;
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    tracing::info!(
+        method = "POST",
+        idempotency_key = key.unwrap_or("-"),
+        status = response.status().as_u16(),
+        latency_ms = started.elapsed().as_millis() as u64,
+        "provider request"
+    );
+    response
+}
+
+async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response {
     let options = state.options.as_ref().expect("router sets options");
     state.requests.fetch_add(1, Ordering::SeqCst);
     if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
@@ -144,7 +159,7 @@ async fn create_link(
     if options.fail_rate > 0.0 && draw() < options.fail_rate {
         return error(StatusCode::SERVICE_UNAVAILABLE, "simulated outage");
     }
-    let command = match Command::parse(&body) {
+    let command = match Command::parse(body) {
         Ok(command) => command,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };

@@ -1,4 +1,5 @@
-//! Logs and traces. Logs are JSON lines for machines or text for people; each line of a
+//! Logs and traces. Logs are JSON lines for machines or short lines for people (at a terminal
+//! by default, see [`short`]); each line of a
 //! command's processing carries its command id, correlation id and trace id through the command's
 //! span. Traces go to OpenTelemetry and are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT`
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; without it spans still carry trace context
@@ -6,6 +7,8 @@
 //!
 //! W3C trace context travels in AMQP headers (`traceparent`, `tracestate`) and HTTP headers; the
 //! helpers here read and write it.
+
+pub mod short;
 
 use crate::config::{LogFormat, LogSettings};
 use lapin::types::{AMQPValue, FieldTable};
@@ -56,14 +59,19 @@ pub fn resource() -> opentelemetry_sdk::Resource {
 }
 
 fn filter(settings: &LogSettings) -> EnvFilter {
-    // lapin logs every returned (unroutable) message in full, payload included; the worker
-    // reports those itself, without the payload.
-    let quiet = "lapin::returned_messages=error";
-    std::env::var("RUST_LOG")
+    let directives = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|env| EnvFilter::try_new(format!("{env},{quiet}")).ok())
-        .or_else(|| EnvFilter::try_new(format!("{},{quiet}", settings.level)).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"))
+        .filter(|env| EnvFilter::try_new(env).is_ok())
+        .unwrap_or_else(|| settings.level.clone());
+    // lapin logs every returned (unroutable) message in full, payload included, and logs each
+    // connection failure at ERROR before the worker reports it in one line of its own: it is
+    // heard only when the directives name it.
+    let quiet = if directives.contains("lapin") {
+        "lapin::returned_messages=error"
+    } else {
+        "lapin=off"
+    };
+    EnvFilter::try_new(format!("{directives},{quiet}")).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 /// Installs the global subscriber: the log layer and the OpenTelemetry layer. Call once, from
@@ -82,14 +90,47 @@ pub fn init(settings: &LogSettings) -> anyhow::Result<TelemetryGuard> {
     Ok(TelemetryGuard { provider })
 }
 
+/// How logs are written, once `auto` is resolved against where stderr goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// JSON lines (for machines) or short lines (for people).
+    pub json: bool,
+    /// Whether the short lines are coloured.
+    pub ansi: bool,
+}
+
+impl Output {
+    /// `auto` means short coloured lines at a terminal and JSON lines elsewhere; `text` is
+    /// coloured only at a terminal; `NO_COLOR` turns colour off.
+    pub fn resolve(format: LogFormat, terminal: bool, no_color: bool) -> Self {
+        let json = match format {
+            LogFormat::Json => true,
+            LogFormat::Text => false,
+            LogFormat::Auto => !terminal,
+        };
+        Self {
+            json,
+            ansi: !json && terminal && !no_color,
+        }
+    }
+
+    /// Resolved for this process's stderr and environment.
+    pub fn for_stderr(format: LogFormat) -> Self {
+        use std::io::IsTerminal;
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        Self::resolve(format, std::io::stderr().is_terminal(), no_color)
+    }
+}
+
 /// Installs the global subscriber with a given tracer (tests pass one that records in memory).
 pub fn install(settings: &LogSettings, tracer: opentelemetry_sdk::trace::SdkTracer) {
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
     let registry = tracing_subscriber::registry()
         .with(filter(settings))
         .with(otel);
-    let _ = match settings.format {
-        LogFormat::Json => registry
+    let output = Output::for_stderr(settings.format);
+    let _ = if output.json {
+        registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
@@ -98,10 +139,17 @@ pub fn install(settings: &LogSettings, tracer: opentelemetry_sdk::trace::SdkTrac
                     .with_span_list(false)
                     .with_writer(std::io::stderr),
             )
-            .try_init(),
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+            .try_init()
+    } else {
+        registry
+            .with(short::MarkCommands)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(short::ShortLines { ansi: output.ansi })
+                    .with_ansi(output.ansi)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
     };
 }
 
@@ -139,6 +187,8 @@ pub fn current_http_headers() -> Vec<(String, String)> {
         }
     }
     TraceContextPropagator::new().inject_context(&context, &mut Pairs(&mut pairs));
+    // The propagator writes `tracestate` even when it is empty; an empty header says nothing.
+    pairs.retain(|(_, value)| !value.is_empty());
     pairs
 }
 
@@ -150,6 +200,7 @@ pub fn carried(headers: Option<&FieldTable>) -> Vec<(String, String)> {
         .filter_map(|name| {
             reader
                 .get(name)
+                .filter(|value| !value.is_empty())
                 .map(|value| (name.to_owned(), value.to_owned()))
         })
         .collect()
@@ -175,5 +226,33 @@ pub fn trace_id(span: &tracing::Span) -> String {
         span_context.trace_id().to_string()
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_short_and_coloured_at_a_terminal_and_json_elsewhere() {
+        let at = |format, terminal, no_color| Output::resolve(format, terminal, no_color);
+        let short_coloured = Output {
+            json: false,
+            ansi: true,
+        };
+        let short_plain = Output {
+            json: false,
+            ansi: false,
+        };
+        let json = Output {
+            json: true,
+            ansi: false,
+        };
+        assert_eq!(at(LogFormat::Auto, true, false), short_coloured);
+        assert_eq!(at(LogFormat::Auto, false, false), json);
+        assert_eq!(at(LogFormat::Auto, true, true), short_plain);
+        assert_eq!(at(LogFormat::Text, false, false), short_plain);
+        assert_eq!(at(LogFormat::Text, true, false), short_coloured);
+        assert_eq!(at(LogFormat::Json, true, false), json);
     }
 }
