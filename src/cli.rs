@@ -42,7 +42,9 @@ pub enum Commands {
 /// The dead-letter operations.
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommands {
-    /// One line per dead-lettered command, then a count per kind. Removes nothing.
+    /// One line per dead-lettered command, then a count per kind. Removes nothing: each message
+    /// goes back to the queue in order (RabbitMQ marks it redelivered; 3.x also adds 1 to its
+    /// x-delivery-count).
     List {
         #[command(flatten)]
         /// Which dead letters.
@@ -72,10 +74,8 @@ pub enum DeadLetterCommands {
 /// Which dead letters a dead-letter operation applies to.
 #[derive(Debug, Args)]
 pub struct SelectArgs {
-    /// Only this error kind (validation, idempotency-conflict, provider-rejected, provider-auth,
-    /// retries-exhausted, unstorable, internal-error, or delivery-limit for messages the broker
-    /// dead-lettered).
-    #[arg(long)]
+    /// Only this error kind (delivery-limit: a message the broker dead-lettered itself).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(dead_letters::known_kinds()))]
     pub kind: Option<String>,
     /// Only this command id.
     #[arg(long)]
@@ -229,7 +229,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let summary = dead_letters::replay(&settings, &request).await?;
             for id in &summary.replayed {
-                println!("{} {id}", if dry_run { "would replay" } else { "replayed" });
+                let verb = if dry_run { "would replay" } else { "replayed" };
+                if summary.fail_again.contains(id) {
+                    println!(
+                        "{verb} {id}  (fails again: its body or id is what was wrong; send a \
+                         corrected command instead)"
+                    );
+                } else {
+                    println!("{verb} {id}");
+                }
             }
             println!(
                 "replay run {}: {} {}, {} skipped, {} failed, {} left in the dead-letter queue",

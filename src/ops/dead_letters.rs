@@ -8,10 +8,11 @@ use crate::broker::messages::{self, OutboundMessage};
 use crate::broker::publisher::{confirm_channel, publish_confirmed};
 use crate::broker::{self};
 use crate::config::Settings;
+use crate::errors::ErrorKind;
 use crate::headers::{self, read_int, read_text};
 use crate::store::{self, replay_runs};
 use anyhow::Context as _;
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
@@ -70,14 +71,8 @@ impl DeadLetter {
     /// delivery limit, its `x-death`) and the ids in the body where it is JSON.
     pub fn from_message(properties: &BasicProperties, body: &[u8]) -> Self {
         let has_death = headers::has_death(properties);
-        let kind = read_text(properties, headers::ERROR_KIND).unwrap_or_else(|| {
-            if has_death {
-                "delivery-limit"
-            } else {
-                "unknown"
-            }
-            .to_owned()
-        });
+        let kind = read_text(properties, headers::ERROR_KIND)
+            .unwrap_or_else(|| if has_death { DELIVERY_LIMIT } else { UNKNOWN }.to_owned());
         let message = read_text(properties, headers::ERROR_MESSAGE).unwrap_or_else(|| {
             if has_death {
                 "dead-lettered by the broker after broker.delivery_limit deliveries".to_owned()
@@ -134,6 +129,27 @@ pub struct ReplaySummary {
     pub left: u32,
     /// Whether nothing was changed.
     pub dry_run: bool,
+    /// Of `replayed`, those whose kind fails again as they are (validation, idempotency
+    /// conflict): replaying sends the same body under the same id.
+    pub fail_again: Vec<String>,
+}
+
+/// Every kind a dead letter can have: the worker's error kinds, `delivery-limit` for a message
+/// the broker dead-lettered itself, and `unknown` for one without either mark.
+pub fn known_kinds() -> Vec<&'static str> {
+    let mut kinds: Vec<&'static str> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+    kinds.extend([DELIVERY_LIMIT, UNKNOWN]);
+    kinds
+}
+
+/// The kind of a message the broker dead-lettered itself after its delivery limit.
+const DELIVERY_LIMIT: &str = "delivery-limit";
+/// The kind of a message in the queue with neither the worker's headers nor the broker's.
+const UNKNOWN: &str = "unknown";
+
+/// Whether replaying a dead letter of this kind, unchanged, fails the same way again.
+pub fn fails_again(kind: &str) -> bool {
+    kind == ErrorKind::Validation.as_str() || kind == ErrorKind::IdempotencyConflict.as_str()
 }
 
 async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
@@ -154,6 +170,27 @@ async fn next_letter(
         .map(|message| message.delivery))
 }
 
+/// Gives back every delivery taken on `channel` and not acked (all tags up to `last`) with one
+/// requeueing `basic.nack`. On RabbitMQ 4 that return does not count toward a quorum queue's
+/// delivery limit (closing the channel would, and 4.x gives quorum queues a default limit of 20,
+/// past which a dead letter would be dropped); 3.x counts every return in `x-delivery-count`, and
+/// the dead-letter queue has no limit there.
+async fn give_back(channel: &Channel, last: Option<u64>) -> anyhow::Result<()> {
+    if let Some(last) = last {
+        channel
+            .basic_nack(
+                last,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await
+            .context("cannot give the dead letters back to their queue")?;
+    }
+    Ok(())
+}
+
 /// Lists the dead letters that match, without removing or changing any.
 pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<Listing> {
     let queue = &settings.broker.dead_letter_queue;
@@ -162,12 +199,14 @@ pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<
     let channel = connection.create_channel().await?;
     let in_queue = depth(&channel, queue).await?;
     let mut letters = Vec::new();
-    // Each message stays unacknowledged on this channel, so none is read twice, and all go back
-    // to the queue, in order, when the channel closes.
+    // Each message stays unacknowledged on this channel, so none is read twice; all go back to
+    // the queue, in order, at the end.
+    let mut last = None;
     for _ in 0..in_queue {
         let Some(delivery) = next_letter(&channel, queue).await? else {
             break;
         };
+        last = Some(delivery.delivery_tag);
         let letter = DeadLetter::from_message(&delivery.properties, &delivery.data);
         if selection.matches(&letter) {
             letters.push(letter);
@@ -176,6 +215,7 @@ pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<
             }
         }
     }
+    give_back(&channel, last).await?;
     let _ = channel.close(200, "listing done".into()).await;
     let _ = connection.close(200, "listing done".into()).await;
     let mut by_kind = BTreeMap::new();
@@ -265,6 +305,8 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
         dry_run: request.dry_run,
         ..ReplaySummary::default()
     };
+    // The last delivery taken and not acked: everything up to it goes back at the end.
+    let mut last = None;
     for _ in 0..in_queue {
         let Some(delivery) = next_letter(&channel, queue).await? else {
             break;
@@ -276,9 +318,12 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
                 .is_none_or(|limit| summary.replayed.len() < limit);
         if !wanted {
             summary.skipped += 1;
+            last = Some(delivery.delivery_tag);
             continue;
         }
-        if !request.dry_run {
+        if request.dry_run {
+            last = Some(delivery.delivery_tag);
+        } else {
             let copy = replay_message(
                 settings,
                 delivery.routing_key.as_str(),
@@ -288,18 +333,23 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
             if let Err(error) = publish_confirmed(&channel, &copy).await {
                 tracing::error!(command_id = %letter.command_id, %error, "the broker did not take the replayed command; it stays dead-lettered");
                 summary.failed += 1;
+                last = Some(delivery.delivery_tag);
                 continue;
             }
             delivery.acker.ack(BasicAckOptions::default()).await?;
         }
         replay_runs::add_command(&mut conn, run_id, &letter.command_id).await?;
+        if fails_again(&letter.kind) {
+            summary.fail_again.push(letter.command_id.clone());
+        }
         summary.replayed.push(letter.command_id);
         if let Some(pause) = pause {
             tokio::time::sleep(pause).await;
         }
     }
-    // What was not acked goes back to the queue with the channel. (The broker puts it back
-    // asynchronously, so `left` is counted, not read back.)
+    // What was not acked goes back to the queue. (The broker puts it back asynchronously, so
+    // `left` is counted, not read back.)
+    give_back(&channel, last).await?;
     let _ = channel.close(200, "replay done".into()).await;
     let _ = connection.close(200, "replay done".into()).await;
     let removed = if request.dry_run {
@@ -308,40 +358,71 @@ pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Res
         summary.replayed.len() as u32
     };
     summary.left = in_queue.saturating_sub(removed);
-    replay_runs::finish(
-        &mut conn,
-        run_id,
-        (
-            summary.replayed.len() as i32,
-            summary.skipped as i32,
-            summary.failed as i32,
-            summary.left as i32,
-        ),
-    )
-    .await?;
+    let selected = summary.replayed.len() as i32;
+    let counts = replay_runs::RunCounts {
+        selected,
+        replayed: if request.dry_run { 0 } else { selected },
+        skipped: summary.skipped as i32,
+        failed: summary.failed as i32,
+        left: summary.left as i32,
+    };
+    replay_runs::finish(&mut conn, run_id, counts).await?;
     Ok(summary)
 }
 
-/// The listing as aligned lines, then the count per kind.
+/// The listing as a table with aligned columns (the message last, on one line), then the count
+/// per kind, then a note on what reading the queue did to it.
 pub fn format_listing(listing: &Listing) -> String {
     let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-    let mut out = String::from(
-        "COMMAND ID\tKIND\tSTATUS\tATTEMPTS\tFAILED AT\tINVOICE\tADHOC INVOICE\tCUSTOMER\tREPLAYS\tMESSAGE\n",
-    );
+    let header = [
+        "COMMAND ID",
+        "KIND",
+        "STATUS",
+        "ATTEMPTS",
+        "FAILED AT",
+        "INVOICE",
+        "ADHOC",
+        "CUSTOMER",
+        "REPLAYS",
+        "MESSAGE",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
     for l in &listing.letters {
-        out.push_str(&format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
-            l.command_id,
-            l.kind,
+        rows.push(vec![
+            if l.command_id.is_empty() {
+                "(no message_id)".into()
+            } else {
+                l.command_id.clone()
+            },
+            l.kind.clone(),
             opt(l.http_status),
             opt(l.attempts),
-            l.failed_at.as_deref().unwrap_or("-"),
+            l.failed_at.clone().unwrap_or_else(|| "-".into()),
             opt(l.invoice_id),
             opt(l.adhoc_invoice_id),
             opt(l.customer_id),
-            l.replay_count,
-            l.message.replace(['\n', '\t'], " ")
-        ));
+            l.replay_count.to_string(),
+            l.message.replace(['\n', '\r', '\t'], " "),
+        ]);
+    }
+    let mut out = String::new();
+    if !listing.letters.is_empty() {
+        let columns = header.len();
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        for row in &rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                if c + 1 == columns {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
     }
     let kinds: Vec<String> = listing
         .by_kind
@@ -358,8 +439,13 @@ pub fn format_listing(listing: &Listing) -> String {
             kinds.join(", ")
         }
     ));
+    out.push_str(READ_NOTE);
     out
 }
+
+/// What listing does to the queue, said where the listing is read.
+const READ_NOTE: &str = "(Reading puts every message back in order; RabbitMQ marks them \
+redelivered, and RabbitMQ 3.x also adds 1 to their x-delivery-count.)\n";
 
 #[cfg(test)]
 mod tests {

@@ -74,5 +74,6 @@ diesel::table! {
         failed -> Int4,
         left_in_queue -> Nullable<Int4>,
         command_ids -> Array<Text>,
+        selected -> Int4,
     }
 }

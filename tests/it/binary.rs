@@ -139,3 +139,93 @@ fn no_url_form_prints_its_password_on_any_error_path() {
         }
     }
 }
+
+/// The one line a failed start-up printed (every non-empty line of stderr, which must be one).
+fn one_line(err: &str) -> &str {
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    lines[0]
+}
+
+#[test]
+fn start_up_failures_are_one_line_with_the_cause_the_setting_and_the_fix() {
+    let admin = crate::helpers::admin_database_url();
+    let base = admin.rsplit_once('/').unwrap().0;
+    let missing = format!("plw_missing_{}", uuid::Uuid::new_v4().simple());
+    let err = stderr_of(
+        worker()
+            .arg("run")
+            .env("PROVIDER_TOKEN", "t")
+            .env("DATABASE_URL", format!("{base}/{missing}")),
+    );
+    let line = one_line(&err);
+    assert!(
+        line.contains(&format!("database \"{missing}\" does not exist"))
+            && line.contains("createdb -h ")
+            && line.contains("(from DATABASE_URL)"),
+        "{line}"
+    );
+    assert_eq!(line.matches("does not exist").count(), 1, "{line}");
+
+    let err = stderr_of(
+        worker()
+            .arg("run")
+            .env("PROVIDER_TOKEN", "t")
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/links"),
+    );
+    let line = one_line(&err);
+    assert_eq!(line.matches("connection refused").count(), 1, "{line}");
+    assert!(line.contains("is PostgreSQL running"), "{line}");
+
+    let err = stderr_of(
+        worker()
+            .arg("run")
+            .env("PROVIDER_TOKEN", "t")
+            .env("PAYMENT_LINK_WORKER__DATABASE__RUN_MIGRATIONS", "false")
+            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+    );
+    let line = one_line(&err);
+    assert_eq!(line.matches("connection refused").count(), 1, "{line}");
+    assert!(
+        line.contains("RabbitMQ") && line.contains("(from AMQP_URL)"),
+        "{line}"
+    );
+
+    let err = stderr_of(
+        worker()
+            .arg("run")
+            .env("PAYMENT_LINK_WORKER__BROKER__PREFETCH", "0")
+            .env("PROVIDER_TOKEN", "t"),
+    );
+    assert!(
+        one_line(&err).contains("`broker.prefetch` (from PAYMENT_LINK_WORKER__BROKER__PREFETCH)"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_says_what_it_applied_then_that_the_schema_is_up_to_date() {
+    let admin = crate::helpers::admin_database_url();
+    let base = admin.rsplit_once('/').unwrap().0.to_owned();
+    let name = format!("plw_migrate_{}", uuid::Uuid::new_v4().simple());
+    crate::helpers::exec_admin(&admin, &format!("CREATE DATABASE {name}")).await;
+    let url = format!("{base}/{name}");
+    let migrate = move || {
+        let out = worker()
+            .arg("migrate")
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count();
+    let (first, second) = tokio::task::spawn_blocking(move || (migrate(), migrate()))
+        .await
+        .unwrap();
+    crate::helpers::exec_admin(&admin, &format!("DROP DATABASE {name} WITH (FORCE)")).await;
+    assert_eq!(first.trim(), format!("applied {migrations} migration(s)"));
+    assert_eq!(second.trim(), "the database schema is up to date");
+}

@@ -4,56 +4,9 @@
 //! exported over OTLP/HTTP.
 
 use crate::helpers::*;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
-
-fn binary(env: &TestEnv) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_payment-link-worker"));
-    command
-        .envs(env.env.iter().map(|(k, v)| (k, v)))
-        .env_remove("RUST_LOG");
-    for name in [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-    ] {
-        command.env_remove(name);
-    }
-    command
-}
-
-fn output(command: &mut Command) -> String {
-    let out = command.output().expect("binary runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Sends SIGTERM and waits (bounded) for a clean exit.
-fn terminate(mut child: std::process::Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "clean exit after SIGTERM: {status}");
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no exit within 20 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn send_list_replay_and_sigterm_through_the_binary() {
@@ -118,6 +71,9 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
         event.json()["paymentLink"],
         "https://instantpaymentlink/ref-4"
     );
+    // The binary traces: the event carries the trace, and no empty `tracestate`.
+    assert!(event.header("traceparent").is_some(), "{event:?}");
+    assert_eq!(event.header("tracestate"), None, "{event:?}");
     let request =
         String::from_utf8(provider.received_requests().await.unwrap()[0].body.clone()).unwrap();
     assert!(

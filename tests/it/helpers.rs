@@ -94,6 +94,7 @@ impl Drop for WorkerHandle {
 }
 
 /// A message read back from a queue.
+#[derive(Debug)]
 pub struct Received {
     pub routing_key: String,
     pub properties: BasicProperties,
@@ -448,7 +449,8 @@ impl Drop for TestEnv {
     }
 }
 
-async fn exec_admin(url: &str, sql: &str) {
+/// Runs one statement on the admin database (creating and dropping test databases).
+pub async fn exec_admin(url: &str, sql: &str) {
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
     let mut conn = AsyncPgConnection::establish(url)
         .await
@@ -601,4 +603,52 @@ pub fn bad_commands() -> Vec<BadCase> {
         case("bad-email", props("bad-13"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"d","emailAddress":"x@"}"#, "emailAddress"),
         case("zero-id", props("bad-14"), br#"{"paymentProviderId":1,"amountInMajorCurrency":1,"description":"d","invoiceId":0}"#, "invoiceId must be a positive integer"),
     ]
+}
+
+/// The real binary, with the test's settings in its environment.
+pub fn binary(env: &TestEnv) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_payment-link-worker"));
+    command
+        .envs(env.env.iter().map(|(k, v)| (k, v)))
+        .env_remove("RUST_LOG");
+    for name in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    ] {
+        command.env_remove(name);
+    }
+    command
+}
+
+/// Runs the binary to its end; its stdout, or a failure with its stderr.
+pub fn output(command: &mut std::process::Command) -> String {
+    let out = command.output().expect("binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sends SIGTERM and waits (bounded) for a clean exit.
+pub fn terminate(mut child: std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "clean exit after SIGTERM: {status}");
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no exit within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -7,6 +7,7 @@ mod cli_flows;
 mod conflicts;
 mod contract;
 mod duplicates;
+mod first_hour;
 mod happy_path;
 mod helpers;
 mod hostile;

@@ -33,6 +33,28 @@ async fn health_readiness_and_metrics_tell_what_happened() {
     let worker = env.start_worker().await;
     let base = format!("http://{}", worker.http_addr().expect("endpoint enabled"));
 
+    // Every counter is there from the start, at zero, so rate() has no gap.
+    let (_, fresh) = get(format!("{base}/metrics")).await;
+    for (name, label) in [
+        ("payment_link_commands_received_total", ""),
+        ("payment_link_commands_succeeded_total", ""),
+        ("payment_link_commands_panics_total", ""),
+        (
+            "payment_link_commands_dead_lettered_total",
+            "error_type=\"validation\"",
+        ),
+        (
+            "payment_link_commands_failed_total",
+            "error_type=\"internal-error\"",
+        ),
+    ] {
+        assert_eq!(
+            sample(&fresh, name, label),
+            Some(0.0),
+            "{name} {label}: {fresh}"
+        );
+    }
+
     assert_eq!(get(format!("{base}/healthz")).await.0, 200);
     let (status, body) = get(format!("{base}/readyz")).await;
     assert_eq!(status, 200, "{body}");

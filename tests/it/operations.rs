@@ -207,7 +207,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     assert!(by_id_run.finished_at.is_some() && !by_id_run.dry_run);
     assert!(
         runs.iter()
-            .any(|r| r.dry_run && r.replayed == 2 && r.command_ids.len() == 2)
+            .any(|r| r.dry_run && r.selected == 2 && r.replayed == 0 && r.command_ids.len() == 2)
     );
 }
 
