@@ -5,7 +5,6 @@
 //! replays that would fail again.
 
 use crate::helpers::*;
-use payment_link_worker::provider::sim::SimOptions;
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -93,14 +92,24 @@ fn starts_with_a_time(line: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_letter() {
-    let (sim, sim_stop) = start_simulator(SimOptions {
-        token: TOKEN.into(),
-        latency: Duration::ZERO,
-        fail_rate: 0.0,
-        stall_rate: 0.0,
+    // The simulator as a person runs it, logging one line per request.
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_payment-link-worker"))
+        .args(["provider-sim", "--port", "0", "--token", TOKEN])
+        .env("PAYMENT_LINK_WORKER__LOG__FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sim_log = collect(sim.stderr.take().unwrap());
+    let address = eventually("the simulator's address", WAIT, || async {
+        let log = sim_log.lock().unwrap().clone();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|l| l["address"].as_str().map(str::to_owned))
     })
     .await;
-    let env = TestEnv::with(&sim, &[("LOG__FORMAT", "auto")]).await;
+    let env = TestEnv::with(&format!("http://{address}"), &[("LOG__FORMAT", "auto")]).await;
     let (at_tty, tty) = worker_at_a_terminal(&env);
     wait_for("the worker at a terminal to start", &tty, "worker started").await;
 
@@ -274,5 +283,5 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
     ]));
     assert!(!unheard.0, "{unheard:?}");
     assert!(unheard.2.contains("within 1 s"), "{unheard:?}");
-    sim_stop.cancel();
+    terminate(sim);
 }
