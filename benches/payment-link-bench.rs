@@ -12,8 +12,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -53,36 +52,19 @@ struct Options {
     bench: bool,
 }
 
-fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+#[path = "../tests/common/sandbox.rs"]
+mod sandbox;
 
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+use sandbox::{Sandbox, amqp_url};
 
-async fn admin(sql: &str) -> anyhow::Result<()> {
-    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-    let mut conn = AsyncPgConnection::establish(&admin_url()).await?;
-    diesel::sql_query(sql).execute(&mut conn).await?;
-    Ok(())
-}
-
-/// A run's private names, database and simulator.
+/// A run's private names, database and simulator (the same sandbox the tests use).
 struct Run {
-    id: String,
-    env: Vec<(String, String)>,
-    database: String,
+    sandbox: Sandbox,
     sim_stop: CancellationToken,
 }
 
 impl Run {
     async fn new(prefetch: u16, latency: Duration) -> anyhow::Result<Self> {
-        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
-        let database = format!("plw_bench_{id}");
-        admin(&format!("CREATE DATABASE {database}")).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let sim_url = format!("http://{}", listener.local_addr()?);
         let sim_stop = CancellationToken::new();
@@ -96,64 +78,22 @@ impl Run {
             },
             sim_stop.clone(),
         ));
-        let base = admin_url().rsplit_once('/').unwrap().0.to_owned();
-        let p = format!("bench.{id}.");
-        let env = vec![
-            ("DATABASE_URL".into(), format!("{base}/{database}")),
-            ("AMQP_URL".into(), amqp_url()),
-            ("PROVIDER_BASE_URL".into(), sim_url.clone()),
-            ("PROVIDER_TOKEN".into(), TOKEN.into()),
-            (
-                "PAYMENT_LINK_WORKER__BROKER__COMMAND_EXCHANGE".into(),
-                format!("{p}commands"),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__BROKER__COMMAND_QUEUE".into(),
-                format!("{p}create"),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__BROKER__EVENT_EXCHANGE".into(),
-                format!("{p}events"),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__BROKER__DEAD_LETTER_EXCHANGE".into(),
-                format!("{p}dead-letter"),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__BROKER__DEAD_LETTER_QUEUE".into(),
-                format!("{p}dead-letter-queue"),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__BROKER__PREFETCH".into(),
-                prefetch.to_string(),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__DATABASE__POOL_SIZE".into(),
-                "16".into(),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__RETRY__DELAY_TIERS_MS".into(),
-                "".into(),
-            ),
-            (
-                "PAYMENT_LINK_WORKER__TELEMETRY__HTTP_LISTEN".into(),
-                "".into(),
-            ),
-            ("PAYMENT_LINK_WORKER__LOG__LEVEL".into(), "warn".into()),
+        let prefetch = prefetch.to_string();
+        let overrides = [
+            ("BROKER__PREFETCH", prefetch.as_str()),
+            ("DATABASE__POOL_SIZE", "16"),
+            ("RETRY__DELAY_TIERS_MS", ""),
+            ("TELEMETRY__HTTP_LISTEN", ""),
+            ("LOG__LEVEL", "warn"),
         ];
-        Ok(Self {
-            id,
-            env,
-            database,
-            sim_stop,
-        })
+        let sandbox = Sandbox::create("bench", &sim_url, TOKEN, &overrides)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(Self { sandbox, sim_stop })
     }
 
     fn settings(&self) -> anyhow::Result<payment_link_worker::config::Settings> {
-        Ok(payment_link_worker::config::Settings::load_from(
-            None,
-            self.env.clone(),
-        )?)
+        self.sandbox.settings().map_err(anyhow::Error::msg)
     }
 
     fn start_worker(&self) -> anyhow::Result<Child> {
@@ -161,7 +101,7 @@ impl Run {
         let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_payment-link-worker"));
         Command::new(&exe)
             .arg("run")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.sandbox.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -179,36 +119,21 @@ impl Run {
         let declared =
             payment_link_worker::broker::topology::declare(connection, &settings.broker).await?;
         let _ = declared.close(200, "declared".into()).await;
-        let events = format!("bench.{}.events-capture", self.id);
+        let events = self.events_queue();
         event_queue(channel, &settings.broker.event_exchange, &events).await?;
         Ok(events)
     }
 
-    async fn cleanup(&self, channel: &Channel) {
+    fn events_queue(&self) -> String {
+        format!("bench.{}.events-capture", self.sandbox.id)
+    }
+
+    async fn cleanup(&self) {
         self.sim_stop.cancel();
-        let s = match self.settings() {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        for q in [&s.broker.command_queue, &s.broker.dead_letter_queue] {
-            let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
+        if let Ok(settings) = self.settings() {
+            let extra = vec![self.events_queue()];
+            sandbox::remove(&self.sandbox.database, &settings, extra).await;
         }
-        for e in [
-            &s.broker.command_exchange,
-            &s.broker.event_exchange,
-            &s.broker.dead_letter_exchange,
-        ] {
-            let _ = channel
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = admin(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.database
-        ))
-        .await;
     }
 }
 
@@ -573,7 +498,7 @@ async fn end_to_end(
         })
     }
     .await;
-    run.cleanup(&channel).await;
+    run.cleanup().await;
     result
 }
 
@@ -659,7 +584,7 @@ async fn latency(
         Ok::<_, anyhow::Error>((percentile(&latencies, 50.0), percentile(&latencies, 95.0), percentile(&latencies, 99.0)))
     }
     .await;
-    run.cleanup(&channel).await;
+    run.cleanup().await;
     result
 }
 

@@ -9,6 +9,9 @@
 #[path = "it/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
+#[path = "common/sandbox.rs"]
+#[allow(dead_code)]
+mod sandbox;
 
 use helpers::*;
 use opentelemetry::trace::{SpanKind, TraceId, TracerProvider as _};

@@ -149,7 +149,7 @@ fn one_line(err: &str) -> &str {
 
 #[test]
 fn start_up_failures_are_one_line_with_the_cause_the_setting_and_the_fix() {
-    let admin = crate::helpers::admin_database_url();
+    let admin = crate::sandbox::admin_database_url();
     let base = admin.rsplit_once('/').unwrap().0;
     let missing = format!("plw_missing_{}", uuid::Uuid::new_v4().simple());
     let err = stderr_of(
@@ -205,7 +205,7 @@ fn start_up_failures_are_one_line_with_the_cause_the_setting_and_the_fix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_says_what_it_applied_then_that_the_schema_is_up_to_date() {
-    let admin = crate::helpers::admin_database_url();
+    let admin = crate::sandbox::admin_database_url();
     let base = admin.rsplit_once('/').unwrap().0.to_owned();
     let name = format!("plw_migrate_{}", uuid::Uuid::new_v4().simple());
     crate::helpers::exec_admin(&admin, &format!("CREATE DATABASE {name}")).await;

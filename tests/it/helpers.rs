@@ -3,8 +3,7 @@
 //! bound. Everything it creates is removed when the [`TestEnv`] is dropped, pass or fail.
 
 use lapin::options::{
-    BasicGetOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -23,17 +22,7 @@ pub const TOKEN: &str = "test-token";
 /// How long a test waits for something that should happen in well under a second.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-/// PostgreSQL server the tests create their databases on.
-pub fn admin_database_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// RabbitMQ the tests use.
-pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+pub use crate::sandbox::amqp_url;
 
 fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -147,31 +136,7 @@ impl TestEnv {
     /// As [`TestEnv::new`], with extra `PAYMENT_LINK_WORKER__…` style overrides.
     pub async fn with(provider_url: &str, overrides: &[(&str, &str)]) -> Self {
         init_logs();
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let database = format!("plw_test_{id}");
-        let admin = admin_database_url();
-        exec_admin(&admin, &format!("CREATE DATABASE {database}")).await;
-        let base = admin.rsplit_once('/').expect("database URL has a path").0;
-        let prefix = format!("t.{id}.");
-        let mut env: Vec<(String, String)> = vec![
-            ("DATABASE_URL".into(), format!("{base}/{database}")),
-            ("AMQP_URL".into(), amqp_url()),
-            ("PROVIDER_BASE_URL".into(), provider_url.into()),
-            ("PROVIDER_TOKEN".into(), TOKEN.into()),
-        ];
-        for (key, value) in [
-            ("BROKER__COMMAND_EXCHANGE", "commands"),
-            ("BROKER__COMMAND_QUEUE", "create"),
-            ("BROKER__EVENT_EXCHANGE", "events"),
-            ("BROKER__DEAD_LETTER_EXCHANGE", "dead-letter"),
-            ("BROKER__DEAD_LETTER_QUEUE", "create.dead-letter"),
-        ] {
-            env.push((
-                format!("PAYMENT_LINK_WORKER__{key}"),
-                format!("{prefix}{value}"),
-            ));
-        }
-        for (key, value) in [
+        let defaults = [
             ("RETRY__INITIAL_INTERVAL_MS", "20"),
             ("RETRY__MAX_INTERVAL_MS", "100"),
             ("RETRY__MAX_ELAPSED_MS", "5000"),
@@ -186,13 +151,13 @@ impl TestEnv {
             ("LOG__FORMAT", "text"),
             ("TELEMETRY__HTTP_LISTEN", "127.0.0.1:0"),
             ("TELEMETRY__LEVELS_INTERVAL_MS", "200"),
-        ]
-        .iter()
-        .chain(overrides)
-        {
-            env.push((format!("PAYMENT_LINK_WORKER__{key}"), value.to_string()));
-        }
-        let settings = Settings::load_from(None, env.clone()).expect("test settings are valid");
+        ];
+        let all: Vec<(&str, &str)> = defaults.iter().chain(overrides).copied().collect();
+        let sandbox = crate::sandbox::Sandbox::create("t", provider_url, TOKEN, &all)
+            .await
+            .expect("a sandbox on PostgreSQL");
+        let settings = sandbox.settings().expect("test settings are valid");
+        let (id, database, env) = (sandbox.id, sandbox.database, sandbox.env);
         let pool = store::pool(&settings.database).expect("pool");
         store::migrate(&pool).await.expect("migrations run");
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -395,22 +360,8 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let database = self.database.clone();
-        let mut queues = vec![
-            self.settings.broker.command_queue.clone(),
-            self.settings.broker.dead_letter_queue.clone(),
-        ];
-        queues.extend(self.extra_queues.lock().unwrap().drain(..));
-        for &delay_ms in &self.settings.retry.delay_tiers_ms {
-            queues.push(payment_link_worker::broker::topology::delay_queue(
-                &self.settings.broker,
-                delay_ms,
-            ));
-        }
-        let exchanges = [
-            self.settings.broker.command_exchange.clone(),
-            self.settings.broker.event_exchange.clone(),
-            self.settings.broker.dead_letter_exchange.clone(),
-        ];
+        let settings = self.settings.clone();
+        let extra = self.extra_queues.lock().unwrap().drain(..).collect();
         // Drop runs inside the test's runtime, which cannot block on itself: clean up from a
         // thread with a runtime of its own.
         let cleanup = std::thread::spawn(move || {
@@ -418,32 +369,7 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            runtime.block_on(async move {
-                if let Ok(connection) =
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                    && let Ok(channel) = connection.create_channel().await
-                {
-                    for queue in queues {
-                        let _ = channel
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    for exchange in exchanges {
-                        let _ = channel
-                            .exchange_delete(
-                                exchange.as_str().into(),
-                                ExchangeDeleteOptions::default(),
-                            )
-                            .await;
-                    }
-                    let _ = connection.close(200, "test done".into()).await;
-                }
-                exec_admin(
-                    &admin_database_url(),
-                    &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
-                )
-                .await;
-            });
+            runtime.block_on(crate::sandbox::remove(&database, &settings, extra));
         });
         let _ = cleanup.join();
     }
@@ -451,14 +377,9 @@ impl Drop for TestEnv {
 
 /// Runs one statement on the admin database (creating and dropping test databases).
 pub async fn exec_admin(url: &str, sql: &str) {
-    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-    let mut conn = AsyncPgConnection::establish(url)
+    crate::sandbox::exec_admin(url, sql)
         .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is reachable: {e}"));
-    diesel::sql_query(sql)
-        .execute(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Makes `provider` answer every call (not matched by an earlier mock) with `status` and a link

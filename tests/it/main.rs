@@ -17,6 +17,8 @@ mod pipeline;
 mod provider_failures;
 mod recovery;
 mod relay;
+#[path = "../common/sandbox.rs"]
+mod sandbox;
 mod shutdown;
 mod simulator;
 mod store_invariant;
