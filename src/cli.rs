@@ -1,7 +1,7 @@
 //! The subcommands of the `payment-link-worker` binary.
 
 use crate::config::Settings;
-use crate::ops::{dead_letters, send};
+use crate::ops::{dead_letters, listing, send};
 use crate::provider::sim::{self, SimOptions};
 use crate::{startup, store, telemetry};
 use anyhow::Context as _;
@@ -209,7 +209,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
-                print!("{}", dead_letters::format_listing(&listing));
+                print!("{}", listing::format_listing(&listing));
             }
             Ok(())
         }

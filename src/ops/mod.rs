@@ -2,4 +2,5 @@
 //! They publish through the same confirmed publish as the worker.
 
 pub mod dead_letters;
+pub mod listing;
 pub mod send;

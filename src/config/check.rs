@@ -1,0 +1,169 @@
+//! The checks types alone cannot make (ranges, URL shapes, names): each failure names the key
+//! and where its value came from.
+
+use super::{ConfigError, Settings};
+
+impl Settings {
+    /// Checks what types alone cannot: ranges, URL shapes, names.
+    pub(super) fn check(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| {
+            Err(ConfigError(format!("{} {why}", self.origins.describe(key))))
+        };
+        if !self.broker.url.expose().starts_with("amqp://")
+            && !self.broker.url.expose().starts_with("amqps://")
+        {
+            return fail("broker.url", "must start with amqp:// or amqps://");
+        }
+        if self.broker.prefetch == 0 {
+            return fail("broker.prefetch", "must be at least 1");
+        }
+        if self.broker.max_message_bytes == 0 {
+            return fail("broker.max_message_bytes", "must be at least 1");
+        }
+        if self.broker.publish_timeout_ms == 0 {
+            return fail("broker.publish_timeout_ms", "must be above 0");
+        }
+        if self.broker.delivery_limit == 0 {
+            return fail("broker.delivery_limit", "must be at least 1");
+        }
+        for (key, name) in [
+            ("broker.command_exchange", &self.broker.command_exchange),
+            ("broker.command_queue", &self.broker.command_queue),
+            ("broker.event_exchange", &self.broker.event_exchange),
+            (
+                "broker.dead_letter_exchange",
+                &self.broker.dead_letter_exchange,
+            ),
+            ("broker.dead_letter_queue", &self.broker.dead_letter_queue),
+            (
+                "broker.command_routing_key",
+                &self.broker.command_routing_key,
+            ),
+            (
+                "broker.created_routing_key",
+                &self.broker.created_routing_key,
+            ),
+            ("broker.failed_routing_key", &self.broker.failed_routing_key),
+        ] {
+            if name.trim().is_empty() || name.len() > 255 {
+                return fail(key, "must be a name of 1 to 255 bytes");
+            }
+        }
+        let db = self.database.url.expose();
+        if !db.starts_with("postgres://") && !db.starts_with("postgresql://") {
+            return fail(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            );
+        }
+        if self.database.pool_size == 0 {
+            return fail("database.pool_size", "must be at least 1");
+        }
+        for (key, value) in [
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+            ),
+            (
+                "database.idle_in_transaction_timeout_ms",
+                self.database.idle_in_transaction_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return fail(key, "must be above 0");
+            }
+        }
+        let base = self.provider.base_url.expose();
+        let Some(url) = reqwest::Url::parse(base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+        else {
+            return fail("provider.base_url", "must be an http:// or https:// URL");
+        };
+        if url.scheme() == "http" && !self.provider.allow_plain_http && !is_loopback(&url) {
+            return fail(
+                "provider.base_url",
+                "is plain http:// to a host other than this machine: the bearer token would travel \
+                 unencrypted; use https://, or set provider.allow_plain_http = true",
+            );
+        }
+        if self.provider.timeout_ms == 0 || self.provider.connect_timeout_ms == 0 {
+            return fail(
+                "provider.timeout_ms",
+                "and provider.connect_timeout_ms must be above 0",
+            );
+        }
+        if self.provider.max_response_bytes == 0 {
+            return fail("provider.max_response_bytes", "must be above 0");
+        }
+        let retry = &self.retry;
+        if retry.initial_interval_ms == 0 || retry.max_interval_ms < retry.initial_interval_ms {
+            return fail(
+                "retry.max_interval_ms",
+                "must be at least retry.initial_interval_ms, which must be above 0",
+            );
+        }
+        if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
+            return fail("retry.multiplier", "must be a number of at least 1");
+        }
+        if !(0.0..=1.0).contains(&retry.randomization_factor) {
+            return fail("retry.randomization_factor", "must be between 0 and 1");
+        }
+        if retry.delay_tiers_ms.contains(&0) {
+            return fail("retry.delay_tiers_ms", "must hold delays above 0");
+        }
+        let breaker = &self.breaker;
+        if !(breaker.failure_ratio > 0.0 && breaker.failure_ratio <= 1.0) {
+            return fail("breaker.failure_ratio", "must be above 0 and at most 1");
+        }
+        if breaker.min_calls == 0 || breaker.window_ms == 0 || breaker.probe_interval_ms == 0 {
+            return fail(
+                "breaker.min_calls",
+                "breaker.window_ms and breaker.probe_interval_ms must be above 0",
+            );
+        }
+        if self.outbox.relay_interval_ms == 0 || self.outbox.relay_batch_size < 1 {
+            return fail(
+                "outbox.relay_interval_ms",
+                "and outbox.relay_batch_size must be above 0",
+            );
+        }
+        if self.worker.busy_poll_ms == 0 {
+            return fail("worker.busy_poll_ms", "must be above 0");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError(format!(
+                "`log.level` is not a valid filter: {e}"
+            )));
+        }
+        let listen = self.telemetry.http_listen.trim();
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(
+                "telemetry.http_listen",
+                "must be empty or an address like 0.0.0.0:9464",
+            );
+        }
+        if self.telemetry.levels_interval_ms == 0 {
+            return fail("telemetry.levels_interval_ms", "must be above 0");
+        }
+        if self.events.source.trim().is_empty() {
+            return fail("events.source", "must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// Whether the URL's host is this machine (the only place plain http may carry the token by
+/// default).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
