@@ -23,3 +23,4 @@ mod shutdown;
 mod simulator;
 mod store_invariant;
 mod validation;
+mod writers;

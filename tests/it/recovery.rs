@@ -647,25 +647,54 @@ async fn bad_commands_in_a_load_are_dead_lettered_and_hold_nothing_up() {
     worker.stop().await.expect("the worker never stopped");
 }
 
-/// A broker memory alarm for everyone (RabbitMQ blocks every publishing connection), cleared
-/// when dropped, so a failing test never leaves the broker blocked. The test that uses it runs
-/// alone (see `.config/nextest.toml`).
-struct MemoryAlarm;
+/// Which resource alarm a test raises.
+#[derive(Clone, Copy, Debug)]
+enum Resource {
+    /// The memory high watermark, set to 1 byte.
+    Memory,
+    /// The disk free limit, set far above the disk's size.
+    Disk,
+}
 
-impl MemoryAlarm {
-    fn raise() -> Self {
-        rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"]);
-        MemoryAlarm
+/// A broker resource alarm for everyone (RabbitMQ blocks every publishing connection), cleared
+/// when dropped, so a failing test never leaves the broker blocked. The tests that use it run
+/// alone (see `.config/nextest.toml`).
+struct BrokerAlarm {
+    resource: Resource,
+    /// The disk free limit to restore (the memory watermark goes back to RabbitMQ's default).
+    disk_limit: String,
+}
+
+impl BrokerAlarm {
+    fn raise(resource: Resource) -> Self {
+        let disk_limit = Command::new("rabbitmqctl")
+            .args(["-q", "eval", "rabbit_disk_monitor:get_disk_free_limit()."])
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .filter(|limit| !limit.is_empty() && limit.chars().all(|c| c.is_ascii_digit()))
+            .unwrap_or_else(|| "50000000".into());
+        let alarm = BrokerAlarm {
+            resource,
+            disk_limit,
+        };
+        match resource {
+            Resource::Memory => rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"]),
+            Resource::Disk => rabbitmqctl(&["set_disk_free_limit", "1000000000000000"]),
+        }
+        alarm
     }
 }
 
-impl Drop for MemoryAlarm {
-    /// Restores the default watermark, then waits (bounded) until the broker has cleared the
-    /// alarm, so the tests that run next find publishing open.
+impl Drop for BrokerAlarm {
+    /// Restores the setting, then waits (bounded) until the broker has cleared the alarm, so the
+    /// tests that run next find publishing open.
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["set_vm_memory_high_watermark", "0.4", "-q"])
-            .status();
+        let restore: Vec<&str> = match self.resource {
+            Resource::Memory => vec!["set_vm_memory_high_watermark", "0.4", "-q"],
+            Resource::Disk => vec!["set_disk_free_limit", &self.disk_limit, "-q"],
+        };
+        let _ = Command::new("rabbitmqctl").args(&restore).status();
         for _ in 0..100 {
             let alarms = Command::new("rabbitmqctl")
                 .args(["-q", "eval", "rabbit_alarm:get_alarms()."])
@@ -675,12 +704,26 @@ impl Drop for MemoryAlarm {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        eprintln!("the broker still reports an alarm 10 s after the watermark was restored");
+        eprintln!(
+            "the broker still reports an alarm 10 s after the {:?} limit was restored",
+            self.resource
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_alarm_blocks_publishing_but_loses_nothing_and_wedges_nothing() {
+    alarm_mid_load(Resource::Memory, "alarm").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_alarm_on_disk_blocks_publishing_but_loses_nothing_and_wedges_nothing() {
+    alarm_mid_load(Resource::Disk, "disk-alarm").await;
+}
+
+/// A resource alarm while commands are in flight: readiness says so, commands go on being
+/// recorded, and once it clears every command has its one event and nothing is dead-lettered.
+async fn alarm_mid_load(resource: Resource, prefix: &str) {
     // A slow provider keeps commands in flight (32 at a time, 150 ms each) while the alarm is on.
     let (sim_url, _sim) = start_simulator(sim(150, 0.0, 0.0)).await;
     let env = TestEnv::with(&sim_url, &[("BROKER__PUBLISH_TIMEOUT_MS", "1000")]).await;
@@ -688,13 +731,13 @@ async fn broker_alarm_blocks_publishing_but_loses_nothing_and_wedges_nothing() {
     let worker = env.start_worker().await;
     let readyz = format!("http://{}/readyz", worker.http_addr().unwrap());
     // Every command is published before the alarm: while it lasts, nobody can publish.
-    let ids = send_load(&env, "alarm", 1500, "4.00").await;
+    let ids = send_load(&env, prefix, 1500, "4.00").await;
     eventually("some commands done", LOAD_WAIT, || async {
         (succeeded(&env).await >= 20).then_some(())
     })
     .await;
 
-    let alarm = MemoryAlarm::raise();
+    let alarm = BrokerAlarm::raise(resource);
     let blocked = eventually("readiness to report the blocked broker", WAIT, || async {
         let answer = reqwest::get(&readyz).await.ok()?;
         let body = answer.text().await.ok()?;
@@ -740,7 +783,7 @@ async fn broker_alarm_then_sigterm_exits_in_bounded_time_and_a_restart_loses_not
         (succeeded(&env).await >= 20).then_some(())
     })
     .await;
-    let alarm = MemoryAlarm::raise();
+    let alarm = BrokerAlarm::raise(Resource::Memory);
     // The stop must end while the broker still blocks publishers: the grace period (2 s), then
     // each bounded step; 30 s is far beyond their sum, and far below "forever".
     let status = child.terminate(Duration::from_secs(30)).await;
