@@ -75,6 +75,7 @@ impl Run {
                 latency,
                 fail_rate: 0.0,
                 stall_rate: 0.0,
+                ..SimOptions::default()
             },
             sim_stop.clone(),
         ));

@@ -116,6 +116,12 @@ pub struct ProviderSimArgs {
     /// Fraction of calls (0 to 1) that hang for a minute (to exercise callers' timeouts).
     #[arg(long, default_value_t = 0.0)]
     pub stall_rate: f64,
+    /// Answer 429 with `Retry-After: 1` above this many requests per second.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit: Option<u32>,
+    /// Answer 503 to every call for this paymentProviderId (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub fail_provider_id: Vec<i64>,
 }
 
 /// Flags of `send`: a body from flags, or from a JSON file.
@@ -280,6 +286,8 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         latency: Duration::from_millis(args.latency_ms),
         fail_rate: args.fail_rate,
         stall_rate: args.stall_rate,
+        rate_limit: args.rate_limit,
+        fail_provider_ids: args.fail_provider_id,
     };
     Ok(sim::serve(listener, options, stop).await?)
 }

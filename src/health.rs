@@ -3,7 +3,7 @@
 //! circuit not open) and which part is not, `/metrics` the figures in Prometheus text format.
 
 use crate::metrics::MetricsHandle;
-use crate::provider::breaker::{Breaker, State};
+use crate::provider::lanes::Lanes;
 use crate::store::PgPool;
 use axum::Router;
 use axum::extract::State as Extract;
@@ -26,7 +26,7 @@ pub struct Probe {
     /// Checked by `/readyz`.
     pub pool: PgPool,
     /// Checked by `/readyz`.
-    pub breaker: Arc<Breaker>,
+    pub lanes: Arc<Lanes>,
     /// True while the worker holds a live consumer on the command queue.
     pub consuming: Arc<AtomicBool>,
     /// Checked by `/readyz`: a publishing connection the broker blocked (an alarm).
@@ -85,12 +85,19 @@ async fn ready(Extract(probe): Extract<Probe>) -> Response {
         }
         Err(_) => "unreachable: no answer within 2 s".to_owned(),
     };
-    let provider = match probe.breaker.state() {
-        State::Open => "circuit open: the provider looks down".to_owned(),
-        State::HalfOpen => "circuit half-open: probing the provider".to_owned(),
-        State::Closed => "ok".to_owned(),
+    // One provider down leaves the worker useful for the others: it is not ready only when every
+    // provider it has called is down.
+    let (open, all_open) = probe.lanes.open_circuits();
+    let provider = if open.is_empty() {
+        "ok".to_owned()
+    } else {
+        let ids: Vec<String> = open.iter().map(i64::to_string).collect();
+        format!(
+            "circuit open for paymentProviderId {}: that provider looks down",
+            ids.join(", ")
+        )
     };
-    let ready = broker == "ok" && database == "ok" && probe.breaker.state() != State::Open;
+    let ready = broker == "ok" && database == "ok" && !all_open;
     let body = serde_json::json!({
         "ready": ready,
         "broker": broker,

@@ -38,6 +38,8 @@ pub struct Metrics {
     time_to_outcome: Histogram<f64>,
     /// Updated by the worker's level task.
     pub levels: Arc<Levels>,
+    /// Each provider's concurrency limit and load, updated by its lane.
+    pub lanes: Arc<crate::provider::lanes::LaneFigures>,
 }
 
 /// The metrics of one worker and what renders or exports them.
@@ -110,6 +112,41 @@ impl MetricsHandle {
             "Age of the oldest command being processed",
             |l| l.oldest_processing_age_ms.load(Ordering::Relaxed),
         );
+        let lanes = Arc::new(crate::provider::lanes::LaneFigures::default());
+        let per_provider =
+            |name: &'static str,
+             description: &'static str,
+             read: fn(&crate::provider::limit::Figures) -> i64| {
+                let lanes = lanes.clone();
+                meter
+                    .i64_observable_gauge(name)
+                    .with_unit("{call}")
+                    .with_description(description)
+                    .with_callback(move |observer| {
+                        for (id, figures) in lanes.lock().expect("lane figures").iter() {
+                            observer.observe(
+                                read(figures),
+                                &[KeyValue::new("payment_provider.id", *id)],
+                            );
+                        }
+                    })
+                    .build()
+            };
+        per_provider(
+            "payment_link.provider.concurrency_limit",
+            "Calls a provider may have under way at once (adapted to its answers)",
+            |f| f.limit.load(Ordering::Relaxed),
+        );
+        per_provider(
+            "payment_link.provider.in_flight",
+            "Calls under way to a provider",
+            |f| f.in_flight.load(Ordering::Relaxed),
+        );
+        per_provider(
+            "payment_link.provider.queued",
+            "Calls waiting for a provider's concurrency limit or Retry-After pause",
+            |f| f.queued.load(Ordering::Relaxed),
+        );
         let counter = |name: &'static str, description: &'static str| {
             meter
                 .u64_counter(name)
@@ -179,6 +216,7 @@ impl MetricsHandle {
                 "Time from the first attempt to success or dead-letter",
             ),
             levels,
+            lanes,
         };
         metrics.start_at_zero();
         Ok(Self {

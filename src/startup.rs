@@ -8,8 +8,8 @@ use crate::broker::publisher::Publisher;
 use crate::config::Settings;
 use crate::consumer::{self, Session};
 use crate::metrics::{Metrics, MetricsHandle};
-use crate::provider::breaker::Breaker;
 use crate::provider::client::ProviderClient;
+use crate::provider::lanes::Lanes;
 use crate::relay::{SentMarker, SentWriter};
 use crate::store::claims::{ClaimWriter, Claims};
 use crate::store::outcomes::{OutcomeWriter, Outcomes};
@@ -30,8 +30,8 @@ pub struct Context {
     pub publisher: Publisher,
     /// The provider API client.
     pub provider: ProviderClient,
-    /// The provider's circuit breaker (also read by readiness).
-    pub breaker: Arc<Breaker>,
+    /// Each provider's circuit breaker and concurrency limit (also read by readiness).
+    pub lanes: Arc<Lanes>,
     /// The figures it records.
     pub metrics: Arc<Metrics>,
     /// Claims commands in batches.
@@ -63,8 +63,8 @@ impl Context {
         let publisher = Publisher::open(&settings.broker, &format!("{instance_id} publisher"))
             .await
             .context("cannot open the publishing connection")?;
-        let breaker = Breaker::new(settings.breaker.clone());
-        let provider = ProviderClient::new(&settings.provider, &settings.retry, breaker.clone())?;
+        let lanes = Lanes::new(&settings, metrics.lanes.clone());
+        let provider = ProviderClient::new(&settings.provider, &settings.retry, lanes.clone())?;
         Ok(Self {
             events: EventTarget::new(&settings),
             sent: SentWriter::start(pool.clone()),
@@ -73,7 +73,7 @@ impl Context {
             pool,
             publisher,
             provider,
-            breaker,
+            lanes,
             metrics,
             consuming: Arc::new(AtomicBool::new(true)),
             instance_id,
@@ -169,7 +169,7 @@ async fn serve_health(
     let probe = health::Probe {
         metrics: metrics.clone(),
         pool: context.pool.clone(),
-        breaker: context.breaker.clone(),
+        lanes: context.lanes.clone(),
         consuming: context.consuming.clone(),
         publisher: context.publisher.clone(),
     };

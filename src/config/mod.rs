@@ -152,6 +152,8 @@ pub struct ProviderSettings {
     pub max_response_bytes: usize,
     /// Allow sending the bearer token over plain http:// to a host other than loopback.
     pub allow_plain_http: bool,
+    /// Adapt each provider's concurrency limit to its answers (lower on 429, 503 and timeouts).
+    pub adaptive_concurrency: bool,
 }
 
 /// Exponential backoff of transient provider failures.

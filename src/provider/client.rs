@@ -1,7 +1,8 @@
 //! The HTTP client of the provider API and the classification of its answers.
 
 use super::PAYMENT_LINK_PATH;
-use super::breaker::Breaker;
+use super::lanes::Lanes;
+use super::limit::Signal;
 use super::retry::{self, Attempt, GaveUp};
 use crate::config::{ProviderSettings, RetrySettings, Secret};
 use crate::errors::ErrorKind;
@@ -72,7 +73,7 @@ pub struct ProviderClient {
     url_for_logs: String,
     token: Secret,
     retry: RetrySettings,
-    breaker: Arc<Breaker>,
+    lanes: Arc<Lanes>,
     max_response_bytes: usize,
 }
 
@@ -82,7 +83,7 @@ impl ProviderClient {
     pub fn new(
         settings: &ProviderSettings,
         retry: &RetrySettings,
-        breaker: Arc<Breaker>,
+        lanes: Arc<Lanes>,
     ) -> anyhow::Result<Self> {
         let base = settings.base_url.expose().trim_end_matches('/');
         let url = reqwest::Url::parse(&format!("{base}{PAYMENT_LINK_PATH}"))
@@ -101,14 +102,16 @@ impl ProviderClient {
             token: settings.token.clone(),
             max_response_bytes: settings.max_response_bytes,
             retry: retry.clone(),
-            breaker,
+            lanes,
         })
     }
 
     /// Asks for a link, retrying transient failures within the retry budget. The command id is
-    /// the `Idempotency-Key`, so a retried or repeated request cannot make a second link.
+    /// the `Idempotency-Key`, so a retried or repeated request cannot make a second link. Each
+    /// call goes through the lane of `provider_id` (its breaker and its concurrency limit).
     pub async fn create_link(
         &self,
+        provider_id: i64,
         command_id: &str,
         request_json: &str,
         carried_trace: &[(String, String)],
@@ -119,7 +122,14 @@ impl ProviderClient {
             &self.retry,
             || {
                 let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
-                self.attempt(command_id, request_json, carried_trace, attempt, metrics)
+                self.attempt(
+                    provider_id,
+                    command_id,
+                    request_json,
+                    carried_trace,
+                    attempt,
+                    metrics,
+                )
             },
             |error: &ProviderError, wait| {
                 metrics.retry();
@@ -149,17 +159,20 @@ impl ProviderClient {
         CallResult { outcome, attempts }
     }
 
-    /// One HTTP call, admitted by the circuit breaker and reported to it, in a client span whose
-    /// trace context goes to the provider.
+    /// One HTTP call, admitted by its provider's circuit breaker and concurrency limit and
+    /// reported to both, in a client span whose trace context goes to the provider.
     async fn attempt(
         &self,
+        provider_id: i64,
         command_id: &str,
         request_json: &str,
         carried_trace: &[(String, String)],
         attempt: i32,
         metrics: &Metrics,
     ) -> Result<LinkCreated, Attempt<ProviderError>> {
-        let permit = self.breaker.admit().await;
+        let lane = self.lanes.lane(provider_id);
+        let permit = lane.breaker.admit().await;
+        let slot = lane.limiter.acquire().await;
         let span = tracing::info_span!(
             "POST",
             otel.kind = "client",
@@ -180,7 +193,16 @@ impl ProviderClient {
             Ok(link) => Some(link.http_status),
             Err(Attempt::Permanent(e) | Attempt::Transient(e, _)) => e.http_status,
         };
-        metrics.provider_call(status, started.elapsed());
+        let elapsed = started.elapsed();
+        metrics.provider_call(status, elapsed);
+        slot.done(match &result {
+            // An answer, even a refusal, says the provider is up and how fast it is.
+            Ok(_) | Err(Attempt::Permanent(_)) => Signal::Answered(elapsed),
+            Err(Attempt::Transient(e, retry_after)) if overloaded(e) => {
+                Signal::Overloaded(*retry_after)
+            }
+            Err(Attempt::Transient(..)) => Signal::Other,
+        });
         match status {
             Some(status) => span.record("http.response.status_code", i64::from(status)),
             None => span.record("error.type", "transport"),
@@ -356,9 +378,21 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// The error and its causes, without the URL (which may carry credentials).
+/// Whether a transient failure says the provider is overloaded (429, 503, a timeout) rather than
+/// broken or unreachable.
+fn overloaded(error: &ProviderError) -> bool {
+    match error.http_status {
+        Some(status) => matches!(status, 429 | 503),
+        None => error.message.starts_with(TIMED_OUT),
+    }
+}
+
+/// How a timed-out request's message starts.
+const TIMED_OUT: &str = "provider request timed out";
+
 fn describe_transport_error(error: &reqwest::Error) -> String {
     let kind = if error.is_timeout() {
-        "provider request timed out"
+        TIMED_OUT
     } else if error.is_connect() {
         "cannot connect to the provider"
     } else {

@@ -4,6 +4,8 @@
 
 pub mod breaker;
 pub mod client;
+pub mod lanes;
+pub mod limit;
 pub mod retry;
 pub mod sim;
 

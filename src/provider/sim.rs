@@ -1,6 +1,7 @@
 //! A local stand-in for the payment provider's API: bearer auth, the command's validation, a new
 //! link (201) per request and the same link (200) when an `Idempotency-Key` comes again, with
-//! optional latency and a rate of 503 answers. For development, the compose demo and tests.
+//! optional latency, a rate of 503 answers, a rate limit (429 with `Retry-After`) and provider ids
+//! that are down. For development, the compose demo and tests.
 
 use super::PAYMENT_LINK_PATH;
 use crate::command::Command;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 /// How the simulator behaves.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SimOptions {
     /// The bearer token it accepts.
     pub token: String,
@@ -28,6 +29,18 @@ pub struct SimOptions {
     pub fail_rate: f64,
     /// Fraction of calls (0 to 1) that hang for a minute before answering, to make callers time out.
     pub stall_rate: f64,
+    /// Requests per second above which calls are answered 429 with `Retry-After: 1`, as a real
+    /// provider's rate limit does.
+    pub rate_limit: Option<u32>,
+    /// Provider ids whose calls are all answered 503 (one provider down, the others up).
+    pub fail_provider_ids: Vec<i64>,
+}
+
+/// Requests admitted in the current one-second window, for the rate limit.
+#[derive(Default)]
+struct Window {
+    second: u64,
+    admitted: u32,
 }
 
 #[derive(Default)]
@@ -38,6 +51,8 @@ struct SimState {
     per_key: Mutex<HashMap<String, u64>>,
     next_id: AtomicI64,
     links: Mutex<HashMap<String, (String, String)>>,
+    window: std::sync::Mutex<Window>,
+    rate_limited: AtomicU64,
 }
 
 /// The simulator's routes: the provider endpoint and `GET /_sim/stats` (request and link counts,
@@ -84,6 +99,7 @@ async fn stats(State(state): State<Arc<SimState>>) -> Response {
             "idempotencyKeys": links,
             "maxRequestsPerKey": per_key.values().max().copied().unwrap_or(0),
             "repeatedKeys": per_key.values().filter(|n| **n > 1).count(),
+            "rateLimited": state.rate_limited.load(Ordering::SeqCst),
         })
         .to_string(),
     )
@@ -103,6 +119,23 @@ struct SimLink<'a> {
     adhoc_invoice_id: Option<i64>,
     customer_id: Option<i64>,
     payment_link: String,
+}
+
+/// Whether one more request fits in this second's `limit`.
+fn admitted(state: &SimState, limit: u32) -> bool {
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut window = state.window.lock().expect("window lock");
+    if window.second != second {
+        *window = Window {
+            second,
+            admitted: 0,
+        };
+    }
+    window.admitted += 1;
+    window.admitted <= limit
 }
 
 /// A random draw in [0, 1) from the OS generator (no extra crate for one coin flip).
@@ -156,6 +189,16 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
     if options.stall_rate > 0.0 && draw() < options.stall_rate {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
+    if let Some(limit) = options.rate_limit
+        && !admitted(state, limit)
+    {
+        state.rate_limited.fetch_add(1, Ordering::SeqCst);
+        let mut answer = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return answer;
+    }
     if options.fail_rate > 0.0 && draw() < options.fail_rate {
         return error(StatusCode::SERVICE_UNAVAILABLE, "simulated outage");
     }
@@ -163,6 +206,15 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
         Ok(command) => command,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
     };
+    if options
+        .fail_provider_ids
+        .contains(&command.payment_provider_id)
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "simulated outage of this provider id",
+        );
+    }
     let request = command.canonical_request_json();
     let key = headers
         .get("idempotency-key")

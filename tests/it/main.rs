@@ -15,6 +15,7 @@ mod observability;
 mod operations;
 mod pipeline;
 mod provider_failures;
+mod providers;
 mod recovery;
 mod relay;
 #[path = "../common/sandbox.rs"]

@@ -26,6 +26,7 @@ fn sim(latency_ms: u64, fail_rate: f64, stall_rate: f64) -> SimOptions {
         latency: Duration::from_millis(latency_ms),
         fail_rate,
         stall_rate,
+        ..SimOptions::default()
     }
 }
 

@@ -12,6 +12,7 @@ async fn start_sim(fail_rate: f64) -> (String, CancellationToken) {
         latency: Duration::ZERO,
         fail_rate,
         stall_rate: 0.0,
+        ..SimOptions::default()
     })
     .await
 }

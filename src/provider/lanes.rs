@@ -1,0 +1,102 @@
+//! One lane per `paymentProviderId`: its own circuit breaker and its own adaptive concurrency
+//! limit, so a provider that is down or overloaded never slows the commands of another. Lanes are
+//! made on first use; past [`MAX_LANES`] the idle ones are dropped, so a stream of made-up
+//! provider ids cannot grow the worker's memory or its metrics without bound.
+
+use super::breaker::{Breaker, State};
+use super::limit::{Figures, Limiter};
+use crate::config::Settings;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Most lanes kept at once; idle ones beyond it are dropped.
+pub const MAX_LANES: usize = 1024;
+
+/// The per-provider figures the metrics export, by provider id.
+pub type LaneFigures = Mutex<BTreeMap<i64, Arc<Figures>>>;
+
+/// One provider's breaker and limit.
+pub struct Lane {
+    /// Taken to be down after mostly failing calls.
+    pub breaker: Arc<Breaker>,
+    /// How many calls may be under way at once.
+    pub limiter: Limiter,
+    figures: Arc<Figures>,
+}
+
+impl Lane {
+    fn idle(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.breaker.state() == State::Closed
+            && self.figures.in_flight.load(Relaxed) == 0
+            && self.figures.queued.load(Relaxed) == 0
+    }
+}
+
+/// Every provider's lane; shared by the tasks of one worker.
+pub struct Lanes {
+    settings: Settings,
+    lanes: Mutex<HashMap<i64, Arc<Lane>>>,
+    figures: Arc<LaneFigures>,
+}
+
+impl Lanes {
+    /// No lanes yet; `figures` is where the metrics read each lane's limit and load.
+    pub fn new(settings: &Settings, figures: Arc<LaneFigures>) -> Arc<Self> {
+        Arc::new(Self {
+            settings: settings.clone(),
+            lanes: Mutex::new(HashMap::new()),
+            figures,
+        })
+    }
+
+    /// The lane of `provider_id`, made on first use.
+    pub fn lane(&self, provider_id: i64) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        if let Some(lane) = lanes.get(&provider_id) {
+            return lane.clone();
+        }
+        if lanes.len() >= MAX_LANES {
+            let mut figures = self.figures.lock().expect("figures lock");
+            lanes.retain(|id, lane| {
+                let keep = Arc::strong_count(lane) > 1 || !lane.idle();
+                if !keep {
+                    figures.remove(id);
+                }
+                keep
+            });
+        }
+        let figures = Arc::new(Figures::default());
+        let retry = &self.settings.retry;
+        let lane = Arc::new(Lane {
+            breaker: Breaker::new(self.settings.breaker.clone()),
+            limiter: Limiter::new(
+                usize::from(self.settings.broker.prefetch),
+                self.settings.provider.adaptive_concurrency,
+                Duration::from_millis(retry.max_interval_ms),
+                figures.clone(),
+            ),
+            figures: figures.clone(),
+        });
+        self.figures
+            .lock()
+            .expect("figures lock")
+            .insert(provider_id, figures);
+        lanes.insert(provider_id, lane.clone());
+        lane
+    }
+
+    /// The providers whose circuit is open, and whether every known provider's is.
+    pub fn open_circuits(&self) -> (Vec<i64>, bool) {
+        let lanes = self.lanes.lock().expect("lanes lock");
+        let mut open: Vec<i64> = lanes
+            .iter()
+            .filter(|(_, lane)| lane.breaker.state() == State::Open)
+            .map(|(id, _)| *id)
+            .collect();
+        open.sort_unstable();
+        let all = !lanes.is_empty() && open.len() == lanes.len();
+        (open, all)
+    }
+}

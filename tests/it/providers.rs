@@ -1,0 +1,151 @@
+//! Guarantee: each paymentProviderId has its own circuit breaker and its own concurrency limit.
+//! One provider down does not slow the commands of another; a provider that rate-limits the
+//! worker (429 with `Retry-After`) gets fewer calls at once, and every command still gets its
+//! link.
+
+use crate::helpers::*;
+use payment_link_worker::provider::sim::SimOptions;
+use std::time::Duration;
+
+/// How long a load may take on a busy machine.
+const LOAD_WAIT: Duration = Duration::from_secs(90);
+
+fn body(provider_id: i64, invoice_id: i64) -> String {
+    format!(
+        r#"{{"paymentProviderId":{provider_id},"amountInMajorCurrency":3.10,"description":"Invoice {invoice_id}","invoiceId":{}}}"#,
+        invoice_id + 1
+    )
+}
+
+async fn readiness(addr: std::net::SocketAddr) -> (u16, String) {
+    let answer = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    (answer.status().as_u16(), answer.text().await.unwrap())
+}
+
+/// The Prometheus sample of `name` for provider `id`.
+fn per_provider(metrics: &str, name: &str, id: i64) -> Option<f64> {
+    let label = format!("payment_provider_id=\"{id}\"");
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_provider_down_does_not_slow_the_commands_of_another() {
+    let (sim_url, _sim) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        fail_provider_ids: vec![2],
+        ..SimOptions::default()
+    })
+    .await;
+    // Provider 2's circuit opens after 5 failures and would not be probed for a minute: a
+    // breaker shared by all providers would hold provider 1's commands that long.
+    let env = TestEnv::with(
+        &sim_url,
+        &[
+            ("BREAKER__MIN_CALLS", "5"),
+            ("BREAKER__PROBE_INTERVAL_MS", "60000"),
+            ("RETRY__MAX_ELAPSED_MS", "30000"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    let addr = worker.http_addr().unwrap();
+    for i in 0..8 {
+        env.send(&format!("down-{i}"), &body(2, i)).await;
+    }
+    let (status, ready) = eventually("provider 2's circuit to open", WAIT, || async {
+        let (status, body) = readiness(addr).await;
+        body.contains("circuit open for paymentProviderId 2")
+            .then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 503, "every provider called so far is down: {ready}");
+
+    let ids: Vec<String> = (0..40).map(|i| format!("up-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &body(1, i as i64)).await;
+    }
+    let got = env.messages(&events, ids.len(), WAIT).await;
+    let mut subjects: Vec<String> = got
+        .iter()
+        .filter_map(|e| e.header("cloudEvents:subject"))
+        .collect();
+    subjects.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        subjects, expected,
+        "provider 1's commands all got their links"
+    );
+    let (status, ready) = readiness(addr).await;
+    assert_eq!(
+        status, 200,
+        "provider 1 is up, so the worker is useful: {ready}"
+    );
+    assert!(ready.contains("paymentProviderId 2"), "{ready}");
+    assert_eq!(
+        env.queue_depth(&env.dead_letter_queue()).await,
+        0,
+        "provider 2's commands are still retrying, not dead-lettered"
+    );
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_link() {
+    let (sim_url, _sim) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        latency: Duration::from_millis(5),
+        rate_limit: Some(150),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::with(&sim_url, &[("RETRY__MAX_ELAPSED_MS", "60000")]).await;
+    let events = env.capture_events().await;
+    let ids: Vec<String> = (0..600).map(|i| format!("limited-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &body(4, i as i64)).await;
+    }
+    let worker = env.start_worker().await;
+    let prefetch = f64::from(env.settings.broker.prefetch);
+    let lowest = eventually("the limit to come down under 429s", LOAD_WAIT, || async {
+        per_provider(
+            &worker.metrics(),
+            "payment_link_provider_concurrency_limit",
+            4,
+        )
+        .filter(|limit| *limit < prefetch)
+    })
+    .await;
+    assert!(lowest >= 1.0, "{lowest}");
+    let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
+    assert_eq!(got.len(), ids.len());
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    let stats = reqwest::get(format!("{sim_url}/_sim/stats"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        stats["rateLimited"].as_u64().unwrap() > 0,
+        "the provider did push back: {stats}"
+    );
+    assert_eq!(stats["links"], 600, "{stats}");
+    let metrics = worker.metrics();
+    assert_eq!(
+        per_provider(&metrics, "payment_link_provider_in_flight", 4),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        per_provider(&metrics, "payment_link_provider_queued", 4),
+        Some(0.0)
+    );
+    drop(worker);
+}
