@@ -20,6 +20,8 @@ pub struct Levels {
     pub command_queue_depth: AtomicI64,
     /// Age in milliseconds of the oldest command being processed (0 when none).
     pub oldest_processing_age_ms: AtomicI64,
+    /// Workers alive now, this one included (from the heartbeat rows).
+    pub live_workers: AtomicI64,
 }
 
 /// The instruments the worker records to.
@@ -105,6 +107,12 @@ impl MetricsHandle {
             "{message}",
             "Commands waiting in the command queue",
             |l| l.command_queue_depth.load(Ordering::Relaxed),
+        );
+        gauge(
+            "payment_link.workers.live",
+            "{worker}",
+            "Workers alive now, this one included (they share the fleet's rate limits)",
+            |l| l.live_workers.load(Ordering::Relaxed),
         );
         gauge(
             "payment_link.commands.oldest_processing.age",

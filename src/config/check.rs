@@ -97,6 +97,19 @@ impl Settings {
                 "and provider.connect_timeout_ms must be above 0",
             );
         }
+        let rate = self.provider.max_requests_per_second;
+        if !(rate.is_finite() && rate >= 0.0) {
+            return fail(
+                "provider.max_requests_per_second",
+                "must be 0 (no limit) or more",
+            );
+        }
+        if let Err(why) = self.provider.rate_limits_by_id() {
+            return fail(
+                "provider.max_requests_per_second_by_id",
+                &format!("holds {why}"),
+            );
+        }
         if self.provider.max_response_bytes == 0 {
             return fail("provider.max_response_bytes", "must be above 0");
         }

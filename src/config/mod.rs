@@ -154,6 +154,48 @@ pub struct ProviderSettings {
     pub allow_plain_http: bool,
     /// Adapt each provider's concurrency limit to its answers (lower on 429, 503 and timeouts).
     pub adaptive_concurrency: bool,
+    /// Most calls per second to one provider id for the whole fleet (0: no limit).
+    pub max_requests_per_second: f64,
+    /// Per provider id, overriding the above: "ID=N,ID=N".
+    pub max_requests_per_second_by_id: String,
+}
+
+impl ProviderSettings {
+    /// The fleet-wide rate limit of `provider_id` in calls per second, if it has one.
+    pub fn rate_limit(&self, provider_id: i64) -> Option<f64> {
+        let by_id = self.rate_limits_by_id().ok()?;
+        let limit = by_id
+            .get(&provider_id)
+            .copied()
+            .unwrap_or(self.max_requests_per_second);
+        (limit > 0.0).then_some(limit)
+    }
+
+    /// `max_requests_per_second_by_id` read: provider id to calls per second.
+    pub fn rate_limits_by_id(&self) -> Result<std::collections::HashMap<i64, f64>, String> {
+        self.max_requests_per_second_by_id
+            .split(',')
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (id, rate) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("{pair:?} is not ID=N"))?;
+                let id: i64 = id
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{pair:?}: the id is not a whole number"))?;
+                let rate: f64 = rate
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{pair:?}: the rate is not a number"))?;
+                if !(rate.is_finite() && rate >= 0.0) {
+                    return Err(format!("{pair:?}: the rate must be 0 or more"));
+                }
+                Ok((id, rate))
+            })
+            .collect()
+    }
 }
 
 /// Exponential backoff of transient provider failures.
@@ -418,6 +460,40 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn fleet_rate_limits_read_per_provider_id_and_bad_ones_are_named() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                (
+                    "PAYMENT_LINK_WORKER__PROVIDER__MAX_REQUESTS_PER_SECOND",
+                    "50",
+                ),
+                (
+                    "PAYMENT_LINK_WORKER__PROVIDER__MAX_REQUESTS_PER_SECOND_BY_ID",
+                    "3=100, 7=0",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.provider.rate_limit(3), Some(100.0));
+        assert_eq!(s.provider.rate_limit(7), None, "0: no limit for that id");
+        assert_eq!(s.provider.rate_limit(1), Some(50.0));
+        let err = Settings::load_from(
+            None,
+            env(&[(
+                "PAYMENT_LINK_WORKER__PROVIDER__MAX_REQUESTS_PER_SECOND_BY_ID",
+                "3:100",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("provider.max_requests_per_second_by_id") && err.contains("3:100"),
+            "{err}"
+        );
     }
 
     #[test]

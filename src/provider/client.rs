@@ -173,6 +173,7 @@ impl ProviderClient {
         let lane = self.lanes.lane(provider_id);
         let permit = lane.breaker.admit().await;
         let slot = lane.limiter.acquire().await;
+        lane.pace(self.lanes.workers()).await;
         let span = tracing::info_span!(
             "POST",
             otel.kind = "client",

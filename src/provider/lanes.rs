@@ -1,5 +1,6 @@
-//! One lane per `paymentProviderId`: its own circuit breaker and its own adaptive concurrency
-//! limit, so a provider that is down or overloaded never slows the commands of another. Lanes are
+//! One lane per `paymentProviderId`: its own circuit breaker, its own adaptive concurrency
+//! limit and its share of the fleet's rate limit, so a provider that is down or overloaded never
+//! slows the commands of another. Lanes are
 //! made on first use; past [`MAX_LANES`] the idle ones are dropped, so a stream of made-up
 //! provider ids cannot grow the worker's memory or its metrics without bound.
 
@@ -7,8 +8,9 @@ use super::breaker::{Breaker, State};
 use super::limit::{Figures, Limiter};
 use crate::config::Settings;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most lanes kept at once; idle ones beyond it are dropped.
 pub const MAX_LANES: usize = 1024;
@@ -16,16 +18,37 @@ pub const MAX_LANES: usize = 1024;
 /// The per-provider figures the metrics export, by provider id.
 pub type LaneFigures = Mutex<BTreeMap<i64, Arc<Figures>>>;
 
-/// One provider's breaker and limit.
+/// One provider's breaker and limits.
 pub struct Lane {
     /// Taken to be down after mostly failing calls.
     pub breaker: Arc<Breaker>,
     /// How many calls may be under way at once.
     pub limiter: Limiter,
+    /// Calls per second for the fleet, if limited; this worker takes its share.
+    rate: Option<f64>,
+    /// When this worker's next call to the provider may start.
+    next_call: Mutex<Instant>,
     figures: Arc<Figures>,
 }
 
 impl Lane {
+    /// Waits for this worker's turn under the fleet's rate limit: calls are spaced evenly at
+    /// `rate / workers` per second, with no burst, so the fleet never goes above the rate in any
+    /// second (give or take one call per worker).
+    pub async fn pace(&self, workers: usize) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let gap = Duration::from_secs_f64(workers.max(1) as f64 / rate);
+        let at = {
+            let mut next = self.next_call.lock().expect("pace lock");
+            let at = (*next).max(Instant::now());
+            *next = at + gap;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+
     fn idle(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         self.breaker.state() == State::Closed
@@ -37,6 +60,8 @@ impl Lane {
 /// Every provider's lane; shared by the tasks of one worker.
 pub struct Lanes {
     settings: Settings,
+    /// Live workers sharing the fleet's rate limits (from the heartbeat; 1 until known).
+    workers: AtomicUsize,
     lanes: Mutex<HashMap<i64, Arc<Lane>>>,
     figures: Arc<LaneFigures>,
 }
@@ -46,9 +71,20 @@ impl Lanes {
     pub fn new(settings: &Settings, figures: Arc<LaneFigures>) -> Arc<Self> {
         Arc::new(Self {
             settings: settings.clone(),
+            workers: AtomicUsize::new(1),
             lanes: Mutex::new(HashMap::new()),
             figures,
         })
+    }
+
+    /// How many workers share the fleet's rate limits now (counted through the heartbeat).
+    pub fn set_workers(&self, workers: usize) {
+        self.workers.store(workers.max(1), Ordering::Relaxed);
+    }
+
+    /// The workers sharing the fleet's rate limits.
+    pub fn workers(&self) -> usize {
+        self.workers.load(Ordering::Relaxed)
     }
 
     /// The lane of `provider_id`, made on first use.
@@ -77,6 +113,8 @@ impl Lanes {
                 Duration::from_millis(retry.max_interval_ms),
                 figures.clone(),
             ),
+            rate: self.settings.provider.rate_limit(provider_id),
+            next_call: Mutex::new(Instant::now()),
             figures: figures.clone(),
         });
         self.figures

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod claims;
 pub mod commands;
+pub mod heartbeats;
 pub mod outbox;
 pub mod outcomes;
 pub mod replay_runs;

@@ -149,3 +149,53 @@ async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_
     );
     drop(worker);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_a_fleet_rate_limit_and_stay_under_the_providers() {
+    // The provider allows 20 calls a second; the fleet is told 16 for provider 5. Two workers
+    // that each took the whole 16 would go over the provider's limit and get 429s.
+    let (sim_url, _sim) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        rate_limit: Some(20),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::with(
+        &sim_url,
+        &[("PROVIDER__MAX_REQUESTS_PER_SECOND_BY_ID", "9=1000, 5=16")],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let first = env.start_worker().await;
+    let second = env.start_worker().await;
+    for worker in [&first, &second] {
+        eventually("each worker to count two live workers", WAIT, || async {
+            let metrics = worker.metrics();
+            metrics
+                .lines()
+                .any(|l| l.starts_with("payment_link_workers_live") && l.ends_with(" 2"))
+                .then_some(())
+        })
+        .await;
+    }
+    let ids: Vec<String> = (0..48).map(|i| format!("paced-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &body(5, i as i64)).await;
+    }
+    let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
+    assert_eq!(got.len(), ids.len());
+    let stats = reqwest::get(format!("{sim_url}/_sim/stats"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["links"], 48, "{stats}");
+    assert_eq!(
+        stats["rateLimited"], 0,
+        "the fleet stayed under the provider's limit: {stats}"
+    );
+    drop(first);
+    drop(second);
+}
