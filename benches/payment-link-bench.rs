@@ -57,14 +57,25 @@ mod sandbox;
 
 use sandbox::{Sandbox, amqp_url};
 
+/// How the worker is configured for a phase.
+#[derive(Clone, Copy)]
+enum Tuning {
+    /// This prefetch and log level `warn`.
+    Tuned(u16),
+    /// The shipped `config/default.toml` as it is (prefetch and `info` logging, JSON lines
+    /// written to a sink, as under a log collector).
+    Shipped,
+}
+
 /// A run's private names, database and simulator (the same sandbox the tests use).
 struct Run {
     sandbox: Sandbox,
     sim_stop: CancellationToken,
+    tuning: Tuning,
 }
 
 impl Run {
-    async fn new(prefetch: u16, latency: Duration) -> anyhow::Result<Self> {
+    async fn new(tuning: Tuning, latency: Duration) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let sim_url = format!("http://{}", listener.local_addr()?);
         let sim_stop = CancellationToken::new();
@@ -79,18 +90,27 @@ impl Run {
             },
             sim_stop.clone(),
         ));
-        let prefetch = prefetch.to_string();
-        let overrides = [
-            ("BROKER__PREFETCH", prefetch.as_str()),
-            ("DATABASE__POOL_SIZE", "16"),
+        let mut overrides = vec![
             ("RETRY__DELAY_TIERS_MS", ""),
             ("TELEMETRY__HTTP_LISTEN", ""),
-            ("LOG__LEVEL", "warn"),
         ];
+        let prefetch;
+        if let Tuning::Tuned(p) = tuning {
+            prefetch = p.to_string();
+            overrides.extend([
+                ("BROKER__PREFETCH", prefetch.as_str()),
+                ("DATABASE__POOL_SIZE", "16"),
+                ("LOG__LEVEL", "warn"),
+            ]);
+        }
         let sandbox = Sandbox::create("bench", &sim_url, TOKEN, &overrides)
             .await
             .map_err(anyhow::Error::msg)?;
-        Ok(Self { sandbox, sim_stop })
+        Ok(Self {
+            sandbox,
+            sim_stop,
+            tuning,
+        })
     }
 
     fn settings(&self) -> anyhow::Result<payment_link_worker::config::Settings> {
@@ -105,7 +125,10 @@ impl Run {
             .envs(self.sandbox.env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(match self.tuning {
+                Tuning::Tuned(_) => Stdio::inherit(),
+                Tuning::Shipped => Stdio::null(),
+            })
             .spawn()
             .with_context(|| format!("cannot start {}", exe.display()))
     }
@@ -427,10 +450,10 @@ struct EndToEnd {
 async fn end_to_end(
     connection: &Connection,
     n: usize,
-    prefetch: u16,
+    tuning: Tuning,
     latency: Duration,
 ) -> anyhow::Result<EndToEnd> {
-    let run = Run::new(prefetch, latency).await?;
+    let run = Run::new(tuning, latency).await?;
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
@@ -518,7 +541,7 @@ async fn latency(
     rate: f64,
     prefetch: u16,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let run = Run::new(prefetch, Duration::ZERO).await?;
+    let run = Run::new(Tuning::Tuned(prefetch), Duration::ZERO).await?;
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
@@ -609,7 +632,18 @@ async fn main() -> anyhow::Result<()> {
         "end to end, {} commands, prefetch {}",
         o.commands, o.prefetch
     ));
-    let e2e = end_to_end(&connection, o.commands, o.prefetch, Duration::ZERO).await?;
+    let e2e = end_to_end(
+        &connection,
+        o.commands,
+        Tuning::Tuned(o.prefetch),
+        Duration::ZERO,
+    )
+    .await?;
+    log(&format!(
+        "end to end with the shipped defaults (config/default.toml, info logging), {} commands",
+        o.commands
+    ));
+    let shipped = end_to_end(&connection, o.commands, Tuning::Shipped, Duration::ZERO).await?;
     let offered = (e2e.throughput * 0.5).max(1.0);
     log(&format!(
         "latency, {} commands offered at {offered:.0}/s",
@@ -623,7 +657,7 @@ async fn main() -> anyhow::Result<()> {
     let slow = end_to_end(
         &connection,
         o.slow_commands,
-        o.prefetch,
+        Tuning::Tuned(o.prefetch),
         Duration::from_millis(100),
     )
     .await?;
@@ -643,6 +677,12 @@ async fn main() -> anyhow::Result<()> {
             "end_to_end": e2e.cpu.json(),
         },
         "peak_rss_mib": e2e.peak_rss_bytes as f64 / 1048576.0,
+        "shipped_defaults": {
+            "throughput_per_s": shipped.throughput,
+            "to_tuned_ratio": shipped.throughput / e2e.throughput,
+            "cpu_seconds_per_1000_commands": shipped.cpu_seconds_per_1000,
+            "peak_rss_mib": shipped.peak_rss_bytes as f64 / 1048576.0,
+        },
         "latency_offered_per_s": offered,
         "latency_ms": { "p50": p50, "p95": p95, "p99": p99 },
         "provider_100ms": {
@@ -670,6 +710,13 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| worker CPU per 1,000 commands | {:.2} s | |",
             e2e.cpu_seconds_per_1000
+        );
+        println!(
+            "| end-to-end throughput, shipped defaults (info logging, JSON) | {:.0} commands/s ({:.0} % of tuned; worker CPU {:.2} s per 1,000; peak RSS {:.1} MiB) | ≥ 80 % of tuned |",
+            shipped.throughput,
+            shipped.throughput / e2e.throughput * 100.0,
+            shipped.cpu_seconds_per_1000,
+            shipped.peak_rss_bytes as f64 / 1048576.0
         );
         println!(
             "| machine CPU per 1,000 messages, broker-only | {} | |",

@@ -85,25 +85,14 @@ pub fn span(context: &Context, original: &Original<'_>) -> tracing::Span {
     let queue = &context.settings.broker.command_queue;
     let message_id = original.properties.message_id().as_ref();
     let message_id = message_id.map(|m| m.as_str()).unwrap_or("");
-    let span = tracing::info_span!("command",
+    let correlation_id = original.properties.correlation_id().as_ref();
+    let span = tracing::info_span!(
+        crate::telemetry::short::COMMAND_SPAN,
         otel.name = format!("process {queue}"),
         otel.kind = "consumer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "process",
-        messaging.operation.name = "process",
-        messaging.destination.name = %queue,
-        messaging.rabbitmq.destination.routing_key = %original.routing_key,
-        messaging.message.id = message_id,
-        messaging.message.conversation_id = tracing::field::Empty,
-        messaging.message.body.size = original.body.len(),
         command_id = message_id,
         // Known before the body is read, so even a validation failure's lines carry it.
-        correlation_id = original
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|c| c.as_str())
-            .unwrap_or(message_id),
+        correlation_id = correlation_id.map(|c| c.as_str()).unwrap_or(message_id),
         replay_count = tracing::field::Empty,
         delay_round = tracing::field::Empty,
         trace_id = tracing::field::Empty,
@@ -111,6 +100,22 @@ pub fn span(context: &Context, original: &Original<'_>) -> tracing::Span {
     let _ = span.set_parent(crate::telemetry::extract(
         original.properties.headers().as_ref(),
     ));
+    // The messaging conventions go to the trace only: a log line carries the ids people search
+    // by, not every attribute of the span.
+    for (key, value) in [
+        ("messaging.system", "rabbitmq".to_owned()),
+        ("messaging.operation.type", "process".to_owned()),
+        ("messaging.operation.name", "process".to_owned()),
+        ("messaging.destination.name", queue.clone()),
+        (
+            "messaging.rabbitmq.destination.routing_key",
+            original.routing_key.to_owned(),
+        ),
+        ("messaging.message.id", message_id.to_owned()),
+    ] {
+        span.set_attribute(key, value);
+    }
+    span.set_attribute("messaging.message.body.size", original.body.len() as i64);
     span.record("trace_id", crate::telemetry::trace_id(&span));
     span
 }
@@ -124,9 +129,9 @@ pub async fn process(context: &Context, original: &Original<'_>) -> Fate {
         Err(failure) => return Fate::DeadLetter(failure),
     };
     let span = tracing::Span::current();
-    span.record(
+    span.set_attribute(
         "messaging.message.conversation_id",
-        envelope.correlation_id.as_str(),
+        envelope.correlation_id.clone(),
     );
     span.record("correlation_id", envelope.correlation_id.as_str());
     span.record("replay_count", envelope.replay_count);
