@@ -661,7 +661,22 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(100),
     )
     .await?;
+    let shipped_prefetch = payment_link_worker::config::Settings::load_from(None, Vec::new())?
+        .broker
+        .prefetch;
+    log(&format!(
+        "end to end with 300 ms provider latency and the shipped defaults (prefetch {shipped_prefetch}), {} commands",
+        o.slow_commands
+    ));
+    let slow_shipped = end_to_end(
+        &connection,
+        o.slow_commands,
+        Tuning::Shipped,
+        Duration::from_millis(300),
+    )
+    .await?;
     let _ = connection.close(200, "bench done".into()).await;
+    let slow_shipped_target = f64::from(shipped_prefetch) / 0.3 * 0.8;
 
     let latency_target = (f64::from(o.prefetch) / 0.1 * 0.8).min(e2e.throughput);
     let report = serde_json::json!({
@@ -685,6 +700,13 @@ async fn main() -> anyhow::Result<()> {
         },
         "latency_offered_per_s": offered,
         "latency_ms": { "p50": p50, "p95": p95, "p99": p99 },
+        "provider_300ms_shipped_defaults": {
+            "commands": o.slow_commands,
+            "prefetch": shipped_prefetch,
+            "throughput_per_s": slow_shipped.throughput,
+            "target_per_s": slow_shipped_target,
+            "peak_rss_mib": slow_shipped.peak_rss_bytes as f64 / 1048576.0,
+        },
         "provider_100ms": {
             "commands": o.slow_commands,
             "throughput_per_s": slow.throughput,
@@ -742,6 +764,11 @@ async fn main() -> anyhow::Result<()> {
             "| worker peak RSS with 100 ms latency ({} in flight) | {:.1} MiB | < 64 MiB |",
             o.prefetch,
             slow.peak_rss_bytes as f64 / 1048576.0
+        );
+        println!(
+            "| throughput with 300 ms provider latency, shipped defaults (prefetch {shipped_prefetch}) | {:.0} commands/s (peak RSS {:.1} MiB) | ≥ 80 % × {shipped_prefetch} / 0.3 s = {slow_shipped_target:.0}/s |",
+            slow_shipped.throughput,
+            slow_shipped.peak_rss_bytes as f64 / 1048576.0
         );
         println!();
     }

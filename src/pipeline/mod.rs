@@ -224,7 +224,14 @@ async fn call(
     let carried = crate::telemetry::carried(original.properties.headers().as_ref());
     let provider = &context.provider;
     tokio::select! {
-        call = provider.create_link(envelope.command.payment_provider_id, command_id, &envelope.request_json, &carried, &context.metrics) => Ok(call),
+        call = provider.create_link(
+            envelope.command.payment_provider_id,
+            command_id,
+            &envelope.request_json,
+            &carried,
+            envelope.delay_round < context.settings.retry.delay_tiers_ms.len(),
+            &context.metrics,
+        ) => Ok(call),
         never = keep_lease(context, command_id, token) => match never {},
         _ = context.abandon.cancelled() => {
             let owner = &context.instance_id;

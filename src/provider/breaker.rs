@@ -1,7 +1,8 @@
-//! The circuit breaker: when most recent provider calls failed transiently, the provider is taken
-//! to be down. Commands then wait here instead of hammering it (and, holding their prefetch
-//! slots, the worker takes no new ones); one probe call goes through per probe interval, and the
-//! first probe that succeeds closes the breaker. Each state change is logged once.
+//! The circuit breaker of one provider: when most recent calls to it failed transiently, it is
+//! taken to be down. A command for it then goes to wait in a delay queue ([`Breaker::try_admit`]
+//! refuses at once), holding no prefetch slot; on its last round, with no delay tier left, it
+//! waits here instead ([`Breaker::admit`]). One probe call goes through per probe interval, and
+//! the first probe that succeeds closes the breaker. Each state change is logged once.
 
 use crate::config::BreakerSettings;
 use std::collections::VecDeque;
@@ -87,6 +88,21 @@ impl Breaker {
                 _ = notified => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    /// A call's leave without waiting: while closed, or when it is time for a probe; `None` while
+    /// the provider is taken to be down (the caller parks the command instead of holding it).
+    pub fn try_admit(self: &Arc<Self>) -> Option<Permit> {
+        let mut inner = self.inner.lock().expect("breaker lock");
+        match inner.state {
+            State::Closed => Some(self.permit(false)),
+            State::Open if Instant::now() >= inner.next_probe_at => {
+                inner.state = State::HalfOpen;
+                tracing::info!("provider circuit half-open: sending a probe call");
+                Some(self.permit(true))
+            }
+            State::Open | State::HalfOpen => None,
         }
     }
 
@@ -199,6 +215,22 @@ mod tests {
         probe.record(false);
         waiter.await.unwrap();
         assert_eq!(b.state(), State::Closed);
+    }
+
+    #[tokio::test]
+    async fn try_admit_refuses_while_open_and_lets_the_probe_through_when_due() {
+        let b = breaker(30);
+        assert!(b.try_admit().is_some(), "closed: admitted");
+        for _ in 0..4 {
+            b.admit().await.record(true);
+        }
+        assert_eq!(b.state(), State::Open);
+        assert!(b.try_admit().is_none(), "open: refused at once");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let probe = b.try_admit().expect("the probe is due");
+        assert!(b.try_admit().is_none(), "one probe at a time");
+        probe.record(false);
+        assert!(b.try_admit().is_some(), "closed again");
     }
 
     #[tokio::test]

@@ -64,6 +64,16 @@ struct LinkBody<'a> {
     payment_link: String,
 }
 
+/// One command's call, as every attempt of it needs it.
+struct Call<'a> {
+    provider_id: i64,
+    command_id: &'a str,
+    request_json: &'a str,
+    carried_trace: &'a [(String, String)],
+    /// Whether an open circuit may end the round at once (a delay tier is left to wait in).
+    may_park: bool,
+}
+
 /// The provider API client; cheap to clone.
 #[derive(Clone)]
 pub struct ProviderClient {
@@ -115,22 +125,20 @@ impl ProviderClient {
         command_id: &str,
         request_json: &str,
         carried_trace: &[(String, String)],
+        may_park: bool,
         metrics: &Metrics,
     ) -> CallResult {
         let attempts = AtomicI32::new(0);
+        let call = Call {
+            provider_id,
+            command_id,
+            request_json,
+            carried_trace,
+            may_park,
+        };
         let result = retry::retry(
             &self.retry,
-            || {
-                let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
-                self.attempt(
-                    provider_id,
-                    command_id,
-                    request_json,
-                    carried_trace,
-                    attempt,
-                    metrics,
-                )
-            },
+            || self.attempt(&call, &attempts, metrics),
             |error: &ProviderError, wait| {
                 metrics.retry();
                 tracing::warn!(command_id, http_status = error.http_status, error = %error.message,
@@ -160,20 +168,36 @@ impl ProviderClient {
     }
 
     /// One HTTP call, admitted by its provider's circuit breaker and concurrency limit and
-    /// reported to both, in a client span whose trace context goes to the provider.
+    /// reported to both, in a client span whose trace context goes to the provider. While the
+    /// provider's circuit is open, a command that may park does not wait here holding its
+    /// prefetch slot: the round ends ([`Attempt::NotNow`]) and it waits in a delay queue.
     async fn attempt(
         &self,
-        provider_id: i64,
-        command_id: &str,
-        request_json: &str,
-        carried_trace: &[(String, String)],
-        attempt: i32,
+        call: &Call<'_>,
+        attempts: &AtomicI32,
         metrics: &Metrics,
     ) -> Result<LinkCreated, Attempt<ProviderError>> {
-        let lane = self.lanes.lane(provider_id);
-        let permit = lane.breaker.admit().await;
+        let lane = self.lanes.lane(call.provider_id);
+        let permit = if call.may_park {
+            lane.breaker.try_admit().ok_or_else(|| {
+                Attempt::NotNow(ProviderError {
+                    message: format!(
+                        "the circuit for paymentProviderId {} is open: that provider looks down",
+                        call.provider_id
+                    ),
+                    http_status: None,
+                    body: None,
+                })
+            })?
+        } else {
+            lane.breaker.admit().await
+        };
         let slot = lane.limiter.acquire().await;
         lane.pace(self.lanes.workers()).await;
+        // Counted once the request is sure to be made: a parked round made none.
+        let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+        let (command_id, request_json, carried_trace) =
+            (call.command_id, call.request_json, call.carried_trace);
         let span = tracing::info_span!(
             "POST",
             otel.kind = "client",
@@ -192,7 +216,9 @@ impl ProviderClient {
             .await;
         let status = match &result {
             Ok(link) => Some(link.http_status),
-            Err(Attempt::Permanent(e) | Attempt::Transient(e, _)) => e.http_status,
+            Err(Attempt::Permanent(e) | Attempt::Transient(e, _) | Attempt::NotNow(e)) => {
+                e.http_status
+            }
         };
         let elapsed = started.elapsed();
         metrics.provider_call(status, elapsed);
@@ -202,7 +228,7 @@ impl ProviderClient {
             Err(Attempt::Transient(e, retry_after)) if overloaded(e) => {
                 Signal::Overloaded(*retry_after)
             }
-            Err(Attempt::Transient(..)) => Signal::Other,
+            Err(Attempt::Transient(..) | Attempt::NotNow(_)) => Signal::Other,
         });
         match status {
             Some(status) => span.record("http.response.status_code", i64::from(status)),
@@ -421,6 +447,7 @@ mod tests {
             Ok(_) => "ok",
             Err(Attempt::Permanent(_)) => "permanent",
             Err(Attempt::Transient(..)) => "transient",
+            Err(Attempt::NotNow(_)) => "not now",
         }
     }
 
@@ -513,7 +540,7 @@ mod fuzz {
                     prop_assert!(!link.payment_link.contains(char::is_control));
                     prop_assert!(!link.body.contains('\0'));
                 }
-                Err(Attempt::Permanent(error) | Attempt::Transient(error, _)) => {
+                Err(Attempt::Permanent(error) | Attempt::Transient(error, _) | Attempt::NotNow(error)) => {
                     if let Some(body) = error.body {
                         prop_assert!(body.len() <= ERROR_BODY_LIMIT + '…'.len_utf8());
                         prop_assert!(!body.contains('\0'));

@@ -13,6 +13,9 @@ pub enum Attempt<E> {
     Permanent(E),
     /// Trying again may help; `retry_after` is the server's own wish, if it said one.
     Transient(E, Option<Duration>),
+    /// Trying again later may help, but not within this round (the provider's circuit is open):
+    /// the round ends at once, as if its budget were spent.
+    NotNow(E),
 }
 
 /// How a retried operation ended without success.
@@ -59,6 +62,7 @@ where
         match operation().await {
             Ok(value) => return Ok(value),
             Err(Attempt::Permanent(error)) => return Err(GaveUp::Permanent(error)),
+            Err(Attempt::NotNow(error)) => return Err(GaveUp::Exhausted(error)),
             Err(Attempt::Transient(error, retry_after)) => {
                 let Some(interval) = schedule.next_backoff() else {
                     return Err(GaveUp::Exhausted(error));

@@ -137,6 +137,8 @@ impl TestEnv {
     pub async fn with(provider_url: &str, overrides: &[(&str, &str)]) -> Self {
         init_logs();
         let defaults = [
+            // The tests' loads are sized for 32 in flight (the shipped default is 256).
+            ("BROKER__PREFETCH", "32"),
             ("RETRY__INITIAL_INTERVAL_MS", "20"),
             ("RETRY__MAX_INTERVAL_MS", "100"),
             ("RETRY__MAX_ELAPSED_MS", "5000"),

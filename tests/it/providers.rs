@@ -96,6 +96,53 @@ async fn one_provider_down_does_not_slow_the_commands_of_another() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn commands_for_a_provider_that_is_down_wait_in_a_delay_queue_not_in_a_prefetch_slot() {
+    let (sim_url, _sim) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        fail_provider_ids: vec![2],
+        ..SimOptions::default()
+    })
+    .await;
+    // Four slots only. Commands for provider 2 that waited in-process for its circuit would
+    // hold all four for a minute; parked in the delay queue they hold none.
+    let env = TestEnv::with(
+        &sim_url,
+        &[
+            ("BROKER__PREFETCH", "4"),
+            ("BREAKER__MIN_CALLS", "4"),
+            ("BREAKER__PROBE_INTERVAL_MS", "60000"),
+            ("RETRY__MAX_ELAPSED_MS", "30000"),
+            ("RETRY__DELAY_TIERS_MS", "60000"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    for i in 0..12 {
+        env.send(&format!("parked-{i}"), &body(2, i)).await;
+    }
+    let ids: Vec<String> = (0..30).map(|i| format!("flowing-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &body(1, i as i64)).await;
+    }
+    let got = env.messages(&events, ids.len(), WAIT).await;
+    assert!(
+        got.iter().all(|e| e
+            .header("cloudEvents:subject")
+            .is_some_and(|s| s.starts_with("flowing-"))),
+        "only provider 1's commands have events"
+    );
+    let delay_queue =
+        payment_link_worker::broker::topology::delay_queue(&env.settings.broker, 60_000);
+    eventually("provider 2's commands parked", WAIT, || async {
+        (env.queue_depth(&delay_queue).await == 12).then_some(())
+    })
+    .await;
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_link() {
     let (sim_url, _sim) = start_simulator(SimOptions {
         token: TOKEN.into(),
