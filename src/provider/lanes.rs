@@ -10,7 +10,9 @@ use crate::config::Settings;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// The runtime's clock, so tests can pause and advance it.
+use tokio::time::Instant;
 
 /// Most lanes kept at once; idle ones beyond it are dropped.
 pub const MAX_LANES: usize = 1024;
@@ -46,7 +48,7 @@ impl Lane {
             *next = at + gap;
             at
         };
-        tokio::time::sleep_until(at.into()).await;
+        tokio::time::sleep_until(at).await;
     }
 
     fn idle(&self) -> bool {
@@ -136,5 +138,58 @@ impl Lanes {
         open.sort_unstable();
         let all = !lanes.is_empty() && open.len() == lanes.len();
         (open, all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lanes(env: &[(&str, &str)]) -> Arc<Lanes> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let settings = Settings::load_from(None, env).unwrap();
+        Lanes::new(&settings, Arc::new(LaneFigures::default()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_are_paced_at_the_workers_share_of_the_fleet_rate() {
+        let lanes = lanes(&[(
+            "PAYMENT_LINK_WORKER__PROVIDER__MAX_REQUESTS_PER_SECOND_BY_ID",
+            "5=20",
+        )]);
+        let lane = lanes.lane(5);
+        let started = Instant::now();
+        for _ in 0..11 {
+            lane.pace(1).await;
+        }
+        // 20 a second alone: the 11th call starts 10 gaps of 50 ms after the first.
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        let started = Instant::now();
+        for _ in 0..10 {
+            lane.pace(4).await;
+        }
+        // One of four workers: 5 a second, 200 ms apart; the first waited out the 50 ms gap
+        // the earlier rate left.
+        assert_eq!(started.elapsed(), Duration::from_millis(50 + 9 * 200));
+        let unlimited = lanes.lane(6);
+        let started = Instant::now();
+        for _ in 0..100 {
+            unlimited.pace(4).await;
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO, "no limit for provider 6");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lanes_are_per_provider_and_idle_ones_are_dropped_past_the_cap() {
+        let lanes = lanes(&[]);
+        assert!(Arc::ptr_eq(&lanes.lane(1), &lanes.lane(1)));
+        assert!(!Arc::ptr_eq(&lanes.lane(1), &lanes.lane(2)));
+        let busy = lanes.lane(3);
+        for id in 100..(100 + MAX_LANES as i64 * 2) {
+            lanes.lane(id);
+        }
+        assert!(lanes.lanes.lock().unwrap().len() <= MAX_LANES + 1);
+        assert!(Arc::ptr_eq(&busy, &lanes.lane(3)), "a lane in use is kept");
+        assert!(lanes.figures.lock().unwrap().len() <= MAX_LANES + 1);
     }
 }

@@ -7,8 +7,10 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Notify;
+// The runtime's clock, so tests can pause and advance it.
+use tokio::time::Instant;
 
 /// The factor the limit is multiplied by on an overload signal.
 const BACKOFF: f64 = 0.7;
@@ -228,7 +230,7 @@ mod tests {
         (limiter, figures)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn overload_lowers_the_limit_once_per_round_trip_and_fast_answers_raise_it() {
         let (l, figures) = limiter(32);
         l.acquire()
@@ -271,7 +273,7 @@ mod tests {
         assert_eq!(l.limit(), lowered);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_limit_bounds_calls_in_flight_and_waiters_are_counted() {
         let (l, figures) = limiter(2);
         let l = Arc::new(l);
@@ -303,18 +305,25 @@ mod tests {
         assert_eq!(figures.in_flight.load(Ordering::Relaxed), 0);
     }
 
-    #[tokio::test]
-    async fn retry_after_pauses_every_call_to_the_provider() {
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_pauses_every_call_to_the_provider_up_to_the_cap() {
         let (l, _) = limiter(8);
         l.acquire()
             .await
             .done(Signal::Overloaded(Some(Duration::from_millis(200))));
         let started = Instant::now();
         l.acquire().await.done(Signal::Other);
-        assert!(
-            started.elapsed() >= Duration::from_millis(150),
-            "the next call waited for the pause: {:?}",
-            started.elapsed()
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(200),
+            "waited for the pause"
         );
+        // A Retry-After beyond the cap (10 s here) pauses for the cap only.
+        l.acquire()
+            .await
+            .done(Signal::Overloaded(Some(Duration::from_secs(3600))));
+        let started = Instant::now();
+        l.acquire().await.done(Signal::Other);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 }
