@@ -44,6 +44,9 @@ struct Options {
     /// Commands in the phase with 100 ms of provider latency.
     #[arg(long, default_value_t = 5_000)]
     slow_commands: usize,
+    /// The provider's rate limit in the rate-limited phase (calls per second; 10 s of commands).
+    #[arg(long, default_value_t = 300)]
+    rate_limit: u32,
     /// Print only the JSON.
     #[arg(long = "json")]
     json_only: bool,
@@ -76,20 +79,24 @@ struct Run {
 
 impl Run {
     async fn new(tuning: Tuning, latency: Duration) -> anyhow::Result<Self> {
+        let sim = SimOptions {
+            latency,
+            ..SimOptions::default()
+        };
+        Self::with(tuning, sim, &[]).await
+    }
+
+    /// A run whose simulator behaves as `sim` says (the token is set here), with extra
+    /// `PAYMENT_LINK_WORKER__` overrides for the worker.
+    async fn with(tuning: Tuning, sim: SimOptions, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let sim_url = format!("http://{}", listener.local_addr()?);
         let sim_stop = CancellationToken::new();
-        tokio::spawn(sim::serve(
-            listener,
-            SimOptions {
-                token: TOKEN.into(),
-                latency,
-                fail_rate: 0.0,
-                stall_rate: 0.0,
-                ..SimOptions::default()
-            },
-            sim_stop.clone(),
-        ));
+        let sim = SimOptions {
+            token: TOKEN.into(),
+            ..sim
+        };
+        tokio::spawn(sim::serve(listener, sim, sim_stop.clone()));
         let mut overrides = vec![
             ("RETRY__DELAY_TIERS_MS", ""),
             ("TELEMETRY__HTTP_LISTEN", ""),
@@ -103,6 +110,7 @@ impl Run {
                 ("LOG__LEVEL", "warn"),
             ]);
         }
+        overrides.extend(extra);
         let sandbox = Sandbox::create("bench", &sim_url, TOKEN, &overrides)
             .await
             .map_err(anyhow::Error::msg)?;
@@ -298,10 +306,22 @@ async fn preload(
     prefix: &str,
     n: usize,
 ) -> anyhow::Result<()> {
+    preload_for(channel, (exchange, routing_key), prefix, n, |_| 1).await
+}
+
+/// As [`preload`], command `i` for provider `provider(i)`.
+async fn preload_for(
+    channel: &Channel,
+    (exchange, routing_key): (&str, &str),
+    prefix: &str,
+    n: usize,
+    provider: impl Fn(usize) -> i64,
+) -> anyhow::Result<()> {
     let mut pending = Vec::with_capacity(512);
     for i in 0..n {
         let body = format!(
-            r#"{{"paymentProviderId":1,"amountInMajorCurrency":{}.{:02},"description":"Invoice {i}","invoiceId":{}}}"#,
+            r#"{{"paymentProviderId":{},"amountInMajorCurrency":{}.{:02},"description":"Invoice {i}","invoiceId":{}}}"#,
+            provider(i),
             i % 10_000 + 1,
             i % 100,
             i + 1
@@ -526,6 +546,170 @@ async fn end_to_end(
     result
 }
 
+/// Waits for `n` created events on `queue`; returns the seconds from the first to the last.
+async fn created_events(connection: &Connection, queue: &str, n: usize) -> anyhow::Result<f64> {
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-phase".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let (mut first, mut got) = (None, 0);
+    let limit = Instant::now() + Duration::from_secs(900);
+    while got < n {
+        anyhow::ensure!(Instant::now() < limit, "only {got} of {n} events");
+        match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+            Ok(Some(delivery)) => {
+                let delivery = delivery?;
+                if delivery.properties.kind().as_ref().map(|k| k.as_str())
+                    == Some("payment-link.created")
+                {
+                    first.get_or_insert_with(Instant::now);
+                    got += 1;
+                }
+            }
+            Ok(None) => anyhow::bail!("event consumer ended"),
+            Err(_) => {}
+        }
+    }
+    let _ = channel.close(200, "phase done".into()).await;
+    Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()))
+}
+
+/// The simulator's counters, read over HTTP.
+async fn sim_stats(run: &Run) -> anyhow::Result<serde_json::Value> {
+    let url = run
+        .sandbox
+        .env
+        .iter()
+        .find(|(k, _)| k == "PROVIDER_BASE_URL")
+        .map(|(_, v)| v.clone())
+        .context("no provider URL")?;
+    let text = reqwest::get(format!("{url}/_sim/stats"))
+        .await?
+        .text()
+        .await?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// A provider limited to `rate` calls a second, two replicas told so: their throughput and the
+/// share of calls answered 429.
+async fn rate_limited(connection: &Connection, n: usize, rate: u32) -> anyhow::Result<(f64, f64)> {
+    let sim = SimOptions {
+        rate_limit: Some(rate),
+        ..SimOptions::default()
+    };
+    let rate_text = rate.to_string();
+    let extra = [
+        ("PROVIDER__MAX_REQUESTS_PER_SECOND", rate_text.as_str()),
+        ("TELEMETRY__LEVELS_INTERVAL_MS", "500"),
+    ];
+    let run = Run::with(Tuning::Shipped, sim, &extra).await?;
+    let settings = run.settings()?;
+    let channel = confirm_channel(connection).await?;
+    let result = async {
+        let events = run.declare(connection, &channel, &settings).await?;
+        let mut workers = [run.start_worker()?, run.start_worker()?];
+        // Both must count each other before the load (a replica that joins under load is
+        // counted by the others within one refresh).
+        let url = &settings.database.url;
+        let started = Instant::now();
+        loop {
+            use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+            #[derive(diesel::QueryableByName)]
+            struct Live {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let live = match AsyncPgConnection::establish(url.expose()).await {
+                Ok(mut conn) => diesel::sql_query("SELECT count(*) AS n FROM worker_heartbeats")
+                    .get_result::<Live>(&mut conn)
+                    .await
+                    .map(|l| l.n)
+                    .unwrap_or(0),
+                Err(_) => 0,
+            };
+            if live == 2 {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "the replicas did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let route = (
+            settings.broker.command_exchange.as_str(),
+            settings.broker.command_routing_key.as_str(),
+        );
+        preload_for(&channel, route, "limited", n, |_| 1).await?;
+        let elapsed = created_events(connection, &events, n).await?;
+        for worker in &mut workers {
+            worker.kill()?;
+            worker.wait()?;
+        }
+        let stats = sim_stats(&run).await?;
+        let requests = stats["requests"].as_f64().unwrap_or(0.0).max(1.0);
+        let limited = stats["rateLimited"].as_f64().unwrap_or(0.0);
+        Ok::<_, anyhow::Error>((n as f64 / elapsed, limited / requests))
+    }
+    .await;
+    run.cleanup().await;
+    result
+}
+
+/// Two provider ids, the second down: the first one's throughput.
+async fn one_provider_down(
+    connection: &Connection,
+    n: usize,
+    prefetch: u16,
+) -> anyhow::Result<f64> {
+    let sim = SimOptions {
+        fail_provider_ids: vec![2],
+        ..SimOptions::default()
+    };
+    // A delay tier for the failing provider's commands to wait in, longer than the phase.
+    let run = Run::with(
+        Tuning::Tuned(prefetch),
+        sim,
+        &[("RETRY__DELAY_TIERS_MS", "600000")],
+    )
+    .await?;
+    let settings = run.settings()?;
+    let channel = confirm_channel(connection).await?;
+    let result = async {
+        let events = run.declare(connection, &channel, &settings).await?;
+        let channel_for_delay = connection.create_channel().await?;
+        payment_link_worker::broker::topology::declare_delay_queues(
+            &channel_for_delay,
+            &settings.broker,
+            &settings.retry.delay_tiers_ms,
+        )
+        .await?;
+        let route = (
+            settings.broker.command_exchange.as_str(),
+            settings.broker.command_routing_key.as_str(),
+        );
+        preload_for(&channel, route, "two", 2 * n, |i| 1 + (i % 2) as i64).await?;
+        let mut worker = run.start_worker()?;
+        let elapsed = created_events(connection, &events, n).await?;
+        worker.kill()?;
+        worker.wait()?;
+        Ok::<_, anyhow::Error>(n as f64 / elapsed)
+    }
+    .await;
+    run.cleanup().await;
+    result
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -675,6 +859,19 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(300),
     )
     .await?;
+    let rate = o.rate_limit;
+    log(&format!(
+        "a provider limited to {rate} calls/s, two replicas with the shipped defaults, {} commands",
+        rate as usize * 10
+    ));
+    let (limited_throughput, limited_share) =
+        rate_limited(&connection, rate as usize * 10, rate).await?;
+    log(&format!(
+        "two provider ids, the second down, {} commands for the first, prefetch {}",
+        o.commands / 2,
+        o.prefetch
+    ));
+    let healthy = one_provider_down(&connection, o.commands / 2, o.prefetch).await?;
     let _ = connection.close(200, "bench done".into()).await;
     let slow_shipped_target = f64::from(shipped_prefetch) / 0.3 * 0.8;
 
@@ -707,6 +904,17 @@ async fn main() -> anyhow::Result<()> {
             "target_per_s": slow_shipped_target,
             "peak_rss_mib": slow_shipped.peak_rss_bytes as f64 / 1048576.0,
         },
+        "rate_limited_two_replicas": {
+            "rate_limit_per_s": rate,
+            "throughput_per_s": limited_throughput,
+            "target_per_s": f64::from(rate) * 0.9,
+            "answered_429_share": limited_share,
+        },
+        "one_provider_down": {
+            "healthy_throughput_per_s": healthy,
+            "to_solo_ratio": healthy / e2e.throughput,
+        },
+        "cpu_per_command_to_lapin_loop": e2e.cpu_seconds_per_1000 / ceiling_cpu.bench.max(1e-9),
         "provider_100ms": {
             "commands": o.slow_commands,
             "throughput_per_s": slow.throughput,
@@ -764,6 +972,22 @@ async fn main() -> anyhow::Result<()> {
             "| worker peak RSS with 100 ms latency ({} in flight) | {:.1} MiB | < 64 MiB |",
             o.prefetch,
             slow.peak_rss_bytes as f64 / 1048576.0
+        );
+        println!(
+            "| provider limited to {rate}/s, two replicas (shipped defaults) | {limited_throughput:.0} commands/s, {:.2} % of calls answered 429 | ≥ {:.0}/s, < 2 % |",
+            limited_share * 100.0,
+            f64::from(rate) * 0.9
+        );
+        println!(
+            "| two provider ids, one down: the healthy one | {healthy:.0} commands/s ({:.0} % of its solo {:.0}/s) | ≥ 90 % |",
+            healthy / e2e.throughput * 100.0,
+            e2e.throughput
+        );
+        println!(
+            "| worker CPU per command ÷ the lapin loop's client CPU per message | {:.1}× ({:.3} vs {:.3} s per 1,000) | ≤ 4× |",
+            e2e.cpu_seconds_per_1000 / ceiling_cpu.bench.max(1e-9),
+            e2e.cpu_seconds_per_1000,
+            ceiling_cpu.bench
         );
         println!(
             "| throughput with 300 ms provider latency, shipped defaults (prefetch {shipped_prefetch}) | {:.0} commands/s (peak RSS {:.1} MiB) | ≥ 80 % × {shipped_prefetch} / 0.3 s = {slow_shipped_target:.0}/s |",
