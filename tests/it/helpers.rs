@@ -418,7 +418,7 @@ pub async fn start_simulator(
 }
 
 /// Everything the simulator counts (`GET /_sim/stats`).
-async fn simulator_counters(url: &str) -> serde_json::Value {
+pub async fn simulator_counters(url: &str) -> serde_json::Value {
     let text = reqwest::get(format!("{url}/_sim/stats"))
         .await
         .unwrap()

@@ -32,25 +32,32 @@ fn per_provider(metrics: &str, name: &str, id: i64) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_provider_down_does_not_slow_the_commands_of_another() {
-    let (sim_url, _sim) = start_simulator(SimOptions {
+/// A simulator that answers 503 to every call for provider 2, and a test world pointed at it
+/// whose breakers open after `min_calls` failures and then wait a minute before probing.
+async fn provider_2_down(
+    min_calls: &str,
+    overrides: &[(&str, &str)],
+) -> (TestEnv, tokio_util::sync::CancellationToken) {
+    let (sim_url, sim) = start_simulator(SimOptions {
         token: TOKEN.into(),
         fail_provider_ids: vec![2],
         ..SimOptions::default()
     })
     .await;
+    let mut all = vec![
+        ("BREAKER__MIN_CALLS", min_calls),
+        ("BREAKER__PROBE_INTERVAL_MS", "60000"),
+        ("RETRY__MAX_ELAPSED_MS", "30000"),
+    ];
+    all.extend(overrides);
+    (TestEnv::with(&sim_url, &all).await, sim)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_provider_down_does_not_slow_the_commands_of_another() {
     // Provider 2's circuit opens after 5 failures and would not be probed for a minute: a
     // breaker shared by all providers would hold provider 1's commands that long.
-    let env = TestEnv::with(
-        &sim_url,
-        &[
-            ("BREAKER__MIN_CALLS", "5"),
-            ("BREAKER__PROBE_INTERVAL_MS", "60000"),
-            ("RETRY__MAX_ELAPSED_MS", "30000"),
-        ],
-    )
-    .await;
+    let (env, _sim) = provider_2_down("5", &[]).await;
     let events = env.capture_events().await;
     let worker = env.start_worker().await;
     let addr = worker.http_addr().unwrap();
@@ -97,25 +104,13 @@ async fn one_provider_down_does_not_slow_the_commands_of_another() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_for_a_provider_that_is_down_wait_in_a_delay_queue_not_in_a_prefetch_slot() {
-    let (sim_url, _sim) = start_simulator(SimOptions {
-        token: TOKEN.into(),
-        fail_provider_ids: vec![2],
-        ..SimOptions::default()
-    })
-    .await;
     // Four slots only. Commands for provider 2 that waited in-process for its circuit would
     // hold all four for a minute; parked in the delay queue they hold none.
-    let env = TestEnv::with(
-        &sim_url,
-        &[
-            ("BROKER__PREFETCH", "4"),
-            ("BREAKER__MIN_CALLS", "4"),
-            ("BREAKER__PROBE_INTERVAL_MS", "60000"),
-            ("RETRY__MAX_ELAPSED_MS", "30000"),
-            ("RETRY__DELAY_TIERS_MS", "60000"),
-        ],
-    )
-    .await;
+    let overrides = [
+        ("BROKER__PREFETCH", "4"),
+        ("RETRY__DELAY_TIERS_MS", "60000"),
+    ];
+    let (env, _sim) = provider_2_down("4", &overrides).await;
     let events = env.capture_events().await;
     let worker = env.start_worker().await;
     for i in 0..12 {
@@ -172,13 +167,7 @@ async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_
     let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
     assert_eq!(got.len(), ids.len());
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
-    let stats = reqwest::get(format!("{sim_url}/_sim/stats"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let stats = simulator_counters(&sim_url).await;
     assert!(
         stats["rateLimited"].as_u64().unwrap() > 0,
         "the provider did push back: {stats}"
@@ -231,13 +220,7 @@ async fn replicas_share_a_fleet_rate_limit_and_stay_under_the_providers() {
     }
     let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
     assert_eq!(got.len(), ids.len());
-    let stats = reqwest::get(format!("{sim_url}/_sim/stats"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let stats = simulator_counters(&sim_url).await;
     assert_eq!(stats["links"], 48, "{stats}");
     assert_eq!(
         stats["rateLimited"], 0,
