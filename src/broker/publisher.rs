@@ -118,17 +118,21 @@ impl Publisher {
     /// Publishes and waits for the broker's confirm, within `broker.publish_timeout_ms`; an
     /// unroutable, nacked or unconfirmed message is an error.
     pub async fn publish(&self, message: &OutboundMessage) -> Result<(), PublishError> {
-        let span = tracing::info_span!(
-            "publish",
-            otel.name = format!("publish {}", message.exchange),
-            otel.kind = "producer",
-            messaging.system = "rabbitmq",
-            messaging.operation.type = "send",
-            messaging.destination.name = %message.exchange,
-            messaging.rabbitmq.destination.routing_key = %message.routing_key,
-            messaging.message.id = message.message_id(),
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = if crate::telemetry::child_spans() {
+            tracing::info_span!(
+                "publish",
+                otel.name = format!("publish {}", message.exchange),
+                otel.kind = "producer",
+                messaging.system = "rabbitmq",
+                messaging.operation.type = "send",
+                messaging.destination.name = %message.exchange,
+                messaging.rabbitmq.destination.routing_key = %message.routing_key,
+                messaging.message.id = message.message_id(),
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let confirmed = async { publish_confirmed(&self.channel().await?, message).await };
         let result = tokio::time::timeout(self.inner.timeout, confirmed)
             .instrument(span.clone())

@@ -21,8 +21,12 @@ macro_rules! db {
         use tracing::Instrument as _;
         let mut wait = $crate::pipeline::DB_RETRY_INITIAL;
         loop {
-            let span = tracing::info_span!("db", otel.name = $what, otel.kind = "client",
-                db.system.name = "postgresql");
+            let span = if $crate::telemetry::child_spans() {
+                tracing::info_span!("db", otel.name = $what, otel.kind = "client",
+                    db.system.name = "postgresql")
+            } else {
+                tracing::Span::none()
+            };
             match $crate::store::bounded(&$ctx.pool, $step).instrument(span).await {
                 Ok(value) => break Ok(value),
                 Err(error) if error.is_refusal() => {

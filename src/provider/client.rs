@@ -198,17 +198,21 @@ impl ProviderClient {
         let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
         let (command_id, request_json, carried_trace) =
             (call.command_id, call.request_json, call.carried_trace);
-        let span = tracing::info_span!(
-            "POST",
-            otel.kind = "client",
-            http.request.method = "POST",
-            url.full = %self.url_for_logs,
-            server.address = self.url.host_str().unwrap_or(""),
-            http.request.resend_count = attempt - 1,
-            http.response.status_code = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = if crate::telemetry::child_spans() {
+            tracing::info_span!(
+                "POST",
+                otel.kind = "client",
+                http.request.method = "POST",
+                url.full = %self.url_for_logs,
+                server.address = self.url.host_str().unwrap_or(""),
+                http.request.resend_count = attempt - 1,
+                http.response.status_code = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let started = Instant::now();
         let result = self
             .call(command_id, request_json, carried_trace, attempt)
