@@ -162,9 +162,9 @@ impl Run {
 
     async fn cleanup(&self) {
         self.sim_stop.cancel();
+        // The events queue is the benchmark connection's own (exclusive): it goes with it.
         if let Ok(settings) = self.settings() {
-            let extra = vec![self.events_queue()];
-            sandbox::remove(&self.sandbox.database, &settings, extra).await;
+            sandbox::remove(&self.sandbox.database, &settings, Vec::new()).await;
         }
     }
 }

@@ -110,18 +110,25 @@ pub async fn remove(database: &str, settings: &Settings, extra_queues: Vec<Strin
         &broker.event_exchange,
         &broker.dead_letter_exchange,
     ];
+    // A failed delete closes its channel: each delete gets a channel of its own, so one failure
+    // (a queue another connection holds exclusively) does not leave the rest behind.
     if let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-        && let Ok(channel) = connection.create_channel().await
     {
         for queue in queues {
-            let _ = channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
+            if let Ok(channel) = connection.create_channel().await {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                let _ = channel.close(200, "deleted".into()).await;
+            }
         }
         for exchange in exchanges {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
+            if let Ok(channel) = connection.create_channel().await {
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+                let _ = channel.close(200, "deleted".into()).await;
+            }
         }
         let _ = connection.close(200, "sandbox removed".into()).await;
     }
