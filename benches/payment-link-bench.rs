@@ -618,34 +618,45 @@ async fn rate_limited(connection: &Connection, n: usize, rate: u32) -> anyhow::R
         let events = run.declare(connection, &channel, &settings).await?;
         let mut workers = [run.start_worker()?, run.start_worker()?];
         // Both must count each other before the load (a replica that joins under load is
-        // counted by the others within one refresh).
-        let url = &settings.database.url;
-        let started = Instant::now();
-        loop {
-            use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-            #[derive(diesel::QueryableByName)]
-            struct Live {
-                #[diesel(sql_type = diesel::sql_types::BigInt)]
-                n: i64,
-            }
-            let live = match AsyncPgConnection::establish(url.expose()).await {
-                Ok(mut conn) => diesel::sql_query("SELECT count(*) AS n FROM worker_heartbeats")
-                    .get_result::<Live>(&mut conn)
-                    .await
-                    .map(|l| l.n)
-                    .unwrap_or(0),
-                Err(_) => 0,
-            };
-            if live == 2 {
-                break;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "the replicas did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // counted by the others within one refresh): wait until both rows exist, then until both
+        // have been refreshed since then (each worker has counted the other).
+        use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct Live {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
         }
-        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let mut conn = AsyncPgConnection::establish(settings.database.url.expose()).await?;
+        let mut since = String::from("-infinity");
+        let started = Instant::now();
+        for stage in ["started", "counted each other"] {
+            loop {
+                let live = diesel::sql_query(
+                    "SELECT count(*) AS n FROM worker_heartbeats WHERE seen_at > $1::timestamptz",
+                )
+                .bind::<diesel::sql_types::Text, _>(&since)
+                .get_result::<Live>(&mut conn)
+                .await
+                .map_or(0, |l| l.n); // the table exists once a worker has migrated
+                if live == 2 {
+                    break;
+                }
+                anyhow::ensure!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "the two replicas have not {stage} within 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            #[derive(diesel::QueryableByName)]
+            struct Now {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                t: String,
+            }
+            since = diesel::sql_query("SELECT now()::text AS t")
+                .get_result::<Now>(&mut conn)
+                .await?
+                .t;
+        }
         let route = (
             settings.broker.command_exchange.as_str(),
             settings.broker.command_routing_key.as_str(),

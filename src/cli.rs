@@ -198,11 +198,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match heard {
                 None => Ok(()),
                 Some(send::Heard::Created(body)) => {
-                    println!("{}", pretty(&body));
+                    // As it came: re-formatting JSON through floats would change amounts.
+                    println!("{}", String::from_utf8_lossy(&body));
                     Ok(())
                 }
                 Some(send::Heard::Failed(body)) => {
-                    println!("{}", pretty(&body));
+                    println!("{}", String::from_utf8_lossy(&body));
                     anyhow::bail!("command {id} failed (payment-link.failed event above)")
                 }
                 Some(send::Heard::DeadLettered { kind, message }) => {
@@ -290,11 +291,6 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         fail_provider_ids: args.fail_provider_id,
     };
     Ok(sim::serve(listener, options, stop).await?)
-}
-
-/// An event body exactly as it came (re-formatting JSON through floats would change amounts).
-fn pretty(body: &[u8]) -> String {
-    String::from_utf8_lossy(body).into_owned()
 }
 
 /// Resolves on ctrl-c or SIGTERM.

@@ -1,6 +1,6 @@
 //! The gauges read from PostgreSQL and RabbitMQ (outbox backlog, oldest command in processing,
-//! queue depths, live workers through the heartbeat), refreshed on a timer rather than per command, so reading them costs the hot
-//! path nothing.
+//! queue depths, live workers through the heartbeat), refreshed on a timer rather than per
+//! command, so reading them costs the hot path nothing.
 
 use crate::startup::Context;
 use crate::store::{commands, heartbeats, outbox};

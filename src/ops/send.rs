@@ -80,8 +80,8 @@ pub async fn send(
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let now = chrono::Utc::now();
-    let mut headers = FieldTable::default();
-    headers.insert(
+    let mut table = FieldTable::default();
+    table.insert(
         headers::PUBLISHED_AT_MS.into(),
         AMQPValue::LongLongInt(now.timestamp_millis()),
     );
@@ -90,7 +90,7 @@ pub async fn send(
         .with_content_type("application/json".into())
         .with_delivery_mode(PERSISTENT)
         .with_timestamp(now.timestamp().max(0) as u64)
-        .with_headers(headers);
+        .with_headers(table);
     if let Some(correlation_id) = &args.correlation_id {
         properties = properties.with_correlation_id(correlation_id.as_str().into());
     }

@@ -98,8 +98,9 @@ impl Limiter {
         }
     }
 
-    /// The current limit, in whole calls.
-    pub fn limit(&self) -> usize {
+    /// The current limit, in whole calls (production reads it through [`Figures`]).
+    #[cfg(test)]
+    fn limit(&self) -> usize {
         self.state.lock().expect("limit lock").limit as usize
     }
 
