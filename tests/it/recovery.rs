@@ -667,7 +667,9 @@ struct BrokerAlarm {
 }
 
 impl BrokerAlarm {
-    fn raise(resource: Resource) -> Self {
+    /// Reads what `drop` restores, without raising anything yet: reading it costs a
+    /// `rabbitmqctl` run, which is done before a load starts so that `raise` is quick.
+    fn prepare(resource: Resource) -> Self {
         let disk_limit = Command::new("rabbitmqctl")
             .args(["-q", "eval", "rabbit_disk_monitor:get_disk_free_limit()."])
             .output()
@@ -675,15 +677,18 @@ impl BrokerAlarm {
             .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
             .filter(|limit| !limit.is_empty() && limit.chars().all(|c| c.is_ascii_digit()))
             .unwrap_or_else(|| "50000000".into());
-        let alarm = BrokerAlarm {
+        BrokerAlarm {
             resource,
             disk_limit,
-        };
-        match resource {
+        }
+    }
+
+    /// Raises the alarm (one `rabbitmqctl` run).
+    fn raise(&self) {
+        match self.resource {
             Resource::Memory => rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"]),
             Resource::Disk => rabbitmqctl(&["set_disk_free_limit", "1000000000000000"]),
         }
-        alarm
     }
 }
 
@@ -731,14 +736,23 @@ async fn alarm_mid_load(resource: Resource, prefix: &str) {
     let events = env.capture_events().await;
     let worker = env.start_worker().await;
     let readyz = format!("http://{}/readyz", worker.http_addr().unwrap());
-    // Every command is published before the alarm: while it lasts, nobody can publish.
-    let ids = send_load(&env, prefix, 1500, "4.00").await;
+    let alarm = BrokerAlarm::prepare(resource);
+    // Every command is published before the alarm: while it lasts, nobody can publish. The
+    // broker tells a connection it is blocked only when it next publishes, so the load must
+    // still be running once the alarm is up: at ~200 commands a second, 3000 last ~15 s.
+    let ids = send_load(&env, prefix, 3000, "4.00").await;
     eventually("some commands done", LOAD_WAIT, || async {
         (succeeded(&env).await >= 20).then_some(())
     })
     .await;
 
-    let alarm = BrokerAlarm::raise(resource);
+    alarm.raise();
+    let at_alarm = succeeded(&env).await;
+    assert!(
+        at_alarm < ids.len() as i64 - 100,
+        "{at_alarm} of {} commands were done before the alarm was up: the test checks nothing",
+        ids.len()
+    );
     let blocked = eventually("readiness to report the blocked broker", WAIT, || async {
         let answer = reqwest::get(&readyz).await.ok()?;
         let body = answer.text().await.ok()?;
@@ -778,13 +792,14 @@ async fn broker_alarm_then_sigterm_exits_in_bounded_time_and_a_restart_loses_not
     )
     .await;
     let events = env.capture_events().await;
+    let alarm = BrokerAlarm::prepare(Resource::Memory);
     let ids = send_load(&env, "alarm-term", 300, "4.50").await;
     let child = ChildWorker::start(&env);
     eventually("some commands done", LOAD_WAIT, || async {
         (succeeded(&env).await >= 20).then_some(())
     })
     .await;
-    let alarm = BrokerAlarm::raise(Resource::Memory);
+    alarm.raise();
     // The stop must end while the broker still blocks publishers: the grace period (2 s), then
     // each bounded step; 30 s is far beyond their sum, and far below "forever".
     let status = child.terminate(Duration::from_secs(30)).await;
