@@ -3,6 +3,7 @@
 use crate::config::Settings;
 use crate::ops::{dead_letters, listing, send};
 use crate::provider::sim::{self, SimOptions};
+use crate::store::dead_letters::Filter;
 use crate::{startup, store, telemetry};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -39,12 +40,11 @@ pub enum Commands {
     DeadLetters(DeadLetterCommands),
 }
 
-/// The dead-letter operations.
+/// The dead-letter operations, on the dead-letter store in PostgreSQL (the worker moves every
+/// dead letter there from the dead-letter queue).
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommands {
-    /// One line per dead-lettered command, then a count per kind. Removes nothing: each message
-    /// goes back to the queue in order (RabbitMQ marks it redelivered; 3.x also adds 1 to its
-    /// x-delivery-count).
+    /// One line per matching dead letter (newest first), then the count per kind.
     List {
         #[command(flatten)]
         /// Which dead letters.
@@ -53,8 +53,8 @@ pub enum DeadLetterCommands {
         #[arg(long)]
         json: bool,
     },
-    /// Send matching dead letters back to the command exchange (each confirmed before its dead
-    /// letter is removed); exits non-zero if any could not be replayed.
+    /// Send the matching open dead letters back to their original exchange and routing key (each
+    /// confirmed by the broker) as one recorded run; exits non-zero if any could not be replayed.
     Replay {
         #[command(flatten)]
         /// Which dead letters.
@@ -65,7 +65,23 @@ pub enum DeadLetterCommands {
         /// At most this many replays per second.
         #[arg(long)]
         rate: Option<f64>,
-        /// Who is replaying, for the audit trail (default: $USER).
+        /// Replay even dead letters whose first provider call is older than
+        /// provider.idempotency_window_hours (the provider may create a second link).
+        #[arg(long)]
+        accept_duplicate_risk: bool,
+        /// Finish a run that stopped midway (its reserved dead letters), instead of a new one.
+        #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["dry_run", "accept_duplicate_risk"])]
+        resume: Option<i64>,
+        /// Who is replaying, for the audit log (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+    /// Put the matching open dead letters aside (state archived); recorded in the audit log.
+    Archive {
+        #[command(flatten)]
+        /// Which dead letters.
+        select: SelectArgs,
+        /// Who is archiving, for the audit log (default: $USER).
         #[arg(long)]
         operator: Option<String>,
     },
@@ -77,22 +93,56 @@ pub struct SelectArgs {
     /// Only this error kind (delivery-limit: a message the broker dead-lettered itself).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(dead_letters::known_kinds()))]
     pub kind: Option<String>,
+    /// Only this state.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::store::dead_letters::STATES))]
+    pub state: Option<String>,
     /// Only this command id.
     #[arg(long)]
     pub command_id: Option<String>,
-    /// At most this many.
+    /// Only those that failed at or after this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only those that failed before this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this paymentProviderId.
+    #[arg(long)]
+    pub provider_id: Option<i64>,
+    /// Only this invoiceId.
+    #[arg(long)]
+    pub invoice_id: Option<i64>,
+    /// Only this customerId.
+    #[arg(long)]
+    pub customer_id: Option<i64>,
+    /// Only those whose command id, description or e-mail address contains this text (any case).
+    #[arg(long, value_name = "TEXT")]
+    pub search: Option<String>,
+    /// At most this many (list: the newest; replay and archive: the oldest).
     #[arg(long)]
     pub limit: Option<usize>,
 }
 
 impl SelectArgs {
-    fn selection(&self) -> dead_letters::Selection {
-        dead_letters::Selection {
+    fn filter(&self) -> Filter {
+        Filter {
             kind: self.kind.clone(),
+            state: self.state.clone(),
             command_id: self.command_id.clone(),
-            limit: self.limit,
+            since: self.since,
+            until: self.until,
+            provider_id: self.provider_id,
+            invoice_id: self.invoice_id,
+            customer_id: self.customer_id,
+            search: self.search.clone(),
+            ids: None,
         }
     }
+}
+
+/// Who runs an operator's command: the flag, else $USER.
+fn operator_name(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Flags of `provider-sim`.
@@ -211,8 +261,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Commands::DeadLetters(DeadLetterCommands::List { select, json }) => {
-            let listing = dead_letters::list(&settings, &select.selection()).await?;
+        Commands::DeadLetters(command) => dead_letter_command(&settings, command).await,
+    }
+}
+
+async fn dead_letter_command(
+    settings: &Settings,
+    command: DeadLetterCommands,
+) -> anyhow::Result<()> {
+    let (_pool, mut conn) = dead_letters::connect(settings, "read the dead-letter store").await?;
+    match command {
+        DeadLetterCommands::List { select, json } => {
+            let limit = select.limit.map_or(1000, |l| l as i64);
+            let listing = dead_letters::list(&mut conn, &select.filter(), limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
@@ -220,47 +281,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Commands::DeadLetters(DeadLetterCommands::Replay {
+        DeadLetterCommands::Archive { select, operator } => {
+            let ids = dead_letters::archive(
+                &mut conn,
+                &select.filter(),
+                select.limit,
+                &operator_name(operator),
+                "cli",
+            )
+            .await?;
+            println!("archived {} dead letter(s)", ids.len());
+            Ok(())
+        }
+        DeadLetterCommands::Replay {
             select,
             dry_run,
             rate,
+            accept_duplicate_risk,
+            resume,
             operator,
-        }) => {
-            let request = dead_letters::ReplayRequest {
-                selection: select.selection(),
-                dry_run,
-                rate,
-                requested_by: operator
-                    .or_else(|| std::env::var("USER").ok())
-                    .unwrap_or_else(|| "unknown".into()),
-            };
-            let summary = dead_letters::replay(&settings, &request).await?;
-            for id in &summary.replayed {
-                let verb = if dry_run { "would replay" } else { "replayed" };
-                if summary.fail_again.contains(id) {
-                    println!(
-                        "{verb} {id}  (fails again: its body or id is what was wrong; send a \
-                         corrected command instead)"
-                    );
-                } else {
-                    println!("{verb} {id}");
+        } => {
+            let run_id = match resume {
+                Some(run_id) => run_id,
+                None => {
+                    let request = dead_letters::ReplayRequest {
+                        filter: select.filter(),
+                        limit: select.limit,
+                        dry_run,
+                        rate,
+                        accept_duplicate_risk,
+                        requested_by: operator_name(operator),
+                        source: "cli".into(),
+                    };
+                    let started = dead_letters::start(settings, &mut conn, &request).await?;
+                    let selected =
+                        crate::store::dead_letters::summaries(&mut conn, &started.ids).await?;
+                    let verb = if dry_run { "would replay" } else { "replaying" };
+                    for letter in &selected {
+                        let note = if started.fail_again.contains(&letter.id) {
+                            "  (fails again: its body or id is what was wrong; send a corrected \
+                             command instead)"
+                        } else if started.at_risk.contains(&letter.id) {
+                            "  (older than the provider's idempotency window: may create a second link)"
+                        } else {
+                            ""
+                        };
+                        println!(
+                            "{verb} {} (dead letter {}){note}",
+                            letter.command_id, letter.id
+                        );
+                    }
+                    if dry_run {
+                        println!(
+                            "replay run {}: {} selected (dry run), nothing replayed",
+                            started.run_id,
+                            started.ids.len()
+                        );
+                        return Ok(());
+                    }
+                    started.run_id
                 }
-            }
+            };
+            let worked = dead_letters::work(settings, &mut conn, run_id, rate).await?;
             println!(
-                "replay run {}: {} {}, {} skipped, {} failed, {} left in the dead-letter queue",
-                summary.run_id,
-                summary.replayed.len(),
-                if dry_run {
-                    "selected (dry run)"
-                } else {
-                    "replayed"
-                },
-                summary.skipped,
-                summary.failed,
-                summary.left
+                "replay run {run_id}: {} replayed, {} failed; {} open dead letter(s) left",
+                worked.replayed.len(),
+                worked.failed.len(),
+                worked.left
             );
-            if summary.failed > 0 {
-                anyhow::bail!("{} dead letter(s) could not be replayed", summary.failed);
+            if !worked.failed.is_empty() {
+                anyhow::bail!(
+                    "{} dead letter(s) could not be replayed; they are open again",
+                    worked.failed.len()
+                );
             }
             Ok(())
         }

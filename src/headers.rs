@@ -21,6 +21,9 @@ pub const ERROR_MESSAGE: &str = "x-error-message";
 pub const ERROR_STATUS: &str = "x-error-status";
 /// An excerpt of the provider's error body, where there was one.
 pub const ERROR_BODY: &str = "x-error-body";
+/// A dead letter's own id, set once when the worker dead-letters a command: the store keeps a
+/// dead letter that reaches it twice (a republish by the relay, a redelivery) once.
+pub const DEAD_LETTER_ID: &str = "x-dead-letter-id";
 /// When the worker dead-lettered the command (RFC 3339).
 pub const FAILED_AT: &str = "x-failed-at";
 /// The exchange the command was first published to (where a replay sends it).
@@ -41,7 +44,8 @@ pub const EVENT_SUBJECT: &str = "cloudEvents:subject";
 pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
 
 /// Headers the worker or the broker add when dead-lettering or delaying; a replay drops them.
-pub const ADDED_ON_FAILURE: [&str; 15] = [
+pub const ADDED_ON_FAILURE: [&str; 16] = [
+    DEAD_LETTER_ID,
     ERROR_KIND,
     ERROR_MESSAGE,
     ERROR_STATUS,

@@ -17,6 +17,7 @@ pub mod diagnose;
 pub mod errors;
 pub mod headers;
 pub mod health;
+pub mod ingest;
 pub mod levels;
 pub mod metrics;
 pub mod ops;

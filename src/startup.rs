@@ -124,6 +124,14 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     tracing::info!(instance_id, queue = %context.settings.broker.command_queue,
         prefetch = context.settings.broker.prefetch, "worker started");
     tokio::spawn(levels::run(context.clone(), background.clone()));
+    if context.settings.dead_letters.ingest {
+        tokio::spawn(crate::ingest::run(
+            context.settings.clone(),
+            context.pool.clone(),
+            format!("{instance_id} dead-letter ingester"),
+            background.clone(),
+        ));
+    }
     let task = tokio::spawn(async move {
         let ended = consumer::run(context, session, stop).await;
         background.cancel();

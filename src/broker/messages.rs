@@ -238,6 +238,8 @@ pub fn dead_letter(
     now: DateTime<Utc>,
 ) -> OutboundMessage {
     let mut headers = original.properties.headers().clone().unwrap_or_default();
+    let id = uuid::Uuid::new_v4().to_string();
+    headers.insert(headers::DEAD_LETTER_ID.into(), text(&id));
     headers.insert(headers::ERROR_KIND.into(), text(failure.kind.as_str()));
     let bounded = |t: &str| text(&headers::excerpt(t, headers::TEXT_LIMIT));
     headers.insert(headers::ERROR_MESSAGE.into(), bounded(&failure.message));

@@ -163,6 +163,37 @@ impl Settings {
         if self.telemetry.levels_interval_ms == 0 {
             return fail("telemetry.levels_interval_ms", "must be above 0");
         }
+        if self.dead_letters.retention_days == 0 {
+            return fail("dead_letters.retention_days", "must be at least 1");
+        }
+        if self.provider.idempotency_window_hours == 0 {
+            return fail("provider.idempotency_window_hours", "must be at least 1");
+        }
+        if self
+            .console
+            .listen
+            .trim()
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return fail("console.listen", "must be an address like 127.0.0.1:8088");
+        }
+        for (i, operator) in self.console.operators.iter().enumerate() {
+            let key = format!("console.operators[{i}]");
+            if operator.name.trim().is_empty() {
+                return fail(&key, "needs a name");
+            }
+            if !matches!(operator.role.as_str(), "viewer" | "operator") {
+                return fail(&key, "has a role other than \"viewer\" or \"operator\"");
+            }
+            let hash = &operator.token_sha256;
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return fail(
+                    &key,
+                    "needs token_sha256: the SHA-256 of the token in hex (64 characters)",
+                );
+            }
+        }
         if self.events.source.trim().is_empty() {
             return fail("events.source", "must not be empty");
         }

@@ -47,6 +47,10 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     /// The `[worker]` section.
     pub worker: WorkerSettings,
+    /// The `[dead_letters]` section.
+    pub dead_letters: DeadLetterSettings,
+    /// The `[console]` section.
+    pub console: ConsoleSettings,
     /// The `[events]` section.
     pub events: EventSettings,
     /// The `[telemetry]` section.
@@ -158,6 +162,8 @@ pub struct ProviderSettings {
     pub max_requests_per_second: f64,
     /// Per provider id, overriding the above: "ID=N,ID=N".
     pub max_requests_per_second_by_id: String,
+    /// How long the provider keeps an idempotency key; older dead letters risk a second link.
+    pub idempotency_window_hours: u64,
 }
 
 impl ProviderSettings {
@@ -254,6 +260,47 @@ pub struct WorkerSettings {
     pub busy_poll_ms: u64,
     /// Added to the longest provider call sequence to give a worker's hold on a command (its lease);
     pub lease_margin_ms: u64,
+}
+
+/// The dead-letter store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterSettings {
+    /// Move the dead-letter queue into the store.
+    pub ingest: bool,
+    /// Days archived and replayed dead letters stay in the store.
+    pub retention_days: u64,
+}
+
+/// The operators' console.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Address the console listens on.
+    pub listen: String,
+    /// Who may sign in.
+    pub operators: Vec<OperatorSettings>,
+}
+
+/// One console user.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSettings {
+    /// Shown in the audit log.
+    pub name: String,
+    /// `viewer` or `operator`.
+    pub role: String,
+    /// SHA-256 of the token, in hex (the token itself is never configured).
+    pub token_sha256: String,
+}
+
+impl std::fmt::Debug for OperatorSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorSettings")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Attributes of published events.

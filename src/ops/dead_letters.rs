@@ -1,138 +1,23 @@
-//! Operators' view of the dead-letter queue: list what is there and why, and replay a selection
-//! back to the command exchange. Listing takes nothing away (every message it reads goes back when
-//! its channel closes). Replaying publishes each copy with a confirm before acking the dead
-//! letter, so a crash midway loses nothing (at worst a duplicate, which idempotency absorbs), and
-//! every run is recorded in PostgreSQL.
+//! Operators' actions on the dead-letter store, shared by the CLI and the console: list, replay
+//! and archive what a [`Filter`] selects. A replay run reserves its dead letters first (state
+//! `replaying`), then publishes each stored original to its original exchange and routing key
+//! (confirmed) and records the outcome, a batch at a time; a run stopped midway is resumed from
+//! its reserved rows. Every action is recorded in the audit log.
 
-use crate::broker::messages::{self, OutboundMessage};
+use crate::broker::messages::{self, OutboundMessage, properties_from_json};
 use crate::broker::publisher::{confirm_channel, publish_confirmed};
 use crate::broker::{self};
 use crate::config::Settings;
 use crate::errors::ErrorKind;
-use crate::headers::{self, read_int, read_text};
-use crate::store::{self, replay_runs};
+use crate::headers::{self, read_int};
+use crate::store::dead_letters::{self as store, Filter, Stored, Summary};
+use crate::store::{self as db, PgConn, PgPool, audit, replay_runs};
 use anyhow::Context as _;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// Which dead letters an operation applies to.
-#[derive(Clone, Debug, Default)]
-pub struct Selection {
-    /// Only this error kind.
-    pub kind: Option<String>,
-    /// Only this command id.
-    pub command_id: Option<String>,
-    /// At most this many.
-    pub limit: Option<usize>,
-}
-
-impl Selection {
-    fn matches(&self, letter: &DeadLetter) -> bool {
-        self.kind.as_ref().is_none_or(|k| *k == letter.kind)
-            && self
-                .command_id
-                .as_ref()
-                .is_none_or(|c| *c == letter.command_id)
-    }
-}
-
-/// One dead-lettered command, as an operator sees it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct DeadLetter {
-    /// The command id (`message_id`).
-    pub command_id: String,
-    /// The error kind (`x-error-kind`).
-    pub kind: String,
-    /// What went wrong (`x-error-message`).
-    pub message: String,
-    /// The provider's HTTP status (`x-error-status`).
-    pub http_status: Option<i64>,
-    /// Provider calls made (`x-attempts`).
-    pub attempts: Option<i64>,
-    /// When it was dead-lettered (`x-failed-at`).
-    pub failed_at: Option<String>,
-    /// From the body, when it is JSON.
-    pub invoice_id: Option<i64>,
-    /// From the body, when it is JSON.
-    pub adhoc_invoice_id: Option<i64>,
-    /// From the body, when it is JSON.
-    pub customer_id: Option<i64>,
-    /// Replays so far (`x-replay-count`).
-    pub replay_count: i64,
-}
-
-impl DeadLetter {
-    /// Reads the dead-letter headers (or, for a message the broker dead-lettered after its
-    /// delivery limit, its `x-death`) and the ids in the body where it is JSON.
-    pub fn from_message(properties: &BasicProperties, body: &[u8]) -> Self {
-        let has_death = headers::has_death(properties);
-        let kind = read_text(properties, headers::ERROR_KIND)
-            .unwrap_or_else(|| if has_death { DELIVERY_LIMIT } else { UNKNOWN }.to_owned());
-        let message = read_text(properties, headers::ERROR_MESSAGE).unwrap_or_else(|| {
-            if has_death {
-                "dead-lettered by the broker after broker.delivery_limit deliveries".to_owned()
-            } else {
-                String::new()
-            }
-        });
-        let ids: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-        let id = |field: &str| ids.get(field).and_then(serde_json::Value::as_i64);
-        Self {
-            command_id: properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_default(),
-            kind,
-            message,
-            http_status: read_int(properties, headers::ERROR_STATUS),
-            attempts: read_int(properties, headers::ATTEMPTS),
-            failed_at: read_text(properties, headers::FAILED_AT),
-            invoice_id: id("invoiceId"),
-            adhoc_invoice_id: id("adhocInvoiceId"),
-            customer_id: id("customerId"),
-            replay_count: read_int(properties, headers::REPLAY_COUNT).unwrap_or(0),
-        }
-    }
-}
-
-/// What `list` found.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Listing {
-    /// The matching dead letters.
-    pub letters: Vec<DeadLetter>,
-    /// Matching dead letters per kind.
-    pub by_kind: BTreeMap<String, usize>,
-    /// Messages in the dead-letter queue when the listing started.
-    pub in_queue: u32,
-}
-
-/// What `replay` did.
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ReplaySummary {
-    /// The run's row in `replay_runs`.
-    pub run_id: i64,
-    /// Published back to the command exchange (or, in a dry run, selected).
-    pub replayed: Vec<String>,
-    /// Looked at and left in place because they did not match or the limit was reached.
-    pub skipped: usize,
-    /// Selected but not replayed because the broker refused the copy; they stay dead-lettered.
-    pub failed: usize,
-    /// Of the messages in the dead-letter queue when the run started, those still there.
-    pub left: u32,
-    /// Whether nothing was changed.
-    pub dry_run: bool,
-    /// Of `replayed`, those whose kind fails again as they are (validation, idempotency
-    /// conflict): replaying sends the same body under the same id.
-    pub fail_again: Vec<String>,
-}
 
 /// Every kind a dead letter can have: the worker's error kinds, `delivery-limit` for a message
 /// the broker dead-lettered itself, and `unknown` for one without either mark.
@@ -143,103 +28,66 @@ pub fn known_kinds() -> Vec<&'static str> {
 }
 
 /// The kind of a message the broker dead-lettered itself after its delivery limit.
-const DELIVERY_LIMIT: &str = "delivery-limit";
+pub const DELIVERY_LIMIT: &str = "delivery-limit";
 /// The kind of a message in the queue with neither the worker's headers nor the broker's.
-const UNKNOWN: &str = "unknown";
+pub const UNKNOWN: &str = "unknown";
 
 /// Whether replaying a dead letter of this kind, unchanged, fails the same way again.
 pub fn fails_again(kind: &str) -> bool {
     kind == ErrorKind::Validation.as_str() || kind == ErrorKind::IdempotencyConflict.as_str()
 }
 
-async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    broker::queue_depth(channel, queue)
-        .await
-        .with_context(|| format!("dead-letter queue {queue} not found"))
+/// What `list` found.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listing {
+    /// The matching dead letters, newest first (at most the limit).
+    pub letters: Vec<Summary>,
+    /// Of all matching dead letters, how many per kind.
+    pub by_kind: BTreeMap<String, i64>,
+    /// How many match in all.
+    pub matching: i64,
 }
 
-/// Takes the next dead letter without acking it: it stays on this channel until acked, or goes
-/// back to the queue when the channel closes.
-async fn next_letter(
-    channel: &Channel,
-    queue: &str,
-) -> anyhow::Result<Option<lapin::message::Delivery>> {
-    Ok(channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-        .await?
-        .map(|message| message.delivery))
-}
-
-/// Gives back every delivery taken on `channel` and not acked (all tags up to `last`) with one
-/// requeueing `basic.nack`. On RabbitMQ 4 that return does not count toward a quorum queue's
-/// delivery limit (closing the channel would, and 4.x gives quorum queues a default limit of 20,
-/// past which a dead letter would be dropped); 3.x counts every return in `x-delivery-count`, and
-/// the dead-letter queue has no limit there.
-async fn give_back(channel: &Channel, last: Option<u64>) -> anyhow::Result<()> {
-    if let Some(last) = last {
-        channel
-            .basic_nack(
-                last,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                },
-            )
-            .await
-            .context("cannot give the dead letters back to their queue")?;
+/// Opens the store for an operator's command, saying why when the database cannot be reached.
+pub async fn connect(settings: &Settings, what: &str) -> anyhow::Result<(PgPool, PgConn)> {
+    let pool = db::pool(&settings.database)?;
+    match pool.get().await {
+        Ok(conn) => Ok((pool, conn)),
+        Err(error) => Err(crate::diagnose::database(settings, what, error).await),
     }
-    Ok(())
 }
 
-/// Lists the dead letters that match, without removing or changing any.
-pub async fn list(settings: &Settings, selection: &Selection) -> anyhow::Result<Listing> {
-    let queue = &settings.broker.dead_letter_queue;
-    let connection =
-        broker::connect(&settings.broker, "payment-link-worker dead-letters list").await?;
-    let channel = connection.create_channel().await?;
-    let in_queue = depth(&channel, queue).await?;
-    let mut letters = Vec::new();
-    // Each message stays unacknowledged on this channel, so none is read twice; all go back to
-    // the queue, in order, at the end.
-    let mut last = None;
-    for _ in 0..in_queue {
-        let Some(delivery) = next_letter(&channel, queue).await? else {
-            break;
+/// Lists the newest `limit` dead letters that match, with the count per kind of all that match.
+pub async fn list(conn: &mut PgConn, filter: &Filter, limit: i64) -> anyhow::Result<Listing> {
+    let (letters, _) = store::page(conn, filter, limit, None).await?;
+    let mut by_kind = BTreeMap::new();
+    for kind in known_kinds() {
+        let of_kind = Filter {
+            kind: Some(kind.to_owned()),
+            ..filter.clone()
         };
-        last = Some(delivery.delivery_tag);
-        let letter = DeadLetter::from_message(&delivery.properties, &delivery.data);
-        if selection.matches(&letter) {
-            letters.push(letter);
-            if selection.limit.is_some_and(|limit| letters.len() >= limit) {
-                break;
+        if filter.kind.as_deref().is_none_or(|k| k == kind) {
+            let n = store::count(conn, &of_kind).await?;
+            if n > 0 {
+                by_kind.insert(kind.to_owned(), n);
             }
         }
     }
-    give_back(&channel, last).await?;
-    let _ = channel.close(200, "listing done".into()).await;
-    let _ = connection.close(200, "listing done".into()).await;
-    let mut by_kind = BTreeMap::new();
-    for letter in &letters {
-        *by_kind.entry(letter.kind.clone()).or_default() += 1;
-    }
     Ok(Listing {
         letters,
+        matching: by_kind.values().sum(),
         by_kind,
-        in_queue,
     })
 }
 
 /// The command again, as it was first published, with the replay count increased.
 pub fn replay_message(
-    settings: &Settings,
+    exchange: &str,
     routing_key: &str,
     properties: &BasicProperties,
     body: &[u8],
 ) -> OutboundMessage {
-    let exchange = read_text(properties, headers::ORIGINAL_EXCHANGE)
-        .unwrap_or_else(|| settings.broker.command_exchange.clone());
-    let routing_key = read_text(properties, headers::ORIGINAL_ROUTING_KEY)
-        .unwrap_or_else(|| routing_key.to_owned());
     let replay_count = read_int(properties, headers::REPLAY_COUNT).unwrap_or(0) + 1;
     let mut kept = headers::without_failure_headers(properties);
     kept.insert(
@@ -247,141 +95,319 @@ pub fn replay_message(
         AMQPValue::LongLongInt(replay_count),
     );
     OutboundMessage {
-        exchange,
-        routing_key,
+        exchange: exchange.to_owned(),
+        routing_key: routing_key.to_owned(),
         properties: messages::republishable(properties).with_headers(kept),
         body: body.to_vec(),
     }
 }
 
-/// How a replay run is asked for.
+/// The stored dead letter's replay: its original, to its original exchange and routing key.
+fn replay_of(letter: &Stored) -> Result<OutboundMessage, String> {
+    let properties = properties_from_json(letter.properties.clone())
+        .map_err(|e| format!("its stored properties do not read back: {e}"))?;
+    Ok(replay_message(
+        &letter.original_exchange,
+        &letter.original_routing_key,
+        &properties,
+        &letter.body,
+    ))
+}
+
+/// How a replay is asked for.
 #[derive(Clone, Debug)]
 pub struct ReplayRequest {
-    /// Which dead letters.
-    pub selection: Selection,
-    /// Only show what would be replayed.
+    /// Which dead letters (only open ones are replayed).
+    pub filter: Filter,
+    /// At most this many (the oldest first).
+    pub limit: Option<usize>,
+    /// Only say what would be replayed.
     pub dry_run: bool,
     /// Replays per second at most.
     pub rate: Option<f64>,
-    /// Who asked, for the audit trail.
+    /// Go ahead even where a replay may create a second link (see [`ReplayError::DuplicateRisk`]).
+    pub accept_duplicate_risk: bool,
+    /// Who asked, for the audit log.
     pub requested_by: String,
+    /// `cli` or `console`.
+    pub source: String,
 }
 
-/// Replays the matching dead letters to the command exchange, each confirmed before its dead
-/// letter is acked; records the run in PostgreSQL.
-pub async fn replay(settings: &Settings, request: &ReplayRequest) -> anyhow::Result<ReplaySummary> {
-    let selection = &request.selection;
-    let pool = store::pool(&settings.database)?;
-    let mut conn = match pool.get().await {
-        Ok(conn) => conn,
-        Err(error) => {
-            let what = "record the replay run";
-            return Err(crate::diagnose::database(settings, what, error).await);
-        }
-    };
+/// Why a replay did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "{count} of the selected dead letters first called the provider more than \
+         {window_hours} h ago (provider.idempotency_window_hours): the provider may have \
+         forgotten their idempotency keys, so replaying them may create a second payment link. \
+         Check with the provider, then confirm with --accept-duplicate-risk \
+         (in the console: \"I accept the risk\"), or narrow the selection. First ids: {first:?}"
+    )]
+    /// Some selected dead letters are older than the provider's idempotency window.
+    DuplicateRisk {
+        /// How many.
+        count: usize,
+        /// The window.
+        window_hours: u64,
+        /// The first few of their ids.
+        first: Vec<i64>,
+    },
+    #[error(transparent)]
+    /// The database or the broker failed.
+    Other(#[from] anyhow::Error),
+}
+
+impl From<db::StoreError> for ReplayError {
+    fn from(error: db::StoreError) -> Self {
+        Self::Other(error.into())
+    }
+}
+
+/// A replay run as it starts.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    /// The run (and the console's job) id.
+    pub run_id: i64,
+    /// The dead letters selected (reserved unless a dry run).
+    pub ids: Vec<i64>,
+    /// Of those, the ones whose kind fails again as they are (validation, idempotency conflict).
+    pub fail_again: Vec<i64>,
+    /// Of those, the ones at risk of a second link (accepted, or the run would not start).
+    pub at_risk: Vec<i64>,
+}
+
+/// Selects, checks and records a run; reserves its dead letters unless it is a dry run (which
+/// ends here). The publishing is [`work`].
+pub async fn start(
+    settings: &Settings,
+    conn: &mut PgConn,
+    request: &ReplayRequest,
+) -> Result<Started, ReplayError> {
+    let mut ids = store::open_ids(conn, &request.filter).await?;
+    if let Some(limit) = request.limit {
+        ids.truncate(limit);
+    }
+    let window = Duration::from_secs(settings.provider.idempotency_window_hours * 3600);
+    let at_risk = store::at_duplicate_risk(conn, &ids, window).await?;
+    if !at_risk.is_empty() && !request.accept_duplicate_risk && !request.dry_run {
+        return Err(ReplayError::DuplicateRisk {
+            count: at_risk.len(),
+            window_hours: settings.provider.idempotency_window_hours,
+            first: at_risk.iter().take(5).copied().collect(),
+        });
+    }
+    let filter = serde_json::to_value(&request.filter).context("filter to JSON")?;
     let run_id = replay_runs::start(
-        &mut conn,
+        conn,
         &replay_runs::NewReplayRun {
             requested_by: request.requested_by.clone(),
-            filter_kind: selection.kind.clone(),
-            filter_command_id: selection.command_id.clone(),
-            max_count: selection.limit.map(|l| l as i64),
+            filter_kind: request.filter.kind.clone(),
+            filter_command_id: request.filter.command_id.clone(),
+            max_count: request.limit.map(|l| l as i64),
             rate_per_second: request.rate,
             dry_run: request.dry_run,
+            source: request.source.clone(),
+            filter: Some(filter.clone()),
+            state: if request.dry_run { "done" } else { "running" }.into(),
+            total: ids.len() as i32,
+            accept_duplicate_risk: request.accept_duplicate_risk,
         },
     )
     .await?;
-    let queue = &settings.broker.dead_letter_queue;
-    let connection =
-        broker::connect(&settings.broker, "payment-link-worker dead-letters replay").await?;
-    let channel = confirm_channel(&connection).await?;
-    let in_queue = depth(&channel, queue).await?;
-    let pause = request
-        .rate
-        .filter(|r| *r > 0.0)
-        .map(|r| Duration::from_secs_f64(1.0 / r));
-    let mut summary = ReplaySummary {
-        run_id,
-        dry_run: request.dry_run,
-        ..ReplaySummary::default()
-    };
-    // The last delivery taken and not acked: everything up to it goes back at the end.
-    let mut last = None;
-    for _ in 0..in_queue {
-        let Some(delivery) = next_letter(&channel, queue).await? else {
-            break;
+    let selected = store::summaries(conn, &ids).await?;
+    let fail_again = selected
+        .iter()
+        .filter(|s| fails_again(&s.kind))
+        .map(|s| s.id)
+        .collect();
+    let command_ids: Vec<String> = selected.iter().map(|s| s.command_id.clone()).collect();
+    replay_runs::set_commands(conn, run_id, &command_ids).await?;
+    if request.dry_run {
+        let counts = replay_runs::RunCounts {
+            selected: ids.len() as i32,
+            replayed: 0,
+            skipped: 0,
+            failed: 0,
+            left: store::count(conn, &open()).await? as i32,
         };
-        let letter = DeadLetter::from_message(&delivery.properties, &delivery.data);
-        let wanted = selection.matches(&letter)
-            && selection
-                .limit
-                .is_none_or(|limit| summary.replayed.len() < limit);
-        if !wanted {
-            summary.skipped += 1;
-            last = Some(delivery.delivery_tag);
-            continue;
-        }
-        if request.dry_run {
-            last = Some(delivery.delivery_tag);
-        } else {
-            let copy = replay_message(
-                settings,
-                delivery.routing_key.as_str(),
-                &delivery.properties,
-                &delivery.data,
-            );
-            if let Err(error) = publish_confirmed(&channel, &copy).await {
-                tracing::error!(command_id = %letter.command_id, %error, "the broker did not take the replayed command; it stays dead-lettered");
-                summary.failed += 1;
-                last = Some(delivery.delivery_tag);
-                continue;
-            }
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-        }
-        replay_runs::add_command(&mut conn, run_id, &letter.command_id).await?;
-        if fails_again(&letter.kind) {
-            summary.fail_again.push(letter.command_id.clone());
-        }
-        summary.replayed.push(letter.command_id);
-        if let Some(pause) = pause {
-            tokio::time::sleep(pause).await;
-        }
+        replay_runs::finish(conn, run_id, counts).await?;
+    } else {
+        store::reserve(conn, &ids, run_id).await?;
     }
-    // What was not acked goes back to the queue. (The broker puts it back asynchronously, so
-    // `left` is counted, not read back.)
-    give_back(&channel, last).await?;
+    audit::record(
+        conn,
+        &audit::NewEntry {
+            actor: request.requested_by.clone(),
+            source: request.source.clone(),
+            action: if request.dry_run { "dry-run" } else { "replay" }.into(),
+            filter: Some(filter),
+            count: ids.len() as i32,
+            ids: ids.clone(),
+            run_id: Some(run_id),
+        },
+    )
+    .await?;
+    Ok(Started {
+        run_id,
+        ids,
+        fail_again,
+        at_risk,
+    })
+}
+
+fn open() -> Filter {
+    Filter {
+        state: Some(store::OPEN.into()),
+        ..Filter::default()
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Worked {
+    /// Confirmed by the broker.
+    pub replayed: Vec<i64>,
+    /// Refused by the broker (open again).
+    pub failed: Vec<i64>,
+    /// Open dead letters left in the store when it ended.
+    pub left: i64,
+}
+
+/// Most dead letters published before their outcomes are recorded (without a rate limit).
+const BATCH: i64 = 200;
+
+/// Publishes the run's reserved dead letters, a batch at a time, recording each batch's outcomes
+/// and the run's progress; ends the run. Runs again from where it was if it stopped midway (a
+/// dead letter published just before a stop may be published twice; the worker's idempotency
+/// makes the second a republished event, not a second link).
+pub async fn work(
+    settings: &Settings,
+    conn: &mut PgConn,
+    run_id: i64,
+    rate: Option<f64>,
+) -> anyhow::Result<Worked> {
+    let connection = broker::connect(
+        &settings.broker,
+        &format!("payment-link-worker replay {run_id}"),
+    )
+    .await?;
+    let channel = confirm_channel(&connection).await?;
+    let pause = rate
+        .filter(|r| *r > 0.0 && r.is_finite())
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    // With a rate limit, small batches keep the recorded progress close to the real one.
+    let batch = pause.map_or(BATCH, |p| {
+        (1.0 / p.as_secs_f64()).clamp(1.0, BATCH as f64) as i64
+    });
+    let mut worked = Worked::default();
+    let mut after = 0;
+    loop {
+        let letters = store::next_reserved(conn, run_id, after, batch).await?;
+        let Some(last) = letters.last() else { break };
+        after = last.id;
+        let outcomes = publish_batch(&channel, &letters, pause).await;
+        for (id, outcome) in &outcomes {
+            match outcome {
+                Ok(()) => worked.replayed.push(*id),
+                Err(error) => {
+                    tracing::error!(dead_letter = id, %error, "the broker did not take the replayed command; it stays open");
+                    worked.failed.push(*id);
+                }
+            }
+        }
+        store::record_replays(conn, run_id, &outcomes).await?;
+    }
     let _ = channel.close(200, "replay done".into()).await;
     let _ = connection.close(200, "replay done".into()).await;
-    let removed = if request.dry_run {
-        0
-    } else {
-        summary.replayed.len() as u32
-    };
-    summary.left = in_queue.saturating_sub(removed);
-    let selected = summary.replayed.len() as i32;
+    worked.left = store::count(conn, &open()).await?;
+    let run = replay_runs::find(conn, run_id).await?;
     let counts = replay_runs::RunCounts {
-        selected,
-        replayed: if request.dry_run { 0 } else { selected },
-        skipped: summary.skipped as i32,
-        failed: summary.failed as i32,
-        left: summary.left as i32,
+        selected: run.as_ref().map_or(0, |r| r.total),
+        replayed: run.as_ref().map_or(0, |r| r.replayed),
+        skipped: 0,
+        failed: run.as_ref().map_or(0, |r| r.failed),
+        left: worked.left as i32,
     };
-    replay_runs::finish(&mut conn, run_id, counts).await?;
-    Ok(summary)
+    replay_runs::finish(conn, run_id, counts).await?;
+    Ok(worked)
+}
+
+/// Publishes a batch: without a rate limit every copy is sent before any confirm is awaited (one
+/// round trip for the batch); with one, one copy per `pause`.
+async fn publish_batch(
+    channel: &Channel,
+    letters: &[Stored],
+    pause: Option<Duration>,
+) -> Vec<(i64, Result<(), String>)> {
+    let publish = |letter: &Stored| {
+        let copy = replay_of(letter);
+        let id = letter.id;
+        async move {
+            let outcome = match copy {
+                Ok(copy) => publish_confirmed(channel, &copy)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(why) => Err(why),
+            };
+            (id, outcome)
+        }
+    };
+    match pause {
+        None => futures_util::future::join_all(letters.iter().map(publish)).await,
+        Some(pause) => {
+            let mut outcomes = Vec::with_capacity(letters.len());
+            for letter in letters {
+                outcomes.push(publish(letter).await);
+                tokio::time::sleep(pause).await;
+            }
+            outcomes
+        }
+    }
+}
+
+/// Archives the open dead letters that match (at most `limit`); records it in the audit log.
+pub async fn archive(
+    conn: &mut PgConn,
+    filter: &Filter,
+    limit: Option<usize>,
+    actor: &str,
+    source: &str,
+) -> anyhow::Result<Vec<i64>> {
+    let mut ids = store::open_ids(conn, filter).await?;
+    if let Some(limit) = limit {
+        ids.truncate(limit);
+    }
+    let archived = store::archive(conn, &ids).await?;
+    audit::record(
+        conn,
+        &audit::NewEntry {
+            actor: actor.to_owned(),
+            source: source.to_owned(),
+            action: "archive".into(),
+            filter: Some(serde_json::to_value(filter)?),
+            count: archived.len() as i32,
+            ids: archived.clone(),
+            run_id: None,
+        },
+    )
+    .await?;
+    Ok(archived)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::headers::text;
+    use crate::headers::{read_text, text};
     use lapin::types::FieldTable;
 
     #[test]
     fn replay_restores_the_command_and_counts_the_replay() {
-        let settings = Settings::load_from(None, Vec::new()).unwrap();
         let mut headers = FieldTable::default();
         headers.insert("x-error-kind".into(), text("provider-rejected"));
         headers.insert("x-error-status".into(), AMQPValue::LongInt(400));
+        headers.insert("x-dead-letter-id".into(), text("d-1"));
         headers.insert("x-original-exchange".into(), text("cmds"));
         headers.insert("x-original-routing-key".into(), text("payment-link.create"));
         headers.insert("x-replay-count".into(), AMQPValue::LongInt(2));
@@ -390,7 +416,7 @@ mod tests {
         let properties = BasicProperties::default()
             .with_message_id("c-1".into())
             .with_headers(headers);
-        let copy = replay_message(&settings, "payment-link.create", &properties, b"{}");
+        let copy = replay_message("cmds", "payment-link.create", &properties, b"{}");
         assert_eq!(copy.exchange, "cmds");
         assert_eq!(copy.routing_key, "payment-link.create");
         assert_eq!(copy.message_id(), "c-1");
@@ -404,6 +430,7 @@ mod tests {
             "x-error-status",
             "x-delay-round",
             "x-original-exchange",
+            "x-dead-letter-id",
         ] {
             assert!(
                 read_text(&copy.properties, gone).is_none()
@@ -411,15 +438,5 @@ mod tests {
                 "{gone}"
             );
         }
-        let letter = DeadLetter::from_message(&properties, br#"{"invoiceId":5}"#);
-        assert_eq!(
-            (
-                letter.kind.as_str(),
-                letter.http_status,
-                letter.invoice_id,
-                letter.replay_count
-            ),
-            ("provider-rejected", Some(400), Some(5), 2)
-        );
     }
 }

@@ -1,13 +1,15 @@
-//! How `dead-letters list` looks at a terminal: a table with aligned columns, the count per kind,
-//! and what reading the queue did to it.
+//! How `dead-letters list` looks at a terminal: a table with aligned columns, then the count per
+//! kind.
 
 use super::dead_letters::Listing;
 
 /// The listing as a table with aligned columns (the message last, on one line), then the count
-/// per kind, then a note on what reading the queue did to it.
+/// per kind.
 pub fn format_listing(listing: &Listing) -> String {
     let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     let header = [
+        "ID",
+        "STATE",
         "COMMAND ID",
         "KIND",
         "STATUS",
@@ -22,20 +24,23 @@ pub fn format_listing(listing: &Listing) -> String {
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
     for l in &listing.letters {
         rows.push(vec![
+            l.id.to_string(),
+            l.state.clone(),
             if l.command_id.is_empty() {
                 "(no message_id)".into()
             } else {
                 l.command_id.clone()
             },
             l.kind.clone(),
-            opt(l.http_status),
-            opt(l.attempts),
-            l.failed_at.clone().unwrap_or_else(|| "-".into()),
+            opt(l.http_status.map(i64::from)),
+            opt(l.attempts.map(i64::from)),
+            l.failed_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             opt(l.invoice_id),
             opt(l.adhoc_invoice_id),
             opt(l.customer_id),
             l.replay_count.to_string(),
-            l.message.replace(['\n', '\r', '\t'], " "),
+            l.error_message.replace(['\n', '\r', '\t'], " "),
         ]);
     }
     let mut out = String::new();
@@ -63,19 +68,14 @@ pub fn format_listing(listing: &Listing) -> String {
         .map(|(k, n)| format!("{k}: {n}"))
         .collect();
     out.push_str(&format!(
-        "{} shown of {} in the dead-letter queue; by kind: {}\n",
+        "{} shown of {} matching; by kind: {}\n",
         listing.letters.len(),
-        listing.in_queue,
+        listing.matching,
         if kinds.is_empty() {
             "none".into()
         } else {
             kinds.join(", ")
         }
     ));
-    out.push_str(READ_NOTE);
     out
 }
-
-/// What listing does to the queue, said where the listing is read.
-const READ_NOTE: &str = "(Reading puts every message back in order; RabbitMQ marks them \
-redelivered, and RabbitMQ 3.x also adds 1 to their x-delivery-count.)\n";

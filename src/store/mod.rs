@@ -3,9 +3,11 @@
 //! be published, written in the same transaction as the outcome it reports. Every batched write
 //! goes through the one [`batch::Batcher`].
 
+pub mod audit;
 pub mod batch;
 pub mod claims;
 pub mod commands;
+pub mod dead_letters;
 pub mod heartbeats;
 pub mod outbox;
 pub mod outcomes;

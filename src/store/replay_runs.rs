@@ -22,6 +22,16 @@ pub struct NewReplayRun {
     pub rate_per_second: Option<f64>,
     /// Whether it only showed what it would do.
     pub dry_run: bool,
+    /// `cli` or `console`.
+    pub source: String,
+    /// The whole filter, as the console and the CLI share it.
+    pub filter: Option<serde_json::Value>,
+    /// `running` until it ends (`done`, or `failed`).
+    pub state: String,
+    /// Dead letters the run is to replay.
+    pub total: i32,
+    /// Whether the operator accepted that some may create a second link.
+    pub accept_duplicate_risk: bool,
 }
 
 /// A recorded run.
@@ -58,6 +68,18 @@ pub struct ReplayRun {
     pub command_ids: Vec<String>,
     /// Chosen by the filter (in a dry run, what a real run would have replayed).
     pub selected: i32,
+    /// `cli` or `console`.
+    pub source: String,
+    /// The whole filter.
+    pub filter: Option<serde_json::Value>,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// Dead letters the run is to replay.
+    pub total: i32,
+    /// Whether the operator accepted that some may create a second link.
+    pub accept_duplicate_risk: bool,
+    /// Last progress (a running job not updated for a while has stopped).
+    pub updated_at: DateTime<Utc>,
 }
 
 /// Records the start of a run and returns its id.
@@ -69,19 +91,16 @@ pub async fn start(conn: &mut PgConn, run: &NewReplayRun) -> Result<i64, StoreEr
         .await?)
 }
 
-/// Adds one replayed (or, in a dry run, selected) command id to the run.
-pub async fn add_command(
+/// Records the command ids the run selected.
+pub async fn set_commands(
     conn: &mut PgConn,
     run_id: i64,
-    command_id: &str,
+    command_ids: &[String],
 ) -> Result<(), StoreError> {
-    diesel::sql_query(
-        "UPDATE replay_runs SET command_ids = array_append(command_ids, $2) WHERE id = $1",
-    )
-    .bind::<diesel::sql_types::BigInt, _>(run_id)
-    .bind::<diesel::sql_types::Text, _>(command_id)
-    .execute(conn)
-    .await?;
+    diesel::update(r::replay_runs.find(run_id))
+        .set(r::command_ids.eq(command_ids))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -117,6 +136,8 @@ pub async fn finish(conn: &mut PgConn, run_id: i64, counts: RunCounts) -> Result
             r::skipped.eq(skipped),
             r::failed.eq(failed),
             r::left_in_queue.eq(Some(left)),
+            r::state.eq("done"),
+            r::updated_at.eq(Utc::now()),
         ))
         .execute(conn)
         .await?;
@@ -128,6 +149,65 @@ pub async fn all(conn: &mut PgConn) -> Result<Vec<ReplayRun>, StoreError> {
     Ok(r::replay_runs
         .order(r::id.desc())
         .select(ReplayRun::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// One run.
+pub async fn find(conn: &mut PgConn, run_id: i64) -> Result<Option<ReplayRun>, StoreError> {
+    Ok(r::replay_runs
+        .find(run_id)
+        .select(ReplayRun::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Adds to a running run's progress.
+pub async fn progress(
+    conn: &mut PgConn,
+    run_id: i64,
+    replayed: i32,
+    failed: i32,
+) -> Result<(), StoreError> {
+    diesel::update(r::replay_runs.find(run_id))
+        .set((
+            r::replayed.eq(r::replayed + replayed),
+            r::failed.eq(r::failed + failed),
+            r::updated_at.eq(Utc::now()),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes over a running run nobody has advanced for `idle` (its process stopped midway), so
+/// exactly one process resumes it; returns whether this one did.
+pub async fn take_over(
+    conn: &mut PgConn,
+    run_id: i64,
+    idle: std::time::Duration,
+) -> Result<bool, StoreError> {
+    let before = Utc::now() - chrono::Duration::from_std(idle).unwrap_or_default();
+    Ok(diesel::update(
+        r::replay_runs
+            .find(run_id)
+            .filter(r::state.eq("running"))
+            .filter(r::updated_at.lt(before)),
+    )
+    .set(r::updated_at.eq(Utc::now()))
+    .execute(conn)
+    .await?
+        == 1)
+}
+
+/// Running runs nobody has advanced for `idle`.
+pub async fn stalled(conn: &mut PgConn, idle: std::time::Duration) -> Result<Vec<i64>, StoreError> {
+    let before = Utc::now() - chrono::Duration::from_std(idle).unwrap_or_default();
+    Ok(r::replay_runs
+        .filter(r::state.eq("running"))
+        .filter(r::updated_at.lt(before))
+        .select(r::id)
         .load(conn)
         .await?)
 }

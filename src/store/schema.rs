@@ -55,7 +55,14 @@ diesel::table! {
 }
 
 diesel::joinable!(outbox -> payment_link_commands (command_id));
-diesel::allow_tables_to_appear_in_same_query!(payment_link_commands, outbox, replay_runs);
+diesel::allow_tables_to_appear_in_same_query!(
+    payment_link_commands,
+    outbox,
+    replay_runs,
+    dead_letters,
+    dead_letter_replays,
+    audit_log
+);
 
 diesel::table! {
     /// Replay runs of dead letters, for audit.
@@ -75,5 +82,70 @@ diesel::table! {
         left_in_queue -> Nullable<Int4>,
         command_ids -> Array<Text>,
         selected -> Int4,
+        source -> Text,
+        filter -> Nullable<Jsonb>,
+        state -> Text,
+        total -> Int4,
+        accept_duplicate_risk -> Bool,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    /// Every dead letter, ingested from the dead-letter queue.
+    dead_letters (id) {
+        id -> Int8,
+        dedup_key -> Text,
+        command_id -> Text,
+        kind -> Text,
+        error_message -> Text,
+        http_status -> Nullable<Int4>,
+        attempts -> Nullable<Int4>,
+        error_body -> Nullable<Text>,
+        failed_at -> Timestamptz,
+        ingested_at -> Timestamptz,
+        replay_count -> Int4,
+        state -> Text,
+        state_changed_at -> Timestamptz,
+        replay_run_id -> Nullable<Int8>,
+        previous_id -> Nullable<Int8>,
+        payment_provider_id -> Nullable<Int8>,
+        invoice_id -> Nullable<Int8>,
+        adhoc_invoice_id -> Nullable<Int8>,
+        customer_id -> Nullable<Int8>,
+        description -> Nullable<Text>,
+        email -> Nullable<Text>,
+        trace_id -> Nullable<Text>,
+        original_exchange -> Text,
+        original_routing_key -> Text,
+        properties -> Jsonb,
+        body -> Bytea,
+        stored_with_changes -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    /// Each replay of a dead letter.
+    dead_letter_replays (id) {
+        id -> Int8,
+        dead_letter_id -> Int8,
+        run_id -> Int8,
+        replayed_at -> Timestamptz,
+        outcome -> Text,
+    }
+}
+
+diesel::table! {
+    /// Who did what to which dead letters.
+    audit_log (id) {
+        id -> Int8,
+        at -> Timestamptz,
+        actor -> Text,
+        source -> Text,
+        action -> Text,
+        filter -> Nullable<Jsonb>,
+        count -> Int4,
+        ids -> Array<Int8>,
+        run_id -> Nullable<Int8>,
     }
 }

@@ -22,7 +22,7 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
         .mount(&otlp)
         .await;
     answer_with_link(&provider, 201, 4, "15.25", 88).await;
-    let env = TestEnv::new(&provider.uri()).await;
+    let env = TestEnv::with(&provider.uri(), &[crate::operations::INGEST]).await;
     let events = env.capture_events().await;
     let worker = binary(&env)
         .arg("run")
@@ -95,10 +95,7 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
         uuid::Uuid::parse_str(id).is_ok(),
         "a fresh command id: {id}"
     );
-    eventually("the bad command dead-lettered", WAIT, || async {
-        (env.queue_depth(&env.dead_letter_queue()).await == 1).then_some(())
-    })
-    .await;
+    crate::operations::stored(&env, &Default::default(), 1).await;
 
     let listing = output(binary(&env).args(["dead-letters", "list", "--kind", "validation"]));
     assert!(
@@ -121,10 +118,17 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
         "cli-test",
     ]));
     assert!(dry.contains(&format!("would replay {id}")), "{dry}");
-    eventually("the dead letter still there", WAIT, || async {
-        (env.queue_depth(&env.dead_letter_queue()).await == 1).then_some(())
-    })
-    .await;
+    assert!(dry.contains("fails again"), "{dry}");
+    let open = payment_link_worker::store::dead_letters::Filter {
+        state: Some("open".into()),
+        ..Default::default()
+    };
+    crate::operations::stored(&env, &open, 1).await;
+    let searched = output(binary(&env).args(["dead-letters", "list", "--search", "FREE"]));
+    assert!(searched.contains(id), "{searched}");
+    let archived = output(binary(&env).args(["dead-letters", "archive", "--command-id", id]));
+    assert_eq!(archived.trim(), "archived 1 dead letter(s)");
+    crate::operations::stored(&env, &open, 0).await;
 
     tokio::task::spawn_blocking(move || terminate(worker))
         .await

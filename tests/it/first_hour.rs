@@ -109,7 +109,11 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
             .find_map(|l| l["address"].as_str().map(str::to_owned))
     })
     .await;
-    let env = TestEnv::with(&format!("http://{address}"), &[("LOG__FORMAT", "auto")]).await;
+    let env = TestEnv::with(
+        &format!("http://{address}"),
+        &[("LOG__FORMAT", "auto"), crate::operations::INGEST],
+    )
+    .await;
     let (at_tty, tty) = worker_at_a_terminal(&env);
     wait_for("the worker at a terminal to start", &tty, "worker started").await;
 
@@ -246,11 +250,12 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
         bogus.2.contains("validation") && bogus.2.contains("delivery-limit"),
         "{bogus:?}"
     );
+    crate::operations::stored(&env, &Default::default(), 2).await;
     let listing = output(binary(&env).args(["dead-letters", "list"]));
     let header = listing.lines().next().unwrap_or("");
     let row = listing
         .lines()
-        .find(|l| l.starts_with("first-bad"))
+        .find(|l| l.contains("first-bad"))
         .unwrap_or_else(|| panic!("{listing}"));
     assert_eq!(
         header.find("KIND"),
@@ -258,13 +263,11 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
         "aligned columns:\n{listing}"
     );
     assert_eq!(header.find("MESSAGE"), row.find("2 problems"), "{listing}");
-    assert!(
-        listing.contains("redelivered"),
-        "says what reading did: {listing}"
-    );
+    assert!(listing.contains("2 shown of 2 matching"), "{listing}");
     let dry = output(binary(&env).args(["dead-letters", "replay", "--dry-run"]));
     assert!(
-        dry.contains("would replay first-bad  (fails again"),
+        dry.lines()
+            .any(|l| l.starts_with("would replay first-bad") && l.contains("(fails again")),
         "a dry run warns of a replay that would fail again: {dry}"
     );
 

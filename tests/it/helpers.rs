@@ -153,6 +153,9 @@ impl TestEnv {
             ("LOG__FORMAT", "text"),
             ("TELEMETRY__HTTP_LISTEN", "127.0.0.1:0"),
             ("TELEMETRY__LEVELS_INTERVAL_MS", "200"),
+            // Most tests read the dead-letter queue itself; the dead-letter store's tests turn
+            // ingestion on (the shipped default).
+            ("DEAD_LETTERS__INGEST", "false"),
         ];
         let all: Vec<(&str, &str)> = defaults.iter().chain(overrides).copied().collect();
         let sandbox = crate::sandbox::Sandbox::create("t", provider_url, TOKEN, &all)

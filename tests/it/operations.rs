@@ -1,28 +1,68 @@
-//! Guarantees: an operator can see every dead letter and why without disturbing the queue, and
-//! replay exactly the ones selected: each succeeds once, the rest stay, a replay that fails again
-//! comes back with its replay count, and every run is on record.
+//! Guarantees: every dead letter reaches the dead-letter store with its reason and its original
+//! message; an operator can find it with server-side filters and replay exactly the ones
+//! selected: each succeeds once, the rest stay, a replay that fails again comes back as a new dead
+//! letter linked to the earlier one, a replay that may create a second link needs an explicit
+//! confirmation, and every action is on record.
 
 use crate::helpers::*;
-use payment_link_worker::ops::dead_letters::{self, ReplayRequest, Selection};
-use payment_link_worker::store::replay_runs;
+use payment_link_worker::ops::dead_letters::{self, ReplayError, ReplayRequest};
+use payment_link_worker::store::dead_letters::{self as store, Filter};
+use payment_link_worker::store::{audit, replay_runs};
 use wiremock::matchers::{header, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-fn select(kind: Option<&str>, command_id: Option<&str>, limit: Option<usize>) -> Selection {
-    Selection {
-        kind: kind.map(str::to_owned),
-        command_id: command_id.map(str::to_owned),
-        limit,
+/// Ingestion on: the shipped default, which `TestEnv` turns off for the tests that read the queue.
+pub const INGEST: (&str, &str) = ("DEAD_LETTERS__INGEST", "true");
+
+fn by_command(command_id: &str) -> Filter {
+    Filter {
+        command_id: Some(command_id.into()),
+        ..Filter::default()
     }
 }
 
-fn request(selection: Selection, dry_run: bool) -> ReplayRequest {
+fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayRequest {
     ReplayRequest {
-        selection,
+        filter,
+        limit,
         dry_run,
         rate: Some(50.0),
+        accept_duplicate_risk: false,
         requested_by: "ops-test".into(),
+        source: "cli".into(),
     }
+}
+
+/// Starts and works a replay run to its end; returns the run id and the ids replayed.
+async fn replay(env: &TestEnv, request: &ReplayRequest) -> (i64, Vec<i64>) {
+    let mut conn = env.pool.get().await.unwrap();
+    let started = dead_letters::start(&env.settings, &mut conn, request)
+        .await
+        .unwrap();
+    let worked = dead_letters::work(&env.settings, &mut conn, started.run_id, request.rate)
+        .await
+        .unwrap();
+    assert!(worked.failed.is_empty(), "{worked:?}");
+    assert_eq!(worked.replayed, started.ids);
+    (started.run_id, worked.replayed)
+}
+
+/// Waits until the store holds `n` dead letters matching `filter`.
+pub async fn stored(env: &TestEnv, filter: &Filter, n: i64) {
+    eventually(
+        &format!("{n} dead letters stored for {filter:?}"),
+        WAIT,
+        || async {
+            let mut conn = env.pool.get().await.ok()?;
+            (store::count(&mut conn, filter).await.ok()? == n).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn state_of(env: &TestEnv, id: i64) -> String {
+    let mut conn = env.pool.get().await.unwrap();
+    store::get(&mut conn, id).await.unwrap().unwrap().0.state
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -32,7 +72,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         .respond_with(ResponseTemplate::new(400).set_body_string("rejected"))
         .mount(&provider)
         .await;
-    let env = TestEnv::new(&provider.uri()).await;
+    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;
     for i in 0..6 {
@@ -40,16 +80,18 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
             .await;
     }
     env.messages(&events, 6, WAIT).await; // six failed events
-    eventually("six dead letters", WAIT, || async {
-        (env.queue_depth(&env.dead_letter_queue()).await == 6).then_some(())
+    stored(&env, &Filter::default(), 6).await;
+    eventually("the dead-letter queue emptied", WAIT, || async {
+        (env.queue_depth(&env.dead_letter_queue()).await == 0).then_some(())
     })
     .await;
+    let mut conn = env.pool.get().await.unwrap();
 
-    // Listing shows every one, with its reason and ids, and removes nothing.
-    let listing = dead_letters::list(&env.settings, &Selection::default())
+    // Listing shows every one, with its reason, its ids and its original message.
+    let listing = dead_letters::list(&mut conn, &Filter::default(), 100)
         .await
         .unwrap();
-    assert_eq!(listing.letters.len(), 6);
+    assert_eq!((listing.letters.len(), listing.matching), (6, 6));
     assert_eq!(listing.by_kind.get("provider-rejected"), Some(&6));
     let first = listing
         .letters
@@ -61,28 +103,77 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
             first.http_status,
             first.attempts,
             first.invoice_id,
-            first.replay_count
+            first.replay_count,
+            first.state.as_str()
         ),
-        (Some(400), Some(1), Some(100), 0)
+        (Some(400), Some(1), Some(100), 0, "open")
     );
-    assert!(first.failed_at.is_some());
-    let only = dead_letters::list(&env.settings, &select(None, Some("cmd-3"), None))
-        .await
-        .unwrap();
-    assert_eq!(only.letters.len(), 1);
-    eventually("listed messages back in the queue", WAIT, || async {
-        (env.queue_depth(&env.dead_letter_queue()).await == 6).then_some(())
-    })
-    .await;
+    let (full, history) = store::get(&mut conn, first.id).await.unwrap().unwrap();
+    assert_eq!(full.body, command_body("1.00", 100).into_bytes());
+    assert_eq!(full.original_exchange, env.settings.broker.command_exchange);
+    assert_eq!(
+        full.original_routing_key,
+        env.settings.broker.command_routing_key
+    );
+    assert_eq!(full.error_body.as_deref(), Some("rejected"));
+    assert!(history.is_empty());
+    // Server-side filters: by command id, by text, by invoice, by state.
+    for (filter, n) in [
+        (by_command("cmd-3"), 1),
+        (
+            Filter {
+                search: Some("CMD-4".into()),
+                ..Filter::default()
+            },
+            1,
+        ),
+        (
+            Filter {
+                invoice_id: Some(105),
+                ..Filter::default()
+            },
+            1,
+        ),
+        (
+            Filter {
+                state: Some("archived".into()),
+                ..Filter::default()
+            },
+            0,
+        ),
+    ] {
+        assert_eq!(
+            store::count(&mut conn, &filter).await.unwrap(),
+            n,
+            "{filter:?}"
+        );
+    }
 
     // A dry run selects and changes nothing.
-    let dry = dead_letters::replay(
+    let kind = Filter {
+        kind: Some("provider-rejected".into()),
+        ..Filter::default()
+    };
+    let dry = dead_letters::start(
         &env.settings,
-        &request(select(Some("provider-rejected"), None, Some(2)), true),
+        &mut conn,
+        &request(kind.clone(), Some(2), true),
     )
     .await
     .unwrap();
-    assert_eq!((dry.replayed.len(), dry.left), (2, 6));
+    assert_eq!(dry.ids.len(), 2);
+    assert_eq!(
+        store::count(
+            &mut conn,
+            &Filter {
+                state: Some("open".into()),
+                ..Filter::default()
+            }
+        )
+        .await
+        .unwrap(),
+        6
+    );
 
     assert_eq!(provider.received_requests().await.unwrap().len(), 6);
     // Fix the provider, except for cmd-5, which still fails (a reset also clears the call log).
@@ -94,14 +185,8 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         .await;
     answer_with_link(&provider, 201, 1, "1.00", 1).await;
 
-    let by_id = dead_letters::replay(
-        &env.settings,
-        &request(select(None, Some("cmd-2"), None), false),
-    )
-    .await
-    .unwrap();
-    assert_eq!(by_id.replayed, ["cmd-2"]);
-    assert_eq!((by_id.skipped, by_id.failed, by_id.left), (5, 0, 5));
+    let (by_id_run, replayed) = replay(&env, &request(by_command("cmd-2"), None, false)).await;
+    assert_eq!(replayed.len(), 1);
     let created = env.next_message(&events, WAIT).await;
     assert_eq!(
         (
@@ -113,44 +198,104 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
             Some("https://instantpaymentlink/ref-1")
         )
     );
-
-    let flapping = dead_letters::replay(
-        &env.settings,
-        &request(select(None, Some("cmd-5"), None), false),
-    )
-    .await
-    .unwrap();
-    assert_eq!(flapping.replayed, ["cmd-5"]);
-    let again = eventually("cmd-5 dead-lettered again", WAIT, || async {
-        let listing = dead_letters::list(&env.settings, &select(None, Some("cmd-5"), None))
-            .await
-            .unwrap();
-        listing.letters.into_iter().next()
-    })
-    .await;
+    assert_eq!(state_of(&env, replayed[0]).await, "replayed");
+    let (_, history) = store::get(&mut conn, replayed[0]).await.unwrap().unwrap();
     assert_eq!(
-        (again.kind.as_str(), again.replay_count),
-        ("provider-rejected", 1),
+        (
+            history.len(),
+            history[0].run_id,
+            history[0].outcome.as_str()
+        ),
+        (1, by_id_run, "replayed")
+    );
+
+    // A replay that fails again comes back as a new dead letter, linked to the earlier one.
+    let (_, flapping) = replay(&env, &request(by_command("cmd-5"), None, false)).await;
+    stored(&env, &by_command("cmd-5"), 2).await;
+    let (again, _) = dead_letters::list(&mut conn, &by_command("cmd-5"), 1)
+        .await
+        .map(|l| (l.letters[0].clone(), ()))
+        .unwrap();
+    let (again_full, _) = store::get(&mut conn, again.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            again.kind.as_str(),
+            again.replay_count,
+            again.state.as_str(),
+            again_full.previous_id
+        ),
+        ("provider-rejected", 1, "open", Some(flapping[0])),
         "a flapping command shows its replays"
     );
     env.next_message(&events, WAIT).await; // its failed event
-
     assert_eq!(
         provider.received_requests().await.unwrap().len(),
         2,
         "cmd-2 and cmd-5, once each"
     );
-    // Now the provider accepts everything.
-    provider.reset().await;
-    answer_with_link(&provider, 201, 1, "1.00", 1).await;
-    let limited = dead_letters::replay(
-        &env.settings,
-        &request(select(Some("provider-rejected"), None, Some(2)), false),
+
+    // Archiving puts one aside; a replay no longer takes it.
+    let archived = dead_letters::archive(&mut conn, &by_command("cmd-4"), None, "ops-test", "cli")
+        .await
+        .unwrap();
+    assert_eq!(archived.len(), 1);
+    assert_eq!(state_of(&env, archived[0]).await, "archived");
+
+    // cmd-0's first provider call is older than the provider's idempotency window: replaying it
+    // needs the operator's explicit word.
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(
+            "UPDATE payment_link_commands SET created_at = now() - interval '2 days' \
+             WHERE command_id = 'cmd-0'",
+        ),
+        &mut conn,
     )
     .await
     .unwrap();
-    assert_eq!(limited.replayed.len(), 2);
-    assert!(!limited.replayed.contains(&"cmd-2".to_string()));
+    let mut ids = Vec::new();
+    for command in ["cmd-0", "cmd-1"] {
+        ids.push(
+            dead_letters::list(&mut conn, &by_command(command), 1)
+                .await
+                .unwrap()
+                .letters[0]
+                .id,
+        );
+    }
+    let pair = Filter {
+        ids: Some(ids),
+        ..kind
+    };
+    let refused = dead_letters::start(
+        &env.settings,
+        &mut conn,
+        &request(pair.clone(), None, false),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            ReplayError::DuplicateRisk {
+                count: 1,
+                window_hours: 24,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("--accept-duplicate-risk"),
+        "{refused}"
+    );
+
+    // Now the provider accepts everything; both go (cmd-0 at the operator's risk).
+    provider.reset().await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
+    let mut accepted = request(pair, None, false);
+    accepted.accept_duplicate_risk = true;
+    let (_, limited) = replay(&env, &accepted).await;
+    assert_eq!(limited.len(), 2);
     let created = env.messages(&events, 2, WAIT).await;
     assert!(
         created
@@ -159,7 +304,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         "the limited selection succeeded"
     );
 
-    // Exactly the selected ones succeeded, once each; the rest are still dead-lettered.
+    // Exactly the selected ones succeeded, once each; the rest are still in the store, open.
     let mut succeeded = Vec::new();
     for i in 0..6 {
         let record = env.record(&format!("cmd-{i}")).await.unwrap();
@@ -168,90 +313,103 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
             succeeded.push(format!("cmd-{i}"));
         }
     }
-    let mut expected: Vec<String> = limited.replayed.clone();
-    expected.push("cmd-2".into());
-    expected.sort();
-    assert_eq!(succeeded, expected);
-    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 3);
+    assert_eq!(succeeded, ["cmd-0", "cmd-1", "cmd-2"]);
     assert_eq!(
         provider.received_requests().await.unwrap().len(),
         2,
         "one call per selected command"
     );
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 
-    // Replaying a command that already succeeded publishes its event again, without a call.
-    env.publish_raw(
-        with_int_header(command_properties("cmd-2"), "x-replay-count", 7),
-        command_body("1.00", 102).as_bytes(),
-    )
-    .await;
-    let repeat = env.next_message(&events, WAIT).await;
-    assert_eq!(
-        repeat.header("cloudEvents:subject").as_deref(),
-        Some("cmd-2")
-    );
-    assert_eq!(
-        provider.received_requests().await.unwrap().len(),
-        2,
-        "no new call"
-    );
-
-    // Every run is on record: who, what, with which filter.
-    let mut conn = env.pool.get().await.unwrap();
+    // Every run and action is on record: who, what, with which filter.
     let runs = replay_runs::all(&mut conn).await.unwrap();
-    assert_eq!(runs.len(), 4);
-    let by_id_run = runs.iter().find(|r| r.id == by_id.run_id).unwrap();
-    assert_eq!(by_id_run.command_ids, ["cmd-2"]);
-    assert_eq!(by_id_run.requested_by, "ops-test");
-    assert_eq!(by_id_run.filter_command_id.as_deref(), Some("cmd-2"));
-    assert!(by_id_run.finished_at.is_some() && !by_id_run.dry_run);
+    assert_eq!(
+        runs.len(),
+        4,
+        "a dry run and three replays; the refused one never started"
+    );
+    let by_id = runs.iter().find(|r| r.id == by_id_run).unwrap();
+    assert_eq!(by_id.command_ids, ["cmd-2"]);
+    assert_eq!(by_id.requested_by, "ops-test");
+    assert_eq!(by_id.filter_command_id.as_deref(), Some("cmd-2"));
+    assert_eq!(
+        (by_id.state.as_str(), by_id.total, by_id.replayed),
+        ("done", 1, 1)
+    );
+    assert!(by_id.finished_at.is_some() && !by_id.dry_run);
     assert!(
         runs.iter()
             .any(|r| r.dry_run && r.selected == 2 && r.replayed == 0 && r.command_ids.len() == 2)
     );
+    let log = audit::newest(&mut conn, 100).await.unwrap();
+    let actions: Vec<&str> = log.iter().rev().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["dry-run", "replay", "replay", "archive", "replay"]
+    );
+    assert!(
+        log.iter()
+            .all(|e| e.actor == "ops-test" && e.source == "cli")
+    );
+    assert_eq!(log[1].ids, archived);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_message_that_keeps_failing_is_dead_lettered_by_the_broker_and_listed() {
+async fn a_message_that_keeps_failing_is_dead_lettered_by_the_broker_and_stored() {
     use lapin::options::{BasicGetOptions, BasicNackOptions};
     let provider = MockServer::start().await;
-    let env = TestEnv::with(&provider.uri(), &[("BROKER__DELIVERY_LIMIT", "2")]).await;
+    let env = TestEnv::with(&provider.uri(), &[("BROKER__DELIVERY_LIMIT", "2"), INGEST]).await;
     env.send("poison", &command_body("1.00", 1)).await;
-    // A consumer that crashes on it: every delivery comes back (nack with requeue).
-    eventually(
-        "the broker to dead-letter the message after its delivery limit",
-        WAIT,
-        || async {
-            if let Some(message) = env
-                .channel
-                .basic_get(
-                    env.command_queue().as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .unwrap()
-            {
-                message
-                    .delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
+    let _worker_ingesting_only = {
+        // A consumer that crashes on it: every delivery comes back (nack with requeue).
+        eventually(
+            "the broker to dead-letter the message after its delivery limit",
+            WAIT,
+            || async {
+                if let Some(message) = env
+                    .channel
+                    .basic_get(
+                        env.command_queue().as_str().into(),
+                        BasicGetOptions { no_ack: false },
+                    )
                     .await
-                    .unwrap();
-            }
-            (env.queue_depth(&env.dead_letter_queue()).await == 1).then_some(())
-        },
-    )
-    .await;
-    let listing = dead_letters::list(&env.settings, &Selection::default())
+                    .unwrap()
+                {
+                    message
+                        .delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                }
+                (env.queue_depth(&env.dead_letter_queue()).await == 1).then_some(())
+            },
+        )
+        .await;
+        env.start_worker().await
+    };
+    stored(&env, &Filter::default(), 1).await;
+    let mut conn = env.pool.get().await.unwrap();
+    let listing = dead_letters::list(&mut conn, &Filter::default(), 10)
         .await
         .unwrap();
-    assert_eq!(listing.letters.len(), 1);
     assert_eq!(listing.letters[0].command_id, "poison");
     assert_eq!(listing.letters[0].kind, "delivery-limit");
+    let (full, _) = store::get(&mut conn, listing.letters[0].id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(full.body, command_body("1.00", 1).into_bytes());
+    assert_eq!(full.original_exchange, env.settings.broker.command_exchange);
+    assert!(full.dedup_key.starts_with("hash:"), "{}", full.dedup_key);
     assert_eq!(env.queue_depth(&env.command_queue()).await, 0);
+    eventually("the dead-letter queue emptied", WAIT, || async {
+        (env.queue_depth(&env.dead_letter_queue()).await == 0).then_some(())
+    })
+    .await;
 }
 
 /// The arguments RabbitMQ reports for a queue (`rabbitmqctl list_queues name arguments`).

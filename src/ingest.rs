@@ -1,0 +1,323 @@
+//! The dead-letter ingester: moves every message of the dead-letter queue into the dead-letter
+//! store, a batch at a time, acking a batch only once its rows are committed. The queue stays the
+//! durable buffer between a failure and its ingestion: a worker killed mid-batch leaves its
+//! unacked messages to the next ingester, and the store keeps each one once (by the worker's
+//! `x-dead-letter-id`, or a hash of the message for one the broker dead-lettered itself). Any
+//! replica may ingest; the same task removes archived and replayed entries past their retention.
+
+use crate::broker::messages::{properties_from_json, properties_to_json};
+use crate::config::Settings;
+use crate::headers::{self, read_int, read_text};
+use crate::ops::dead_letters::{DELIVERY_LIMIT, UNKNOWN};
+use crate::store::{PgPool, dead_letters as store};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Most messages stored in one transaction.
+const BATCH: usize = 200;
+/// How long a batch waits to fill once its first message has arrived.
+const FILL: Duration = Duration::from_millis(50);
+/// Pause before trying again after the broker or the database failed.
+const PAUSE: Duration = Duration::from_secs(1);
+/// Most bytes kept of a free-text field (description, e-mail, error) in its own column; the
+/// message itself is kept whole.
+const FIELD_LIMIT: usize = 4096;
+
+/// Runs until `stop` fires: ingests the dead-letter queue, reconnecting after broker outages, and
+/// purges past retention once an hour.
+pub async fn run(settings: Settings, pool: PgPool, name: String, stop: CancellationToken) {
+    let retention = Duration::from_secs(settings.dead_letters.retention_days * 86_400);
+    let purger = tokio::spawn(purge_every_hour(pool.clone(), retention, stop.clone()));
+    while !stop.is_cancelled() {
+        if let Err(error) = ingest(&settings, &pool, &name, &stop).await {
+            tracing::warn!(error = %format!("{error:#}"), "dead-letter ingestion paused; trying again");
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(PAUSE) => {}
+            }
+        }
+    }
+    let _ = purger.await;
+}
+
+async fn purge_every_hour(pool: PgPool, retention: Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let before = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+        let purged = async {
+            let mut conn = pool.get().await?;
+            store::purge(&mut conn, before).await
+        };
+        match purged.await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                "dead letters past dead_letters.retention_days removed"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "cannot remove old dead letters; trying next hour")
+            }
+        }
+    }
+}
+
+/// One connection's life: consume, store, ack, until the connection fails or `stop` fires.
+async fn ingest(
+    settings: &Settings,
+    pool: &PgPool,
+    name: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let connection = crate::broker::connect(&settings.broker, name).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(BATCH as u16 * 2, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            settings.broker.dead_letter_queue.as_str().into(),
+            format!("{name} ingester").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let ended = loop {
+        let first = tokio::select! {
+            () = stop.cancelled() => break Ok(()),
+            next = consumer.next() => next,
+        };
+        let Some(first) = first else {
+            break Err(anyhow::anyhow!("the dead-letter consumer was cancelled"));
+        };
+        let mut batch = vec![first?];
+        let deadline = tokio::time::Instant::now() + FILL;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(delivery)) => batch.push(delivery?),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        store_then_ack(settings, pool, &channel, &batch, stop).await?;
+    };
+    let _ = connection.close(200, "ingester stopping".into()).await;
+    ended
+}
+
+/// Stores the batch (trying again while the database is away), then acks it with one
+/// `basic.ack(multiple)`. Stopping first leaves the batch unacked, for the next ingester.
+async fn store_then_ack(
+    settings: &Settings,
+    pool: &PgPool,
+    channel: &Channel,
+    batch: &[Delivery],
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let rows: Vec<store::NewDeadLetter> = batch
+        .iter()
+        .map(|delivery| to_row(settings, delivery))
+        .collect();
+    loop {
+        let stored = async {
+            let mut conn = pool.get().await?;
+            store::insert_batch(&mut conn, &rows).await
+        };
+        match stored.await {
+            Ok(new) => {
+                tracing::debug!(new, of = rows.len(), "dead letters stored");
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot store dead letters; they stay in the queue meanwhile");
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(PAUSE) => {}
+                }
+            }
+        }
+    }
+    let last = batch.last().map_or(0, |d| d.delivery_tag);
+    channel
+        .basic_ack(last, BasicAckOptions { multiple: true })
+        .await?;
+    Ok(())
+}
+
+/// The row for one dead letter: its error fields from the worker's headers (or the broker's
+/// `x-death` mark), the ids in its body where it is JSON, and the message itself.
+pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter {
+    let properties = &delivery.properties;
+    let body = &delivery.data;
+    let by_broker = headers::has_death(properties);
+    let text = |name: &str| read_text(properties, name).map(|t| column_text(&t));
+    let int = |name: &str| read_int(properties, name).map(|v| v as i32);
+    let kind = text(headers::ERROR_KIND)
+        .unwrap_or_else(|| if by_broker { DELIVERY_LIMIT } else { UNKNOWN }.to_owned());
+    let error_message = text(headers::ERROR_MESSAGE).unwrap_or_else(|| {
+        if by_broker {
+            "dead-lettered by the broker after broker.delivery_limit deliveries".to_owned()
+        } else {
+            String::new()
+        }
+    });
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let id = |field: &str| json.get(field).and_then(serde_json::Value::as_i64);
+    let body_text = |field: &str| json.get(field).and_then(|v| v.as_str()).map(column_text);
+    let (stored, stored_with_changes) = storable_properties(properties);
+    store::NewDeadLetter {
+        dedup_key: dedup_key(properties, delivery.routing_key.as_str(), body),
+        command_id: properties
+            .message_id()
+            .as_ref()
+            .map(|m| column_text(m.as_str()))
+            .unwrap_or_default(),
+        kind,
+        error_message,
+        http_status: int(headers::ERROR_STATUS),
+        attempts: int(headers::ATTEMPTS),
+        error_body: text(headers::ERROR_BODY),
+        failed_at: read_text(properties, headers::FAILED_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map_or_else(Utc::now, |t| t.with_timezone(&Utc)),
+        replay_count: int(headers::REPLAY_COUNT).unwrap_or(0),
+        payment_provider_id: id("paymentProviderId"),
+        invoice_id: id("invoiceId"),
+        adhoc_invoice_id: id("adhocInvoiceId"),
+        customer_id: id("customerId"),
+        description: body_text("description"),
+        email: body_text("emailAddress"),
+        trace_id: read_text(properties, "traceparent")
+            .and_then(|t| t.split('-').nth(1).map(column_text)),
+        original_exchange: text(headers::ORIGINAL_EXCHANGE)
+            .or_else(|| text("x-first-death-exchange"))
+            .unwrap_or_else(|| settings.broker.command_exchange.clone()),
+        original_routing_key: text(headers::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| column_text(delivery.routing_key.as_str())),
+        properties: stored,
+        body: body.to_vec(),
+        stored_with_changes,
+    }
+}
+
+/// Text PostgreSQL can hold in a column: without NUL characters, bounded.
+fn column_text(text: &str) -> String {
+    headers::excerpt(&text.replace('\0', "\u{FFFD}"), FIELD_LIMIT)
+}
+
+/// The worker's dead-letter id, or a hash of the message as the broker dead-lettered it
+/// (without `x-delivery-count`, which a redelivery from the dead-letter queue changes).
+fn dedup_key(properties: &BasicProperties, routing_key: &str, body: &[u8]) -> String {
+    if let Some(id) = read_text(properties, headers::DEAD_LETTER_ID) {
+        return format!("id:{}", column_text(&id));
+    }
+    let mut kept = FieldTable::default();
+    for (name, value) in properties.headers().iter().flat_map(|h| h.inner()) {
+        if name.as_str() != headers::DELIVERY_COUNT {
+            kept.insert(name.clone(), value.clone());
+        }
+    }
+    let mut material = serde_json::to_vec(&properties.clone().with_headers(kept))
+        .expect("AMQP properties serialize to JSON");
+    material.extend_from_slice(routing_key.as_bytes());
+    material.push(0);
+    material.extend_from_slice(body);
+    format!(
+        "hash:{}",
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &material)
+    )
+}
+
+/// The properties in the stored JSON form; when that form cannot hold them exactly (a header
+/// that is not a finite number, a NUL character in a short string), what was changed to store
+/// them is said in the second value.
+fn storable_properties(properties: &BasicProperties) -> (serde_json::Value, Option<String>) {
+    let mut changes = Vec::new();
+    let mut kept = properties.clone();
+    while let Some(name) = headers::first_unstorable(&kept) {
+        let mut headers = kept.headers().clone().unwrap_or_default();
+        let mut rest = FieldTable::default();
+        for (k, v) in headers.inner() {
+            if k.as_str() != name {
+                rest.insert(k.clone(), v.clone());
+            }
+        }
+        headers = rest;
+        changes.push(format!(
+            "header {:?} dropped (JSON cannot hold its value)",
+            name.replace('\0', "\u{FFFD}")
+        ));
+        kept = kept.with_headers(headers);
+    }
+    let mut json = properties_to_json(&kept);
+    let text = json.to_string();
+    if text.contains("\\u0000") {
+        json = serde_json::from_str(&text.replace("\\u0000", "\\ufffd"))
+            .expect("replacing an escape keeps the JSON valid");
+        changes.push("NUL characters in properties replaced by U+FFFD".into());
+    }
+    if changes.is_empty() && properties_from_json(json.clone()).ok().as_ref() != Some(properties) {
+        changes.push("properties do not read back exactly from JSON".into());
+    }
+    (json, (!changes.is_empty()).then(|| changes.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::AMQPValue;
+
+    #[test]
+    fn a_redelivery_has_the_same_key_and_a_changed_message_another() {
+        let with = |count: Option<i64>, body: &[u8]| {
+            let mut headers = FieldTable::default();
+            headers.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+            if let Some(count) = count {
+                headers.insert(
+                    headers::DELIVERY_COUNT.into(),
+                    AMQPValue::LongLongInt(count),
+                );
+            }
+            let properties = BasicProperties::default()
+                .with_message_id("c-1".into())
+                .with_headers(headers);
+            dedup_key(&properties, "rk", body)
+        };
+        assert_eq!(with(None, b"{}"), with(Some(3), b"{}"));
+        assert_ne!(with(None, b"{}"), with(None, b"{ }"));
+        let own = BasicProperties::default().with_headers({
+            let mut h = FieldTable::default();
+            h.insert(headers::DEAD_LETTER_ID.into(), headers::text("abc"));
+            h
+        });
+        assert_eq!(dedup_key(&own, "rk", b"x"), "id:abc");
+    }
+
+    #[test]
+    fn headers_json_cannot_hold_are_dropped_and_said() {
+        let mut h = FieldTable::default();
+        h.insert("nan".into(), AMQPValue::Double(f64::NAN));
+        h.insert("ok".into(), headers::text("fine"));
+        let properties = BasicProperties::default()
+            .with_message_id("a\0b".into())
+            .with_headers(h);
+        let (json, changes) = storable_properties(&properties);
+        let changes = changes.unwrap();
+        assert!(changes.contains("\"nan\" dropped"), "{changes}");
+        assert!(changes.contains("NUL"), "{changes}");
+        assert!(!json.to_string().contains("\\u0000"));
+        let back = properties_from_json(json).unwrap();
+        assert_eq!(read_text(&back, "ok").as_deref(), Some("fine"));
+        let (_, none) =
+            storable_properties(&BasicProperties::default().with_message_id("m".into()));
+        assert_eq!(none, None);
+    }
+}

@@ -1,0 +1,63 @@
+//! The audit log: who did what to which dead letters, from the CLI or the console.
+
+use super::schema::audit_log::dsl as a;
+use super::{PgConn, StoreError};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use serde::Serialize;
+
+/// An entry as it is written.
+#[derive(Clone, Debug, Insertable)]
+#[diesel(table_name = super::schema::audit_log)]
+pub struct NewEntry {
+    /// Who (an operator's name, or the CLI's --operator / $USER).
+    pub actor: String,
+    /// `cli`, `console` or `api`.
+    pub source: String,
+    /// `replay`, `dry-run`, `archive`, `sign-in`.
+    pub action: String,
+    /// The filter the action was given.
+    pub filter: Option<serde_json::Value>,
+    /// Dead letters touched.
+    pub count: i32,
+    /// Their ids.
+    pub ids: Vec<i64>,
+    /// The replay run, for a replay.
+    pub run_id: Option<i64>,
+}
+
+/// A recorded entry.
+#[derive(Clone, Debug, Queryable, Selectable, Serialize)]
+#[diesel(table_name = super::schema::audit_log)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub source: String,
+    pub action: String,
+    pub filter: Option<serde_json::Value>,
+    pub count: i32,
+    pub ids: Vec<i64>,
+    pub run_id: Option<i64>,
+}
+
+/// Records an entry.
+pub async fn record(conn: &mut PgConn, entry: &NewEntry) -> Result<(), StoreError> {
+    diesel::insert_into(a::audit_log)
+        .values(entry)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The newest `limit` entries.
+pub async fn newest(conn: &mut PgConn, limit: i64) -> Result<Vec<Entry>, StoreError> {
+    Ok(a::audit_log
+        .order(a::id.desc())
+        .limit(limit)
+        .select(Entry::as_select())
+        .load(conn)
+        .await?)
+}

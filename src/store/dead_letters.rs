@@ -1,0 +1,569 @@
+//! The dead-letter store: every dead letter as a row, with its original message, why it failed,
+//! its state (`open`, `replaying`, `replayed`, `archived`) and its replays. The CLI and the
+//! console select rows with one [`Filter`], so both offer the same filters and the database does
+//! the filtering, with keyset pagination for the list.
+
+use super::schema::dead_letter_replays::dsl as r;
+use super::schema::dead_letters::dsl as d;
+use super::{PgConn, StoreError};
+use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use serde::{Deserialize, Serialize};
+
+/// The states a dead letter goes through.
+pub const STATES: [&str; 4] = [OPEN, REPLAYING, REPLAYED, ARCHIVED];
+/// Waiting for an operator.
+pub const OPEN: &str = "open";
+/// Taken by a replay run that has not finished with it yet.
+pub const REPLAYING: &str = "replaying";
+/// Sent back to its original exchange and confirmed by the broker.
+pub const REPLAYED: &str = "replayed";
+/// Put aside by an operator.
+pub const ARCHIVED: &str = "archived";
+
+/// A row as the ingester writes it.
+#[derive(Clone, Debug, Insertable)]
+#[diesel(table_name = super::schema::dead_letters)]
+pub struct NewDeadLetter {
+    pub dedup_key: String,
+    pub command_id: String,
+    pub kind: String,
+    pub error_message: String,
+    pub http_status: Option<i32>,
+    pub attempts: Option<i32>,
+    pub error_body: Option<String>,
+    pub failed_at: DateTime<Utc>,
+    pub replay_count: i32,
+    pub payment_provider_id: Option<i64>,
+    pub invoice_id: Option<i64>,
+    pub adhoc_invoice_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub description: Option<String>,
+    pub email: Option<String>,
+    pub trace_id: Option<String>,
+    pub original_exchange: String,
+    pub original_routing_key: String,
+    pub properties: serde_json::Value,
+    pub body: Vec<u8>,
+    pub stored_with_changes: Option<String>,
+}
+
+/// A dead letter as lists show it (no message body).
+#[derive(Clone, Debug, Queryable, Selectable, Serialize, PartialEq, Eq)]
+#[diesel(table_name = super::schema::dead_letters)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub id: i64,
+    pub command_id: String,
+    pub kind: String,
+    pub http_status: Option<i32>,
+    pub attempts: Option<i32>,
+    pub failed_at: DateTime<Utc>,
+    pub replay_count: i32,
+    pub state: String,
+    pub invoice_id: Option<i64>,
+    pub adhoc_invoice_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    #[serde(rename = "message")]
+    pub error_message: String,
+}
+
+/// Everything stored about a dead letter.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = super::schema::dead_letters)]
+pub struct Stored {
+    pub id: i64,
+    pub dedup_key: String,
+    pub command_id: String,
+    pub kind: String,
+    pub error_message: String,
+    pub http_status: Option<i32>,
+    pub attempts: Option<i32>,
+    pub error_body: Option<String>,
+    pub failed_at: DateTime<Utc>,
+    pub ingested_at: DateTime<Utc>,
+    pub replay_count: i32,
+    pub state: String,
+    pub state_changed_at: DateTime<Utc>,
+    pub replay_run_id: Option<i64>,
+    pub previous_id: Option<i64>,
+    pub payment_provider_id: Option<i64>,
+    pub invoice_id: Option<i64>,
+    pub adhoc_invoice_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub description: Option<String>,
+    pub email: Option<String>,
+    pub trace_id: Option<String>,
+    pub original_exchange: String,
+    pub original_routing_key: String,
+    pub properties: serde_json::Value,
+    pub body: Vec<u8>,
+    pub stored_with_changes: Option<String>,
+}
+
+/// One replay of a dead letter.
+#[derive(Clone, Debug, Queryable, Selectable, Serialize)]
+#[diesel(table_name = super::schema::dead_letter_replays)]
+#[serde(rename_all = "camelCase")]
+pub struct Replay {
+    pub run_id: i64,
+    pub replayed_at: DateTime<Utc>,
+    pub outcome: String,
+}
+
+/// Which dead letters an operation applies to: every field given must match.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Filter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
+    /// Failed at or after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// Failed before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoice_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<i64>,
+    /// Part of the command id, the description or the e-mail address (any case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<String>,
+    /// Only these rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<Vec<i64>>,
+}
+
+type Boxed<'a> = super::schema::dead_letters::BoxedQuery<'a, Pg>;
+
+impl Filter {
+    /// The rows that match, as a query to refine.
+    fn apply<'a>(&'a self, mut query: Boxed<'a>) -> Boxed<'a> {
+        if let Some(kind) = &self.kind {
+            query = query.filter(d::kind.eq(kind));
+        }
+        if let Some(state) = &self.state {
+            query = query.filter(d::state.eq(state));
+        }
+        if let Some(id) = &self.command_id {
+            query = query.filter(d::command_id.eq(id));
+        }
+        if let Some(since) = self.since {
+            query = query.filter(d::failed_at.ge(since));
+        }
+        if let Some(until) = self.until {
+            query = query.filter(d::failed_at.lt(until));
+        }
+        if let Some(id) = self.provider_id {
+            query = query.filter(d::payment_provider_id.eq(id));
+        }
+        if let Some(id) = self.invoice_id {
+            query = query.filter(d::invoice_id.eq(id));
+        }
+        if let Some(id) = self.customer_id {
+            query = query.filter(d::customer_id.eq(id));
+        }
+        if let Some(text) = self.search.as_deref().filter(|t| !t.is_empty()) {
+            let pattern = format!("%{}%", like_escaped(text));
+            query = query.filter(
+                d::command_id
+                    .ilike(pattern.clone())
+                    .or(d::description.ilike(pattern.clone()))
+                    .or(d::email.ilike(pattern)),
+            );
+        }
+        if let Some(ids) = &self.ids {
+            query = query.filter(d::id.eq_any(ids));
+        }
+        query
+    }
+}
+
+/// `text` with LIKE's wildcards taken literally.
+fn like_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Where a page of the list ends: the next page starts after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub failed_at: DateTime<Utc>,
+    pub id: i64,
+}
+
+impl Cursor {
+    /// The opaque text form given to clients.
+    pub fn encode(&self) -> String {
+        format!("{}_{}", self.failed_at.timestamp_micros(), self.id)
+    }
+
+    /// Reads [`Cursor::encode`]'s form; `None` when it is not one.
+    pub fn decode(text: &str) -> Option<Self> {
+        let (micros, id) = text.split_once('_')?;
+        Some(Self {
+            failed_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            id: id.parse().ok()?,
+        })
+    }
+}
+
+/// Stores a batch of dead letters in one transaction; one already stored (same `dedup_key`) is
+/// left as it is. A dead letter of a command whose earlier dead letter was replayed is linked to
+/// it. Returns how many rows are new.
+pub async fn insert_batch(conn: &mut PgConn, rows: &[NewDeadLetter]) -> Result<usize, StoreError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        let new_ids: Vec<(i64, String)> = diesel::insert_into(d::dead_letters)
+            .values(rows)
+            .on_conflict(d::dedup_key)
+            .do_nothing()
+            .returning((d::id, d::command_id))
+            .get_results(&mut *conn)
+            .await?;
+        // A replayed command that failed again points at the dead letter it was replayed from.
+        diesel::sql_query(
+            "UPDATE dead_letters AS new SET previous_id = ( \
+                   SELECT old.id FROM dead_letters AS old \
+                   WHERE old.command_id = new.command_id AND old.id < new.id \
+                     AND old.state IN ('replaying', 'replayed') \
+                   ORDER BY old.id DESC LIMIT 1) \
+                 WHERE new.id = ANY($1) AND new.replay_count > 0",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(
+            new_ids.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(new_ids.len())
+    })
+    .await
+}
+
+/// A page of matching dead letters, newest first, after `cursor`.
+pub async fn page(
+    conn: &mut PgConn,
+    filter: &Filter,
+    limit: i64,
+    cursor: Option<Cursor>,
+) -> Result<(Vec<Summary>, Option<Cursor>), StoreError> {
+    let mut query = filter.apply(d::dead_letters.into_boxed());
+    if let Some(after) = cursor {
+        query = query.filter(
+            d::failed_at
+                .lt(after.failed_at)
+                .or(d::failed_at.eq(after.failed_at).and(d::id.lt(after.id))),
+        );
+    }
+    let rows: Vec<Summary> = query
+        .order((d::failed_at.desc(), d::id.desc()))
+        .limit(limit + 1)
+        .select(Summary::as_select())
+        .load(conn)
+        .await?;
+    Ok(split_page(rows, limit))
+}
+
+fn split_page(mut rows: Vec<Summary>, limit: i64) -> (Vec<Summary>, Option<Cursor>) {
+    let limit = usize::try_from(limit).unwrap_or(0);
+    if rows.len() <= limit {
+        return (rows, None);
+    }
+    rows.truncate(limit);
+    let next = rows.last().map(|last| Cursor {
+        failed_at: last.failed_at,
+        id: last.id,
+    });
+    (rows, next)
+}
+
+/// How many dead letters match.
+pub async fn count(conn: &mut PgConn, filter: &Filter) -> Result<i64, StoreError> {
+    Ok(filter
+        .apply(d::dead_letters.into_boxed())
+        .count()
+        .get_result(conn)
+        .await?)
+}
+
+/// Counts for the overview.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Overview {
+    /// Dead letters per kind.
+    pub by_kind: std::collections::BTreeMap<String, i64>,
+    /// Dead letters per state.
+    pub by_state: std::collections::BTreeMap<String, i64>,
+    /// Open dead letters per kind.
+    pub open_by_kind: std::collections::BTreeMap<String, i64>,
+    /// When the oldest open one failed.
+    pub oldest_open: Option<DateTime<Utc>>,
+    /// Dead letters per hour over the last 24 hours, oldest hour first.
+    pub last_24_hours: Vec<i64>,
+}
+
+/// The overview's counts, in one round trip per figure.
+pub async fn overview(conn: &mut PgConn) -> Result<Overview, StoreError> {
+    let groups: Vec<(String, String, i64)> = d::dead_letters
+        .group_by((d::kind, d::state))
+        .select((d::kind, d::state, diesel::dsl::count_star()))
+        .load(conn)
+        .await?;
+    let mut overview = Overview::default();
+    for (kind, state, n) in groups {
+        *overview.by_kind.entry(kind.clone()).or_default() += n;
+        *overview.by_state.entry(state.clone()).or_default() += n;
+        if state == OPEN {
+            *overview.open_by_kind.entry(kind).or_default() += n;
+        }
+    }
+    overview.oldest_open = d::dead_letters
+        .filter(d::state.eq(OPEN))
+        .select(diesel::dsl::min(d::failed_at))
+        .get_result(conn)
+        .await?;
+    #[derive(QueryableByName)]
+    struct Hour {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        hour: i32,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let hours: Vec<Hour> = diesel::sql_query(
+        "SELECT (23 - floor(extract(epoch FROM now() - failed_at) / 3600))::int AS hour, \
+                count(*) AS n \
+         FROM dead_letters WHERE failed_at > now() - interval '24 hours' GROUP BY 1",
+    )
+    .load(conn)
+    .await?;
+    overview.last_24_hours = vec![0; 24];
+    for h in hours {
+        if let Ok(i) = usize::try_from(h.hour)
+            && i < 24
+        {
+            overview.last_24_hours[i] = h.n;
+        }
+    }
+    Ok(overview)
+}
+
+/// One dead letter with its replays, oldest first.
+pub async fn get(conn: &mut PgConn, id: i64) -> Result<Option<(Stored, Vec<Replay>)>, StoreError> {
+    let Some(row) = d::dead_letters
+        .find(id)
+        .select(Stored::as_select())
+        .first(conn)
+        .await
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let replays = r::dead_letter_replays
+        .filter(r::dead_letter_id.eq(id))
+        .order(r::id.asc())
+        .select(Replay::as_select())
+        .load(conn)
+        .await?;
+    Ok(Some((row, replays)))
+}
+
+/// Archives those of `ids` that are open; returns their ids.
+pub async fn archive(conn: &mut PgConn, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+    Ok(diesel::update(
+        d::dead_letters
+            .filter(d::id.eq_any(ids))
+            .filter(d::state.eq(OPEN)),
+    )
+    .set((d::state.eq(ARCHIVED), d::state_changed_at.eq(Utc::now())))
+    .returning(d::id)
+    .get_results(conn)
+    .await?)
+}
+
+/// The list rows of `ids`, in id order.
+pub async fn summaries(conn: &mut PgConn, ids: &[i64]) -> Result<Vec<Summary>, StoreError> {
+    Ok(d::dead_letters
+        .filter(d::id.eq_any(ids))
+        .order(d::id.asc())
+        .select(Summary::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// The ids of the open dead letters that match, oldest first (what a replay would take).
+pub async fn open_ids(conn: &mut PgConn, filter: &Filter) -> Result<Vec<i64>, StoreError> {
+    Ok(filter
+        .apply(d::dead_letters.into_boxed())
+        .filter(d::state.eq(OPEN))
+        .order(d::id.asc())
+        .select(d::id)
+        .load(conn)
+        .await?)
+}
+
+/// Of `ids`, those whose command first called the provider longer ago than `window`: the
+/// provider may have forgotten its idempotency key, so a replay may create a second link.
+pub async fn at_duplicate_risk(
+    conn: &mut PgConn,
+    ids: &[i64],
+    window: std::time::Duration,
+) -> Result<Vec<i64>, StoreError> {
+    use super::schema::payment_link_commands::dsl as c;
+    let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    let oldest_safe = Utc::now().checked_sub_signed(window).unwrap_or_default();
+    Ok(d::dead_letters
+        .inner_join(c::payment_link_commands.on(c::command_id.eq(d::command_id)))
+        .filter(d::id.eq_any(ids))
+        .filter(c::attempts.gt(0))
+        .filter(c::created_at.lt(oldest_safe))
+        .select(d::id)
+        .load(conn)
+        .await?)
+}
+
+/// Reserves the open ones of `ids` for the replay run `run_id` (state `replaying`); returns how
+/// many. A run works through its reserved rows, so a run stopped midway can be resumed, and two
+/// runs never take the same dead letter.
+pub async fn reserve(conn: &mut PgConn, ids: &[i64], run_id: i64) -> Result<usize, StoreError> {
+    Ok(diesel::update(
+        d::dead_letters
+            .filter(d::id.eq_any(ids))
+            .filter(d::state.eq(OPEN)),
+    )
+    .set((
+        d::state.eq(REPLAYING),
+        d::replay_run_id.eq(run_id),
+        d::state_changed_at.eq(Utc::now()),
+    ))
+    .execute(conn)
+    .await?)
+}
+
+/// The next `limit` dead letters `run_id` reserved and has not finished with, after `after`.
+pub async fn next_reserved(
+    conn: &mut PgConn,
+    run_id: i64,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Stored>, StoreError> {
+    Ok(d::dead_letters
+        .filter(d::replay_run_id.eq(run_id))
+        .filter(d::state.eq(REPLAYING))
+        .filter(d::id.gt(after))
+        .order(d::id.asc())
+        .limit(limit)
+        .select(Stored::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// Records replays' outcomes in one transaction, with the run's progress: `replayed` where the
+/// broker confirmed the copy; otherwise the dead letter is open again and its history says why.
+pub async fn record_replays(
+    conn: &mut PgConn,
+    run_id: i64,
+    outcomes: &[(i64, Result<(), String>)],
+) -> Result<(), StoreError> {
+    use super::schema::replay_runs::dsl as runs;
+    let now = Utc::now();
+    let replayed: Vec<i64> = outcomes
+        .iter()
+        .filter(|(_, o)| o.is_ok())
+        .map(|(id, _)| *id)
+        .collect();
+    let failed: Vec<i64> = outcomes
+        .iter()
+        .filter(|(_, o)| o.is_err())
+        .map(|(id, _)| *id)
+        .collect();
+    let history: Vec<_> = outcomes
+        .iter()
+        .map(|(id, outcome)| {
+            (
+                r::dead_letter_id.eq(*id),
+                r::run_id.eq(run_id),
+                r::outcome.eq(match outcome {
+                    Ok(()) => "replayed".to_owned(),
+                    Err(why) => format!("not replayed: {why}"),
+                }),
+            )
+        })
+        .collect();
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        for (ids, state) in [(&replayed, REPLAYED), (&failed, OPEN)] {
+            if !ids.is_empty() {
+                diesel::update(d::dead_letters.filter(d::id.eq_any(ids)))
+                    .set((d::state.eq(state), d::state_changed_at.eq(now)))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        if !history.is_empty() {
+            diesel::insert_into(r::dead_letter_replays)
+                .values(&history)
+                .execute(&mut *conn)
+                .await?;
+        }
+        diesel::update(runs::replay_runs.find(run_id))
+            .set((
+                runs::replayed.eq(runs::replayed + replayed.len() as i32),
+                runs::failed.eq(runs::failed + failed.len() as i32),
+                runs::updated_at.eq(now),
+            ))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Removes archived and replayed dead letters whose state changed before `before`; returns how
+/// many.
+pub async fn purge(conn: &mut PgConn, before: DateTime<Utc>) -> Result<usize, StoreError> {
+    Ok(diesel::delete(
+        d::dead_letters
+            .filter(d::state.eq_any([ARCHIVED, REPLAYED]))
+            .filter(d::state_changed_at.lt(before)),
+    )
+    .execute(conn)
+    .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_read_back_and_refuse_junk() {
+        let cursor = Cursor {
+            failed_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: 42,
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
+        for junk in ["", "x_1", "1_x", "12", "_"] {
+            assert_eq!(Cursor::decode(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn search_text_is_taken_literally() {
+        assert_eq!(like_escaped("50%_a\\b"), "50\\%\\_a\\\\b");
+    }
+}
