@@ -6,6 +6,7 @@ mod binary;
 mod cli_flows;
 mod conflicts;
 mod contract;
+mod dead_letter_store;
 mod duplicates;
 mod first_hour;
 mod happy_path;

@@ -145,10 +145,10 @@ async fn assert_clean_end(env: &TestEnv, ids: &[String], sim_url: &str, repeats:
 }
 
 /// The worker binary as a child process; killed when dropped.
-struct ChildWorker(Child);
+pub struct ChildWorker(Child);
 
 impl ChildWorker {
-    fn start(env: &TestEnv) -> Self {
+    pub fn start(env: &TestEnv) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_payment-link-worker"));
         command
             .arg("run")
@@ -173,7 +173,7 @@ impl ChildWorker {
     }
 
     /// SIGKILL: no shutdown, no cleanup.
-    fn kill(mut self) {
+    pub fn kill(mut self) {
         self.0.kill().expect("kill");
         self.0.wait().expect("reaped");
     }

@@ -1,0 +1,148 @@
+//! Guarantees of the dead-letter store's ingestion: every dead letter in the queue reaches the
+//! store exactly once, with its original message intact, whether the worker or the broker
+//! dead-lettered it, even when the ingesting worker is killed mid-batch.
+
+use crate::helpers::*;
+use crate::operations::{INGEST, stored};
+use crate::recovery::ChildWorker;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use payment_link_worker::broker::messages::{OutboundMessage, properties_from_json};
+use payment_link_worker::broker::publisher::publish_confirmed;
+use payment_link_worker::store::dead_letters::{self as store, Filter};
+use std::collections::BTreeSet;
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// A dead letter as the worker writes it (`own_id`), or as the broker does (an `x-death` mark).
+fn dead_letter(env: &TestEnv, i: usize, own_id: Option<&str>) -> OutboundMessage {
+    let mut headers = FieldTable::default();
+    match own_id {
+        Some(id) => {
+            headers.insert("x-dead-letter-id".into(), text(id));
+            headers.insert("x-error-kind".into(), text("provider-rejected"));
+            headers.insert("x-error-message".into(), text("the provider said no"));
+            headers.insert("x-error-status".into(), AMQPValue::LongInt(400));
+            headers.insert("x-attempts".into(), AMQPValue::LongInt(1));
+            headers.insert("x-failed-at".into(), text("2026-12-01T10:00:00.000Z"));
+        }
+        None => {
+            headers.insert(
+                "x-death".into(),
+                AMQPValue::FieldArray(FieldArray::default()),
+            );
+        }
+    }
+    headers.insert("x-custom".into(), AMQPValue::LongLongInt(i as i64));
+    OutboundMessage {
+        exchange: env.settings.broker.dead_letter_exchange.clone(),
+        routing_key: env.settings.broker.command_routing_key.clone(),
+        properties: BasicProperties::default()
+            .with_message_id(format!("ingest-{i}").into())
+            .with_correlation_id(format!("corr-{i}").into())
+            .with_content_type("application/json".into())
+            .with_headers(headers),
+        body: command_body("2.50", i as i64 + 1).into_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_dead_letter_is_stored_once_intact_even_when_the_ingester_is_killed_mid_batch() {
+    let env = TestEnv::with("http://127.0.0.1:9", &[INGEST]).await;
+    // 4,000 dead letters, half the worker's and half the broker's, and each of the first ten of
+    // the worker's published a second time (a relay's republish): 4,000 distinct ones.
+    let total = 4000;
+    let mut messages: Vec<OutboundMessage> = (0..total)
+        .map(|i| {
+            let id = format!("dl-{i}");
+            dead_letter(&env, i, (i % 2 == 0).then_some(id.as_str()))
+        })
+        .collect();
+    messages.extend((0..20).step_by(2).map(|i| {
+        let id = format!("dl-{i}");
+        dead_letter(&env, i, Some(&id))
+    }));
+    for chunk in messages.chunks(500) {
+        let confirms = chunk.iter().map(|m| publish_confirmed(&env.channel, m));
+        for confirmed in futures_util::future::join_all(confirms).await {
+            confirmed.expect("the dead letter was confirmed and routed");
+        }
+    }
+
+    // A worker process ingests until its first batches are committed, then is killed.
+    let child = ChildWorker::start(&env);
+    let at_kill = eventually("the first batch stored", WAIT, || async {
+        let mut conn = env.pool.get().await.ok()?;
+        let n = store::count(&mut conn, &Filter::default()).await.ok()?;
+        (n > 0).then_some(n)
+    })
+    .await;
+    child.kill();
+    assert!(
+        at_kill < total as i64,
+        "the kill came after the whole queue was stored ({at_kill}): it tests nothing"
+    );
+
+    // Another worker takes what the killed one had not acked; nothing is lost or stored twice.
+    let _worker = env.start_worker().await;
+    stored(&env, &Filter::default(), total as i64).await;
+    eventually("the dead-letter queue emptied", WAIT, || async {
+        (env.queue_depth(&env.dead_letter_queue()).await == 0).then_some(())
+    })
+    .await;
+    let mut conn = env.pool.get().await.unwrap();
+    assert_eq!(
+        store::count(&mut conn, &Filter::default()).await.unwrap(),
+        total as i64,
+        "each dead letter once"
+    );
+    let by_broker = Filter {
+        kind: Some("delivery-limit".into()),
+        ..Filter::default()
+    };
+    assert_eq!(
+        store::count(&mut conn, &by_broker).await.unwrap(),
+        total as i64 / 2
+    );
+
+    // Each stored message is the one published: body, properties and headers.
+    let (page, _) = store::page(&mut conn, &Filter::default(), total as i64, None)
+        .await
+        .unwrap();
+    let ids: BTreeSet<String> = page.iter().map(|s| s.command_id.clone()).collect();
+    assert_eq!(ids.len(), total, "every command id once");
+    for summary in page.iter().step_by(97) {
+        let (row, _) = store::get(&mut conn, summary.id).await.unwrap().unwrap();
+        let i: usize = row.command_id["ingest-".len()..].parse().unwrap();
+        let sent = dead_letter(&env, i, None);
+        assert_eq!(row.body, sent.body);
+        let properties = properties_from_json(row.properties.clone()).unwrap();
+        assert_eq!(
+            properties.correlation_id(),
+            sent.properties.correlation_id()
+        );
+        assert_eq!(properties.content_type(), sent.properties.content_type());
+        let headers = properties.headers().clone().unwrap_or_default();
+        assert_eq!(
+            headers.inner().get("x-custom"),
+            Some(&AMQPValue::LongLongInt(i as i64)),
+            "{row:?}"
+        );
+        assert_eq!(row.invoice_id, Some(i as i64 + 1));
+        assert_eq!(row.original_exchange, env.settings.broker.command_exchange);
+        assert_eq!(row.stored_with_changes, None);
+        if i % 2 == 0 {
+            assert_eq!(
+                (row.kind.as_str(), row.http_status, row.dedup_key.as_str()),
+                (
+                    "provider-rejected",
+                    Some(400),
+                    format!("id:dl-{i}").as_str()
+                )
+            );
+            assert_eq!(row.failed_at.to_rfc3339(), "2026-12-01T10:00:00+00:00");
+        }
+    }
+}
