@@ -35,9 +35,12 @@ pub enum Commands {
     /// Publish one command (publisher-confirmed) and print its command id; with --wait, also
     /// what became of it.
     Send(SendArgs),
-    /// Inspect and replay dead-lettered commands.
+    /// Inspect, replay and archive dead-lettered commands (in the dead-letter store).
     #[command(subcommand)]
     DeadLetters(DeadLetterCommands),
+    /// Serve the operators' web console and its JSON API on console.listen (needs PostgreSQL,
+    /// and RabbitMQ for replays; not the provider).
+    Console,
 }
 
 /// The dead-letter operations, on the dead-letter store in PostgreSQL (the worker moves every
@@ -262,6 +265,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Commands::DeadLetters(command) => dead_letter_command(&settings, command).await,
+        Commands::Console => {
+            let listen = settings.console.listen.clone();
+            let listener = tokio::net::TcpListener::bind(listen.as_str())
+                .await
+                .with_context(|| format!("cannot listen on {listen} (console.listen)"))?;
+            let stop = CancellationToken::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                on_signal.cancel();
+            });
+            crate::console::serve(settings, listener, stop).await
+        }
     }
 }
 

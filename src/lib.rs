@@ -12,6 +12,7 @@ pub mod broker;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod console;
 pub mod consumer;
 pub mod diagnose;
 pub mod errors;

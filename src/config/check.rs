@@ -178,6 +178,9 @@ impl Settings {
         {
             return fail("console.listen", "must be an address like 127.0.0.1:8088");
         }
+        if self.console.job_stalled_after_ms < 100 {
+            return fail("console.job_stalled_after_ms", "must be at least 100");
+        }
         for (i, operator) in self.console.operators.iter().enumerate() {
             let key = format!("console.operators[{i}]");
             if operator.name.trim().is_empty() {

@@ -280,6 +280,8 @@ pub struct ConsoleSettings {
     pub listen: String,
     /// Who may sign in.
     pub operators: Vec<OperatorSettings>,
+    /// When a replay job nobody advances counts as stopped, to be taken over.
+    pub job_stalled_after_ms: u64,
 }
 
 /// One console user.

@@ -153,6 +153,16 @@ pub async fn all(conn: &mut PgConn) -> Result<Vec<ReplayRun>, StoreError> {
         .await?)
 }
 
+/// The newest `limit` runs.
+pub async fn newest(conn: &mut PgConn, limit: i64) -> Result<Vec<ReplayRun>, StoreError> {
+    Ok(r::replay_runs
+        .order(r::id.desc())
+        .limit(limit)
+        .select(ReplayRun::as_select())
+        .load(conn)
+        .await?)
+}
+
 /// One run.
 pub async fn find(conn: &mut PgConn, run_id: i64) -> Result<Option<ReplayRun>, StoreError> {
     Ok(r::replay_runs

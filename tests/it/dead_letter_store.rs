@@ -57,7 +57,7 @@ async fn every_dead_letter_is_stored_once_intact_even_when_the_ingester_is_kille
     let mut messages: Vec<OutboundMessage> = (0..total)
         .map(|i| {
             let id = format!("dl-{i}");
-            dead_letter(&env, i, (i % 2 == 0).then_some(id.as_str()))
+            dead_letter(&env, i, i.is_multiple_of(2).then_some(id.as_str()))
         })
         .collect();
     messages.extend((0..20).step_by(2).map(|i| {
@@ -133,7 +133,7 @@ async fn every_dead_letter_is_stored_once_intact_even_when_the_ingester_is_kille
         assert_eq!(row.invoice_id, Some(i as i64 + 1));
         assert_eq!(row.original_exchange, env.settings.broker.command_exchange);
         assert_eq!(row.stored_with_changes, None);
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             assert_eq!(
                 (row.kind.as_str(), row.http_status, row.dedup_key.as_str()),
                 (

@@ -5,6 +5,7 @@
 mod binary;
 mod cli_flows;
 mod conflicts;
+mod console;
 mod contract;
 mod dead_letter_store;
 mod duplicates;

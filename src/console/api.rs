@@ -1,0 +1,415 @@
+//! The JSON API under `/api/` (described by `src/contract/openapi.json`): what the pages call,
+//! and what scripts call with `Authorization: Bearer <token>`.
+
+use super::Console;
+use super::auth::Caller;
+use crate::broker::messages::properties_from_json;
+use crate::ops::dead_letters::{self as ops, ReplayError, ReplayRequest};
+use crate::store::dead_letters::{self as store, Cursor, Filter};
+use crate::store::{audit, replay_runs};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use lapin::types::AMQPValue;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// The OpenAPI 3.1 document of this API.
+pub const OPENAPI: &str = include_str!("../contract/openapi.json");
+
+pub(super) fn routes() -> Router<Console> {
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/dead-letters", get(list))
+        .route("/api/dead-letters/summary", get(summary))
+        .route("/api/dead-letters/archive", post(archive))
+        .route("/api/dead-letters/{id}", get(detail))
+        .route("/api/replays", get(jobs).post(replay))
+        .route("/api/replays/{id}", get(job))
+        .route("/api/audit", get(audit_log))
+}
+
+/// A JSON error answer: `{"error": why}`.
+pub(super) fn error(status: StatusCode, why: &str) -> Response {
+    (status, Json(json!({ "error": why }))).into_response()
+}
+
+/// A failure inside the console: logged in full, answered without detail.
+pub(super) fn internal(cause: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %cause, "console request failed");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the request failed inside the console (its log says why)",
+    )
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// The list's query: the filters the CLI has, a page size and the cursor of the next page.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct ListQuery {
+    pub kind: Option<String>,
+    pub state: Option<String>,
+    pub q: Option<String>,
+    pub command_id: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub provider_id: Option<i64>,
+    pub invoice_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+impl ListQuery {
+    /// The store's filter (empty values mean "any", as an empty form field does).
+    pub(super) fn filter(&self) -> Filter {
+        let some = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        Filter {
+            kind: some(&self.kind),
+            state: some(&self.state),
+            command_id: some(&self.command_id),
+            since: self.since,
+            until: self.until,
+            provider_id: self.provider_id,
+            invoice_id: self.invoice_id,
+            customer_id: self.customer_id,
+            search: some(&self.q),
+            ids: None,
+        }
+    }
+}
+
+/// Most rows in one page.
+pub(super) const MAX_PAGE: i64 = 500;
+
+async fn list(
+    _caller: Caller,
+    State(console): State<Console>,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let cursor = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
+        None => None,
+        Some(text) => match Cursor::decode(text) {
+            Some(cursor) => Some(cursor),
+            None => return error(StatusCode::BAD_REQUEST, "cursor is not one this API gave"),
+        },
+    };
+    let page = async {
+        let mut conn = console.pool.get().await?;
+        store::page(&mut conn, &query.filter(), limit, cursor).await
+    };
+    match page.await {
+        Ok((items, next)) => Json(json!({
+            "items": items,
+            "nextCursor": next.map(|c| c.encode()),
+        }))
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn summary(_caller: Caller, State(console): State<Console>) -> Response {
+    let overview = async {
+        let mut conn = console.pool.get().await?;
+        store::overview(&mut conn).await
+    };
+    match overview.await {
+        Ok(overview) => Json(overview).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// A header value as plain JSON (text as a string, numbers as numbers, tables as objects).
+fn header_json(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => json!(s.as_str()),
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), header_json(v)))
+                .collect(),
+        ),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(header_json).collect()),
+        other => serde_json::to_value(other)
+            .ok()
+            .and_then(|v| v.as_object().and_then(|o| o.values().next().cloned()))
+            .unwrap_or(Value::Null),
+    }
+}
+
+/// Everything about one dead letter, as the API and the detail page show it.
+pub(super) async fn detail_json(console: &Console, id: i64) -> Result<Option<Value>, Response> {
+    let mut conn = console.pool.get().await.map_err(internal)?;
+    let Some((row, replays)) = store::get(&mut conn, id).await.map_err(internal)? else {
+        return Ok(None);
+    };
+    let window =
+        std::time::Duration::from_secs(console.settings.provider.idempotency_window_hours * 3600);
+    let at_risk = store::at_duplicate_risk(&mut conn, &[id], window)
+        .await
+        .map_err(internal)?;
+    let properties = properties_from_json(row.properties.clone()).ok();
+    let headers: serde_json::Map<String, Value> = properties
+        .as_ref()
+        .and_then(|p| p.headers().clone())
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), header_json(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut shown_properties = row.properties.clone();
+    if let Some(object) = shown_properties.as_object_mut() {
+        object.remove("headers");
+        object.remove("text_headers");
+    }
+    let body = String::from_utf8(row.body.clone()).ok();
+    let body_json: Option<Value> = body.as_deref().and_then(|b| serde_json::from_str(b).ok());
+    Ok(Some(json!({
+        "id": row.id,
+        "commandId": row.command_id,
+        "kind": row.kind,
+        "message": row.error_message,
+        "httpStatus": row.http_status,
+        "attempts": row.attempts,
+        "errorBody": row.error_body,
+        "failedAt": row.failed_at,
+        "ingestedAt": row.ingested_at,
+        "replayCount": row.replay_count,
+        "state": row.state,
+        "stateChangedAt": row.state_changed_at,
+        "replayRunId": row.replay_run_id,
+        "previousId": row.previous_id,
+        "providerId": row.payment_provider_id,
+        "invoiceId": row.invoice_id,
+        "adhocInvoiceId": row.adhoc_invoice_id,
+        "customerId": row.customer_id,
+        "description": row.description,
+        "email": row.email,
+        "traceId": row.trace_id,
+        "duplicateRisk": !at_risk.is_empty(),
+        "failsAgain": ops::fails_again(&row.kind),
+        "storedWithChanges": row.stored_with_changes,
+        "original": {
+            "exchange": row.original_exchange,
+            "routingKey": row.original_routing_key,
+            "properties": shown_properties,
+            "headers": headers,
+            "body": body,
+            "bodyJson": body_json,
+            "bodyBytes": row.body.len(),
+        },
+        "replays": replays,
+    })))
+}
+
+async fn detail(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    match detail_json(&console, id).await {
+        Ok(Some(value)) => Json(value).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no dead letter has this id"),
+        Err(response) => response,
+    }
+}
+
+/// Which dead letters an action applies to: listed ids, or all that match a filter.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Target {
+    ids: Option<Vec<i64>>,
+    filter: Option<Filter>,
+    limit: Option<usize>,
+    rate: Option<f64>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    accept_duplicate_risk: bool,
+}
+
+impl Target {
+    /// The filter it stands for; `None` unless exactly one of `ids` and `filter` is given.
+    fn filter(&self) -> Option<Filter> {
+        match (&self.ids, &self.filter) {
+            (Some(ids), None) => Some(Filter {
+                ids: Some(ids.clone()),
+                ..Filter::default()
+            }),
+            (None, Some(filter)) => Some(filter.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Why an action's body names no dead letters, or names them twice.
+const ONE_TARGET: &str = "give either \"ids\" or \"filter\"";
+
+fn bad_json(rejection: axum::extract::rejection::JsonRejection) -> Response {
+    error(StatusCode::UNPROCESSABLE_ENTITY, &rejection.body_text())
+}
+
+async fn replay(
+    caller: Caller,
+    State(console): State<Console>,
+    headers: HeaderMap,
+    body: Result<Json<Target>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(refusal) = caller.may_act(&headers) {
+        return refusal.into_response();
+    }
+    let Json(target) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_json(rejection),
+    };
+    let Some(filter) = target.filter() else {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET);
+    };
+    if target.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "rate must be above 0");
+    }
+    let request = ReplayRequest {
+        filter,
+        limit: target.limit,
+        dry_run: target.dry_run,
+        rate: target.rate,
+        accept_duplicate_risk: target.accept_duplicate_risk,
+        requested_by: caller.name.clone(),
+        source: "console".into(),
+    };
+    let mut conn = match console.pool.get().await {
+        Ok(conn) => conn,
+        Err(e) => return internal(e),
+    };
+    match ops::start(&console.settings, &mut conn, &request).await {
+        Ok(started) => {
+            if !request.dry_run {
+                super::spawn_job(&console, started.run_id, request.rate);
+            }
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "jobId": started.run_id,
+                    "total": started.ids.len(),
+                    "atRisk": started.at_risk.len(),
+                    "failAgain": started.fail_again.len(),
+                    "dryRun": request.dry_run,
+                })),
+            )
+                .into_response()
+        }
+        Err(ReplayError::DuplicateRisk { count, .. }) => {
+            let refused = ReplayError::DuplicateRisk {
+                count,
+                window_hours: console.settings.provider.idempotency_window_hours,
+                first: Vec::new(),
+            };
+            (
+                StatusCode::CONFLICT,
+                Json(json!({ "error": refused.to_string(), "atRisk": count })),
+            )
+                .into_response()
+        }
+        Err(ReplayError::Other(e)) => internal(format!("{e:#}")),
+    }
+}
+
+/// A replay job as the API shows it.
+fn job_json(run: &replay_runs::ReplayRun) -> Value {
+    json!({
+        "jobId": run.id,
+        "state": run.state,
+        "total": run.total,
+        "replayed": run.replayed,
+        "failed": run.failed,
+        "skipped": run.skipped,
+        "dryRun": run.dry_run,
+        "requestedBy": run.requested_by,
+        "source": run.source,
+        "filter": run.filter,
+        "rate": run.rate_per_second,
+        "startedAt": run.started_at,
+        "finishedAt": run.finished_at,
+    })
+}
+
+pub(super) async fn job_value(console: &Console, id: i64) -> Result<Option<Value>, Response> {
+    let mut conn = console.pool.get().await.map_err(internal)?;
+    let run = replay_runs::find(&mut conn, id).await.map_err(internal)?;
+    Ok(run.as_ref().map(job_json))
+}
+
+async fn job(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    match job_value(&console, id).await {
+        Ok(Some(value)) => Json(value).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no replay job has this id"),
+        Err(response) => response,
+    }
+}
+
+async fn jobs(_caller: Caller, State(console): State<Console>) -> Response {
+    let runs = async {
+        let mut conn = console.pool.get().await?;
+        replay_runs::newest(&mut conn, 50).await
+    };
+    match runs.await {
+        Ok(runs) => {
+            Json(json!({ "items": runs.iter().map(job_json).collect::<Vec<_>>() })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn archive(
+    caller: Caller,
+    State(console): State<Console>,
+    headers: HeaderMap,
+    body: Result<Json<Target>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(refusal) = caller.may_act(&headers) {
+        return refusal.into_response();
+    }
+    let Json(target) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_json(rejection),
+    };
+    let Some(filter) = target.filter() else {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET);
+    };
+    let archived = async {
+        let mut conn = console.pool.get().await?;
+        ops::archive(&mut conn, &filter, target.limit, &caller.name, "console").await
+    };
+    match archived.await {
+        Ok(ids) => Json(json!({ "archived": ids.len(), "ids": ids })).into_response(),
+        Err(e) => internal(format!("{e:#}")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<i64>,
+}
+
+async fn audit_log(
+    _caller: Caller,
+    State(console): State<Console>,
+    Query(query): Query<AuditQuery>,
+) -> Response {
+    let entries = async {
+        let mut conn = console.pool.get().await?;
+        audit::newest(&mut conn, query.limit.unwrap_or(100).clamp(1, 1000)).await
+    };
+    match entries.await {
+        Ok(items) => Json(json!({ "items": items })).into_response(),
+        Err(e) => internal(e),
+    }
+}

@@ -1,0 +1,312 @@
+//! Who is calling: an operator found by the SHA-256 of their token (sent as a bearer token by
+//! scripts, or once through the sign-in form by a browser, which then holds a session cookie).
+//! A browser's actions also carry the session's CSRF token, which a page of another site cannot
+//! read; a bearer token is not sent by browsers on their own, so it needs none.
+
+use super::Console;
+use crate::config::ConsoleSettings;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What an operator may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sees everything, changes nothing.
+    Viewer,
+    /// Also replays and archives.
+    Operator,
+}
+
+/// A configured operator.
+#[derive(Clone)]
+pub struct Operator {
+    /// Shown in the audit log.
+    pub name: String,
+    /// What they may do.
+    pub role: Role,
+    /// SHA-256 of their token.
+    digest: [u8; 32],
+}
+
+/// The SHA-256 of a token, in hex: what `[[console.operators]]` holds instead of the token.
+pub fn token_sha256(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn digest_from_hex(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The configured operators, plus the one `CONSOLE_OPERATOR_TOKEN` (named by
+/// `CONSOLE_OPERATOR_NAME`, default "operator") adds; `env` reads a variable.
+pub fn operators(
+    settings: &ConsoleSettings,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Vec<Operator>> {
+    let mut operators = Vec::new();
+    for (i, configured) in settings.operators.iter().enumerate() {
+        let digest = digest_from_hex(&configured.token_sha256).ok_or_else(|| {
+            anyhow::anyhow!("`console.operators[{i}].token_sha256` is not 64 hex characters")
+        })?;
+        let role = match configured.role.as_str() {
+            "viewer" => Role::Viewer,
+            "operator" => Role::Operator,
+            other => {
+                anyhow::bail!("`console.operators[{i}].role` is {other:?}: viewer or operator")
+            }
+        };
+        operators.push(Operator {
+            name: configured.name.clone(),
+            role,
+            digest,
+        });
+    }
+    if let Some(token) = env("CONSOLE_OPERATOR_TOKEN").filter(|t| !t.is_empty()) {
+        if token.len() < 16 {
+            anyhow::bail!(
+                "CONSOLE_OPERATOR_TOKEN is shorter than 16 characters: too easy to guess"
+            );
+        }
+        operators.push(Operator {
+            name: env("CONSOLE_OPERATOR_NAME")
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(|| "operator".into()),
+            role: Role::Operator,
+            digest: Sha256::digest(token.as_bytes()).into(),
+        });
+    }
+    Ok(operators)
+}
+
+/// The operator whose token this is.
+pub(super) fn find<'a>(operators: &'a [Operator], token: &str) -> Option<&'a Operator> {
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    // Compared in constant time, so the answer time says nothing about how much matched.
+    operators.iter().find(|o| {
+        o.digest
+            .iter()
+            .zip(digest.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    })
+}
+
+/// Browser sessions of this console process.
+#[derive(Clone, Default)]
+pub(super) struct Sessions(Arc<Mutex<HashMap<String, Session>>>);
+
+#[derive(Clone)]
+struct Session {
+    name: String,
+    role: Role,
+    csrf: String,
+    expires: Instant,
+}
+
+/// How long a browser session lasts.
+const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// The session cookie's name.
+pub(super) const COOKIE: &str = "plw_console";
+
+fn random_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+impl Sessions {
+    /// Opens a session for `operator`; returns its cookie value.
+    pub(super) fn open(&self, operator: &Operator) -> String {
+        let id = random_token();
+        let mut sessions = self.0.lock().expect("sessions lock");
+        let now = Instant::now();
+        sessions.retain(|_, s| s.expires > now);
+        sessions.insert(
+            id.clone(),
+            Session {
+                name: operator.name.clone(),
+                role: operator.role,
+                csrf: random_token(),
+                expires: now + SESSION_LIFETIME,
+            },
+        );
+        id
+    }
+
+    /// Ends a session.
+    pub(super) fn close(&self, id: &str) {
+        self.0.lock().expect("sessions lock").remove(id);
+    }
+
+    fn get(&self, id: &str) -> Option<Session> {
+        let sessions = self.0.lock().expect("sessions lock");
+        sessions
+            .get(id)
+            .filter(|s| s.expires > Instant::now())
+            .cloned()
+    }
+}
+
+/// The signed-in caller of a request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Their name, for the audit log.
+    pub name: String,
+    /// What they may do.
+    pub role: Role,
+    /// The session's CSRF token (none for a bearer token).
+    pub csrf: Option<String>,
+    /// The session cookie's value (none for a bearer token).
+    pub session: Option<String>,
+}
+
+/// Why a request was refused.
+#[derive(Debug)]
+pub enum Refusal {
+    /// No valid token or session.
+    Unauthenticated {
+        /// Whether the request was for a page (redirected to the sign-in form) or the API.
+        page: bool,
+    },
+    /// Signed in, but not allowed to do this.
+    Forbidden(&'static str),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Unauthenticated { page: true } => Redirect::to("/login").into_response(),
+            Refusal::Unauthenticated { page: false } => super::api::error(
+                StatusCode::UNAUTHORIZED,
+                "sign in: send Authorization: Bearer <token>",
+            ),
+            Refusal::Forbidden(why) => super::api::error(StatusCode::FORBIDDEN, why),
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub(super) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+impl FromRequestParts<Console> for Caller {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, console: &Console) -> Result<Self, Refusal> {
+        let page = !parts.uri.path().starts_with("/api/");
+        let bearer = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let Some(token) = bearer {
+            let operator =
+                find(&console.operators, token.trim()).ok_or(Refusal::Unauthenticated { page })?;
+            return Ok(Caller {
+                name: operator.name.clone(),
+                role: operator.role,
+                csrf: None,
+                session: None,
+            });
+        }
+        let id = cookie(&parts.headers, COOKIE).ok_or(Refusal::Unauthenticated { page })?;
+        let session = console
+            .sessions
+            .get(&id)
+            .ok_or(Refusal::Unauthenticated { page })?;
+        Ok(Caller {
+            name: session.name,
+            role: session.role,
+            csrf: Some(session.csrf),
+            session: Some(id),
+        })
+    }
+}
+
+/// The header a browser's action carries its CSRF token in.
+pub(super) const CSRF_HEADER: &str = "x-csrf-token";
+
+impl Caller {
+    /// Whether this caller may change something with this request: an operator, and for a
+    /// browser session, the session's CSRF token in the request.
+    pub(super) fn may_act(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        if self.role != Role::Operator {
+            return Err(Refusal::Forbidden(
+                "viewers cannot replay or archive; ask an operator",
+            ));
+        }
+        if let Some(expected) = &self.csrf {
+            let sent = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+            if sent != Some(expected.as_str()) {
+                return Err(Refusal::Forbidden(
+                    "missing or wrong CSRF token: reload the page and try again",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OperatorSettings;
+
+    #[test]
+    fn operators_are_found_by_their_token_only() {
+        let settings = ConsoleSettings {
+            listen: "127.0.0.1:0".into(),
+            job_stalled_after_ms: 30_000,
+            operators: vec![OperatorSettings {
+                name: "vera".into(),
+                role: "viewer".into(),
+                token_sha256: token_sha256("viewer-token-0123456789"),
+            }],
+        };
+        let env = |name: &str| match name {
+            "CONSOLE_OPERATOR_TOKEN" => Some("operator-token-0123456789".to_owned()),
+            _ => None,
+        };
+        let all = operators(&settings, env).unwrap();
+        assert_eq!(
+            find(&all, "viewer-token-0123456789").unwrap().role,
+            Role::Viewer
+        );
+        let quick = find(&all, "operator-token-0123456789").unwrap();
+        assert_eq!(
+            (quick.name.as_str(), quick.role),
+            ("operator", Role::Operator)
+        );
+        assert!(find(&all, "operator-token-012345678").is_none());
+        assert!(find(&all, "").is_none());
+        let short = |name: &str| (name == "CONSOLE_OPERATOR_TOKEN").then(|| "short".to_owned());
+        assert!(operators(&settings, short).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The operators' console: a web page and a JSON API over the dead-letter store. Pages and API
+//! share one set of handlers' logic (the pages call the API from the browser), so a script can do
+//! whatever a person can. Operators sign in with a token (bearer for scripts, a session cookie
+//! for browsers, with a CSRF token on every action); a `viewer` sees everything and changes
+//! nothing. Replays run as background jobs (replay runs), resumed by any console when the one
+//! running them stopped.
+
+mod api;
+mod auth;
+mod pages;
+
+use crate::config::Settings;
+use crate::store::{self, PgPool, replay_runs};
+use anyhow::Context as _;
+use axum::Router;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::{Operator, Role, operators, token_sha256};
+
+/// What every handler reaches.
+#[derive(Clone)]
+pub struct Console {
+    settings: Arc<Settings>,
+    pool: PgPool,
+    operators: Arc<Vec<Operator>>,
+    sessions: auth::Sessions,
+    stop: CancellationToken,
+}
+
+/// The routes: pages at `/`, the JSON API under `/api/`.
+pub fn router(console: Console) -> Router {
+    api::routes().merge(pages::routes()).with_state(console)
+}
+
+/// Serves the console on `listener` until `stop` fires; resumes stalled replay jobs meanwhile.
+pub async fn serve(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let operators = operators(&settings.console, |name| std::env::var(name).ok())?;
+    if operators.is_empty() {
+        anyhow::bail!(
+            "no console operator is configured: add [[console.operators]] to the config file, or \
+             set CONSOLE_OPERATOR_TOKEN"
+        );
+    }
+    let pool = store::pool(&settings.database)?;
+    crate::startup::migrate(&settings, &pool).await?;
+    let console = Console {
+        settings: Arc::new(settings),
+        pool,
+        operators: Arc::new(operators),
+        sessions: auth::Sessions::default(),
+        stop: stop.clone(),
+    };
+    tokio::spawn(resume_stalled_jobs(console.clone()));
+    tracing::info!(address = %listener.local_addr()?, "console listening");
+    axum::serve(listener, router(console))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .context("the console stopped")
+}
+
+/// Runs a replay job in the background until it ends (or the console stops; the job is then
+/// resumed by the next console that sees it stalled).
+fn spawn_job(console: &Console, run_id: i64, rate: Option<f64>) {
+    let console = console.clone();
+    tokio::spawn(async move {
+        let worked = async {
+            let mut conn = console.pool.get().await?;
+            crate::ops::dead_letters::work(&console.settings, &mut conn, run_id, rate).await
+        };
+        tokio::select! {
+            () = console.stop.cancelled() => {}
+            result = worked => match result {
+                Ok(worked) => tracing::info!(run_id, replayed = worked.replayed.len(),
+                    failed = worked.failed.len(), "replay job done"),
+                Err(error) => tracing::error!(run_id, error = %format!("{error:#}"),
+                    "replay job stopped; it resumes once seen stalled"),
+            }
+        }
+    });
+}
+
+/// Takes over the jobs nobody has advanced for `console.job_stalled_after_ms` (their console
+/// stopped) and runs them to their end; looks twice per that period.
+async fn resume_stalled_jobs(console: Console) {
+    let stalled = Duration::from_millis(console.settings.console.job_stalled_after_ms);
+    let mut every = tokio::time::interval(stalled / 2);
+    loop {
+        tokio::select! {
+            () = console.stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let taken = async {
+            let mut conn = console.pool.get().await?;
+            let mut taken = Vec::new();
+            for run_id in replay_runs::stalled(&mut conn, stalled).await? {
+                if replay_runs::take_over(&mut conn, run_id, stalled).await? {
+                    let rate = replay_runs::find(&mut conn, run_id)
+                        .await?
+                        .and_then(|r| r.rate_per_second);
+                    taken.push((run_id, rate));
+                }
+            }
+            Ok::<_, store::StoreError>(taken)
+        };
+        match taken.await {
+            Ok(taken) => {
+                for (run_id, rate) in taken {
+                    tracing::info!(run_id, "resuming a replay job that stopped midway");
+                    spawn_job(&console, run_id, rate);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot look for stalled replay jobs"),
+        }
+    }
+}

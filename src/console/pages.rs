@@ -1,0 +1,691 @@
+//! The console's pages: server-rendered HTML with a little JavaScript for the actions (which call
+//! the JSON API with the session's CSRF token) and for live job progress. Every value shown is
+//! HTML-escaped; no secret is ever rendered.
+
+use super::Console;
+use super::api::{self, ListQuery, MAX_PAGE};
+use super::auth::{COOKIE, Caller, Role, find};
+use crate::ops::dead_letters::known_kinds;
+use crate::store::dead_letters::{self as store, Cursor, STATES};
+use crate::store::{audit, replay_runs};
+use axum::Router;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use std::fmt::Write as _;
+
+pub(super) fn routes() -> Router<Console> {
+    Router::new()
+        .route("/", get(overview))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/dead-letters", get(list))
+        .route("/dead-letters/{id}", get(detail))
+        .route("/replays/{id}", get(job))
+        .route("/audit", get(audit_page))
+}
+
+/// `text` safe inside HTML text and attribute values.
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A time both ways: relative ("5 min ago") with the exact UTC time on hover and beside it.
+fn when(t: DateTime<Utc>) -> String {
+    let secs = (Utc::now() - t).num_seconds();
+    let relative = match secs {
+        s if s < 0 => "just now".to_owned(),
+        s if s < 60 => format!("{s} s ago"),
+        s if s < 3600 => format!("{} min ago", s / 60),
+        s if s < 86_400 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    };
+    let exact = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    format!(
+        "<time datetime=\"{exact}\" title=\"{exact}\">{relative}</time> <small class=\"muted\">{exact}</small>"
+    )
+}
+
+/// A kind as a coloured badge, the same colour everywhere.
+fn kind_badge(kind: &str) -> String {
+    let colour = match kind {
+        "validation" => "#b45309",
+        "provider-rejected" => "#b91c1c",
+        "provider-auth" => "#9f1239",
+        "retries-exhausted" => "#6d28d9",
+        "idempotency-conflict" => "#0369a1",
+        "unstorable" => "#854d0e",
+        "delivery-limit" => "#be185d",
+        "internal-error" => "#334155",
+        _ => "#475569",
+    };
+    format!(
+        "<span class=\"badge\" style=\"background:{colour}\">{}</span>",
+        esc(kind)
+    )
+}
+
+fn state_badge(state: &str) -> String {
+    format!("<span class=\"state state-{0}\">{0}</span>", esc(state))
+}
+
+const STYLE: &str = r#"
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#0f172a;background:#f8fafc}
+header{background:#0f172a;color:#e2e8f0;padding:10px 24px;display:flex;gap:24px;align-items:center}
+header a{color:#e2e8f0;text-decoration:none;font-weight:600}header a:hover{text-decoration:underline}
+header .who{margin-left:auto;font-size:13px;color:#94a3b8}
+main{padding:20px 24px;max-width:1400px}
+h1{font-size:20px;margin:0 0 16px}h2{font-size:16px;margin:24px 0 8px}
+table{border-collapse:collapse;width:100%;background:#fff;box-shadow:0 1px 2px #0001}
+th,td{padding:6px 8px;border-bottom:1px solid #e2e8f0;text-align:left;vertical-align:top}
+th{background:#f1f5f9;font-weight:600;font-size:12px;text-transform:uppercase;color:#475569}
+tr:hover td{background:#f8fafc}
+.badge{color:#fff;border-radius:10px;padding:1px 8px;font-size:12px;white-space:nowrap}
+.state{border-radius:4px;padding:1px 6px;font-size:12px;border:1px solid #cbd5e1}
+.state-open{background:#fef3c7}.state-replaying{background:#dbeafe}.state-replayed{background:#dcfce7}.state-archived{background:#e2e8f0}
+.muted{color:#64748b}.msg{max-width:420px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{background:#fff;padding:12px 16px;box-shadow:0 1px 2px #0002;border-radius:6px;min-width:140px}
+.card b{font-size:22px;display:block}
+form.filters{display:flex;gap:8px;flex-wrap:wrap;align-items:end;margin-bottom:12px}
+form.filters label{display:flex;flex-direction:column;font-size:12px;color:#475569}
+input,select,button{font:inherit;padding:4px 6px}
+button{background:#1d4ed8;color:#fff;border:0;border-radius:4px;padding:6px 12px;cursor:pointer}
+button.secondary{background:#475569}button:disabled{opacity:.5;cursor:default}
+.actions{display:flex;gap:8px;margin:8px 0}
+pre{background:#0f172a;color:#e2e8f0;padding:12px;overflow:auto;border-radius:6px;max-height:480px}
+dl{display:grid;grid-template-columns:200px 1fr;gap:4px 12px;background:#fff;padding:12px;box-shadow:0 1px 2px #0001}
+dt{color:#475569}dd{margin:0;word-break:break-all}
+.bars{display:flex;align-items:end;gap:2px;height:80px;background:#fff;padding:8px;box-shadow:0 1px 2px #0001}
+.bars div{background:#1d4ed8;flex:1;min-height:1px}
+.progress{background:#e2e8f0;border-radius:6px;height:18px;overflow:hidden;max-width:600px}
+.progress div{background:#16a34a;height:100%;transition:width .3s}
+.warn{background:#fef3c7;border:1px solid #f59e0b;padding:8px 12px;border-radius:6px;margin:8px 0}
+.error{background:#fee2e2;border:1px solid #ef4444;padding:8px 12px;border-radius:6px}
+"#;
+
+/// The page's script: every action asks first, says what it will touch, sends the CSRF token,
+/// and asks again (naming the risk) when the API answers that a replay may create a second link.
+const SCRIPT: &str = r#"
+const csrf = document.querySelector('meta[name=csrf]')?.content || '';
+async function call(url, body) {
+  const r = await fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': csrf}, body: JSON.stringify(body)});
+  return {status: r.status, json: await r.json().catch(() => ({}))};
+}
+function selectedIds() {
+  return [...document.querySelectorAll('input.pick:checked')].map(c => Number(c.value));
+}
+async function act(kind, target, count) {
+  if (!count) { alert('Nothing selected.'); return; }
+  const verb = kind === 'replay' ? 'Replay' : 'Archive';
+  if (!confirm(`${verb} ${count} dead letter(s)?`)) return;
+  if (kind === 'archive') {
+    const r = await call('/api/dead-letters/archive', target);
+    if (r.status !== 200) { alert(r.json.error || ('failed: ' + r.status)); return; }
+    alert(`Archived ${r.json.archived} dead letter(s).`);
+    location.reload();
+    return;
+  }
+  const rate = document.getElementById('rate')?.value;
+  const body = Object.assign({}, target, rate ? {rate: Number(rate)} : {});
+  let r = await call('/api/replays', body);
+  if (r.status === 409) {
+    if (!confirm(r.json.error + '\n\nI accept the risk: replay anyway?')) return;
+    r = await call('/api/replays', Object.assign(body, {acceptDuplicateRisk: true}));
+  }
+  if (r.status !== 202) { alert(r.json.error || ('failed: ' + r.status)); return; }
+  location.href = '/replays/' + r.json.jobId;
+}
+document.addEventListener('click', e => {
+  const b = e.target.closest('button[data-act]');
+  if (!b) return;
+  const all = b.dataset.scope === 'all';
+  const ids = b.dataset.ids ? JSON.parse(b.dataset.ids) : selectedIds();
+  const target = all ? {filter: JSON.parse(b.dataset.filter)} : {ids};
+  act(b.dataset.act, target, all ? Number(b.dataset.count) : ids.length);
+});
+document.getElementById('pick-all')?.addEventListener('change', e => {
+  document.querySelectorAll('input.pick').forEach(c => c.checked = e.target.checked);
+});
+async function watch(id) {
+  const r = await fetch('/api/replays/' + id);
+  const j = await r.json();
+  const done = j.replayed + j.failed;
+  document.getElementById('bar').style.width = (j.total ? 100 * done / j.total : 100) + '%';
+  for (const k of ['state', 'total', 'replayed', 'failed', 'skipped']) document.getElementById(k).textContent = j[k];
+  if (j.state === 'running') setTimeout(() => watch(id), 500);
+}
+const job = document.getElementById('job');
+if (job) watch(job.dataset.id);
+"#;
+
+/// The frame of every signed-in page.
+fn layout(caller: &Caller, title: &str, content: &str) -> Html<String> {
+    let role = match caller.role {
+        Role::Operator => "operator",
+        Role::Viewer => "viewer",
+    };
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <meta name=\"csrf\" content=\"{csrf}\"><title>{title} · payment-link-worker</title>\
+         <style>{STYLE}</style></head><body><header><span>payment-link-worker</span>\
+         <a href=\"/\">Overview</a><a href=\"/dead-letters?state=open\">Dead letters</a>\
+         <a href=\"/audit\">Audit</a><span class=\"who\">{name} ({role}) \
+         <form method=\"post\" action=\"/logout\" style=\"display:inline\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <button class=\"secondary\" id=\"logout\">Sign out</button></form></span></header>\
+         <main>{content}</main><script>{SCRIPT}</script></body></html>",
+        csrf = esc(caller.csrf.as_deref().unwrap_or("")),
+        title = esc(title),
+        name = esc(&caller.name),
+    ))
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+fn login_page(error: Option<&str>) -> Html<String> {
+    let error = error
+        .map(|e| format!("<p class=\"error\">{}</p>", esc(e)))
+        .unwrap_or_default();
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign in · \
+         payment-link-worker</title><style>{STYLE}</style></head><body><header>\
+         <span>payment-link-worker</span></header><main><h1>Sign in</h1>{error}\
+         <form method=\"post\" action=\"/login\"><label>Operator token \
+         <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\" \
+         autofocus required></label> <button id=\"sign-in\">Sign in</button></form></main></body></html>"
+    ))
+}
+
+async fn login_form() -> Html<String> {
+    login_page(None)
+}
+
+async fn login(State(console): State<Console>, Form(form): Form<LoginForm>) -> Response {
+    let Some(operator) = find(&console.operators, form.token.trim()) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            login_page(Some("That token belongs to no operator.")),
+        )
+            .into_response();
+    };
+    let id = console.sessions.open(operator);
+    if let Ok(mut conn) = console.pool.get().await {
+        let _ = audit::record(
+            &mut conn,
+            &audit::NewEntry {
+                actor: operator.name.clone(),
+                source: "console".into(),
+                action: "sign-in".into(),
+                filter: None,
+                count: 0,
+                ids: Vec::new(),
+                run_id: None,
+            },
+        )
+        .await;
+    }
+    (
+        [(
+            header::SET_COOKIE,
+            format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200"),
+        )],
+        Redirect::to("/"),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct LogoutForm {
+    csrf: String,
+}
+
+async fn logout(
+    State(console): State<Console>,
+    caller: Caller,
+    Form(form): Form<LogoutForm>,
+) -> Response {
+    // The CSRF token proves the form came from our page: another site cannot sign anyone out.
+    if caller.csrf.as_deref() == Some(form.csrf.as_str())
+        && let Some(id) = &caller.session
+    {
+        console.sessions.close(id);
+    }
+    (
+        [(header::SET_COOKIE, format!("{COOKIE}=; Path=/; Max-Age=0"))],
+        Redirect::to("/login"),
+    )
+        .into_response()
+}
+
+async fn overview(caller: Caller, State(console): State<Console>) -> Response {
+    let figures = async {
+        let mut conn = console.pool.get().await?;
+        store::overview(&mut conn).await
+    };
+    let overview = match figures.await {
+        Ok(o) => o,
+        Err(e) => return api::internal(e),
+    };
+    let mut html = String::from("<h1>Overview</h1><div class=\"cards\">");
+    for state in STATES {
+        let n = overview.by_state.get(state).copied().unwrap_or(0);
+        let _ = write!(
+            html,
+            "<a class=\"card\" href=\"/dead-letters?state={state}\" style=\"text-decoration:none;color:inherit\">\
+             <b id=\"count-{state}\">{n}</b>{state}</a>"
+        );
+    }
+    html.push_str("</div><h2>Oldest open failure</h2><p>");
+    html.push_str(&overview.oldest_open.map_or_else(|| "none".into(), when));
+    html.push_str(
+        "</p><h2>Open, by kind</h2><table><tr><th>Kind</th><th>Open</th><th>All</th></tr>",
+    );
+    for (kind, all) in &overview.by_kind {
+        let open = overview.open_by_kind.get(kind).copied().unwrap_or(0);
+        let _ = write!(
+            html,
+            "<tr><td><a href=\"/dead-letters?state=open&kind={k}\">{badge}</a></td><td>{open}</td><td>{all}</td></tr>",
+            k = esc(kind),
+            badge = kind_badge(kind)
+        );
+    }
+    let peak = overview
+        .last_24_hours
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    html.push_str("</table><h2>Failures per hour, last 24 hours</h2><div class=\"bars\">");
+    for n in &overview.last_24_hours {
+        let _ = write!(
+            html,
+            "<div style=\"height:{}%\" title=\"{n}\"></div>",
+            n * 100 / peak
+        );
+    }
+    html.push_str("</div>");
+    layout(&caller, "Overview", &html).into_response()
+}
+
+fn options(values: &[&str], chosen: Option<&str>) -> String {
+    let mut html = String::from("<option value=\"\">any</option>");
+    for v in values {
+        let selected = if chosen == Some(*v) { " selected" } else { "" };
+        let _ = write!(html, "<option{selected}>{}</option>", esc(v));
+    }
+    html
+}
+
+async fn list(
+    caller: Caller,
+    State(console): State<Console>,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    let filter = query.filter();
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let cursor = query.cursor.as_deref().and_then(Cursor::decode);
+    let found = async {
+        let mut conn = console.pool.get().await?;
+        let page = store::page(&mut conn, &filter, limit, cursor).await?;
+        let matching = store::count(&mut conn, &filter).await?;
+        Ok::<_, crate::store::StoreError>((page, matching))
+    };
+    let ((rows, next), matching) = match found.await {
+        Ok(found) => found,
+        Err(e) => return api::internal(e),
+    };
+    let text = |v: &Option<String>| esc(v.as_deref().unwrap_or(""));
+    let num = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+    let time = |v: Option<DateTime<Utc>>| v.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let kinds = known_kinds();
+    let mut html = format!(
+        "<h1>Dead letters <small class=\"muted\" id=\"matching\">{matching} matching</small></h1>\
+         <form class=\"filters\" method=\"get\" action=\"/dead-letters\">\
+         <label>Kind<select name=\"kind\" id=\"kind\">{kind}</select></label>\
+         <label>State<select name=\"state\" id=\"state\">{state}</select></label>\
+         <label>Search (id, description, e-mail)<input name=\"q\" id=\"q\" value=\"{q}\"></label>\
+         <label>Provider id<input name=\"providerId\" size=\"6\" value=\"{provider}\"></label>\
+         <label>Invoice id<input name=\"invoiceId\" size=\"8\" value=\"{invoice}\"></label>\
+         <label>Customer id<input name=\"customerId\" size=\"8\" value=\"{customer}\"></label>\
+         <label>Failed since (UTC)<input name=\"since\" placeholder=\"2026-12-01T00:00:00Z\" value=\"{since}\"></label>\
+         <label>until<input name=\"until\" placeholder=\"2026-12-02T00:00:00Z\" value=\"{until}\"></label>\
+         <button id=\"apply\">Filter</button></form>",
+        kind = options(&kinds, query.kind.as_deref()),
+        state = options(&STATES, query.state.as_deref()),
+        q = text(&query.q),
+        provider = num(query.provider_id),
+        invoice = num(query.invoice_id),
+        customer = num(query.customer_id),
+        since = time(query.since),
+        until = time(query.until),
+    );
+    if caller.role == Role::Operator {
+        let filter_json = esc(&serde_json::to_string(&filter).unwrap_or_default());
+        let _ = write!(
+            html,
+            "<div class=\"actions\"><button data-act=\"replay\" id=\"replay-selected\">Replay selected</button>\
+             <button data-act=\"archive\" class=\"secondary\" id=\"archive-selected\">Archive selected</button>\
+             <button data-act=\"replay\" data-scope=\"all\" data-count=\"{matching}\" data-filter=\"{filter_json}\" id=\"replay-all\">Replay all {matching} matching</button>\
+             <button data-act=\"archive\" data-scope=\"all\" class=\"secondary\" data-count=\"{matching}\" data-filter=\"{filter_json}\" id=\"archive-all\">Archive all {matching} matching</button>\
+             <label class=\"muted\">at most <input id=\"rate\" size=\"4\" placeholder=\"∞\"> per second</label></div>"
+        );
+    }
+    html.push_str(
+        "<table id=\"letters\"><tr><th><input type=\"checkbox\" id=\"pick-all\" title=\"select this page\"></th>\
+         <th>Id</th><th>State</th><th>Kind</th><th>Command id</th><th>HTTP</th><th>Attempts</th>\
+         <th>Failed</th><th>Replays</th><th>Invoice</th><th>Customer</th><th>Why</th></tr>",
+    );
+    for row in &rows {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "–".into());
+        let _ = write!(
+            html,
+            "<tr data-id=\"{id}\"><td><input type=\"checkbox\" class=\"pick\" value=\"{id}\"></td>\
+             <td><a href=\"/dead-letters/{id}\">{id}</a></td><td>{state}</td><td>{kind}</td>\
+             <td><a href=\"/dead-letters/{id}\">{command}</a></td><td>{status}</td><td>{attempts}</td>\
+             <td>{failed}</td><td>{replays}</td><td>{invoice}</td><td>{customer}</td>\
+             <td class=\"msg\" title=\"{message}\">{message}</td></tr>",
+            id = row.id,
+            state = state_badge(&row.state),
+            kind = kind_badge(&row.kind),
+            command = if row.command_id.is_empty() {
+                "(no message_id)".into()
+            } else {
+                esc(&row.command_id)
+            },
+            status = opt(row.http_status.map(i64::from)),
+            attempts = opt(row.attempts.map(i64::from)),
+            failed = when(row.failed_at),
+            replays = row.replay_count,
+            invoice = opt(row.invoice_id),
+            customer = opt(row.customer_id),
+            message = esc(&row.error_message),
+        );
+    }
+    html.push_str("</table>");
+    if let Some(next) = next {
+        let mut params: Vec<(String, String)> = serde_urlencoded::from_str(
+            &serde_urlencoded::to_string(FilterParams::of(&query)).unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        params.push(("cursor".into(), next.encode()));
+        let _ = write!(
+            html,
+            "<p><a id=\"next\" href=\"/dead-letters?{}\">Next page →</a></p>",
+            esc(&serde_urlencoded::to_string(&params).unwrap_or_default())
+        );
+    }
+    layout(&caller, "Dead letters", &html).into_response()
+}
+
+/// The list's filters as query parameters, for the next page's link.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FilterParams<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    q: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invoice_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<i64>,
+}
+
+impl<'a> FilterParams<'a> {
+    fn of(query: &'a ListQuery) -> Self {
+        Self {
+            kind: query.kind.as_deref().filter(|v| !v.is_empty()),
+            state: query.state.as_deref().filter(|v| !v.is_empty()),
+            q: query.q.as_deref().filter(|v| !v.is_empty()),
+            provider_id: query.provider_id,
+            invoice_id: query.invoice_id,
+            customer_id: query.customer_id,
+            since: query.since.map(|t| t.to_rfc3339()),
+            until: query.until.map(|t| t.to_rfc3339()),
+            limit: query.limit,
+        }
+    }
+}
+
+fn field(html: &mut String, name: &str, value: &Value) {
+    let shown = match value {
+        Value::Null => "–".to_owned(),
+        Value::String(s) => esc(s),
+        other => esc(&other.to_string()),
+    };
+    let _ = write!(html, "<dt>{}</dt><dd>{shown}</dd>", esc(name));
+}
+
+async fn detail(caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    let letter = match api::detail_json(&console, id).await {
+        Ok(Some(letter)) => letter,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                layout(&caller, "Not found", "<h1>No dead letter has this id</h1>"),
+            )
+                .into_response();
+        }
+        Err(response) => return response,
+    };
+    let s = |k: &str| letter[k].as_str().unwrap_or("").to_owned();
+    let mut html = format!(
+        "<h1>Dead letter {id} {kind} {state}</h1>",
+        kind = kind_badge(&s("kind")),
+        state = state_badge(&s("state")),
+    );
+    if letter["failsAgain"] == Value::Bool(true) {
+        html.push_str("<p class=\"warn\">Replayed as it is, this command fails the same way again: its body or id is what was wrong. Send a corrected command instead.</p>");
+    }
+    if letter["duplicateRisk"] == Value::Bool(true) {
+        html.push_str("<p class=\"warn\">Its first provider call is older than the provider's idempotency window: a replay may create a second payment link.</p>");
+    }
+    if caller.role == Role::Operator && s("state") == "open" {
+        let _ = write!(
+            html,
+            "<div class=\"actions\"><button data-act=\"replay\" data-ids=\"[{id}]\" id=\"replay-one\">Replay</button>\
+             <button data-act=\"archive\" class=\"secondary\" data-ids=\"[{id}]\" id=\"archive-one\">Archive</button></div>"
+        );
+    }
+    html.push_str("<h2>Why</h2><dl>");
+    for (name, key) in [
+        ("Error", "message"),
+        ("HTTP status", "httpStatus"),
+        ("Provider answer", "errorBody"),
+        ("Provider calls", "attempts"),
+        ("Replays so far", "replayCount"),
+        ("Command id", "commandId"),
+        ("Trace id", "traceId"),
+        ("Provider id", "providerId"),
+        ("Invoice id", "invoiceId"),
+        ("Ad hoc invoice id", "adhocInvoiceId"),
+        ("Customer id", "customerId"),
+        ("Description", "description"),
+        ("E-mail", "email"),
+        ("Stored with changes", "storedWithChanges"),
+    ] {
+        field(&mut html, name, &letter[key]);
+    }
+    if let Some(t) = letter["failedAt"]
+        .as_str()
+        .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+    {
+        let _ = write!(html, "<dt>Failed</dt><dd>{}</dd>", when(t));
+    }
+    if let Some(previous) = letter["previousId"].as_i64() {
+        let _ = write!(
+            html,
+            "<dt>Replayed from</dt><dd><a href=\"/dead-letters/{previous}\">dead letter {previous}</a></dd>"
+        );
+    }
+    html.push_str("</dl><h2>Original message</h2><dl>");
+    field(&mut html, "Exchange", &letter["original"]["exchange"]);
+    field(&mut html, "Routing key", &letter["original"]["routingKey"]);
+    html.push_str("</dl><details open><summary>Properties</summary><pre>");
+    html.push_str(&esc(&serde_json::to_string_pretty(
+        &letter["original"]["properties"],
+    )
+    .unwrap_or_default()));
+    html.push_str("</pre></details><details open><summary>Headers</summary><pre id=\"headers\">");
+    html.push_str(&esc(&serde_json::to_string_pretty(
+        &letter["original"]["headers"],
+    )
+    .unwrap_or_default()));
+    let body = match &letter["original"]["bodyJson"] {
+        Value::Null => letter["original"]["body"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("({} bytes, not UTF-8)", letter["original"]["bodyBytes"])),
+        json => serde_json::to_string_pretty(json).unwrap_or_default(),
+    };
+    let _ = write!(
+        html,
+        "</pre></details><details open><summary>Body ({} bytes)</summary><pre id=\"body\">{}</pre></details>",
+        letter["original"]["bodyBytes"],
+        esc(&body)
+    );
+    html.push_str("<h2>Replays</h2><table><tr><th>Run</th><th>When</th><th>Outcome</th></tr>");
+    for replay in letter["replays"].as_array().into_iter().flatten() {
+        let at = replay["replayedAt"]
+            .as_str()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok());
+        let _ = write!(
+            html,
+            "<tr><td><a href=\"/replays/{run}\">{run}</a></td><td>{at}</td><td>{outcome}</td></tr>",
+            run = replay["runId"],
+            at = at.map(when).unwrap_or_default(),
+            outcome = esc(replay["outcome"].as_str().unwrap_or("")),
+        );
+    }
+    html.push_str("</table>");
+    layout(&caller, &format!("Dead letter {id}"), &html).into_response()
+}
+
+async fn job(caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    let run = match api::job_value(&console, id).await {
+        Ok(Some(run)) => run,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                layout(&caller, "Not found", "<h1>No replay job has this id</h1>"),
+            )
+                .into_response();
+        }
+        Err(response) => return response,
+    };
+    let html = format!(
+        "<h1>Replay job {id}</h1><div id=\"job\" data-id=\"{id}\"></div>\
+         <div class=\"progress\"><div id=\"bar\" style=\"width:0\"></div></div>\
+         <dl><dt>State</dt><dd id=\"state\">{state}</dd><dt>Total</dt><dd id=\"total\">{total}</dd>\
+         <dt>Replayed</dt><dd id=\"replayed\">{replayed}</dd><dt>Failed</dt><dd id=\"failed\">{failed}</dd>\
+         <dt>Skipped</dt><dd id=\"skipped\">{skipped}</dd><dt>Requested by</dt><dd>{by}</dd>\
+         <dt>Filter</dt><dd><code>{filter}</code></dd><dt>Rate</dt><dd>{rate}</dd></dl>\
+         <p><a href=\"/dead-letters?state=open\">Back to the open dead letters</a></p>",
+        state = esc(run["state"].as_str().unwrap_or("")),
+        total = run["total"],
+        replayed = run["replayed"],
+        failed = run["failed"],
+        skipped = run["skipped"],
+        by = esc(run["requestedBy"].as_str().unwrap_or("")),
+        filter = esc(&run["filter"].to_string()),
+        rate = if run["rate"].is_null() {
+            "no limit".into()
+        } else {
+            format!("{} per second", run["rate"])
+        },
+    );
+    layout(&caller, &format!("Replay job {id}"), &html).into_response()
+}
+
+async fn audit_page(caller: Caller, State(console): State<Console>) -> Response {
+    let found = async {
+        let mut conn = console.pool.get().await?;
+        let entries = audit::newest(&mut conn, 200).await?;
+        let runs = replay_runs::newest(&mut conn, 50).await?;
+        Ok::<_, crate::store::StoreError>((entries, runs))
+    };
+    let (entries, runs) = match found.await {
+        Ok(found) => found,
+        Err(e) => return api::internal(e),
+    };
+    let mut html = String::from(
+        "<h1>Audit</h1><table id=\"audit\"><tr><th>When</th><th>Who</th><th>From</th><th>Action</th>\
+         <th>Count</th><th>Filter</th><th>Job</th><th>Ids</th></tr>",
+    );
+    for e in &entries {
+        let ids: Vec<String> = e
+            .ids
+            .iter()
+            .take(20)
+            .map(|i| format!("<a href=\"/dead-letters/{i}\">{i}</a>"))
+            .collect();
+        let more = if e.ids.len() > 20 {
+            format!(" … and {} more", e.ids.len() - 20)
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{at}</td><td>{who}</td><td>{from}</td><td>{action}</td><td>{count}</td>\
+             <td><code>{filter}</code></td><td>{run}</td><td>{ids}{more}</td></tr>",
+            at = when(e.at),
+            who = esc(&e.actor),
+            from = esc(&e.source),
+            action = esc(&e.action),
+            count = e.count,
+            filter = esc(&e.filter.as_ref().map(Value::to_string).unwrap_or_default()),
+            run = e
+                .run_id
+                .map(|r| format!("<a href=\"/replays/{r}\">{r}</a>"))
+                .unwrap_or_default(),
+            ids = ids.join(" "),
+        );
+    }
+    html.push_str("</table><h2>Replay jobs</h2><table><tr><th>Job</th><th>Started</th><th>By</th><th>State</th><th>Total</th><th>Replayed</th><th>Failed</th></tr>");
+    for r in &runs {
+        let _ = write!(
+            html,
+            "<tr><td><a href=\"/replays/{id}\">{id}</a>{dry}</td><td>{at}</td><td>{by}</td><td>{state}</td><td>{total}</td><td>{replayed}</td><td>{failed}</td></tr>",
+            id = r.id,
+            dry = if r.dry_run { " (dry run)" } else { "" },
+            at = when(r.started_at),
+            by = esc(&r.requested_by),
+            state = esc(&r.state),
+            total = r.total,
+            replayed = r.replayed,
+            failed = r.failed,
+        );
+    }
+    html.push_str("</table>");
+    layout(&caller, "Audit", &html).into_response()
+}
