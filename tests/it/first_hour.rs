@@ -222,6 +222,8 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
     ]));
     assert!(!invalid.0, "{invalid:?}");
     wait_for("the invalid command's log line", &json, "first-invalid").await;
+    // Both dead letters reach the store while a worker runs to ingest them.
+    crate::operations::stored(&env, &Default::default(), 2).await;
     terminate(piped);
     let json = json.lock().unwrap().clone();
     assert!(!json.contains('\u{1b}'), "no colour off a terminal: {json}");
@@ -250,7 +252,6 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
         bogus.2.contains("validation") && bogus.2.contains("delivery-limit"),
         "{bogus:?}"
     );
-    crate::operations::stored(&env, &Default::default(), 2).await;
     let listing = output(binary(&env).args(["dead-letters", "list"]));
     let header = listing.lines().next().unwrap_or("");
     let row = listing
