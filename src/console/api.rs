@@ -50,7 +50,8 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// The list's query: the filters the CLI has, a page size and the cursor of the next page.
+/// The list's query: the filters the CLI has, a page size and the cursor of the next page. Kept
+/// as text, so an empty form field means "any" rather than a refusal.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct ListQuery {
@@ -58,31 +59,64 @@ pub(super) struct ListQuery {
     pub state: Option<String>,
     pub q: Option<String>,
     pub command_id: Option<String>,
-    pub since: Option<DateTime<Utc>>,
-    pub until: Option<DateTime<Utc>>,
-    pub provider_id: Option<i64>,
-    pub invoice_id: Option<i64>,
-    pub customer_id: Option<i64>,
-    pub limit: Option<i64>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub provider_id: Option<String>,
+    pub invoice_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub limit: Option<String>,
     pub cursor: Option<String>,
 }
 
+/// A query value that is not empty.
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// A query value parsed, naming the parameter when it does not parse.
+fn parsed<T: std::str::FromStr>(
+    value: &Option<String>,
+    name: &str,
+    what: &str,
+) -> Result<Option<T>, String> {
+    given(value)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| format!("{name} must be {what}, got {v:?}"))
+        })
+        .transpose()
+}
+
 impl ListQuery {
-    /// The store's filter (empty values mean "any", as an empty form field does).
-    pub(super) fn filter(&self) -> Filter {
-        let some = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
-        Filter {
-            kind: some(&self.kind),
-            state: some(&self.state),
-            command_id: some(&self.command_id),
-            since: self.since,
-            until: self.until,
-            provider_id: self.provider_id,
-            invoice_id: self.invoice_id,
-            customer_id: self.customer_id,
-            search: some(&self.q),
+    /// The store's filter, or why a parameter is wrong.
+    pub(super) fn filter(&self) -> Result<Filter, String> {
+        let time = "an RFC 3339 time such as 2026-12-01T00:00:00Z";
+        Ok(Filter {
+            kind: given(&self.kind).map(str::to_owned),
+            state: given(&self.state).map(str::to_owned),
+            command_id: given(&self.command_id).map(str::to_owned),
+            since: parsed::<DateTime<Utc>>(&self.since, "since", time)?,
+            until: parsed::<DateTime<Utc>>(&self.until, "until", time)?,
+            provider_id: parsed(&self.provider_id, "providerId", "a whole number")?,
+            invoice_id: parsed(&self.invoice_id, "invoiceId", "a whole number")?,
+            customer_id: parsed(&self.customer_id, "customerId", "a whole number")?,
+            search: given(&self.q).map(str::to_owned),
             ids: None,
-        }
+        })
+    }
+
+    /// The page size asked for, within 1 to [`MAX_PAGE`] (default 50).
+    pub(super) fn limit(&self) -> Result<i64, String> {
+        Ok(parsed::<i64>(&self.limit, "limit", "a whole number")?
+            .unwrap_or(50)
+            .clamp(1, MAX_PAGE))
+    }
+
+    /// The cursor, or why it is not one this API gave.
+    pub(super) fn cursor(&self) -> Result<Option<Cursor>, String> {
+        given(&self.cursor)
+            .map(|c| Cursor::decode(c).ok_or_else(|| "cursor is not one this API gave".to_owned()))
+            .transpose()
     }
 }
 
@@ -94,17 +128,15 @@ async fn list(
     State(console): State<Console>,
     Query(query): Query<ListQuery>,
 ) -> Response {
-    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    let cursor = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
-        None => None,
-        Some(text) => match Cursor::decode(text) {
-            Some(cursor) => Some(cursor),
-            None => return error(StatusCode::BAD_REQUEST, "cursor is not one this API gave"),
-        },
+    let (filter, limit, cursor) = match (query.filter(), query.limit(), query.cursor()) {
+        (Ok(filter), Ok(limit), Ok(cursor)) => (filter, limit, cursor),
+        (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => {
+            return error(StatusCode::BAD_REQUEST, &why);
+        }
     };
     let page = async {
         let mut conn = console.pool.get().await?;
-        store::page(&mut conn, &query.filter(), limit, cursor).await
+        store::page(&mut conn, &filter, limit, cursor).await
     };
     match page.await {
         Ok((items, next)) => Json(json!({
@@ -174,7 +206,10 @@ pub(super) async fn detail_json(console: &Console, id: i64) -> Result<Option<Val
         object.remove("text_headers");
     }
     let body = String::from_utf8(row.body.clone()).ok();
-    let body_json: Option<Value> = body.as_deref().and_then(|b| serde_json::from_str(b).ok());
+    // As raw JSON: parsed into numbers, an amount such as 3.00 would come out as 3.0.
+    let body_json: Option<Box<serde_json::value::RawValue>> = body
+        .as_deref()
+        .and_then(|b| serde_json::value::RawValue::from_string(b.to_owned()).ok());
     Ok(Some(json!({
         "id": row.id,
         "commandId": row.command_id,

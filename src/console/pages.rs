@@ -3,10 +3,10 @@
 //! HTML-escaped; no secret is ever rendered.
 
 use super::Console;
-use super::api::{self, ListQuery, MAX_PAGE};
+use super::api::{self, ListQuery};
 use super::auth::{COOKIE, Caller, Role, find};
 use crate::ops::dead_letters::known_kinds;
-use crate::store::dead_letters::{self as store, Cursor, STATES};
+use crate::store::dead_letters::{self as store, STATES};
 use crate::store::{audit, replay_runs};
 use axum::Router;
 use axum::extract::{Form, Path, Query, State};
@@ -341,9 +341,20 @@ async fn list(
     State(console): State<Console>,
     Query(query): Query<ListQuery>,
 ) -> Response {
-    let filter = query.filter();
-    let limit = query.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    let cursor = query.cursor.as_deref().and_then(Cursor::decode);
+    let (filter, limit, cursor) = match (query.filter(), query.limit(), query.cursor()) {
+        (Ok(filter), Ok(limit), Ok(cursor)) => (filter, limit, cursor),
+        (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => {
+            let html = format!(
+                "<h1>Dead letters</h1><p class=\"error\">{}</p><p><a href=\"/dead-letters\">Start again</a></p>",
+                esc(&why)
+            );
+            return (
+                StatusCode::BAD_REQUEST,
+                layout(&caller, "Dead letters", &html),
+            )
+                .into_response();
+        }
+    };
     let found = async {
         let mut conn = console.pool.get().await?;
         let page = store::page(&mut conn, &filter, limit, cursor).await?;
@@ -355,8 +366,6 @@ async fn list(
         Err(e) => return api::internal(e),
     };
     let text = |v: &Option<String>| esc(v.as_deref().unwrap_or(""));
-    let num = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
-    let time = |v: Option<DateTime<Utc>>| v.map(|t| t.to_rfc3339()).unwrap_or_default();
     let kinds = known_kinds();
     let mut html = format!(
         "<h1>Dead letters <small class=\"muted\" id=\"matching\">{matching} matching</small></h1>\
@@ -373,11 +382,11 @@ async fn list(
         kind = options(&kinds, query.kind.as_deref()),
         state = options(&STATES, query.state.as_deref()),
         q = text(&query.q),
-        provider = num(query.provider_id),
-        invoice = num(query.invoice_id),
-        customer = num(query.customer_id),
-        since = time(query.since),
-        until = time(query.until),
+        provider = text(&query.provider_id),
+        invoice = text(&query.invoice_id),
+        customer = text(&query.customer_id),
+        since = text(&query.since),
+        until = text(&query.until),
     );
     if caller.role == Role::Operator {
         let filter_json = esc(&serde_json::to_string(&filter).unwrap_or_default());
@@ -423,11 +432,8 @@ async fn list(
     }
     html.push_str("</table>");
     if let Some(next) = next {
-        let mut params: Vec<(String, String)> = serde_urlencoded::from_str(
-            &serde_urlencoded::to_string(FilterParams::of(&query)).unwrap_or_default(),
-        )
-        .unwrap_or_default();
-        params.push(("cursor".into(), next.encode()));
+        let mut params = filter_params(&query);
+        params.push(("cursor", next.encode()));
         let _ = write!(
             html,
             "<p><a id=\"next\" href=\"/dead-letters?{}\">Next page →</a></p>",
@@ -437,44 +443,80 @@ async fn list(
     layout(&caller, "Dead letters", &html).into_response()
 }
 
-/// The list's filters as query parameters, for the next page's link.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct FilterParams<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    kind: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    q: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    provider_id: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    invoice_id: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    customer_id: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    since: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    until: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    limit: Option<i64>,
+/// The list's filters as query parameters (without the cursor), for the next page's link.
+fn filter_params(query: &ListQuery) -> Vec<(&'static str, String)> {
+    [
+        ("kind", &query.kind),
+        ("state", &query.state),
+        ("q", &query.q),
+        ("commandId", &query.command_id),
+        ("since", &query.since),
+        ("until", &query.until),
+        ("providerId", &query.provider_id),
+        ("invoiceId", &query.invoice_id),
+        ("customerId", &query.customer_id),
+        ("limit", &query.limit),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| {
+        let value = value.as_deref().unwrap_or("").trim();
+        (!value.is_empty()).then(|| (name, value.to_owned()))
+    })
+    .collect()
 }
 
-impl<'a> FilterParams<'a> {
-    fn of(query: &'a ListQuery) -> Self {
-        Self {
-            kind: query.kind.as_deref().filter(|v| !v.is_empty()),
-            state: query.state.as_deref().filter(|v| !v.is_empty()),
-            q: query.q.as_deref().filter(|v| !v.is_empty()),
-            provider_id: query.provider_id,
-            invoice_id: query.invoice_id,
-            customer_id: query.customer_id,
-            since: query.since.map(|t| t.to_rfc3339()),
-            until: query.until.map(|t| t.to_rfc3339()),
-            limit: query.limit,
+/// JSON text re-indented, every token kept as written (numbers are never re-formatted, so an
+/// amount reads exactly as it was sent); `None` when it is not JSON.
+fn pretty_json(text: &str) -> Option<String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    let mut out = String::with_capacity(text.len() * 2);
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.push_str(&"  ".repeat(depth));
+    };
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                let empty = matches!(chars.clone().find(|c| !c.is_whitespace()), Some('}' | ']'));
+                if !empty {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                if !(out.ends_with('{') || out.ends_with('[')) {
+                    depth = depth.saturating_sub(1);
+                    newline(&mut out, depth);
+                }
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_whitespace() => {}
+            c => out.push(c),
         }
     }
+    Some(out)
 }
 
 fn field(html: &mut String, name: &str, value: &Value) {
@@ -561,12 +603,9 @@ async fn detail(caller: Caller, State(console): State<Console>, Path(id): Path<i
         &letter["original"]["headers"],
     )
     .unwrap_or_default()));
-    let body = match &letter["original"]["bodyJson"] {
-        Value::Null => letter["original"]["body"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("({} bytes, not UTF-8)", letter["original"]["bodyBytes"])),
-        json => serde_json::to_string_pretty(json).unwrap_or_default(),
+    let body = match letter["original"]["body"].as_str() {
+        Some(text) => pretty_json(text).unwrap_or_else(|| text.to_owned()),
+        None => format!("({} bytes, not UTF-8)", letter["original"]["bodyBytes"]),
     };
     let _ = write!(
         html,
@@ -688,4 +727,31 @@ async fn audit_page(caller: Caller, State(console): State<Console>) -> Response 
     }
     html.push_str("</table>");
     layout(&caller, "Audit", &html).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_indented_without_touching_a_digit() {
+        let body = r#"{"amountInMajorCurrency":3.00,"d":"a, {b}: \"c\"","e":[],"f":{"g":[1,2e3]}}"#;
+        let pretty = pretty_json(body).unwrap();
+        assert!(
+            pretty.contains("\"amountInMajorCurrency\": 3.00,"),
+            "{pretty}"
+        );
+        assert!(pretty.contains(r#""d": "a, {b}: \"c\"""#), "{pretty}");
+        assert!(pretty.contains("\"e\": []"), "{pretty}");
+        assert!(pretty.contains("2e3"), "{pretty}");
+        let compact: String = pretty.split_whitespace().collect();
+        let original: String = body.split_whitespace().collect();
+        assert_eq!(compact.replace(": ", ":"), original.replace(": ", ":"));
+        assert_eq!(pretty_json("not json"), None);
+    }
+
+    #[test]
+    fn markup_in_values_is_shown_not_run() {
+        assert_eq!(esc("<script>\"'&"), "&lt;script&gt;&quot;&#39;&amp;");
+    }
 }

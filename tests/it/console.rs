@@ -14,7 +14,7 @@ use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const DOCUMENT: &str = include_str!("../../src/contract/openapi.json");
-const OPERATOR: &str = "operator-token-for-the-console-tests";
+pub const OPERATOR: &str = "operator-token-for-the-console-tests";
 const VIEWER: &str = "viewer-token-for-the-console-tests";
 
 /// Validates `instance` against the document's component schema `name`.
@@ -122,7 +122,7 @@ async fn post(url: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
 }
 
 /// A worker whose provider rejects everything, and `n` dead letters of it in the store.
-async fn with_dead_letters(
+pub async fn with_dead_letters(
     n: usize,
     overrides: &[(&str, &str)],
 ) -> (TestEnv, MockServer, WorkerHandle) {

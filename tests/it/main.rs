@@ -3,6 +3,7 @@
 //! one module per behaviour.
 
 mod binary;
+mod browser;
 mod cli_flows;
 mod conflicts;
 mod console;
