@@ -48,7 +48,9 @@ pub async fn serve(
         );
     }
     let pool = store::pool(&settings.database)?;
-    crate::startup::migrate(&settings, &pool).await?;
+    if settings.database.run_migrations {
+        crate::startup::migrate(&settings, &pool).await?;
+    }
     let console = Console {
         settings: Arc::new(settings),
         pool,
