@@ -146,3 +146,154 @@ async fn every_dead_letter_is_stored_once_intact_even_when_the_ingester_is_kille
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_filter_selects_in_the_database_and_retention_removes_only_what_is_done() {
+    use diesel_async::RunQueryDsl;
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let mut conn = env.pool.get().await.unwrap();
+    // Six dead letters an hour apart: providers 1 and 2, customers 10 and 20.
+    let rows: Vec<store::NewDeadLetter> = (0..6)
+        .map(|i| store::NewDeadLetter {
+            dedup_key: format!("id:f-{i}"),
+            command_id: format!("f-{i}"),
+            kind: if i < 3 {
+                "validation"
+            } else {
+                "provider-rejected"
+            }
+            .into(),
+            error_message: "why".into(),
+            http_status: None,
+            attempts: Some(0),
+            error_body: None,
+            failed_at: chrono::Utc::now() - chrono::Duration::hours(i),
+            replay_count: 0,
+            payment_provider_id: Some(1 + i % 2),
+            invoice_id: Some(100 + i),
+            adhoc_invoice_id: None,
+            customer_id: Some(if i < 4 { 10 } else { 20 }),
+            description: Some(format!("Invoice 50%_{i}")),
+            email: Some(format!("Payer{i}@Example.com")),
+            trace_id: None,
+            original_exchange: "x".into(),
+            original_routing_key: "k".into(),
+            properties: serde_json::json!({}),
+            body: b"{}".to_vec(),
+            stored_with_changes: None,
+        })
+        .collect();
+    assert_eq!(store::insert_batch(&mut conn, &rows).await.unwrap(), 6);
+    assert_eq!(
+        store::insert_batch(&mut conn, &rows).await.unwrap(),
+        0,
+        "stored once"
+    );
+    let now = chrono::Utc::now();
+    let cases = [
+        (
+            Filter {
+                provider_id: Some(2),
+                ..Filter::default()
+            },
+            3,
+        ),
+        (
+            Filter {
+                customer_id: Some(20),
+                ..Filter::default()
+            },
+            2,
+        ),
+        (
+            Filter {
+                invoice_id: Some(103),
+                ..Filter::default()
+            },
+            1,
+        ),
+        (
+            Filter {
+                kind: Some("validation".into()),
+                ..Filter::default()
+            },
+            3,
+        ),
+        // Failed within the last 2.5 hours: f-0, f-1, f-2.
+        (
+            Filter {
+                since: Some(now - chrono::Duration::minutes(150)),
+                ..Filter::default()
+            },
+            3,
+        ),
+        (
+            Filter {
+                until: Some(now - chrono::Duration::minutes(150)),
+                ..Filter::default()
+            },
+            3,
+        ),
+        // Any case, and LIKE's wildcards taken literally.
+        (
+            Filter {
+                search: Some("payer4@example".into()),
+                ..Filter::default()
+            },
+            1,
+        ),
+        (
+            Filter {
+                search: Some("50%_".into()),
+                ..Filter::default()
+            },
+            6,
+        ),
+        (
+            Filter {
+                search: Some("5_%".into()),
+                ..Filter::default()
+            },
+            0,
+        ),
+        (
+            Filter {
+                ids: Some(vec![]),
+                ..Filter::default()
+            },
+            0,
+        ),
+    ];
+    for (filter, n) in cases {
+        assert_eq!(
+            store::count(&mut conn, &filter).await.unwrap(),
+            n,
+            "{filter:?}"
+        );
+    }
+
+    // Retention: archived and replayed ones past it go; open ones and recent ones stay.
+    let all = store::open_ids(&mut conn, &Filter::default())
+        .await
+        .unwrap();
+    store::archive(&mut conn, &all[..3]).await.unwrap();
+    diesel::sql_query(format!(
+        "UPDATE dead_letters SET state_changed_at = now() - interval '40 days' \
+         WHERE id IN ({}, {}, {})",
+        all[0], all[1], all[3]
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let removed = store::purge(&mut conn, chrono::Utc::now() - chrono::Duration::days(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        removed, 2,
+        "the two archived ones past retention; not the old open one"
+    );
+    assert_eq!(
+        store::count(&mut conn, &Filter::default()).await.unwrap(),
+        4
+    );
+}
