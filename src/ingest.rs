@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Most messages stored in one transaction.
 const BATCH: usize = 200;
+/// Most message bytes stored in one transaction: a flood of large dead letters is stored a few
+/// at a time, not a whole prefetch at once.
+const BATCH_BYTES: usize = 16 << 20;
 /// How long a batch waits to fill once its first message has arrived.
 const FILL: Duration = Duration::from_millis(50);
 /// Pause before trying again after the broker or the database failed.
@@ -81,7 +84,7 @@ async fn ingest(
     let connection = crate::broker::connect(&settings.broker, name).await?;
     let channel = connection.create_channel().await?;
     channel
-        .basic_qos(BATCH as u16 * 2, BasicQosOptions::default())
+        .basic_qos(BATCH as u16, BasicQosOptions::default())
         .await?;
     let mut consumer = channel
         .basic_consume(
@@ -99,11 +102,17 @@ async fn ingest(
         let Some(first) = first else {
             break Err(anyhow::anyhow!("the dead-letter consumer was cancelled"));
         };
-        let mut batch = vec![first?];
+        let first = first?;
+        let mut bytes = first.data.len();
+        let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + FILL;
-        while batch.len() < BATCH {
+        while batch.len() < BATCH && bytes < BATCH_BYTES {
             match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(Some(delivery)) => batch.push(delivery?),
+                Ok(Some(delivery)) => {
+                    let delivery = delivery?;
+                    bytes += delivery.data.len();
+                    batch.push(delivery);
+                }
                 Ok(None) | Err(_) => break,
             }
         }

@@ -297,3 +297,126 @@ async fn every_filter_selects_in_the_database_and_retention_removes_only_what_is
         4
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_dead_letters_are_stored_beside_good_ones_without_stalling_ingestion() {
+    let env = TestEnv::with("http://127.0.0.1:9", &[INGEST]).await;
+    let good = |i: usize| dead_letter(&env, i, Some(&format!("good-{i}")));
+    let hostile = |name: &str, edit: &dyn Fn(&mut OutboundMessage)| {
+        let mut message = dead_letter(&env, 900, Some(name));
+        message.properties = message.properties.with_message_id(name.into());
+        edit(&mut message);
+        message
+    };
+    let headers_with = |message: &OutboundMessage, name: &str, value: AMQPValue| {
+        let mut headers = message.properties.headers().clone().unwrap_or_default();
+        headers.insert(name.into(), value);
+        message.properties.clone().with_headers(headers)
+    };
+    let evil: Vec<OutboundMessage> = vec![
+        hostile("nul-in-id", &|m| {
+            m.properties = m.properties.clone().with_message_id("a\0b".into())
+        }),
+        hostile("nul-header-name", &|m| {
+            m.properties = headers_with(m, "x-\0name", text("v"))
+        }),
+        hostile("nul-in-kind", &|m| {
+            m.properties = headers_with(m, "x-error-kind", text("bad\0kind"))
+        }),
+        hostile("binary-body", &|m| m.body = vec![0xff, 0x00, 0xfe, 0x80]),
+        hostile("json-with-nul", &|m| {
+            m.body = br#"{"description":"a\u0000b","invoiceId":1e400}"#.to_vec()
+        }),
+        hostile("huge-message-header", &|m| {
+            m.properties = headers_with(m, "x-error-message", text(&"é".repeat(30_000)))
+        }),
+        hostile("bad-failed-at", &|m| {
+            m.properties = headers_with(m, "x-failed-at", text("year 99999"))
+        }),
+        hostile("nul-routing-key", &|m| m.routing_key = "a\0b".into()),
+    ];
+    let mut all: Vec<OutboundMessage> = Vec::new();
+    for (i, bad) in evil.iter().enumerate() {
+        all.push(good(2 * i));
+        all.push(bad.clone());
+        all.push(good(2 * i + 1));
+    }
+    for message in &all {
+        publish_confirmed(&env.channel, message)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the broker takes {:?}: {e}",
+                    message.properties.message_id()
+                )
+            });
+    }
+    let _worker = env.start_worker().await;
+    stored(&env, &Filter::default(), all.len() as i64).await;
+    eventually("the dead-letter queue emptied", WAIT, || async {
+        (env.queue_depth(&env.dead_letter_queue()).await == 0).then_some(())
+    })
+    .await;
+
+    // The good ones are intact; each hostile one is there, saying what could not be kept.
+    let mut conn = env.pool.get().await.unwrap();
+    for i in 0..2 * evil.len() {
+        let (page, _) = store::page(
+            &mut conn,
+            &Filter {
+                command_id: Some(format!("ingest-{i}")),
+                ..Filter::default()
+            },
+            1,
+            None,
+        )
+        .await
+        .unwrap();
+        let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
+        assert_eq!((row.body, row.stored_with_changes), (good(i).body, None));
+    }
+    let changed = |id: &str| {
+        let id = id.to_owned();
+        let pool = env.pool.clone();
+        async move {
+            let mut conn = pool.get().await.unwrap();
+            let (page, _) = store::page(
+                &mut conn,
+                &Filter {
+                    search: Some(id),
+                    ..Filter::default()
+                },
+                1,
+                None,
+            )
+            .await
+            .unwrap();
+            store::get(&mut conn, page[0].id).await.unwrap().unwrap().0
+        }
+    };
+    // (A NaN header never gets this far: RabbitMQ closes the connection that sends one. The
+    // ingester's unit tests cover it.)
+    let nul_name = changed("nul-header-name").await;
+    assert!(nul_name.stored_with_changes.unwrap().contains("dropped"));
+    let nul_id = changed("a\u{FFFD}b").await;
+    assert!(nul_id.stored_with_changes.unwrap().contains("NUL"));
+    let binary = changed("binary-body").await;
+    assert_eq!(
+        binary.body,
+        vec![0xff, 0x00, 0xfe, 0x80],
+        "bytes kept exactly"
+    );
+    let huge = changed("huge-message-header").await;
+    assert!(
+        huge.error_message.len() <= 4100,
+        "bounded column: {}",
+        huge.error_message.len()
+    );
+    let kind = changed("nul-in-kind").await;
+    assert!(!kind.kind.contains('\0'));
+    let late = changed("bad-failed-at").await;
+    assert!(
+        (chrono::Utc::now() - late.failed_at).num_minutes() < 5,
+        "an unreadable time becomes the ingestion time"
+    );
+}
