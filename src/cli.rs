@@ -65,8 +65,8 @@ pub enum DeadLetterCommands {
         /// Show what would be replayed; change nothing (the run is still recorded).
         #[arg(long)]
         dry_run: bool,
-        /// At most this many replays per second.
-        #[arg(long)]
+        /// At most this many replays per second (at least 0.1).
+        #[arg(long, value_parser = replay_rate)]
         rate: Option<f64>,
         /// Replay even dead letters whose first provider call is older than
         /// provider.idempotency_window_hours (the provider may create a second link).
@@ -139,6 +139,14 @@ impl SelectArgs {
             search: self.search.clone(),
             ids: None,
         }
+    }
+}
+
+/// A replay rate: at least 0.1 a second, so a job never looks stalled to the console.
+fn replay_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.1 => Ok(rate),
+        _ => Err(format!("{text:?} is not a rate of at least 0.1 a second")),
     }
 }
 

@@ -120,6 +120,10 @@ impl ListQuery {
     }
 }
 
+/// The slowest replay rate: a job advances at least every 10 s, well within the time after which
+/// another console takes a job over.
+const MIN_RATE: f64 = 0.1;
+
 /// Most rows in one page.
 pub(super) const MAX_PAGE: i64 = 500;
 
@@ -307,8 +311,14 @@ async fn replay(
     let Some(filter) = target.filter() else {
         return error(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET);
     };
-    if target.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "rate must be above 0");
+    if target
+        .rate
+        .is_some_and(|r| !(r >= MIN_RATE && r.is_finite()))
+    {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rate must be at least 0.1 a second (a slower job would look stalled)",
+        );
     }
     let request = ReplayRequest {
         filter,

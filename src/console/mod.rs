@@ -31,7 +31,31 @@ pub struct Console {
 
 /// The routes: pages at `/`, the JSON API under `/api/`.
 pub fn router(console: Console) -> Router {
-    api::routes().merge(pages::routes()).with_state(console)
+    api::routes()
+        .merge(pages::routes())
+        .with_state(console)
+        .layer(axum::middleware::map_response(secure))
+}
+
+/// What every answer tells the browser: no framing by another site (clickjacking), scripts and
+/// styles only from the page itself, no referrer leaving the console, no caching of data.
+async fn secure(mut response: axum::response::Response) -> axum::response::Response {
+    use axum::http::HeaderValue;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-frame-options", "DENY"),
+        (
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'",
+        ),
+        ("referrer-policy", "no-referrer"),
+        ("x-content-type-options", "nosniff"),
+        ("cache-control", "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// Serves the console on `listener` until `stop` fires; resumes stalled replay jobs meanwhile.

@@ -265,6 +265,14 @@ async fn the_api_answers_as_documented_and_only_operators_act() {
     .await;
     assert_eq!(status, 422, "{why}");
 
+    let (status, why) = post(
+        &format!("{api}/replays"),
+        Some(OPERATOR),
+        &json!({"ids": [one], "rate": 0.001}),
+    )
+    .await;
+    assert_eq!(status, 422, "a job that slow would look stalled: {why}");
+
     // The operator replays one, after the provider is fixed; the job reaches its end.
     provider.reset().await;
     answer_with_link(&provider, 201, 9, "3.00", 503).await;
@@ -480,6 +488,17 @@ async fn a_browser_session_needs_its_csrf_token_and_a_stopped_job_is_finished_by
         .send()
         .await
         .unwrap();
+    assert_eq!(
+        page.headers()["x-frame-options"],
+        "DENY",
+        "no framing by another site"
+    );
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
     let html = page.text().await.unwrap();
     assert!(html.contains("40 matching"), "{html}");
     assert!(!html.contains(OPERATOR), "no secret is rendered");
