@@ -229,3 +229,37 @@ async fn migrate_says_what_it_applied_then_that_the_schema_is_up_to_date() {
     assert_eq!(first.trim(), format!("applied {migrations} migration(s)"));
     assert_eq!(second.trim(), "the database schema is up to date");
 }
+
+#[test]
+fn the_console_refuses_to_start_without_operators_or_with_a_guessable_token() {
+    let none = stderr_of(
+        worker()
+            .arg("console")
+            .env_remove("CONSOLE_OPERATOR_TOKEN")
+            .env("PAYMENT_LINK_WORKER__CONSOLE__LISTEN", "127.0.0.1:0"),
+    );
+    assert!(
+        none.contains("CONSOLE_OPERATOR_TOKEN") && none.contains("[[console.operators]]"),
+        "{none}"
+    );
+    let short = stderr_of(
+        worker()
+            .arg("console")
+            .env("CONSOLE_OPERATOR_TOKEN", "secret")
+            .env("PAYMENT_LINK_WORKER__CONSOLE__LISTEN", "127.0.0.1:0"),
+    );
+    assert!(short.contains("shorter than 16"), "{short}");
+    assert!(
+        !short.contains("secret\n") && !short.contains("\"secret\""),
+        "{short}"
+    );
+    let role = stderr_of(
+        worker()
+            .arg("console")
+            .env("PAYMENT_LINK_WORKER__CONSOLE__JOB_STALLED_AFTER_MS", "1"),
+    );
+    assert!(
+        stalled.contains("console.job_stalled_after_ms"),
+        "{stalled}"
+    );
+}
