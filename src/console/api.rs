@@ -112,6 +112,11 @@ impl ListQuery {
             .clamp(1, MAX_PAGE))
     }
 
+    /// The filter, page size and cursor together, or why one of them is wrong.
+    pub(super) fn parts(&self) -> Result<(Filter, i64, Option<Cursor>), String> {
+        Ok((self.filter()?, self.limit()?, self.cursor()?))
+    }
+
     /// The cursor, or why it is not one this API gave.
     pub(super) fn cursor(&self) -> Result<Option<Cursor>, String> {
         given(&self.cursor)
@@ -132,11 +137,9 @@ async fn list(
     State(console): State<Console>,
     Query(query): Query<ListQuery>,
 ) -> Response {
-    let (filter, limit, cursor) = match (query.filter(), query.limit(), query.cursor()) {
-        (Ok(filter), Ok(limit), Ok(cursor)) => (filter, limit, cursor),
-        (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => {
-            return error(StatusCode::BAD_REQUEST, &why);
-        }
+    let (filter, limit, cursor) = match query.parts() {
+        Ok(parts) => parts,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
     let page = async {
         let mut conn = console.pool.get().await?;
@@ -291,8 +294,23 @@ impl Target {
 /// Why an action's body names no dead letters, or names them twice.
 const ONE_TARGET: &str = "give either \"ids\" or \"filter\"";
 
-fn bad_json(rejection: axum::extract::rejection::JsonRejection) -> Response {
-    error(StatusCode::UNPROCESSABLE_ENTITY, &rejection.body_text())
+/// An action's request, checked: the caller may act (an operator, with the session's CSRF token
+/// from a browser), and the body names its dead letters once.
+fn action(
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: Result<Json<Target>, axum::extract::rejection::JsonRejection>,
+) -> Result<(Target, Filter), Box<Response>> {
+    let refuse = |status: StatusCode, why: &str| Box::new(error(status, why));
+    caller
+        .may_act(headers)
+        .map_err(|refusal| Box::new(refusal.into_response()))?;
+    let Json(target) =
+        body.map_err(|rejection| refuse(StatusCode::UNPROCESSABLE_ENTITY, &rejection.body_text()))?;
+    let filter = target
+        .filter()
+        .ok_or_else(|| refuse(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET))?;
+    Ok((target, filter))
 }
 
 async fn replay(
@@ -301,15 +319,9 @@ async fn replay(
     headers: HeaderMap,
     body: Result<Json<Target>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(refusal) = caller.may_act(&headers) {
-        return refusal.into_response();
-    }
-    let Json(target) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_json(rejection),
-    };
-    let Some(filter) = target.filter() else {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET);
+    let (target, filter) = match action(&caller, &headers, body) {
+        Ok(action) => action,
+        Err(refused) => return *refused,
     };
     if target
         .rate
@@ -418,15 +430,9 @@ async fn archive(
     headers: HeaderMap,
     body: Result<Json<Target>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(refusal) = caller.may_act(&headers) {
-        return refusal.into_response();
-    }
-    let Json(target) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_json(rejection),
-    };
-    let Some(filter) = target.filter() else {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET);
+    let (target, filter) = match action(&caller, &headers, body) {
+        Ok(action) => action,
+        Err(refused) => return *refused,
     };
     let archived = async {
         let mut conn = console.pool.get().await?;

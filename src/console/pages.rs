@@ -341,9 +341,9 @@ async fn list(
     State(console): State<Console>,
     Query(query): Query<ListQuery>,
 ) -> Response {
-    let (filter, limit, cursor) = match (query.filter(), query.limit(), query.cursor()) {
-        (Ok(filter), Ok(limit), Ok(cursor)) => (filter, limit, cursor),
-        (Err(why), _, _) | (_, Err(why), _) | (_, _, Err(why)) => {
+    let (filter, limit, cursor) = match query.parts() {
+        Ok(parts) => parts,
+        Err(why) => {
             let html = format!(
                 "<h1>Dead letters</h1><p class=\"error\">{}</p><p><a href=\"/dead-letters\">Start again</a></p>",
                 esc(&why)

@@ -253,7 +253,7 @@ fn the_console_refuses_to_start_without_operators_or_with_a_guessable_token() {
         !short.contains("secret\n") && !short.contains("\"secret\""),
         "{short}"
     );
-    let role = stderr_of(
+    let stalled = stderr_of(
         worker()
             .arg("console")
             .env("PAYMENT_LINK_WORKER__CONSOLE__JOB_STALLED_AFTER_MS", "1"),
