@@ -94,30 +94,35 @@ async fn ingest(
             FieldTable::default(),
         )
         .await?;
-    let ended = loop {
-        let first = tokio::select! {
-            () = stop.cancelled() => break Ok(()),
-            next = consumer.next() => next,
-        };
-        let Some(first) = first else {
-            break Err(anyhow::anyhow!("the dead-letter consumer was cancelled"));
-        };
-        let first = first?;
-        let mut bytes = first.data.len();
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + FILL;
-        while batch.len() < BATCH && bytes < BATCH_BYTES {
-            match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(Some(delivery)) => {
-                    let delivery = delivery?;
-                    bytes += delivery.data.len();
-                    batch.push(delivery);
+    // Whatever ends the loop (a stop, a broker or database error), the connection is closed, so
+    // the broker hands what this ingester had not acked to the next one at once.
+    let ended = async {
+        loop {
+            let first = tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                next = consumer.next() => next,
+            };
+            let Some(first) = first else {
+                anyhow::bail!("the dead-letter consumer was cancelled");
+            };
+            let first = first?;
+            let mut bytes = first.data.len();
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + FILL;
+            while batch.len() < BATCH && bytes < BATCH_BYTES {
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(Some(delivery)) => {
+                        let delivery = delivery?;
+                        bytes += delivery.data.len();
+                        batch.push(delivery);
+                    }
+                    Ok(None) | Err(_) => break,
                 }
-                Ok(None) | Err(_) => break,
             }
+            store_then_ack(settings, pool, &channel, &batch, stop).await?;
         }
-        store_then_ack(settings, pool, &channel, &batch, stop).await?;
-    };
+    }
+    .await;
     let _ = connection.close(200, "ingester stopping".into()).await;
     ended
 }

@@ -189,7 +189,7 @@ pub async fn start(
         ids.truncate(limit);
     }
     let window = Duration::from_secs(settings.provider.idempotency_window_hours * 3600);
-    let at_risk = store::at_duplicate_risk(conn, &ids, window).await?;
+    let mut at_risk = store::at_duplicate_risk(conn, &ids, window).await?;
     if !at_risk.is_empty() && !request.accept_duplicate_risk && !request.dry_run {
         return Err(ReplayError::DuplicateRisk {
             count: at_risk.len(),
@@ -215,6 +215,11 @@ pub async fn start(
         },
     )
     .await?;
+    if !request.dry_run {
+        // What another run took meanwhile is not this run's: it works on what it reserved.
+        ids = store::reserve(conn, &ids, run_id).await?;
+        ids.sort_unstable();
+    }
     let selected = store::summaries(conn, &ids).await?;
     let fail_again = selected
         .iter()
@@ -222,7 +227,7 @@ pub async fn start(
         .map(|s| s.id)
         .collect();
     let command_ids: Vec<String> = selected.iter().map(|s| s.command_id.clone()).collect();
-    replay_runs::set_commands(conn, run_id, &command_ids).await?;
+    replay_runs::set_selection(conn, run_id, &command_ids).await?;
     if request.dry_run {
         let counts = replay_runs::RunCounts {
             selected: ids.len() as i32,
@@ -232,8 +237,6 @@ pub async fn start(
             left: store::count(conn, &open()).await? as i32,
         };
         replay_runs::finish(conn, run_id, counts).await?;
-    } else {
-        store::reserve(conn, &ids, run_id).await?;
     }
     audit::record(
         conn,
@@ -248,6 +251,7 @@ pub async fn start(
         },
     )
     .await?;
+    at_risk.retain(|id| ids.binary_search(id).is_ok());
     Ok(Started {
         run_id,
         ids,

@@ -438,10 +438,10 @@ pub async fn at_duplicate_risk(
         .await?)
 }
 
-/// Reserves the open ones of `ids` for the replay run `run_id` (state `replaying`); returns how
-/// many. A run works through its reserved rows, so a run stopped midway can be resumed, and two
+/// Reserves the open ones of `ids` for the replay run `run_id` (state `replaying`); returns their
+/// ids. A run works through its reserved rows, so a run stopped midway can be resumed, and two
 /// runs never take the same dead letter.
-pub async fn reserve(conn: &mut PgConn, ids: &[i64], run_id: i64) -> Result<usize, StoreError> {
+pub async fn reserve(conn: &mut PgConn, ids: &[i64], run_id: i64) -> Result<Vec<i64>, StoreError> {
     Ok(diesel::update(
         d::dead_letters
             .filter(d::id.eq_any(ids))
@@ -452,7 +452,8 @@ pub async fn reserve(conn: &mut PgConn, ids: &[i64], run_id: i64) -> Result<usiz
         d::replay_run_id.eq(run_id),
         d::state_changed_at.eq(Utc::now()),
     ))
-    .execute(conn)
+    .returning(d::id)
+    .get_results(conn)
     .await?)
 }
 

@@ -91,14 +91,17 @@ pub async fn start(conn: &mut PgConn, run: &NewReplayRun) -> Result<i64, StoreEr
         .await?)
 }
 
-/// Records the command ids the run selected.
-pub async fn set_commands(
+/// Records the command ids the run took, and how many they are.
+pub async fn set_selection(
     conn: &mut PgConn,
     run_id: i64,
     command_ids: &[String],
 ) -> Result<(), StoreError> {
     diesel::update(r::replay_runs.find(run_id))
-        .set(r::command_ids.eq(command_ids))
+        .set((
+            r::command_ids.eq(command_ids),
+            r::total.eq(command_ids.len() as i32),
+        ))
         .execute(conn)
         .await?;
     Ok(())
