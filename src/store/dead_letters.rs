@@ -173,12 +173,12 @@ impl Filter {
             query = query.filter(d::customer_id.eq(id));
         }
         if let Some(text) = self.search.as_deref().filter(|t| !t.is_empty()) {
+            // Lower-cased by PostgreSQL on both sides, so case folds the same way.
             let pattern = format!("%{}%", like_escaped(text));
             query = query.filter(
-                d::command_id
-                    .ilike(pattern.clone())
-                    .or(d::description.ilike(pattern.clone()))
-                    .or(d::email.ilike(pattern)),
+                diesel::dsl::sql::<diesel::sql_types::Bool>("search_text LIKE lower(")
+                    .bind::<diesel::sql_types::Text, _>(pattern)
+                    .sql(")"),
             );
         }
         if let Some(ids) = &self.ids {

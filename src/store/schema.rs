@@ -121,6 +121,7 @@ diesel::table! {
         properties -> Jsonb,
         body -> Bytea,
         stored_with_changes -> Nullable<Text>,
+        search_text -> Text,
     }
 }
 
