@@ -176,24 +176,6 @@ pub async fn find(conn: &mut PgConn, run_id: i64) -> Result<Option<ReplayRun>, S
         .optional()?)
 }
 
-/// Adds to a running run's progress.
-pub async fn progress(
-    conn: &mut PgConn,
-    run_id: i64,
-    replayed: i32,
-    failed: i32,
-) -> Result<(), StoreError> {
-    diesel::update(r::replay_runs.find(run_id))
-        .set((
-            r::replayed.eq(r::replayed + replayed),
-            r::failed.eq(r::failed + failed),
-            r::updated_at.eq(Utc::now()),
-        ))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// Takes over a running run nobody has advanced for `idle` (its process stopped midway), so
 /// exactly one process resumes it; returns whether this one did.
 pub async fn take_over(
