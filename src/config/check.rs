@@ -178,8 +178,9 @@ impl Settings {
         {
             return fail("console.listen", "must be an address like 127.0.0.1:8088");
         }
-        if self.console.job_stalled_after_ms < 100 {
-            return fail("console.job_stalled_after_ms", "must be at least 100");
+        // A job records its progress at least once a second (see ops::dead_letters::work).
+        if self.console.job_stalled_after_ms < 2000 {
+            return fail("console.job_stalled_after_ms", "must be at least 2000");
         }
         for (i, operator) in self.console.operators.iter().enumerate() {
             let key = format!("console.operators[{i}]");

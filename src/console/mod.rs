@@ -26,6 +26,8 @@ pub struct Console {
     pool: PgPool,
     operators: Arc<Vec<Operator>>,
     sessions: auth::Sessions,
+    /// The jobs this console is running, which it never takes over from itself.
+    running: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
     stop: CancellationToken,
 }
 
@@ -80,6 +82,7 @@ pub async fn serve(
         pool,
         operators: Arc::new(operators),
         sessions: auth::Sessions::default(),
+        running: Arc::default(),
         stop: stop.clone(),
     };
     tokio::spawn(resume_stalled_jobs(console.clone()));
@@ -93,6 +96,9 @@ pub async fn serve(
 /// Runs a replay job in the background until it ends (or the console stops; the job is then
 /// resumed by the next console that sees it stalled).
 fn spawn_job(console: &Console, run_id: i64, rate: Option<f64>) {
+    if !console.running.lock().expect("jobs lock").insert(run_id) {
+        return;
+    }
     let console = console.clone();
     tokio::spawn(async move {
         let worked = async {
@@ -108,6 +114,7 @@ fn spawn_job(console: &Console, run_id: i64, rate: Option<f64>) {
                     "replay job stopped; it resumes once seen stalled"),
             }
         }
+        console.running.lock().expect("jobs lock").remove(&run_id);
     });
 }
 
@@ -125,7 +132,8 @@ async fn resume_stalled_jobs(console: Console) {
             let mut conn = console.pool.get().await?;
             let mut taken = Vec::new();
             for run_id in replay_runs::stalled(&mut conn, stalled).await? {
-                if replay_runs::take_over(&mut conn, run_id, stalled).await? {
+                let ours = console.running.lock().expect("jobs lock").contains(&run_id);
+                if !ours && replay_runs::take_over(&mut conn, run_id, stalled).await? {
                     let rate = replay_runs::find(&mut conn, run_id)
                         .await?
                         .and_then(|r| r.rate_per_second);

@@ -301,7 +301,8 @@ pub async fn work(
     let pause = rate
         .filter(|r| *r > 0.0 && r.is_finite())
         .map(|r| Duration::from_secs_f64(1.0 / r));
-    // With a rate limit, small batches keep the recorded progress close to the real one.
+    // With a rate limit, a batch is about a second of publishing: the recorded progress stays
+    // close to the real one, and a console never sees a job that is going as stalled.
     let batch = pause.map_or(BATCH, |p| {
         (1.0 / p.as_secs_f64()).clamp(1.0, BATCH as f64) as i64
     });

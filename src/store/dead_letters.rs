@@ -477,45 +477,61 @@ pub async fn next_reserved(
 
 /// Records replays' outcomes in one transaction, with the run's progress: `replayed` where the
 /// broker confirmed the copy; otherwise the dead letter is open again and its history says why.
+/// Only rows the run still holds (`replaying`) are recorded, so a dead letter published twice
+/// (a job resumed by another console while its first one was still going) is counted once.
+/// Returns how many outcomes were recorded.
 pub async fn record_replays(
     conn: &mut PgConn,
     run_id: i64,
     outcomes: &[(i64, Result<(), String>)],
-) -> Result<(), StoreError> {
+) -> Result<usize, StoreError> {
     use super::schema::replay_runs::dsl as runs;
     let now = Utc::now();
-    let replayed: Vec<i64> = outcomes
-        .iter()
-        .filter(|(_, o)| o.is_ok())
-        .map(|(id, _)| *id)
-        .collect();
-    let failed: Vec<i64> = outcomes
-        .iter()
-        .filter(|(_, o)| o.is_err())
-        .map(|(id, _)| *id)
-        .collect();
-    let history: Vec<_> = outcomes
-        .iter()
-        .map(|(id, outcome)| {
-            (
-                r::dead_letter_id.eq(*id),
-                r::run_id.eq(run_id),
-                r::outcome.eq(match outcome {
-                    Ok(()) => "replayed".to_owned(),
-                    Err(why) => format!("not replayed: {why}"),
-                }),
-            )
-        })
-        .collect();
+    let ids = |ok: bool| -> Vec<i64> {
+        outcomes
+            .iter()
+            .filter(|(_, o)| o.is_ok() == ok)
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let (replayed, failed) = (ids(true), ids(false));
     conn.transaction::<_, StoreError, _>(async move |conn| {
-        for (ids, state) in [(&replayed, REPLAYED), (&failed, OPEN)] {
-            if !ids.is_empty() {
-                diesel::update(d::dead_letters.filter(d::id.eq_any(ids)))
-                    .set((d::state.eq(state), d::state_changed_at.eq(now)))
-                    .execute(&mut *conn)
-                    .await?;
+        let mut recorded = Vec::with_capacity(outcomes.len());
+        let mut counts = [0i32; 2];
+        for (i, (ids, state)) in [(&replayed, REPLAYED), (&failed, OPEN)]
+            .into_iter()
+            .enumerate()
+        {
+            if ids.is_empty() {
+                continue;
             }
+            let held: Vec<i64> = diesel::update(
+                d::dead_letters
+                    .filter(d::id.eq_any(ids))
+                    .filter(d::state.eq(REPLAYING))
+                    .filter(d::replay_run_id.eq(run_id)),
+            )
+            .set((d::state.eq(state), d::state_changed_at.eq(now)))
+            .returning(d::id)
+            .get_results(&mut *conn)
+            .await?;
+            counts[i] = held.len() as i32;
+            recorded.extend(held);
         }
+        let history: Vec<_> = outcomes
+            .iter()
+            .filter(|(id, _)| recorded.contains(id))
+            .map(|(id, outcome)| {
+                (
+                    r::dead_letter_id.eq(*id),
+                    r::run_id.eq(run_id),
+                    r::outcome.eq(match outcome {
+                        Ok(()) => "replayed".to_owned(),
+                        Err(why) => format!("not replayed: {why}"),
+                    }),
+                )
+            })
+            .collect();
         if !history.is_empty() {
             diesel::insert_into(r::dead_letter_replays)
                 .values(&history)
@@ -524,13 +540,13 @@ pub async fn record_replays(
         }
         diesel::update(runs::replay_runs.find(run_id))
             .set((
-                runs::replayed.eq(runs::replayed + replayed.len() as i32),
-                runs::failed.eq(runs::failed + failed.len() as i32),
+                runs::replayed.eq(runs::replayed + counts[0]),
+                runs::failed.eq(runs::failed + counts[1]),
                 runs::updated_at.eq(now),
             ))
             .execute(&mut *conn)
             .await?;
-        Ok(())
+        Ok(recorded.len())
     })
     .await
 }

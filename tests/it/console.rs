@@ -454,7 +454,7 @@ async fn sign_in(base: &str, token: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_browser_session_needs_its_csrf_token_and_a_stopped_job_is_finished_by_another_console() {
     let (env, provider, _worker) =
-        with_dead_letters(40, &[("CONSOLE__JOB_STALLED_AFTER_MS", "500")]).await;
+        with_dead_letters(40, &[("CONSOLE__JOB_STALLED_AFTER_MS", "2000")]).await;
     provider.reset().await;
     answer_with_link(&provider, 201, 5, "3.00", 1).await;
     let events = env.capture_events().await;
