@@ -5,7 +5,7 @@
 //! its reserved rows. Every action is recorded in the audit log.
 
 use crate::broker::messages::{self, OutboundMessage, properties_from_json};
-use crate::broker::publisher::{confirm_channel, publish_confirmed};
+use crate::broker::publisher::{PublishError, confirm_channel, publish_confirmed};
 use crate::broker::{self};
 use crate::config::Settings;
 use crate::errors::ErrorKind;
@@ -306,13 +306,14 @@ pub async fn work(
     let batch = pause.map_or(BATCH, |p| {
         (1.0 / p.as_secs_f64()).clamp(1.0, BATCH as f64) as i64
     });
+    let timeout = Duration::from_millis(settings.broker.publish_timeout_ms);
     let mut worked = Worked::default();
     let mut after = 0;
     loop {
         let letters = store::next_reserved(conn, run_id, after, batch).await?;
         let Some(last) = letters.last() else { break };
         after = last.id;
-        let outcomes = publish_batch(&channel, &letters, pause).await;
+        let outcomes = publish_batch(&channel, &letters, pause, timeout).await;
         for (id, outcome) in &outcomes {
             match outcome {
                 Ok(()) => worked.replayed.push(*id),
@@ -324,8 +325,12 @@ pub async fn work(
         }
         store::record_replays(conn, run_id, &outcomes).await?;
     }
-    let _ = channel.close(200, "replay done".into()).await;
-    let _ = connection.close(200, "replay done".into()).await;
+    // Bounded too: a blocked connection cannot even send its close; the broker drops it later.
+    let closing = async {
+        let _ = channel.close(200, "replay done".into()).await;
+        let _ = connection.close(200, "replay done".into()).await;
+    };
+    let _ = tokio::time::timeout(timeout, closing).await;
     worked.left = store::count(conn, &open()).await?;
     let run = replay_runs::find(conn, run_id).await?;
     let counts = replay_runs::RunCounts {
@@ -345,15 +350,21 @@ async fn publish_batch(
     channel: &Channel,
     letters: &[Stored],
     pause: Option<Duration>,
+    timeout: Duration,
 ) -> Vec<(i64, Result<(), String>)> {
     let publish = |letter: &Stored| {
         let copy = replay_of(letter);
         let id = letter.id;
         async move {
             let outcome = match copy {
-                Ok(copy) => publish_confirmed(channel, &copy)
-                    .await
-                    .map_err(|e| e.to_string()),
+                // Bounded: a broker that blocks publishers (an alarm) fails the batch, whose
+                // dead letters are open again, rather than holding the job forever.
+                Ok(copy) => {
+                    match tokio::time::timeout(timeout, publish_confirmed(channel, &copy)).await {
+                        Ok(confirmed) => confirmed.map_err(|e| e.to_string()),
+                        Err(_) => Err(PublishError::TimedOut(timeout).to_string()),
+                    }
+                }
                 Err(why) => Err(why),
             };
             (id, outcome)

@@ -527,7 +527,8 @@ pub async fn record_replays(
                     r::run_id.eq(run_id),
                     r::outcome.eq(match outcome {
                         Ok(()) => "replayed".to_owned(),
-                        Err(why) => format!("not replayed: {why}"),
+                        // Unconfirmed is not undelivered: the copy may still reach the queue.
+                        Err(why) => format!("not confirmed, open again: {why}"),
                     }),
                 )
             })

@@ -811,3 +811,80 @@ async fn broker_alarm_then_sigterm_exits_in_bounded_time_and_a_restart_loses_not
     assert_clean_end(&env, &ids, &sim_url, Repeats::None).await;
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_again() {
+    use payment_link_worker::ops::dead_letters::{self as ops, ReplayRequest};
+    use payment_link_worker::store::dead_letters::{self as store, Filter};
+    let env = TestEnv::with(
+        "http://127.0.0.1:9",
+        &[("BROKER__PUBLISH_TIMEOUT_MS", "1000")],
+    )
+    .await;
+    let mut conn = env.pool.get().await.unwrap();
+    let rows: Vec<store::NewDeadLetter> = (0..3)
+        .map(|i| store::NewDeadLetter {
+            dedup_key: format!("id:alarm-{i}"),
+            command_id: format!("alarm-replay-{i}"),
+            kind: "retries-exhausted".into(),
+            error_message: "provider down".into(),
+            http_status: Some(503),
+            attempts: Some(3),
+            error_body: None,
+            failed_at: chrono::Utc::now(),
+            replay_count: 0,
+            payment_provider_id: Some(1),
+            invoice_id: None,
+            adhoc_invoice_id: None,
+            customer_id: None,
+            description: None,
+            email: None,
+            trace_id: None,
+            original_exchange: env.settings.broker.command_exchange.clone(),
+            original_routing_key: env.settings.broker.command_routing_key.clone(),
+            properties: payment_link_worker::broker::messages::properties_to_json(
+                &command_properties(&format!("alarm-replay-{i}")),
+            ),
+            body: command_body("1.00", i).into_bytes(),
+            stored_with_changes: None,
+        })
+        .collect();
+    store::insert_batch(&mut conn, &rows).await.unwrap();
+    let request = ReplayRequest {
+        filter: Filter::default(),
+        limit: None,
+        dry_run: false,
+        rate: None,
+        accept_duplicate_risk: false,
+        requested_by: "alarm-test".into(),
+        source: "cli".into(),
+    };
+    let started = ops::start(&env.settings, &mut conn, &request)
+        .await
+        .unwrap();
+    let alarm = BrokerAlarm::prepare(Resource::Memory);
+    alarm.raise();
+    // The replay's connection opens (the broker blocks only publishers), its publishes get no
+    // confirm, and the run ends within its timeouts instead of waiting for the alarm to clear.
+    let worked = tokio::time::timeout(
+        Duration::from_secs(30),
+        ops::work(&env.settings, &mut conn, started.run_id, None),
+    )
+    .await
+    .expect("the run ends during the alarm")
+    .unwrap();
+    drop(alarm);
+    assert_eq!(
+        (worked.replayed.len(), worked.failed.len()),
+        (0, 3),
+        "{worked:?}"
+    );
+    for id in &started.ids {
+        let (row, replays) = store::get(&mut conn, *id).await.unwrap().unwrap();
+        assert_eq!(row.state, "open", "back for a later replay");
+        assert!(replays[0].outcome.contains("no confirm"), "{replays:?}");
+    }
+    // (An unconfirmed copy may still reach the command queue once the alarm clears: it stays
+    // open, so a later replay is confirmed, and the worker's idempotency turns the second copy
+    // into the same outcome, not a second link.)
+}
