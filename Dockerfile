@@ -1,12 +1,14 @@
 # Builds the payment-link-worker binary; the same image runs the worker, migrations, the provider
-# simulator and `send` (the subcommand is the container command).
+# simulator, the operators' console and `send` (the subcommand is the container command).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
 COPY config config
-RUN cargo build --release --locked && cp target/release/payment-link-worker /usr/local/bin/
+# Cargo reads every target the manifest names, benchmarks included (they are not built here).
+COPY benches benches
+RUN cargo build --release --locked --bin payment-link-worker && cp target/release/payment-link-worker /usr/local/bin/
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
