@@ -17,7 +17,7 @@ fn text(value: &str) -> AMQPValue {
 }
 
 /// A dead letter as the worker writes it (`own_id`), or as the broker does (an `x-death` mark).
-fn dead_letter(env: &TestEnv, i: usize, own_id: Option<&str>) -> OutboundMessage {
+pub fn dead_letter(env: &TestEnv, i: usize, own_id: Option<&str>) -> OutboundMessage {
     let mut headers = FieldTable::default();
     match own_id {
         Some(id) => {

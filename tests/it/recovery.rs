@@ -482,6 +482,52 @@ async fn a_database_outage_delays_commands_but_fails_none() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_wait_in_their_queue_while_the_database_is_down_and_are_stored_once_after() {
+    use payment_link_worker::store::dead_letters::{self as store, Filter};
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let env = TestEnv::with("http://127.0.0.1:9", &[crate::operations::INGEST]).await;
+    let worker = env.start_worker_with(database_through(&env, &proxy)).await;
+    proxy.cut();
+    let letters: Vec<_> = (0..50)
+        .map(|i| crate::dead_letter_store::dead_letter(&env, i, Some(&format!("db-down-{i}"))))
+        .collect();
+    for letter in &letters {
+        payment_link_worker::broker::publisher::publish_confirmed(&env.channel, letter)
+            .await
+            .unwrap();
+    }
+    // The ingester takes them (none left ready in the queue) and holds them unacked while it
+    // cannot store them: none is stored, none is lost.
+    eventually("the ingester to hold the dead letters", WAIT, || async {
+        (env.queue_depth(&env.dead_letter_queue()).await == 0).then_some(())
+    })
+    .await;
+    eventually(
+        "the worker to try the database during the outage",
+        WAIT,
+        || async { (proxy.refused.load(Ordering::SeqCst) >= 3).then_some(()) },
+    )
+    .await;
+    let mut conn = env.pool.get().await.unwrap();
+    assert_eq!(
+        store::count(&mut conn, &Filter::default()).await.unwrap(),
+        0
+    );
+    proxy.restore();
+
+    crate::operations::stored(&env, &Filter::default(), 50).await;
+    eventually("the dead-letter queue emptied", WAIT, || async {
+        (env.queue_depth(&env.dead_letter_queue()).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        store::count(&mut conn, &Filter::default()).await.unwrap(),
+        50
+    );
+    worker.stop().await.expect("the worker rode out the outage");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_database_that_hangs_holds_commands_no_longer_than_its_timeouts() {
     let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
