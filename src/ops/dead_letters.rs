@@ -61,19 +61,7 @@ pub async fn connect(settings: &Settings, what: &str) -> anyhow::Result<(PgPool,
 /// Lists the newest `limit` dead letters that match, with the count per kind of all that match.
 pub async fn list(conn: &mut PgConn, filter: &Filter, limit: i64) -> anyhow::Result<Listing> {
     let (letters, _) = store::page(conn, filter, limit, None).await?;
-    let mut by_kind = BTreeMap::new();
-    for kind in known_kinds() {
-        let of_kind = Filter {
-            kind: Some(kind.to_owned()),
-            ..filter.clone()
-        };
-        if filter.kind.as_deref().is_none_or(|k| k == kind) {
-            let n = store::count(conn, &of_kind).await?;
-            if n > 0 {
-                by_kind.insert(kind.to_owned(), n);
-            }
-        }
-    }
+    let by_kind = store::count_by_kind(conn, filter).await?;
     Ok(Listing {
         letters,
         matching: by_kind.values().sum(),

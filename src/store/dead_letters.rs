@@ -303,6 +303,21 @@ pub async fn count(conn: &mut PgConn, filter: &Filter) -> Result<i64, StoreError
         .await?)
 }
 
+/// How many dead letters match, per kind, in one scan (whatever kinds the rows hold).
+pub async fn count_by_kind(
+    conn: &mut PgConn,
+    filter: &Filter,
+) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+    let matching = filter.apply(d::dead_letters.into_boxed()).select(d::id);
+    let rows: Vec<(String, i64)> = d::dead_letters
+        .filter(d::id.eq_any(matching))
+        .group_by(d::kind)
+        .select((d::kind, diesel::dsl::count_star()))
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Counts for the overview.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -325,7 +325,9 @@ async fn the_api_answers_as_documented_and_only_operators_act() {
     assert_eq!(detail["replays"][0]["runId"], job);
     let (status, jobs) = get(&format!("{api}/replays"), Some(VIEWER)).await;
     assert_eq!(status, 200);
-    for item in jobs["items"].as_array().unwrap() {
+    let items = jobs["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "the dry run and the replay: {jobs}");
+    for item in items {
         assert_schema("ReplayJob", item);
     }
 
