@@ -42,8 +42,9 @@ pub enum Fate {
 pub struct Delay {
     /// The command.
     pub command_id: String,
-    /// The token of the claim that gives the command back.
-    pub lease_token: String,
+    /// The token of the claim that gives the command back; `None` when the command was parked
+    /// before it was claimed (its provider's circuit was open), so there is nothing to give back.
+    pub lease_token: Option<String>,
     /// The command again, addressed to its delay queue.
     pub message: OutboundMessage,
     /// The round it enters.
@@ -159,27 +160,33 @@ async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failu
 }
 
 /// Publishes the command to its delay queue (confirmed), records the round's attempts and gives
-/// up the lease; acks if the broker took the copy, otherwise returns the command to the queue.
+/// up the lease (if it was claimed); acks if the broker took the copy, otherwise returns the
+/// command to the queue.
 async fn park(context: &Context, delay: &Delay) -> Result<Disposition, Halt> {
     let published = context.publisher.publish(&delay.message).await;
-    db!(context, "record the attempts", |conn| commands::release(
-        &mut conn,
-        &delay.command_id,
-        &context.instance_id,
-        Some(&delay.lease_token),
-        delay.round_attempts,
-        Some(&delay.last_error)
-    ))?;
+    if let Some(token) = &delay.lease_token {
+        db!(context, "record the attempts", |conn| commands::release(
+            &mut conn,
+            &delay.command_id,
+            &context.instance_id,
+            Some(token),
+            delay.round_attempts,
+            Some(&delay.last_error)
+        ))?;
+    }
     match published {
         Ok(()) => {
             context.metrics.delayed();
-            tracing::warn!(
-                round = delay.round,
-                delay_ms = delay.delay_ms,
-                attempts = delay.attempts,
-                error = delay.last_error,
-                "provider still failing; command waits in a delay queue"
-            );
+            let (round, delay_ms, attempts) = (delay.round, delay.delay_ms, delay.attempts);
+            let error = &delay.last_error;
+            let message = "provider still failing; command waits in a delay queue";
+            // A round that made no call was parked by an open circuit, which the breaker has
+            // already reported once: a warning per command would flood the log during an outage.
+            if delay.round_attempts > 0 {
+                tracing::warn!(round, delay_ms, attempts, error, "{message}");
+            } else {
+                tracing::info!(round, delay_ms, attempts, error, "{message}");
+            }
             Ok(Disposition::Ack)
         }
         Err(error) => {

@@ -165,6 +165,9 @@ async fn decide(
     original: &Original<'_>,
     envelope: &Envelope,
 ) -> Result<Fate, Halt> {
+    if let Some(fate) = park_unclaimed(context, original, envelope) {
+        return Ok(fate);
+    }
     loop {
         let (earlier_attempts, token) = match claim(context, envelope).await? {
             Claim::Acquired { attempts, token } => (attempts, token),
@@ -189,6 +192,43 @@ async fn decide(
             ),
         }
     }
+}
+
+/// A command whose provider's circuit is open goes to its next delay queue before any database
+/// work: claiming it and giving the claim back would cost about what a created link costs, and
+/// during an outage those costs would be taken from the commands of the providers that are up.
+/// Not on the last round (it waits for the provider instead, as a claimed command does). The
+/// command has no row of its own until it is claimed; if it was already finished, its recorded
+/// event is published again when it comes back.
+fn park_unclaimed(context: &Context, original: &Original<'_>, envelope: &Envelope) -> Option<Fate> {
+    let round = envelope.delay_round;
+    let delay_ms = *context.settings.retry.delay_tiers_ms.get(round)?;
+    let provider_id = envelope.command.payment_provider_id;
+    if !context.provider.circuit_open(provider_id) {
+        return None;
+    }
+    let attempts = crate::headers::read_int(original.properties, crate::headers::ATTEMPTS)
+        .map_or(0, |a| a as i32);
+    let last_error = format!(
+        "the circuit for paymentProviderId {provider_id} is open: that provider looks down"
+    );
+    let queue = crate::broker::topology::delay_queue(&context.settings.broker, delay_ms);
+    Some(Fate::Delay(fate::Delay {
+        command_id: envelope.command_id.as_str().to_owned(),
+        lease_token: None,
+        message: crate::broker::messages::delayed(
+            &queue,
+            original,
+            round + 1,
+            attempts,
+            &last_error,
+        ),
+        round: round + 1,
+        delay_ms,
+        attempts,
+        round_attempts: 0,
+        last_error,
+    }))
 }
 
 /// Step 3: the idempotency decision.

@@ -185,7 +185,7 @@ fn delay(
     let queue = topology::delay_queue(&context.settings.broker, delay_ms);
     Fate::Delay(Delay {
         command_id: envelope.command_id.as_str().to_owned(),
-        lease_token,
+        lease_token: Some(lease_token),
         message: messages::delayed(&queue, original, round + 1, attempts, &last_error),
         round: round + 1,
         delay_ms,

@@ -106,6 +106,17 @@ impl Breaker {
         }
     }
 
+    /// Whether [`Breaker::try_admit`] would refuse now, without taking the next probe's turn: a
+    /// command can then be parked before any database work is spent on it.
+    pub fn refusing(&self) -> bool {
+        let inner = self.inner.lock().expect("breaker lock");
+        match inner.state {
+            State::Closed => false,
+            State::Open => Instant::now() < inner.next_probe_at,
+            State::HalfOpen => true,
+        }
+    }
+
     fn permit(self: &Arc<Self>, probe: bool) -> Permit {
         Permit {
             breaker: self.clone(),
@@ -221,15 +232,21 @@ mod tests {
     async fn try_admit_refuses_while_open_and_lets_the_probe_through_when_due() {
         let b = breaker(30);
         assert!(b.try_admit().is_some(), "closed: admitted");
+        assert!(!b.refusing());
         for _ in 0..4 {
             b.admit().await.record(true);
         }
         assert_eq!(b.state(), State::Open);
+        assert!(b.refusing());
         assert!(b.try_admit().is_none(), "open: refused at once");
         tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(!b.refusing(), "a probe is due: the next command makes it");
+        assert_eq!(b.state(), State::Open, "asking took no probe's turn");
         let probe = b.try_admit().expect("the probe is due");
+        assert!(b.refusing(), "the probe is out");
         assert!(b.try_admit().is_none(), "one probe at a time");
         probe.record(false);
+        assert!(!b.refusing());
         assert!(b.try_admit().is_some(), "closed again");
     }
 

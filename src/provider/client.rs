@@ -116,6 +116,12 @@ impl ProviderClient {
         })
     }
 
+    /// Whether the circuit of `provider_id` is open now (a call would be refused and no probe is
+    /// due), so that a command which may wait in a delay queue goes there straight away.
+    pub fn circuit_open(&self, provider_id: i64) -> bool {
+        self.lanes.lane(provider_id).breaker.refusing()
+    }
+
     /// Asks for a link, retrying transient failures within the retry budget. The command id is
     /// the `Idempotency-Key`, so a retried or repeated request cannot make a second link. Each
     /// call goes through the lane of `provider_id` (its breaker and its concurrency limit).

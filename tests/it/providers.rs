@@ -231,3 +231,84 @@ async fn replicas_share_a_fleet_rate_limit_and_stay_under_the_providers() {
     drop(first);
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_a_providers_circuit_is_open_its_commands_are_parked_before_any_database_work() {
+    let overrides = [("RETRY__DELAY_TIERS_MS", "60000")];
+    let (env, _sim) = provider_2_down("4", &overrides).await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    let addr = worker.http_addr().unwrap();
+    for i in 0..6 {
+        env.send(&format!("trip-{i}"), &body(2, i)).await;
+    }
+    eventually("provider 2's circuit to open", WAIT, || async {
+        let (_, ready) = readiness(addr).await;
+        ready
+            .contains("circuit open for paymentProviderId 2")
+            .then_some(())
+    })
+    .await;
+    let delay_queue =
+        payment_link_worker::broker::topology::delay_queue(&env.settings.broker, 60_000);
+    // Every command that tripped it has ended its round: no call of theirs is still under way.
+    eventually(
+        "the commands that tripped the circuit to be parked",
+        WAIT,
+        || async { (env.queue_depth(&delay_queue).await == 6).then_some(()) },
+    )
+    .await;
+    let provider_url = env.settings.provider.base_url.expose().to_owned();
+    let (calls_before, _) = simulator_stats(&provider_url).await;
+    let late: Vec<String> = (0..10).map(|i| format!("late-{i}")).collect();
+    let up: Vec<String> = (0..20).map(|i| format!("up-{i}")).collect();
+    for (i, up) in up.iter().enumerate() {
+        if let Some(late) = late.get(i) {
+            env.send(late, &body(2, 100 + i as i64)).await;
+        }
+        env.send(up, &body(1, i as i64)).await;
+    }
+    let got = env.messages(&events, up.len(), WAIT).await;
+    assert!(
+        got.iter().all(|e| e
+            .header("cloudEvents:subject")
+            .is_some_and(|s| s.starts_with("up-"))),
+        "only provider 1's commands have events"
+    );
+    eventually("every command for provider 2 parked", WAIT, || async {
+        (env.queue_depth(&delay_queue).await == 16).then_some(())
+    })
+    .await;
+    for id in &late {
+        assert!(
+            env.record(id).await.is_none(),
+            "{id} came while the circuit was open: parked without a claim"
+        );
+    }
+    let (calls_after, _) = simulator_stats(&provider_url).await;
+    assert_eq!(
+        calls_after - calls_before,
+        20,
+        "provider 1's twenty calls only, none for provider 2's late commands"
+    );
+    let mut parked = Vec::new();
+    while let Some(message) = env.try_get(&delay_queue).await {
+        parked.push(message);
+    }
+    let late_copies: Vec<_> = parked
+        .iter()
+        .filter(|m| m.message_id().starts_with("late-"))
+        .collect();
+    assert_eq!(late_copies.len(), late.len());
+    for copy in late_copies {
+        let why = copy.header("x-last-error").unwrap_or_default();
+        assert!(
+            why.contains("circuit for paymentProviderId 2 is open"),
+            "the parked copy says why: {why}"
+        );
+        assert_eq!(copy.header_int("x-delay-round"), Some(1));
+        assert_eq!(copy.header_int("x-attempts"), Some(0));
+    }
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+    drop(worker);
+}
