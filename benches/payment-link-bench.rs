@@ -883,6 +883,22 @@ async fn main() -> anyhow::Result<()> {
         o.prefetch
     ));
     let healthy = one_provider_down(&connection, o.commands / 2, o.prefetch).await?;
+    // The same commands with no provider down, measured right after: on a shared (virtual)
+    // machine whose speed drifts between phases, the ratio of two neighbouring runs is the
+    // figure to trust; the ratio to the end-to-end phase is printed as well.
+    log(&format!(
+        "the same {} commands with both providers up, prefetch {}",
+        o.commands / 2,
+        o.prefetch
+    ));
+    let solo = end_to_end(
+        &connection,
+        o.commands / 2,
+        Tuning::Tuned(o.prefetch),
+        Duration::ZERO,
+    )
+    .await?
+    .throughput;
     let _ = connection.close(200, "bench done".into()).await;
     let slow_shipped_target = f64::from(shipped_prefetch) / 0.3 * 0.8;
 
@@ -923,7 +939,9 @@ async fn main() -> anyhow::Result<()> {
         },
         "one_provider_down": {
             "healthy_throughput_per_s": healthy,
-            "to_solo_ratio": healthy / e2e.throughput,
+            "solo_right_after_per_s": solo,
+            "to_solo_ratio": healthy / solo,
+            "to_end_to_end_ratio": healthy / e2e.throughput,
         },
         "cpu_per_command_to_lapin_loop": e2e.cpu_seconds_per_1000 / ceiling_cpu.bench.max(1e-9),
         "provider_100ms": {
@@ -990,9 +1008,9 @@ async fn main() -> anyhow::Result<()> {
             f64::from(rate) * 0.9
         );
         println!(
-            "| two provider ids, one down: the healthy one | {healthy:.0} commands/s ({:.0} % of its solo {:.0}/s) | ≥ 90 % |",
+            "| two provider ids, one down: the healthy one | {healthy:.0} commands/s ({:.0} % of its solo {solo:.0}/s measured right after; {:.0} % of the end-to-end phase) | ≥ 90 % of solo |",
+            healthy / solo * 100.0,
             healthy / e2e.throughput * 100.0,
-            e2e.throughput
         );
         println!(
             "| worker CPU per command ÷ the lapin loop's client CPU per message | {:.1}× ({:.3} vs {:.3} s per 1,000) | ≤ 4× |",
