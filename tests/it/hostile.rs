@@ -94,6 +94,19 @@ fn hostile() -> Vec<(&'static str, BasicProperties, String, &'static str)> {
             command_body("1.00", 666),
             "provider-rejected",
         ),
+        (
+            // A message's properties must fit in one frame: 100 KB of header is within
+            // RabbitMQ's default frame size (128 KiB), which the worker's connections ask for,
+            // so it is consumed, and its dead letter published, like any other.
+            "100-kb-header",
+            header(
+                props("h-12"),
+                "x-big",
+                AMQPValue::LongString(LongString::from(vec![b'h'; 100_000])),
+            ),
+            command_body("1.00", 666),
+            "provider-rejected",
+        ),
     ]
 }
 
@@ -141,9 +154,9 @@ async fn hostile_messages_end_bounded_and_good_ones_beside_them_get_their_events
         "a carried header round-trips exactly through the outbox"
     );
 
-    // The refused command's failed event comes too.
+    // The refused commands' failed events come too.
     let mut published: Vec<String> = env
-        .messages(&events, good.len() + 1, WAIT)
+        .messages(&events, good.len() + 2, WAIT)
         .await
         .into_iter()
         .map(|m| m.message_id())
@@ -151,6 +164,7 @@ async fn hostile_messages_end_bounded_and_good_ones_beside_them_get_their_events
     published.sort();
     let mut expected: Vec<String> = good.iter().map(|id| event_id(CREATED, id)).collect();
     expected.push(event_id(FAILED, "h-11"));
+    expected.push(event_id(FAILED, "h-12"));
     expected.sort();
     assert_eq!(published, expected, "every good command got its event");
     eventually("the command queue to be empty", WAIT, || async {
