@@ -316,6 +316,16 @@ struct StoredProperties {
 
 /// Properties to the stored JSON form (see [`properties_from_json`]).
 pub fn properties_to_json(properties: &BasicProperties) -> serde_json::Value {
+    serde_json::to_value(stored(properties)).expect("AMQP properties serialize to JSON")
+}
+
+/// The stored JSON form as text, for a statement that casts it to `jsonb` itself: on the path
+/// of every created link, this skips building a `serde_json::Value` tree only to write it out.
+pub fn properties_to_json_text(properties: &BasicProperties) -> String {
+    serde_json::to_string(&stored(properties)).expect("AMQP properties serialize to JSON")
+}
+
+fn stored(properties: &BasicProperties) -> StoredProperties {
     let mut other = FieldTable::default();
     let mut text_headers = Vec::new();
     for (name, value) in properties.headers().iter().flat_map(|h| h.inner()) {
@@ -336,11 +346,10 @@ pub fn properties_to_json(properties: &BasicProperties) -> serde_json::Value {
         Some(_) => properties.clone().with_headers(other),
         None => properties.clone(),
     };
-    serde_json::to_value(StoredProperties {
+    StoredProperties {
         properties: rest,
         text_headers,
-    })
-    .expect("AMQP properties serialize to JSON")
+    }
 }
 
 /// The stored JSON form back to properties.

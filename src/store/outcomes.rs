@@ -37,8 +37,8 @@ pub struct KeptEvent {
     pub exchange: String,
     /// With which routing key.
     pub routing_key: String,
-    /// Its properties, in the stored JSON form.
-    pub properties: serde_json::Value,
+    /// Its properties, in the stored JSON form, as text.
+    pub properties: String,
 }
 
 impl KeptEvent {
@@ -47,7 +47,7 @@ impl KeptEvent {
         Self {
             exchange: event.exchange.clone(),
             routing_key: event.routing_key.clone(),
-            properties: crate::broker::messages::properties_to_json(&event.properties),
+            properties: crate::broker::messages::properties_to_json_text(&event.properties),
         }
     }
 }
@@ -214,12 +214,12 @@ async fn record_batch(
                     "UPDATE payment_link_commands AS c SET status = 'succeeded', attempts = u.attempts, \
                          link_id = u.link_id, payment_link = u.payment_link, provider_response = u.response, \
                          event_exchange = u.ev_exchange, event_routing_key = u.ev_key, \
-                         event_properties = u.ev_properties, \
+                         event_properties = u.ev_properties::jsonb, \
                          error_kind = NULL, error_message = NULL, http_status = NULL, error_body = NULL, \
                          lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, completed_at = now(), \
                          updated_at = now() \
                      FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[], \
-                             $6::text[], $7::text[], $8::jsonb[], $10::text[]) \
+                             $6::text[], $7::text[], $8::text[], $10::text[]) \
                          AS u(command_id, attempts, link_id, payment_link, response, \
                              ev_exchange, ev_key, ev_properties, token) \
                      WHERE c.command_id = u.command_id AND c.lease_owner = $9 AND c.status = 'processing' \
@@ -233,7 +233,7 @@ async fn record_batch(
                 .bind::<Array<Text>, _>(ok_bodies)
                 .bind::<Array<Text>, _>(ev_exchanges)
                 .bind::<Array<Text>, _>(ev_keys)
-                .bind::<Array<Jsonb>, _>(ev_properties)
+                .bind::<Array<Text>, _>(ev_properties)
                 .bind::<Text, _>(owner)
                 .bind::<Array<Text>, _>(ok_tokens)
                 .load::<Updated>(conn)
