@@ -32,6 +32,18 @@ fn per_provider(metrics: &str, name: &str, id: i64) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Every event in `got` is for a command whose id starts with `prefix` (provider 1's).
+fn assert_only_events_of(got: &[Received], prefix: &str) {
+    let subjects: Vec<String> = got
+        .iter()
+        .map(|e| e.header("cloudEvents:subject").unwrap_or_default())
+        .collect();
+    assert!(
+        subjects.iter().all(|s| s.starts_with(prefix)),
+        "only provider 1's commands have events: {subjects:?}"
+    );
+}
+
 /// A simulator that answers 503 to every call for provider 2, and a test world pointed at it
 /// whose breakers open after `min_calls` failures and then wait a minute before probing.
 async fn provider_2_down(
@@ -121,12 +133,7 @@ async fn commands_for_a_provider_that_is_down_wait_in_a_delay_queue_not_in_a_pre
         env.send(id, &body(1, i as i64)).await;
     }
     let got = env.messages(&events, ids.len(), WAIT).await;
-    assert!(
-        got.iter().all(|e| e
-            .header("cloudEvents:subject")
-            .is_some_and(|s| s.starts_with("flowing-"))),
-        "only provider 1's commands have events"
-    );
+    assert_only_events_of(&got, "flowing-");
     let delay_queue =
         payment_link_worker::broker::topology::delay_queue(&env.settings.broker, 60_000);
     eventually("provider 2's commands parked", WAIT, || async {
@@ -269,12 +276,7 @@ async fn while_a_providers_circuit_is_open_its_commands_are_parked_before_any_da
         env.send(up, &body(1, i as i64)).await;
     }
     let got = env.messages(&events, up.len(), WAIT).await;
-    assert!(
-        got.iter().all(|e| e
-            .header("cloudEvents:subject")
-            .is_some_and(|s| s.starts_with("up-"))),
-        "only provider 1's commands have events"
-    );
+    assert_only_events_of(&got, "up-");
     eventually("every command for provider 2 parked", WAIT, || async {
         (env.queue_depth(&delay_queue).await == 16).then_some(())
     })
