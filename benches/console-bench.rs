@@ -183,6 +183,7 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
         accept_duplicate_risk: false,
         requested_by: "console-bench".into(),
         source: "cli".into(),
+        client_address: None,
     };
     let replay_started = Instant::now();
     let started = ops::start(settings, &mut conn, &request).await?;

@@ -40,7 +40,30 @@ pub enum Commands {
     DeadLetters(DeadLetterCommands),
     /// Serve the operators' web console and its JSON API on console.listen (needs PostgreSQL,
     /// and RabbitMQ for replays; not the provider).
-    Console,
+    Console(ConsoleArgs),
+}
+
+/// `console` alone serves the console; its subcommand helps set it up.
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    #[command(subcommand)]
+    /// What to do instead of serving.
+    pub action: Option<ConsoleCommands>,
+}
+
+/// Set-up helpers of the console.
+#[derive(Debug, Subcommand)]
+pub enum ConsoleCommands {
+    /// Read an operator's token on standard input (at least 24 characters, e.g. from
+    /// `openssl rand -hex 24`) and print the [[console.operators]] lines that hold its SHA-256.
+    HashToken {
+        /// The operator's name, as the audit log shows it.
+        #[arg(long, default_value = "operator")]
+        name: String,
+        /// What they may do.
+        #[arg(long, value_enum, default_value = "operator")]
+        role: crate::console::Role,
+    },
 }
 
 /// The dead-letter operations, on the dead-letter store in PostgreSQL (the worker moves every
@@ -273,7 +296,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Commands::DeadLetters(command) => dead_letter_command(&settings, command).await,
-        Commands::Console => {
+        Commands::Console(ConsoleArgs {
+            action: Some(ConsoleCommands::HashToken { name, role }),
+        }) => {
+            let mut token = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut token)
+                .context("cannot read the token from standard input")?;
+            let lines = crate::console::operator_config(&token, &name, role)
+                .map_err(|why| anyhow::anyhow!("{why}"))?;
+            print!("{lines}");
+            Ok(())
+        }
+        Commands::Console(ConsoleArgs { action: None }) => {
             let listen = settings.console.listen.clone();
             let listener = tokio::net::TcpListener::bind(listen.as_str())
                 .await
@@ -297,7 +331,8 @@ async fn dead_letter_command(
     match command {
         DeadLetterCommands::List { select, json } => {
             let limit = select.limit.map_or(1000, |l| l as i64);
-            let listing = dead_letters::list(&mut conn, &select.filter(), limit).await?;
+            let targets = crate::ops::targets::ReplayTargets::new(settings);
+            let listing = dead_letters::list(&mut conn, &select.filter(), limit, &targets).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
@@ -312,6 +347,7 @@ async fn dead_letter_command(
                 select.limit,
                 &operator_name(operator),
                 "cli",
+                None,
             )
             .await?;
             println!("archived {} dead letter(s)", ids.len());
@@ -336,6 +372,7 @@ async fn dead_letter_command(
                         accept_duplicate_risk,
                         requested_by: operator_name(operator),
                         source: "cli".into(),
+                        client_address: None,
                     };
                     let started = dead_letters::start(settings, &mut conn, &request).await?;
                     let selected =
@@ -352,14 +389,20 @@ async fn dead_letter_command(
                         };
                         println!(
                             "{verb} {} (dead letter {}){note}",
-                            letter.command_id, letter.id
+                            crate::text::visible(&letter.command_id),
+                            letter.id
                         );
+                    }
+                    for (id, why) in &started.skipped {
+                        println!("skipping dead letter {id}: not replayable: {why}");
                     }
                     if dry_run {
                         println!(
-                            "replay run {}: {} selected (dry run), nothing replayed",
+                            "replay run {}: {} selected (dry run), {} skipped (not replayable), \
+                             nothing replayed",
                             started.run_id,
-                            started.ids.len()
+                            started.ids.len(),
+                            started.skipped.len()
                         );
                         return Ok(());
                     }
@@ -367,10 +410,16 @@ async fn dead_letter_command(
                 }
             };
             let worked = dead_letters::work(settings, &mut conn, run_id, rate).await?;
+            for (id, why) in &worked.skipped {
+                println!("skipped dead letter {id}: not replayable: {why}");
+            }
+            let run = crate::store::replay_runs::find(&mut conn, run_id).await?;
             println!(
-                "replay run {run_id}: {} replayed, {} failed; {} open dead letter(s) left",
+                "replay run {run_id}: {} replayed, {} failed, {} skipped (not replayable); {} open \
+                 dead letter(s) left",
                 worked.replayed.len(),
                 worked.failed.len(),
+                run.map_or(worked.skipped.len() as i32, |r| r.skipped),
                 worked.left
             );
             if !worked.failed.is_empty() {

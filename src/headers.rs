@@ -113,6 +113,24 @@ pub fn has_death(properties: &BasicProperties) -> bool {
         .is_some_and(|h| h.inner().contains_key(DEATH))
 }
 
+/// The broker's newest `x-death` entry (it keeps the newest first): why it dead-lettered the
+/// message (`rejected`, `expired`, `maxlen`, `delivery_limit`) and from which queue.
+pub fn last_death(properties: &BasicProperties) -> Option<(String, String)> {
+    let headers = properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get(DEATH)? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(newest) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let field = |name: &str| match newest.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    Some((field("reason")?, field("queue").unwrap_or_default()))
+}
+
 /// The name of the first header whose name or value the stored form of a message (JSON in
 /// PostgreSQL) cannot hold exactly: the NUL character in a name or a short string (long strings
 /// holding it are stored as bytes), or a float that is not finite (JSON has no NaN).

@@ -8,7 +8,7 @@
 use crate::broker::messages::{properties_from_json, properties_to_json};
 use crate::config::Settings;
 use crate::headers::{self, read_int, read_text};
-use crate::ops::dead_letters::{DELIVERY_LIMIT, UNKNOWN};
+use crate::ops::dead_letters::{DELIVERY_LIMIT, EXPIRED, MAXLEN, REJECTED, UNKNOWN};
 use crate::store::{PgPool, dead_letters as store};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt as _;
@@ -171,24 +171,36 @@ async fn store_then_ack(
 pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter {
     let properties = &delivery.properties;
     let body = &delivery.data;
-    let by_broker = headers::has_death(properties);
     let text = |name: &str| read_text(properties, name).map(|t| column_text(&t));
     let int = |name: &str| read_int(properties, name).map(|v| v as i32);
-    let kind = text(headers::ERROR_KIND)
-        .unwrap_or_else(|| if by_broker { DELIVERY_LIMIT } else { UNKNOWN }.to_owned());
-    let error_message = text(headers::ERROR_MESSAGE).unwrap_or_else(|| {
-        if by_broker {
-            "dead-lettered by the broker after broker.delivery_limit deliveries".to_owned()
-        } else {
-            String::new()
-        }
-    });
+    let death = headers::last_death(properties);
+    // Dead-lettered by the broker from the command queue (expired, delivery limit, rejected,
+    // maxlen): the reason is the broker's, whatever x-error-* or x-dead-letter-id headers the
+    // command's publisher put on it.
+    let by_broker_from_commands = death
+        .as_ref()
+        .is_some_and(|(_, queue)| *queue == settings.broker.command_queue);
+    let by_worker = !by_broker_from_commands
+        && (text(headers::DEAD_LETTER_ID).is_some() || text(headers::ERROR_KIND).is_some());
+    let (kind, error_message) = if by_worker {
+        (
+            text(headers::ERROR_KIND).unwrap_or_else(|| UNKNOWN.to_owned()),
+            text(headers::ERROR_MESSAGE).unwrap_or_default(),
+        )
+    } else if headers::has_death(properties) {
+        broker_reason(death.as_ref())
+    } else {
+        (
+            UNKNOWN.to_owned(),
+            text(headers::ERROR_MESSAGE).unwrap_or_default(),
+        )
+    };
     let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let id = |field: &str| json.get(field).and_then(serde_json::Value::as_i64);
     let body_text = |field: &str| json.get(field).and_then(|v| v.as_str()).map(column_text);
     let (stored, stored_with_changes) = storable_properties(properties);
     store::NewDeadLetter {
-        dedup_key: dedup_key(properties, delivery.routing_key.as_str(), body),
+        dedup_key: dedup_key(properties, delivery.routing_key.as_str(), body, by_worker),
         command_id: properties
             .message_id()
             .as_ref()
@@ -222,15 +234,46 @@ pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter 
     }
 }
 
+/// The kind and message of a dead letter the broker made itself, from its newest `x-death`
+/// entry's reason (an entry without one, or none: the delivery limit, as before reasons were read).
+fn broker_reason(death: Option<&(String, String)>) -> (String, String) {
+    let (reason, queue) = death.map_or(("delivery_limit", ""), |(r, q)| (r.as_str(), q.as_str()));
+    let queue = column_text(queue);
+    let (kind, why) = match reason {
+        "expired" => (
+            EXPIRED,
+            format!("its time to live ran out in queue {queue:?}"),
+        ),
+        "rejected" => (
+            REJECTED,
+            format!("a consumer of queue {queue:?} rejected it without requeue"),
+        ),
+        "maxlen" => (MAXLEN, format!("queue {queue:?} was at its length limit")),
+        "delivery_limit" => (
+            DELIVERY_LIMIT,
+            "after broker.delivery_limit deliveries".to_owned(),
+        ),
+        other => (
+            UNKNOWN,
+            format!("for a reason it gave as {:?}", column_text(other)),
+        ),
+    };
+    (
+        kind.to_owned(),
+        format!("dead-lettered by the broker: {why} ({reason})"),
+    )
+}
+
 /// Text PostgreSQL can hold in a column: without NUL characters, bounded.
 fn column_text(text: &str) -> String {
     headers::excerpt(&text.replace('\0', "\u{FFFD}"), FIELD_LIMIT)
 }
 
-/// The worker's dead-letter id, or a hash of the message as the broker dead-lettered it
-/// (without `x-delivery-count`, which a redelivery from the dead-letter queue changes).
-fn dedup_key(properties: &BasicProperties, routing_key: &str, body: &[u8]) -> String {
-    if let Some(id) = read_text(properties, headers::DEAD_LETTER_ID) {
+/// The worker's dead-letter id (`own`: the worker made it), or a hash of the message as the
+/// broker dead-lettered it (without `x-delivery-count`, which a redelivery from the dead-letter
+/// queue changes).
+fn dedup_key(properties: &BasicProperties, routing_key: &str, body: &[u8], own: bool) -> String {
+    if let Some(id) = read_text(properties, headers::DEAD_LETTER_ID).filter(|_| own) {
         return format!("id:{}", column_text(&id));
     }
     let mut kept = FieldTable::default();
@@ -303,7 +346,7 @@ mod tests {
             let properties = BasicProperties::default()
                 .with_message_id("c-1".into())
                 .with_headers(headers);
-            dedup_key(&properties, "rk", body)
+            dedup_key(&properties, "rk", body, false)
         };
         assert_eq!(with(None, b"{}"), with(Some(3), b"{}"));
         assert_ne!(with(None, b"{}"), with(None, b"{ }"));
@@ -312,7 +355,8 @@ mod tests {
             h.insert(headers::DEAD_LETTER_ID.into(), headers::text("abc"));
             h
         });
-        assert_eq!(dedup_key(&own, "rk", b"x"), "id:abc");
+        assert_eq!(dedup_key(&own, "rk", b"x", true), "id:abc");
+        assert_ne!(dedup_key(&own, "rk", b"x", false), "id:abc");
     }
 
     #[test]

@@ -28,3 +28,4 @@ pub mod relay;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod text;

@@ -192,6 +192,16 @@ pub struct Original<'a> {
 /// `user_id` other than the publisher's own, and a per-message TTL (`expiration`) would make a
 /// dead letter or a delayed command vanish: both are left out.
 pub fn republishable(p: &BasicProperties) -> BasicProperties {
+    let properties = routed_elsewhere_removed(p);
+    match p.reply_to() {
+        Some(v) => properties.with_reply_to(v.clone()),
+        None => properties,
+    }
+}
+
+/// [`republishable`] without `reply_to` either: what a replay of a dead letter carries, since a
+/// property that sends answers elsewhere was set by whoever published the command.
+pub fn routed_elsewhere_removed(p: &BasicProperties) -> BasicProperties {
     let mut properties = BasicProperties::default();
     if let Some(v) = p.content_type() {
         properties = properties.with_content_type(v.clone());
@@ -210,9 +220,6 @@ pub fn republishable(p: &BasicProperties) -> BasicProperties {
     }
     if let Some(v) = p.correlation_id() {
         properties = properties.with_correlation_id(v.clone());
-    }
-    if let Some(v) = p.reply_to() {
-        properties = properties.with_reply_to(v.clone());
     }
     if let Some(v) = p.message_id() {
         properties = properties.with_message_id(v.clone());

@@ -182,6 +182,42 @@ impl Settings {
         if self.console.job_stalled_after_ms < 2000 {
             return fail("console.job_stalled_after_ms", "must be at least 2000");
         }
+        for (key, value) in [
+            (
+                "console.header_read_timeout_ms",
+                self.console.header_read_timeout_ms,
+            ),
+            (
+                "console.request_timeout_ms",
+                self.console.request_timeout_ms,
+            ),
+            (
+                "console.keep_alive_idle_ms",
+                self.console.keep_alive_idle_ms,
+            ),
+            (
+                "console.max_connections",
+                self.console.max_connections as u64,
+            ),
+            (
+                "console.auth_failures_allowed",
+                u64::from(self.console.auth_failures_allowed),
+            ),
+        ] {
+            if value == 0 {
+                return fail(key, "must be above 0");
+            }
+        }
+        for (i, target) in self.dead_letters.replay_targets.iter().enumerate() {
+            let exchange = &target.exchange;
+            if exchange.is_empty() || exchange.starts_with("amq.") {
+                return fail(
+                    &format!("dead_letters.replay_targets[{i}].exchange"),
+                    "must name an exchange of the worker's (not the default exchange nor an \
+                     amq.* one, which reach any queue)",
+                );
+            }
+        }
         for (i, operator) in self.console.operators.iter().enumerate() {
             let key = format!("console.operators[{i}]");
             if operator.name.trim().is_empty() {

@@ -270,6 +270,20 @@ pub struct DeadLetterSettings {
     pub ingest: bool,
     /// Days archived and replayed dead letters stay in the store.
     pub retention_days: u64,
+    /// Where a replay may publish; empty: only `broker.command_exchange` with
+    /// `broker.command_routing_key`. A stored dead letter naming any other target is never
+    /// replayed (its headers may have been set by whoever published the command).
+    pub replay_targets: Vec<ReplayTarget>,
+}
+
+/// An exchange and routing key a replay may publish to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayTarget {
+    /// The exchange (never the default exchange nor an `amq.*` one).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
 }
 
 /// The operators' console.
@@ -282,6 +296,19 @@ pub struct ConsoleSettings {
     pub operators: Vec<OperatorSettings>,
     /// When a replay job nobody advances counts as stopped, to be taken over.
     pub job_stalled_after_ms: u64,
+    /// Longest wait for a request's head (the request line and headers), from the moment the
+    /// console is ready to read it.
+    pub header_read_timeout_ms: u64,
+    /// Longest time one request may take, its body included (answered 408 past it).
+    pub request_timeout_ms: u64,
+    /// Connections served at once; more wait in the listen queue until one closes.
+    pub max_connections: usize,
+    /// A connection on which no byte moves for this long is closed.
+    pub keep_alive_idle_ms: u64,
+    /// Failed sign-ins and bearer checks from one address before it gets 429.
+    pub auth_failures_allowed: u32,
+    /// Trust the client address in `X-Forwarded-For` (only behind a proxy that sets it).
+    pub trust_forwarded_for: bool,
 }
 
 /// One console user.

@@ -4,7 +4,8 @@
 use super::Console;
 use super::auth::Caller;
 use crate::broker::messages::properties_from_json;
-use crate::ops::dead_letters::{self as ops, ReplayError, ReplayRequest};
+use crate::ops::dead_letters::{self as ops, Listed, ReplayError, ReplayRequest};
+use crate::ops::targets::ReplayTargets;
 use crate::store::dead_letters::{self as store, Cursor, Filter};
 use crate::store::{audit, replay_runs};
 use axum::extract::{Path, Query, State};
@@ -30,6 +31,7 @@ pub(super) fn routes() -> Router<Console> {
         .route("/api/replays", get(jobs).post(replay))
         .route("/api/replays/{id}", get(job))
         .route("/api/audit", get(audit_log))
+        .route("/api/audit/{id}", get(audit_entry))
 }
 
 /// A JSON error answer: `{"error": why}`.
@@ -91,7 +93,7 @@ impl ListQuery {
     /// The store's filter, or why a parameter is wrong.
     pub(super) fn filter(&self) -> Result<Filter, String> {
         let time = "an RFC 3339 time such as 2026-12-01T00:00:00Z";
-        Ok(Filter {
+        let filter = Filter {
             kind: given(&self.kind).map(str::to_owned),
             state: given(&self.state).map(str::to_owned),
             command_id: given(&self.command_id).map(str::to_owned),
@@ -102,7 +104,9 @@ impl ListQuery {
             customer_id: parsed(&self.customer_id, "customerId", "a whole number")?,
             search: given(&self.q).map(str::to_owned),
             ids: None,
-        })
+        };
+        checked(&filter)?;
+        Ok(filter)
     }
 
     /// The page size asked for, within 1 to [`MAX_PAGE`] (default 50).
@@ -125,6 +129,41 @@ impl ListQuery {
     }
 }
 
+/// Most ids one request may name: beyond, a filter selects them.
+pub(super) const MAX_IDS: usize = 10_000;
+/// Most characters of a text filter (a command id, a search).
+const MAX_FILTER_TEXT: usize = 1000;
+
+/// Whether the store can take `filter` as it is; if not, what is wrong with it: a NUL character
+/// (which PostgreSQL text cannot hold), an overlong text, too many ids.
+pub(super) fn checked(filter: &Filter) -> Result<(), String> {
+    for (name, value) in [
+        ("kind", &filter.kind),
+        ("state", &filter.state),
+        ("commandId", &filter.command_id),
+        ("search", &filter.search),
+    ] {
+        let Some(value) = value else { continue };
+        if value.contains('\0') {
+            return Err(format!(
+                "{name} contains a NUL character (U+0000), which no dead letter can hold"
+            ));
+        }
+        if value.chars().count() > MAX_FILTER_TEXT {
+            return Err(format!(
+                "{name} is longer than {MAX_FILTER_TEXT} characters"
+            ));
+        }
+    }
+    if filter.ids.as_ref().is_some_and(|ids| ids.len() > MAX_IDS) {
+        return Err(format!(
+            "at most {MAX_IDS} ids in one request: select more with a filter (kind, time, \
+             provider, search) instead"
+        ));
+    }
+    Ok(())
+}
+
 /// The slowest replay rate: a job advances at least every 10 s, well within the time after which
 /// another console takes a job over.
 const MIN_RATE: f64 = 0.1;
@@ -145,9 +184,10 @@ async fn list(
         let mut conn = console.pool.get().await?;
         store::page(&mut conn, &filter, limit, cursor).await
     };
+    let targets = ReplayTargets::new(&console.settings);
     match page.await {
         Ok((items, next)) => Json(json!({
-            "items": items,
+            "items": items.into_iter().map(|i| Listed::new(i, &targets)).collect::<Vec<_>>(),
             "nextCursor": next.map(|c| c.encode()),
         }))
         .into_response(),
@@ -212,6 +252,9 @@ pub(super) async fn detail_json(console: &Console, id: i64) -> Result<Option<Val
         object.remove("headers");
         object.remove("text_headers");
     }
+    let not_replayable_because = ReplayTargets::new(&console.settings)
+        .check(&row.original_exchange, &row.original_routing_key)
+        .err();
     let body = String::from_utf8(row.body.clone()).ok();
     // As raw JSON: parsed into numbers, an amount such as 3.00 would come out as 3.0.
     let body_json: Option<Box<serde_json::value::RawValue>> = body
@@ -241,6 +284,8 @@ pub(super) async fn detail_json(console: &Console, id: i64) -> Result<Option<Val
         "traceId": row.trace_id,
         "duplicateRisk": !at_risk.is_empty(),
         "failsAgain": ops::fails_again(&row.kind),
+        "replayable": not_replayable_because.is_none(),
+        "notReplayableBecause": not_replayable_because,
         "storedWithChanges": row.stored_with_changes,
         "original": {
             "exchange": row.original_exchange,
@@ -305,11 +350,24 @@ fn action(
     caller
         .may_act(headers)
         .map_err(|refusal| Box::new(refusal.into_response()))?;
-    let Json(target) =
-        body.map_err(|rejection| refuse(StatusCode::UNPROCESSABLE_ENTITY, &rejection.body_text()))?;
+    let Json(target) = body.map_err(|rejection| {
+        let status = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        refuse(status, &rejection.body_text())
+    })?;
     let filter = target
         .filter()
         .ok_or_else(|| refuse(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET))?;
+    checked(&filter).map_err(|why| {
+        let status = if why.contains("NUL") {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        refuse(status, &why)
+    })?;
     Ok((target, filter))
 }
 
@@ -340,6 +398,7 @@ async fn replay(
         accept_duplicate_risk: target.accept_duplicate_risk,
         requested_by: caller.name.clone(),
         source: "console".into(),
+        client_address: caller.address.map(|a| a.to_string()),
     };
     let mut conn = match console.pool.get().await {
         Ok(conn) => conn,
@@ -357,6 +416,7 @@ async fn replay(
                     "total": started.ids.len(),
                     "atRisk": started.at_risk.len(),
                     "failAgain": started.fail_again.len(),
+                    "skipped": started.skipped.len(),
                     "dryRun": request.dry_run,
                 })),
             )
@@ -436,7 +496,16 @@ async fn archive(
     };
     let archived = async {
         let mut conn = console.pool.get().await?;
-        ops::archive(&mut conn, &filter, target.limit, &caller.name, "console").await
+        let from = caller.address.map(|a| a.to_string());
+        ops::archive(
+            &mut conn,
+            &filter,
+            target.limit,
+            &caller.name,
+            "console",
+            from.as_deref(),
+        )
+        .await
     };
     match archived.await {
         Ok(ids) => Json(json!({ "archived": ids.len(), "ids": ids })).into_response(),
@@ -444,10 +513,23 @@ async fn archive(
     }
 }
 
+/// A page of the audit log: the newest entries before `before`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AuditQuery {
-    limit: Option<i64>,
+pub(super) struct AuditQuery {
+    pub limit: Option<i64>,
+    pub before: Option<i64>,
+}
+
+/// Most audit entries in one page.
+pub(super) const AUDIT_PAGE: i64 = 100;
+
+/// An audit entry as a list shows it: at most [`audit::LISTED_IDS`] ids, and how many in all.
+fn listed_entry(entry: audit::Entry) -> Value {
+    let (entry, all) = entry.shortened();
+    let mut value = serde_json::to_value(&entry).unwrap_or_default();
+    value["idsCount"] = json!(all);
+    value
 }
 
 async fn audit_log(
@@ -455,12 +537,43 @@ async fn audit_log(
     State(console): State<Console>,
     Query(query): Query<AuditQuery>,
 ) -> Response {
+    let limit = query.limit.unwrap_or(AUDIT_PAGE).clamp(1, AUDIT_PAGE);
     let entries = async {
         let mut conn = console.pool.get().await?;
-        audit::newest(&mut conn, query.limit.unwrap_or(100).clamp(1, 1000)).await
+        audit::page(&mut conn, limit, query.before).await
     };
     match entries.await {
-        Ok(items) => Json(json!({ "items": items })).into_response(),
+        Ok(items) => {
+            let next = (items.len() as i64 == limit)
+                .then(|| items.last().map(|e| e.id))
+                .flatten();
+            Json(json!({
+                "items": items.into_iter().map(listed_entry).collect::<Vec<_>>(),
+                "nextBefore": next,
+            }))
+            .into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn audit_entry(
+    _caller: Caller,
+    State(console): State<Console>,
+    Path(id): Path<i64>,
+) -> Response {
+    let entry = async {
+        let mut conn = console.pool.get().await?;
+        audit::find(&mut conn, id).await
+    };
+    match entry.await {
+        Ok(Some(entry)) => {
+            let all = entry.ids.len();
+            let mut value = serde_json::to_value(&entry).unwrap_or_default();
+            value["idsCount"] = json!(all);
+            Json(value).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, "no audit entry has this id"),
         Err(e) => internal(e),
     }
 }

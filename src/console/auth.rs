@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What an operator may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Sees everything, changes nothing.
@@ -79,10 +79,8 @@ pub fn operators(
         });
     }
     if let Some(token) = env("CONSOLE_OPERATOR_TOKEN").filter(|t| !t.is_empty()) {
-        if token.len() < 16 {
-            anyhow::bail!(
-                "CONSOLE_OPERATOR_TOKEN is shorter than 16 characters: too easy to guess"
-            );
+        if let Err(why) = strong_enough(&token) {
+            anyhow::bail!("CONSOLE_OPERATOR_TOKEN {why}");
         }
         operators.push(Operator {
             name: env("CONSOLE_OPERATOR_NAME")
@@ -93,6 +91,52 @@ pub fn operators(
         });
     }
     Ok(operators)
+}
+
+/// The fewest characters a token may have.
+pub const SHORTEST_TOKEN: usize = 24;
+
+/// Whether `token` is long enough not to be guessed; if not, why (to follow its name).
+pub fn strong_enough(token: &str) -> Result<(), String> {
+    let n = token.chars().count();
+    if n < SHORTEST_TOKEN {
+        return Err(format!(
+            "is {n} characters long: at least {SHORTEST_TOKEN} are needed, so it cannot be \
+             guessed (e.g. `openssl rand -hex 24`)"
+        ));
+    }
+    Ok(())
+}
+
+/// What `console hash-token` prints for a token read from its standard input: the config lines
+/// of an operator holding it, or why the token is refused.
+pub fn operator_config(token: &str, name: &str, role: Role) -> Result<String, String> {
+    let token = token.trim_end_matches(['\n', '\r']);
+    strong_enough(token).map_err(|why| format!("the token {why}"))?;
+    let role = match role {
+        Role::Viewer => "viewer",
+        Role::Operator => "operator",
+    };
+    Ok(format!(
+        "[[console.operators]]\nname = {}\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n",
+        toml_string(name),
+        token_sha256(token)
+    ))
+}
+
+/// `text` as a TOML basic string.
+fn toml_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The operator whose token this is.
@@ -177,6 +221,8 @@ pub struct Caller {
     pub csrf: Option<String>,
     /// The session cookie's value (none for a bearer token).
     pub session: Option<String>,
+    /// Where the request came from (see [`super::throttle::client_address`]).
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// Why a request was refused.
@@ -189,6 +235,8 @@ pub enum Refusal {
     },
     /// Signed in, but not allowed to do this.
     Forbidden(&'static str),
+    /// Too many wrong tokens from the caller's address: try again after this long.
+    Throttled(Duration),
 }
 
 impl IntoResponse for Refusal {
@@ -200,6 +248,7 @@ impl IntoResponse for Refusal {
                 "sign in: send Authorization: Bearer <token>",
             ),
             Refusal::Forbidden(why) => super::api::error(StatusCode::FORBIDDEN, why),
+            Refusal::Throttled(wait) => throttled(wait),
         }
     }
 }
@@ -221,19 +270,28 @@ impl FromRequestParts<Console> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, console: &Console) -> Result<Self, Refusal> {
         let page = !parts.uri.path().starts_with("/api/");
+        let address =
+            super::throttle::client_address(parts, console.settings.console.trust_forwarded_for);
         let bearer = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if let Some(token) = bearer {
-            let operator =
-                find(&console.operators, token.trim()).ok_or(Refusal::Unauthenticated { page })?;
+            if let Some(wait) = console.throttle.blocked(address, "bearer") {
+                return Err(Refusal::Throttled(wait));
+            }
+            let Some(operator) = find(&console.operators, token.trim()) else {
+                refused(console, address, "bearer").await;
+                return Err(Refusal::Unauthenticated { page });
+            };
+            console.throttle.succeeded(address);
             return Ok(Caller {
                 name: operator.name.clone(),
                 role: operator.role,
                 csrf: None,
                 session: None,
+                address,
             });
         }
         let id = cookie(&parts.headers, COOKIE).ok_or(Refusal::Unauthenticated { page })?;
@@ -246,7 +304,50 @@ impl FromRequestParts<Console> for Caller {
             role: session.role,
             csrf: Some(session.csrf),
             session: Some(id),
+            address,
         })
+    }
+}
+
+/// A 429 that says when to come back.
+pub(super) fn throttled(wait: Duration) -> Response {
+    let secs = wait.as_secs().max(1);
+    let mut response = super::api::error(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("too many wrong tokens from this address: try again in {secs} s"),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, secs.into());
+    response
+}
+
+/// Notes a wrong token (`how`: sign-in or bearer) from `address`: counted toward the throttle,
+/// logged at warn and written to the audit log, without the token.
+pub(super) async fn refused(console: &Console, address: Option<std::net::IpAddr>, how: &str) {
+    let (failures, blocked) = console.throttle.failed(address, how);
+    let from = address.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+    tracing::warn!(client_address = %from, how, failures, blocked_for_s = blocked.map(|b| b.as_secs()),
+        "console authentication refused: a token that belongs to no operator");
+    let entry = crate::store::audit::NewEntry {
+        actor: "(unknown)".into(),
+        source: "console".into(),
+        action: format!("{how}-refused"),
+        filter: None,
+        count: 0,
+        ids: Vec::new(),
+        run_id: None,
+        client_address: address.map(|a| a.to_string()),
+    };
+    match console.pool.get().await {
+        Ok(mut conn) => {
+            if let Err(error) = crate::store::audit::record(&mut conn, &entry).await {
+                tracing::warn!(%error, "cannot record a refused authentication in the audit log");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot record a refused authentication in the audit log")
+        }
     }
 }
 
@@ -281,15 +382,12 @@ mod tests {
 
     #[test]
     fn operators_are_found_by_their_token_only() {
-        let settings = ConsoleSettings {
-            listen: "127.0.0.1:0".into(),
-            job_stalled_after_ms: 30_000,
-            operators: vec![OperatorSettings {
-                name: "vera".into(),
-                role: "viewer".into(),
-                token_sha256: token_sha256("viewer-token-0123456789"),
-            }],
-        };
+        let mut settings = crate::config::Settings::load(None).unwrap().console;
+        settings.operators = vec![OperatorSettings {
+            name: "vera".into(),
+            role: "viewer".into(),
+            token_sha256: token_sha256("viewer-token-0123456789"),
+        }];
         let env = |name: &str| match name {
             "CONSOLE_OPERATOR_TOKEN" => Some("operator-token-0123456789".to_owned()),
             _ => None,

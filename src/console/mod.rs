@@ -8,16 +8,22 @@
 mod api;
 mod auth;
 mod pages;
+mod server;
+mod throttle;
 
 use crate::config::Settings;
 use crate::store::{self, PgPool, replay_runs};
-use anyhow::Context as _;
 use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{Operator, Role, operators, token_sha256};
+pub use auth::{Operator, Role, operator_config, operators, token_sha256};
 
 /// What every handler reaches.
 #[derive(Clone)]
@@ -28,28 +34,78 @@ pub struct Console {
     sessions: auth::Sessions,
     /// The jobs this console is running, which it never takes over from itself.
     running: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
+    throttle: throttle::Throttle,
+    /// The console's own figures, served at `/metrics`.
+    registry: prometheus::Registry,
     stop: CancellationToken,
 }
 
-/// The routes: pages at `/`, the JSON API under `/api/`.
+/// Most bytes in a request body: 10,000 ids with room to spare.
+const BODY_LIMIT: usize = 256 * 1024;
+/// Longest request target (path and query) answered; longer ones get 414.
+const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most bytes of request headers answered; more get 431.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Most request header lines answered; more get 431.
+const MAX_HEADERS: usize = 100;
+
+/// The routes: pages at `/`, the JSON API under `/api/`, the pages' script and style under
+/// `/static/`, the console's figures at `/metrics`; every answer bounded in time and carrying the
+/// security headers.
 pub fn router(console: Console) -> Router {
+    let timeout = Duration::from_millis(console.settings.console.request_timeout_ms);
     api::routes()
         .merge(pages::routes())
+        .route("/metrics", get(metrics))
         .with_state(console)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(axum::middleware::from_fn(limits))
         .layer(axum::middleware::map_response(secure))
 }
 
+/// Refuses request targets and headers larger than any page or script of ours sends, with our
+/// own answer (hyper's, far above these, would carry none of the security headers).
+async fn limits(request: Request, next: Next) -> Response {
+    let uri = request.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        return api::error(
+            StatusCode::URI_TOO_LONG,
+            &format!("the request target is {uri} bytes; at most {MAX_URI_BYTES} are read"),
+        );
+    }
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return api::error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            &format!(
+                "{} header lines of {bytes} bytes; at most {MAX_HEADERS} lines and \
+                 {MAX_HEADER_BYTES} bytes are read",
+                headers.len()
+            ),
+        );
+    }
+    next.run(request).await
+}
+
 /// What every answer tells the browser: no framing by another site (clickjacking), scripts and
-/// styles only from the page itself, no referrer leaving the console, no caching of data.
-async fn secure(mut response: axum::response::Response) -> axum::response::Response {
-    use axum::http::HeaderValue;
+/// styles only from the console's own files (no inline script or style runs, so an injected one
+/// would not either), no referrer leaving the console, no caching of data.
+async fn secure(mut response: Response) -> Response {
     let headers = response.headers_mut();
     for (name, value) in [
         ("x-frame-options", "DENY"),
         (
             "content-security-policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'",
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         ("referrer-policy", "no-referrer"),
         ("x-content-type-options", "nosniff"),
@@ -58,6 +114,14 @@ async fn secure(mut response: axum::response::Response) -> axum::response::Respo
         headers.insert(name, HeaderValue::from_static(value));
     }
     response
+}
+
+/// The console's figures in Prometheus text (refused and throttled authentications).
+async fn metrics(State(console): State<Console>) -> Response {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&console.registry.gather())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Serves the console on `listener` until `stop` fires; resumes stalled replay jobs meanwhile.
@@ -69,15 +133,18 @@ pub async fn serve(
     let operators = operators(&settings.console, |name| std::env::var(name).ok())?;
     if operators.is_empty() {
         anyhow::bail!(
-            "no console operator is configured: add [[console.operators]] to the config file, or \
-             set CONSOLE_OPERATOR_TOKEN"
+            "no console operator is configured: add [[console.operators]] to the config file \
+             (payment-link-worker console hash-token prints one), or set CONSOLE_OPERATOR_TOKEN"
         );
     }
     let pool = store::pool(&settings.database)?;
     if settings.database.run_migrations {
         crate::startup::migrate(&settings, &pool).await?;
     }
+    let registry = prometheus::Registry::new();
     let console = Console {
+        throttle: throttle::Throttle::new(settings.console.auth_failures_allowed, &registry),
+        registry,
         settings: Arc::new(settings),
         pool,
         operators: Arc::new(operators),
@@ -87,10 +154,9 @@ pub async fn serve(
     };
     tokio::spawn(resume_stalled_jobs(console.clone()));
     tracing::info!(address = %listener.local_addr()?, "console listening");
-    axum::serve(listener, router(console))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .context("the console stopped")
+    let bounds = console.settings.console.clone();
+    server::serve(listener, router(console), &bounds, stop).await;
+    Ok(())
 }
 
 /// Runs a replay job in the background until it ends (or the console stops; the job is then

@@ -1,16 +1,20 @@
 //! The console's pages: server-rendered HTML with a little JavaScript for the actions (which call
-//! the JSON API with the session's CSRF token) and for live job progress. Every value shown is
-//! HTML-escaped; no secret is ever rendered.
+//! the JSON API with the session's CSRF token) and for live job progress, served as files. Every
+//! value shown is HTML-escaped, with invisible and reordering characters shown as `⟨U+202E⟩`; no
+//! secret is ever rendered.
 
 use super::Console;
 use super::api::{self, ListQuery};
-use super::auth::{COOKIE, Caller, Role, find};
-use crate::ops::dead_letters::known_kinds;
+use super::auth::{COOKIE, Caller, Role, find, refused};
+use super::throttle::ClientAddress;
+use crate::ops::dead_letters::{Listed, known_kinds};
+use crate::ops::targets::{ReplayTargets, exchange_name};
 use crate::store::dead_letters::{self as store, STATES};
 use crate::store::{audit, replay_runs};
+use crate::text::visible_block;
 use axum::Router;
 use axum::extract::{Form, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
@@ -27,10 +31,31 @@ pub(super) fn routes() -> Router<Console> {
         .route("/dead-letters/{id}", get(detail))
         .route("/replays/{id}", get(job))
         .route("/audit", get(audit_page))
+        .route("/audit/{id}", get(audit_entry_page))
+        .route("/static/console.css", get(style))
+        .route("/static/console.js", get(script))
 }
 
-/// `text` safe inside HTML text and attribute values.
+async fn style() -> Response {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
+    )
+        .into_response()
+}
+
+/// `text` as people should read it, safe inside HTML text and attribute values: what is shown.
 fn esc(text: &str) -> String {
+    attr(&visible_block(text))
+}
+
+/// `text` safe inside HTML text and attribute values, unchanged otherwise: for values the page
+/// sends back (a form field, a filter), which must stay exactly as they are.
+fn attr(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -61,117 +86,28 @@ fn when(t: DateTime<Utc>) -> String {
     )
 }
 
-/// A kind as a coloured badge, the same colour everywhere.
+/// A kind as a coloured badge, the same colour everywhere (colours in the style sheet; a kind
+/// outside the known ones is grey).
 fn kind_badge(kind: &str) -> String {
-    let colour = match kind {
-        "validation" => "#b45309",
-        "provider-rejected" => "#b91c1c",
-        "provider-auth" => "#9f1239",
-        "retries-exhausted" => "#6d28d9",
-        "idempotency-conflict" => "#0369a1",
-        "unstorable" => "#854d0e",
-        "delivery-limit" => "#be185d",
-        "internal-error" => "#334155",
-        _ => "#475569",
+    let class = if known_kinds().contains(&kind) {
+        kind
+    } else {
+        "other"
     };
-    format!(
-        "<span class=\"badge\" style=\"background:{colour}\">{}</span>",
-        esc(kind)
-    )
+    format!("<span class=\"badge kind-{class}\">{}</span>", esc(kind))
 }
 
 fn state_badge(state: &str) -> String {
     format!("<span class=\"state state-{0}\">{0}</span>", esc(state))
 }
 
-const STYLE: &str = r#"
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#0f172a;background:#f8fafc}
-header{background:#0f172a;color:#e2e8f0;padding:10px 24px;display:flex;gap:24px;align-items:center}
-header a{color:#e2e8f0;text-decoration:none;font-weight:600}header a:hover{text-decoration:underline}
-header .who{margin-left:auto;font-size:13px;color:#94a3b8}
-main{padding:20px 24px;max-width:1400px}
-h1{font-size:20px;margin:0 0 16px}h2{font-size:16px;margin:24px 0 8px}
-table{border-collapse:collapse;width:100%;background:#fff;box-shadow:0 1px 2px #0001}
-th,td{padding:6px 8px;border-bottom:1px solid #e2e8f0;text-align:left;vertical-align:top}
-th{background:#f1f5f9;font-weight:600;font-size:12px;text-transform:uppercase;color:#475569}
-tr:hover td{background:#f8fafc}
-.badge{color:#fff;border-radius:10px;padding:1px 8px;font-size:12px;white-space:nowrap}
-.state{border-radius:4px;padding:1px 6px;font-size:12px;border:1px solid #cbd5e1}
-.state-open{background:#fef3c7}.state-replaying{background:#dbeafe}.state-replayed{background:#dcfce7}.state-archived{background:#e2e8f0}
-.muted{color:#64748b}.msg{max-width:420px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.cards{display:flex;gap:12px;flex-wrap:wrap}.card{background:#fff;padding:12px 16px;box-shadow:0 1px 2px #0002;border-radius:6px;min-width:140px}
-.card b{font-size:22px;display:block}
-form.filters{display:flex;gap:8px;flex-wrap:wrap;align-items:end;margin-bottom:12px}
-form.filters label{display:flex;flex-direction:column;font-size:12px;color:#475569}
-input,select,button{font:inherit;padding:4px 6px}
-button{background:#1d4ed8;color:#fff;border:0;border-radius:4px;padding:6px 12px;cursor:pointer}
-button.secondary{background:#475569}button:disabled{opacity:.5;cursor:default}
-.actions{display:flex;gap:8px;margin:8px 0}
-pre{background:#0f172a;color:#e2e8f0;padding:12px;overflow:auto;border-radius:6px;max-height:480px}
-dl{display:grid;grid-template-columns:200px 1fr;gap:4px 12px;background:#fff;padding:12px;box-shadow:0 1px 2px #0001}
-dt{color:#475569}dd{margin:0;word-break:break-all}
-.bars{display:flex;align-items:end;gap:2px;height:80px;background:#fff;padding:8px;box-shadow:0 1px 2px #0001}
-.bars div{background:#1d4ed8;flex:1;min-height:1px}
-.progress{background:#e2e8f0;border-radius:6px;height:18px;overflow:hidden;max-width:600px}
-.progress div{background:#16a34a;height:100%;transition:width .3s}
-.warn{background:#fef3c7;border:1px solid #f59e0b;padding:8px 12px;border-radius:6px;margin:8px 0}
-.error{background:#fee2e2;border:1px solid #ef4444;padding:8px 12px;border-radius:6px}
-"#;
+/// The pages' style, served as a file: the content security policy allows no inline style.
+const STYLE: &str = include_str!("static/console.css");
 
-/// The page's script: every action asks first, says what it will touch, sends the CSRF token,
-/// and asks again (naming the risk) when the API answers that a replay may create a second link.
-const SCRIPT: &str = r#"
-const csrf = document.querySelector('meta[name=csrf]')?.content || '';
-async function call(url, body) {
-  const r = await fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': csrf}, body: JSON.stringify(body)});
-  return {status: r.status, json: await r.json().catch(() => ({}))};
-}
-function selectedIds() {
-  return [...document.querySelectorAll('input.pick:checked')].map(c => Number(c.value));
-}
-async function act(kind, target, count) {
-  if (!count) { alert('Nothing selected.'); return; }
-  const verb = kind === 'replay' ? 'Replay' : 'Archive';
-  if (!confirm(`${verb} ${count} dead letter(s)?`)) return;
-  if (kind === 'archive') {
-    const r = await call('/api/dead-letters/archive', target);
-    if (r.status !== 200) { alert(r.json.error || ('failed: ' + r.status)); return; }
-    alert(`Archived ${r.json.archived} dead letter(s).`);
-    location.reload();
-    return;
-  }
-  const rate = document.getElementById('rate')?.value;
-  const body = Object.assign({}, target, rate ? {rate: Number(rate)} : {});
-  let r = await call('/api/replays', body);
-  if (r.status === 409) {
-    if (!confirm(r.json.error + '\n\nI accept the risk: replay anyway?')) return;
-    r = await call('/api/replays', Object.assign(body, {acceptDuplicateRisk: true}));
-  }
-  if (r.status !== 202) { alert(r.json.error || ('failed: ' + r.status)); return; }
-  location.href = '/replays/' + r.json.jobId;
-}
-document.addEventListener('click', e => {
-  const b = e.target.closest('button[data-act]');
-  if (!b) return;
-  const all = b.dataset.scope === 'all';
-  const ids = b.dataset.ids ? JSON.parse(b.dataset.ids) : selectedIds();
-  const target = all ? {filter: JSON.parse(b.dataset.filter)} : {ids};
-  act(b.dataset.act, target, all ? Number(b.dataset.count) : ids.length);
-});
-document.getElementById('pick-all')?.addEventListener('change', e => {
-  document.querySelectorAll('input.pick').forEach(c => c.checked = e.target.checked);
-});
-async function watch(id) {
-  const r = await fetch('/api/replays/' + id);
-  const j = await r.json();
-  const done = j.replayed + j.failed;
-  document.getElementById('bar').style.width = (j.total ? 100 * done / j.total : 100) + '%';
-  for (const k of ['state', 'total', 'replayed', 'failed', 'skipped']) document.getElementById(k).textContent = j[k];
-  if (j.state === 'running') setTimeout(() => watch(id), 500);
-}
-const job = document.getElementById('job');
-if (job) watch(job.dataset.id);
-"#;
+/// The pages' script, served as a file (the content security policy runs no inline script):
+/// every action asks first, says what it will touch, sends the CSRF token, and asks again
+/// (naming the risk) when the API answers that a replay may create a second link.
+const SCRIPT: &str = include_str!("static/console.js");
 
 /// The frame of every signed-in page.
 fn layout(caller: &Caller, title: &str, content: &str) -> Html<String> {
@@ -183,14 +119,14 @@ fn layout(caller: &Caller, title: &str, content: &str) -> Html<String> {
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <meta name=\"csrf\" content=\"{csrf}\"><title>{title} · payment-link-worker</title>\
-         <style>{STYLE}</style></head><body><header><span>payment-link-worker</span>\
+         <link rel=\"stylesheet\" href=\"/static/console.css\"></head><body><header><span>payment-link-worker</span>\
          <a href=\"/\">Overview</a><a href=\"/dead-letters?state=open\">Dead letters</a>\
          <a href=\"/audit\">Audit</a><span class=\"who\">{name} ({role}) \
-         <form method=\"post\" action=\"/logout\" style=\"display:inline\">\
+         <form method=\"post\" action=\"/logout\" class=\"inline\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <button class=\"secondary\" id=\"logout\">Sign out</button></form></span></header>\
-         <main>{content}</main><script>{SCRIPT}</script></body></html>",
-        csrf = esc(caller.csrf.as_deref().unwrap_or("")),
+         <main>{content}</main><script src=\"/static/console.js\"></script></body></html>",
+        csrf = attr(caller.csrf.as_deref().unwrap_or("")),
         title = esc(title),
         name = esc(&caller.name),
     ))
@@ -207,7 +143,7 @@ fn login_page(error: Option<&str>) -> Html<String> {
         .unwrap_or_default();
     Html(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign in · \
-         payment-link-worker</title><style>{STYLE}</style></head><body><header>\
+         payment-link-worker</title><link rel=\"stylesheet\" href=\"/static/console.css\"></head><body><header>\
          <span>payment-link-worker</span></header><main><h1>Sign in</h1>{error}\
          <form method=\"post\" action=\"/login\"><label>Operator token \
          <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\" \
@@ -219,14 +155,63 @@ async fn login_form() -> Html<String> {
     login_page(None)
 }
 
-async fn login(State(console): State<Console>, Form(form): Form<LoginForm>) -> Response {
+/// Whether a sign-in form was posted from the console's own page: a browser sends `Origin` on
+/// every cross-origin POST (and `Sec-Fetch-Site`), so another site cannot sign a visitor in as
+/// someone else (login CSRF). A request without either (a script) is let through.
+fn same_origin(headers: &HeaderMap, trust_forwarded: bool) -> bool {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if matches!(value("sec-fetch-site"), Some("cross-site" | "same-site")) {
+        return false;
+    }
+    let Some(origin) = value("origin") else {
+        return true;
+    };
+    let authority = origin.split_once("://").map(|(_, rest)| rest);
+    let host = trust_forwarded
+        .then(|| value("x-forwarded-host"))
+        .flatten()
+        .or_else(|| value("host"));
+    authority.is_some() && authority == host
+}
+
+async fn login(
+    State(console): State<Console>,
+    ClientAddress(address): ClientAddress,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    if !same_origin(&headers, console.settings.console.trust_forwarded_for) {
+        return (
+            StatusCode::FORBIDDEN,
+            login_page(Some(
+                "Sign in from the console's own page: this form was sent from another site.",
+            )),
+        )
+            .into_response();
+    }
+    if let Some(wait) = console.throttle.blocked(address, "sign-in") {
+        let mut answer = (
+            StatusCode::TOO_MANY_REQUESTS,
+            login_page(Some(&format!(
+                "Too many wrong tokens from this address: try again in {} s.",
+                wait.as_secs().max(1)
+            ))),
+        )
+            .into_response();
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, wait.as_secs().max(1).into());
+        return answer;
+    }
     let Some(operator) = find(&console.operators, form.token.trim()) else {
+        refused(&console, address, "sign-in").await;
         return (
             StatusCode::UNAUTHORIZED,
             login_page(Some("That token belongs to no operator.")),
         )
             .into_response();
     };
+    console.throttle.succeeded(address);
     let id = console.sessions.open(operator);
     if let Ok(mut conn) = console.pool.get().await {
         let _ = audit::record(
@@ -239,6 +224,7 @@ async fn login(State(console): State<Console>, Form(form): Form<LoginForm>) -> R
                 count: 0,
                 ids: Vec::new(),
                 run_id: None,
+                client_address: address.map(|a| a.to_string()),
             },
         )
         .await;
@@ -253,20 +239,11 @@ async fn login(State(console): State<Console>, Form(form): Form<LoginForm>) -> R
         .into_response()
 }
 
-#[derive(Deserialize)]
-struct LogoutForm {
-    csrf: String,
-}
-
-async fn logout(
-    State(console): State<Console>,
-    caller: Caller,
-    Form(form): Form<LogoutForm>,
-) -> Response {
-    // The CSRF token proves the form came from our page: another site cannot sign anyone out.
-    if caller.csrf.as_deref() == Some(form.csrf.as_str())
-        && let Some(id) = &caller.session
-    {
+/// Ends the session on the server and in the browser. The session cookie is `SameSite=Strict`,
+/// so another site's form cannot send it: the CSRF field is not needed here, and a wrong one
+/// never leaves a cleared cookie in front of a session that still works.
+async fn logout(State(console): State<Console>, caller: Caller) -> Response {
+    if let Some(id) = &caller.session {
         console.sessions.close(id);
     }
     (
@@ -290,7 +267,7 @@ async fn overview(caller: Caller, State(console): State<Console>) -> Response {
         let n = overview.by_state.get(state).copied().unwrap_or(0);
         let _ = write!(
             html,
-            "<a class=\"card\" href=\"/dead-letters?state={state}\" style=\"text-decoration:none;color:inherit\">\
+            "<a class=\"card\" href=\"/dead-letters?state={state}\">\
              <b id=\"count-{state}\">{n}</b>{state}</a>"
         );
     }
@@ -303,8 +280,11 @@ async fn overview(caller: Caller, State(console): State<Console>) -> Response {
         let open = overview.open_by_kind.get(kind).copied().unwrap_or(0);
         let _ = write!(
             html,
-            "<tr><td><a href=\"/dead-letters?state=open&kind={k}\">{badge}</a></td><td>{open}</td><td>{all}</td></tr>",
-            k = esc(kind),
+            "<tr><td><a href=\"/dead-letters?{k}\">{badge}</a></td><td>{open}</td><td>{all}</td></tr>",
+            k = attr(
+                &serde_urlencoded::to_string([("state", "open"), ("kind", kind.as_str())])
+                    .unwrap_or_default()
+            ),
             badge = kind_badge(kind)
         );
     }
@@ -319,7 +299,7 @@ async fn overview(caller: Caller, State(console): State<Console>) -> Response {
     for n in &overview.last_24_hours {
         let _ = write!(
             html,
-            "<div style=\"height:{}%\" title=\"{n}\"></div>",
+            "<div data-h=\"{}\" title=\"{n}\"></div>",
             n * 100 / peak
         );
     }
@@ -365,7 +345,7 @@ async fn list(
         Ok(found) => found,
         Err(e) => return api::internal(e),
     };
-    let text = |v: &Option<String>| esc(v.as_deref().unwrap_or(""));
+    let text = |v: &Option<String>| attr(v.as_deref().unwrap_or(""));
     let kinds = known_kinds();
     let mut html = format!(
         "<h1>Dead letters <small class=\"muted\" id=\"matching\">{matching} matching</small></h1>\
@@ -389,7 +369,7 @@ async fn list(
         until = text(&query.until),
     );
     if caller.role == Role::Operator {
-        let filter_json = esc(&serde_json::to_string(&filter).unwrap_or_default());
+        let filter_json = attr(&serde_json::to_string(&filter).unwrap_or_default());
         let _ = write!(
             html,
             "<div class=\"actions\"><button data-act=\"replay\" id=\"replay-selected\">Replay selected</button>\
@@ -404,12 +384,20 @@ async fn list(
          <th>Id</th><th>State</th><th>Kind</th><th>Command id</th><th>HTTP</th><th>Attempts</th>\
          <th>Failed</th><th>Replays</th><th>Invoice</th><th>Customer</th><th>Why</th></tr>",
     );
-    for row in &rows {
+    let targets = ReplayTargets::new(&console.settings);
+    for row in rows.into_iter().map(|r| Listed::new(r, &targets)) {
+        let replayable = match &row.not_replayable_because {
+            None => String::new(),
+            Some(why) => format!(
+                " <span class=\"not-replayable\" title=\"{}\">not replayable</span>",
+                esc(why)
+            ),
+        };
         let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "–".into());
         let _ = write!(
             html,
             "<tr data-id=\"{id}\"><td><input type=\"checkbox\" class=\"pick\" value=\"{id}\"></td>\
-             <td><a href=\"/dead-letters/{id}\">{id}</a></td><td>{state}</td><td>{kind}</td>\
+             <td><a href=\"/dead-letters/{id}\">{id}</a></td><td>{state}{replayable}</td><td>{kind}</td>\
              <td><a href=\"/dead-letters/{id}\">{command}</a></td><td>{status}</td><td>{attempts}</td>\
              <td>{failed}</td><td>{replays}</td><td>{invoice}</td><td>{customer}</td>\
              <td class=\"msg\" title=\"{message}\">{message}</td></tr>",
@@ -552,10 +540,25 @@ async fn detail(caller: Caller, State(console): State<Console>, Path(id): Path<i
     if letter["duplicateRisk"] == Value::Bool(true) {
         html.push_str("<p class=\"warn\">Its first provider call is older than the provider's idempotency window: a replay may create a second payment link.</p>");
     }
-    if caller.role == Role::Operator && s("state") == "open" {
+    if let Some(why) = letter["notReplayableBecause"].as_str() {
         let _ = write!(
             html,
-            "<div class=\"actions\"><button data-act=\"replay\" data-ids=\"[{id}]\" id=\"replay-one\">Replay</button>\
+            "<p class=\"warn\" id=\"not-replayable\">Not replayable: {}. A replay skips it; archive \
+             it, or send a corrected command.</p>",
+            esc(why)
+        );
+    }
+    if caller.role == Role::Operator && s("state") == "open" {
+        let replay = if letter["replayable"] == Value::Bool(true) {
+            format!(
+                "<button data-act=\"replay\" data-ids=\"[{id}]\" id=\"replay-one\">Replay</button>"
+            )
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            html,
+            "<div class=\"actions\">{replay}\
              <button data-act=\"archive\" class=\"secondary\" data-ids=\"[{id}]\" id=\"archive-one\">Archive</button></div>"
         );
     }
@@ -591,7 +594,12 @@ async fn detail(caller: Caller, State(console): State<Console>, Path(id): Path<i
         );
     }
     html.push_str("</dl><h2>Original message</h2><dl>");
-    field(&mut html, "Exchange", &letter["original"]["exchange"]);
+    let exchange = letter["original"]["exchange"].as_str().unwrap_or("");
+    field(
+        &mut html,
+        "Exchange",
+        &Value::String(exchange_name(exchange)),
+    );
     field(&mut html, "Routing key", &letter["original"]["routingKey"]);
     html.push_str("</dl><details open><summary>Properties</summary><pre>");
     html.push_str(&esc(&serde_json::to_string_pretty(
@@ -644,7 +652,7 @@ async fn job(caller: Caller, State(console): State<Console>, Path(id): Path<i64>
     };
     let html = format!(
         "<h1>Replay job {id}</h1><div id=\"job\" data-id=\"{id}\"></div>\
-         <div class=\"progress\"><div id=\"bar\" style=\"width:0\"></div></div>\
+         <div class=\"progress\"><div id=\"bar\"></div></div>\
          <dl><dt>State</dt><dd id=\"state\">{state}</dd><dt>Total</dt><dd id=\"total\">{total}</dd>\
          <dt>Replayed</dt><dd id=\"replayed\">{replayed}</dd><dt>Failed</dt><dd id=\"failed\">{failed}</dd>\
          <dt>Skipped</dt><dd id=\"skipped\">{skipped}</dd><dt>Requested by</dt><dd>{by}</dd>\
@@ -666,11 +674,33 @@ async fn job(caller: Caller, State(console): State<Console>, Path(id): Path<i64>
     layout(&caller, &format!("Replay job {id}"), &html).into_response()
 }
 
-async fn audit_page(caller: Caller, State(console): State<Console>) -> Response {
+/// Most characters of an entry's filter a list shows; the whole is on the entry's own page.
+const LISTED_FILTER_CHARS: usize = 300;
+/// Ids an entry shows in the list.
+const LISTED_IDS: usize = 20;
+
+/// Who acted, from where.
+fn source_and_address(e: &audit::Entry) -> String {
+    match &e.client_address {
+        Some(address) => format!("{} from {}", esc(&e.source), esc(address)),
+        None => esc(&e.source),
+    }
+}
+
+async fn audit_page(
+    caller: Caller,
+    State(console): State<Console>,
+    Query(query): Query<api::AuditQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(50).clamp(1, api::AUDIT_PAGE);
     let found = async {
         let mut conn = console.pool.get().await?;
-        let entries = audit::newest(&mut conn, 200).await?;
-        let runs = replay_runs::newest(&mut conn, 50).await?;
+        let entries = audit::page(&mut conn, limit, query.before).await?;
+        let runs = if query.before.is_none() {
+            replay_runs::newest(&mut conn, 50).await?
+        } else {
+            Vec::new()
+        };
         Ok::<_, crate::store::StoreError>((entries, runs))
     };
     let (entries, runs) = match found.await {
@@ -685,24 +715,31 @@ async fn audit_page(caller: Caller, State(console): State<Console>) -> Response 
         let ids: Vec<String> = e
             .ids
             .iter()
-            .take(20)
+            .take(LISTED_IDS)
             .map(|i| format!("<a href=\"/dead-letters/{i}\">{i}</a>"))
             .collect();
-        let more = if e.ids.len() > 20 {
-            format!(" … and {} more", e.ids.len() - 20)
+        let whole = format!("<a href=\"/audit/{}\">the whole entry</a>", e.id);
+        let more = if e.ids.len() > LISTED_IDS {
+            format!(" … and {} more ({whole})", e.ids.len() - LISTED_IDS)
         } else {
             String::new()
+        };
+        let filter = e.filter.as_ref().map(Value::to_string).unwrap_or_default();
+        let filter = if filter.chars().count() > LISTED_FILTER_CHARS {
+            let cut: String = filter.chars().take(LISTED_FILTER_CHARS).collect();
+            format!("<code>{}</code> … ({whole})", esc(&cut))
+        } else {
+            format!("<code>{}</code>", esc(&filter))
         };
         let _ = write!(
             html,
             "<tr><td>{at}</td><td>{who}</td><td>{from}</td><td>{action}</td><td>{count}</td>\
-             <td><code>{filter}</code></td><td>{run}</td><td>{ids}{more}</td></tr>",
+             <td>{filter}</td><td>{run}</td><td>{ids}{more}</td></tr>",
             at = when(e.at),
             who = esc(&e.actor),
-            from = esc(&e.source),
+            from = source_and_address(e),
             action = esc(&e.action),
             count = e.count,
-            filter = esc(&e.filter.as_ref().map(Value::to_string).unwrap_or_default()),
             run = e
                 .run_id
                 .map(|r| format!("<a href=\"/replays/{r}\">{r}</a>"))
@@ -710,11 +747,23 @@ async fn audit_page(caller: Caller, State(console): State<Console>) -> Response 
             ids = ids.join(" "),
         );
     }
-    html.push_str("</table><h2>Replay jobs</h2><table><tr><th>Job</th><th>Started</th><th>By</th><th>State</th><th>Total</th><th>Replayed</th><th>Failed</th></tr>");
+    html.push_str("</table>");
+    if entries.len() as i64 == limit
+        && let Some(last) = entries.last()
+    {
+        let _ = write!(
+            html,
+            "<p><a id=\"older\" href=\"/audit?before={}\">Older entries →</a></p>",
+            last.id
+        );
+    }
+    if !runs.is_empty() {
+        html.push_str("<h2>Replay jobs</h2><table><tr><th>Job</th><th>Started</th><th>By</th><th>State</th><th>Total</th><th>Replayed</th><th>Failed</th><th>Skipped</th></tr>");
+    }
     for r in &runs {
         let _ = write!(
             html,
-            "<tr><td><a href=\"/replays/{id}\">{id}</a>{dry}</td><td>{at}</td><td>{by}</td><td>{state}</td><td>{total}</td><td>{replayed}</td><td>{failed}</td></tr>",
+            "<tr><td><a href=\"/replays/{id}\">{id}</a>{dry}</td><td>{at}</td><td>{by}</td><td>{state}</td><td>{total}</td><td>{replayed}</td><td>{failed}</td><td>{skipped}</td></tr>",
             id = r.id,
             dry = if r.dry_run { " (dry run)" } else { "" },
             at = when(r.started_at),
@@ -723,10 +772,59 @@ async fn audit_page(caller: Caller, State(console): State<Console>) -> Response 
             total = r.total,
             replayed = r.replayed,
             failed = r.failed,
+            skipped = r.skipped,
         );
     }
-    html.push_str("</table>");
+    if !runs.is_empty() {
+        html.push_str("</table>");
+    }
     layout(&caller, "Audit", &html).into_response()
+}
+
+async fn audit_entry_page(
+    caller: Caller,
+    State(console): State<Console>,
+    Path(id): Path<i64>,
+) -> Response {
+    let found = async {
+        let mut conn = console.pool.get().await?;
+        audit::find(&mut conn, id).await
+    };
+    let e = match found.await {
+        Ok(Some(entry)) => entry,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                layout(&caller, "Not found", "<h1>No audit entry has this id</h1>"),
+            )
+                .into_response();
+        }
+        Err(e) => return api::internal(e),
+    };
+    let ids: Vec<String> = e.ids.iter().map(i64::to_string).collect();
+    let html = format!(
+        "<h1>Audit entry {id}</h1><dl><dt>When</dt><dd>{at}</dd><dt>Who</dt><dd>{who}</dd>\
+         <dt>From</dt><dd>{from}</dd><dt>Action</dt><dd>{action}</dd><dt>Count</dt><dd>{count}</dd>\
+         <dt>Job</dt><dd>{run}</dd></dl><h2>Filter</h2><pre>{filter}</pre>\
+         <h2>Ids ({n})</h2><pre id=\"ids\">{ids}</pre><p><a href=\"/audit\">Back to the audit log</a></p>",
+        at = when(e.at),
+        who = esc(&e.actor),
+        from = source_and_address(&e),
+        action = esc(&e.action),
+        count = e.count,
+        run = e
+            .run_id
+            .map(|r| format!("<a href=\"/replays/{r}\">{r}</a>"))
+            .unwrap_or_else(|| "–".into()),
+        filter = esc(&e
+            .filter
+            .as_ref()
+            .map(|f| serde_json::to_string_pretty(f).unwrap_or_default())
+            .unwrap_or_default()),
+        n = ids.len(),
+        ids = ids.join(" "),
+    );
+    layout(&caller, &format!("Audit entry {id}"), &html).into_response()
 }
 
 #[cfg(test)]
@@ -753,5 +851,7 @@ mod tests {
     #[test]
     fn markup_in_values_is_shown_not_run() {
         assert_eq!(esc("<script>\"'&"), "&lt;script&gt;&quot;&#39;&amp;");
+        assert_eq!(esc("bidi-\u{202E}gpj.exe"), "bidi-⟨U+202E⟩gpj.exe");
+        assert_eq!(attr("bidi-\u{202E}<"), "bidi-\u{202E}&lt;");
     }
 }

@@ -2,6 +2,7 @@
 //! kind.
 
 use super::dead_letters::Listing;
+use crate::text::visible;
 
 /// The listing as a table with aligned columns (the message last, on one line), then the count
 /// per kind.
@@ -19,6 +20,7 @@ pub fn format_listing(listing: &Listing) -> String {
         "ADHOC",
         "CUSTOMER",
         "REPLAYS",
+        "REPLAYABLE",
         "MESSAGE",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
@@ -29,9 +31,9 @@ pub fn format_listing(listing: &Listing) -> String {
             if l.command_id.is_empty() {
                 "(no message_id)".into()
             } else {
-                l.command_id.clone()
+                visible(&l.command_id).into_owned()
             },
-            l.kind.clone(),
+            visible(&l.kind).into_owned(),
             opt(l.http_status.map(i64::from)),
             opt(l.attempts.map(i64::from)),
             l.failed_at
@@ -40,7 +42,8 @@ pub fn format_listing(listing: &Listing) -> String {
             opt(l.adhoc_invoice_id),
             opt(l.customer_id),
             l.replay_count.to_string(),
-            l.error_message.replace(['\n', '\r', '\t'], " "),
+            if l.replayable { "yes" } else { "no" }.into(),
+            visible(&l.error_message).into_owned(),
         ]);
     }
     let mut out = String::new();
@@ -65,8 +68,15 @@ pub fn format_listing(listing: &Listing) -> String {
     let kinds: Vec<String> = listing
         .by_kind
         .iter()
-        .map(|(k, n)| format!("{k}: {n}"))
+        .map(|(k, n)| format!("{}: {n}", visible(k)))
         .collect();
+    for l in listing.letters.iter().filter(|l| !l.replayable) {
+        out.push_str(&format!(
+            "dead letter {} is not replayable: {}\n",
+            l.id,
+            l.not_replayable_because.as_deref().unwrap_or("")
+        ));
+    }
     out.push_str(&format!(
         "{} shown of {} matching; by kind: {}\n",
         listing.letters.len(),

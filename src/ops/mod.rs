@@ -4,3 +4,4 @@
 pub mod dead_letters;
 pub mod listing;
 pub mod send;
+pub mod targets;

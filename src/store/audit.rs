@@ -15,7 +15,7 @@ pub struct NewEntry {
     pub actor: String,
     /// `cli`, `console` or `api`.
     pub source: String,
-    /// `replay`, `dry-run`, `archive`, `sign-in`.
+    /// `replay`, `dry-run`, `archive`, `sign-in`, `sign-in-refused`, `token-refused`.
     pub action: String,
     /// The filter the action was given.
     pub filter: Option<serde_json::Value>,
@@ -25,6 +25,8 @@ pub struct NewEntry {
     pub ids: Vec<i64>,
     /// The replay run, for a replay.
     pub run_id: Option<i64>,
+    /// The console's client address (none from the CLI).
+    pub client_address: Option<String>,
 }
 
 /// A recorded entry.
@@ -41,6 +43,19 @@ pub struct Entry {
     pub count: i32,
     pub ids: Vec<i64>,
     pub run_id: Option<i64>,
+    pub client_address: Option<String>,
+}
+
+/// Most ids an entry shows in a list of entries; the whole entry is one request away.
+pub const LISTED_IDS: usize = 100;
+
+impl Entry {
+    /// The entry as a list shows it: at most [`LISTED_IDS`] ids, and how many it has in all.
+    pub fn shortened(mut self) -> (Self, usize) {
+        let all = self.ids.len();
+        self.ids.truncate(LISTED_IDS);
+        (self, all)
+    }
 }
 
 /// Records an entry.
@@ -52,12 +67,28 @@ pub async fn record(conn: &mut PgConn, entry: &NewEntry) -> Result<(), StoreErro
     Ok(())
 }
 
-/// The newest `limit` entries.
-pub async fn newest(conn: &mut PgConn, limit: i64) -> Result<Vec<Entry>, StoreError> {
+/// The newest `limit` entries older than entry `before` (all when none): a page of the log,
+/// newest first.
+pub async fn page(
+    conn: &mut PgConn,
+    limit: i64,
+    before: Option<i64>,
+) -> Result<Vec<Entry>, StoreError> {
     Ok(a::audit_log
+        .filter(a::id.lt(before.unwrap_or(i64::MAX)))
         .order(a::id.desc())
         .limit(limit)
         .select(Entry::as_select())
         .load(conn)
         .await?)
+}
+
+/// One entry, whole.
+pub async fn find(conn: &mut PgConn, id: i64) -> Result<Option<Entry>, StoreError> {
+    Ok(a::audit_log
+        .find(id)
+        .select(Entry::as_select())
+        .first(conn)
+        .await
+        .optional()?)
 }

@@ -68,6 +68,12 @@ pub struct Summary {
     pub customer_id: Option<i64>,
     #[serde(rename = "message")]
     pub error_message: String,
+    /// The exchange its message names (where a replay would go).
+    #[serde(rename = "exchange")]
+    pub original_exchange: String,
+    /// The routing key its message names.
+    #[serde(rename = "routingKey")]
+    pub original_routing_key: String,
 }
 
 /// Everything stored about a dead letter.
@@ -490,6 +496,42 @@ pub async fn next_reserved(
         .await?)
 }
 
+/// What became of one dead letter in a replay run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// The broker confirmed the copy.
+    Replayed,
+    /// The broker did not confirm it (refused, unroutable, timed out): open again.
+    Failed(String),
+    /// Not published, and why (its target is not one replay may publish to): open again.
+    Skipped(String),
+}
+
+impl ReplayOutcome {
+    /// The line its history keeps.
+    fn history(&self) -> String {
+        match self {
+            Self::Replayed => "replayed".to_owned(),
+            // Unconfirmed is not undelivered: the copy may still reach the queue.
+            Self::Failed(why) => format!("not confirmed, open again: {why}"),
+            Self::Skipped(why) => format!("skipped, not replayable: {why}"),
+        }
+    }
+}
+
+/// Each of `ids` with the exchange and routing key its message names.
+pub async fn targets(
+    conn: &mut PgConn,
+    ids: &[i64],
+) -> Result<Vec<(i64, String, String)>, StoreError> {
+    Ok(d::dead_letters
+        .filter(d::id.eq_any(ids))
+        .order(d::id.asc())
+        .select((d::id, d::original_exchange, d::original_routing_key))
+        .load(conn)
+        .await?)
+}
+
 /// Records replays' outcomes in one transaction, with the run's progress: `replayed` where the
 /// broker confirmed the copy; otherwise the dead letter is open again and its history says why.
 /// Only rows the run still holds (`replaying`) are recorded, so a dead letter published twice
@@ -498,25 +540,26 @@ pub async fn next_reserved(
 pub async fn record_replays(
     conn: &mut PgConn,
     run_id: i64,
-    outcomes: &[(i64, Result<(), String>)],
+    outcomes: &[(i64, ReplayOutcome)],
 ) -> Result<usize, StoreError> {
     use super::schema::replay_runs::dsl as runs;
     let now = Utc::now();
-    let ids = |ok: bool| -> Vec<i64> {
+    let ids = |which: fn(&ReplayOutcome) -> bool| -> Vec<i64> {
         outcomes
             .iter()
-            .filter(|(_, o)| o.is_ok() == ok)
+            .filter(|(_, o)| which(o))
             .map(|(id, _)| *id)
             .collect()
     };
-    let (replayed, failed) = (ids(true), ids(false));
+    let groups = [
+        (ids(|o| matches!(o, ReplayOutcome::Replayed)), REPLAYED),
+        (ids(|o| matches!(o, ReplayOutcome::Failed(_))), OPEN),
+        (ids(|o| matches!(o, ReplayOutcome::Skipped(_))), OPEN),
+    ];
     conn.transaction::<_, StoreError, _>(async move |conn| {
         let mut recorded = Vec::with_capacity(outcomes.len());
-        let mut counts = [0i32; 2];
-        for (i, (ids, state)) in [(&replayed, REPLAYED), (&failed, OPEN)]
-            .into_iter()
-            .enumerate()
-        {
+        let mut counts = [0i32; 3];
+        for (i, (ids, state)) in groups.iter().enumerate() {
             if ids.is_empty() {
                 continue;
             }
@@ -526,7 +569,7 @@ pub async fn record_replays(
                     .filter(d::state.eq(REPLAYING))
                     .filter(d::replay_run_id.eq(run_id)),
             )
-            .set((d::state.eq(state), d::state_changed_at.eq(now)))
+            .set((d::state.eq(*state), d::state_changed_at.eq(now)))
             .returning(d::id)
             .get_results(&mut *conn)
             .await?;
@@ -536,28 +579,14 @@ pub async fn record_replays(
         let history: Vec<_> = outcomes
             .iter()
             .filter(|(id, _)| recorded.contains(id))
-            .map(|(id, outcome)| {
-                (
-                    r::dead_letter_id.eq(*id),
-                    r::run_id.eq(run_id),
-                    r::outcome.eq(match outcome {
-                        Ok(()) => "replayed".to_owned(),
-                        // Unconfirmed is not undelivered: the copy may still reach the queue.
-                        Err(why) => format!("not confirmed, open again: {why}"),
-                    }),
-                )
-            })
+            .map(|(id, outcome)| (*id, outcome.history()))
             .collect();
-        if !history.is_empty() {
-            diesel::insert_into(r::dead_letter_replays)
-                .values(&history)
-                .execute(&mut *conn)
-                .await?;
-        }
+        insert_history(conn, run_id, &history).await?;
         diesel::update(runs::replay_runs.find(run_id))
             .set((
                 runs::replayed.eq(runs::replayed + counts[0]),
                 runs::failed.eq(runs::failed + counts[1]),
+                runs::skipped.eq(runs::skipped + counts[2]),
                 runs::updated_at.eq(now),
             ))
             .execute(&mut *conn)
@@ -565,6 +594,60 @@ pub async fn record_replays(
         Ok(recorded.len())
     })
     .await
+}
+
+/// Records that a run left these open dead letters alone, and why (not replayable): in their
+/// history and in the run's skipped count.
+pub async fn record_skipped(
+    conn: &mut PgConn,
+    run_id: i64,
+    skipped: &[(i64, String)],
+) -> Result<(), StoreError> {
+    use super::schema::replay_runs::dsl as runs;
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    let history: Vec<(i64, String)> = skipped
+        .iter()
+        .map(|(id, why)| (*id, ReplayOutcome::Skipped(why.clone()).history()))
+        .collect();
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        insert_history(conn, run_id, &history).await?;
+        diesel::update(runs::replay_runs.find(run_id))
+            .set((
+                runs::skipped.eq(runs::skipped + history.len() as i32),
+                runs::updated_at.eq(Utc::now()),
+            ))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
+async fn insert_history(
+    conn: &mut PgConn,
+    run_id: i64,
+    lines: &[(i64, String)],
+) -> Result<(), StoreError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = lines
+        .iter()
+        .map(|(id, outcome)| {
+            (
+                r::dead_letter_id.eq(*id),
+                r::run_id.eq(run_id),
+                r::outcome.eq(outcome),
+            )
+        })
+        .collect();
+    diesel::insert_into(r::dead_letter_replays)
+        .values(&rows)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Removes archived and replayed dead letters whose state changed before `before`; returns how

@@ -148,5 +148,6 @@ diesel::table! {
         count -> Int4,
         ids -> Array<Int8>,
         run_id -> Nullable<Int8>,
+        client_address -> Nullable<Text>,
     }
 }

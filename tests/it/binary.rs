@@ -248,7 +248,7 @@ fn the_console_refuses_to_start_without_operators_or_with_a_guessable_token() {
             .env("CONSOLE_OPERATOR_TOKEN", "secret")
             .env("PAYMENT_LINK_WORKER__CONSOLE__LISTEN", "127.0.0.1:0"),
     );
-    assert!(short.contains("shorter than 16"), "{short}");
+    assert!(short.contains("at least 24 are needed"), "{short}");
     assert!(
         !short.contains("secret\n") && !short.contains("\"secret\""),
         "{short}"

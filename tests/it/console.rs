@@ -405,12 +405,20 @@ async fn the_api_answers_as_documented_and_only_operators_act() {
     assert_eq!(
         actions,
         [
+            ("(unknown)", "bearer-refused", 0),
             ("olga", "dry-run", 1),
             ("olga", "replay", 1),
             ("olga", "archive", 4),
             ("olga", "replay", 1)
         ]
     );
+    let from: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["clientAddress"].as_str().unwrap_or("none"))
+        .collect();
+    assert!(from.iter().all(|a| *a == "127.0.0.1"), "{from:?}");
     console.stop().await;
 }
 

@@ -6,6 +6,7 @@
 
 use crate::helpers::*;
 use payment_link_worker::ops::dead_letters::{self, ReplayError, ReplayRequest};
+use payment_link_worker::ops::targets::ReplayTargets;
 use payment_link_worker::store::dead_letters::{self as store, Filter};
 use payment_link_worker::store::{audit, replay_runs};
 use wiremock::matchers::{header, method};
@@ -30,6 +31,7 @@ fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayRequest
         accept_duplicate_risk: false,
         requested_by: "ops-test".into(),
         source: "cli".into(),
+        client_address: None,
     }
 }
 
@@ -88,9 +90,14 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     let mut conn = env.pool.get().await.unwrap();
 
     // Listing shows every one, with its reason, its ids and its original message.
-    let listing = dead_letters::list(&mut conn, &Filter::default(), 100)
-        .await
-        .unwrap();
+    let listing = dead_letters::list(
+        &mut conn,
+        &Filter::default(),
+        100,
+        &ReplayTargets::new(&env.settings),
+    )
+    .await
+    .unwrap();
     assert_eq!((listing.letters.len(), listing.matching), (6, 6));
     assert_eq!(listing.by_kind.get("provider-rejected"), Some(&6));
     let first = listing
@@ -212,10 +219,15 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     // A replay that fails again comes back as a new dead letter, linked to the earlier one.
     let (_, flapping) = replay(&env, &request(by_command("cmd-5"), None, false)).await;
     stored(&env, &by_command("cmd-5"), 2).await;
-    let (again, _) = dead_letters::list(&mut conn, &by_command("cmd-5"), 1)
-        .await
-        .map(|l| (l.letters[0].clone(), ()))
-        .unwrap();
+    let (again, _) = dead_letters::list(
+        &mut conn,
+        &by_command("cmd-5"),
+        1,
+        &ReplayTargets::new(&env.settings),
+    )
+    .await
+    .map(|l| (l.letters[0].clone(), ()))
+    .unwrap();
     let (again_full, _) = store::get(&mut conn, again.id).await.unwrap().unwrap();
     assert_eq!(
         (
@@ -235,9 +247,16 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     );
 
     // Archiving puts one aside; a replay no longer takes it.
-    let archived = dead_letters::archive(&mut conn, &by_command("cmd-4"), None, "ops-test", "cli")
-        .await
-        .unwrap();
+    let archived = dead_letters::archive(
+        &mut conn,
+        &by_command("cmd-4"),
+        None,
+        "ops-test",
+        "cli",
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(archived.len(), 1);
     assert_eq!(state_of(&env, archived[0]).await, "archived");
 
@@ -255,10 +274,15 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
     let mut ids = Vec::new();
     for command in ["cmd-0", "cmd-1"] {
         ids.push(
-            dead_letters::list(&mut conn, &by_command(command), 1)
-                .await
-                .unwrap()
-                .letters[0]
+            dead_letters::list(
+                &mut conn,
+                &by_command(command),
+                1,
+                &ReplayTargets::new(&env.settings),
+            )
+            .await
+            .unwrap()
+            .letters[0]
                 .id,
         );
     }
@@ -341,7 +365,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         runs.iter()
             .any(|r| r.dry_run && r.selected == 2 && r.replayed == 0 && r.command_ids.len() == 2)
     );
-    let log = audit::newest(&mut conn, 100).await.unwrap();
+    let log = audit::page(&mut conn, 100, None).await.unwrap();
     let actions: Vec<&str> = log.iter().rev().map(|e| e.action.as_str()).collect();
     assert_eq!(
         actions,
@@ -393,9 +417,14 @@ async fn a_message_that_keeps_failing_is_dead_lettered_by_the_broker_and_stored(
     };
     stored(&env, &Filter::default(), 1).await;
     let mut conn = env.pool.get().await.unwrap();
-    let listing = dead_letters::list(&mut conn, &Filter::default(), 10)
-        .await
-        .unwrap();
+    let listing = dead_letters::list(
+        &mut conn,
+        &Filter::default(),
+        10,
+        &ReplayTargets::new(&env.settings),
+    )
+    .await
+    .unwrap();
     assert_eq!(listing.letters[0].command_id, "poison");
     assert_eq!(listing.letters[0].kind, "delivery-limit");
     let (full, _) = store::get(&mut conn, listing.letters[0].id)

@@ -904,6 +904,7 @@ async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_ag
         accept_duplicate_risk: false,
         requested_by: "alarm-test".into(),
         source: "cli".into(),
+        client_address: None,
     };
     let started = ops::start(&env.settings, &mut conn, &request)
         .await

@@ -1,0 +1,52 @@
+const csrf = document.querySelector('meta[name=csrf]')?.content || '';
+async function call(url, body) {
+  const r = await fetch(url, {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': csrf}, body: JSON.stringify(body)});
+  return {status: r.status, json: await r.json().catch(() => ({}))};
+}
+function selectedIds() {
+  return [...document.querySelectorAll('input.pick:checked')].map(c => Number(c.value));
+}
+async function act(kind, target, count) {
+  if (!count) { alert('Nothing selected.'); return; }
+  const verb = kind === 'replay' ? 'Replay' : 'Archive';
+  if (!confirm(`${verb} ${count} dead letter(s)?`)) return;
+  if (kind === 'archive') {
+    const r = await call('/api/dead-letters/archive', target);
+    if (r.status !== 200) { alert(r.json.error || ('failed: ' + r.status)); return; }
+    alert(`Archived ${r.json.archived} dead letter(s).`);
+    location.reload();
+    return;
+  }
+  const rate = document.getElementById('rate')?.value;
+  const body = Object.assign({}, target, rate ? {rate: Number(rate)} : {});
+  let r = await call('/api/replays', body);
+  if (r.status === 409) {
+    if (!confirm(r.json.error + '\n\nI accept the risk: replay anyway?')) return;
+    r = await call('/api/replays', Object.assign(body, {acceptDuplicateRisk: true}));
+  }
+  if (r.status !== 202) { alert(r.json.error || ('failed: ' + r.status)); return; }
+  location.href = '/replays/' + r.json.jobId;
+}
+document.addEventListener('click', e => {
+  const b = e.target.closest('button[data-act]');
+  if (!b) return;
+  const all = b.dataset.scope === 'all';
+  const ids = b.dataset.ids ? JSON.parse(b.dataset.ids) : selectedIds();
+  const target = all ? {filter: JSON.parse(b.dataset.filter)} : {ids};
+  act(b.dataset.act, target, all ? Number(b.dataset.count) : ids.length);
+});
+document.getElementById('pick-all')?.addEventListener('change', e => {
+  document.querySelectorAll('input.pick').forEach(c => c.checked = e.target.checked);
+});
+async function watch(id) {
+  const r = await fetch('/api/replays/' + id);
+  const j = await r.json();
+  const done = j.replayed + j.failed + j.skipped;
+  document.getElementById('bar').style.width = (j.total ? 100 * done / j.total : 100) + '%';
+  for (const k of ['state', 'total', 'replayed', 'failed', 'skipped']) document.getElementById(k).textContent = j[k];
+  if (j.state === 'running') setTimeout(() => watch(id), 500);
+}
+const job = document.getElementById('job');
+if (job) watch(job.dataset.id);
+// Bar heights come as data attributes: the content security policy runs no inline style.
+document.querySelectorAll('.bars div[data-h]').forEach(d => { d.style.height = d.dataset.h + '%'; });
