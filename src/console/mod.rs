@@ -97,7 +97,8 @@ async fn limits(request: Request, next: Next) -> Response {
 
 /// What every answer tells the browser: no framing by another site (clickjacking), scripts and
 /// styles only from the console's own files (no inline script or style runs, so an injected one
-/// would not either), no referrer leaving the console, no caching of data.
+/// would not either), no referrer leaving the console (`same-origin`: with `no-referrer`, browsers
+/// send `Origin: null` on the sign-in form, which could not then be told from another site's), no caching of data.
 async fn secure(mut response: Response) -> Response {
     let headers = response.headers_mut();
     for (name, value) in [
@@ -107,7 +108,7 @@ async fn secure(mut response: Response) -> Response {
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
              connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
-        ("referrer-policy", "no-referrer"),
+        ("referrer-policy", "same-origin"),
         ("x-content-type-options", "nosniff"),
         ("cache-control", "no-store"),
     ] {

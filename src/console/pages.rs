@@ -155,13 +155,14 @@ async fn login_form() -> Html<String> {
     login_page(None)
 }
 
-/// Whether a sign-in form was posted from the console's own page: a browser sends `Origin` on
-/// every cross-origin POST (and `Sec-Fetch-Site`), so another site cannot sign a visitor in as
-/// someone else (login CSRF). A request without either (a script) is let through.
+/// Whether a sign-in form was posted from the console's own page, so another site cannot sign
+/// a visitor in as someone else (login CSRF). Browsers say where a request comes from in
+/// `Sec-Fetch-Site` (set by the browser, not by pages); older ones only in `Origin`, which must
+/// then name this console. A request with neither (a script) is let through.
 fn same_origin(headers: &HeaderMap, trust_forwarded: bool) -> bool {
     let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if matches!(value("sec-fetch-site"), Some("cross-site" | "same-site")) {
-        return false;
+    if let Some(site) = value("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
     }
     let Some(origin) = value("origin") else {
         return true;

@@ -89,3 +89,47 @@ pub fn format_listing(listing: &Listing) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::dead_letters::Listed;
+    use crate::store::dead_letters::Summary;
+
+    #[test]
+    fn hidden_characters_are_shown_and_unreplayable_letters_say_why() {
+        let summary = Summary {
+            id: 7,
+            command_id: "bidi-\u{202E}gpj.exe".into(),
+            kind: "expired".into(),
+            http_status: None,
+            attempts: None,
+            failed_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            replay_count: 0,
+            state: "open".into(),
+            invoice_id: Some(1),
+            adhoc_invoice_id: None,
+            customer_id: None,
+            error_message: "line\nbreak".into(),
+            original_exchange: String::new(),
+            original_routing_key: "some-queue".into(),
+        };
+        let listing = Listing {
+            letters: vec![Listed {
+                summary,
+                replayable: false,
+                not_replayable_because: Some("it names the default exchange".into()),
+            }],
+            by_kind: [("expired".to_owned(), 1)].into_iter().collect(),
+            matching: 1,
+        };
+        let table = format_listing(&listing);
+        assert!(table.contains("bidi-⟨U+202E⟩gpj.exe"), "{table}");
+        assert!(table.contains("line⟨U+000A⟩break"), "{table}");
+        assert!(!table.contains('\u{202E}'), "{table}");
+        assert!(
+            table.contains("dead letter 7 is not replayable: it names the default exchange"),
+            "{table}"
+        );
+    }
+}

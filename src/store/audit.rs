@@ -48,12 +48,25 @@ pub struct Entry {
 
 /// Most ids an entry shows in a list of entries; the whole entry is one request away.
 pub const LISTED_IDS: usize = 100;
+/// Most bytes of an entry's filter (as JSON text) a list shows as it is; a longer one (written
+/// before filters were bounded) is shown as its start.
+pub const LISTED_FILTER_BYTES: usize = 2000;
 
 impl Entry {
-    /// The entry as a list shows it: at most [`LISTED_IDS`] ids, and how many it has in all.
+    /// The entry as a list shows it: at most [`LISTED_IDS`] ids and a bounded filter, with how
+    /// many ids it has in all.
     pub fn shortened(mut self) -> (Self, usize) {
         let all = self.ids.len();
         self.ids.truncate(LISTED_IDS);
+        if let Some(filter) = &self.filter {
+            let text = filter.to_string();
+            if text.len() > LISTED_FILTER_BYTES {
+                self.filter = Some(serde_json::json!({
+                    "shortened": crate::headers::excerpt(&text, LISTED_FILTER_BYTES / 4),
+                    "bytes": text.len(),
+                }));
+            }
+        }
         (self, all)
     }
 }

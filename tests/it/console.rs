@@ -97,14 +97,14 @@ async fn get(url: &str, token: Option<&str>) -> (u16, Value) {
 }
 
 /// A request with a JSON body (the client is built without reqwest's json feature).
-fn with_json(request: reqwest::RequestBuilder, body: &Value) -> reqwest::RequestBuilder {
+pub fn with_json(request: reqwest::RequestBuilder, body: &Value) -> reqwest::RequestBuilder {
     request
         .header("content-type", "application/json")
         .body(body.to_string())
 }
 
 /// A request with a sign-in form body.
-fn with_token_form(request: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuilder {
+pub fn with_token_form(request: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuilder {
     request
         .header("content-type", "application/x-www-form-urlencoded")
         .body(serde_urlencoded::to_string([("token", token)]).unwrap())
@@ -423,7 +423,7 @@ async fn the_api_answers_as_documented_and_only_operators_act() {
 }
 
 /// Signs in through the form; returns the session cookie and the page's CSRF token.
-async fn sign_in(base: &str, token: &str) -> (String, String) {
+pub async fn sign_in(base: &str, token: &str) -> (String, String) {
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -274,6 +274,60 @@ impl TestEnv {
         queue
     }
 
+    /// A queue that receives what is published to `exchange` with `routing_key`, deleted with
+    /// the test: for the default exchange (`""`) the queue is named `routing_key`; an exchange
+    /// other than the test's own and `amq.*` is declared auto-delete (it goes with the queue).
+    pub async fn spy(&self, exchange: &str, routing_key: &str) -> String {
+        let queue = if exchange.is_empty() {
+            routing_key.to_owned()
+        } else {
+            format!("t.{}.spy.{}", self.id, uuid::Uuid::new_v4().simple())
+        };
+        self.channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("spy queue");
+        self.extra_queues.lock().unwrap().push(queue.clone());
+        if exchange.is_empty() {
+            return queue;
+        }
+        let broker = &self.settings.broker;
+        let ours = [
+            &broker.command_exchange,
+            &broker.event_exchange,
+            &broker.dead_letter_exchange,
+        ];
+        if !exchange.starts_with("amq.") && !ours.iter().any(|e| e.as_str() == exchange) {
+            self.channel
+                .exchange_declare(
+                    exchange.into(),
+                    lapin::ExchangeKind::Topic,
+                    lapin::options::ExchangeDeclareOptions {
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("spied exchange");
+        }
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind spy queue");
+        queue
+    }
+
     /// Takes the next message from `queue`, waiting up to `limit`.
     pub async fn next_message(&self, queue: &str, limit: Duration) -> Received {
         eventually(&format!("a message on {queue}"), limit, || async {

@@ -7,6 +7,7 @@ mod browser;
 mod cli_flows;
 mod conflicts;
 mod console;
+mod console_attacks;
 mod contract;
 mod dead_letter_store;
 mod duplicates;
@@ -21,6 +22,7 @@ mod provider_failures;
 mod providers;
 mod recovery;
 mod relay;
+mod replay_safety;
 #[path = "../common/sandbox.rs"]
 mod sandbox;
 mod shutdown;

@@ -1,0 +1,546 @@
+//! The console under attack: clients that hold connections open, guess tokens, sign people in
+//! or out from another site, send huge or invalid input, or hide characters in what operators
+//! read. Each is bounded or refused, and real operators are still served.
+
+use crate::console::{OPERATOR, RunningConsole, sign_in, with_json, with_token_form};
+use crate::helpers::*;
+use crate::operations::{INGEST, stored};
+use payment_link_worker::broker::messages::OutboundMessage;
+use payment_link_worker::broker::publisher::publish_confirmed;
+use payment_link_worker::config::Settings;
+use payment_link_worker::console::token_sha256;
+use payment_link_worker::store::dead_letters::Filter;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn with_console(env: &TestEnv, change: impl FnOnce(&mut Settings)) -> Settings {
+    let mut settings = env.settings.clone();
+    change(&mut settings);
+    settings
+}
+
+/// Reads until the peer closes the connection; how long that took, or `None` past `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + limit),
+            stream.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn address(base: &str) -> String {
+    base.trim_start_matches("http://").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_clients_are_cut_off_and_cannot_keep_operators_out() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let settings = with_console(&env, |s| {
+        s.console.header_read_timeout_ms = 1000;
+        s.console.request_timeout_ms = 1000;
+        s.console.max_connections = 8;
+        s.console.keep_alive_idle_ms = 30_000;
+    });
+    let console = RunningConsole::start(&settings).await;
+    let at = address(&console.base);
+
+    // Half a request line, then nothing: closed once the head's time is up.
+    let mut half = TcpStream::connect(&at).await.unwrap();
+    half.write_all(b"GET /login HT").await.unwrap();
+    let took = closed_within(&mut half, Duration::from_secs(5)).await;
+    assert!(
+        took.is_some(),
+        "a half-sent request is still open after 5 s"
+    );
+
+    // Five times the connection limit held half-sent: a real request is still answered.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut stream = TcpStream::connect(&at).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    let answer = client()
+        .get(format!("{}/login", console.base))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("answered while 40 half-sent requests are held");
+    assert_eq!(answer.status(), 200);
+
+    // A body that never comes: the whole request's time runs out (408).
+    let mut slow = TcpStream::connect(&at).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /api/replays HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"ids\":"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut answer))
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("content-security-policy"), "{head}");
+    drop(held);
+    console.stop().await;
+
+    // A kept-alive connection on which nothing moves is closed.
+    let settings = with_console(&env, |s| s.console.keep_alive_idle_ms = 1000);
+    let console = RunningConsole::start(&settings).await;
+    let mut idle = TcpStream::connect(address(&console.base)).await.unwrap();
+    idle.write_all(b"GET /static/console.css HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let took = closed_within(&mut idle, Duration::from_secs(5)).await;
+    assert!(
+        took.is_some_and(|t| t >= Duration::from_millis(800)),
+        "closed after about a second of idling, not at once nor never: {took:?}"
+    );
+    console.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_or_invalid_input_is_refused_with_the_reason_and_every_answer_is_secured() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let console = RunningConsole::start(&env.settings).await;
+    let base = &console.base;
+    let secured = |answer: &reqwest::Response| {
+        let csp = answer.headers()["content-security-policy"]
+            .to_str()
+            .unwrap();
+        assert!(!csp.contains("unsafe-inline"), "{csp}");
+        assert!(csp.contains("script-src 'self'"), "{csp}");
+        assert_eq!(answer.headers()["x-frame-options"], "DENY");
+    };
+
+    // The HTTP layer's own refusals carry the security headers too.
+    let long = client()
+        .get(format!("{base}/login?{}", "a".repeat(9 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 414);
+    secured(&long);
+    let large = client()
+        .get(format!("{base}/login"))
+        .header("x-large", "b".repeat(40 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 431);
+    secured(&large);
+
+    // Pages run no inline script or style: the policy would refuse an injected one.
+    let page = client()
+        .get(format!("{base}/dead-letters"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    secured(&page);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<script src=\"/static/console.js\"></script>"));
+    assert!(!html.contains("<script>") && !html.contains("<style>") && !html.contains(" style="));
+
+    // Too many ids, a body past the limit, NUL characters: refused, saying what is wrong.
+    let replay = |body: String| {
+        client()
+            .post(format!("{base}/api/replays"))
+            .bearer_auth(OPERATOR)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let ids: Vec<i64> = (1..=10_001).collect();
+    let answer = replay(json!({"ids": ids, "dryRun": true}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 422);
+    assert!(answer.text().await.unwrap().contains("at most 10000 ids"));
+    let answer = replay(json!({"ids": ids[..10_000], "dryRun": true}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202, "10,000 ids are taken");
+    let million = format!("{{\"ids\":[{}1]}}", "1,".repeat(1_000_000));
+    let answer = replay(million).await.unwrap();
+    assert_eq!(answer.status(), 413);
+    let answer = replay(json!({"filter": {"search": "a\u{0}b"}}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    assert!(answer.text().await.unwrap().contains("NUL"));
+    for path in [
+        "/api/dead-letters?q=%00",
+        "/dead-letters?q=%00",
+        "/api/dead-letters?commandId=x%00",
+    ] {
+        let answer = client()
+            .get(format!("{base}{path}"))
+            .bearer_auth(OPERATOR)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{path}");
+        assert!(answer.text().await.unwrap().contains("NUL"), "{path}");
+    }
+    console.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_out_ends_the_session_and_another_site_cannot_sign_anyone_in() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let console = RunningConsole::start(&env.settings).await;
+    let base = &console.base;
+
+    // Sign-out with a wrong CSRF field: the session is over on the server too.
+    let (cookie, _csrf) = sign_in(base, OPERATOR).await;
+    let out = client()
+        .post(format!("{base}/logout"))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("csrf=wrong")
+        .send()
+        .await
+        .unwrap();
+    assert!(out.status().is_redirection());
+    let after = client()
+        .get(format!("{base}/api/dead-letters"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401, "the old session no longer works");
+
+    // A sign-in form posted from another site is refused, whatever the token.
+    for (name, value) in [
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let answer = with_token_form(client().post(format!("{base}/login")), OPERATOR)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 403, "{name}: {value}");
+        assert!(answer.headers().get("set-cookie").is_none());
+    }
+    let own = format!("http://{}", address(base));
+    let answer = with_token_form(client().post(format!("{base}/login")), OPERATOR)
+        .header("origin", own)
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_redirection(), "{}", answer.status());
+    console.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_tokens_are_throttled_logged_counted_and_audited_without_the_token() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = "a-console-token-of-thirty-two-ch";
+    let child = binary(&env)
+        .arg("console")
+        .env("CONSOLE_OPERATOR_TOKEN", token)
+        .env(
+            "PAYMENT_LINK_WORKER__CONSOLE__LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("PAYMENT_LINK_WORKER__CONSOLE__AUTH_FAILURES_ALLOWED", "3")
+        .env("PAYMENT_LINK_WORKER__LOG__FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually("the console to answer", WAIT, || async {
+        reqwest::get(format!("{base}/login")).await.ok().map(|_| ())
+    })
+    .await;
+
+    let guess = "guess-0000-this-is-not-the-token";
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..6 {
+        let answer = client()
+            .get(format!("{base}/api/dead-letters"))
+            .bearer_auth(guess)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(answer.status().as_u16());
+        if answer.status() == 429 {
+            retry_after = answer.headers().get("retry-after").cloned();
+        }
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 429, 429]);
+    assert!(retry_after.is_some_and(|r| r.to_str().unwrap().parse::<u64>().unwrap() >= 1));
+    // While blocked even the right token is not looked at, nor a sign-in form.
+    let right = client()
+        .get(format!("{base}/api/dead-letters"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 429);
+    let form = with_token_form(client().post(format!("{base}/login")), guess)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 429);
+    assert!(form.headers().contains_key("retry-after"));
+
+    let figures = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        figures.contains("console_auth_failures_total{how=\"bearer\",outcome=\"refused\"} 4"),
+        "{figures}"
+    );
+    assert!(
+        figures.contains("console_auth_failures_total{how=\"bearer\",outcome=\"throttled\"} 3"),
+        "{figures}"
+    );
+
+    // Once the block has passed, the right token works and clears the address.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let right = client()
+        .get(format!("{base}/api/dead-letters"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+
+    // In the audit log with the address, in the log at warn, never the token.
+    let mut conn = env.pool.get().await.unwrap();
+    let log = payment_link_worker::store::audit::page(&mut conn, 100, None)
+        .await
+        .unwrap();
+    let refused: Vec<_> = log
+        .iter()
+        .filter(|e| e.action == "bearer-refused")
+        .collect();
+    assert_eq!(refused.len(), 4);
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.client_address.as_deref() == Some("127.0.0.1"))
+    );
+    let stderr = { terminate_keep(child) };
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("console authentication refused"))
+        .collect();
+    assert_eq!(lines.len(), 4, "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("\"WARN\"") && l.contains("127.0.0.1")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(guess) && !stderr.contains(token),
+        "{stderr}"
+    );
+}
+
+/// Stops the console with SIGTERM and returns what it wrote to stderr.
+fn terminate_keep(child: std::process::Child) -> String {
+    let pid = child.id();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn hash_token_refuses_a_short_token_and_prints_the_operator_lines() {
+    let run = |token: &str, args: &[&str]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_payment-link-worker"))
+            .args(["console", "hash-token"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{token}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let short = run("twenty-three-characters", &[]);
+    assert!(!short.status.success());
+    let said = String::from_utf8_lossy(&short.stderr);
+    assert!(said.contains("at least 24"), "{said}");
+    assert!(!said.contains("twenty-three-characters"), "{said}");
+    let token = "twenty-four-characters!!";
+    let ok = run(token, &["--name", "alice", "--role", "viewer"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let lines = String::from_utf8(ok.stdout).unwrap();
+    assert_eq!(
+        lines,
+        format!(
+            "[[console.operators]]\nname = \"alice\"\nrole = \"viewer\"\ntoken_sha256 = \"{}\"\n",
+            token_sha256(token)
+        )
+    );
+    // What it prints is a configuration the console takes.
+    let parsed: toml::Value = toml::from_str(&lines).unwrap();
+    assert_eq!(
+        parsed["console"]["operators"][0]["name"].as_str(),
+        Some("alice")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hidden_characters_are_shown_and_the_audit_stays_small_however_large_its_entries() {
+    let env = TestEnv::with("http://127.0.0.1:9", &[INGEST]).await;
+    let sneaky = "bidi-\u{202E}gpj.exe";
+    let mut message = OutboundMessage {
+        exchange: env.settings.broker.dead_letter_exchange.clone(),
+        routing_key: env.settings.broker.command_routing_key.clone(),
+        properties: command_properties(sneaky),
+        body: command_body("1.00", 1).into_bytes(),
+    };
+    message.properties = with_header(message.properties, "x-dead-letter-id", "sneaky-1");
+    message.properties = with_header(message.properties, "x-error-kind", "validation");
+    message.properties = with_header(message.properties, "x-error-message", "bad \u{2066}note");
+    publish_confirmed(&env.channel, &message).await.unwrap();
+    let _worker = env.start_worker().await;
+    stored(&env, &Filter::default(), 1).await;
+    let console = RunningConsole::start(&env.settings).await;
+    let base = &console.base;
+    let page = |path: String| async move {
+        client()
+            .get(path)
+            .bearer_auth(OPERATOR)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let list = page(format!("{base}/dead-letters")).await;
+    let id = list
+        .split("<tr data-id=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+    let detail = page(format!("{base}/dead-letters/{id}")).await;
+    for html in [&list, &detail] {
+        assert!(html.contains("bidi-⟨U+202E⟩gpj.exe"), "{html}");
+        assert!(html.contains("bad ⟨U+2066⟩note"), "{html}");
+        assert!(!html.contains('\u{202E}') && !html.contains('\u{2066}'));
+    }
+
+    // Three replays of 10,000 ids each, and one old entry as large as a million ids made it.
+    let mut conn = env.pool.get().await.unwrap();
+    for _ in 0..3 {
+        let ids: Vec<i64> = (1..=10_000).collect();
+        let answer = with_json(
+            client()
+                .post(format!("{base}/api/replays"))
+                .bearer_auth(OPERATOR),
+            &json!({"ids": ids, "dryRun": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), 202);
+    }
+    let huge = format!(
+        "[{}]",
+        (1..200_000)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    exec_admin(
+        env.settings.database.url.expose(),
+        &format!(
+            "INSERT INTO audit_log (actor, source, action, filter, count, ids) VALUES \
+             ('old', 'console', 'replay', '{{\"ids\": {huge}}}', 199999, ARRAY(SELECT generate_series(1, 199999)::bigint))"
+        ),
+    )
+    .await;
+    let stored_filters: Vec<usize> = payment_link_worker::store::replay_runs::newest(&mut conn, 3)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.filter.as_ref().unwrap().to_string().len())
+        .collect();
+    assert!(
+        stored_filters.iter().all(|n| *n < 2000),
+        "{stored_filters:?}"
+    );
+    let audit_html = page(format!("{base}/audit")).await;
+    assert!(audit_html.len() < 100_000, "{} bytes", audit_html.len());
+    assert!(audit_html.contains("the whole entry"));
+    let api: Value = serde_json::from_str(&page(format!("{base}/api/audit")).await).unwrap();
+    let old = api["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["actor"] == "old")
+        .unwrap();
+    assert_eq!(old["idsCount"].as_i64(), Some(199_999));
+    assert_eq!(old["ids"].as_array().unwrap().len(), 100);
+    assert!(
+        api.to_string().len() < 100_000,
+        "{} bytes",
+        api.to_string().len()
+    );
+    let whole: Value =
+        serde_json::from_str(&page(format!("{base}/api/audit/{}", old["id"])).await).unwrap();
+    assert_eq!(whole["ids"].as_array().unwrap().len(), 199_999);
+    console.stop().await;
+}
