@@ -1,7 +1,8 @@
 //! The subcommands of the `payment-link-worker` binary.
 
 use crate::config::Settings;
-use crate::ops::{dead_letters, listing, send};
+use crate::ops::send::{self, SendArgs};
+use crate::ops::{dead_letters, listing};
 use crate::provider::sim::{self, SimOptions};
 use crate::store::dead_letters::Filter;
 use crate::{startup, store, telemetry};
@@ -206,48 +207,6 @@ pub struct ProviderSimArgs {
     /// Answer 503 to every call for this paymentProviderId (repeatable).
     #[arg(long, value_name = "ID")]
     pub fail_provider_id: Vec<i64>,
-}
-
-/// Flags of `send`: a body from flags, or from a JSON file.
-#[derive(Debug, Args)]
-pub struct SendArgs {
-    /// The command id (AMQP message_id); a fresh UUID when not given.
-    #[arg(long)]
-    pub command_id: Option<String>,
-    /// A file holding the whole command body (instead of the flags below).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["provider_id", "amount", "description"])]
-    pub json: Option<PathBuf>,
-    /// paymentProviderId.
-    #[arg(long, required_unless_present = "json")]
-    pub provider_id: Option<i64>,
-    /// amountInMajorCurrency, as decimal text (sent exactly as given).
-    #[arg(long, required_unless_present = "json")]
-    pub amount: Option<String>,
-    /// description.
-    #[arg(long, required_unless_present = "json")]
-    pub description: Option<String>,
-    /// emailAddress.
-    #[arg(long)]
-    pub email: Option<String>,
-    /// invoiceId.
-    #[arg(long)]
-    pub invoice_id: Option<i64>,
-    /// adhocInvoiceId.
-    #[arg(long)]
-    pub adhoc_invoice_id: Option<i64>,
-    /// customerId.
-    #[arg(long)]
-    pub customer_id: Option<i64>,
-    /// correlation_id property.
-    #[arg(long)]
-    pub correlation_id: Option<String>,
-    /// Wait for the command's event or dead letter and print it; exit non-zero unless a link
-    /// was created.
-    #[arg(long)]
-    pub wait: bool,
-    /// How long --wait waits, in seconds.
-    #[arg(long, default_value_t = 30, requires = "wait", value_name = "SECONDS")]
-    pub timeout: u64,
 }
 
 /// Runs a parsed command line.

@@ -5,11 +5,11 @@
 use crate::broker::messages::Original;
 use crate::broker::{self, topology};
 use crate::config::Settings;
+use crate::context::Context;
 use crate::errors::{ErrorKind, Failure};
 use crate::headers;
 use crate::pipeline::{self, Disposition, Fate};
 use crate::relay;
-use crate::startup::Context;
 use crate::store::commands;
 use anyhow::Context as _;
 use futures_util::{FutureExt, StreamExt};

@@ -2,7 +2,7 @@
 //! queue depths, live workers through the heartbeat), refreshed on a timer rather than per
 //! command, so reading them costs the hot path nothing.
 
-use crate::startup::Context;
+use crate::context::Context;
 use crate::store::{commands, heartbeats, outbox};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -14,6 +14,7 @@ pub mod command;
 pub mod config;
 pub mod console;
 pub mod consumer;
+pub mod context;
 pub mod diagnose;
 pub mod errors;
 pub mod headers;

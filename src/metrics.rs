@@ -9,6 +9,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+/// The figures exported for one provider (read by the metrics' gauges).
+#[derive(Debug, Default)]
+pub struct ProviderFigures {
+    /// The current limit (whole calls).
+    pub limit: AtomicI64,
+    /// Calls under way.
+    pub in_flight: AtomicI64,
+    /// Calls waiting for a slot or for a pause to end.
+    pub queued: AtomicI64,
+}
+
+/// The per-provider figures the metrics export, by provider id.
+pub type LaneFigures = std::sync::Mutex<std::collections::BTreeMap<i64, Arc<ProviderFigures>>>;
+
 /// Figures read from PostgreSQL and RabbitMQ by a background task, for the gauges.
 #[derive(Default)]
 pub struct Levels {
@@ -41,7 +55,7 @@ pub struct Metrics {
     /// Updated by the worker's level task.
     pub levels: Arc<Levels>,
     /// Each provider's concurrency limit and load, updated by its lane.
-    pub lanes: Arc<crate::provider::lanes::LaneFigures>,
+    pub lanes: Arc<LaneFigures>,
 }
 
 /// The metrics of one worker and what renders or exports them.
@@ -120,26 +134,23 @@ impl MetricsHandle {
             "Age of the oldest command being processed",
             |l| l.oldest_processing_age_ms.load(Ordering::Relaxed),
         );
-        let lanes = Arc::new(crate::provider::lanes::LaneFigures::default());
-        let per_provider =
-            |name: &'static str,
-             description: &'static str,
-             read: fn(&crate::provider::limit::Figures) -> i64| {
-                let lanes = lanes.clone();
-                meter
-                    .i64_observable_gauge(name)
-                    .with_unit("{call}")
-                    .with_description(description)
-                    .with_callback(move |observer| {
-                        for (id, figures) in lanes.lock().expect("lane figures").iter() {
-                            observer.observe(
-                                read(figures),
-                                &[KeyValue::new("payment_provider.id", *id)],
-                            );
-                        }
-                    })
-                    .build()
-            };
+        let lanes = Arc::new(LaneFigures::default());
+        let per_provider = |name: &'static str,
+                            description: &'static str,
+                            read: fn(&ProviderFigures) -> i64| {
+            let lanes = lanes.clone();
+            meter
+                .i64_observable_gauge(name)
+                .with_unit("{call}")
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (id, figures) in lanes.lock().expect("lane figures").iter() {
+                        observer
+                            .observe(read(figures), &[KeyValue::new("payment_provider.id", *id)]);
+                    }
+                })
+                .build()
+        };
         per_provider(
             "payment_link.provider.concurrency_limit",
             "Calls a provider may have under way at once (adapted to its answers)",

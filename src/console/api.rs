@@ -3,6 +3,7 @@
 
 use super::Console;
 use super::auth::Caller;
+use super::reply::{error, internal};
 use crate::broker::messages::properties_from_json;
 use crate::ops::dead_letters::{self as ops, Listed, ReplayError, ReplayRequest};
 use crate::ops::targets::ReplayTargets;
@@ -32,20 +33,6 @@ pub(super) fn routes() -> Router<Console> {
         .route("/api/replays/{id}", get(job))
         .route("/api/audit", get(audit_log))
         .route("/api/audit/{id}", get(audit_entry))
-}
-
-/// A JSON error answer: `{"error": why}`.
-pub(super) fn error(status: StatusCode, why: &str) -> Response {
-    (status, Json(json!({ "error": why }))).into_response()
-}
-
-/// A failure inside the console: logged in full, answered without detail.
-pub(super) fn internal(cause: impl std::fmt::Display) -> Response {
-    tracing::error!(error = %cause, "console request failed");
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the request failed inside the console (its log says why)",
-    )
 }
 
 async fn openapi() -> Response {

@@ -243,11 +243,11 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
             Refusal::Unauthenticated { page: true } => Redirect::to("/login").into_response(),
-            Refusal::Unauthenticated { page: false } => super::api::error(
+            Refusal::Unauthenticated { page: false } => super::reply::error(
                 StatusCode::UNAUTHORIZED,
                 "sign in: send Authorization: Bearer <token>",
             ),
-            Refusal::Forbidden(why) => super::api::error(StatusCode::FORBIDDEN, why),
+            Refusal::Forbidden(why) => super::reply::error(StatusCode::FORBIDDEN, why),
             Refusal::Throttled(wait) => throttled(wait),
         }
     }
@@ -312,7 +312,7 @@ impl FromRequestParts<Console> for Caller {
 /// A 429 that says when to come back.
 pub(super) fn throttled(wait: Duration) -> Response {
     let secs = wait.as_secs().max(1);
-    let mut response = super::api::error(
+    let mut response = super::reply::error(
         StatusCode::TOO_MANY_REQUESTS,
         &format!("too many wrong tokens from this address: try again in {secs} s"),
     );

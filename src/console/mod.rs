@@ -8,6 +8,7 @@
 mod api;
 mod auth;
 mod pages;
+mod reply;
 mod server;
 mod throttle;
 
@@ -72,7 +73,7 @@ pub fn router(console: Console) -> Router {
 async fn limits(request: Request, next: Next) -> Response {
     let uri = request.uri().to_string().len();
     if uri > MAX_URI_BYTES {
-        return api::error(
+        return reply::error(
             StatusCode::URI_TOO_LONG,
             &format!("the request target is {uri} bytes; at most {MAX_URI_BYTES} are read"),
         );
@@ -83,7 +84,7 @@ async fn limits(request: Request, next: Next) -> Response {
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
-        return api::error(
+        return reply::error(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             &format!(
                 "{} header lines of {bytes} bytes; at most {MAX_HEADERS} lines and \

@@ -6,6 +6,7 @@
 use super::Console;
 use super::api::{self, ListQuery};
 use super::auth::{COOKIE, Caller, Role, find, refused};
+use super::reply;
 use super::throttle::ClientAddress;
 use crate::ops::dead_letters::{Listed, known_kinds};
 use crate::ops::targets::{ReplayTargets, exchange_name};
@@ -261,7 +262,7 @@ async fn overview(caller: Caller, State(console): State<Console>) -> Response {
     };
     let overview = match figures.await {
         Ok(o) => o,
-        Err(e) => return api::internal(e),
+        Err(e) => return reply::internal(e),
     };
     let mut html = String::from("<h1>Overview</h1><div class=\"cards\">");
     for state in STATES {
@@ -344,7 +345,7 @@ async fn list(
     };
     let ((rows, next), matching) = match found.await {
         Ok(found) => found,
-        Err(e) => return api::internal(e),
+        Err(e) => return reply::internal(e),
     };
     let text = |v: &Option<String>| attr(v.as_deref().unwrap_or(""));
     let kinds = known_kinds();
@@ -706,7 +707,7 @@ async fn audit_page(
     };
     let (entries, runs) = match found.await {
         Ok(found) => found,
-        Err(e) => return api::internal(e),
+        Err(e) => return reply::internal(e),
     };
     let mut html = String::from(
         "<h1>Audit</h1><table id=\"audit\"><tr><th>When</th><th>Who</th><th>From</th><th>Action</th>\
@@ -800,7 +801,7 @@ async fn audit_entry_page(
             )
                 .into_response();
         }
-        Err(e) => return api::internal(e),
+        Err(e) => return reply::internal(e),
     };
     let ids: Vec<String> = e.ids.iter().map(i64::to_string).collect();
     let html = format!(

@@ -4,17 +4,60 @@
 use crate::broker::messages::{OutboundMessage, PERSISTENT};
 use crate::broker::publisher::{PublishError, confirm_channel, publish_confirmed};
 use crate::broker::{self};
-use crate::cli::SendArgs;
 use crate::command::{WireCommand, raw};
 use crate::config::Settings;
 use crate::headers;
 use anyhow::Context as _;
+use clap::Args;
 use futures_util::StreamExt as _;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, Consumer};
 use serde_json::value::RawValue;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Flags of `send`: a body from flags, or from a JSON file.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The command id (AMQP message_id); a fresh UUID when not given.
+    #[arg(long)]
+    pub command_id: Option<String>,
+    /// A file holding the whole command body (instead of the flags below).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["provider_id", "amount", "description"])]
+    pub json: Option<PathBuf>,
+    /// paymentProviderId.
+    #[arg(long, required_unless_present = "json")]
+    pub provider_id: Option<i64>,
+    /// amountInMajorCurrency, as decimal text (sent exactly as given).
+    #[arg(long, required_unless_present = "json")]
+    pub amount: Option<String>,
+    /// description.
+    #[arg(long, required_unless_present = "json")]
+    pub description: Option<String>,
+    /// emailAddress.
+    #[arg(long)]
+    pub email: Option<String>,
+    /// invoiceId.
+    #[arg(long)]
+    pub invoice_id: Option<i64>,
+    /// adhocInvoiceId.
+    #[arg(long)]
+    pub adhoc_invoice_id: Option<i64>,
+    /// customerId.
+    #[arg(long)]
+    pub customer_id: Option<i64>,
+    /// correlation_id property.
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// Wait for the command's event or dead letter and print it; exit non-zero unless a link
+    /// was created.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 30, requires = "wait", value_name = "SECONDS")]
+    pub timeout: u64,
+}
 
 /// Builds the body from the flags; the amount is inserted as written so it stays exact.
 pub fn body_from_flags(args: &SendArgs) -> anyhow::Result<Vec<u8>> {

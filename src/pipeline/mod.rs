@@ -53,9 +53,9 @@ pub use fate::{Disposition, Fate, settle};
 
 use crate::broker::messages::Original;
 use crate::command::Envelope;
+use crate::context::Context;
 use crate::errors::{ErrorKind, Failure};
 use crate::provider::client::CallResult;
-use crate::startup::Context;
 use crate::store::claims::{self, Claim};
 use crate::store::commands::{self, CommandRecord};
 use std::time::Duration;

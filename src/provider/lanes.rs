@@ -7,7 +7,7 @@
 use super::breaker::{Breaker, State};
 use super::limit::{Figures, Limiter};
 use crate::config::Settings;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,8 +17,7 @@ use tokio::time::Instant;
 /// Most lanes kept at once; idle ones beyond it are dropped.
 pub const MAX_LANES: usize = 1024;
 
-/// The per-provider figures the metrics export, by provider id.
-pub type LaneFigures = Mutex<BTreeMap<i64, Arc<Figures>>>;
+pub use crate::metrics::LaneFigures;
 
 /// One provider's breaker and limits.
 pub struct Lane {

@@ -6,7 +6,7 @@
 //! provider connection; the broker's prefetch is the ceiling.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::Notify;
 // The runtime's clock, so tests can pause and advance it.
@@ -22,16 +22,7 @@ const MIN_LATENCY_WINDOW: Duration = Duration::from_secs(10);
 /// Shortest time between two decreases, when no latency has been measured yet.
 const MIN_DECREASE_GAP: Duration = Duration::from_millis(50);
 
-/// The figures exported for one provider (read by the metrics' gauges).
-#[derive(Debug, Default)]
-pub struct Figures {
-    /// The current limit (whole calls).
-    pub limit: AtomicI64,
-    /// Calls under way.
-    pub in_flight: AtomicI64,
-    /// Calls waiting for a slot or for a pause to end.
-    pub queued: AtomicI64,
-}
+pub use crate::metrics::ProviderFigures as Figures;
 
 /// How a call ended, as the limit sees it.
 #[derive(Clone, Copy, Debug, PartialEq)]

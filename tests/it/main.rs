@@ -15,6 +15,7 @@ mod first_hour;
 mod happy_path;
 mod helpers;
 mod hostile;
+mod layering;
 mod observability;
 mod operations;
 mod pipeline;
