@@ -4,7 +4,7 @@
 use super::Console;
 use super::auth::Caller;
 use super::reply::{error, internal};
-use crate::broker::messages::properties_from_json;
+use super::views::{DeadLetterView, JobView};
 use crate::ops::dead_letters::{self as ops, Listed, ReplayError, ReplayRequest};
 use crate::ops::targets::ReplayTargets;
 use crate::store::dead_letters::{self as store, Cursor, Filter};
@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use lapin::types::AMQPValue;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -108,6 +107,28 @@ impl ListQuery {
         Ok((self.filter()?, self.limit()?, self.cursor()?))
     }
 
+    /// The filters as query parameters (without the cursor), for the next page's link.
+    pub(super) fn params(&self) -> Vec<(&'static str, String)> {
+        [
+            ("kind", &self.kind),
+            ("state", &self.state),
+            ("q", &self.q),
+            ("commandId", &self.command_id),
+            ("since", &self.since),
+            ("until", &self.until),
+            ("providerId", &self.provider_id),
+            ("invoiceId", &self.invoice_id),
+            ("customerId", &self.customer_id),
+            ("limit", &self.limit),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let value = value.as_deref().unwrap_or("").trim();
+            (!value.is_empty()).then(|| (name, value.to_owned()))
+        })
+        .collect()
+    }
+
     /// The cursor, or why it is not one this API gave.
     pub(super) fn cursor(&self) -> Result<Option<Cursor>, String> {
         given(&self.cursor)
@@ -193,105 +214,11 @@ async fn summary(_caller: Caller, State(console): State<Console>) -> Response {
     }
 }
 
-/// A header value as plain JSON (text as a string, numbers as numbers, tables as objects).
-fn header_json(value: &AMQPValue) -> Value {
-    match value {
-        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
-        AMQPValue::ShortString(s) => json!(s.as_str()),
-        AMQPValue::FieldTable(t) => Value::Object(
-            t.inner()
-                .iter()
-                .map(|(k, v)| (k.to_string(), header_json(v)))
-                .collect(),
-        ),
-        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(header_json).collect()),
-        other => serde_json::to_value(other)
-            .ok()
-            .and_then(|v| v.as_object().and_then(|o| o.values().next().cloned()))
-            .unwrap_or(Value::Null),
-    }
-}
-
-/// Everything about one dead letter, as the API and the detail page show it.
-pub(super) async fn detail_json(console: &Console, id: i64) -> Result<Option<Value>, Response> {
-    let mut conn = console.pool.get().await.map_err(internal)?;
-    let Some((row, replays)) = store::get(&mut conn, id).await.map_err(internal)? else {
-        return Ok(None);
-    };
-    let window =
-        std::time::Duration::from_secs(console.settings.provider.idempotency_window_hours * 3600);
-    let at_risk = store::at_duplicate_risk(&mut conn, &[id], window)
-        .await
-        .map_err(internal)?;
-    let properties = properties_from_json(row.properties.clone()).ok();
-    let headers: serde_json::Map<String, Value> = properties
-        .as_ref()
-        .and_then(|p| p.headers().clone())
-        .map(|h| {
-            h.inner()
-                .iter()
-                .map(|(k, v)| (k.to_string(), header_json(v)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut shown_properties = row.properties.clone();
-    if let Some(object) = shown_properties.as_object_mut() {
-        object.remove("headers");
-        object.remove("text_headers");
-    }
-    let not_replayable_because = ReplayTargets::new(&console.settings)
-        .check(&row.original_exchange, &row.original_routing_key)
-        .err();
-    let body = String::from_utf8(row.body.clone()).ok();
-    // As raw JSON: parsed into numbers, an amount such as 3.00 would come out as 3.0.
-    let body_json: Option<Box<serde_json::value::RawValue>> = body
-        .as_deref()
-        .and_then(|b| serde_json::value::RawValue::from_string(b.to_owned()).ok());
-    Ok(Some(json!({
-        "id": row.id,
-        "commandId": row.command_id,
-        "kind": row.kind,
-        "message": row.error_message,
-        "httpStatus": row.http_status,
-        "attempts": row.attempts,
-        "errorBody": row.error_body,
-        "failedAt": row.failed_at,
-        "ingestedAt": row.ingested_at,
-        "replayCount": row.replay_count,
-        "state": row.state,
-        "stateChangedAt": row.state_changed_at,
-        "replayRunId": row.replay_run_id,
-        "previousId": row.previous_id,
-        "providerId": row.payment_provider_id,
-        "invoiceId": row.invoice_id,
-        "adhocInvoiceId": row.adhoc_invoice_id,
-        "customerId": row.customer_id,
-        "description": row.description,
-        "email": row.email,
-        "traceId": row.trace_id,
-        "duplicateRisk": !at_risk.is_empty(),
-        "failsAgain": ops::fails_again(&row.kind),
-        "replayable": not_replayable_because.is_none(),
-        "notReplayableBecause": not_replayable_because,
-        "storedWithChanges": row.stored_with_changes,
-        "original": {
-            "exchange": row.original_exchange,
-            "routingKey": row.original_routing_key,
-            "properties": shown_properties,
-            "headers": headers,
-            "body": body,
-            "bodyJson": body_json,
-            "bodyBytes": row.body.len(),
-        },
-        "replays": replays,
-    })))
-}
-
 async fn detail(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
-    match detail_json(&console, id).await {
-        Ok(Some(value)) => Json(value).into_response(),
+    match DeadLetterView::load(&console, id).await {
+        Ok(Some(view)) => Json(view).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no dead letter has this id"),
-        Err(response) => response,
+        Err(e) => internal(e),
     }
 }
 
@@ -425,36 +352,11 @@ async fn replay(
     }
 }
 
-/// A replay job as the API shows it.
-fn job_json(run: &replay_runs::ReplayRun) -> Value {
-    json!({
-        "jobId": run.id,
-        "state": run.state,
-        "total": run.total,
-        "replayed": run.replayed,
-        "failed": run.failed,
-        "skipped": run.skipped,
-        "dryRun": run.dry_run,
-        "requestedBy": run.requested_by,
-        "source": run.source,
-        "filter": run.filter,
-        "rate": run.rate_per_second,
-        "startedAt": run.started_at,
-        "finishedAt": run.finished_at,
-    })
-}
-
-pub(super) async fn job_value(console: &Console, id: i64) -> Result<Option<Value>, Response> {
-    let mut conn = console.pool.get().await.map_err(internal)?;
-    let run = replay_runs::find(&mut conn, id).await.map_err(internal)?;
-    Ok(run.as_ref().map(job_json))
-}
-
 async fn job(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
-    match job_value(&console, id).await {
-        Ok(Some(value)) => Json(value).into_response(),
+    match JobView::load(&console, id).await {
+        Ok(Some(view)) => Json(view).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no replay job has this id"),
-        Err(response) => response,
+        Err(e) => internal(e),
     }
 }
 
@@ -465,7 +367,8 @@ async fn jobs(_caller: Caller, State(console): State<Console>) -> Response {
     };
     match runs.await {
         Ok(runs) => {
-            Json(json!({ "items": runs.iter().map(job_json).collect::<Vec<_>>() })).into_response()
+            let items: Vec<JobView> = runs.iter().map(JobView::from).collect();
+            Json(json!({ "items": items })).into_response()
         }
         Err(e) => internal(e),
     }

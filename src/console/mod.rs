@@ -11,6 +11,7 @@ mod pages;
 mod reply;
 mod server;
 mod throttle;
+mod views;
 
 use crate::config::Settings;
 use crate::store::{self, PgPool, replay_runs};

@@ -1,0 +1,208 @@
+//! One dead letter: why it failed, its ids, its original message (properties, headers and the
+//! body pretty-printed without touching a digit), its replays, and the actions an operator may
+//! take on it.
+
+use super::{Shown, kind_badge, layout, state_badge, when};
+use crate::console::Console;
+use crate::console::auth::{Caller, Role};
+use crate::console::reply;
+use crate::console::views::DeadLetterView;
+use crate::ops::targets::exchange_name;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+
+/// JSON text re-indented, every token kept as written (numbers are never re-formatted, so an
+/// amount reads exactly as it was sent); `None` when it is not JSON.
+fn pretty_json(text: &str) -> Option<String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    let mut out = String::with_capacity(text.len() * 2);
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.push_str(&"  ".repeat(depth));
+    };
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                let empty = matches!(chars.clone().find(|c| !c.is_whitespace()), Some('}' | ']'));
+                if !empty {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                if !(out.ends_with('{') || out.ends_with('[')) {
+                    depth = depth.saturating_sub(1);
+                    newline(&mut out, depth);
+                }
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// A field of a definition list: its name and its value (or a dash).
+fn field(name: &str, value: Option<String>) -> Markup {
+    html! { dt { (name) } dd { @match &value { Some(v) => (Shown(v)), None => "–" } } }
+}
+
+/// The warnings and actions above the details.
+fn notices(caller: &Caller, letter: &DeadLetterView) -> Markup {
+    let id = letter.id;
+    html! {
+        @if letter.fails_again {
+            p.warn { "Replayed as it is, this command fails the same way again: its body or id is what was wrong. Send a corrected command instead." }
+        }
+        @if letter.duplicate_risk {
+            p.warn { "Its first provider call is older than the provider's idempotency window: a replay may create a second payment link." }
+        }
+        @if let Some(why) = &letter.not_replayable_because {
+            p.warn id="not-replayable" {
+                "Not replayable: " (Shown(why)) ". A replay skips it; archive it, or send a corrected command."
+            }
+        }
+        @if caller.role == Role::Operator && letter.state == "open" {
+            div.actions {
+                @if letter.replayable {
+                    button data-act="replay" data-ids={ "[" (id) "]" } id="replay-one" { "Replay" }
+                }
+                button.secondary data-act="archive" data-ids={ "[" (id) "]" } id="archive-one" { "Archive" }
+            }
+        }
+    }
+}
+
+/// Why it failed, and the ids it carries.
+fn why(letter: &DeadLetterView) -> Markup {
+    let text = |v: &Option<String>| v.clone();
+    let number = |v: Option<i64>| v.map(|v| v.to_string());
+    html! {
+        h2 { "Why" }
+        dl {
+            (field("Error", Some(letter.message.clone())))
+            (field("HTTP status", letter.http_status.map(|v| v.to_string())))
+            (field("Provider answer", text(&letter.error_body)))
+            (field("Provider calls", letter.attempts.map(|v| v.to_string())))
+            (field("Replays so far", Some(letter.replay_count.to_string())))
+            (field("Command id", Some(letter.command_id.clone())))
+            (field("Trace id", text(&letter.trace_id)))
+            (field("Provider id", number(letter.provider_id)))
+            (field("Invoice id", number(letter.invoice_id)))
+            (field("Ad hoc invoice id", number(letter.adhoc_invoice_id)))
+            (field("Customer id", number(letter.customer_id)))
+            (field("Description", text(&letter.description)))
+            (field("E-mail", text(&letter.email)))
+            (field("Stored with changes", text(&letter.stored_with_changes)))
+            dt { "Failed" } dd { (when(letter.failed_at)) }
+            @if let Some(previous) = letter.previous_id {
+                dt { "Replayed from" } dd { a href={ "/dead-letters/" (previous) } { "dead letter " (previous) } }
+            }
+        }
+    }
+}
+
+/// The original message and the replays.
+fn original(letter: &DeadLetterView) -> Markup {
+    let original = &letter.original;
+    let body = match &original.body {
+        Some(text) => pretty_json(text).unwrap_or_else(|| text.clone()),
+        None => format!("({} bytes, not UTF-8)", original.body_bytes),
+    };
+    html! {
+        h2 { "Original message" }
+        dl {
+            (field("Exchange", Some(exchange_name(&original.exchange))))
+            (field("Routing key", Some(original.routing_key.clone())))
+        }
+        details open { summary { "Properties" } pre { (Shown(&pretty(&original.properties))) } }
+        details open { summary { "Headers" } pre id="headers" { (Shown(&pretty(&original.headers))) } }
+        details open {
+            summary { "Body (" (original.body_bytes) " bytes)" }
+            pre id="body" { (Shown(&body)) }
+        }
+        h2 { "Replays" }
+        table {
+            tr { th { "Run" } th { "When" } th { "Outcome" } }
+            @for replay in &letter.replays {
+                tr {
+                    td { a href={ "/replays/" (replay.run_id) } { (replay.run_id) } }
+                    td { (when(replay.replayed_at)) }
+                    td { (Shown(&replay.outcome)) }
+                }
+            }
+        }
+    }
+}
+
+/// A value as indented JSON.
+fn pretty<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default()
+}
+
+pub(super) async fn page(
+    caller: Caller,
+    State(console): State<Console>,
+    Path(id): Path<i64>,
+) -> Response {
+    let letter = match DeadLetterView::load(&console, id).await {
+        Ok(Some(letter)) => letter,
+        Ok(None) => {
+            return layout::not_found(&caller, "No dead letter has this id").into_response();
+        }
+        Err(e) => return reply::internal(e),
+    };
+    let content = html! {
+        h1 { "Dead letter " (id) " " (kind_badge(&letter.kind)) " " (state_badge(&letter.state)) }
+        (notices(&caller, &letter))
+        (why(&letter))
+        (original(&letter))
+    };
+    layout::signed_in(&caller, &format!("Dead letter {id}"), content).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_indented_without_touching_a_digit() {
+        let body = r#"{"amountInMajorCurrency":3.00,"d":"a, {b}: \"c\"","e":[],"f":{"g":[1,2e3]}}"#;
+        let pretty = pretty_json(body).unwrap();
+        assert!(
+            pretty.contains("\"amountInMajorCurrency\": 3.00,"),
+            "{pretty}"
+        );
+        assert!(pretty.contains(r#""d": "a, {b}: \"c\"""#), "{pretty}");
+        assert!(pretty.contains("\"e\": []"), "{pretty}");
+        assert!(pretty.contains("2e3"), "{pretty}");
+        let compact: String = pretty.split_whitespace().collect();
+        let original: String = body.split_whitespace().collect();
+        assert_eq!(compact.replace(": ", ":"), original.replace(": ", ":"));
+        assert_eq!(pretty_json("not json"), None);
+    }
+}
