@@ -7,8 +7,9 @@
 use anyhow::Context as _;
 use lapin::BasicProperties;
 use payment_link_worker::broker::messages::properties_to_json;
-use payment_link_worker::ops::dead_letters::{self as ops, ReplayRequest};
-use payment_link_worker::store::dead_letters::{self as store, Filter};
+use payment_link_worker::dead_letters::store::{self as store, Filter};
+use payment_link_worker::dead_letters::{self as ops, ReplayRequest};
+use payment_link_worker::dead_letters::{Kind, State};
 use payment_link_worker::store::{self as db, replay_runs};
 use std::time::{Duration, Instant};
 
@@ -111,8 +112,8 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
 
     let all = Filter::default();
     let open_kind = Filter {
-        state: Some("open".into()),
-        kind: Some("validation".into()),
+        state: Some(State::Open),
+        kind: Some(Kind::Validation),
         ..Filter::default()
     };
     let search = |text: &str| Filter {
@@ -174,7 +175,7 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
     // A replay of M matching dead letters, no rate limit, progress read from the run meanwhile.
     let request = ReplayRequest {
         filter: Filter {
-            kind: Some("provider-rejected".into()),
+            kind: Some(Kind::ProviderRejected),
             ..Filter::default()
         },
         limit: Some(o.replay),

@@ -1,10 +1,10 @@
 //! The subcommands of the `payment-link-worker` binary.
 
 use crate::config::Settings;
+use crate::dead_letters::store::Filter;
+use crate::dead_letters::{self, listing};
 use crate::ops::send::{self, SendArgs};
-use crate::ops::{dead_letters, listing};
 use crate::provider::sim::{self, SimOptions};
-use crate::store::dead_letters::Filter;
 use crate::{startup, store, telemetry};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -117,12 +117,12 @@ pub enum DeadLetterCommands {
 /// Which dead letters a dead-letter operation applies to.
 #[derive(Debug, Args)]
 pub struct SelectArgs {
-    /// Only this error kind (delivery-limit: a message the broker dead-lettered itself).
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(dead_letters::known_kinds()))]
-    pub kind: Option<String>,
+    /// Only this kind (delivery-limit, expired, rejected, maxlen: the broker dead-lettered it).
+    #[arg(long, value_enum)]
+    pub kind: Option<dead_letters::Kind>,
     /// Only this state.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::store::dead_letters::STATES))]
-    pub state: Option<String>,
+    #[arg(long, value_enum)]
+    pub state: Option<dead_letters::State>,
     /// Only this command id.
     #[arg(long)]
     pub command_id: Option<String>,
@@ -152,8 +152,8 @@ pub struct SelectArgs {
 impl SelectArgs {
     fn filter(&self) -> Filter {
         Filter {
-            kind: self.kind.clone(),
-            state: self.state.clone(),
+            kind: self.kind,
+            state: self.state,
             command_id: self.command_id.clone(),
             since: self.since,
             until: self.until,
@@ -290,7 +290,7 @@ async fn dead_letter_command(
     match command {
         DeadLetterCommands::List { select, json } => {
             let limit = select.limit.map_or(1000, |l| l as i64);
-            let targets = crate::ops::targets::ReplayTargets::new(settings);
+            let targets = crate::dead_letters::targets::ReplayTargets::new(settings);
             let listing = dead_letters::list(&mut conn, &select.filter(), limit, &targets).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -335,7 +335,7 @@ async fn dead_letter_command(
                     };
                     let started = dead_letters::start(settings, &mut conn, &request).await?;
                     let selected =
-                        crate::store::dead_letters::summaries(&mut conn, &started.ids).await?;
+                        crate::dead_letters::store::summaries(&mut conn, &started.ids).await?;
                     let verb = if dry_run { "would replay" } else { "replaying" };
                     for letter in &selected {
                         let note = if started.fail_again.contains(&letter.id) {

@@ -56,7 +56,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         prefetch = context.settings.broker.prefetch, "worker started");
     tokio::spawn(levels::run(context.clone(), background.clone()));
     if context.settings.dead_letters.ingest {
-        tokio::spawn(crate::ingest::run(
+        tokio::spawn(crate::dead_letters::ingest::run(
             context.settings.clone(),
             context.pool.clone(),
             format!("{instance_id} dead-letter ingester"),

@@ -5,9 +5,9 @@ use super::Console;
 use super::auth::Caller;
 use super::reply::{error, internal};
 use super::views::{DeadLetterView, JobView};
-use crate::ops::dead_letters::{self as ops, Listed, ReplayError, ReplayRequest};
-use crate::ops::targets::ReplayTargets;
-use crate::store::dead_letters::{self as store, Cursor, Filter};
+use crate::dead_letters::store::{self as store, Cursor, Filter, Kind, State as LetterState};
+use crate::dead_letters::targets::ReplayTargets;
+use crate::dead_letters::{self as ops, Listed, ReplayError, ReplayRequest};
 use crate::store::{audit, replay_runs};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -56,6 +56,11 @@ pub(super) struct ListQuery {
     pub cursor: Option<String>,
 }
 
+/// Why `value` is not one of `names`.
+fn one_of<const N: usize>(name: &str, value: &str, names: [&str; N]) -> String {
+    format!("{name} must be one of {}, got {value:?}", names.join(", "))
+}
+
 /// A query value that is not empty.
 fn given(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
@@ -80,8 +85,18 @@ impl ListQuery {
     pub(super) fn filter(&self) -> Result<Filter, String> {
         let time = "an RFC 3339 time such as 2026-12-01T00:00:00Z";
         let filter = Filter {
-            kind: given(&self.kind).map(str::to_owned),
-            state: given(&self.state).map(str::to_owned),
+            kind: given(&self.kind)
+                .map(|k| {
+                    Kind::parse(k).ok_or_else(|| one_of("kind", k, Kind::ALL.map(Kind::as_str)))
+                })
+                .transpose()?,
+            state: given(&self.state)
+                .map(|s| {
+                    LetterState::parse(s).ok_or_else(|| {
+                        one_of("state", s, LetterState::ALL.map(LetterState::as_str))
+                    })
+                })
+                .transpose()?,
             command_id: given(&self.command_id).map(str::to_owned),
             since: parsed::<DateTime<Utc>>(&self.since, "since", time)?,
             until: parsed::<DateTime<Utc>>(&self.until, "until", time)?,
@@ -146,8 +161,6 @@ const MAX_FILTER_TEXT: usize = 1000;
 /// (which PostgreSQL text cannot hold), an overlong text, too many ids.
 pub(super) fn checked(filter: &Filter) -> Result<(), String> {
     for (name, value) in [
-        ("kind", &filter.kind),
-        ("state", &filter.state),
         ("commandId", &filter.command_id),
         ("search", &filter.search),
     ] {

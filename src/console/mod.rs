@@ -172,7 +172,7 @@ fn spawn_job(console: &Console, run_id: i64, rate: Option<f64>) {
     tokio::spawn(async move {
         let worked = async {
             let mut conn = console.pool.get().await?;
-            crate::ops::dead_letters::work(&console.settings, &mut conn, run_id, rate).await
+            crate::dead_letters::work(&console.settings, &mut conn, run_id, rate).await
         };
         tokio::select! {
             () = console.stop.cancelled() => {}

@@ -3,9 +3,8 @@
 
 use super::Console;
 use crate::broker::messages::properties_from_json;
-use crate::ops::dead_letters::fails_again;
-use crate::ops::targets::ReplayTargets;
-use crate::store::dead_letters::{self as store, Replay};
+use crate::dead_letters::store::{self as store, Kind, Replay, State};
+use crate::dead_letters::targets::ReplayTargets;
 use crate::store::{StoreError, replay_runs};
 use chrono::{DateTime, Utc};
 use lapin::types::AMQPValue;
@@ -18,7 +17,7 @@ use serde_json::{Map, Value, json};
 pub struct DeadLetterView {
     pub id: i64,
     pub command_id: String,
-    pub kind: String,
+    pub kind: Kind,
     /// Why it failed, in words.
     pub message: String,
     pub http_status: Option<i32>,
@@ -27,7 +26,7 @@ pub struct DeadLetterView {
     pub failed_at: DateTime<Utc>,
     pub ingested_at: DateTime<Utc>,
     pub replay_count: i32,
-    pub state: String,
+    pub state: State,
     pub state_changed_at: DateTime<Utc>,
     pub replay_run_id: Option<i64>,
     pub previous_id: Option<i64>,
@@ -124,7 +123,7 @@ impl DeadLetterView {
             .and_then(|b| serde_json::value::RawValue::from_string(b.to_owned()).ok());
         Ok(Some(Self {
             id: row.id,
-            fails_again: fails_again(&row.kind),
+            fails_again: row.kind.fails_again(),
             command_id: row.command_id,
             kind: row.kind,
             message: row.error_message,

@@ -7,7 +7,6 @@ pub mod audit;
 pub mod batch;
 pub mod claims;
 pub mod commands;
-pub mod dead_letters;
 pub mod heartbeats;
 pub mod outbox;
 pub mod outcomes;

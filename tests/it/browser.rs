@@ -7,7 +7,8 @@
 use crate::console::{OPERATOR, RunningConsole, with_dead_letters};
 use crate::helpers::*;
 use crate::operations::stored;
-use payment_link_worker::store::dead_letters::{self as store, Filter};
+use payment_link_worker::dead_letters::State;
+use payment_link_worker::dead_letters::store::{self as store, Filter};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -72,7 +73,7 @@ async fn an_operator_filters_inspects_and_replays_in_chromium() {
         assert_eq!(row.kind, "provider-rejected");
     }
     let open = Filter {
-        state: Some("open".into()),
+        state: Some(State::Open),
         ..Filter::default()
     };
     assert_eq!(store::count(&mut conn, &open).await.unwrap(), 2);

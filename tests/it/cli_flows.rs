@@ -4,6 +4,7 @@
 //! exported over OTLP/HTTP.
 
 use crate::helpers::*;
+use payment_link_worker::dead_letters::State;
 use std::process::Stdio;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -119,8 +120,8 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
     ]));
     assert!(dry.contains(&format!("would replay {id}")), "{dry}");
     assert!(dry.contains("fails again"), "{dry}");
-    let open = payment_link_worker::store::dead_letters::Filter {
-        state: Some("open".into()),
+    let open = payment_link_worker::dead_letters::store::Filter {
+        state: Some(State::Open),
         ..Default::default()
     };
     crate::operations::stored(&env, &open, 1).await;

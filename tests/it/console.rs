@@ -7,7 +7,7 @@ use crate::helpers::*;
 use crate::operations::{INGEST, stored};
 use payment_link_worker::config::{OperatorSettings, Settings};
 use payment_link_worker::console::token_sha256;
-use payment_link_worker::store::dead_letters::Filter;
+use payment_link_worker::dead_letters::store::Filter;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use wiremock::matchers::method;

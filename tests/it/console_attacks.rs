@@ -9,7 +9,7 @@ use payment_link_worker::broker::messages::OutboundMessage;
 use payment_link_worker::broker::publisher::publish_confirmed;
 use payment_link_worker::config::Settings;
 use payment_link_worker::console::token_sha256;
-use payment_link_worker::store::dead_letters::Filter;
+use payment_link_worker::dead_letters::store::Filter;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

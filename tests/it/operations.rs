@@ -5,9 +5,10 @@
 //! confirmation, and every action is on record.
 
 use crate::helpers::*;
-use payment_link_worker::ops::dead_letters::{self, ReplayError, ReplayRequest};
-use payment_link_worker::ops::targets::ReplayTargets;
-use payment_link_worker::store::dead_letters::{self as store, Filter};
+use payment_link_worker::dead_letters::store::{self as store, Filter};
+use payment_link_worker::dead_letters::targets::ReplayTargets;
+use payment_link_worker::dead_letters::{self, ReplayError, ReplayRequest};
+use payment_link_worker::dead_letters::{Kind, State};
 use payment_link_worker::store::{audit, replay_runs};
 use wiremock::matchers::{header, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -64,7 +65,13 @@ pub async fn stored(env: &TestEnv, filter: &Filter, n: i64) {
 
 async fn state_of(env: &TestEnv, id: i64) -> String {
     let mut conn = env.pool.get().await.unwrap();
-    store::get(&mut conn, id).await.unwrap().unwrap().0.state
+    store::get(&mut conn, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+        .state
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -143,7 +150,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         ),
         (
             Filter {
-                state: Some("archived".into()),
+                state: Some(State::Archived),
                 ..Filter::default()
             },
             0,
@@ -158,7 +165,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
 
     // A dry run selects and changes nothing.
     let kind = Filter {
-        kind: Some("provider-rejected".into()),
+        kind: Some(Kind::ProviderRejected),
         ..Filter::default()
     };
     let dry = dead_letters::start(
@@ -173,7 +180,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         store::count(
             &mut conn,
             &Filter {
-                state: Some("open".into()),
+                state: Some(State::Open),
                 ..Filter::default()
             }
         )

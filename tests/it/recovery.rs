@@ -483,7 +483,7 @@ async fn a_database_outage_delays_commands_but_fails_none() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_wait_in_their_queue_while_the_database_is_down_and_are_stored_once_after() {
-    use payment_link_worker::store::dead_letters::{self as store, Filter};
+    use payment_link_worker::dead_letters::store::{self as store, Filter};
     let proxy = Proxy::start("127.0.0.1:5432").await;
     let env = TestEnv::with("http://127.0.0.1:9", &[crate::operations::INGEST]).await;
     let worker = env.start_worker_with(database_through(&env, &proxy)).await;
@@ -860,8 +860,8 @@ async fn broker_alarm_then_sigterm_exits_in_bounded_time_and_a_restart_loses_not
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_again() {
-    use payment_link_worker::ops::dead_letters::{self as ops, ReplayRequest};
-    use payment_link_worker::store::dead_letters::{self as store, Filter};
+    use payment_link_worker::dead_letters::store::{self as store, Filter};
+    use payment_link_worker::dead_letters::{self as ops, ReplayRequest};
     let env = TestEnv::with(
         "http://127.0.0.1:9",
         &[("BROKER__PUBLISH_TIMEOUT_MS", "1000")],
@@ -872,7 +872,7 @@ async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_ag
         .map(|i| store::NewDeadLetter {
             dedup_key: format!("id:alarm-{i}"),
             command_id: format!("alarm-replay-{i}"),
-            kind: "retries-exhausted".into(),
+            kind: payment_link_worker::dead_letters::Kind::RetriesExhausted,
             error_message: "provider down".into(),
             http_status: Some(503),
             attempts: Some(3),

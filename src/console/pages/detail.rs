@@ -7,7 +7,8 @@ use crate::console::Console;
 use crate::console::auth::{Caller, Role};
 use crate::console::reply;
 use crate::console::views::DeadLetterView;
-use crate::ops::targets::exchange_name;
+use crate::dead_letters::State as LetterState;
+use crate::dead_letters::targets::exchange_name;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
@@ -86,7 +87,7 @@ fn notices(caller: &Caller, letter: &DeadLetterView) -> Markup {
                 "Not replayable: " (Shown(why)) ". A replay skips it; archive it, or send a corrected command."
             }
         }
-        @if caller.role == Role::Operator && letter.state == "open" {
+        @if caller.role == Role::Operator && letter.state == LetterState::Open {
             div.actions {
                 @if letter.replayable {
                     button data-act="replay" data-ids={ "[" (id) "]" } id="replay-one" { "Replay" }
@@ -177,7 +178,7 @@ pub(super) async fn page(
         Err(e) => return reply::internal(e),
     };
     let content = html! {
-        h1 { "Dead letter " (id) " " (kind_badge(&letter.kind)) " " (state_badge(&letter.state)) }
+        h1 { "Dead letter " (id) " " (kind_badge(letter.kind.as_str())) " " (state_badge(letter.state.as_str())) }
         (notices(&caller, &letter))
         (why(&letter))
         (original(&letter))

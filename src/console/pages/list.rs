@@ -7,9 +7,9 @@ use crate::console::Console;
 use crate::console::api::ListQuery;
 use crate::console::auth::{Caller, Role};
 use crate::console::reply;
-use crate::ops::dead_letters::{Listed, known_kinds};
-use crate::ops::targets::ReplayTargets;
-use crate::store::dead_letters::{self as store, STATES};
+use crate::dead_letters::store;
+use crate::dead_letters::targets::ReplayTargets;
+use crate::dead_letters::{Kind, Listed, State as LetterState};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -31,7 +31,7 @@ const COLUMNS: [Column; 11] = [
         title: "State",
         cell: |l| {
             html! {
-                (state_badge(&l.state))
+                (state_badge(l.state.as_str()))
                 @if let Some(why) = &l.not_replayable_because {
                     " " span.not-replayable title=(Shown(why)) { "not replayable" }
                 }
@@ -40,7 +40,7 @@ const COLUMNS: [Column; 11] = [
     },
     Column {
         title: "Kind",
-        cell: |l| kind_badge(&l.kind),
+        cell: |l| kind_badge(l.kind.as_str()),
     },
     Column {
         title: "Command id",
@@ -95,8 +95,8 @@ fn filters(query: &ListQuery) -> Markup {
     let text = |v: &Option<String>| v.clone().unwrap_or_default();
     html! {
         form.filters method="get" action="/dead-letters" {
-            label { "Kind" select name="kind" id="kind" { (options(&known_kinds(), query.kind.as_deref())) } }
-            label { "State" select name="state" id="state" { (options(&STATES, query.state.as_deref())) } }
+            label { "Kind" select name="kind" id="kind" { (options(&Kind::ALL.map(Kind::as_str), query.kind.as_deref())) } }
+            label { "State" select name="state" id="state" { (options(&LetterState::ALL.map(LetterState::as_str), query.state.as_deref())) } }
             label { "Search (id, description, e-mail)" input name="q" id="q" value=(text(&query.q)); }
             label { "Provider id" input name="providerId" size="6" value=(text(&query.provider_id)); }
             label { "Invoice id" input name="invoiceId" size="8" value=(text(&query.invoice_id)); }

@@ -13,7 +13,7 @@ mod login;
 mod overview;
 
 use super::Console;
-use crate::ops::dead_letters::known_kinds;
+use crate::dead_letters::Kind;
 use crate::text::visible_block;
 use axum::Router;
 use axum::http::header;
@@ -89,11 +89,7 @@ pub(super) fn when(t: DateTime<Utc>) -> Markup {
 /// A kind as a coloured badge, the same colour everywhere (colours in the style sheet; a kind
 /// outside the known ones is grey).
 pub(super) fn kind_badge(kind: &str) -> Markup {
-    let class = if known_kinds().contains(&kind) {
-        kind
-    } else {
-        "other"
-    };
+    let class = Kind::parse(kind).map_or("other", Kind::as_str);
     html! { span class={ "badge kind-" (class) } { (Shown(kind)) } }
 }
 

@@ -4,7 +4,8 @@ use super::{kind_badge, layout, when};
 use crate::console::Console;
 use crate::console::auth::Caller;
 use crate::console::reply;
-use crate::store::dead_letters::{self as store, STATES};
+use crate::dead_letters::State as LetterState;
+use crate::dead_letters::store;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use maud::html;
@@ -28,7 +29,7 @@ pub(super) async fn page(caller: Caller, State(console): State<Console>) -> Resp
     let content = html! {
         h1 { "Overview" }
         div.cards {
-            @for state in STATES {
+            @for state in LetterState::ALL.map(LetterState::as_str) {
                 a.card href={ "/dead-letters?state=" (state) } {
                     b id={ "count-" (state) } { (overview.by_state.get(state).copied().unwrap_or(0)) }
                     (state)

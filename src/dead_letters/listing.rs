@@ -1,7 +1,7 @@
 //! How `dead-letters list` looks at a terminal: a table with aligned columns, then the count per
 //! kind.
 
-use super::dead_letters::Listing;
+use super::actions::Listing;
 use crate::text::visible;
 
 /// The listing as a table with aligned columns (the message last, on one line), then the count
@@ -27,13 +27,13 @@ pub fn format_listing(listing: &Listing) -> String {
     for l in &listing.letters {
         rows.push(vec![
             l.id.to_string(),
-            l.state.clone(),
+            l.state.to_string(),
             if l.command_id.is_empty() {
                 "(no message_id)".into()
             } else {
                 visible(&l.command_id).into_owned()
             },
-            visible(&l.kind).into_owned(),
+            l.kind.to_string(),
             opt(l.http_status.map(i64::from)),
             opt(l.attempts.map(i64::from)),
             l.failed_at
@@ -93,20 +93,20 @@ pub fn format_listing(listing: &Listing) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::dead_letters::Listed;
-    use crate::store::dead_letters::Summary;
+    use crate::dead_letters::Listed;
+    use crate::dead_letters::store::Summary;
 
     #[test]
     fn hidden_characters_are_shown_and_unreplayable_letters_say_why() {
         let summary = Summary {
             id: 7,
             command_id: "bidi-\u{202E}gpj.exe".into(),
-            kind: "expired".into(),
+            kind: crate::dead_letters::Kind::Expired,
             http_status: None,
             attempts: None,
             failed_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             replay_count: 0,
-            state: "open".into(),
+            state: crate::dead_letters::State::Open,
             invoice_id: Some(1),
             adhoc_invoice_id: None,
             customer_id: None,

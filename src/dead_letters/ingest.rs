@@ -5,11 +5,11 @@
 //! `x-dead-letter-id`, or a hash of the message for one the broker dead-lettered itself). Any
 //! replica may ingest; the same task removes archived and replayed entries past their retention.
 
+use super::store::{self, Kind};
 use crate::broker::messages::{properties_from_json, properties_to_json};
 use crate::config::Settings;
 use crate::headers::{self, read_int, read_text};
-use crate::ops::dead_letters::{DELIVERY_LIMIT, EXPIRED, MAXLEN, REJECTED, UNKNOWN};
-use crate::store::{PgPool, dead_letters as store};
+use crate::store::PgPool;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
@@ -184,14 +184,18 @@ pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter 
         && (text(headers::DEAD_LETTER_ID).is_some() || text(headers::ERROR_KIND).is_some());
     let (kind, error_message) = if by_worker {
         (
-            text(headers::ERROR_KIND).unwrap_or_else(|| UNKNOWN.to_owned()),
+            // A kind the worker does not make (set by a publisher, or by a newer version) is
+            // stored as unknown; the message still says what the dead letter claimed.
+            text(headers::ERROR_KIND)
+                .and_then(|k| Kind::parse(&k))
+                .unwrap_or(Kind::Unknown),
             text(headers::ERROR_MESSAGE).unwrap_or_default(),
         )
     } else if headers::has_death(properties) {
         broker_reason(death.as_ref())
     } else {
         (
-            UNKNOWN.to_owned(),
+            Kind::Unknown,
             text(headers::ERROR_MESSAGE).unwrap_or_default(),
         )
     };
@@ -235,32 +239,25 @@ pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter 
 }
 
 /// The kind and message of a dead letter the broker made itself, from its newest `x-death`
-/// entry's reason (an entry without one, or none: the delivery limit, as before reasons were read).
-fn broker_reason(death: Option<&(String, String)>) -> (String, String) {
+/// entry's reason (an entry without one, or none: the delivery limit, as before reasons were
+/// read).
+fn broker_reason(death: Option<&(String, String)>) -> (Kind, String) {
     let (reason, queue) = death.map_or(("delivery_limit", ""), |(r, q)| (r.as_str(), q.as_str()));
     let queue = column_text(queue);
-    let (kind, why) = match reason {
-        "expired" => (
-            EXPIRED,
-            format!("its time to live ran out in queue {queue:?}"),
-        ),
-        "rejected" => (
-            REJECTED,
-            format!("a consumer of queue {queue:?} rejected it without requeue"),
-        ),
-        "maxlen" => (MAXLEN, format!("queue {queue:?} was at its length limit")),
-        "delivery_limit" => (
-            DELIVERY_LIMIT,
-            "after broker.delivery_limit deliveries".to_owned(),
-        ),
-        other => (
-            UNKNOWN,
-            format!("for a reason it gave as {:?}", column_text(other)),
-        ),
+    let kind = Kind::from_broker_reason(reason);
+    let why = match kind {
+        Kind::Expired => format!("its time to live ran out in queue {queue:?}"),
+        Kind::Rejected => format!("a consumer of queue {queue:?} rejected it without requeue"),
+        Kind::Maxlen => format!("queue {queue:?} was at its length limit"),
+        Kind::DeliveryLimit => "after broker.delivery_limit deliveries".to_owned(),
+        _ => format!("for a reason it gave as {:?}", column_text(reason)),
     };
     (
-        kind.to_owned(),
-        format!("dead-lettered by the broker: {why} ({reason})"),
+        kind,
+        format!(
+            "dead-lettered by the broker: {why} ({})",
+            column_text(reason)
+        ),
     )
 }
 

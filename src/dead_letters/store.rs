@@ -3,33 +3,24 @@
 //! console select rows with one [`Filter`], so both offer the same filters and the database does
 //! the filtering, with keyset pagination for the list.
 
-use super::schema::dead_letter_replays::dsl as r;
-use super::schema::dead_letters::dsl as d;
-use super::{PgConn, StoreError};
+use crate::store::schema::dead_letter_replays::dsl as r;
+use crate::store::schema::dead_letters::dsl as d;
+use crate::store::{PgConn, StoreError};
 use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
-/// The states a dead letter goes through.
-pub const STATES: [&str; 4] = [OPEN, REPLAYING, REPLAYED, ARCHIVED];
-/// Waiting for an operator.
-pub const OPEN: &str = "open";
-/// Taken by a replay run that has not finished with it yet.
-pub const REPLAYING: &str = "replaying";
-/// Sent back to its original exchange and confirmed by the broker.
-pub const REPLAYED: &str = "replayed";
-/// Put aside by an operator.
-pub const ARCHIVED: &str = "archived";
+pub use super::kind::{Kind, State};
 
 /// A row as the ingester writes it.
 #[derive(Clone, Debug, Insertable)]
-#[diesel(table_name = super::schema::dead_letters)]
+#[diesel(table_name = crate::store::schema::dead_letters)]
 pub struct NewDeadLetter {
     pub dedup_key: String,
     pub command_id: String,
-    pub kind: String,
+    pub kind: Kind,
     pub error_message: String,
     pub http_status: Option<i32>,
     pub attempts: Option<i32>,
@@ -52,17 +43,17 @@ pub struct NewDeadLetter {
 
 /// A dead letter as lists show it (no message body).
 #[derive(Clone, Debug, Queryable, Selectable, Serialize, PartialEq, Eq)]
-#[diesel(table_name = super::schema::dead_letters)]
+#[diesel(table_name = crate::store::schema::dead_letters)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
     pub id: i64,
     pub command_id: String,
-    pub kind: String,
+    pub kind: Kind,
     pub http_status: Option<i32>,
     pub attempts: Option<i32>,
     pub failed_at: DateTime<Utc>,
     pub replay_count: i32,
-    pub state: String,
+    pub state: State,
     pub invoice_id: Option<i64>,
     pub adhoc_invoice_id: Option<i64>,
     pub customer_id: Option<i64>,
@@ -78,12 +69,12 @@ pub struct Summary {
 
 /// Everything stored about a dead letter.
 #[derive(Clone, Debug, Queryable, Selectable)]
-#[diesel(table_name = super::schema::dead_letters)]
+#[diesel(table_name = crate::store::schema::dead_letters)]
 pub struct Stored {
     pub id: i64,
     pub dedup_key: String,
     pub command_id: String,
-    pub kind: String,
+    pub kind: Kind,
     pub error_message: String,
     pub http_status: Option<i32>,
     pub attempts: Option<i32>,
@@ -91,7 +82,7 @@ pub struct Stored {
     pub failed_at: DateTime<Utc>,
     pub ingested_at: DateTime<Utc>,
     pub replay_count: i32,
-    pub state: String,
+    pub state: State,
     pub state_changed_at: DateTime<Utc>,
     pub replay_run_id: Option<i64>,
     pub previous_id: Option<i64>,
@@ -111,7 +102,7 @@ pub struct Stored {
 
 /// One replay of a dead letter.
 #[derive(Clone, Debug, Queryable, Selectable, Serialize)]
-#[diesel(table_name = super::schema::dead_letter_replays)]
+#[diesel(table_name = crate::store::schema::dead_letter_replays)]
 #[serde(rename_all = "camelCase")]
 pub struct Replay {
     pub run_id: i64,
@@ -124,9 +115,9 @@ pub struct Replay {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub kind: Option<Kind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<State>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<String>,
     /// Failed at or after.
@@ -149,15 +140,15 @@ pub struct Filter {
     pub ids: Option<Vec<i64>>,
 }
 
-type Boxed<'a> = super::schema::dead_letters::BoxedQuery<'a, Pg>;
+type Boxed<'a> = crate::store::schema::dead_letters::BoxedQuery<'a, Pg>;
 
 impl Filter {
     /// The rows that match, as a query to refine.
     fn apply<'a>(&'a self, mut query: Boxed<'a>) -> Boxed<'a> {
-        if let Some(kind) = &self.kind {
+        if let Some(kind) = self.kind {
             query = query.filter(d::kind.eq(kind));
         }
-        if let Some(state) = &self.state {
+        if let Some(state) = self.state {
             query = query.filter(d::state.eq(state));
         }
         if let Some(id) = &self.command_id {
@@ -315,13 +306,17 @@ pub async fn count_by_kind(
     filter: &Filter,
 ) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
     let matching = filter.apply(d::dead_letters.into_boxed()).select(d::id);
-    let rows: Vec<(String, i64)> = d::dead_letters
+    let rows: Vec<(Kind, i64)> = d::dead_letters
         .filter(d::id.eq_any(matching))
         .group_by(d::kind)
         .select((d::kind, diesel::dsl::count_star()))
         .load(conn)
         .await?;
-    Ok(rows.into_iter().collect())
+    let mut counts = std::collections::BTreeMap::new();
+    for (kind, n) in rows {
+        *counts.entry(kind.as_str().to_owned()).or_default() += n;
+    }
+    Ok(counts)
 }
 
 /// Counts for the overview.
@@ -342,21 +337,25 @@ pub struct Overview {
 
 /// The overview's counts, in one round trip per figure.
 pub async fn overview(conn: &mut PgConn) -> Result<Overview, StoreError> {
-    let groups: Vec<(String, String, i64)> = d::dead_letters
+    let groups: Vec<(Kind, State, i64)> = d::dead_letters
         .group_by((d::kind, d::state))
         .select((d::kind, d::state, diesel::dsl::count_star()))
         .load(conn)
         .await?;
     let mut overview = Overview::default();
     for (kind, state, n) in groups {
+        let kind = kind.as_str().to_owned();
         *overview.by_kind.entry(kind.clone()).or_default() += n;
-        *overview.by_state.entry(state.clone()).or_default() += n;
-        if state == OPEN {
+        *overview
+            .by_state
+            .entry(state.as_str().to_owned())
+            .or_default() += n;
+        if state == State::Open {
             *overview.open_by_kind.entry(kind).or_default() += n;
         }
     }
     overview.oldest_open = d::dead_letters
-        .filter(d::state.eq(OPEN))
+        .filter(d::state.eq(State::Open))
         .select(diesel::dsl::min(d::failed_at))
         .get_result(conn)
         .await?;
@@ -410,9 +409,12 @@ pub async fn archive(conn: &mut PgConn, ids: &[i64]) -> Result<Vec<i64>, StoreEr
     Ok(diesel::update(
         d::dead_letters
             .filter(d::id.eq_any(ids))
-            .filter(d::state.eq(OPEN)),
+            .filter(d::state.eq(State::Open)),
     )
-    .set((d::state.eq(ARCHIVED), d::state_changed_at.eq(Utc::now())))
+    .set((
+        d::state.eq(State::Archived),
+        d::state_changed_at.eq(Utc::now()),
+    ))
     .returning(d::id)
     .get_results(conn)
     .await?)
@@ -432,7 +434,7 @@ pub async fn summaries(conn: &mut PgConn, ids: &[i64]) -> Result<Vec<Summary>, S
 pub async fn open_ids(conn: &mut PgConn, filter: &Filter) -> Result<Vec<i64>, StoreError> {
     Ok(filter
         .apply(d::dead_letters.into_boxed())
-        .filter(d::state.eq(OPEN))
+        .filter(d::state.eq(State::Open))
         .order(d::id.asc())
         .select(d::id)
         .load(conn)
@@ -446,7 +448,7 @@ pub async fn at_duplicate_risk(
     ids: &[i64],
     window: std::time::Duration,
 ) -> Result<Vec<i64>, StoreError> {
-    use super::schema::payment_link_commands::dsl as c;
+    use crate::store::schema::payment_link_commands::dsl as c;
     let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
     let oldest_safe = Utc::now().checked_sub_signed(window).unwrap_or_default();
     Ok(d::dead_letters
@@ -459,203 +461,12 @@ pub async fn at_duplicate_risk(
         .await?)
 }
 
-/// Reserves the open ones of `ids` for the replay run `run_id` (state `replaying`); returns their
-/// ids. A run works through its reserved rows, so a run stopped midway can be resumed, and two
-/// runs never take the same dead letter.
-pub async fn reserve(conn: &mut PgConn, ids: &[i64], run_id: i64) -> Result<Vec<i64>, StoreError> {
-    Ok(diesel::update(
-        d::dead_letters
-            .filter(d::id.eq_any(ids))
-            .filter(d::state.eq(OPEN)),
-    )
-    .set((
-        d::state.eq(REPLAYING),
-        d::replay_run_id.eq(run_id),
-        d::state_changed_at.eq(Utc::now()),
-    ))
-    .returning(d::id)
-    .get_results(conn)
-    .await?)
-}
-
-/// The next `limit` dead letters `run_id` reserved and has not finished with, after `after`.
-pub async fn next_reserved(
-    conn: &mut PgConn,
-    run_id: i64,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<Stored>, StoreError> {
-    Ok(d::dead_letters
-        .filter(d::replay_run_id.eq(run_id))
-        .filter(d::state.eq(REPLAYING))
-        .filter(d::id.gt(after))
-        .order(d::id.asc())
-        .limit(limit)
-        .select(Stored::as_select())
-        .load(conn)
-        .await?)
-}
-
-/// What became of one dead letter in a replay run.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReplayOutcome {
-    /// The broker confirmed the copy.
-    Replayed,
-    /// The broker did not confirm it (refused, unroutable, timed out): open again.
-    Failed(String),
-    /// Not published, and why (its target is not one replay may publish to): open again.
-    Skipped(String),
-}
-
-impl ReplayOutcome {
-    /// The line its history keeps.
-    fn history(&self) -> String {
-        match self {
-            Self::Replayed => "replayed".to_owned(),
-            // Unconfirmed is not undelivered: the copy may still reach the queue.
-            Self::Failed(why) => format!("not confirmed, open again: {why}"),
-            Self::Skipped(why) => format!("skipped, not replayable: {why}"),
-        }
-    }
-}
-
-/// Each of `ids` with the exchange and routing key its message names.
-pub async fn targets(
-    conn: &mut PgConn,
-    ids: &[i64],
-) -> Result<Vec<(i64, String, String)>, StoreError> {
-    Ok(d::dead_letters
-        .filter(d::id.eq_any(ids))
-        .order(d::id.asc())
-        .select((d::id, d::original_exchange, d::original_routing_key))
-        .load(conn)
-        .await?)
-}
-
-/// Records replays' outcomes in one transaction, with the run's progress: `replayed` where the
-/// broker confirmed the copy; otherwise the dead letter is open again and its history says why.
-/// Only rows the run still holds (`replaying`) are recorded, so a dead letter published twice
-/// (a job resumed by another console while its first one was still going) is counted once.
-/// Returns how many outcomes were recorded.
-pub async fn record_replays(
-    conn: &mut PgConn,
-    run_id: i64,
-    outcomes: &[(i64, ReplayOutcome)],
-) -> Result<usize, StoreError> {
-    use super::schema::replay_runs::dsl as runs;
-    let now = Utc::now();
-    let ids = |which: fn(&ReplayOutcome) -> bool| -> Vec<i64> {
-        outcomes
-            .iter()
-            .filter(|(_, o)| which(o))
-            .map(|(id, _)| *id)
-            .collect()
-    };
-    let groups = [
-        (ids(|o| matches!(o, ReplayOutcome::Replayed)), REPLAYED),
-        (ids(|o| matches!(o, ReplayOutcome::Failed(_))), OPEN),
-        (ids(|o| matches!(o, ReplayOutcome::Skipped(_))), OPEN),
-    ];
-    conn.transaction::<_, StoreError, _>(async move |conn| {
-        let mut recorded = Vec::with_capacity(outcomes.len());
-        let mut counts = [0i32; 3];
-        for (i, (ids, state)) in groups.iter().enumerate() {
-            if ids.is_empty() {
-                continue;
-            }
-            let held: Vec<i64> = diesel::update(
-                d::dead_letters
-                    .filter(d::id.eq_any(ids))
-                    .filter(d::state.eq(REPLAYING))
-                    .filter(d::replay_run_id.eq(run_id)),
-            )
-            .set((d::state.eq(*state), d::state_changed_at.eq(now)))
-            .returning(d::id)
-            .get_results(&mut *conn)
-            .await?;
-            counts[i] = held.len() as i32;
-            recorded.extend(held);
-        }
-        let history: Vec<_> = outcomes
-            .iter()
-            .filter(|(id, _)| recorded.contains(id))
-            .map(|(id, outcome)| (*id, outcome.history()))
-            .collect();
-        insert_history(conn, run_id, &history).await?;
-        diesel::update(runs::replay_runs.find(run_id))
-            .set((
-                runs::replayed.eq(runs::replayed + counts[0]),
-                runs::failed.eq(runs::failed + counts[1]),
-                runs::skipped.eq(runs::skipped + counts[2]),
-                runs::updated_at.eq(now),
-            ))
-            .execute(&mut *conn)
-            .await?;
-        Ok(recorded.len())
-    })
-    .await
-}
-
-/// Records that a run left these open dead letters alone, and why (not replayable): in their
-/// history and in the run's skipped count.
-pub async fn record_skipped(
-    conn: &mut PgConn,
-    run_id: i64,
-    skipped: &[(i64, String)],
-) -> Result<(), StoreError> {
-    use super::schema::replay_runs::dsl as runs;
-    if skipped.is_empty() {
-        return Ok(());
-    }
-    let history: Vec<(i64, String)> = skipped
-        .iter()
-        .map(|(id, why)| (*id, ReplayOutcome::Skipped(why.clone()).history()))
-        .collect();
-    conn.transaction::<_, StoreError, _>(async move |conn| {
-        insert_history(conn, run_id, &history).await?;
-        diesel::update(runs::replay_runs.find(run_id))
-            .set((
-                runs::skipped.eq(runs::skipped + history.len() as i32),
-                runs::updated_at.eq(Utc::now()),
-            ))
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    })
-    .await
-}
-
-async fn insert_history(
-    conn: &mut PgConn,
-    run_id: i64,
-    lines: &[(i64, String)],
-) -> Result<(), StoreError> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    let rows: Vec<_> = lines
-        .iter()
-        .map(|(id, outcome)| {
-            (
-                r::dead_letter_id.eq(*id),
-                r::run_id.eq(run_id),
-                r::outcome.eq(outcome),
-            )
-        })
-        .collect();
-    diesel::insert_into(r::dead_letter_replays)
-        .values(&rows)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// Removes archived and replayed dead letters whose state changed before `before`; returns how
 /// many.
 pub async fn purge(conn: &mut PgConn, before: DateTime<Utc>) -> Result<usize, StoreError> {
     Ok(diesel::delete(
         d::dead_letters
-            .filter(d::state.eq_any([ARCHIVED, REPLAYED]))
+            .filter(d::state.eq_any([State::Archived, State::Replayed]))
             .filter(d::state_changed_at.lt(before)),
     )
     .execute(conn)

@@ -1,0 +1,21 @@
+//! Dead letters, from the queue to a replay: the ingester moves every dead letter into the
+//! dead-letter store in PostgreSQL ([`ingest`], [`store`]), operators list, archive
+//! ([`actions`]) and replay them ([`replay`], publishing through [`publish`] only to the targets
+//! [`targets`] allows, recording through [`replay_rows`]), from the CLI ([`listing`] is its
+//! table) or the console. A replay run is the one name for a replay, whoever starts it (the
+//! console shows it as a job).
+
+pub mod actions;
+pub mod ingest;
+pub mod kind;
+pub mod listing;
+pub mod publish;
+pub mod replay;
+pub mod replay_rows;
+pub mod store;
+pub mod targets;
+
+pub use actions::{Listed, Listing, archive, connect, list};
+pub use kind::{Kind, State};
+pub use publish::replay_message;
+pub use replay::{ReplayError, ReplayRequest, Started, Worked, start, work};

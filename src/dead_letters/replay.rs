@@ -1,0 +1,272 @@
+//! Replaying dead letters, shared by the CLI and the console. A replay run selects the open dead
+//! letters a [`Filter`] matches, leaves those that are not replayable (see [`super::targets`]),
+//! reserves the rest (state `replaying`), then publishes each stored original to its target
+//! (confirmed; see [`super::publish`]) and records the outcomes, a batch at a time; a run
+//! stopped midway is resumed from its reserved rows. Every run is recorded in the audit log.
+
+use super::actions::stored_filter;
+use super::publish::{ReplayChannel, publish_batch};
+use super::replay_rows::{self, ReplayOutcome};
+use super::store::{self, Filter, State};
+use super::targets::ReplayTargets;
+use crate::broker::publisher::confirm_channel;
+use crate::broker::{self};
+use crate::config::Settings;
+use crate::store::{self as db, PgConn, audit, replay_runs};
+use serde::Serialize;
+use std::time::Duration;
+
+/// How a replay is asked for.
+#[derive(Clone, Debug)]
+pub struct ReplayRequest {
+    /// Which dead letters (only open ones are replayed).
+    pub filter: Filter,
+    /// At most this many (the oldest first).
+    pub limit: Option<usize>,
+    /// Only say what would be replayed.
+    pub dry_run: bool,
+    /// Replays per second at most.
+    pub rate: Option<f64>,
+    /// Go ahead even where a replay may create a second link (see [`ReplayError::DuplicateRisk`]).
+    pub accept_duplicate_risk: bool,
+    /// Who asked, for the audit log.
+    pub requested_by: String,
+    /// `cli` or `console`.
+    pub source: String,
+    /// The console's client address, for the audit log (none from the CLI).
+    pub client_address: Option<String>,
+}
+
+/// Why a replay did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "{count} of the selected dead letters first called the provider more than \
+         {window_hours} h ago (provider.idempotency_window_hours): the provider may have \
+         forgotten their idempotency keys, so replaying them may create a second payment link. \
+         Check with the provider, then confirm with --accept-duplicate-risk \
+         (in the console: \"I accept the risk\"), or narrow the selection. First ids: {first:?}"
+    )]
+    /// Some selected dead letters are older than the provider's idempotency window.
+    DuplicateRisk {
+        /// How many.
+        count: usize,
+        /// The window.
+        window_hours: u64,
+        /// The first few of their ids.
+        first: Vec<i64>,
+    },
+    #[error(transparent)]
+    /// The database or the broker failed.
+    Other(#[from] anyhow::Error),
+}
+
+impl From<db::StoreError> for ReplayError {
+    fn from(error: db::StoreError) -> Self {
+        Self::Other(error.into())
+    }
+}
+
+/// A replay run as it starts.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    /// The run (and the console's job) id.
+    pub run_id: i64,
+    /// The dead letters selected (reserved unless a dry run).
+    pub ids: Vec<i64>,
+    /// Of those, the ones whose kind fails again as they are (validation, idempotency conflict).
+    pub fail_again: Vec<i64>,
+    /// Of those, the ones at risk of a second link (accepted, or the run would not start).
+    pub at_risk: Vec<i64>,
+    /// Matching dead letters left alone because they are not replayable, with the reason.
+    pub skipped: Vec<(i64, String)>,
+}
+
+/// Selects, checks and records a run; reserves its dead letters unless it is a dry run (which
+/// ends here). The publishing is [`work`].
+pub async fn start(
+    settings: &Settings,
+    conn: &mut PgConn,
+    request: &ReplayRequest,
+) -> Result<Started, ReplayError> {
+    let mut ids = store::open_ids(conn, &request.filter).await?;
+    if let Some(limit) = request.limit {
+        ids.truncate(limit);
+    }
+    let targets = ReplayTargets::new(settings);
+    let mut skipped = Vec::new();
+    for (id, exchange, routing_key) in replay_rows::targets(conn, &ids).await? {
+        if let Err(why) = targets.check(&exchange, &routing_key) {
+            skipped.push((id, why));
+        }
+    }
+    ids.retain(|id| !skipped.iter().any(|(s, _)| s == id));
+    let window = Duration::from_secs(settings.provider.idempotency_window_hours * 3600);
+    let mut at_risk = store::at_duplicate_risk(conn, &ids, window).await?;
+    if !at_risk.is_empty() && !request.accept_duplicate_risk && !request.dry_run {
+        return Err(ReplayError::DuplicateRisk {
+            count: at_risk.len(),
+            window_hours: settings.provider.idempotency_window_hours,
+            first: at_risk.iter().take(5).copied().collect(),
+        });
+    }
+    let filter = stored_filter(&request.filter)?;
+    let run_id = replay_runs::start(
+        conn,
+        &replay_runs::NewReplayRun {
+            requested_by: request.requested_by.clone(),
+            filter_kind: request.filter.kind.map(|k| k.as_str().to_owned()),
+            filter_command_id: request.filter.command_id.clone(),
+            max_count: request.limit.map(|l| l as i64),
+            rate_per_second: request.rate,
+            dry_run: request.dry_run,
+            source: request.source.clone(),
+            filter: Some(filter.clone()),
+            state: if request.dry_run { "done" } else { "running" }.into(),
+            total: ids.len() as i32,
+            accept_duplicate_risk: request.accept_duplicate_risk,
+        },
+    )
+    .await?;
+    if !request.dry_run {
+        // What another run took meanwhile is not this run's: it works on what it reserved.
+        ids = replay_rows::reserve(conn, &ids, run_id).await?;
+        ids.sort_unstable();
+    }
+    let selected = store::summaries(conn, &ids).await?;
+    let fail_again = selected
+        .iter()
+        .filter(|s| s.kind.fails_again())
+        .map(|s| s.id)
+        .collect();
+    let command_ids: Vec<String> = selected.iter().map(|s| s.command_id.clone()).collect();
+    replay_runs::set_selection(conn, run_id, &command_ids).await?;
+    replay_rows::record_skipped(conn, run_id, &skipped).await?;
+    if request.dry_run {
+        let counts = replay_runs::RunCounts {
+            selected: ids.len() as i32,
+            replayed: 0,
+            skipped: skipped.len() as i32,
+            failed: 0,
+            left: store::count(conn, &open()).await? as i32,
+        };
+        replay_runs::finish(conn, run_id, counts).await?;
+    }
+    audit::record(
+        conn,
+        &audit::NewEntry {
+            actor: request.requested_by.clone(),
+            source: request.source.clone(),
+            action: if request.dry_run { "dry-run" } else { "replay" }.into(),
+            filter: Some(filter),
+            count: ids.len() as i32,
+            ids: ids.clone(),
+            run_id: Some(run_id),
+            client_address: request.client_address.clone(),
+        },
+    )
+    .await?;
+    at_risk.retain(|id| ids.binary_search(id).is_ok());
+    Ok(Started {
+        run_id,
+        ids,
+        fail_again,
+        at_risk,
+        skipped,
+    })
+}
+
+pub(super) fn open() -> Filter {
+    Filter {
+        state: Some(State::Open),
+        ..Filter::default()
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Worked {
+    /// Confirmed by the broker.
+    pub replayed: Vec<i64>,
+    /// Refused by the broker (open again).
+    pub failed: Vec<i64>,
+    /// Not published, with the reason (not replayable; open again).
+    pub skipped: Vec<(i64, String)>,
+    /// Open dead letters left in the store when it ended.
+    pub left: i64,
+}
+
+/// Most dead letters published before their outcomes are recorded (without a rate limit).
+const BATCH: i64 = 200;
+
+/// Publishes the run's reserved dead letters, a batch at a time, recording each batch's outcomes
+/// and the run's progress; ends the run. Runs again from where it was if it stopped midway (a
+/// dead letter published just before a stop may be published twice; the worker's idempotency
+/// makes the second a republished event, not a second link).
+pub async fn work(
+    settings: &Settings,
+    conn: &mut PgConn,
+    run_id: i64,
+    rate: Option<f64>,
+) -> anyhow::Result<Worked> {
+    let connection = broker::connect(
+        &settings.broker,
+        &format!("payment-link-worker replay {run_id}"),
+    )
+    .await?;
+    let mut channel = ReplayChannel {
+        channel: confirm_channel(&connection).await?,
+        connection: &connection,
+    };
+    let targets = ReplayTargets::new(settings);
+    let pause = rate
+        .filter(|r| *r > 0.0 && r.is_finite())
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    // With a rate limit, a batch is about a second of publishing: the recorded progress stays
+    // close to the real one, and a console never sees a job that is going as stalled.
+    let batch = pause.map_or(BATCH, |p| {
+        (1.0 / p.as_secs_f64()).clamp(1.0, BATCH as f64) as i64
+    });
+    let timeout = Duration::from_millis(settings.broker.publish_timeout_ms);
+    let mut worked = Worked::default();
+    let mut after = 0;
+    loop {
+        let letters = replay_rows::next_reserved(conn, run_id, after, batch).await?;
+        let Some(last) = letters.last() else { break };
+        after = last.id;
+        let outcomes = publish_batch(&mut channel, &targets, &letters, pause, timeout).await;
+        for (id, outcome) in &outcomes {
+            match outcome {
+                ReplayOutcome::Replayed => worked.replayed.push(*id),
+                ReplayOutcome::Failed(error) => {
+                    tracing::error!(dead_letter = id, %error, "the broker did not take the replayed command; it stays open");
+                    worked.failed.push(*id);
+                }
+                ReplayOutcome::Skipped(why) => {
+                    tracing::warn!(dead_letter = id, why = %why, "dead letter not replayed: it is not replayable");
+                    worked.skipped.push((*id, why.clone()));
+                }
+            }
+        }
+        replay_rows::record_replays(conn, run_id, &outcomes).await?;
+    }
+    // Bounded too: a blocked connection cannot even send its close; the broker drops it later.
+    let closing = async {
+        let _ = channel.channel.close(200, "replay done".into()).await;
+        let _ = connection.close(200, "replay done".into()).await;
+    };
+    let _ = tokio::time::timeout(timeout, closing).await;
+    worked.left = store::count(conn, &open()).await?;
+    let run = replay_runs::find(conn, run_id).await?;
+    let counts = replay_runs::RunCounts {
+        selected: run.as_ref().map_or(0, |r| r.total),
+        replayed: run.as_ref().map_or(0, |r| r.replayed),
+        skipped: run.as_ref().map_or(0, |r| r.skipped),
+        failed: run.as_ref().map_or(0, |r| r.failed),
+        left: worked.left as i32,
+    };
+    replay_runs::finish(conn, run_id, counts).await?;
+    Ok(worked)
+}

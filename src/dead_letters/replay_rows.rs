@@ -1,0 +1,206 @@
+//! A replay run's rows in the dead-letter store: it reserves its dead letters (state
+//! `replaying`), reads them back a batch at a time, and records each one's outcome (replayed,
+//! failed, or skipped as not replayable) with its history and the run's counts, in one
+//! transaction per batch.
+
+use super::store::{State, Stored};
+use crate::store::schema::dead_letter_replays::dsl as r;
+use crate::store::schema::dead_letters::dsl as d;
+use crate::store::{PgConn, StoreError};
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+
+/// Reserves the open ones of `ids` for the replay run `run_id` (state `replaying`); returns their
+/// ids. A run works through its reserved rows, so a run stopped midway can be resumed, and two
+/// runs never take the same dead letter.
+pub async fn reserve(conn: &mut PgConn, ids: &[i64], run_id: i64) -> Result<Vec<i64>, StoreError> {
+    Ok(diesel::update(
+        d::dead_letters
+            .filter(d::id.eq_any(ids))
+            .filter(d::state.eq(State::Open)),
+    )
+    .set((
+        d::state.eq(State::Replaying),
+        d::replay_run_id.eq(run_id),
+        d::state_changed_at.eq(Utc::now()),
+    ))
+    .returning(d::id)
+    .get_results(conn)
+    .await?)
+}
+
+/// The next `limit` dead letters `run_id` reserved and has not finished with, after `after`.
+pub async fn next_reserved(
+    conn: &mut PgConn,
+    run_id: i64,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Stored>, StoreError> {
+    Ok(d::dead_letters
+        .filter(d::replay_run_id.eq(run_id))
+        .filter(d::state.eq(State::Replaying))
+        .filter(d::id.gt(after))
+        .order(d::id.asc())
+        .limit(limit)
+        .select(Stored::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// What became of one dead letter in a replay run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// The broker confirmed the copy.
+    Replayed,
+    /// The broker did not confirm it (refused, unroutable, timed out): open again.
+    Failed(String),
+    /// Not published, and why (its target is not one replay may publish to): open again.
+    Skipped(String),
+}
+
+impl ReplayOutcome {
+    /// The line its history keeps.
+    fn history(&self) -> String {
+        match self {
+            Self::Replayed => "replayed".to_owned(),
+            // Unconfirmed is not undelivered: the copy may still reach the queue.
+            Self::Failed(why) => format!("not confirmed, open again: {why}"),
+            Self::Skipped(why) => format!("skipped, not replayable: {why}"),
+        }
+    }
+}
+
+/// Each of `ids` with the exchange and routing key its message names.
+pub async fn targets(
+    conn: &mut PgConn,
+    ids: &[i64],
+) -> Result<Vec<(i64, String, String)>, StoreError> {
+    Ok(d::dead_letters
+        .filter(d::id.eq_any(ids))
+        .order(d::id.asc())
+        .select((d::id, d::original_exchange, d::original_routing_key))
+        .load(conn)
+        .await?)
+}
+
+/// Records replays' outcomes in one transaction, with the run's progress: `replayed` where the
+/// broker confirmed the copy; otherwise the dead letter is open again and its history says why.
+/// Only rows the run still holds (`replaying`) are recorded, so a dead letter published twice
+/// (a job resumed by another console while its first one was still going) is counted once.
+/// Returns how many outcomes were recorded.
+pub async fn record_replays(
+    conn: &mut PgConn,
+    run_id: i64,
+    outcomes: &[(i64, ReplayOutcome)],
+) -> Result<usize, StoreError> {
+    use crate::store::schema::replay_runs::dsl as runs;
+    let now = Utc::now();
+    let ids = |which: fn(&ReplayOutcome) -> bool| -> Vec<i64> {
+        outcomes
+            .iter()
+            .filter(|(_, o)| which(o))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let groups = [
+        (
+            ids(|o| matches!(o, ReplayOutcome::Replayed)),
+            State::Replayed,
+        ),
+        (ids(|o| matches!(o, ReplayOutcome::Failed(_))), State::Open),
+        (ids(|o| matches!(o, ReplayOutcome::Skipped(_))), State::Open),
+    ];
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        let mut recorded = Vec::with_capacity(outcomes.len());
+        let mut counts = [0i32; 3];
+        for (i, (ids, state)) in groups.iter().enumerate() {
+            if ids.is_empty() {
+                continue;
+            }
+            let held: Vec<i64> = diesel::update(
+                d::dead_letters
+                    .filter(d::id.eq_any(ids))
+                    .filter(d::state.eq(State::Replaying))
+                    .filter(d::replay_run_id.eq(run_id)),
+            )
+            .set((d::state.eq(*state), d::state_changed_at.eq(now)))
+            .returning(d::id)
+            .get_results(&mut *conn)
+            .await?;
+            counts[i] = held.len() as i32;
+            recorded.extend(held);
+        }
+        let history: Vec<_> = outcomes
+            .iter()
+            .filter(|(id, _)| recorded.contains(id))
+            .map(|(id, outcome)| (*id, outcome.history()))
+            .collect();
+        insert_history(conn, run_id, &history).await?;
+        diesel::update(runs::replay_runs.find(run_id))
+            .set((
+                runs::replayed.eq(runs::replayed + counts[0]),
+                runs::failed.eq(runs::failed + counts[1]),
+                runs::skipped.eq(runs::skipped + counts[2]),
+                runs::updated_at.eq(now),
+            ))
+            .execute(&mut *conn)
+            .await?;
+        Ok(recorded.len())
+    })
+    .await
+}
+
+/// Records that a run left these open dead letters alone, and why (not replayable): in their
+/// history and in the run's skipped count.
+pub async fn record_skipped(
+    conn: &mut PgConn,
+    run_id: i64,
+    skipped: &[(i64, String)],
+) -> Result<(), StoreError> {
+    use crate::store::schema::replay_runs::dsl as runs;
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    let history: Vec<(i64, String)> = skipped
+        .iter()
+        .map(|(id, why)| (*id, ReplayOutcome::Skipped(why.clone()).history()))
+        .collect();
+    conn.transaction::<_, StoreError, _>(async move |conn| {
+        insert_history(conn, run_id, &history).await?;
+        diesel::update(runs::replay_runs.find(run_id))
+            .set((
+                runs::skipped.eq(runs::skipped + history.len() as i32),
+                runs::updated_at.eq(Utc::now()),
+            ))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
+async fn insert_history(
+    conn: &mut PgConn,
+    run_id: i64,
+    lines: &[(i64, String)],
+) -> Result<(), StoreError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = lines
+        .iter()
+        .map(|(id, outcome)| {
+            (
+                r::dead_letter_id.eq(*id),
+                r::run_id.eq(run_id),
+                r::outcome.eq(outcome),
+            )
+        })
+        .collect();
+    diesel::insert_into(r::dead_letter_replays)
+        .values(&rows)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
