@@ -6,9 +6,8 @@ use crate::broker::messages::Original;
 use crate::broker::{self, topology};
 use crate::config::Settings;
 use crate::context::Context;
-use crate::errors::{ErrorKind, Failure};
 use crate::headers;
-use crate::pipeline::{self, Disposition, Fate};
+use crate::pipeline::{self, Disposition};
 use crate::relay;
 use crate::store::commands;
 use anyhow::Context as _;
@@ -241,7 +240,7 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
     };
     let disposition = match AssertUnwindSafe(work.instrument(span)).catch_unwind().await {
         Ok(disposition) => disposition,
-        Err(_) => panicked(&context, &original, delivery.delivery_tag).await,
+        Err(_) => pipeline::after_panic(&context, &original, delivery.delivery_tag).await,
     };
     settle(&delivery, disposition).await;
 }
@@ -260,46 +259,6 @@ fn queue_wait(
     let sent = (*properties.timestamp())?;
     let now = u64::try_from(now.timestamp()).ok()?;
     now.checked_sub(sent).map(Duration::from_secs)
-}
-
-/// A delivery whose processing panicked: counted, logged with its command id, its lease released
-/// (the panic may have left the command claimed), and rejected so the delivery limit applies; on
-/// its last delivery before that limit it is dead-lettered as `internal-error` instead, so the
-/// dead letter says why.
-async fn panicked(context: &Context, original: &Original<'_>, delivery_tag: u64) -> Disposition {
-    let command_id = original.properties.message_id().as_ref();
-    let command_id = command_id.map(|id| id.as_str()).unwrap_or("");
-    context.metrics.panicked();
-    tracing::error!(
-        command_id,
-        delivery_tag,
-        "processing panicked; the message goes back to the queue (its delivery limit applies)"
-    );
-    let release = async {
-        let mut conn = context.pool.get().await?;
-        commands::release(&mut conn, command_id, &context.instance_id, None, 0, None).await
-    };
-    let _ = crate::store::bounded(&context.pool, release).await;
-    let returns = headers::read_int(original.properties, headers::DELIVERY_COUNT).unwrap_or(0);
-    if !last_delivery(returns, context.settings.broker.delivery_limit) {
-        return Disposition::Reject;
-    }
-    let failure = Failure::before_any_call(
-        ErrorKind::InternalError,
-        format!("processing panicked on each of {} deliveries", returns + 1),
-    );
-    let fate = pipeline::settle(context, original, Fate::DeadLetter(failure)).await;
-    if fate == Disposition::Ack {
-        Disposition::Ack
-    } else {
-        Disposition::Reject
-    }
-}
-
-/// Whether a delivery that has been returned `returns` times is the last the queue's delivery
-/// limit allows (counted one early, so the worker's dead letter comes before the broker's).
-fn last_delivery(returns: i64, delivery_limit: u32) -> bool {
-    returns + 1 >= i64::from(delivery_limit)
 }
 
 /// Acks, requeues or rejects the delivery as `disposition` says.
@@ -348,14 +307,5 @@ mod tests {
         let ahead = BasicProperties::default().with_timestamp(1_800_000_000);
         assert_eq!(queue_wait(&ahead, now), None);
         assert_eq!(queue_wait(&BasicProperties::default(), now), None);
-    }
-
-    #[test]
-    fn a_panicking_message_is_dead_lettered_on_its_last_delivery_only() {
-        assert!(!last_delivery(0, 10));
-        assert!(!last_delivery(8, 10));
-        assert!(last_delivery(9, 10));
-        assert!(last_delivery(40, 10));
-        assert!(last_delivery(0, 1));
     }
 }

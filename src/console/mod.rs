@@ -8,6 +8,7 @@
 mod api;
 mod auth;
 mod pages;
+mod query;
 mod reply;
 mod server;
 mod throttle;

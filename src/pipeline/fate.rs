@@ -4,7 +4,10 @@
 
 use super::{Context, Halt, wait_or_abandon};
 use crate::broker::messages::{self, Original, OutboundMessage};
-use crate::errors::Failure;
+use crate::broker::topology;
+use crate::command::Envelope;
+use crate::errors::{ErrorKind, Failure};
+use crate::headers;
 use crate::relay;
 use crate::store::{commands, outbox};
 use std::time::Duration;
@@ -71,6 +74,92 @@ pub enum Disposition {
     /// (4.x does not count a requeueing `basic.nack`), so a message that fails every time ends
     /// dead-lettered instead of looping.
     Reject,
+}
+
+impl Fate {
+    /// The command, to wait in the delay queue of the round it is in, then come back for the next
+    /// round: the one way a [`Fate::Delay`] is made, whether its round's retry budget is spent
+    /// (`lease_token`: the claim it gives back) or its provider's circuit was open before it was
+    /// claimed (no claim). `None` when no delay tier is left for the round.
+    pub(super) fn delay(
+        context: &Context,
+        original: &Original<'_>,
+        envelope: &Envelope,
+        (attempts, lease_token): (i32, Option<String>),
+        round_attempts: i32,
+        last_error: String,
+    ) -> Option<Fate> {
+        let round = envelope.delay_round;
+        let delay_ms = *context.settings.retry.delay_tiers_ms.get(round)?;
+        let queue = topology::delay_queue(&context.settings.broker, delay_ms);
+        Some(Fate::Delay(Delay {
+            command_id: envelope.command_id.as_str().to_owned(),
+            lease_token,
+            message: messages::delayed(&queue, original, round + 1, attempts, &last_error),
+            round: round + 1,
+            delay_ms,
+            attempts,
+            round_attempts,
+            last_error,
+        }))
+    }
+}
+
+impl From<Halt> for Fate {
+    /// Work abandoned at the end of the shutdown grace period goes back to the queue; data the
+    /// database refuses to hold is dead-lettered as unstorable (waiting cannot change that).
+    fn from(halt: Halt) -> Self {
+        match halt {
+            Halt::Abandoned => Fate::Requeue,
+            Halt::Refused(message) => Fate::DeadLetter(Failure::before_any_call(
+                ErrorKind::Unstorable,
+                crate::headers::excerpt(&message, crate::headers::TEXT_LIMIT),
+            )),
+        }
+    }
+}
+
+/// A delivery whose processing panicked: counted, logged with its command id, its lease released
+/// (the panic may have left the command claimed), and rejected so the queue's delivery limit
+/// applies; on its last delivery before that limit it is dead-lettered as `internal-error`
+/// instead, so the dead letter says why.
+pub async fn after_panic(
+    context: &Context,
+    original: &Original<'_>,
+    delivery_tag: u64,
+) -> Disposition {
+    let command_id = original.properties.message_id().as_ref();
+    let command_id = command_id.map(|id| id.as_str()).unwrap_or("");
+    context.metrics.panicked();
+    tracing::error!(
+        command_id,
+        delivery_tag,
+        "processing panicked; the message goes back to the queue (its delivery limit applies)"
+    );
+    let release = async {
+        let mut conn = context.pool.get().await?;
+        commands::release(&mut conn, command_id, &context.instance_id, None, 0, None).await
+    };
+    let _ = crate::store::bounded(&context.pool, release).await;
+    let returns = headers::read_int(original.properties, headers::DELIVERY_COUNT).unwrap_or(0);
+    if !last_delivery(returns, context.settings.broker.delivery_limit) {
+        return Disposition::Reject;
+    }
+    let failure = Failure::before_any_call(
+        ErrorKind::InternalError,
+        format!("processing panicked on each of {} deliveries", returns + 1),
+    );
+    match settle(context, original, Fate::DeadLetter(failure)).await {
+        Disposition::Ack => Disposition::Ack,
+        // Not dead-lettered now: rejected, so the limit still ends it.
+        Disposition::Requeue | Disposition::Reject => Disposition::Reject,
+    }
+}
+
+/// Whether a delivery that has been returned `returns` times is the last the queue's delivery
+/// limit allows (counted one early, so the worker's dead letter comes before the broker's).
+fn last_delivery(returns: i64, delivery_limit: u32) -> bool {
+    returns + 1 >= i64::from(delivery_limit)
 }
 
 impl From<Halt> for Disposition {
@@ -194,5 +283,19 @@ async fn park(context: &Context, delay: &Delay) -> Result<Disposition, Halt> {
             let _ = wait_or_abandon(context, REQUEUE_DELAY).await;
             Ok(Disposition::Requeue)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_message_is_dead_lettered_on_its_last_delivery_only() {
+        assert!(!last_delivery(0, 10));
+        assert!(!last_delivery(8, 10));
+        assert!(last_delivery(9, 10));
+        assert!(last_delivery(40, 10));
+        assert!(last_delivery(0, 1));
     }
 }

@@ -49,7 +49,7 @@ macro_rules! db {
 pub mod fate;
 mod record;
 
-pub use fate::{Disposition, Fate, settle};
+pub use fate::{Disposition, Fate, after_panic, settle};
 
 use crate::broker::messages::Original;
 use crate::command::Envelope;
@@ -149,14 +149,9 @@ pub async fn process(context: &Context, original: &Original<'_>) -> Fate {
         delay_round = envelope.delay_round,
         trace_id = trace_id.as_str()
     );
-    match decide(context, original, &envelope).await {
-        Ok(fate) => fate,
-        Err(Halt::Abandoned) => Fate::Requeue,
-        Err(Halt::Refused(message)) => Fate::DeadLetter(Failure::before_any_call(
-            ErrorKind::Unstorable,
-            crate::headers::excerpt(&message, crate::headers::TEXT_LIMIT),
-        )),
-    }
+    decide(context, original, &envelope)
+        .await
+        .unwrap_or_else(Fate::from)
 }
 
 /// Step 2: the delivery as a valid command, or the validation failure that dead-letters it.
@@ -210,8 +205,6 @@ async fn decide(
 /// command has no row of its own until it is claimed; if it was already finished, its recorded
 /// event is published again when it comes back.
 fn park_unclaimed(context: &Context, original: &Original<'_>, envelope: &Envelope) -> Option<Fate> {
-    let round = envelope.delay_round;
-    let delay_ms = *context.settings.retry.delay_tiers_ms.get(round)?;
     let provider_id = envelope.command.payment_provider_id;
     if !context.provider.circuit_open(provider_id) {
         return None;
@@ -221,23 +214,7 @@ fn park_unclaimed(context: &Context, original: &Original<'_>, envelope: &Envelop
     let last_error = format!(
         "the circuit for paymentProviderId {provider_id} is open: that provider looks down"
     );
-    let queue = crate::broker::topology::delay_queue(&context.settings.broker, delay_ms);
-    Some(Fate::Delay(fate::Delay {
-        command_id: envelope.command_id.as_str().to_owned(),
-        lease_token: None,
-        message: crate::broker::messages::delayed(
-            &queue,
-            original,
-            round + 1,
-            attempts,
-            &last_error,
-        ),
-        round: round + 1,
-        delay_ms,
-        attempts,
-        round_attempts: 0,
-        last_error,
-    }))
+    Fate::delay(context, original, envelope, (attempts, None), 0, last_error)
 }
 
 /// Step 3: the idempotency decision.

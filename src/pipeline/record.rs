@@ -1,10 +1,9 @@
 //! Step 4's end: the provider's answer becomes the command's recorded outcome (a link with its
 //! created event, a failure with its failed event and dead letter) or a wait in a delay queue.
 
-use super::fate::{Delay, Fate};
+use super::fate::Fate;
 use super::{Context, Halt};
 use crate::broker::messages::{self, Original};
-use crate::broker::topology;
 use crate::command::Envelope;
 use crate::errors::{ErrorKind, Failure};
 use crate::provider::client::{CallResult, LinkCreated, ProviderError};
@@ -37,14 +36,16 @@ pub(super) async fn record(
         Err((ErrorKind::RetriesExhausted, error))
             if envelope.delay_round < context.settings.retry.delay_tiers_ms.len() =>
         {
-            Ok(Some(delay(
+            let last_error = error.message;
+            let next = (attempts, Some(token));
+            Ok(Fate::delay(
                 context,
                 original,
                 envelope,
-                (attempts, token),
+                next,
                 call.attempts,
-                error.message,
-            )))
+                last_error,
+            ))
         }
         Err((kind, error)) => {
             record_failure(context, original, envelope, (attempts, token), kind, error).await
@@ -168,29 +169,4 @@ async fn record_failure(
     }
     let rows = ids.into_iter().zip(outgoing.into_iter().map(|(_, m)| m));
     Ok(Some(Fate::PublishRecorded(rows.collect())))
-}
-
-/// The round's retry budget is spent but delay tiers remain: the command is to wait in the next
-/// delay queue.
-fn delay(
-    context: &Context,
-    original: &Original<'_>,
-    envelope: &Envelope,
-    (attempts, lease_token): (i32, String),
-    round_attempts: i32,
-    last_error: String,
-) -> Fate {
-    let round = envelope.delay_round;
-    let delay_ms = context.settings.retry.delay_tiers_ms[round];
-    let queue = topology::delay_queue(&context.settings.broker, delay_ms);
-    Fate::Delay(Delay {
-        command_id: envelope.command_id.as_str().to_owned(),
-        lease_token: Some(lease_token),
-        message: messages::delayed(&queue, original, round + 1, attempts, &last_error),
-        round: round + 1,
-        delay_ms,
-        attempts,
-        round_attempts,
-        last_error,
-    })
 }

@@ -156,11 +156,10 @@ impl ProviderClient {
         let outcome = match result {
             Ok(link) => Ok(link),
             Err(GaveUp::Permanent(error)) => {
-                let kind = match error.http_status {
-                    Some(401 | 403) => ErrorKind::ProviderAuth,
-                    _ => ErrorKind::ProviderRejected,
-                };
-                Err((kind, error))
+                let class = error
+                    .http_status
+                    .map_or(StatusClass::Rejected, StatusClass::of);
+                Err((class.permanent_kind(), error))
             }
             Err(GaveUp::Exhausted(mut error)) => {
                 error.message = format!(
@@ -333,6 +332,47 @@ fn error_body_excerpt(body: &str) -> String {
     crate::headers::excerpt(&shown, ERROR_BODY_LIMIT)
 }
 
+/// What an HTTP status from the provider means: the one place statuses are sorted. How a class
+/// is retried, whether it dead-letters and as which kind, and whether it lowers the provider's
+/// limit all follow from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 200, 201: a link, if the body holds one.
+    Created,
+    /// 401, 403: our credentials are refused (permanent: `provider-auth`).
+    CredentialsRefused,
+    /// 429, 503: the provider asks us to slow down (transient; lowers its lane's limit).
+    Overloaded,
+    /// 408, 425, and 5xx other than 503: transient.
+    Failing,
+    /// Any other 4xx: the request is refused (permanent: `provider-rejected`).
+    Rejected,
+    /// Anything else (1xx, 3xx, another 2xx): transient.
+    Unexpected,
+}
+
+impl StatusClass {
+    /// The class of `status`.
+    pub fn of(status: u16) -> Self {
+        match status {
+            200 | 201 => StatusClass::Created,
+            401 | 403 => StatusClass::CredentialsRefused,
+            429 | 503 => StatusClass::Overloaded,
+            408 | 425 | 500..=599 => StatusClass::Failing,
+            400..=499 => StatusClass::Rejected,
+            _ => StatusClass::Unexpected,
+        }
+    }
+
+    /// The kind a permanent failure of this class is dead-lettered as.
+    fn permanent_kind(self) -> ErrorKind {
+        match self {
+            StatusClass::CredentialsRefused => ErrorKind::ProviderAuth,
+            _ => ErrorKind::ProviderRejected,
+        }
+    }
+}
+
 /// Sorts an answer into success, permanent failure and transient failure.
 fn classify(
     status: u16,
@@ -345,8 +385,8 @@ fn classify(
         http_status: Some(status),
         body: (!body.is_empty()).then(|| error_body_excerpt(body)),
     };
-    match status {
-        200 | 201 => match serde_json::from_str::<LinkBody<'_>>(&body) {
+    match StatusClass::of(status) {
+        StatusClass::Created => match serde_json::from_str::<LinkBody<'_>>(&body) {
             Ok(link)
                 if is_json_number(link.amount_in_major_currency)
                     && !link.payment_link.trim().is_empty()
@@ -376,19 +416,19 @@ fn classify(
                 retry_after,
             )),
         },
-        401 | 403 => Err(Attempt::Permanent(failure(
+        StatusClass::CredentialsRefused => Err(Attempt::Permanent(failure(
             format!("provider refused the credentials: {status} {reason}"),
             &body,
         ))),
-        408 | 425 | 429 | 500..=599 => Err(Attempt::Transient(
+        StatusClass::Overloaded | StatusClass::Failing => Err(Attempt::Transient(
             failure(format!("provider answered {status} {reason}"), &body),
             retry_after,
         )),
-        400..=499 => Err(Attempt::Permanent(failure(
+        StatusClass::Rejected => Err(Attempt::Permanent(failure(
             format!("provider rejected the request: {status} {reason}"),
             &body,
         ))),
-        _ => Err(Attempt::Transient(
+        StatusClass::Unexpected => Err(Attempt::Transient(
             failure(
                 format!("provider answered an unexpected {status} {reason}"),
                 &body,
@@ -419,7 +459,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 /// broken or unreachable.
 fn overloaded(error: &ProviderError) -> bool {
     match error.http_status {
-        Some(status) => matches!(status, 429 | 503),
+        Some(status) => StatusClass::of(status) == StatusClass::Overloaded,
         None => error.message.starts_with(TIMED_OUT),
     }
 }
@@ -478,6 +518,17 @@ mod tests {
         for status in [400, 401, 403, 404, 409, 422] {
             assert_eq!(kind(status, "{}"), "permanent", "{status}");
         }
+        assert_eq!(StatusClass::of(429), StatusClass::Overloaded);
+        assert_eq!(StatusClass::of(503), StatusClass::Overloaded);
+        assert_eq!(StatusClass::of(500), StatusClass::Failing);
+        assert_eq!(
+            StatusClass::of(403).permanent_kind(),
+            ErrorKind::ProviderAuth
+        );
+        assert_eq!(
+            StatusClass::of(404).permanent_kind(),
+            ErrorKind::ProviderRejected
+        );
         for status in [408, 425, 429, 500, 502, 503, 504] {
             assert_eq!(kind(status, ""), "transient", "{status}");
         }

@@ -220,3 +220,76 @@ async fn after_the_grace_period_the_command_is_given_back_and_its_lease_released
         "no outcome was recorded: {record:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duplicate_of_an_outcome_whose_event_is_gone_is_done_without_a_call() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::new(&provider.uri()).await;
+    let context = env.context().await;
+    let properties = command_properties("direct-done");
+    let body = command_body("46.00", 46);
+    let delivery = original(&env, &properties, body.as_bytes());
+    let first = pipeline::process(&context, &delivery).await;
+    assert!(matches!(first, Fate::PublishRecorded(_)), "{first:?}");
+    // Its failed event no longer kept (removed by hand here): nothing is left to publish again.
+    exec_admin(
+        env.settings.database.url.expose(),
+        "DELETE FROM outbox WHERE command_id = 'direct-done'",
+    )
+    .await;
+
+    let fate = pipeline::process(&context, &delivery).await;
+    assert!(matches!(fate, Fate::Done), "{fate:?}");
+    assert_eq!(provider.received_requests().await.unwrap().len(), 1);
+    assert_eq!(
+        pipeline::settle(&context, &delivery, fate).await,
+        Disposition::Ack
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_whose_provider_looks_down_waits_unclaimed_in_a_delay_queue() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "100"),
+            ("RETRY__DELAY_TIERS_MS", "60000"),
+            ("BREAKER__MIN_CALLS", "2"),
+            ("BREAKER__PROBE_INTERVAL_MS", "60000"),
+        ],
+    )
+    .await;
+    let context = env.context().await;
+    // Failures enough to open the provider's circuit.
+    for i in 0..2 {
+        let properties = command_properties(&format!("direct-opening-{i}"));
+        let body = command_body("47.00", 47);
+        let fate = pipeline::process(&context, &original(&env, &properties, body.as_bytes())).await;
+        assert!(matches!(fate, Fate::Delay(_)), "{fate:?}");
+    }
+    let calls = provider.received_requests().await.unwrap().len();
+
+    let properties = command_properties("direct-parked");
+    let body = command_body("47.00", 47);
+    let fate = pipeline::process(&context, &original(&env, &properties, body.as_bytes())).await;
+    let Fate::Delay(delay) = &fate else {
+        panic!("expected a delay, got {fate:?}")
+    };
+    assert_eq!((delay.round, delay.lease_token.as_deref()), (1, None));
+    assert!(delay.last_error.contains("circuit"), "{}", delay.last_error);
+    assert_eq!(
+        provider.received_requests().await.unwrap().len(),
+        calls,
+        "no call"
+    );
+    assert!(env.record("direct-parked").await.is_none(), "not claimed");
+}

@@ -4,8 +4,8 @@
 
 use super::{Shown, kind_badge, layout, or_dash, state_badge, when};
 use crate::console::Console;
-use crate::console::api::ListQuery;
 use crate::console::auth::{Caller, Role};
+use crate::console::query::ListQuery;
 use crate::console::reply;
 use crate::dead_letters::store;
 use crate::dead_letters::targets::ReplayTargets;
