@@ -133,10 +133,9 @@ pub async fn run(
     relay_stop.cancel();
     let _ = relay.await;
     relay::flush_sent(&context.sent).await;
-    let release = async {
-        let mut conn = context.pool.get().await?;
-        commands::release_all(&mut conn, &context.instance_id).await
-    };
+    let release = crate::store::with_conn(&context.pool, async |conn| {
+        commands::release_all(conn, &context.instance_id).await
+    });
     if let Err(error) = crate::store::bounded(&context.pool, release).await {
         tracing::warn!(%error, "could not release this worker's leases; they expire by themselves");
     }

@@ -1,9 +1,9 @@
 //! The gauges read from PostgreSQL and RabbitMQ (outbox backlog, oldest command in processing,
-//! queue depths, live workers through the heartbeat), refreshed on a timer rather than per
-//! command, so reading them costs the hot path nothing.
+//! queue depths), refreshed on a timer rather than per command, so reading them costs the hot
+//! path nothing. The live workers are counted by the heartbeat ([`crate::fleet`]).
 
 use crate::context::Context;
-use crate::store::{commands, heartbeats, outbox};
+use crate::store::{commands, outbox};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,12 +19,6 @@ pub async fn run(context: Arc<Context>, stop: CancellationToken) {
             _ = tokio::time::sleep(interval) => {}
         }
     }
-    // Counted out at once by the others, rather than after the heartbeat goes stale.
-    let leave = async {
-        let mut conn = context.pool.get().await?;
-        heartbeats::leave(&mut conn, &context.instance_id).await
-    };
-    let _ = crate::store::bounded(&context.pool, leave).await;
 }
 
 async fn refresh(context: &Context) {
@@ -37,12 +31,6 @@ async fn refresh(context: &Context) {
             levels
                 .oldest_processing_age_ms
                 .store(age.as_millis() as i64, Ordering::Relaxed);
-        }
-        // Seen alive by the others while three refreshes in a row are missing at most.
-        let fresh = 3 * Duration::from_millis(context.settings.telemetry.levels_interval_ms);
-        if let Ok(workers) = heartbeats::beat(&mut conn, &context.instance_id, fresh).await {
-            levels.live_workers.store(workers, Ordering::Relaxed);
-            context.lanes.set_workers(workers as usize);
         }
     }
     let broker = &context.settings.broker;

@@ -18,6 +18,7 @@ pub mod context;
 pub mod dead_letters;
 pub mod diagnose;
 pub mod errors;
+pub mod fleet;
 pub mod headers;
 pub mod health;
 pub mod levels;

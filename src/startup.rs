@@ -9,7 +9,7 @@ use crate::config::Settings;
 use crate::consumer::{self, Session};
 use crate::metrics::MetricsHandle;
 use crate::store::{self, PgPool};
-use crate::{health, levels};
+use crate::{fleet, health, levels};
 use anyhow::Context as _;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +55,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     tracing::info!(instance_id, queue = %context.settings.broker.command_queue,
         prefetch = context.settings.broker.prefetch, "worker started");
     tokio::spawn(levels::run(context.clone(), background.clone()));
+    tokio::spawn(fleet::run(context.clone(), background.clone()));
     if context.settings.dead_letters.ingest {
         tokio::spawn(crate::dead_letters::ingest::run(
             context.settings.clone(),

@@ -51,10 +51,9 @@ async fn list(
         Ok(parts) => parts,
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
-    let page = async {
-        let mut conn = console.pool.get().await?;
-        store::page(&mut conn, &filter, limit, cursor).await
-    };
+    let page = crate::store::with_conn(&console.pool, async |conn| {
+        store::page(conn, &filter, limit, cursor).await
+    });
     let targets = ReplayTargets::new(&console.settings);
     match page.await {
         Ok((items, next)) => Json(json!({
@@ -67,10 +66,7 @@ async fn list(
 }
 
 async fn summary(_caller: Caller, State(console): State<Console>) -> Response {
-    let overview = async {
-        let mut conn = console.pool.get().await?;
-        store::overview(&mut conn).await
-    };
+    let overview = crate::store::with_conn(&console.pool, async |conn| store::overview(conn).await);
     match overview.await {
         Ok(overview) => Json(overview).into_response(),
         Err(e) => internal(e),
@@ -224,10 +220,9 @@ async fn job(_caller: Caller, State(console): State<Console>, Path(id): Path<i64
 }
 
 async fn jobs(_caller: Caller, State(console): State<Console>) -> Response {
-    let runs = async {
-        let mut conn = console.pool.get().await?;
-        replay_runs::newest(&mut conn, 50).await
-    };
+    let runs = crate::store::with_conn(&console.pool, async |conn| {
+        replay_runs::newest(conn, 50).await
+    });
     match runs.await {
         Ok(runs) => {
             let items: Vec<JobView> = runs.iter().map(JobView::from).collect();
@@ -291,10 +286,9 @@ async fn audit_log(
     Query(query): Query<AuditQuery>,
 ) -> Response {
     let limit = query.limit.unwrap_or(AUDIT_PAGE).clamp(1, AUDIT_PAGE);
-    let entries = async {
-        let mut conn = console.pool.get().await?;
-        audit::page(&mut conn, limit, query.before).await
-    };
+    let entries = crate::store::with_conn(&console.pool, async |conn| {
+        audit::page(conn, limit, query.before).await
+    });
     match entries.await {
         Ok(items) => {
             let next = (items.len() as i64 == limit)
@@ -315,10 +309,7 @@ async fn audit_entry(
     State(console): State<Console>,
     Path(id): Path<i64>,
 ) -> Response {
-    let entry = async {
-        let mut conn = console.pool.get().await?;
-        audit::find(&mut conn, id).await
-    };
+    let entry = crate::store::with_conn(&console.pool, async |conn| audit::find(conn, id).await);
     match entry.await {
         Ok(Some(entry)) => {
             let all = entry.ids.len();

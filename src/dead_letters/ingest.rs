@@ -57,10 +57,7 @@ async fn purge_every_hour(pool: PgPool, retention: Duration, stop: CancellationT
             _ = every.tick() => {}
         }
         let before = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
-        let purged = async {
-            let mut conn = pool.get().await?;
-            store::purge(&mut conn, before).await
-        };
+        let purged = crate::store::with_conn(&pool, async |conn| store::purge(conn, before).await);
         match purged.await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
@@ -141,10 +138,8 @@ async fn store_then_ack(
         .map(|delivery| to_row(settings, delivery))
         .collect();
     loop {
-        let stored = async {
-            let mut conn = pool.get().await?;
-            store::insert_batch(&mut conn, &rows).await
-        };
+        let stored =
+            crate::store::with_conn(pool, async |conn| store::insert_batch(conn, &rows).await);
         match stored.await {
             Ok(new) => {
                 tracing::debug!(new, of = rows.len(), "dead letters stored");

@@ -136,10 +136,9 @@ pub async fn after_panic(
         delivery_tag,
         "processing panicked; the message goes back to the queue (its delivery limit applies)"
     );
-    let release = async {
-        let mut conn = context.pool.get().await?;
-        commands::release(&mut conn, command_id, &context.instance_id, None, 0, None).await
-    };
+    let release = crate::store::with_conn(&context.pool, async |conn| {
+        commands::release(conn, command_id, &context.instance_id, None, 0, None).await
+    });
     let _ = crate::store::bounded(&context.pool, release).await;
     let returns = headers::read_int(original.properties, headers::DELIVERY_COUNT).unwrap_or(0);
     if !last_delivery(returns, context.settings.broker.delivery_limit) {

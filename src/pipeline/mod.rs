@@ -265,10 +265,7 @@ async fn call(
         never = keep_lease(context, command_id, token) => match never {},
         _ = context.abandon.cancelled() => {
             let owner = &context.instance_id;
-            let release = async {
-                let mut conn = context.pool.get().await?;
-                commands::release(&mut conn, command_id, owner, Some(token), 0, None).await
-            };
+            let release = crate::store::with_conn(&context.pool, async |conn| commands::release(conn, command_id, owner, Some(token), 0, None).await);
             let _ = crate::store::bounded(&context.pool, release).await;
             Err(Halt::Abandoned)
         }
@@ -282,10 +279,9 @@ async fn keep_lease(context: &Context, command_id: &str, token: &str) -> std::co
     every.tick().await;
     loop {
         every.tick().await;
-        let renew = async {
-            let mut conn = context.pool.get().await?;
-            commands::renew(&mut conn, command_id, token, lease).await
-        };
+        let renew = crate::store::with_conn(&context.pool, async |conn| {
+            commands::renew(conn, command_id, token, lease).await
+        });
         match crate::store::bounded(&context.pool, renew).await {
             Ok(true) => tracing::debug!("lease renewed"),
             Ok(false) => tracing::warn!("the lease was lost while the provider call ran"),

@@ -132,6 +132,16 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
         .map_err(|e| StoreError::Migration(format!("cannot build the connection pool: {e}")))
 }
 
+/// Takes a connection from `pool` and runs `step` on it: the one way a caller outside a
+/// batching writer reaches the database.
+pub async fn with_conn<T>(
+    pool: &PgPool,
+    step: impl AsyncFnOnce(&mut PgConn) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut conn = pool.get().await?;
+    step(&mut conn).await
+}
+
 /// Runs one database step, bounded by [`step_limit`].
 pub async fn bounded<T>(
     pool: &PgPool,

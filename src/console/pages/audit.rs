@@ -122,10 +122,7 @@ pub(super) async fn entry(
     State(console): State<Console>,
     Path(id): Path<i64>,
 ) -> Response {
-    let found = async {
-        let mut conn = console.pool.get().await?;
-        audit::find(&mut conn, id).await
-    };
+    let found = crate::store::with_conn(&console.pool, async |conn| audit::find(conn, id).await);
     let e = match found.await {
         Ok(Some(entry)) => entry,
         Ok(None) => {

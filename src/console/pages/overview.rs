@@ -11,10 +11,7 @@ use axum::response::{IntoResponse, Response};
 use maud::html;
 
 pub(super) async fn page(caller: Caller, State(console): State<Console>) -> Response {
-    let figures = async {
-        let mut conn = console.pool.get().await?;
-        store::overview(&mut conn).await
-    };
+    let figures = crate::store::with_conn(&console.pool, async |conn| store::overview(conn).await);
     let overview = match figures.await {
         Ok(o) => o,
         Err(e) => return reply::internal(e),
