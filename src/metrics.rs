@@ -69,174 +69,11 @@ pub struct MetricsHandle {
 impl MetricsHandle {
     /// Builds the meter provider (Prometheus reader, plus OTLP when configured) and instruments.
     pub fn new() -> anyhow::Result<Self> {
-        let registry = prometheus::Registry::new();
-        let prometheus = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .without_target_info()
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot set up the Prometheus exporter: {e}"))?;
-        let mut builder = SdkMeterProvider::builder()
-            .with_resource(crate::telemetry::resource())
-            .with_reader(prometheus);
-        if crate::telemetry::otlp_configured()
-            || std::env::var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_ok_and(|v| !v.is_empty())
-        {
-            let exporter = opentelemetry_otlp::MetricExporter::builder()
-                .with_http()
-                .build()
-                .map_err(|e| anyhow::anyhow!("cannot set up the OTLP metric exporter: {e}"))?;
-            builder = builder
-                .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
-        }
-        let provider = builder.build();
+        let (registry, provider) = meter_provider()?;
         let meter = provider.meter(crate::telemetry::SCOPE);
-        let levels = Arc::new(Levels::default());
-        let gauge = |name: &'static str,
-                     unit: &'static str,
-                     description: &'static str,
-                     read: fn(&Levels) -> i64| {
-            let levels = levels.clone();
-            meter
-                .i64_observable_gauge(name)
-                .with_unit(unit)
-                .with_description(description)
-                .with_callback(move |observer| observer.observe(read(&levels), &[]))
-                .build()
-        };
-        // Observable instruments live as long as the provider; the handles need not be kept.
-        gauge(
-            "payment_link.outbox.backlog",
-            "{message}",
-            "Events and dead letters in the outbox that the relay has still to publish",
-            |l| l.outbox_backlog.load(Ordering::Relaxed),
-        );
-        gauge(
-            "payment_link.dead_letter.depth",
-            "{message}",
-            "Messages in the dead-letter queue",
-            |l| l.dead_letter_depth.load(Ordering::Relaxed),
-        );
-        gauge(
-            "payment_link.commands.waiting",
-            "{message}",
-            "Commands waiting in the command queue",
-            |l| l.command_queue_depth.load(Ordering::Relaxed),
-        );
-        gauge(
-            "payment_link.workers.live",
-            "{worker}",
-            "Workers alive now, this one included (they share the fleet's rate limits)",
-            |l| l.live_workers.load(Ordering::Relaxed),
-        );
-        gauge(
-            "payment_link.commands.oldest_processing.age",
-            "ms",
-            "Age of the oldest command being processed",
-            |l| l.oldest_processing_age_ms.load(Ordering::Relaxed),
-        );
-        let lanes = Arc::new(LaneFigures::default());
-        let per_provider = |name: &'static str,
-                            description: &'static str,
-                            read: fn(&ProviderFigures) -> i64| {
-            let lanes = lanes.clone();
-            meter
-                .i64_observable_gauge(name)
-                .with_unit("{call}")
-                .with_description(description)
-                .with_callback(move |observer| {
-                    for (id, figures) in lanes.lock().expect("lane figures").iter() {
-                        observer
-                            .observe(read(figures), &[KeyValue::new("payment_provider.id", *id)]);
-                    }
-                })
-                .build()
-        };
-        per_provider(
-            "payment_link.provider.concurrency_limit",
-            "Calls a provider may have under way at once (adapted to its answers)",
-            |f| f.limit.load(Ordering::Relaxed),
-        );
-        per_provider(
-            "payment_link.provider.in_flight",
-            "Calls under way to a provider",
-            |f| f.in_flight.load(Ordering::Relaxed),
-        );
-        per_provider(
-            "payment_link.provider.queued",
-            "Calls waiting for a provider's concurrency limit or Retry-After pause",
-            |f| f.queued.load(Ordering::Relaxed),
-        );
-        let counter = |name: &'static str, description: &'static str| {
-            meter
-                .u64_counter(name)
-                .with_unit("{command}")
-                .with_description(description)
-                .build()
-        };
-        let seconds = |name: &'static str, description: &'static str| {
-            meter
-                .f64_histogram(name)
-                .with_unit("s")
-                .with_description(description)
-                .with_boundaries(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                    300.0, 1800.0,
-                ])
-                .build()
-        };
-        let metrics = Metrics {
-            received: counter(
-                "payment_link.commands.received",
-                "Commands taken from the queue",
-            ),
-            succeeded: counter(
-                "payment_link.commands.succeeded",
-                "Commands that got their link",
-            ),
-            failed: counter(
-                "payment_link.commands.failed",
-                "Commands that ended without a link, by error kind",
-            ),
-            duplicates: counter(
-                "payment_link.commands.duplicates",
-                "Repeated commands answered from the record, without a provider call",
-            ),
-            dead_lettered: counter(
-                "payment_link.commands.dead_lettered",
-                "Commands dead-lettered, by error kind",
-            ),
-            retries: counter(
-                "payment_link.provider.retries",
-                "Provider calls retried after a transient failure",
-            ),
-            delayed: counter(
-                "payment_link.commands.delayed",
-                "Commands parked in a delay queue for another round",
-            ),
-            panics: counter(
-                "payment_link.commands.panics",
-                "Deliveries whose processing panicked (rejected; the delivery limit applies)",
-            ),
-            in_flight: meter
-                .i64_up_down_counter("payment_link.commands.in_flight")
-                .with_unit("{command}")
-                .with_description("Commands being processed")
-                .build(),
-            provider_duration: seconds(
-                "http.client.request.duration",
-                "Provider call duration, by status class",
-            ),
-            queue_wait: seconds(
-                "payment_link.command.queue_wait",
-                "Time from publish (timestamp_in_ms header, else the AMQP timestamp) to being taken",
-            ),
-            time_to_outcome: seconds(
-                "payment_link.command.time_to_outcome",
-                "Time from the first attempt to success or dead-letter",
-            ),
-            levels,
-            lanes,
-        };
+        let levels = level_gauges(&meter);
+        let lanes = lane_gauges(&meter);
+        let metrics = instruments(&meter, levels, lanes);
         metrics.start_at_zero();
         Ok(Self {
             metrics: Arc::new(metrics),
@@ -362,5 +199,193 @@ pub struct InFlight(Arc<Metrics>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.add(-1, &[]);
+    }
+}
+
+/// The meter provider: a Prometheus reader for `/metrics`, and OTLP when it is configured.
+fn meter_provider() -> anyhow::Result<(prometheus::Registry, SdkMeterProvider)> {
+    let registry = prometheus::Registry::new();
+    let prometheus = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .without_target_info()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot set up the Prometheus exporter: {e}"))?;
+    let mut builder = SdkMeterProvider::builder()
+        .with_resource(crate::telemetry::resource())
+        .with_reader(prometheus);
+    if crate::telemetry::otlp_configured()
+        || std::env::var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_ok_and(|v| !v.is_empty())
+    {
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the OTLP metric exporter: {e}"))?;
+        builder = builder
+            .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
+    }
+    Ok((registry, builder.build()))
+}
+
+/// The gauges of the levels refreshed on a timer (queue depths, backlog, live workers).
+fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
+    let levels = Arc::new(Levels::default());
+    let gauge = |name: &'static str,
+                 unit: &'static str,
+                 description: &'static str,
+                 read: fn(&Levels) -> i64| {
+        let levels = levels.clone();
+        meter
+            .i64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |observer| observer.observe(read(&levels), &[]))
+            .build()
+    };
+    // Observable instruments live as long as the provider; the handles need not be kept.
+    gauge(
+        "payment_link.outbox.backlog",
+        "{message}",
+        "Events and dead letters in the outbox that the relay has still to publish",
+        |l| l.outbox_backlog.load(Ordering::Relaxed),
+    );
+    gauge(
+        "payment_link.dead_letter.depth",
+        "{message}",
+        "Messages in the dead-letter queue",
+        |l| l.dead_letter_depth.load(Ordering::Relaxed),
+    );
+    gauge(
+        "payment_link.commands.waiting",
+        "{message}",
+        "Commands waiting in the command queue",
+        |l| l.command_queue_depth.load(Ordering::Relaxed),
+    );
+    gauge(
+        "payment_link.workers.live",
+        "{worker}",
+        "Workers alive now, this one included (they share the fleet's rate limits)",
+        |l| l.live_workers.load(Ordering::Relaxed),
+    );
+    gauge(
+        "payment_link.commands.oldest_processing.age",
+        "ms",
+        "Age of the oldest command being processed",
+        |l| l.oldest_processing_age_ms.load(Ordering::Relaxed),
+    );
+    levels
+}
+
+/// The gauges of each provider's lane (its limit, calls under way and waiting).
+fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
+    let lanes = Arc::new(LaneFigures::default());
+    let per_provider = |name: &'static str,
+                        description: &'static str,
+                        read: fn(&ProviderFigures) -> i64| {
+        let lanes = lanes.clone();
+        meter
+            .i64_observable_gauge(name)
+            .with_unit("{call}")
+            .with_description(description)
+            .with_callback(move |observer| {
+                for (id, figures) in lanes.lock().expect("lane figures").iter() {
+                    observer.observe(read(figures), &[KeyValue::new("payment_provider.id", *id)]);
+                }
+            })
+            .build()
+    };
+    per_provider(
+        "payment_link.provider.concurrency_limit",
+        "Calls a provider may have under way at once (adapted to its answers)",
+        |f| f.limit.load(Ordering::Relaxed),
+    );
+    per_provider(
+        "payment_link.provider.in_flight",
+        "Calls under way to a provider",
+        |f| f.in_flight.load(Ordering::Relaxed),
+    );
+    per_provider(
+        "payment_link.provider.queued",
+        "Calls waiting for a provider's concurrency limit or Retry-After pause",
+        |f| f.queued.load(Ordering::Relaxed),
+    );
+    lanes
+}
+
+/// The counters and histograms the command path records.
+fn instruments(
+    meter: &opentelemetry::metrics::Meter,
+    levels: Arc<Levels>,
+    lanes: Arc<LaneFigures>,
+) -> Metrics {
+    let counter = |name: &'static str, description: &'static str| {
+        meter
+            .u64_counter(name)
+            .with_unit("{command}")
+            .with_description(description)
+            .build()
+    };
+    let seconds = |name: &'static str, description: &'static str| {
+        meter
+            .f64_histogram(name)
+            .with_unit("s")
+            .with_description(description)
+            .with_boundaries(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                1800.0,
+            ])
+            .build()
+    };
+    Metrics {
+        received: counter(
+            "payment_link.commands.received",
+            "Commands taken from the queue",
+        ),
+        succeeded: counter(
+            "payment_link.commands.succeeded",
+            "Commands that got their link",
+        ),
+        failed: counter(
+            "payment_link.commands.failed",
+            "Commands that ended without a link, by error kind",
+        ),
+        duplicates: counter(
+            "payment_link.commands.duplicates",
+            "Repeated commands answered from the record, without a provider call",
+        ),
+        dead_lettered: counter(
+            "payment_link.commands.dead_lettered",
+            "Commands dead-lettered, by error kind",
+        ),
+        retries: counter(
+            "payment_link.provider.retries",
+            "Provider calls retried after a transient failure",
+        ),
+        delayed: counter(
+            "payment_link.commands.delayed",
+            "Commands parked in a delay queue for another round",
+        ),
+        panics: counter(
+            "payment_link.commands.panics",
+            "Deliveries whose processing panicked (rejected; the delivery limit applies)",
+        ),
+        in_flight: meter
+            .i64_up_down_counter("payment_link.commands.in_flight")
+            .with_unit("{command}")
+            .with_description("Commands being processed")
+            .build(),
+        provider_duration: seconds(
+            "http.client.request.duration",
+            "Provider call duration, by status class",
+        ),
+        queue_wait: seconds(
+            "payment_link.command.queue_wait",
+            "Time from publish (timestamp_in_ms header, else the AMQP timestamp) to being taken",
+        ),
+        time_to_outcome: seconds(
+            "payment_link.command.time_to_outcome",
+            "Time from the first attempt to success or dead-letter",
+        ),
+        levels,
+        lanes,
     }
 }

@@ -6,9 +6,23 @@ use super::{ConfigError, Settings};
 impl Settings {
     /// Checks what types alone cannot: ranges, URL shapes, names.
     pub(super) fn check(&self) -> Result<(), ConfigError> {
-        let fail = |key: &str, why: &str| {
-            Err(ConfigError(format!("{} {why}", self.origins.describe(key))))
-        };
+        self.check_broker()?;
+        self.check_database()?;
+        self.check_provider()?;
+        self.check_retries()?;
+        self.check_runtime()?;
+        self.check_operations()?;
+        Ok(())
+    }
+
+    /// The refusal of `key`'s value, naming where it came from.
+    fn fail(&self, key: &str, why: &str) -> Result<(), ConfigError> {
+        Err(ConfigError(format!("{} {why}", self.origins.describe(key))))
+    }
+
+    /// The broker's URL, flow control and topology names.
+    fn check_broker(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
         if !self.broker.url.expose().starts_with("amqp://")
             && !self.broker.url.expose().starts_with("amqps://")
         {
@@ -49,6 +63,12 @@ impl Settings {
                 return fail(key, "must be a name of 1 to 255 bytes");
             }
         }
+        Ok(())
+    }
+
+    /// The database's URL, pool and timeouts.
+    fn check_database(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
         let db = self.database.url.expose();
         if !db.starts_with("postgres://") && !db.starts_with("postgresql://") {
             return fail(
@@ -77,6 +97,12 @@ impl Settings {
                 return fail(key, "must be above 0");
             }
         }
+        Ok(())
+    }
+
+    /// The provider's URL (plain http only to this machine unless allowed), timeouts and rate limits.
+    fn check_provider(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
         let base = self.provider.base_url.expose();
         let Some(url) = reqwest::Url::parse(base)
             .ok()
@@ -113,6 +139,12 @@ impl Settings {
         if self.provider.max_response_bytes == 0 {
             return fail("provider.max_response_bytes", "must be above 0");
         }
+        Ok(())
+    }
+
+    /// The retry schedule, the delay tiers and the circuit breaker.
+    fn check_retries(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
         let retry = &self.retry;
         if retry.initial_interval_ms == 0 || retry.max_interval_ms < retry.initial_interval_ms {
             return fail(
@@ -139,6 +171,12 @@ impl Settings {
                 "breaker.window_ms and breaker.probe_interval_ms must be above 0",
             );
         }
+        Ok(())
+    }
+
+    /// The outbox relay, the worker's polling, logs and the health endpoint.
+    fn check_runtime(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
         if self.outbox.relay_interval_ms == 0 || self.outbox.relay_batch_size < 1 {
             return fail(
                 "outbox.relay_interval_ms",
@@ -163,6 +201,12 @@ impl Settings {
         if self.telemetry.levels_interval_ms == 0 {
             return fail("telemetry.levels_interval_ms", "must be above 0");
         }
+        Ok(())
+    }
+
+    /// The dead-letter store, replay targets and the console.
+    fn check_operations(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
         if self.dead_letters.retention_days == 0 {
             return fail("dead_letters.retention_days", "must be at least 1");
         }

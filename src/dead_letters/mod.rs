@@ -6,6 +6,7 @@
 //! console shows it as a job).
 
 pub mod actions;
+pub mod command_line;
 pub mod filter;
 pub mod ingest;
 pub mod kind;

@@ -171,128 +171,27 @@ async fn record_batch(
 ) -> Result<std::collections::HashMap<String, (Vec<i64>, DateTime<Utc>)>, StoreError> {
     use diesel_async::AsyncConnection;
     conn.transaction::<_, StoreError, _>(async move |conn| {
-        let (mut ok_ids, mut ok_attempts, mut ok_link_ids, mut ok_links, mut ok_bodies) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut ok_tokens, mut bad_tokens) = (Vec::new(), Vec::new());
-        let (mut ev_exchanges, mut ev_keys, mut ev_properties) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut bad_ids, mut bad_attempts, mut bad_kinds, mut bad_messages, mut bad_statuses, mut bad_bodies) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut outbox_command_ids = Vec::new();
-        let mut all_messages = Vec::new();
+        let (mut successes, mut failures) = (Successes::default(), Failures::default());
+        let (mut outbox_command_ids, mut all_messages) = (Vec::new(), Vec::new());
         for request in requests {
             match &request.outcome {
-                Outcome::Succeeded(s) => {
-                    ok_ids.push(request.command_id.clone());
-                    ok_tokens.push(request.lease_token.clone());
-                    ok_attempts.push(s.attempts);
-                    ok_link_ids.push(s.link_id);
-                    ok_links.push(s.payment_link.clone());
-                    ok_bodies.push(s.response_body.clone());
-                    ev_exchanges.push(s.event.exchange.clone());
-                    ev_keys.push(s.event.routing_key.clone());
-                    ev_properties.push(s.event.properties.clone());
-                }
-                Outcome::Failed(f) => {
-                    bad_ids.push(request.command_id.clone());
-                    bad_tokens.push(request.lease_token.clone());
-                    bad_attempts.push(f.attempts);
-                    bad_kinds.push(f.kind.as_str().to_owned());
-                    bad_messages.push(f.message.clone());
-                    bad_statuses.push(f.http_status.map(i32::from));
-                    bad_bodies.push(f.error_body.clone());
-                }
+                Outcome::Succeeded(s) => successes.push(request, s),
+                Outcome::Failed(f) => failures.push(request, f),
             }
             for message in &request.messages {
                 outbox_command_ids.push(request.command_id.clone());
                 all_messages.push(message.clone());
             }
         }
-        let mut updated: Vec<Updated> = Vec::new();
-        if !ok_ids.is_empty() {
-            updated.extend(
-                diesel::sql_query(
-                    "UPDATE payment_link_commands AS c SET status = 'succeeded', attempts = u.attempts, \
-                         link_id = u.link_id, payment_link = u.payment_link, provider_response = u.response, \
-                         event_exchange = u.ev_exchange, event_routing_key = u.ev_key, \
-                         event_properties = u.ev_properties::jsonb, \
-                         error_kind = NULL, error_message = NULL, http_status = NULL, error_body = NULL, \
-                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, completed_at = now(), \
-                         updated_at = now() \
-                     FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[], \
-                             $6::text[], $7::text[], $8::text[], $10::text[]) \
-                         AS u(command_id, attempts, link_id, payment_link, response, \
-                             ev_exchange, ev_key, ev_properties, token) \
-                     WHERE c.command_id = u.command_id AND c.lease_owner = $9 AND c.status = 'processing' \
-                         AND c.lease_token = u.token \
-                     RETURNING c.command_id, c.created_at",
-                )
-                .bind::<Array<Text>, _>(ok_ids)
-                .bind::<Array<Integer>, _>(ok_attempts)
-                .bind::<Array<Nullable<BigInt>>, _>(ok_link_ids)
-                .bind::<Array<Text>, _>(ok_links)
-                .bind::<Array<Text>, _>(ok_bodies)
-                .bind::<Array<Text>, _>(ev_exchanges)
-                .bind::<Array<Text>, _>(ev_keys)
-                .bind::<Array<Text>, _>(ev_properties)
-                .bind::<Text, _>(owner)
-                .bind::<Array<Text>, _>(ok_tokens)
-                .load::<Updated>(conn)
-                .await?,
-            );
-        }
-        if !bad_ids.is_empty() {
-            updated.extend(
-                diesel::sql_query(
-                    "UPDATE payment_link_commands AS c SET status = 'failed', attempts = u.attempts, \
-                         error_kind = u.kind, error_message = u.message, http_status = u.status, error_body = u.body, \
-                         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, completed_at = now(), \
-                         updated_at = now() \
-                     FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[], \
-                             $8::text[]) \
-                         AS u(command_id, attempts, kind, message, status, body, token) \
-                     WHERE c.command_id = u.command_id AND c.lease_owner = $7 AND c.status = 'processing' \
-                         AND c.lease_token = u.token \
-                     RETURNING c.command_id, c.created_at",
-                )
-                .bind::<Array<Text>, _>(bad_ids)
-                .bind::<Array<Integer>, _>(bad_attempts)
-                .bind::<Array<Text>, _>(bad_kinds)
-                .bind::<Array<Text>, _>(bad_messages)
-                .bind::<Array<Nullable<Integer>>, _>(bad_statuses)
-                .bind::<Array<Nullable<Text>>, _>(bad_bodies)
-                .bind::<Text, _>(owner)
-                .bind::<Array<Text>, _>(bad_tokens)
-                .load::<Updated>(conn)
-                .await?,
-            );
-        }
+        let mut updated = successes.record(conn, owner).await?;
+        updated.extend(failures.record(conn, owner).await?);
         let mut recorded: std::collections::HashMap<String, (Vec<i64>, DateTime<Utc>)> = updated
             .into_iter()
             .map(|u| (u.command_id, (Vec::new(), u.created_at)))
             .collect();
         let held: Vec<String> = recorded.keys().cloned().collect();
         if !held.is_empty() && !all_messages.is_empty() {
-            let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(all_messages);
-            let inserted: Vec<Inserted> = diesel::sql_query(
-                "INSERT INTO outbox (command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at) \
-                 SELECT m.command_id, m.message_id, m.kind, m.exchange, m.routing_key, m.properties, m.body, m.next_attempt_at \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[]) \
-                     WITH ORDINALITY AS m(command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at, ord) \
-                 WHERE m.command_id = ANY($9) \
-                 ORDER BY m.ord \
-                 RETURNING id, command_id",
-            )
-            .bind::<Array<Text>, _>(outbox_command_ids)
-            .bind::<Array<Text>, _>(message_ids)
-            .bind::<Array<Text>, _>(kinds)
-            .bind::<Array<Text>, _>(exchanges)
-            .bind::<Array<Text>, _>(keys)
-            .bind::<Array<Jsonb>, _>(properties)
-            .bind::<Array<Bytea>, _>(bodies)
-            .bind::<Array<Timestamptz>, _>(due)
-            .bind::<Array<Text>, _>(held)
-            .load(conn)
-            .await?;
+            let inserted = insert_outbox(conn, outbox_command_ids, all_messages, held).await?;
             for row in inserted {
                 if let Some((ids, _)) = recorded.get_mut(&row.command_id) {
                     ids.push(row.id);
@@ -306,4 +205,150 @@ async fn record_batch(
         Ok(recorded)
     })
     .await
+}
+
+/// The succeeded outcomes of a batch, as the columns of one `unnest`.
+#[derive(Default)]
+struct Successes {
+    ids: Vec<String>,
+    tokens: Vec<String>,
+    attempts: Vec<i32>,
+    link_ids: Vec<Option<i64>>,
+    links: Vec<String>,
+    bodies: Vec<String>,
+    ev_exchanges: Vec<String>,
+    ev_keys: Vec<String>,
+    ev_properties: Vec<String>,
+}
+
+impl Successes {
+    fn push(&mut self, request: &OutcomeRequest, s: &Success) {
+        self.ids.push(request.command_id.clone());
+        self.tokens.push(request.lease_token.clone());
+        self.attempts.push(s.attempts);
+        self.link_ids.push(s.link_id);
+        self.links.push(s.payment_link.clone());
+        self.bodies.push(s.response_body.clone());
+        self.ev_exchanges.push(s.event.exchange.clone());
+        self.ev_keys.push(s.event.routing_key.clone());
+        self.ev_properties.push(s.event.properties.clone());
+    }
+
+    /// Marks the rows this owner still holds succeeded, with their link and event.
+    async fn record(self, conn: &mut PgConn, owner: &str) -> Result<Vec<Updated>, StoreError> {
+        if self.ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(diesel::sql_query(
+            "UPDATE payment_link_commands AS c SET status = 'succeeded', attempts = u.attempts, \
+                 link_id = u.link_id, payment_link = u.payment_link, provider_response = u.response, \
+                 event_exchange = u.ev_exchange, event_routing_key = u.ev_key, \
+                 event_properties = u.ev_properties::jsonb, \
+                 error_kind = NULL, error_message = NULL, http_status = NULL, error_body = NULL, \
+                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, completed_at = now(), \
+                 updated_at = now() \
+             FROM unnest($1::text[], $2::int4[], $3::int8[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[], $8::text[], $10::text[]) \
+                 AS u(command_id, attempts, link_id, payment_link, response, \
+                     ev_exchange, ev_key, ev_properties, token) \
+             WHERE c.command_id = u.command_id AND c.lease_owner = $9 AND c.status = 'processing' \
+                 AND c.lease_token = u.token \
+             RETURNING c.command_id, c.created_at",
+        )
+        .bind::<Array<Text>, _>(self.ids)
+        .bind::<Array<Integer>, _>(self.attempts)
+        .bind::<Array<Nullable<BigInt>>, _>(self.link_ids)
+        .bind::<Array<Text>, _>(self.links)
+        .bind::<Array<Text>, _>(self.bodies)
+        .bind::<Array<Text>, _>(self.ev_exchanges)
+        .bind::<Array<Text>, _>(self.ev_keys)
+        .bind::<Array<Text>, _>(self.ev_properties)
+        .bind::<Text, _>(owner)
+        .bind::<Array<Text>, _>(self.tokens)
+        .load::<Updated>(conn)
+        .await?)
+    }
+}
+
+/// The failed outcomes of a batch, as the columns of one `unnest`.
+#[derive(Default)]
+struct Failures {
+    ids: Vec<String>,
+    tokens: Vec<String>,
+    attempts: Vec<i32>,
+    kinds: Vec<String>,
+    messages: Vec<String>,
+    statuses: Vec<Option<i32>>,
+    bodies: Vec<Option<String>>,
+}
+
+impl Failures {
+    fn push(&mut self, request: &OutcomeRequest, f: &crate::errors::Failure) {
+        self.ids.push(request.command_id.clone());
+        self.tokens.push(request.lease_token.clone());
+        self.attempts.push(f.attempts);
+        self.kinds.push(f.kind.as_str().to_owned());
+        self.messages.push(f.message.clone());
+        self.statuses.push(f.http_status.map(i32::from));
+        self.bodies.push(f.error_body.clone());
+    }
+
+    /// Marks the rows this owner still holds failed, with why.
+    async fn record(self, conn: &mut PgConn, owner: &str) -> Result<Vec<Updated>, StoreError> {
+        if self.ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(diesel::sql_query(
+            "UPDATE payment_link_commands AS c SET status = 'failed', attempts = u.attempts, \
+                 error_kind = u.kind, error_message = u.message, http_status = u.status, error_body = u.body, \
+                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, completed_at = now(), \
+                 updated_at = now() \
+             FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int4[], $6::text[], \
+                     $8::text[]) \
+                 AS u(command_id, attempts, kind, message, status, body, token) \
+             WHERE c.command_id = u.command_id AND c.lease_owner = $7 AND c.status = 'processing' \
+                 AND c.lease_token = u.token \
+             RETURNING c.command_id, c.created_at",
+        )
+        .bind::<Array<Text>, _>(self.ids)
+        .bind::<Array<Integer>, _>(self.attempts)
+        .bind::<Array<Text>, _>(self.kinds)
+        .bind::<Array<Text>, _>(self.messages)
+        .bind::<Array<Nullable<Integer>>, _>(self.statuses)
+        .bind::<Array<Nullable<Text>>, _>(self.bodies)
+        .bind::<Text, _>(owner)
+        .bind::<Array<Text>, _>(self.tokens)
+        .load::<Updated>(conn)
+        .await?)
+    }
+}
+
+/// Writes the outbox rows of the commands still `held`, in the order given.
+async fn insert_outbox(
+    conn: &mut PgConn,
+    command_ids: Vec<String>,
+    messages: Vec<NewOutboxMessage>,
+    held: Vec<String>,
+) -> Result<Vec<Inserted>, StoreError> {
+    let (message_ids, kinds, exchanges, keys, properties, bodies, due) = columns(messages);
+    Ok(diesel::sql_query(
+        "INSERT INTO outbox (command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at) \
+         SELECT m.command_id, m.message_id, m.kind, m.exchange, m.routing_key, m.properties, m.body, m.next_attempt_at \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::bytea[], $8::timestamptz[]) \
+             WITH ORDINALITY AS m(command_id, message_id, kind, exchange, routing_key, properties, body, next_attempt_at, ord) \
+         WHERE m.command_id = ANY($9) \
+         ORDER BY m.ord \
+         RETURNING id, command_id",
+    )
+    .bind::<Array<Text>, _>(command_ids)
+    .bind::<Array<Text>, _>(message_ids)
+    .bind::<Array<Text>, _>(kinds)
+    .bind::<Array<Text>, _>(exchanges)
+    .bind::<Array<Text>, _>(keys)
+    .bind::<Array<Jsonb>, _>(properties)
+    .bind::<Array<Bytea>, _>(bodies)
+    .bind::<Array<Timestamptz>, _>(due)
+    .bind::<Array<Text>, _>(held)
+    .load(conn)
+    .await?)
 }

@@ -1,0 +1,264 @@
+//! The `dead-letters` subcommand: list, replay and archive the dead-letter store from a shell.
+
+use super::listing;
+use crate::config::Settings;
+use crate::dead_letters;
+use crate::dead_letters::store::Filter;
+use crate::store::PgConn;
+use clap::{Args, Subcommand};
+
+/// The dead-letter operations, on the dead-letter store in PostgreSQL (the worker moves every
+/// dead letter there from the dead-letter queue).
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommands {
+    /// One line per matching dead letter (newest first), then the count per kind.
+    List {
+        #[command(flatten)]
+        /// Which dead letters.
+        select: SelectArgs,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the matching open dead letters back to their original exchange and routing key (each
+    /// confirmed by the broker) as one recorded run; exits non-zero if any could not be replayed.
+    Replay {
+        #[command(flatten)]
+        /// Which dead letters.
+        select: SelectArgs,
+        /// Show what would be replayed; change nothing (the run is still recorded).
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many replays per second (at least 0.1).
+        #[arg(long, value_parser = replay_rate)]
+        rate: Option<f64>,
+        /// Replay even dead letters whose first provider call is older than
+        /// provider.idempotency_window_hours (the provider may create a second link).
+        #[arg(long)]
+        accept_duplicate_risk: bool,
+        /// Finish a run that stopped midway (its reserved dead letters), instead of a new one.
+        #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["dry_run", "accept_duplicate_risk"])]
+        resume: Option<i64>,
+        /// Who is replaying, for the audit log (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+    /// Put the matching open dead letters aside (state archived); recorded in the audit log.
+    Archive {
+        #[command(flatten)]
+        /// Which dead letters.
+        select: SelectArgs,
+        /// Who is archiving, for the audit log (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+/// Which dead letters a dead-letter operation applies to.
+#[derive(Debug, Args)]
+pub struct SelectArgs {
+    /// Only this kind (delivery-limit, expired, rejected, maxlen: the broker dead-lettered it).
+    #[arg(long, value_enum)]
+    pub kind: Option<dead_letters::Kind>,
+    /// Only this state.
+    #[arg(long, value_enum)]
+    pub state: Option<dead_letters::State>,
+    /// Only this command id.
+    #[arg(long)]
+    pub command_id: Option<String>,
+    /// Only those that failed at or after this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only those that failed before this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this paymentProviderId.
+    #[arg(long)]
+    pub provider_id: Option<i64>,
+    /// Only this invoiceId.
+    #[arg(long)]
+    pub invoice_id: Option<i64>,
+    /// Only this customerId.
+    #[arg(long)]
+    pub customer_id: Option<i64>,
+    /// Only those whose command id, description or e-mail address contains this text (any case).
+    #[arg(long, value_name = "TEXT")]
+    pub search: Option<String>,
+    /// At most this many (list: the newest; replay and archive: the oldest).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl SelectArgs {
+    fn filter(&self) -> Filter {
+        Filter {
+            kind: self.kind,
+            state: self.state,
+            command_id: self.command_id.clone(),
+            since: self.since,
+            until: self.until,
+            provider_id: self.provider_id,
+            invoice_id: self.invoice_id,
+            customer_id: self.customer_id,
+            search: self.search.clone(),
+            ids: None,
+        }
+    }
+}
+
+/// A replay rate: at least 0.1 a second, so a job never looks stalled to the console.
+fn replay_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.1 => Ok(rate),
+        _ => Err(format!("{text:?} is not a rate of at least 0.1 a second")),
+    }
+}
+
+/// Who runs an operator's command: the flag, else $USER.
+fn operator_name(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs a `dead-letters` subcommand.
+pub async fn run(settings: &Settings, command: DeadLetterCommands) -> anyhow::Result<()> {
+    let (_pool, mut conn) = dead_letters::connect(settings, "read the dead-letter store").await?;
+    match command {
+        DeadLetterCommands::List { select, json } => {
+            let limit = select.limit.map_or(1000, |l| l as i64);
+            let targets = crate::dead_letters::targets::ReplayTargets::new(settings);
+            let listing = dead_letters::list(&mut conn, &select.filter(), limit, &targets).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", listing::format_listing(&listing));
+            }
+            Ok(())
+        }
+        DeadLetterCommands::Archive { select, operator } => {
+            let ids = dead_letters::archive(
+                &mut conn,
+                &select.filter(),
+                select.limit,
+                &operator_name(operator),
+                "cli",
+                None,
+            )
+            .await?;
+            println!("archived {} dead letter(s)", ids.len());
+            Ok(())
+        }
+        DeadLetterCommands::Replay {
+            select,
+            dry_run,
+            rate,
+            accept_duplicate_risk,
+            resume,
+            operator,
+        } => {
+            let replay = Replay {
+                select,
+                dry_run,
+                rate,
+                accept_duplicate_risk,
+                resume,
+                operator,
+            };
+            replay_command(settings, &mut conn, replay).await
+        }
+    }
+}
+
+/// What `dead-letters replay` was asked.
+struct Replay {
+    select: SelectArgs,
+    dry_run: bool,
+    rate: Option<f64>,
+    accept_duplicate_risk: bool,
+    resume: Option<i64>,
+    operator: Option<String>,
+}
+
+/// `dead-letters replay`: starts a run (or resumes one), says what it takes and skips, works it
+/// to its end, and says how it ended.
+async fn replay_command(
+    settings: &Settings,
+    conn: &mut PgConn,
+    replay: Replay,
+) -> anyhow::Result<()> {
+    let Replay {
+        select,
+        dry_run,
+        rate,
+        accept_duplicate_risk,
+        resume,
+        operator,
+    } = replay;
+    let run_id = match resume {
+        Some(run_id) => run_id,
+        None => {
+            let request = dead_letters::ReplayRequest {
+                filter: select.filter(),
+                limit: select.limit,
+                dry_run,
+                rate,
+                accept_duplicate_risk,
+                requested_by: operator_name(operator),
+                source: "cli".into(),
+                client_address: None,
+            };
+            let started = dead_letters::start(settings, conn, &request).await?;
+            let selected = crate::dead_letters::store::summaries(conn, &started.ids).await?;
+            let verb = if dry_run { "would replay" } else { "replaying" };
+            for letter in &selected {
+                let note = if started.fail_again.contains(&letter.id) {
+                    "  (fails again: its body or id is what was wrong; send a corrected \
+                         command instead)"
+                } else if started.at_risk.contains(&letter.id) {
+                    "  (older than the provider's idempotency window: may create a second link)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{verb} {} (dead letter {}){note}",
+                    crate::text::visible(&letter.command_id),
+                    letter.id
+                );
+            }
+            for (id, why) in &started.skipped {
+                println!("skipping dead letter {id}: not replayable: {why}");
+            }
+            if dry_run {
+                println!(
+                    "replay run {}: {} selected (dry run), {} skipped (not replayable), \
+                         nothing replayed",
+                    started.run_id,
+                    started.ids.len(),
+                    started.skipped.len()
+                );
+                return Ok(());
+            }
+            started.run_id
+        }
+    };
+    let worked = dead_letters::work(settings, conn, run_id, rate).await?;
+    for (id, why) in &worked.skipped {
+        println!("skipped dead letter {id}: not replayable: {why}");
+    }
+    let run = crate::store::replay_runs::find(conn, run_id).await?;
+    println!(
+        "replay run {run_id}: {} replayed, {} failed, {} skipped (not replayable); {} open \
+             dead letter(s) left",
+        worked.replayed.len(),
+        worked.failed.len(),
+        run.map_or(worked.skipped.len() as i32, |r| r.skipped),
+        worked.left
+    );
+    if !worked.failed.is_empty() {
+        anyhow::bail!(
+            "{} dead letter(s) could not be replayed; they are open again",
+            worked.failed.len()
+        );
+    }
+    Ok(())
+}
