@@ -22,27 +22,7 @@ pub enum DeadLetterCommands {
     },
     /// Send the matching open dead letters back to their original exchange and routing key (each
     /// confirmed by the broker) as one recorded run; exits non-zero if any could not be replayed.
-    Replay {
-        #[command(flatten)]
-        /// Which dead letters.
-        select: SelectArgs,
-        /// Show what would be replayed; change nothing (the run is still recorded).
-        #[arg(long)]
-        dry_run: bool,
-        /// At most this many replays per second (at least 0.1).
-        #[arg(long, value_parser = replay_rate)]
-        rate: Option<f64>,
-        /// Replay even dead letters whose first provider call is older than
-        /// provider.idempotency_window_hours (the provider may create a second link).
-        #[arg(long)]
-        accept_duplicate_risk: bool,
-        /// Finish a run that stopped midway (its reserved dead letters), instead of a new one.
-        #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["dry_run", "accept_duplicate_risk"])]
-        resume: Option<i64>,
-        /// Who is replaying, for the audit log (default: $USER).
-        #[arg(long)]
-        operator: Option<String>,
-    },
+    Replay(ReplayArgs),
     /// Put the matching open dead letters aside (state archived); recorded in the audit log.
     Archive {
         #[command(flatten)]
@@ -148,35 +128,32 @@ pub async fn run(settings: &Settings, command: DeadLetterCommands) -> anyhow::Re
             println!("archived {} dead letter(s)", ids.len());
             Ok(())
         }
-        DeadLetterCommands::Replay {
-            select,
-            dry_run,
-            rate,
-            accept_duplicate_risk,
-            resume,
-            operator,
-        } => {
-            let replay = Replay {
-                select,
-                dry_run,
-                rate,
-                accept_duplicate_risk,
-                resume,
-                operator,
-            };
-            replay_command(settings, &mut conn, replay).await
-        }
+        DeadLetterCommands::Replay(replay) => replay_command(settings, &mut conn, replay).await,
     }
 }
 
-/// What `dead-letters replay` was asked.
-struct Replay {
-    select: SelectArgs,
-    dry_run: bool,
-    rate: Option<f64>,
-    accept_duplicate_risk: bool,
-    resume: Option<i64>,
-    operator: Option<String>,
+/// What `dead-letters replay` is asked.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    /// Which dead letters.
+    pub select: SelectArgs,
+    /// Show what would be replayed; change nothing (the run is still recorded).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// At most this many replays per second (at least 0.1).
+    #[arg(long, value_parser = replay_rate)]
+    pub rate: Option<f64>,
+    /// Replay even dead letters whose first provider call is older than
+    /// provider.idempotency_window_hours (the provider may create a second link).
+    #[arg(long)]
+    pub accept_duplicate_risk: bool,
+    /// Finish a run that stopped midway (its reserved dead letters), instead of a new one.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["dry_run", "accept_duplicate_risk"])]
+    pub resume: Option<i64>,
+    /// Who is replaying, for the audit log (default: $USER).
+    #[arg(long)]
+    pub operator: Option<String>,
 }
 
 /// `dead-letters replay`: starts a run (or resumes one), says what it takes and skips, works it
@@ -184,9 +161,9 @@ struct Replay {
 async fn replay_command(
     settings: &Settings,
     conn: &mut PgConn,
-    replay: Replay,
+    replay: ReplayArgs,
 ) -> anyhow::Result<()> {
-    let Replay {
+    let ReplayArgs {
         select,
         dry_run,
         rate,
