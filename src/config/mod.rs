@@ -294,7 +294,7 @@ pub struct ConsoleSettings {
     pub listen: String,
     /// Who may sign in.
     pub operators: Vec<OperatorSettings>,
-    /// When a replay job nobody advances counts as stopped, to be taken over.
+    /// When a replay run nobody advances counts as stopped, to be taken over.
     pub job_stalled_after_ms: u64,
     /// Longest wait for a request's head (the request line and headers), from the moment the
     /// console is ready to read it.

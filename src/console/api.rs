@@ -5,7 +5,7 @@ use super::Console;
 use super::auth::Caller;
 use super::query::{ListQuery, checked};
 use super::reply::{error, internal};
-use super::views::{DeadLetterView, JobView};
+use super::views::{DeadLetterView, ReplayRunView};
 use crate::dead_letters::store::{self as store, Filter};
 use crate::dead_letters::targets::ReplayTargets;
 use crate::dead_letters::{self as ops, Listed, ReplayError, ReplayRequest};
@@ -28,8 +28,8 @@ pub(super) fn routes() -> Router<Console> {
         .route("/api/dead-letters/summary", get(summary))
         .route("/api/dead-letters/archive", post(archive))
         .route("/api/dead-letters/{id}", get(detail))
-        .route("/api/replays", get(jobs).post(replay))
-        .route("/api/replays/{id}", get(job))
+        .route("/api/replays", get(runs).post(replay))
+        .route("/api/replays/{id}", get(run))
         .route("/api/audit", get(audit_log))
         .route("/api/audit/{id}", get(audit_entry))
 }
@@ -180,7 +180,7 @@ async fn replay(
     match ops::start(&console.settings, &mut conn, &request).await {
         Ok(started) => {
             if !request.dry_run {
-                super::spawn_job(&console, started.run_id, request.rate);
+                super::spawn_run(&console, started.run_id, request.rate);
             }
             (
                 StatusCode::ACCEPTED,
@@ -211,21 +211,21 @@ async fn replay(
     }
 }
 
-async fn job(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
-    match JobView::load(&console, id).await {
+async fn run(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    match ReplayRunView::load(&console, id).await {
         Ok(Some(view)) => Json(view).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, "no replay job has this id"),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no replay run has this id"),
         Err(e) => internal(e),
     }
 }
 
-async fn jobs(_caller: Caller, State(console): State<Console>) -> Response {
+async fn runs(_caller: Caller, State(console): State<Console>) -> Response {
     let runs = crate::store::with_conn(&console.pool, async |conn| {
         replay_runs::newest(conn, 50).await
     });
     match runs.await {
         Ok(runs) => {
-            let items: Vec<JobView> = runs.iter().map(JobView::from).collect();
+            let items: Vec<ReplayRunView> = runs.iter().map(ReplayRunView::from).collect();
             Json(json!({ "items": items })).into_response()
         }
         Err(e) => internal(e),

@@ -128,7 +128,7 @@ async fn metrics(State(console): State<Console>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// Serves the console on `listener` until `stop` fires; resumes stalled replay jobs meanwhile.
+/// Serves the console on `listener` until `stop` fires; resumes stalled replay runs meanwhile.
 pub async fn serve(
     settings: Settings,
     listener: tokio::net::TcpListener,
@@ -156,17 +156,17 @@ pub async fn serve(
         running: Arc::default(),
         stop: stop.clone(),
     };
-    tokio::spawn(resume_stalled_jobs(console.clone()));
+    tokio::spawn(resume_stalled_runs(console.clone()));
     tracing::info!(address = %listener.local_addr()?, "console listening");
     let bounds = console.settings.console.clone();
     server::serve(listener, router(console), &bounds, stop).await;
     Ok(())
 }
 
-/// Runs a replay job in the background until it ends (or the console stops; the job is then
+/// Runs a replay run in the background until it ends (or the console stops; the run is then
 /// resumed by the next console that sees it stalled).
-fn spawn_job(console: &Console, run_id: i64, rate: Option<f64>) {
-    if !console.running.lock().expect("jobs lock").insert(run_id) {
+fn spawn_run(console: &Console, run_id: i64, rate: Option<f64>) {
+    if !console.running.lock().expect("runs lock").insert(run_id) {
         return;
     }
     let console = console.clone();
@@ -179,18 +179,18 @@ fn spawn_job(console: &Console, run_id: i64, rate: Option<f64>) {
             () = console.stop.cancelled() => {}
             result = worked => match result {
                 Ok(worked) => tracing::info!(run_id, replayed = worked.replayed.len(),
-                    failed = worked.failed.len(), "replay job done"),
+                    failed = worked.failed.len(), "replay run done"),
                 Err(error) => tracing::error!(run_id, error = %format!("{error:#}"),
-                    "replay job stopped; it resumes once seen stalled"),
+                    "replay run stopped; it resumes once seen stalled"),
             }
         }
-        console.running.lock().expect("jobs lock").remove(&run_id);
+        console.running.lock().expect("runs lock").remove(&run_id);
     });
 }
 
 /// Takes over the jobs nobody has advanced for `console.job_stalled_after_ms` (their console
 /// stopped) and runs them to their end; looks twice per that period.
-async fn resume_stalled_jobs(console: Console) {
+async fn resume_stalled_runs(console: Console) {
     let stalled = Duration::from_millis(console.settings.console.job_stalled_after_ms);
     let mut every = tokio::time::interval(stalled / 2);
     loop {
@@ -202,7 +202,7 @@ async fn resume_stalled_jobs(console: Console) {
             let mut conn = console.pool.get().await?;
             let mut taken = Vec::new();
             for run_id in replay_runs::stalled(&mut conn, stalled).await? {
-                let ours = console.running.lock().expect("jobs lock").contains(&run_id);
+                let ours = console.running.lock().expect("runs lock").contains(&run_id);
                 if !ours && replay_runs::take_over(&mut conn, run_id, stalled).await? {
                     let rate = replay_runs::find(&mut conn, run_id)
                         .await?
@@ -215,11 +215,11 @@ async fn resume_stalled_jobs(console: Console) {
         match taken.await {
             Ok(taken) => {
                 for (run_id, rate) in taken {
-                    tracing::info!(run_id, "resuming a replay job that stopped midway");
-                    spawn_job(&console, run_id, rate);
+                    tracing::info!(run_id, "resuming a replay run that stopped midway");
+                    spawn_run(&console, run_id, rate);
                 }
             }
-            Err(error) => tracing::warn!(%error, "cannot look for stalled replay jobs"),
+            Err(error) => tracing::warn!(%error, "cannot look for stalled replay runs"),
         }
     }
 }

@@ -162,10 +162,11 @@ impl DeadLetterView {
     }
 }
 
-/// A replay job (a replay run), as the API answers it and its page shows it.
+/// A replay run, as the API answers it and its page shows it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct JobView {
+pub struct ReplayRunView {
+    /// The run's id (`jobId` in the API, whose contract predates the one name).
     pub job_id: i64,
     pub state: String,
     pub total: i32,
@@ -182,7 +183,7 @@ pub struct JobView {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-impl From<&replay_runs::ReplayRun> for JobView {
+impl From<&replay_runs::ReplayRun> for ReplayRunView {
     fn from(run: &replay_runs::ReplayRun) -> Self {
         Self {
             job_id: run.id,
@@ -202,7 +203,7 @@ impl From<&replay_runs::ReplayRun> for JobView {
     }
 }
 
-impl JobView {
+impl ReplayRunView {
     /// The view of job `id`, if there is one.
     pub async fn load(console: &Console, id: i64) -> Result<Option<Self>, StoreError> {
         let mut conn = console.pool.get().await?;

@@ -1,6 +1,6 @@
 //! The audit log, a page at a time, each entry with at most [`LISTED_IDS`] ids and
 //! [`LISTED_FILTER_CHARS`] characters of its filter and a link to the whole entry; the newest
-//! replay jobs under the first page.
+//! replay runs under the first page.
 
 use super::{Shown, layout, when};
 use crate::console::Console;
@@ -26,7 +26,7 @@ fn source_and_address(e: &audit::Entry) -> Markup {
     }
 }
 
-fn job_link(run: Option<i64>) -> Markup {
+fn run_link(run: Option<i64>) -> Markup {
     html! { @if let Some(r) = run { a href={ "/replays/" (r) } { (r) } } }
 }
 
@@ -44,7 +44,7 @@ fn row(e: &audit::Entry) -> Markup {
             td { (Shown(&e.action)) }
             td { (e.count) }
             td { code { (Shown(&filter)) } @if long { " … (" (whole) ")" } }
-            td { (job_link(e.run_id)) }
+            td { (run_link(e.run_id)) }
             td {
                 @for id in e.ids.iter().take(LISTED_IDS) {
                     a href={ "/dead-letters/" (id) } { (id) } " "
@@ -57,17 +57,17 @@ fn row(e: &audit::Entry) -> Markup {
     }
 }
 
-fn jobs(runs: &[replay_runs::ReplayRun]) -> Markup {
+fn runs_table(runs: &[replay_runs::ReplayRun]) -> Markup {
     html! {
-        h2 { "Replay jobs" }
+        h2 { "Replay runs" }
         table {
             tr {
-                th { "Job" } th { "Started" } th { "By" } th { "State" } th { "Total" }
+                th { "Run" } th { "Started" } th { "By" } th { "State" } th { "Total" }
                 th { "Replayed" } th { "Failed" } th { "Skipped" }
             }
             @for r in runs {
                 tr {
-                    td { (job_link(Some(r.id))) @if r.dry_run { " (dry run)" } }
+                    td { (run_link(Some(r.id))) @if r.dry_run { " (dry run)" } }
                     td { (when(r.started_at)) }
                     td { (Shown(&r.requested_by)) }
                     td { (Shown(&r.state)) }
@@ -105,14 +105,14 @@ pub(super) async fn page(
         table id="audit" {
             tr {
                 th { "When" } th { "Who" } th { "From" } th { "Action" } th { "Count" }
-                th { "Filter" } th { "Job" } th { "Ids" }
+                th { "Filter" } th { "Run" } th { "Ids" }
             }
             @for e in &entries { (row(e)) }
         }
         @if let Some(before) = older {
             p { a id="older" href={ "/audit?before=" (before) } { "Older entries →" } }
         }
-        @if !runs.is_empty() { (jobs(&runs)) }
+        @if !runs.is_empty() { (runs_table(&runs)) }
     };
     layout::signed_in(&caller, "Audit", content).into_response()
 }
@@ -144,7 +144,7 @@ pub(super) async fn entry(
             dt { "From" } dd { (source_and_address(&e)) }
             dt { "Action" } dd { (Shown(&e.action)) }
             dt { "Count" } dd { (e.count) }
-            dt { "Job" } dd { (job_link(e.run_id)) }
+            dt { "Run" } dd { (run_link(e.run_id)) }
         }
         h2 { "Filter" }
         pre { (Shown(&filter)) }

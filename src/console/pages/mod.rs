@@ -6,11 +6,11 @@
 
 mod audit;
 mod detail;
-mod job;
 mod layout;
 mod list;
 mod login;
 mod overview;
+mod run;
 
 use super::Console;
 use crate::dead_letters::Kind;
@@ -29,7 +29,7 @@ pub(super) fn routes() -> Router<Console> {
         .route("/logout", post(login::sign_out))
         .route("/dead-letters", get(list::page))
         .route("/dead-letters/{id}", get(detail::page))
-        .route("/replays/{id}", get(job::page))
+        .route("/replays/{id}", get(run::page))
         .route("/audit", get(audit::page))
         .route("/audit/{id}", get(audit::entry))
         .route("/static/console.css", get(style))
