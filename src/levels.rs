@@ -3,7 +3,7 @@
 //! path nothing. The live workers are counted by the heartbeat ([`crate::fleet`]).
 
 use crate::context::Context;
-use crate::store::{commands, outbox};
+use crate::store::{commands, outbox, retention};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,6 +26,21 @@ async fn refresh(context: &Context) {
     if let Ok(mut conn) = context.pool.get().await {
         if let Ok(backlog) = outbox::unsent_count(&mut conn).await {
             levels.outbox_backlog.store(backlog, Ordering::Relaxed);
+        }
+        if let Ok(kept) = retention::kept(&mut conn).await {
+            let age = kept
+                .oldest_completed
+                .map_or(0, |t| (chrono::Utc::now() - t).num_milliseconds().max(0));
+            levels.oldest_kept_age_ms.store(age, Ordering::Relaxed);
+            levels
+                .commands_bytes
+                .store(kept.commands_bytes, Ordering::Relaxed);
+            levels
+                .outbox_bytes
+                .store(kept.outbox_bytes, Ordering::Relaxed);
+            levels
+                .dead_letters_bytes
+                .store(kept.dead_letters_bytes, Ordering::Relaxed);
         }
         if let Ok(age) = commands::oldest_processing_age(&mut conn).await {
             levels

@@ -36,10 +36,19 @@ pub struct Levels {
     pub oldest_processing_age_ms: AtomicI64,
     /// Workers alive now, this one included (from the heartbeat rows).
     pub live_workers: AtomicI64,
+    /// Age in milliseconds of the oldest completed command still kept (0 when none).
+    pub oldest_kept_age_ms: AtomicI64,
+    /// Bytes of the command table (with TOAST and indexes).
+    pub commands_bytes: AtomicI64,
+    /// Bytes of the outbox.
+    pub outbox_bytes: AtomicI64,
+    /// Bytes of the dead-letter store.
+    pub dead_letters_bytes: AtomicI64,
 }
 
 /// The instruments the worker records to.
 pub struct Metrics {
+    removed: Counter<u64>,
     received: Counter<u64>,
     succeeded: Counter<u64>,
     failed: Counter<u64>,
@@ -126,6 +135,15 @@ impl Metrics {
             self.failed.add(0, &attributes);
         }
         self.in_flight.add(0, &[]);
+        for table in ["payment_link_commands", "replay_runs", "audit_log"] {
+            self.removed(table, 0);
+        }
+    }
+
+    /// The retention sweep removed `n` rows of `table`.
+    pub fn removed(&self, table: &'static str, n: usize) {
+        self.removed
+            .add(n as u64, &[KeyValue::new("db.collection.name", table)]);
     }
 
     /// A command was taken; `waited` is its time in the queue when known.
@@ -267,6 +285,30 @@ fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
         |l| l.live_workers.load(Ordering::Relaxed),
     );
     gauge(
+        "payment_link.retention.oldest_kept.age",
+        "ms",
+        "Age of the oldest completed command the store still keeps",
+        |l| l.oldest_kept_age_ms.load(Ordering::Relaxed),
+    );
+    gauge(
+        "payment_link.store.commands.size",
+        "By",
+        "Bytes of the command table, its TOAST and its indexes",
+        |l| l.commands_bytes.load(Ordering::Relaxed),
+    );
+    gauge(
+        "payment_link.store.outbox.size",
+        "By",
+        "Bytes of the outbox, its TOAST and its indexes",
+        |l| l.outbox_bytes.load(Ordering::Relaxed),
+    );
+    gauge(
+        "payment_link.store.dead_letters.size",
+        "By",
+        "Bytes of the dead-letter store, its TOAST and its indexes",
+        |l| l.dead_letters_bytes.load(Ordering::Relaxed),
+    );
+    gauge(
         "payment_link.commands.oldest_processing.age",
         "ms",
         "Age of the oldest command being processed",
@@ -336,6 +378,11 @@ fn instruments(
             .build()
     };
     Metrics {
+        removed: meter
+            .u64_counter("payment_link.retention.removed")
+            .with_unit("{row}")
+            .with_description("Rows removed by the retention sweep, by table")
+            .build(),
         received: counter(
             "payment_link.commands.received",
             "Commands taken from the queue",

@@ -56,6 +56,12 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         prefetch = context.settings.broker.prefetch, "worker started");
     tokio::spawn(levels::run(context.clone(), background.clone()));
     tokio::spawn(fleet::run(context.clone(), background.clone()));
+    tokio::spawn(crate::retention::run(
+        context.settings.clone(),
+        context.pool.clone(),
+        context.metrics.clone(),
+        background.clone(),
+    ));
     if context.settings.dead_letters.ingest {
         tokio::spawn(crate::dead_letters::ingest::run(
             context.settings.clone(),

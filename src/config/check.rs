@@ -15,6 +15,57 @@ impl Settings {
         Ok(())
     }
 
+    /// The retention windows: positive, and the command rows' long enough to cover every way a
+    /// command can come back (its delay tiers with their rounds, a replay from the dead-letter
+    /// store while the store keeps it), so a command that comes back still finds its record.
+    fn check_retention(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
+        let retention = &self.retention;
+        for (key, value) in [
+            ("retention.commands_hours", retention.commands_hours),
+            ("retention.replay_runs_days", retention.replay_runs_days),
+            ("retention.audit_days", retention.audit_days),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return fail(key, "must be above 0");
+            }
+        }
+        if retention.sweep_interval_ms == 0 {
+            return fail("retention.sweep_interval_ms", "must be above 0");
+        }
+        let window = retention.commands_hours * 3600.0;
+        let tiers = &self.retry.delay_tiers_ms;
+        let rounds = (tiers.len() + 1) as f64;
+        let comes_back =
+            (tiers.iter().sum::<u64>() as f64 + rounds * self.retry.max_elapsed_ms as f64) / 1000.0;
+        if window < comes_back {
+            return fail(
+                "retention.commands_hours",
+                &format!(
+                    "({} h) is shorter than a command can take to come back through \
+                     retry.delay_tiers_ms and retry.max_elapsed_ms ({:.3} h): its record would be \
+                     gone before its last round",
+                    retention.commands_hours,
+                    comes_back / 3600.0
+                ),
+            );
+        }
+        let store = self.dead_letters.retention_days * 86_400.0;
+        if window < store {
+            return fail(
+                "retention.commands_hours",
+                &format!(
+                    "({} h) is shorter than dead_letters.retention_days ({} days = {} h): a dead \
+                     letter replayed while the store keeps it would find no record",
+                    retention.commands_hours,
+                    self.dead_letters.retention_days,
+                    self.dead_letters.retention_days * 24.0
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// The refusal of `key`'s value, naming where it came from.
     fn fail(&self, key: &str, why: &str) -> Result<(), ConfigError> {
         Err(ConfigError(format!("{} {why}", self.origins.describe(key))))
@@ -207,9 +258,11 @@ impl Settings {
     /// The dead-letter store, replay targets and the console.
     fn check_operations(&self) -> Result<(), ConfigError> {
         let fail = |key: &str, why: &str| self.fail(key, why);
-        if self.dead_letters.retention_days == 0 {
-            return fail("dead_letters.retention_days", "must be at least 1");
+        let dead_letter_days = self.dead_letters.retention_days;
+        if !(dead_letter_days.is_finite() && dead_letter_days > 0.0) {
+            return fail("dead_letters.retention_days", "must be above 0");
         }
+        self.check_retention()?;
         if self.provider.idempotency_window_hours == 0 {
             return fail("provider.idempotency_window_hours", "must be at least 1");
         }

@@ -51,6 +51,8 @@ pub struct Settings {
     pub dead_letters: DeadLetterSettings,
     /// The `[console]` section.
     pub console: ConsoleSettings,
+    /// The `[retention]` section.
+    pub retention: RetentionSettings,
     /// The `[events]` section.
     pub events: EventSettings,
     /// The `[telemetry]` section.
@@ -268,12 +270,34 @@ pub struct WorkerSettings {
 pub struct DeadLetterSettings {
     /// Move the dead-letter queue into the store.
     pub ingest: bool,
-    /// Days archived and replayed dead letters stay in the store.
-    pub retention_days: u64,
+    /// Days archived and replayed dead letters stay in the store (fractions allowed).
+    pub retention_days: f64,
     /// Where a replay may publish; empty: only `broker.command_exchange` with
     /// `broker.command_routing_key`. A stored dead letter naming any other target is never
     /// replayed (its headers may have been set by whoever published the command).
     pub replay_targets: Vec<ReplayTarget>,
+}
+
+/// How long what the store keeps is kept.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Hours a completed command's row (and its sent outbox rows) is kept after it completed
+    /// (fractions allowed); it must outlast every way the command can come back.
+    pub commands_hours: f64,
+    /// Days a finished replay run and its per-letter history are kept.
+    pub replay_runs_days: f64,
+    /// Days an audit-log entry is kept.
+    pub audit_days: f64,
+    /// How often one replica removes what is past its window, in bounded batches.
+    pub sweep_interval_ms: u64,
+}
+
+impl RetentionSettings {
+    /// The command rows' window.
+    pub fn commands(&self) -> Duration {
+        Duration::from_secs_f64(self.commands_hours * 3600.0)
+    }
 }
 
 /// An exchange and routing key a replay may publish to.

@@ -35,7 +35,7 @@ const FIELD_LIMIT: usize = 4096;
 /// Runs until `stop` fires: ingests the dead-letter queue, reconnecting after broker outages, and
 /// purges past retention once an hour.
 pub async fn run(settings: Settings, pool: PgPool, name: String, stop: CancellationToken) {
-    let retention = Duration::from_secs(settings.dead_letters.retention_days * 86_400);
+    let retention = Duration::from_secs_f64(settings.dead_letters.retention_days * 86_400.0);
     let purger = tokio::spawn(purge_every_hour(pool.clone(), retention, stop.clone()));
     while !stop.is_cancelled() {
         if let Err(error) = ingest(&settings, &pool, &name, &stop).await {

@@ -333,7 +333,9 @@ pub async fn open_ids(conn: &mut PgConn, filter: &Filter) -> Result<Vec<i64>, St
 }
 
 /// Of `ids`, those whose command first called the provider longer ago than `window`: the
-/// provider may have forgotten its idempotency key, so a replay may create a second link.
+/// provider may have forgotten its idempotency key, so a replay may create a second link. A
+/// dead letter whose command's record is gone (past `retention.commands_hours`) counts by its
+/// own failure time and provider calls.
 pub async fn at_duplicate_risk(
     conn: &mut PgConn,
     ids: &[i64],
@@ -342,14 +344,27 @@ pub async fn at_duplicate_risk(
     use crate::store::schema::payment_link_commands::dsl as c;
     let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
     let oldest_safe = Utc::now().checked_sub_signed(window).unwrap_or_default();
-    Ok(d::dead_letters
+    let mut risky: Vec<i64> = d::dead_letters
         .inner_join(c::payment_link_commands.on(c::command_id.eq(d::command_id)))
         .filter(d::id.eq_any(ids))
         .filter(c::attempts.gt(0))
         .filter(c::created_at.lt(oldest_safe))
         .select(d::id)
         .load(conn)
-        .await?)
+        .await?;
+    let recordless: Vec<i64> = d::dead_letters
+        .filter(d::id.eq_any(ids))
+        .filter(d::attempts.gt(0))
+        .filter(d::failed_at.lt(oldest_safe))
+        .filter(diesel::dsl::not(diesel::dsl::exists(
+            c::payment_link_commands.filter(c::command_id.eq(d::command_id)),
+        )))
+        .select(d::id)
+        .load(conn)
+        .await?;
+    risky.extend(recordless);
+    risky.sort_unstable();
+    Ok(risky)
 }
 
 /// Removes archived and replayed dead letters whose state changed before `before`; returns how

@@ -11,6 +11,7 @@ pub mod heartbeats;
 pub mod outbox;
 pub mod outcomes;
 pub mod replay_runs;
+pub mod retention;
 pub mod schema;
 
 use crate::config::DatabaseSettings;

@@ -24,6 +24,7 @@ mod providers;
 mod recovery;
 mod relay;
 mod replay_safety;
+mod retention;
 #[path = "../common/sandbox.rs"]
 mod sandbox;
 mod shutdown;
