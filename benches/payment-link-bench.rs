@@ -50,6 +50,18 @@ struct Options {
     /// Print only the JSON.
     #[arg(long = "json")]
     json_only: bool,
+    /// Run only the storage phases: the shipped defaults on a fresh table, with this many
+    /// completed commands already stored (filled with SQL), and while a sweep removes
+    /// --sweep-backlog expired ones.
+    #[arg(long, value_name = "N")]
+    stored: Option<usize>,
+    /// Expired completed commands for the storage phases' sweep to remove.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    sweep_backlog: usize,
+    /// Commands in the sweep phase and in the fresh-table phase it is compared with: enough to
+    /// outlast the sweep of the backlog.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    sweep_commands: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -473,10 +485,97 @@ async fn end_to_end(
     tuning: Tuning,
     latency: Duration,
 ) -> anyhow::Result<EndToEnd> {
-    let run = Run::new(tuning, latency).await?;
+    let sim = SimOptions {
+        latency,
+        ..SimOptions::default()
+    };
+    let run = Run::with(tuning, sim, &[]).await?;
+    end_to_end_on(connection, run, n, Stored::default()).await
+}
+
+/// Completed commands stored with SQL before the worker starts.
+#[derive(Clone, Copy, Default)]
+struct Stored {
+    /// How many.
+    rows: usize,
+    /// How long ago they completed ("1 day": kept; "40 days": past the window).
+    completed_ago: &'static str,
+}
+
+/// Fills the run's database with `stored` completed commands shaped like the worker's own rows
+/// (request, provider answer and event properties of the same sizes).
+async fn fill(run: &Run, stored: Stored) -> anyhow::Result<()> {
+    if stored.rows == 0 {
+        return Ok(());
+    }
+    let settings = run.settings()?;
+    let pool = payment_link_worker::store::pool(&settings.database)?;
+    payment_link_worker::store::migrate(&pool).await?;
+    let url = settings.database.url.expose().to_owned();
+    let chunk = 500_000;
+    for start in (0..stored.rows).step_by(chunk) {
+        let end = (start + chunk).min(stored.rows);
+        let sql = format!(
+            "INSERT INTO payment_link_commands (command_id, canonical_request, payment_provider_id, \
+                 amount_in_major_currency, description, invoice_id, correlation_id, status, attempts, \
+                 link_id, payment_link, provider_response, event_exchange, event_routing_key, \
+                 event_properties, created_at, updated_at, completed_at) \
+             SELECT 'stored-' || i, \
+                 '{{\"amountInMajorCurrency\":' || (i % 10000 + 1) || '.00,\"description\":\"Invoice ' || i || '\",\"invoiceId\":' || i || ',\"paymentProviderId\":1}}', \
+                 1, i % 10000 + 1, 'Invoice ' || i, i, 'stored-' || i, 'succeeded', 1, i, \
+                 'https://pay.example/' || md5(i::text), \
+                 '{{\"id\":' || i || ',\"paymentLink\":\"https://pay.example/' || md5(i::text) || '\",\"amountInMajorCurrency\":' || (i % 10000 + 1) || '.00,\"description\":\"Invoice ' || i || '\",\"invoiceId\":' || i || ',\"status\":\"created\",\"createdAt\":\"2026-12-06T00:00:00Z\"}}', \
+                 'payment-links.events', 'payment-link.created', \
+                 ('{{\"content_type\":\"application/json\",\"delivery_mode\":2,\"message_id\":\"' || md5('e' || i) || '\",\"correlation_id\":\"stored-' || i || '\",\"timestamp\":1764979200,\"type\":\"payment-link.created\",\"app_id\":\"payment-link-worker\",\"headers\":{{\"cloudEvents:specversion\":\"1.0\",\"cloudEvents:id\":\"' || md5('e' || i) || '\",\"cloudEvents:source\":\"urn:payment-link-worker\",\"cloudEvents:type\":\"payment-link.created\",\"cloudEvents:subject\":\"stored-' || i || '\",\"cloudEvents:time\":\"2026-12-06T00:00:00.000Z\",\"traceparent\":\"00-' || md5('t' || i) || '-' || substr(md5('s' || i), 1, 16) || '-01\"}}}}')::jsonb, \
+                 now() - interval '{ago}', now() - interval '{ago}', now() - interval '{ago}' \
+             FROM generate_series({from}, {to}) AS i",
+            ago = stored.completed_ago,
+            from = start + 1,
+            to = end,
+        );
+        sandbox::exec_admin(&url, &sql)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    sandbox::exec_admin(&url, "VACUUM ANALYZE payment_link_commands")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// Bytes per command of the command table (with TOAST and indexes), and how many rows it holds.
+async fn bytes_per_command(run: &Run) -> anyhow::Result<(f64, i64)> {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Size {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        bytes: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        rows: i64,
+    }
+    let settings = run.settings()?;
+    let pool = payment_link_worker::store::pool(&settings.database)?;
+    let mut conn = pool.get().await?;
+    let size: Size = diesel::sql_query(
+        "SELECT pg_total_relation_size('payment_link_commands') AS bytes, \
+                (SELECT count(*) FROM payment_link_commands) AS rows",
+    )
+    .get_result(&mut conn)
+    .await?;
+    Ok((size.bytes as f64 / size.rows.max(1) as f64, size.rows))
+}
+
+/// [`end_to_end`] on a run made by the caller, after `stored` is filled.
+async fn end_to_end_on(
+    connection: &Connection,
+    run: Run,
+    n: usize,
+    stored: Stored,
+) -> anyhow::Result<EndToEnd> {
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
+        fill(&run, stored).await?;
         let events = run.declare(connection, &channel, &settings).await?;
         preload(
             &channel,
@@ -807,12 +906,177 @@ async fn latency(
     result
 }
 
+/// The storage phases: the shipped defaults on a fresh table, with `stored` completed commands
+/// kept, and while a sweep removes `o.sweep_backlog` expired ones; bytes per stored command.
+async fn storage_phases(connection: &Connection, o: &Options, stored: usize) -> anyhow::Result<()> {
+    let n = o.commands;
+    eprintln!("… shipped defaults, fresh table, {n} commands");
+    let run = Run::with(Tuning::Shipped, SimOptions::default(), &[]).await?;
+    let fresh_per_s = {
+        let fresh = end_to_end_on(connection, run, n, Stored::default()).await?;
+        eprintln!("  {:.0} commands/s", fresh.throughput);
+        fresh.throughput
+    };
+    let probe = Run::with(Tuning::Shipped, SimOptions::default(), &[]).await?;
+    let worker_rows = async {
+        let settings = probe.settings()?;
+        let channel = confirm_channel(connection).await?;
+        let _ = probe.declare(connection, &channel, &settings).await?;
+        preload(
+            &channel,
+            &settings.broker.command_exchange,
+            &settings.broker.command_routing_key,
+            "size",
+            n,
+        )
+        .await?;
+        let mut child = probe.start_worker()?;
+        let started = Instant::now();
+        loop {
+            let (_, rows) = bytes_per_command(&probe).await.unwrap_or((0.0, 0));
+            if rows as usize >= n || started.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        child.kill()?;
+        child.wait()?;
+        bytes_per_command(&probe).await
+    }
+    .await;
+    probe.cleanup().await;
+    let (worker_bytes, _) = worker_rows?;
+    eprintln!("  the worker's own rows: {worker_bytes:.0} bytes per command");
+
+    eprintln!("… shipped defaults, {stored} completed commands already stored, {n} commands");
+    let run = Run::with(Tuning::Shipped, SimOptions::default(), &[]).await?;
+    let filled = Stored {
+        rows: stored,
+        completed_ago: "1 day",
+    };
+    let started = Instant::now();
+    fill(&run, filled).await?;
+    let (stored_bytes, _) = bytes_per_command(&run).await?;
+    eprintln!(
+        "  filled in {:.0} s, {stored_bytes:.0} bytes per stored command",
+        started.elapsed().as_secs_f64()
+    );
+    let with_history = end_to_end_on(connection, run, n, Stored::default()).await?;
+    eprintln!("  {:.0} commands/s", with_history.throughput);
+
+    let backlog = o.sweep_backlog;
+    let m = o.sweep_commands;
+    eprintln!("… shipped defaults, fresh table, {m} commands (the sweep phase's reference)");
+    let run = Run::with(Tuning::Shipped, SimOptions::default(), &[]).await?;
+    let reference = end_to_end_on(connection, run, m, Stored::default()).await?;
+    eprintln!("  {:.0} commands/s", reference.throughput);
+    eprintln!("… shipped defaults while a sweep removes {backlog} expired commands, {m} commands");
+    let run = Run::with(
+        Tuning::Shipped,
+        SimOptions::default(),
+        &[("RETENTION__SWEEP_INTERVAL_MS", "500")],
+    )
+    .await?;
+    fill(
+        &run,
+        Stored {
+            rows: backlog,
+            completed_ago: "40 days",
+        },
+    )
+    .await?;
+    let settings = run.settings()?;
+    let pool = payment_link_worker::store::pool(&settings.database)?;
+    // Counts what is left of the backlog until it is gone or the phase's database is.
+    let watch = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut last = (backlog as i64, 0.0);
+        loop {
+            use diesel_async::RunQueryDsl;
+            #[derive(diesel::QueryableByName)]
+            struct Left {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                left: i64,
+            }
+            let left = async {
+                let mut conn = pool.get().await.ok()?;
+                diesel::sql_query(
+                    "SELECT count(*) AS left FROM payment_link_commands \
+                     WHERE command_id LIKE 'stored-%'",
+                )
+                .get_result::<Left>(&mut conn)
+                .await
+                .ok()
+            };
+            match left.await {
+                Some(l) if l.left == 0 => return (Some(started.elapsed().as_secs_f64()), last),
+                Some(l) => last = (l.left, started.elapsed().as_secs_f64()),
+                None => return (None, last),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let sweeping = end_to_end_on(connection, run, m, Stored::default()).await?;
+    eprintln!("  {:.0} commands/s", sweeping.throughput);
+    let (gone_after, (left, seen_at)) = watch.await?;
+    let backlog_seconds = gone_after.unwrap_or(f64::NAN);
+    eprintln!(
+        "  backlog gone after {backlog_seconds:.1} s (last seen: {left} left at {seen_at:.1} s)"
+    );
+    let report = serde_json::json!({
+        "commands": n,
+        "fresh_per_s": fresh_per_s,
+        "bytes_per_command_worker_rows": worker_bytes,
+        "stored": stored,
+        "bytes_per_stored_command": stored_bytes,
+        "with_stored_per_s": with_history.throughput,
+        "with_stored_to_fresh": with_history.throughput / fresh_per_s,
+        "sweep_backlog": backlog,
+        "sweep_commands": m,
+        "sweep_reference_per_s": reference.throughput,
+        "while_sweeping_per_s": sweeping.throughput,
+        "while_sweeping_to_reference": sweeping.throughput / reference.throughput,
+        "backlog_removed_within_s": backlog_seconds,
+    });
+    println!("| figure | value | target |");
+    println!("| --- | --- | --- |");
+    println!("| shipped defaults, fresh table | {fresh_per_s:.0} commands/s | |");
+    println!(
+        "| with {stored} completed commands stored | {:.0} commands/s ({:.0} % of fresh) | ≥ 90 % |",
+        with_history.throughput,
+        100.0 * with_history.throughput / fresh_per_s
+    );
+    let removal = if backlog_seconds.is_finite() {
+        format!("the backlog gone {backlog_seconds:.1} s after the worker started")
+    } else {
+        format!(
+            "{} removed in the first {seen_at:.1} s (the phase ended first)",
+            backlog as i64 - left
+        )
+    };
+    println!(
+        "| while a sweep removes {backlog} expired commands ({m} commands) | {:.0} commands/s ({:.0} % of {:.0}/s on a fresh table); {removal} | ≥ 90 % |",
+        sweeping.throughput,
+        100.0 * sweeping.throughput / reference.throughput,
+        reference.throughput
+    );
+    println!(
+        "| bytes per command (the worker's own rows; rows filled with SQL) | {worker_bytes:.0}; {stored_bytes:.0} | |"
+    );
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = <Options as clap::Parser>::parse();
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .context("RabbitMQ is not reachable")?;
+    if let Some(stored) = o.stored {
+        return storage_phases(&connection, &o, stored).await;
+    }
     let log = |what: &str| {
         if !o.json_only {
             eprintln!("… {what}");

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Rows removed by one statement.
 const BATCH: i64 = 5000;
-/// Pause between two batches, so a backlog is removed without holding the database busy.
+/// Shortest pause between two batches; a batch that took longer is followed by a pause as long
+/// as it took, so a backlog holds the database busy half the time at most.
 const PAUSE: Duration = Duration::from_millis(50);
 
 /// Runs until `stop` fires.
@@ -87,6 +88,7 @@ pub async fn sweep(
             ("audit_log", &mut swept.audit),
         ] {
             loop {
+                let batch_started = Instant::now();
                 let n = match table {
                     "payment_link_commands" => {
                         retention::commands(&mut conn, commands_before, BATCH).await?
@@ -96,7 +98,7 @@ pub async fn sweep(
                 };
                 metrics.removed(table, n);
                 *counted += n;
-                if n < BATCH as usize || !pause(stop).await {
+                if n < BATCH as usize || !pause(stop, batch_started.elapsed()).await {
                     break;
                 }
             }
@@ -109,10 +111,11 @@ pub async fn sweep(
     swept.map(Some)
 }
 
-/// Waits between two batches; false when stopping.
-async fn pause(stop: &CancellationToken) -> bool {
+/// Waits between two batches (as long as the last one took, at least [`PAUSE`]); false when
+/// stopping.
+async fn pause(stop: &CancellationToken, last_batch: Duration) -> bool {
     tokio::select! {
         () = stop.cancelled() => false,
-        () = tokio::time::sleep(PAUSE) => true,
+        () = tokio::time::sleep(last_batch.max(PAUSE)) => true,
     }
 }
