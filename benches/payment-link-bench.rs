@@ -511,6 +511,7 @@ async fn fill(run: &Run, stored: Stored) -> anyhow::Result<()> {
     let settings = run.settings()?;
     let pool = payment_link_worker::store::pool(&settings.database)?;
     payment_link_worker::store::migrate(&pool).await?;
+    drop(pool);
     let url = settings.database.url.expose().to_owned();
     let chunk = 500_000;
     for start in (0..stored.rows).step_by(chunk) {
@@ -537,9 +538,13 @@ async fn fill(run: &Run, stored: Stored) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
     }
-    sandbox::exec_admin(&url, "VACUUM ANALYZE payment_link_commands")
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // As a store that grew over time would be: its pages written out, its statistics current
+    // (the measurement must not be of a checkpoint flushing the bulk load).
+    for sql in ["VACUUM ANALYZE payment_link_commands", "CHECKPOINT"] {
+        sandbox::exec_admin(&url, sql)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
     Ok(())
 }
 
@@ -910,6 +915,13 @@ async fn latency(
 /// kept, and while a sweep removes `o.sweep_backlog` expired ones; bytes per stored command.
 async fn storage_phases(connection: &Connection, o: &Options, stored: usize) -> anyhow::Result<()> {
     let n = o.commands;
+    // Each phase starts with the previous one's writes (a bulk load, a dropped database) on disk,
+    // not being flushed under it.
+    let settle = || async {
+        sandbox::exec_admin(&sandbox::admin_database_url(), "CHECKPOINT")
+            .await
+            .map_err(anyhow::Error::msg)
+    };
     eprintln!("… shipped defaults, fresh table, {n} commands");
     let run = Run::with(Tuning::Shipped, SimOptions::default(), &[]).await?;
     let fresh_per_s = {
@@ -962,15 +974,18 @@ async fn storage_phases(connection: &Connection, o: &Options, stored: usize) -> 
         "  filled in {:.0} s, {stored_bytes:.0} bytes per stored command",
         started.elapsed().as_secs_f64()
     );
+    settle().await?;
     let with_history = end_to_end_on(connection, run, n, Stored::default()).await?;
     eprintln!("  {:.0} commands/s", with_history.throughput);
 
     let backlog = o.sweep_backlog;
     let m = o.sweep_commands;
+    settle().await?;
     eprintln!("… shipped defaults, fresh table, {m} commands (the sweep phase's reference)");
     let run = Run::with(Tuning::Shipped, SimOptions::default(), &[]).await?;
     let reference = end_to_end_on(connection, run, m, Stored::default()).await?;
     eprintln!("  {:.0} commands/s", reference.throughput);
+    settle().await?;
     eprintln!("… shipped defaults while a sweep removes {backlog} expired commands, {m} commands");
     let run = Run::with(
         Tuning::Shipped,
@@ -988,33 +1003,37 @@ async fn storage_phases(connection: &Connection, o: &Options, stored: usize) -> 
     .await?;
     let settings = run.settings()?;
     let pool = payment_link_worker::store::pool(&settings.database)?;
-    // Counts what is left of the backlog until it is gone or the phase's database is.
+    // Follows the sweep by PostgreSQL's own count of deleted rows (cheap: counting what is left
+    // would scan the table under the measurement), until the backlog is gone or the phase's
+    // database is.
     let watch = tokio::spawn(async move {
         let started = Instant::now();
         let mut last = (backlog as i64, 0.0);
         loop {
             use diesel_async::RunQueryDsl;
             #[derive(diesel::QueryableByName)]
-            struct Left {
+            struct Deleted {
                 #[diesel(sql_type = diesel::sql_types::BigInt)]
-                left: i64,
+                deleted: i64,
             }
-            let left = async {
+            let deleted = async {
                 let mut conn = pool.get().await.ok()?;
                 diesel::sql_query(
-                    "SELECT count(*) AS left FROM payment_link_commands \
-                     WHERE command_id LIKE 'stored-%'",
+                    "SELECT n_tup_del AS deleted FROM pg_stat_user_tables \
+                     WHERE relname = 'payment_link_commands'",
                 )
-                .get_result::<Left>(&mut conn)
+                .get_result::<Deleted>(&mut conn)
                 .await
                 .ok()
             };
-            match left.await {
-                Some(l) if l.left == 0 => return (Some(started.elapsed().as_secs_f64()), last),
-                Some(l) => last = (l.left, started.elapsed().as_secs_f64()),
+            match deleted.await {
+                Some(d) if d.deleted >= backlog as i64 => {
+                    return (Some(started.elapsed().as_secs_f64()), last);
+                }
+                Some(d) => last = (backlog as i64 - d.deleted, started.elapsed().as_secs_f64()),
                 None => return (None, last),
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
     let sweeping = end_to_end_on(connection, run, m, Stored::default()).await?;
