@@ -15,6 +15,22 @@ struct Removed {
     removed: i64,
 }
 
+/// Runs one of the sweep's statements: `$1` the time before which rows go, `$2` the batch size;
+/// returns how many rows it removed.
+async fn in_batch(
+    conn: &mut PgConn,
+    sql: &'static str,
+    before: DateTime<Utc>,
+    batch: i64,
+) -> Result<usize, StoreError> {
+    let removed: Removed = diesel::sql_query(sql)
+        .bind::<Timestamptz, _>(before)
+        .bind::<BigInt, _>(batch)
+        .get_result(conn)
+        .await?;
+    Ok(removed.removed as usize)
+}
+
 /// Removes up to `batch` commands that completed before `before`, and their outbox rows (all
 /// sent); returns how many commands.
 pub async fn commands(
@@ -22,7 +38,8 @@ pub async fn commands(
     before: DateTime<Utc>,
     batch: i64,
 ) -> Result<usize, StoreError> {
-    let query = diesel::sql_query(
+    in_batch(
+        conn,
         "WITH doomed AS ( \
              SELECT c.command_id FROM payment_link_commands c \
              WHERE c.status IN ('succeeded', 'failed') AND c.completed_at < $1 \
@@ -34,10 +51,10 @@ pub async fn commands(
          gone AS (DELETE FROM payment_link_commands c USING doomed d \
                   WHERE c.command_id = d.command_id RETURNING 1) \
          SELECT count(*) AS removed FROM gone",
+        before,
+        batch,
     )
-    .bind::<Timestamptz, _>(before)
-    .bind::<BigInt, _>(batch);
-    Ok(query.get_result::<Removed>(conn).await?.removed as usize)
+    .await
 }
 
 /// Removes up to `batch` replay runs that finished before `before`, with their per-letter
@@ -47,17 +64,18 @@ pub async fn replay_runs(
     before: DateTime<Utc>,
     batch: i64,
 ) -> Result<usize, StoreError> {
-    let query = diesel::sql_query(
+    in_batch(
+        conn,
         "WITH doomed AS ( \
              SELECT id FROM replay_runs WHERE state <> 'running' AND finished_at < $1 \
              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
          history AS (DELETE FROM dead_letter_replays r USING doomed d WHERE r.run_id = d.id), \
          gone AS (DELETE FROM replay_runs r USING doomed d WHERE r.id = d.id RETURNING 1) \
          SELECT count(*) AS removed FROM gone",
+        before,
+        batch,
     )
-    .bind::<Timestamptz, _>(before)
-    .bind::<BigInt, _>(batch);
-    Ok(query.get_result::<Removed>(conn).await?.removed as usize)
+    .await
 }
 
 /// Removes up to `batch` audit entries older than `before`; returns how many.
@@ -66,15 +84,16 @@ pub async fn audit(
     before: DateTime<Utc>,
     batch: i64,
 ) -> Result<usize, StoreError> {
-    let query = diesel::sql_query(
+    in_batch(
+        conn,
         "WITH doomed AS ( \
              SELECT id FROM audit_log WHERE at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED), \
          gone AS (DELETE FROM audit_log a USING doomed d WHERE a.id = d.id RETURNING 1) \
          SELECT count(*) AS removed FROM gone",
+        before,
+        batch,
     )
-    .bind::<Timestamptz, _>(before)
-    .bind::<BigInt, _>(batch);
-    Ok(query.get_result::<Removed>(conn).await?.removed as usize)
+    .await
 }
 
 /// What the sweep reports: the oldest completed command kept, and the tables' sizes.
