@@ -229,10 +229,6 @@ async fn two_sweeps_at_once_remove_each_row_once_and_the_command_path_never_wait
     watching.cancel();
     watcher.await.unwrap();
     assert_eq!(removed.iter().sum::<usize>(), total, "{removed:?}");
-    assert!(
-        removed.iter().all(|n| *n > 0),
-        "both removed some: {removed:?}"
-    );
     assert_eq!(delivered.len(), 50);
     assert_eq!(count(&env, "command_id LIKE 'expired-%'").await, 0);
     assert_eq!(count(&env, "command_id LIKE 'live-%'").await, 50);
