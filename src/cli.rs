@@ -23,10 +23,25 @@ pub struct Cli {
     pub command: Commands,
 }
 
+/// The environment `run` reads, as its --help lists it.
+const RUN_ENV: &str = "Environment:\n  PROVIDER_TOKEN     the provider's bearer token (required)\n  \
+    PROVIDER_BASE_URL  the provider API (default http://127.0.0.1:8080)\n  \
+    AMQP_URL           RabbitMQ (default amqp://guest:guest@127.0.0.1:5672/%2f)\n  \
+    DATABASE_URL       PostgreSQL (default postgres://postgres@127.0.0.1:5432/payment_links)\n  \
+    PAYMENT_LINK_WORKER__SECTION__KEY  any other setting (config/default.toml lists them)";
+
+/// The environment `console` reads, as its --help lists it.
+const CONSOLE_ENV: &str = "Environment:\n  CONSOLE_OPERATOR_TOKEN  one operator's token, 24 characters at least (or \
+    [[console.operators]] in a config file; see `console hash-token`)\n  \
+    CONSOLE_OPERATOR_NAME   that operator's name (default operator)\n  \
+    DATABASE_URL            PostgreSQL\n  AMQP_URL                RabbitMQ, for replays\n  \
+    PAYMENT_LINK_WORKER__SECTION__KEY  any other setting";
+
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Commands {
     /// Run the worker until SIGTERM or ctrl-c (migrations run first unless disabled).
+    #[command(after_help = RUN_ENV)]
     Run,
     /// Apply pending database migrations and exit.
     Migrate,
@@ -40,6 +55,7 @@ pub enum Commands {
     DeadLetters(DeadLetterCommands),
     /// Serve the operators' web console and its JSON API on console.listen (needs PostgreSQL,
     /// and RabbitMQ for replays; not the provider).
+    #[command(after_help = CONSOLE_ENV)]
     Console(ConsoleArgs),
 }
 
@@ -113,7 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::Migrate => {
             let pool = store::pool(&settings.database)?;
-            match startup::migrate(&settings, &pool).await? {
+            match startup::apply_migrations(&settings, &pool).await? {
                 0 => println!("the database schema is up to date"),
                 applied => println!("applied {applied} migration(s)"),
             }

@@ -83,17 +83,21 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     })
 }
 
-/// Applies the pending migrations and says what it did; a failure is one line saying why.
+/// Applies the pending migrations and logs what it did; a failure is one line saying why.
 pub async fn migrate(settings: &Settings, pool: &PgPool) -> anyhow::Result<usize> {
+    let applied = apply_migrations(settings, pool).await?;
+    match applied {
+        0 => tracing::info!("the database schema is up to date"),
+        applied => tracing::info!(applied, "applied database migrations"),
+    }
+    Ok(applied)
+}
+
+/// Applies the pending migrations and returns how many, saying nothing (for `migrate`, which
+/// prints it once itself); a failure is one line saying why.
+pub async fn apply_migrations(settings: &Settings, pool: &PgPool) -> anyhow::Result<usize> {
     match store::migrate(pool).await {
-        Ok(0) => {
-            tracing::info!("the database schema is up to date");
-            Ok(0)
-        }
-        Ok(applied) => {
-            tracing::info!(applied, "applied database migrations");
-            Ok(applied)
-        }
+        Ok(applied) => Ok(applied),
         Err(error) => Err(crate::diagnose::database(settings, "migrate the database", error).await),
     }
 }

@@ -96,8 +96,48 @@ fn replay_rate(text: &str) -> Result<f64, String> {
 
 /// Who runs an operator's command: the flag, else $USER.
 fn operator_name(flag: Option<String>) -> String {
-    flag.or_else(|| std::env::var("USER").ok())
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    flag.or_else(|| env("USER"))
+        .or_else(|| env("LOGNAME"))
+        .or_else(os_user)
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| format!("someone on {}", h.trim()))
+        })
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The name of the user this process runs as, from /etc/passwd (when $USER is not set, as in a
+/// container or under cron).
+fn os_user() -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = std::fs::metadata("/proc/self").ok()?.uid();
+    user_named(&std::fs::read_to_string("/etc/passwd").ok()?, uid)
+}
+
+/// The user with `uid` in a passwd file's text.
+fn user_named(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id: u32 = fields.nth(1)?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_os_user_is_read_from_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nops:x:1000:1000::/home/ops:/bin/sh\n";
+        assert_eq!(user_named(passwd, 1000).as_deref(), Some("ops"));
+        assert_eq!(user_named(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(user_named(passwd, 42), None);
+        assert_eq!(operator_name(Some("flag".into())), "flag");
+    }
 }
 
 /// Runs a `dead-letters` subcommand.

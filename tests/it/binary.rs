@@ -217,6 +217,12 @@ async fn migrate_says_what_it_applied_then_that_the_schema_is_up_to_date() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
+        // Said once, on stdout: not also as a log line on stderr.
+        let said = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            !said.contains("up to date") && !said.contains("applied"),
+            "{said}"
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
@@ -262,4 +268,26 @@ fn the_console_refuses_to_start_without_operators_or_with_a_guessable_token() {
         stalled.contains("console.job_stalled_after_ms"),
         "{stalled}"
     );
+}
+
+#[test]
+fn help_names_the_environment_each_subcommand_reads() {
+    let help = |subcommand: &str| {
+        let out = worker().args([subcommand, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let run = help("run");
+    for name in [
+        "PROVIDER_TOKEN",
+        "AMQP_URL",
+        "DATABASE_URL",
+        "PROVIDER_BASE_URL",
+    ] {
+        assert!(run.contains(name), "run --help: {name}\n{run}");
+    }
+    let console = help("console");
+    for name in ["CONSOLE_OPERATOR_TOKEN", "DATABASE_URL", "AMQP_URL"] {
+        assert!(console.contains(name), "console --help: {name}\n{console}");
+    }
 }
