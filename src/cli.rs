@@ -154,6 +154,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(send::Heard::DeadLettered { kind, message }) => {
                     anyhow::bail!("command {id} was dead-lettered as {kind}: {message}")
                 }
+                // The id is on stdout already, as on success: a script can follow it up.
+                Some(send::Heard::NothingWithin(limit)) => anyhow::bail!(
+                    "command {id} was sent, but neither its event nor a dead letter came within \
+                     {} s; is a worker running (payment-link-worker run)?",
+                    limit.as_secs()
+                ),
             }
         }
         Commands::DeadLetters(command) => {

@@ -145,3 +145,35 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_that_hears_nothing_in_time_still_starts_stdout_with_its_command_id() {
+    // The topology exists (the harness declares it) but no worker runs.
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let mut command = binary(&env);
+    command.args([
+        "send",
+        "--command-id",
+        "waited-1",
+        "--provider-id",
+        "1",
+        "--amount",
+        "1.00",
+        "--description",
+        "nobody listens",
+        "--wait",
+        "--timeout",
+        "1",
+    ]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "no event came: a failure");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().next(), Some("waited-1"), "{stdout}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("neither its event nor a dead letter came within 1 s"),
+        "{said}"
+    );
+}
