@@ -244,76 +244,85 @@ fn meter_provider() -> anyhow::Result<(prometheus::Registry, SdkMeterProvider)> 
     Ok((registry, builder.build()))
 }
 
+/// A level's gauge: its name, unit and description, and the level it reads.
+type LevelGauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Levels) -> &AtomicI64,
+);
+
 /// The gauges of the levels refreshed on a timer (queue depths, backlog, live workers).
 fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
     let levels = Arc::new(Levels::default());
-    let gauge = |name: &'static str,
-                 unit: &'static str,
-                 description: &'static str,
-                 read: fn(&Levels) -> i64| {
+    let gauges: [LevelGauge; 9] = [
+        (
+            "payment_link.outbox.backlog",
+            "{message}",
+            "Events and dead letters in the outbox that the relay has still to publish",
+            |l| &l.outbox_backlog,
+        ),
+        (
+            "payment_link.dead_letter.depth",
+            "{message}",
+            "Messages in the dead-letter queue",
+            |l| &l.dead_letter_depth,
+        ),
+        (
+            "payment_link.commands.waiting",
+            "{message}",
+            "Commands waiting in the command queue",
+            |l| &l.command_queue_depth,
+        ),
+        (
+            "payment_link.workers.live",
+            "{worker}",
+            "Workers alive now, this one included (they share the fleet's rate limits)",
+            |l| &l.live_workers,
+        ),
+        (
+            "payment_link.retention.oldest_kept.age",
+            "ms",
+            "Age of the oldest completed command the store still keeps",
+            |l| &l.oldest_kept_age_ms,
+        ),
+        (
+            "payment_link.store.commands.size",
+            "By",
+            "Bytes of the command table, its TOAST and its indexes",
+            |l| &l.commands_bytes,
+        ),
+        (
+            "payment_link.store.outbox.size",
+            "By",
+            "Bytes of the outbox, its TOAST and its indexes",
+            |l| &l.outbox_bytes,
+        ),
+        (
+            "payment_link.store.dead_letters.size",
+            "By",
+            "Bytes of the dead-letter store, its TOAST and its indexes",
+            |l| &l.dead_letters_bytes,
+        ),
+        (
+            "payment_link.commands.oldest_processing.age",
+            "ms",
+            "Age of the oldest command being processed",
+            |l| &l.oldest_processing_age_ms,
+        ),
+    ];
+    // Observable instruments live as long as the provider; the handles need not be kept.
+    for (name, unit, description, level) in gauges {
         let levels = levels.clone();
         meter
             .i64_observable_gauge(name)
             .with_unit(unit)
             .with_description(description)
-            .with_callback(move |observer| observer.observe(read(&levels), &[]))
-            .build()
-    };
-    // Observable instruments live as long as the provider; the handles need not be kept.
-    gauge(
-        "payment_link.outbox.backlog",
-        "{message}",
-        "Events and dead letters in the outbox that the relay has still to publish",
-        |l| l.outbox_backlog.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.dead_letter.depth",
-        "{message}",
-        "Messages in the dead-letter queue",
-        |l| l.dead_letter_depth.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.commands.waiting",
-        "{message}",
-        "Commands waiting in the command queue",
-        |l| l.command_queue_depth.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.workers.live",
-        "{worker}",
-        "Workers alive now, this one included (they share the fleet's rate limits)",
-        |l| l.live_workers.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.retention.oldest_kept.age",
-        "ms",
-        "Age of the oldest completed command the store still keeps",
-        |l| l.oldest_kept_age_ms.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.store.commands.size",
-        "By",
-        "Bytes of the command table, its TOAST and its indexes",
-        |l| l.commands_bytes.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.store.outbox.size",
-        "By",
-        "Bytes of the outbox, its TOAST and its indexes",
-        |l| l.outbox_bytes.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.store.dead_letters.size",
-        "By",
-        "Bytes of the dead-letter store, its TOAST and its indexes",
-        |l| l.dead_letters_bytes.load(Ordering::Relaxed),
-    );
-    gauge(
-        "payment_link.commands.oldest_processing.age",
-        "ms",
-        "Age of the oldest command being processed",
-        |l| l.oldest_processing_age_ms.load(Ordering::Relaxed),
-    );
+            .with_callback(move |observer| {
+                observer.observe(level(&levels).load(Ordering::Relaxed), &[])
+            })
+            .build();
+    }
     levels
 }
 

@@ -59,6 +59,18 @@ impl axum::extract::FromRequestParts<super::Console> for ClientAddress {
     }
 }
 
+/// Whom failures count against: an IPv4 address, or an IPv6 address's /64 (one host can hold a
+/// whole /64, and would otherwise get a fresh allowance at every address of it).
+fn counted_as(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Failures {
     count: u32,
@@ -98,7 +110,7 @@ impl Throttle {
 
     /// How long `address` must still wait before its token is looked at; `None`: go ahead.
     pub fn blocked(&self, address: Option<IpAddr>, how: &str) -> Option<Duration> {
-        let address = address?;
+        let address = counted_as(address?);
         let seen = self.seen.lock().expect("throttle lock");
         let wait = seen
             .get(&address)?
@@ -112,7 +124,7 @@ impl Throttle {
     /// over the allowance, how long it is blocked for.
     pub fn failed(&self, address: Option<IpAddr>, how: &str) -> (u32, Option<Duration>) {
         self.counted.with_label_values(&[how, "refused"]).inc();
-        let Some(address) = address else {
+        let Some(address) = address.map(counted_as) else {
             return (0, None);
         };
         let now = Instant::now();
@@ -146,7 +158,7 @@ impl Throttle {
 
     /// Clears `address` after a right token.
     pub fn succeeded(&self, address: Option<IpAddr>) {
-        if let Some(address) = address {
+        if let Some(address) = address.map(counted_as) {
             self.seen.lock().expect("throttle lock").remove(&address);
         }
     }
@@ -178,5 +190,15 @@ mod tests {
         throttle.succeeded(a);
         assert_eq!(throttle.blocked(a, "bearer"), None);
         assert_eq!(throttle.failed(a, "bearer"), (1, None));
+
+        // Every address of one IPv6 /64 counts as one.
+        for i in 1..=4u16 {
+            let v6: IpAddr = format!("2001:db8::{i:x}").parse().unwrap();
+            throttle.failed(Some(v6), "sign-in");
+        }
+        let other_host: IpAddr = "2001:db8::ffff".parse().unwrap();
+        assert!(throttle.blocked(Some(other_host), "sign-in").is_some());
+        let other_net: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        assert_eq!(throttle.blocked(Some(other_net), "sign-in"), None);
     }
 }

@@ -96,12 +96,14 @@ pub async fn start(
     }
     let targets = ReplayTargets::new(settings);
     let mut skipped = Vec::new();
-    for (id, exchange, routing_key) in replay_rows::targets(conn, &ids).await? {
-        if let Err(why) = targets.check(&exchange, &routing_key) {
-            skipped.push((id, why));
+    let selected = replay_rows::targets(conn, &ids).await?;
+    ids.clear();
+    for (id, exchange, routing_key) in selected {
+        match targets.check(&exchange, &routing_key) {
+            Ok(()) => ids.push(id),
+            Err(why) => skipped.push((id, why)),
         }
     }
-    ids.retain(|id| !skipped.iter().any(|(s, _)| s == id));
     let window = Duration::from_secs(settings.provider.idempotency_window_hours * 3600);
     let mut at_risk = store::at_duplicate_risk(conn, &ids, window).await?;
     if !at_risk.is_empty() && !request.accept_duplicate_risk && !request.dry_run {
@@ -142,7 +144,10 @@ pub async fn start(
         .collect();
     let command_ids: Vec<String> = selected.iter().map(|s| s.command_id.clone()).collect();
     replay_runs::set_selection(conn, run_id, &command_ids).await?;
-    replay_rows::record_skipped(conn, run_id, &skipped).await?;
+    if !request.dry_run {
+        // A dry run changes nothing: its skipped count is in the run, not in each history.
+        replay_rows::record_skipped(conn, run_id, &skipped).await?;
+    }
     if request.dry_run {
         let counts = replay_runs::RunCounts {
             selected: ids.len() as i32,

@@ -167,7 +167,11 @@ pub async fn record_skipped(
         .map(|(id, why)| (*id, ReplayOutcome::Skipped(why.clone()).history()))
         .collect();
     conn.transaction::<_, StoreError, _>(async move |conn| {
-        insert_history(conn, run_id, &history).await?;
+        // In chunks: one statement holds at most 65,535 bound values, and a filter can select
+        // far more dead letters than a chunk.
+        for chunk in history.chunks(HISTORY_CHUNK) {
+            insert_history(conn, run_id, chunk).await?;
+        }
         diesel::update(runs::replay_runs.find(run_id))
             .set((
                 runs::skipped.eq(runs::skipped + history.len() as i32),
@@ -179,6 +183,9 @@ pub async fn record_skipped(
     })
     .await
 }
+
+/// History rows written by one statement (three bound values each).
+const HISTORY_CHUNK: usize = 5000;
 
 async fn insert_history(
     conn: &mut PgConn,

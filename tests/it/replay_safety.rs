@@ -342,3 +342,62 @@ async fn a_target_the_broker_refuses_fails_only_its_own_dead_letter() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_unreplayable_dead_letters_is_skipped_whole_beside_a_good_one() {
+    let provider = MockServer::start().await;
+    let env = TestEnv::new(&provider.uri()).await;
+    // More than one statement's worth of bound values (65,535 / 3 per history row).
+    let flood = 25_000;
+    exec_admin(
+        env.settings.database.url.expose(),
+        &format!(
+            "INSERT INTO dead_letters (dedup_key, command_id, kind, error_message, failed_at, \
+             original_exchange, original_routing_key, properties, body) \
+             SELECT 'flood-' || i, 'flood-' || i, 'expired', 'forged', now(), '', 'victim', \
+                    '{{}}', ''::bytea FROM generate_series(1, {flood}) AS i"
+        ),
+    )
+    .await;
+    publish_confirmed(
+        &env.channel,
+        &worker_dead_letter(&env, 0, &env.settings.broker.command_exchange),
+    )
+    .await
+    .unwrap();
+    let _worker = env
+        .start_worker_with({
+            let mut settings = env.settings.clone();
+            settings.dead_letters.ingest = true;
+            settings
+        })
+        .await;
+    stored(&env, &Filter::default(), flood + 1).await;
+    let mut conn = env.pool.get().await.unwrap();
+    let request = ReplayRequest {
+        filter: Filter::default(),
+        limit: None,
+        dry_run: false,
+        rate: None,
+        accept_duplicate_risk: false,
+        requested_by: "replay-safety-test".into(),
+        source: "cli".into(),
+        client_address: None,
+    };
+    let started = ops::start(&env.settings, &mut conn, &request)
+        .await
+        .unwrap();
+    assert_eq!(
+        (started.ids.len(), started.skipped.len()),
+        (1, flood as usize)
+    );
+    let worked = ops::work(&env.settings, &mut conn, started.run_id, None)
+        .await
+        .unwrap();
+    assert_eq!(worked.replayed.len(), 1);
+    let run = payment_link_worker::store::replay_runs::find(&mut conn, started.run_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.skipped, flood as i32);
+}
