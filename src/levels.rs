@@ -14,6 +14,7 @@ pub async fn run(context: Arc<Context>, stop: CancellationToken) {
     let interval = Duration::from_millis(context.settings.telemetry.levels_interval_ms);
     loop {
         refresh(&context).await;
+        crate::repeats::tick();
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}

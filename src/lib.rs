@@ -27,6 +27,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod provider;
 pub mod relay;
+pub mod repeats;
 pub mod retention;
 pub mod startup;
 pub mod store;

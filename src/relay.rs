@@ -26,8 +26,10 @@ pub async fn publish_recorded(
         match publisher.publish(message).await {
             Ok(()) => note_sent(sent, *id),
             Err(error) => {
-                tracing::warn!(outbox_id = id, message_id = message.message_id(), %error,
-                    "publish failed; the outbox relay will retry");
+                error.report(|| {
+                    tracing::warn!(outbox_id = id, message_id = message.message_id(), %error,
+                        "publish failed; the outbox relay will retry");
+                });
                 failed.push((*id, error.to_string()));
             }
         }
@@ -89,15 +91,23 @@ pub async fn flush_sent(sent: &SentMarker) {
 }
 
 /// Publishes one stored row; the error in words, and whether the broker is not taking publishes
-/// now (no point trying the rest of the round).
+/// now (no point trying the rest of the round). A failure is logged in full when it is the first
+/// of its kind, then counted into a periodic summary (see [`crate::repeats`]).
 async fn publish_row(
     publisher: &Publisher,
     row: &outbox::OutboxRecord,
 ) -> Result<(), (String, bool)> {
-    let message = row
-        .message()
-        .map_err(|e| (format!("stored properties are unreadable: {e}"), false))?;
+    let logged = |error: &dyn std::fmt::Display| {
+        tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
+            attempts = row.publish_attempts + 1, %error, "relay could not publish; will retry");
+    };
+    let message = row.message().map_err(|e| {
+        let error = format!("stored properties are unreadable: {e}");
+        logged(&error);
+        (error, false)
+    })?;
     publisher.publish(&message).await.map_err(|e| {
+        e.report(|| logged(&e));
         let broker_away = matches!(e, PublishError::TimedOut(_) | PublishError::Reconnect(_));
         (e.to_string(), broker_away)
     })
@@ -134,8 +144,6 @@ pub async fn relay_once(
         match publish_row(publisher, row).await {
             Ok(()) => sent.push(row.id),
             Err((error, away)) => {
-                tracing::warn!(outbox_id = row.id, message_id = %row.message_id, command_id = %row.command_id,
-                    attempts = row.publish_attempts + 1, %error, "relay could not publish; will retry");
                 failed.push((row.id, row.publish_attempts, error));
                 broker_away = away;
             }

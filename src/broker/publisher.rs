@@ -5,6 +5,7 @@
 
 use super::messages::OutboundMessage;
 use crate::config::BrokerSettings;
+use crate::repeats::{self, Problem};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection};
 use std::sync::Arc;
@@ -39,6 +40,80 @@ pub enum PublishError {
     #[error("cannot reopen the publishing connection: {0}")]
     /// The publishing connection was lost and could not be opened again yet.
     Reconnect(String),
+}
+
+impl PublishError {
+    /// The repeated problem this failure is an occurrence of, so a flood of them is summarised
+    /// (see [`crate::repeats`]); it ends when a publish gets through.
+    pub fn problem_key(&self) -> String {
+        match self {
+            PublishError::Unroutable {
+                exchange,
+                routing_key,
+            } => format!("publish unroutable {exchange:?} {routing_key:?}"),
+            PublishError::Nacked => "publish nacked".into(),
+            PublishError::TimedOut(_) => "publish timed out".into(),
+            PublishError::Broker(_) | PublishError::Reconnect(_) => "publish broker lost".into(),
+        }
+    }
+
+    /// The problem in words, with its fix.
+    pub fn problem(&self) -> Problem {
+        let (what, fix) = match self {
+            PublishError::Unroutable {
+                exchange,
+                routing_key,
+            } => (
+                format!(
+                    "messages wait in the outbox: no queue is bound to exchange {exchange} for \
+                     routing key {routing_key}"
+                ),
+                "bind a queue to it (to watch the events, run `payment-link-worker events`)"
+                    .to_owned(),
+            ),
+            PublishError::Nacked => (
+                "the broker refuses publishes (basic.nack); they wait in the outbox".to_owned(),
+                "see the broker's log (a queue length limit with reject-publish, or an alarm)"
+                    .to_owned(),
+            ),
+            PublishError::TimedOut(_) => (
+                "the broker does not confirm publishes in time; they wait in the outbox".to_owned(),
+                "check the broker's alarms (rabbitmq-diagnostics alarms) and its disk and memory"
+                    .to_owned(),
+            ),
+            PublishError::Broker(_) | PublishError::Reconnect(_) => (
+                "the publishing connection is lost; publishes wait in the outbox".to_owned(),
+                "the worker reconnects by itself; check that the broker is reachable".to_owned(),
+            ),
+        };
+        Problem {
+            key: self.problem_key(),
+            what,
+            fix,
+            ends_when_quiet: false,
+        }
+    }
+
+    /// Counts this failure as an occurrence of its problem; `first` logs it in full when it is
+    /// the first of a run.
+    pub fn report(&self, first: impl FnOnce()) {
+        repeats::occurred(|| self.problem(), &self.problem_key(), first);
+    }
+}
+
+/// Ends the publish problems a successful publish of `message` disproves.
+fn report_published(message: &OutboundMessage) {
+    if !repeats::any_open() {
+        return;
+    }
+    let unroutable = PublishError::Unroutable {
+        exchange: message.exchange.clone(),
+        routing_key: message.routing_key.clone(),
+    };
+    repeats::resolved(&unroutable.problem_key());
+    for key in ["publish nacked", "publish timed out", "publish broker lost"] {
+        repeats::resolved(key);
+    }
 }
 
 /// A confirm-mode channel shared by every task of a worker, on a connection of its own: when the
@@ -138,9 +213,12 @@ impl Publisher {
             .instrument(span.clone())
             .await
             .unwrap_or(Err(PublishError::TimedOut(self.inner.timeout)));
-        if let Err(error) = &result {
-            span.record("otel.status_code", "ERROR");
-            tracing::debug!(parent: &span, %error, "publish not confirmed");
+        match &result {
+            Ok(()) => report_published(message),
+            Err(error) => {
+                span.record("otel.status_code", "ERROR");
+                tracing::debug!(parent: &span, %error, "publish not confirmed");
+            }
         }
         result
     }

@@ -237,6 +237,9 @@ impl Settings {
         if self.worker.busy_poll_ms == 0 {
             return fail("worker.busy_poll_ms", "must be above 0");
         }
+        if self.log.summary_interval_ms == 0 {
+            return fail("log.summary_interval_ms", "must be above 0");
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError(format!(
                 "`log.level` is not a valid filter: {e}"

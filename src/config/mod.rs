@@ -372,6 +372,9 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// tracing filter directives, such as "info" or "payment_link_worker=debug,info"; RUST_LOG wins when set.
     pub level: String,
+    /// How often a problem that keeps repeating is summarised in one line (see
+    /// [`crate::repeats`]).
+    pub summary_interval_ms: u64,
 }
 
 /// How log lines are written.

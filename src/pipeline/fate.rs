@@ -207,10 +207,14 @@ async fn publish_or_hand_over(
 ) -> Result<(), Halt> {
     let error = match context.publisher.publish(event).await {
         Ok(()) => return Ok(()),
-        Err(error) => error.to_string(),
+        Err(error) => {
+            error.report(|| {
+                tracing::warn!(message_id = event.message_id(), %error,
+                    "publish failed; the outbox relay will retry");
+            });
+            error.to_string()
+        }
     };
-    tracing::warn!(message_id = event.message_id(), %error,
-        "publish failed; the outbox relay will retry");
     let max_wait = Duration::from_millis(context.settings.outbox.max_retry_interval_ms);
     db!(context, "hand the event to the relay", |conn| {
         outbox::hand_to_relay(

@@ -41,6 +41,31 @@ pub struct ProviderError {
     pub body: Option<String>,
 }
 
+/// A failed call that will be retried, as a repeated problem: logged in full the first time,
+/// then summarised per interval until that provider stops answering so.
+fn retry_problem(provider_id: i64, error: &ProviderError, key: String) -> crate::repeats::Problem {
+    let (what, fix) = match error.http_status {
+        Some(429) => (
+            format!("provider {provider_id} answers 429 Too Many Requests"),
+            "it is limiting our rate; set provider.max_requests_per_second below its limit",
+        ),
+        Some(status) => (
+            format!("provider {provider_id} answers {status}"),
+            "calls are retried with backoff; the circuit breaker opens if it persists",
+        ),
+        None => (
+            format!("provider {provider_id} calls fail: {}", error.message),
+            "calls are retried with backoff; check that provider.base_url is reachable",
+        ),
+    };
+    crate::repeats::Problem {
+        key,
+        what,
+        fix: fix.to_owned(),
+        ends_when_quiet: true,
+    }
+}
+
 /// The final result of a provider call with its retries.
 #[derive(Debug)]
 pub struct CallResult {
@@ -147,8 +172,12 @@ impl ProviderClient {
             || self.attempt(&call, &attempts, metrics),
             |error: &ProviderError, wait| {
                 metrics.retry();
-                tracing::warn!(command_id, http_status = error.http_status, error = %error.message,
-                    retry_in_ms = wait.as_millis() as u64, "provider call failed; retrying");
+                let key = format!("provider {provider_id} {:?}", error.http_status);
+                let problem = || retry_problem(provider_id, error, key.clone());
+                crate::repeats::occurred(problem, &key, || {
+                    tracing::warn!(command_id, http_status = error.http_status, error = %error.message,
+                        retry_in_ms = wait.as_millis() as u64, "provider call failed; retrying");
+                });
             },
         )
         .await;

@@ -89,6 +89,9 @@ fn filter(settings: &LogSettings) -> EnvFilter {
 /// Installs the global subscriber: the log layer and the OpenTelemetry layer. Call once, from
 /// the binary; keep the guard until the process ends.
 pub fn init(settings: &LogSettings) -> anyhow::Result<TelemetryGuard> {
+    crate::repeats::set_interval(std::time::Duration::from_millis(
+        settings.summary_interval_ms,
+    ));
     let mut builder = SdkTracerProvider::builder().with_resource(resource());
     if otlp_configured() {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
