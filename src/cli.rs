@@ -37,6 +37,10 @@ const CONSOLE_ENV: &str = "Environment:\n  CONSOLE_OPERATOR_TOKEN  one operator'
     DATABASE_URL            PostgreSQL\n  AMQP_URL                RabbitMQ, for replays\n  \
     PAYMENT_LINK_WORKER__SECTION__KEY  any other setting";
 
+/// The environment `send` and `events` read, as their --help lists it.
+const BROKER_ENV: &str = "Environment:\n  AMQP_URL  RabbitMQ (default amqp://guest:guest@127.0.0.1:5672/%2f)\n  \
+    PAYMENT_LINK_WORKER__SECTION__KEY  any other setting (config/default.toml lists them)";
+
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Commands {
@@ -48,8 +52,13 @@ pub enum Commands {
     /// Run a local simulator of the payment provider API.
     ProviderSim(ProviderSimArgs),
     /// Publish one command (publisher-confirmed) and print its command id; with --wait, also
-    /// what became of it.
+    /// what became of it; with --count N or --json -, many on one connection.
+    #[command(after_help = BROKER_ENV)]
     Send(SendArgs),
+    /// Print the events the worker publishes as they come (short lines at a terminal, JSON lines
+    /// when piped), from a temporary queue of its own bound to the event exchange.
+    #[command(after_help = BROKER_ENV)]
+    Events(crate::ops::events::EventsArgs),
     /// Inspect, replay and archive dead-lettered commands (in the dead-letter store).
     #[command(subcommand)]
     DeadLetters(DeadLetterCommands),
@@ -136,6 +145,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::ProviderSim(args) => provider_sim(args).await,
+        Commands::Events(args) => crate::ops::events::run(&settings, &args).await,
+        Commands::Send(args) if args.count.is_some() || is_stdin(&args) => {
+            let commands = send::bulk_bodies(&args)?;
+            let sent = send::send_many(&settings, &args, commands).await?;
+            let seconds = sent.elapsed.as_secs_f64();
+            eprintln!(
+                "sent {} command(s) on one connection in {seconds:.1} s ({:.0}/s): {} confirmed, \
+                 {} refused, {} skipped",
+                sent.sent,
+                sent.confirmed as f64 / seconds.max(0.001),
+                sent.confirmed,
+                sent.refused,
+                sent.skipped
+            );
+            if sent.refused + sent.skipped > 0 {
+                anyhow::bail!("not every command was accepted (see above)");
+            }
+            Ok(())
+        }
         Commands::Send(args) => {
             let wait = args.wait.then(|| Duration::from_secs(args.timeout));
             let (id, heard) = send::send(&settings, &args, wait).await?;
@@ -190,6 +218,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::console::serve(settings, listener, stop).await
         }
     }
+}
+
+/// Whether `send` reads JSON lines from stdin (`--json -`).
+fn is_stdin(args: &SendArgs) -> bool {
+    args.json.as_deref() == Some(std::path::Path::new("-"))
 }
 
 async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {

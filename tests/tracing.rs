@@ -44,6 +44,7 @@ async fn one_trace_from_command_to_provider_to_event() {
         &LogSettings {
             format: LogFormat::Text,
             level: "info".into(),
+            summary_interval_ms: 30_000,
         },
         provider_of_spans.tracer("test"),
     );

@@ -1,4 +1,59 @@
 //! The operators' tools outside the command path and the dead-letter feature: `send`, which
-//! publishes through the same confirmed publish as the worker.
+//! publishes through the same confirmed publish as the worker, and `events`, which shows what
+//! the worker publishes.
 
+pub mod events;
 pub mod send;
+
+use anyhow::Context as _;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, Consumer};
+
+/// A queue of this process's own (exclusive, removed when it disconnects), bound as given
+/// before anything is sent or awaited, so nothing published after this returns is missed.
+async fn own_queue(
+    connection: &Connection,
+    bindings: &[(&String, &str)],
+    consumer_tag: &str,
+) -> anyhow::Result<Consumer> {
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for (exchange, routing_key) in bindings {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.as_str().into(),
+                (*routing_key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "exchange {exchange} not found: start the worker once to declare the topology"
+                )
+            })?;
+    }
+    Ok(channel
+        .basic_consume(
+            queue.name().clone(),
+            consumer_tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}

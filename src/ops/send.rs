@@ -10,9 +10,8 @@ use crate::headers;
 use anyhow::Context as _;
 use clap::Args;
 use futures_util::StreamExt as _;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, Consumer};
+use lapin::{BasicProperties, Confirmation, Connection, Consumer};
 use serde_json::value::RawValue;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,9 +22,15 @@ pub struct SendArgs {
     /// The command id (AMQP message_id); a fresh UUID when not given.
     #[arg(long)]
     pub command_id: Option<String>,
-    /// A file holding the whole command body (instead of the flags below).
+    /// A file holding the whole command body (instead of the flags below); `-` reads JSON lines
+    /// from standard input and sends one command per line, on one connection.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["provider_id", "amount", "description"])]
     pub json: Option<PathBuf>,
+    /// Send this many commands built from the flags, with distinct ids (`--command-id` then
+    /// `-1`, `-2`…, or fresh UUIDs), on one connection; prints their ids and a summary.
+    #[arg(long, value_name = "N", conflicts_with_all = ["json", "wait"],
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
     /// paymentProviderId.
     #[arg(long, required_unless_present = "json")]
     pub provider_id: Option<i64>,
@@ -52,7 +57,7 @@ pub struct SendArgs {
     pub correlation_id: Option<String>,
     /// Wait for the command's event or dead letter and print it; exit non-zero unless a link
     /// was created.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "count")]
     pub wait: bool,
     /// How long --wait waits, in seconds.
     #[arg(long, default_value_t = 30, requires = "wait", value_name = "SECONDS")]
@@ -110,6 +115,45 @@ pub enum Heard {
     NothingWithin(Duration),
 }
 
+/// The command message for `body`, as the invoicing system would publish it.
+fn command_message(
+    settings: &Settings,
+    id: &str,
+    correlation_id: Option<&str>,
+    body: Vec<u8>,
+) -> OutboundMessage {
+    let now = chrono::Utc::now();
+    let mut table = FieldTable::default();
+    table.insert(
+        headers::PUBLISHED_AT_MS.into(),
+        AMQPValue::LongLongInt(now.timestamp_millis()),
+    );
+    let mut properties = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT)
+        .with_timestamp(now.timestamp().max(0) as u64)
+        .with_headers(table);
+    if let Some(correlation_id) = correlation_id {
+        properties = properties.with_correlation_id(correlation_id.into());
+    }
+    OutboundMessage {
+        exchange: settings.broker.command_exchange.clone(),
+        routing_key: settings.broker.command_routing_key.clone(),
+        properties,
+        body,
+    }
+}
+
+/// The error for a command no queue took.
+fn unroutable(settings: &Settings) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no queue is bound to {} for {}: start the worker once to declare the topology",
+        settings.broker.command_exchange,
+        settings.broker.command_routing_key
+    )
+}
+
 /// Publishes one command to the command exchange and waits for the broker's confirm; returns
 /// its command id, and, when `wait` is given, what became of it within that time (its event or
 /// its dead letter), read from a queue of this process's own that is bound before the command
@@ -124,27 +168,7 @@ pub async fn send(
         .command_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let now = chrono::Utc::now();
-    let mut table = FieldTable::default();
-    table.insert(
-        headers::PUBLISHED_AT_MS.into(),
-        AMQPValue::LongLongInt(now.timestamp_millis()),
-    );
-    let mut properties = BasicProperties::default()
-        .with_message_id(id.as_str().into())
-        .with_content_type("application/json".into())
-        .with_delivery_mode(PERSISTENT)
-        .with_timestamp(now.timestamp().max(0) as u64)
-        .with_headers(table);
-    if let Some(correlation_id) = &args.correlation_id {
-        properties = properties.with_correlation_id(correlation_id.as_str().into());
-    }
-    let message = OutboundMessage {
-        exchange: settings.broker.command_exchange.clone(),
-        routing_key: settings.broker.command_routing_key.clone(),
-        properties,
-        body,
-    };
+    let message = command_message(settings, &id, args.correlation_id.as_deref(), body);
     let connection = broker::connect(&settings.broker, "payment-link-worker send").await?;
     let outcome = async {
         let listener = match wait {
@@ -154,11 +178,7 @@ pub async fn send(
         let channel = confirm_channel(&connection).await?;
         match publish_confirmed(&channel, &message).await {
             Ok(()) => {}
-            Err(PublishError::Unroutable { .. }) => anyhow::bail!(
-                "no queue is bound to {} for {}: start the worker once to declare the topology",
-                settings.broker.command_exchange,
-                settings.broker.command_routing_key
-            ),
+            Err(PublishError::Unroutable { .. }) => return Err(unroutable(settings)),
             Err(error) => return Err(error).context("the broker did not accept the command"),
         }
         let (Some(limit), Some(listener)) = (wait, listener) else {
@@ -174,54 +194,180 @@ pub async fn send(
     Ok((id, outcome?))
 }
 
-/// A queue of this process's own (exclusive, removed when it disconnects), bound to both event
-/// routing keys and to every dead letter.
+/// How many publishes `send` keeps awaiting their confirms at once in bulk.
+const IN_FLIGHT: usize = 512;
+
+/// What a bulk send did.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// Published.
+    pub sent: u64,
+    /// Confirmed by the broker (their ids went to stdout).
+    pub confirmed: u64,
+    /// Refused by the broker (a nack, or no queue bound).
+    pub refused: u64,
+    /// JSON lines on stdin that were not JSON, not sent.
+    pub skipped: u64,
+    /// From the first publish to the last confirm.
+    pub elapsed: Duration,
+}
+
+/// The commands of a bulk send: `--count` copies of the flags' body, or one per JSON line on
+/// stdin (read on a thread of its own, so a slow pipe does not hold the runtime); each with its
+/// id (`--command-id` then `-1`, `-2`… or fresh UUIDs).
+pub fn bulk_bodies(args: &SendArgs) -> anyhow::Result<tokio::sync::mpsc::Receiver<Bulk>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
+    let base = args.command_id.clone();
+    let id = move |n: u64| match &base {
+        Some(base) => format!("{base}-{n}"),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    if args.json.as_deref() == Some(std::path::Path::new("-")) {
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            let mut n = 0;
+            for (at, line) in std::io::stdin().lock().lines().enumerate() {
+                let item = match line {
+                    Ok(line) if line.trim().is_empty() => continue,
+                    Err(error) => Bulk::Bad(format!("line {}: {error}", at + 1)),
+                    Ok(line) => match serde_json::from_str::<&RawValue>(&line) {
+                        Err(error) => Bulk::Bad(format!("line {}: not JSON: {error}", at + 1)),
+                        Ok(_) => {
+                            n += 1;
+                            Bulk::Command(id(n), line.into_bytes())
+                        }
+                    },
+                };
+                if tx.blocking_send(item).is_err() {
+                    return;
+                }
+            }
+        });
+        return Ok(rx);
+    }
+    let body = body_from_flags(args)?;
+    let count = args.count.unwrap_or(1);
+    tokio::spawn(async move {
+        for n in 1..=count {
+            if tx.send(Bulk::Command(id(n), body.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// One item of a bulk send.
+pub enum Bulk {
+    /// A command id and its body.
+    Command(String, Vec<u8>),
+    /// A line that cannot be sent, and why.
+    Bad(String),
+}
+
+/// Publishes many commands on one connection and one confirm channel, up to [`IN_FLIGHT`]
+/// awaiting their confirms at once; prints each confirmed command's id on stdout, a progress
+/// line on stderr at a terminal, and returns the figures for the summary.
+pub async fn send_many(
+    settings: &Settings,
+    args: &SendArgs,
+    mut commands: tokio::sync::mpsc::Receiver<Bulk>,
+) -> anyhow::Result<Sent> {
+    use futures_util::stream::FuturesUnordered;
+    use std::io::{IsTerminal as _, Write as _};
+    let connection = broker::connect(&settings.broker, "payment-link-worker send").await?;
+    let channel = confirm_channel(&connection).await?;
+    let progress = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut figures = Sent::default();
+    let mut pending = FuturesUnordered::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut settle = |figures: &mut Sent, (id, confirmed): (String, Result<(), PublishError>)| {
+        match confirmed {
+            Ok(()) => {
+                figures.confirmed += 1;
+                let _ = writeln!(stdout, "{id}");
+            }
+            Err(error) => {
+                figures.refused += 1;
+                eprintln!("command {id} was not accepted: {error}");
+            }
+        }
+        if progress && figures.confirmed % 100 == 0 {
+            eprint!("\rsent {}, confirmed {}", figures.sent, figures.confirmed);
+        }
+    };
+    let outcome: anyhow::Result<()> = async {
+        while let Some(item) = commands.recv().await {
+            let (id, body) = match item {
+                Bulk::Command(id, body) => (id, body),
+                Bulk::Bad(why) => {
+                    figures.skipped += 1;
+                    eprintln!("skipped {why}");
+                    continue;
+                }
+            };
+            let message = command_message(settings, &id, args.correlation_id.as_deref(), body);
+            let confirm = channel
+                .basic_publish(
+                    message.exchange.as_str().into(),
+                    message.routing_key.as_str().into(),
+                    lapin::options::BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &message.body,
+                    message.properties,
+                )
+                .await
+                .context("the broker closed the channel")?;
+            figures.sent += 1;
+            let broker = &settings.broker;
+            pending.push(async move { (id, confirmation(confirm.await, broker)) });
+            if pending.len() >= IN_FLIGHT
+                && let Some(done) = pending.next().await
+            {
+                settle(&mut figures, done);
+            }
+        }
+        while let Some(done) = pending.next().await {
+            settle(&mut figures, done);
+        }
+        Ok(())
+    }
+    .await;
+    figures.elapsed = started.elapsed();
+    if progress {
+        eprint!("\r");
+    }
+    let _ = connection.close(200, "sent".into()).await;
+    outcome.map(|()| figures)
+}
+
+/// A confirm in words: only an ack without a returned message means a queue took it.
+fn confirmation(
+    confirm: Result<Confirmation, lapin::Error>,
+    broker: &crate::config::BrokerSettings,
+) -> Result<(), PublishError> {
+    match confirm? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+            exchange: broker.command_exchange.clone(),
+            routing_key: broker.command_routing_key.clone(),
+        }),
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+    }
+}
+
+/// A queue of this process's own, bound to both event routing keys and to every dead letter.
 async fn listen(connection: &Connection, settings: &Settings) -> anyhow::Result<Consumer> {
     let broker = &settings.broker;
-    let channel = connection.create_channel().await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
     let bindings = [
         (&broker.event_exchange, broker.created_routing_key.as_str()),
         (&broker.event_exchange, broker.failed_routing_key.as_str()),
         (&broker.dead_letter_exchange, "#"),
     ];
-    for (exchange, routing_key) in bindings {
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                exchange.as_str().into(),
-                routing_key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "exchange {exchange} not found: start the worker once to declare the topology"
-                )
-            })?;
-    }
-    Ok(channel
-        .basic_consume(
-            queue.name().clone(),
-            "payment-link-worker send".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?)
+    super::own_queue(connection, &bindings, "payment-link-worker send").await
 }
 
 /// The first event or dead letter about command `id`.

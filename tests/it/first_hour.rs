@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Collects what a child writes, in the background.
-fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+pub fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<String>> {
     let text = Arc::new(Mutex::new(String::new()));
     let sink = text.clone();
     std::thread::spawn(move || {
@@ -61,7 +61,7 @@ fn stop_at_a_terminal(mut child: Child) {
     }
 }
 
-async fn wait_for(what: &str, text: &Arc<Mutex<String>>, needle: &str) {
+pub async fn wait_for(what: &str, text: &Arc<Mutex<String>>, needle: &str) {
     eventually(what, WAIT, || async {
         text.lock().unwrap().contains(needle).then_some(())
     })
@@ -69,7 +69,7 @@ async fn wait_for(what: &str, text: &Arc<Mutex<String>>, needle: &str) {
 }
 
 /// Runs the binary to its end: (success, stdout, stderr).
-fn run(command: &mut Command) -> (bool, String, String) {
+pub fn run(command: &mut Command) -> (bool, String, String) {
     let out = command.output().expect("binary runs");
     (
         out.status.success(),

@@ -12,6 +12,7 @@ mod contract;
 mod dead_letter_store;
 mod duplicates;
 mod first_hour;
+mod flow;
 mod happy_path;
 mod helpers;
 mod hostile;

@@ -1,0 +1,182 @@
+//! Guarantee: a newcomer sees the flow without writing code and without a flooded log. `send
+//! --count` sends many commands on one connection; with no queue bound for the events, the
+//! worker says so once and then in a summary line per interval (not once per event per retry);
+//! `events` binds a queue, prints every event, and the problem's end is logged.
+
+use crate::first_hour::{collect, run, wait_for};
+use crate::helpers::*;
+use payment_link_worker::provider::sim::SimOptions;
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+const COMMANDS: usize = 1000;
+const LONG: Duration = Duration::from_secs(90);
+
+fn warnings(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["level"] == "WARN")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints_them_all() {
+    let (sim, _stop) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::with(
+        &sim,
+        &[
+            ("LOG__FORMAT", "json"),
+            ("LOG__SUMMARY_INTERVAL_MS", "2000"),
+            ("OUTBOX__MAX_RETRY_INTERVAL_MS", "500"),
+        ],
+    )
+    .await;
+    let mut worker = binary(&env)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = collect(worker.stderr.take().unwrap());
+    wait_for("the worker to start", &log, "worker started").await;
+
+    let sent = run(binary(&env).args([
+        "send",
+        "--count",
+        &COMMANDS.to_string(),
+        "--command-id",
+        "bulk",
+        "--provider-id",
+        "1",
+        "--amount",
+        "1.00",
+        "--description",
+        "bulk",
+    ]));
+    assert!(sent.0, "{sent:?}");
+    let ids: HashSet<&str> = sent.1.lines().collect();
+    assert_eq!(ids.len(), COMMANDS, "one distinct id per confirmed command");
+    assert!(ids.iter().all(|id| id.starts_with("bulk-")), "{:?}", sent.1);
+    assert!(
+        sent.2
+            .contains(&format!("sent {COMMANDS} command(s) on one connection"))
+            && sent
+                .2
+                .contains(&format!("{COMMANDS} confirmed, 0 refused, 0 skipped")),
+        "{sent:?}"
+    );
+
+    // Every command is done; its event waits in the outbox, retried every half second.
+    eventually("every event to wait in the outbox", LONG, || async {
+        let mut conn = env.pool.get().await.ok()?;
+        let unsent = payment_link_worker::store::outbox::unsent_count(&mut conn)
+            .await
+            .ok()?;
+        (unsent as usize >= COMMANDS).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    eventually("a summary line for the unroutable events", WAIT, || async {
+        let text = log.lock().unwrap().clone();
+        warnings(&text)
+            .iter()
+            .any(|w| {
+                let message = w["message"].as_str().unwrap_or("");
+                message.contains("more time(s) in the last")
+                    && message.contains("no queue is bound to exchange")
+                    && message.contains("payment-link-worker events")
+            })
+            .then_some(())
+    })
+    .await;
+    // At most the first line per kind of problem, plus a summary per interval so far.
+    let text = log.lock().unwrap().clone();
+    let warned = warnings(&text);
+    let intervals = started.elapsed().as_secs() / 2 + 8;
+    assert!(
+        (warned.len() as u64) <= intervals,
+        "{} warning lines for {COMMANDS} unroutable events (at most {intervals}): {:#?}",
+        warned.len(),
+        warned.iter().map(|w| &w["message"]).collect::<Vec<_>>()
+    );
+
+    // `events` binds a queue: the relay gets every event through, and `events` prints each.
+    let mut events = binary(&env)
+        .args(["events", "--count", &COMMANDS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let printed = collect(events.stdout.take().unwrap());
+    let events = std::sync::Mutex::new(events);
+    let finished = eventually("events to print every event", LONG, || {
+        let exited = events.lock().unwrap().try_wait().unwrap();
+        async move { exited.map(|status| status.success()) }
+    })
+    .await;
+    assert!(finished, "events exits 0 after --count events");
+    let printed = printed.lock().unwrap().clone();
+    let commands: HashSet<String> = printed
+        .lines()
+        .map(|l| {
+            let event: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("a JSON line ({e}): {l}"));
+            assert_eq!(event["type"], "payment-link.created", "{l}");
+            assert!(event["body"]["paymentLink"].is_string(), "{l}");
+            event["commandId"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(commands.len(), COMMANDS, "every command's event, once");
+    wait_for(
+        "the problem's end to be logged",
+        &log,
+        "ended (resolved): messages wait in the outbox",
+    )
+    .await;
+    terminate(worker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_lines_on_stdin_are_sent_on_one_connection_and_a_bad_line_is_named() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    // The topology, as a worker would declare it (none runs: the commands stay queued).
+    let worker = env.start_worker().await;
+    let mut send = binary(&env)
+        .args(["send", "--json", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    worker.stop().await.unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = send.stdin.take().unwrap();
+        let good = command_body("3.10", 1);
+        writeln!(stdin, "{good}\n\nnot json\n{good}").unwrap();
+    }
+    let out = send.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success(),
+        "a skipped line fails the run: {stderr}"
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stderr.contains("skipped line 3: not JSON"), "{stderr}");
+    assert!(
+        stderr.contains("2 confirmed, 0 refused, 1 skipped"),
+        "{stderr}"
+    );
+    eventually("both commands in the queue", WAIT, || async {
+        (env.queue_depth(&env.command_queue()).await == 2).then_some(())
+    })
+    .await;
+}
