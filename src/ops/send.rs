@@ -293,7 +293,7 @@ pub async fn send_many(
                 eprintln!("command {id} was not accepted: {error}");
             }
         }
-        if progress && figures.confirmed % 100 == 0 {
+        if progress && figures.confirmed.is_multiple_of(100) {
             eprint!("\rsent {}, confirmed {}", figures.sent, figures.confirmed);
         }
     };
