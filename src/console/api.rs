@@ -93,6 +93,10 @@ struct Target {
     dry_run: bool,
     #[serde(default)]
     accept_duplicate_risk: bool,
+    #[serde(default)]
+    include_failing: bool,
+    #[serde(default)]
+    ask_if_failing: bool,
 }
 
 impl Target {
@@ -169,6 +173,8 @@ async fn replay(
         dry_run: target.dry_run,
         rate: target.rate,
         accept_duplicate_risk: target.accept_duplicate_risk,
+        include_failing: target.include_failing,
+        ask_if_failing: target.ask_if_failing,
         requested_by: caller.name.clone(),
         source: "console".into(),
         client_address: caller.address.map(|a| a.to_string()),
@@ -207,6 +213,11 @@ async fn replay(
             )
                 .into_response()
         }
+        Err(refused @ ReplayError::FailsAgain { count }) => (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": refused.to_string(), "failAgain": count })),
+        )
+            .into_response(),
         Err(ReplayError::Other(e)) => internal(format!("{e:#}")),
     }
 }

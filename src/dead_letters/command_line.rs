@@ -188,6 +188,10 @@ pub struct ReplayArgs {
     /// provider.idempotency_window_hours (the provider may create a second link).
     #[arg(long)]
     pub accept_duplicate_risk: bool,
+    /// Replay dead letters that fail again as they are (validation, an idempotency conflict)
+    /// too; by default they are skipped, and the summary counts them.
+    #[arg(long)]
+    pub include_failing: bool,
     /// Finish a run that stopped midway (its reserved dead letters), instead of a new one.
     #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["dry_run", "accept_duplicate_risk"])]
     pub resume: Option<i64>,
@@ -208,6 +212,7 @@ async fn replay_command(
         dry_run,
         rate,
         accept_duplicate_risk,
+        include_failing,
         resume,
         operator,
     } = replay;
@@ -220,6 +225,8 @@ async fn replay_command(
                 dry_run,
                 rate,
                 accept_duplicate_risk,
+                include_failing,
+                ask_if_failing: false,
                 requested_by: operator_name(operator),
                 source: "cli".into(),
                 client_address: None,
@@ -243,11 +250,11 @@ async fn replay_command(
                 );
             }
             for (id, why) in &started.skipped {
-                println!("skipping dead letter {id}: not replayable: {why}");
+                println!("skipping dead letter {id}: {why}");
             }
             if dry_run {
                 println!(
-                    "replay run {}: {} selected (dry run), {} skipped (not replayable), \
+                    "replay run {}: {} selected (dry run), {} skipped (see above), \
                          nothing replayed",
                     started.run_id,
                     started.ids.len(),
@@ -260,11 +267,11 @@ async fn replay_command(
     };
     let worked = dead_letters::work(settings, conn, run_id, rate).await?;
     for (id, why) in &worked.skipped {
-        println!("skipped dead letter {id}: not replayable: {why}");
+        println!("skipped dead letter {id}: {why}");
     }
     let run = crate::store::replay_runs::find(conn, run_id).await?;
     println!(
-        "replay run {run_id}: {} replayed, {} failed, {} skipped (not replayable); {} open \
+        "replay run {run_id}: {} replayed, {} failed, {} skipped (see above); {} open \
              dead letter(s) left",
         worked.replayed.len(),
         worked.failed.len(),

@@ -40,7 +40,7 @@ pub fn replay_message(
 fn replay_of(letter: &Stored, targets: &ReplayTargets) -> Result<OutboundMessage, ReplayOutcome> {
     targets
         .check(&letter.original_exchange, &letter.original_routing_key)
-        .map_err(ReplayOutcome::Skipped)?;
+        .map_err(|why| ReplayOutcome::Skipped(format!("not replayable: {why}")))?;
     let properties = properties_from_json(letter.properties.clone()).map_err(|e| {
         ReplayOutcome::Failed(format!("its stored properties do not read back: {e}"))
     })?;

@@ -29,6 +29,12 @@ pub struct ReplayRequest {
     pub rate: Option<f64>,
     /// Go ahead even where a replay may create a second link (see [`ReplayError::DuplicateRisk`]).
     pub accept_duplicate_risk: bool,
+    /// Replay dead letters that fail again as they are (validation, an idempotency conflict)
+    /// too; without it they are skipped, with the reason.
+    pub include_failing: bool,
+    /// Refuse to start (see [`ReplayError::FailsAgain`]) rather than skip them unasked: the
+    /// console asks its operator.
+    pub ask_if_failing: bool,
     /// Who asked, for the audit log.
     pub requested_by: String,
     /// `cli` or `console`.
@@ -55,6 +61,15 @@ pub enum ReplayError {
         window_hours: u64,
         /// The first few of their ids.
         first: Vec<i64>,
+    },
+    #[error(
+        "{count} of the selected dead letters fail again as they are (their body or id is what \
+         was wrong): include them, or skip them and send corrected commands"
+    )]
+    /// Some selected dead letters fail again, and the caller asked to be asked.
+    FailsAgain {
+        /// How many.
+        count: usize,
     },
     #[error(transparent)]
     /// The database or the broker failed.
@@ -98,11 +113,19 @@ pub async fn start(
     let mut skipped = Vec::new();
     let selected = replay_rows::targets(conn, &ids).await?;
     ids.clear();
-    for (id, exchange, routing_key) in selected {
+    let mut failing = 0;
+    for (id, exchange, routing_key, kind) in selected {
         match targets.check(&exchange, &routing_key) {
+            Err(why) => skipped.push((id, format!("not replayable: {why}"))),
+            Ok(()) if kind.fails_again() && !request.include_failing => {
+                failing += 1;
+                skipped.push((id, fails_again_reason(kind)));
+            }
             Ok(()) => ids.push(id),
-            Err(why) => skipped.push((id, why)),
         }
+    }
+    if failing > 0 && request.ask_if_failing && !request.dry_run {
+        return Err(ReplayError::FailsAgain { count: failing });
     }
     let window = Duration::from_secs(settings.provider.idempotency_window_hours * 3600);
     let mut at_risk = store::at_duplicate_risk(conn, &ids, window).await?;
@@ -182,6 +205,14 @@ pub async fn start(
     })
 }
 
+/// Why a dead letter of `kind` is skipped unless failing ones are included.
+fn fails_again_reason(kind: super::Kind) -> String {
+    format!(
+        "fails again as it is ({kind}): its body or id is what was wrong; send a corrected \
+         command, or replay with --include-failing"
+    )
+}
+
 pub(super) fn open() -> Filter {
     Filter {
         state: Some(State::Open),
@@ -250,7 +281,7 @@ pub async fn work(
                     worked.failed.push(*id);
                 }
                 ReplayOutcome::Skipped(why) => {
-                    tracing::warn!(dead_letter = id, why = %why, "dead letter not replayed: it is not replayable");
+                    tracing::warn!(dead_letter = id, why = %why, "dead letter not replayed");
                     worked.skipped.push((*id, why.clone()));
                 }
             }

@@ -3,6 +3,7 @@
 //! failed, or skipped as not replayable) with its history and the run's counts, in one
 //! transaction per batch.
 
+use super::Kind;
 use super::store::{State, Stored};
 use crate::store::schema::dead_letter_replays::dsl as r;
 use crate::store::schema::dead_letters::dsl as d;
@@ -66,20 +67,25 @@ impl ReplayOutcome {
             Self::Replayed => "replayed".to_owned(),
             // Unconfirmed is not undelivered: the copy may still reach the queue.
             Self::Failed(why) => format!("not confirmed, open again: {why}"),
-            Self::Skipped(why) => format!("skipped, not replayable: {why}"),
+            Self::Skipped(why) => format!("skipped, {why}"),
         }
     }
 }
 
-/// Each of `ids` with the exchange and routing key its message names.
+/// Each of `ids` with the exchange and routing key its message names, and its kind.
 pub async fn targets(
     conn: &mut PgConn,
     ids: &[i64],
-) -> Result<Vec<(i64, String, String)>, StoreError> {
+) -> Result<Vec<(i64, String, String, Kind)>, StoreError> {
     Ok(d::dead_letters
         .filter(d::id.eq_any(ids))
         .order(d::id.asc())
-        .select((d::id, d::original_exchange, d::original_routing_key))
+        .select((
+            d::id,
+            d::original_exchange,
+            d::original_routing_key,
+            d::kind,
+        ))
         .load(conn)
         .await?)
 }

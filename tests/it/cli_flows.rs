@@ -115,6 +115,7 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
         "dead-letters",
         "replay",
         "--dry-run",
+        "--include-failing",
         "--operator",
         "cli-test",
     ]));

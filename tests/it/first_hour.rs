@@ -265,11 +265,24 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
     );
     assert_eq!(header.find("MESSAGE"), row.find("2 problems"), "{listing}");
     assert!(listing.contains("2 shown of 2 matching"), "{listing}");
-    let dry = output(binary(&env).args(["dead-letters", "replay", "--dry-run"]));
+    // A dead letter that fails again as it is is skipped unless asked for, and counted.
+    let replay = output(binary(&env).args(["dead-letters", "replay"]));
+    assert!(
+        replay.lines().any(|l| l.starts_with("skipping dead letter")
+            && l.contains("fails again as it is (validation)")
+            && l.contains("--include-failing")),
+        "{replay}"
+    );
+    assert!(
+        replay.contains("0 replayed, 0 failed, 2 skipped (see above); 2 open dead letter(s) left"),
+        "{replay}"
+    );
+    let dry =
+        output(binary(&env).args(["dead-letters", "replay", "--dry-run", "--include-failing"]));
     assert!(
         dry.lines()
             .any(|l| l.starts_with("would replay first-bad") && l.contains("(fails again")),
-        "a dry run warns of a replay that would fail again: {dry}"
+        "a dry run including them warns that they would fail again: {dry}"
     );
 
     // No worker now: --wait gives up after its timeout, non-zero.

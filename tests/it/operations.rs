@@ -25,6 +25,8 @@ fn by_command(command_id: &str) -> Filter {
 
 fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayRequest {
     ReplayRequest {
+        include_failing: true,
+        ask_if_failing: false,
         filter,
         limit,
         dry_run,

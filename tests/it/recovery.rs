@@ -897,6 +897,8 @@ async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_ag
         .collect();
     store::insert_batch(&mut conn, &rows).await.unwrap();
     let request = ReplayRequest {
+        include_failing: true,
+        ask_if_failing: false,
         filter: Filter::default(),
         limit: None,
         dry_run: false,

@@ -297,6 +297,8 @@ async fn a_target_the_broker_refuses_fails_only_its_own_dead_letter() {
     // Once all at once (one round of confirms), once at a rate (one at a time).
     for (half, rate) in [(&open[..10], None), (&open[10..], Some(50.0))] {
         let request = ReplayRequest {
+            include_failing: true,
+            ask_if_failing: false,
             filter: Filter {
                 ids: Some(half.to_vec()),
                 ..Filter::default()
@@ -375,6 +377,8 @@ async fn a_flood_of_unreplayable_dead_letters_is_skipped_whole_beside_a_good_one
     stored(&env, &Filter::default(), flood + 1).await;
     let mut conn = env.pool.get().await.unwrap();
     let request = ReplayRequest {
+        include_failing: true,
+        ask_if_failing: false,
         filter: Filter::default(),
         limit: None,
         dry_run: false,
@@ -400,4 +404,86 @@ async fn a_flood_of_unreplayable_dead_letters_is_skipped_whole_beside_a_good_one
         .unwrap()
         .unwrap();
     assert_eq!(run.skipped, flood as i32);
+}
+
+/// A dead letter that fails again as it is (a validation failure) is skipped by a replay unless
+/// it is included, and counted as skipped with the reason; the console's operator is asked
+/// (`askIfFailing` answers 409), while the good dead letter beside it is replayed either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_skips_what_fails_again_unless_included_and_the_console_asks() {
+    let (env, _provider, _worker) = crate::console::with_dead_letters(1, &[]).await;
+    env.send("fails-again", &command_body("0", 1)).await;
+    stored(&env, &Filter::default(), 2).await;
+    let console = RunningConsole::start(&env.settings).await;
+    let replay = |body: Value| {
+        reqwest::Client::new()
+            .post(format!("{}/api/replays", console.base))
+            .bearer_auth(OPERATOR)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let all = json!({"filter": {"state": "open"}});
+
+    let asked = replay(json!({"filter": {"state": "open"}, "askIfFailing": true}))
+        .await
+        .unwrap();
+    assert_eq!(asked.status(), 409);
+    let asked: Value = serde_json::from_str(&asked.text().await.unwrap()).unwrap();
+    assert_eq!(asked["failAgain"], 1, "{asked}");
+    assert!(
+        asked["error"].as_str().unwrap().contains("fail again"),
+        "{asked}"
+    );
+
+    let skipped = replay(all.clone()).await.unwrap();
+    assert_eq!(skipped.status(), 202);
+    let skipped: Value = serde_json::from_str(&skipped.text().await.unwrap()).unwrap();
+    assert_eq!(
+        (skipped["total"].as_i64(), skipped["skipped"].as_i64()),
+        (Some(1), Some(1))
+    );
+    let job = skipped["jobId"].as_i64().unwrap();
+    let run = eventually("the run to end", WAIT, || async {
+        let mut conn = env.pool.get().await.ok()?;
+        let run = payment_link_worker::store::replay_runs::find(&mut conn, job)
+            .await
+            .ok()??;
+        run.finished_at.is_some().then_some(run)
+    })
+    .await;
+    assert_eq!((run.replayed, run.skipped), (1, 1));
+    let mut conn = env.pool.get().await.unwrap();
+    let failing = store::page(
+        &mut conn,
+        &Filter {
+            command_id: Some("fails-again".into()),
+            ..Filter::default()
+        },
+        1,
+        None,
+    )
+    .await
+    .unwrap()
+    .0
+    .remove(0);
+    assert_eq!(failing.state, ops::State::Open, "left open");
+    let (_, history) = store::get(&mut conn, failing.id).await.unwrap().unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|r| r.outcome.contains("fails again as it is (validation)")),
+        "{history:?}"
+    );
+
+    // Included, it is replayed (and, being still invalid, dead-lettered again).
+    let included = replay(json!({"ids": [failing.id], "includeFailing": true}))
+        .await
+        .unwrap();
+    assert_eq!(included.status(), 202);
+    let included: Value = serde_json::from_str(&included.text().await.unwrap()).unwrap();
+    assert_eq!(
+        (included["total"].as_i64(), included["skipped"].as_i64()),
+        (Some(1), Some(0))
+    );
 }

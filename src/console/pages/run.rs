@@ -37,7 +37,7 @@ pub(super) async fn page(
             dt { "Total" } dd id="total" { (run.total) }
             dt { "Replayed" } dd id="replayed" { (run.replayed) }
             dt { "Failed" } dd id="failed" { (run.failed) }
-            dt { "Skipped (not replayable)" } dd id="skipped" { (run.skipped) }
+            dt { "Skipped (not replayable, or failing again)" } dd id="skipped" { (run.skipped) }
             dt { "Requested by" } dd { (Shown(&run.requested_by)) }
             dt { "Filter" } dd { code { (Shown(&filter)) } }
             dt { "Rate" } dd {

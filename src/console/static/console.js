@@ -19,8 +19,12 @@ async function act(kind, target, count) {
   }
   const rate = document.getElementById('rate')?.value;
   const body = Object.assign({}, target, rate ? {rate: Number(rate)} : {});
-  let r = await call('/api/replays', body);
-  if (r.status === 409) {
+  let r = await call('/api/replays', Object.assign(body, {askIfFailing: true}));
+  if (r.status === 409 && r.json.failAgain) {
+    const include = confirm(r.json.error + '\n\nOK replays them too (they will be dead-lettered again); Cancel skips them.');
+    r = await call('/api/replays', Object.assign(body, include ? {includeFailing: true} : {askIfFailing: false}));
+  }
+  if (r.status === 409 && r.json.atRisk) {
     if (!confirm(r.json.error + '\n\nI accept the risk: replay anyway?')) return;
     r = await call('/api/replays', Object.assign(body, {acceptDuplicateRisk: true}));
   }
