@@ -174,6 +174,8 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
 
     // A replay of M matching dead letters, no rate limit, progress read from the run meanwhile.
     let request = ReplayRequest {
+        include_failing: true,
+        ask_if_failing: false,
         filter: Filter {
             kind: Some(Kind::ProviderRejected),
             ..Filter::default()

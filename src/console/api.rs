@@ -5,7 +5,7 @@ use super::Console;
 use super::auth::Caller;
 use super::query::{ListQuery, checked};
 use super::reply::{error, internal};
-use super::views::{DeadLetterView, ReplayRunView};
+use super::views::ReplayRunView;
 use crate::dead_letters::store::{self as store, Filter};
 use crate::dead_letters::targets::ReplayTargets;
 use crate::dead_letters::{self as ops, Listed, ReplayError, ReplayRequest};
@@ -74,7 +74,7 @@ async fn summary(_caller: Caller, State(console): State<Console>) -> Response {
 }
 
 async fn detail(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
-    match DeadLetterView::load(&console, id).await {
+    match super::views::dead_letter(&console, id).await {
         Ok(Some(view)) => Json(view).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no dead letter has this id"),
         Err(e) => internal(e),

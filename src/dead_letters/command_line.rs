@@ -20,6 +20,15 @@ pub enum DeadLetterCommands {
         #[arg(long)]
         json: bool,
     },
+    /// Everything about one dead letter (what the console's detail page shows): why it failed,
+    /// its ids, its original message and its replays.
+    Show {
+        /// The dead letter's id (the ID column of `list`).
+        id: i64,
+        /// One JSON document (the console API's shape) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send the matching open dead letters back to their original exchange and routing key (each
     /// confirmed by the broker) as one recorded run; exits non-zero if any could not be replayed.
     Replay(ReplayArgs),
@@ -152,6 +161,17 @@ pub async fn run(settings: &Settings, command: DeadLetterCommands) -> anyhow::Re
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
                 print!("{}", listing::format_listing(&listing));
+            }
+            Ok(())
+        }
+        DeadLetterCommands::Show { id, json } => {
+            let letter = super::view::DeadLetterView::load(settings, &mut conn, id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no dead letter has id {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letter)?);
+            } else {
+                print!("{}", listing::format_detail(&letter));
             }
             Ok(())
         }

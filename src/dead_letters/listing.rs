@@ -1,8 +1,119 @@
-//! How `dead-letters list` looks at a terminal: a table with aligned columns, then the count per
-//! kind.
+//! How `dead-letters list` and `show` look at a terminal: a table with aligned columns, then the
+//! count per kind; one dead letter in full.
 
 use super::actions::Listing;
-use crate::text::visible;
+use super::view::DeadLetterView;
+use crate::text::{pretty_json, visible, visible_block};
+use std::fmt::Write as _;
+
+/// One dead letter as `dead-letters show` prints it: what the console's detail page shows, in
+/// the same order (warnings, why it failed and its ids, the original message, its replays).
+/// Everything that came off the wire has its control characters made visible.
+pub fn format_detail(letter: &DeadLetterView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "dead letter {}  {}  {}",
+        letter.id, letter.kind, letter.state
+    );
+    if letter.fails_again {
+        out.push_str(
+            "! replayed as it is, it fails the same way again: its body or id is what was \
+             wrong; send a corrected command instead\n",
+        );
+    }
+    if letter.duplicate_risk {
+        out.push_str(
+            "! its first provider call is older than the provider's idempotency window: a \
+             replay may create a second payment link\n",
+        );
+    }
+    if let Some(why) = &letter.not_replayable_because {
+        let _ = writeln!(out, "! not replayable: {}", visible(why));
+    }
+    let text = |v: &Option<String>| v.as_deref().map(|v| visible(v).into_owned());
+    let number = |v: Option<i64>| v.map(|v| v.to_string());
+    let fields = [
+        ("Error", Some(visible(&letter.message).into_owned())),
+        ("HTTP status", letter.http_status.map(|v| v.to_string())),
+        ("Provider answer", text(&letter.error_body)),
+        ("Provider calls", letter.attempts.map(|v| v.to_string())),
+        ("Replays so far", Some(letter.replay_count.to_string())),
+        ("Command id", Some(visible(&letter.command_id).into_owned())),
+        ("Trace id", text(&letter.trace_id)),
+        ("Provider id", number(letter.provider_id)),
+        ("Invoice id", number(letter.invoice_id)),
+        ("Ad hoc invoice id", number(letter.adhoc_invoice_id)),
+        ("Customer id", number(letter.customer_id)),
+        ("Description", text(&letter.description)),
+        ("E-mail", text(&letter.email)),
+        ("Stored with changes", text(&letter.stored_with_changes)),
+        ("Failed at", Some(letter.failed_at.to_rfc3339())),
+        (
+            "Replayed from",
+            letter.previous_id.map(|p| format!("dead letter {p}")),
+        ),
+    ];
+    for (name, value) in fields {
+        let _ = writeln!(
+            out,
+            "{:<20}{}",
+            format!("{name}:"),
+            value.as_deref().unwrap_or("-")
+        );
+    }
+    let original = &letter.original;
+    let _ = writeln!(out, "\nOriginal message");
+    let _ = writeln!(
+        out,
+        "{:<20}{}",
+        "Published to:",
+        visible(&super::targets::exchange_name(&original.exchange))
+    );
+    let _ = writeln!(
+        out,
+        "{:<20}{}",
+        "Routing key:",
+        visible(&original.routing_key)
+    );
+    let properties = serde_json::to_string_pretty(&original.properties).unwrap_or_default();
+    let headers = serde_json::to_string_pretty(&original.headers).unwrap_or_default();
+    let _ = writeln!(out, "Properties:\n{}", indent(&visible_block(&properties)));
+    let _ = writeln!(out, "Headers:\n{}", indent(&visible_block(&headers)));
+    let body = match &original.body {
+        Some(text) => pretty_json(text).unwrap_or_else(|| text.clone()),
+        None => format!("({} bytes, not UTF-8)", original.body_bytes),
+    };
+    let _ = writeln!(
+        out,
+        "Body ({} bytes):\n{}",
+        original.body_bytes,
+        indent(&visible_block(&body))
+    );
+    let _ = writeln!(out, "\nReplays");
+    if letter.replays.is_empty() {
+        out.push_str("  none\n");
+    }
+    for replay in &letter.replays {
+        let _ = writeln!(
+            out,
+            "  run {}  {}  {}",
+            replay.run_id,
+            replay.replayed_at.to_rfc3339(),
+            visible(&replay.outcome)
+        );
+    }
+    out
+}
+
+/// Every line two spaces in.
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  {l}\n"))
+        .collect::<String>()
+        .trim_end()
+        .to_owned()
+}
 
 /// The listing as a table with aligned columns (the message last, on one line), then the count
 /// per kind.

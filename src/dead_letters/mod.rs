@@ -16,6 +16,7 @@ pub mod replay;
 pub mod replay_rows;
 pub mod store;
 pub mod targets;
+pub mod view;
 
 pub use actions::{Listed, Listing, archive, connect, list};
 pub use kind::{Kind, State};

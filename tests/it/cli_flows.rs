@@ -111,6 +111,35 @@ async fn send_list_replay_and_sigterm_through_the_binary() {
     ])))
     .unwrap();
     assert_eq!(json["letters"][0]["commandId"], id);
+    // `show` prints what the console's detail page shows: why, the ids, the body as sent.
+    let letter_id = json["letters"][0]["id"].as_i64().unwrap().to_string();
+    let shown = output(binary(&env).args(["dead-letters", "show", &letter_id]));
+    assert!(
+        shown.starts_with(&format!("dead letter {letter_id}  validation  open\n"))
+            && shown.contains("! replayed as it is, it fails the same way again")
+            && shown.contains(&format!("Command id:         {id}"))
+            && shown.contains("greater than zero")
+            && shown.contains("\"amountInMajorCurrency\": 0")
+            && shown.contains("Replays\n  none"),
+        "{shown}"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&output(binary(&env).args([
+        "dead-letters",
+        "show",
+        &letter_id,
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(
+        (shown["commandId"].as_str(), shown["failsAgain"].as_bool()),
+        (Some(id), Some(true))
+    );
+    let missing = binary(&env)
+        .args(["dead-letters", "show", "999999"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no dead letter has id 999999"));
     let dry = output(binary(&env).args([
         "dead-letters",
         "replay",

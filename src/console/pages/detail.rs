@@ -9,63 +9,10 @@ use crate::console::reply;
 use crate::console::views::DeadLetterView;
 use crate::dead_letters::State as LetterState;
 use crate::dead_letters::targets::exchange_name;
+use crate::text::pretty_json;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
-
-/// JSON text re-indented, every token kept as written (numbers are never re-formatted, so an
-/// amount reads exactly as it was sent); `None` when it is not JSON.
-fn pretty_json(text: &str) -> Option<String> {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
-    let mut out = String::with_capacity(text.len() * 2);
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    let newline = |out: &mut String, depth: usize| {
-        out.push('\n');
-        out.push_str(&"  ".repeat(depth));
-    };
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if in_string {
-            out.push(c);
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            '"' => {
-                in_string = true;
-                out.push(c);
-            }
-            '{' | '[' => {
-                out.push(c);
-                let empty = matches!(chars.clone().find(|c| !c.is_whitespace()), Some('}' | ']'));
-                if !empty {
-                    depth += 1;
-                    newline(&mut out, depth);
-                }
-            }
-            '}' | ']' => {
-                if !(out.ends_with('{') || out.ends_with('[')) {
-                    depth = depth.saturating_sub(1);
-                    newline(&mut out, depth);
-                }
-                out.push(c);
-            }
-            ',' => {
-                out.push(c);
-                newline(&mut out, depth);
-            }
-            ':' => out.push_str(": "),
-            c if c.is_whitespace() => {}
-            c => out.push(c),
-        }
-    }
-    Some(out)
-}
 
 /// A field of a definition list: its name and its value (or a dash).
 fn field(name: &str, value: Option<String>) -> Markup {
@@ -170,7 +117,7 @@ pub(super) async fn page(
     State(console): State<Console>,
     Path(id): Path<i64>,
 ) -> Response {
-    let letter = match DeadLetterView::load(&console, id).await {
+    let letter = match crate::console::views::dead_letter(&console, id).await {
         Ok(Some(letter)) => letter,
         Ok(None) => {
             return layout::not_found(&caller, "No dead letter has this id").into_response();

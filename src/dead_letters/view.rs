@@ -1,0 +1,165 @@
+//! Everything about one dead letter, typed once: the console's API serializes it, its detail
+//! page renders it, and `dead-letters show` prints it, so a field added here reaches all three.
+
+use super::store::{self as store, Kind, Replay, State};
+use super::targets::ReplayTargets;
+use crate::broker::messages::properties_from_json;
+use crate::config::Settings;
+use crate::store::{PgConn, StoreError};
+use chrono::{DateTime, Utc};
+use lapin::types::AMQPValue;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+/// Everything about one dead letter, as the API answers it and the detail page shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterView {
+    pub id: i64,
+    pub command_id: String,
+    pub kind: Kind,
+    /// Why it failed, in words.
+    pub message: String,
+    pub http_status: Option<i32>,
+    pub attempts: Option<i32>,
+    pub error_body: Option<String>,
+    pub failed_at: DateTime<Utc>,
+    pub ingested_at: DateTime<Utc>,
+    pub replay_count: i32,
+    pub state: State,
+    pub state_changed_at: DateTime<Utc>,
+    pub replay_run_id: Option<i64>,
+    pub previous_id: Option<i64>,
+    pub provider_id: Option<i64>,
+    pub invoice_id: Option<i64>,
+    pub adhoc_invoice_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub description: Option<String>,
+    pub email: Option<String>,
+    pub trace_id: Option<String>,
+    /// Its first provider call is older than the provider's idempotency window.
+    pub duplicate_risk: bool,
+    /// Replayed as it is, it fails the same way again.
+    pub fails_again: bool,
+    /// Its target is one a replay may publish to.
+    pub replayable: bool,
+    /// Why not, when it is not.
+    pub not_replayable_because: Option<String>,
+    pub stored_with_changes: Option<String>,
+    /// The message as it was dead-lettered.
+    pub original: OriginalView,
+    /// Its replays so far.
+    pub replays: Vec<Replay>,
+}
+
+/// A dead letter's original message.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OriginalView {
+    pub exchange: String,
+    pub routing_key: String,
+    /// The AMQP properties, headers aside.
+    pub properties: Value,
+    /// The headers as plain JSON (text as strings, numbers as numbers).
+    pub headers: Map<String, Value>,
+    /// The body as text, when it is UTF-8.
+    pub body: Option<String>,
+    /// The body as JSON, exactly as sent (a number such as 3.00 is not re-formatted).
+    pub body_json: Option<Box<serde_json::value::RawValue>>,
+    pub body_bytes: usize,
+}
+
+/// A header value as plain JSON (text as a string, numbers as numbers, tables as objects).
+fn header_json(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => json!(s.as_str()),
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), header_json(v)))
+                .collect(),
+        ),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(header_json).collect()),
+        other => serde_json::to_value(other)
+            .ok()
+            .and_then(|v| v.as_object().and_then(|o| o.values().next().cloned()))
+            .unwrap_or(Value::Null),
+    }
+}
+
+impl DeadLetterView {
+    /// The view of dead letter `id`, if there is one.
+    pub async fn load(
+        settings: &Settings,
+        conn: &mut PgConn,
+        id: i64,
+    ) -> Result<Option<Self>, StoreError> {
+        let Some((row, replays)) = store::get(conn, id).await? else {
+            return Ok(None);
+        };
+        let window =
+            std::time::Duration::from_secs(settings.provider.idempotency_window_hours * 3600);
+        let at_risk = store::at_duplicate_risk(conn, &[id], window).await?;
+        let not_replayable_because = ReplayTargets::new(settings)
+            .check(&row.original_exchange, &row.original_routing_key)
+            .err();
+        let headers = properties_from_json(row.properties.clone())
+            .ok()
+            .and_then(|p| p.headers().clone())
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), header_json(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut properties = row.properties.clone();
+        if let Some(object) = properties.as_object_mut() {
+            object.remove("headers");
+            object.remove("text_headers");
+        }
+        let body = String::from_utf8(row.body.clone()).ok();
+        let body_json = body
+            .as_deref()
+            .and_then(|b| serde_json::value::RawValue::from_string(b.to_owned()).ok());
+        Ok(Some(Self {
+            id: row.id,
+            fails_again: row.kind.fails_again(),
+            command_id: row.command_id,
+            kind: row.kind,
+            message: row.error_message,
+            http_status: row.http_status,
+            attempts: row.attempts,
+            error_body: row.error_body,
+            failed_at: row.failed_at,
+            ingested_at: row.ingested_at,
+            replay_count: row.replay_count,
+            state: row.state,
+            state_changed_at: row.state_changed_at,
+            replay_run_id: row.replay_run_id,
+            previous_id: row.previous_id,
+            provider_id: row.payment_provider_id,
+            invoice_id: row.invoice_id,
+            adhoc_invoice_id: row.adhoc_invoice_id,
+            customer_id: row.customer_id,
+            description: row.description,
+            email: row.email,
+            trace_id: row.trace_id,
+            duplicate_risk: !at_risk.is_empty(),
+            replayable: not_replayable_because.is_none(),
+            not_replayable_because,
+            stored_with_changes: row.stored_with_changes,
+            original: OriginalView {
+                exchange: row.original_exchange,
+                routing_key: row.original_routing_key,
+                properties,
+                headers,
+                body_bytes: row.body.len(),
+                body,
+                body_json,
+            },
+            replays,
+        }))
+    }
+}
