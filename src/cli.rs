@@ -4,6 +4,7 @@ use crate::config::Settings;
 use crate::dead_letters::command_line::DeadLetterCommands;
 use crate::ops::send::{self, SendArgs};
 use crate::provider::sim::{self, SimOptions};
+use crate::text::visible;
 use crate::{startup, store, telemetry};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -179,8 +180,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", String::from_utf8_lossy(&body));
                     anyhow::bail!("command {id} failed (payment-link.failed event above)")
                 }
-                Some(send::Heard::DeadLettered { kind, message }) => {
-                    anyhow::bail!("command {id} was dead-lettered as {kind}: {message}")
+                Some(send::Heard::DeadLettered {
+                    kind,
+                    message,
+                    stored,
+                }) => {
+                    let (kind, message) = (visible(&kind), visible(&message));
+                    let whereabouts = match stored {
+                        send::Stored::As(letter) => format!(
+                            "dead letter {letter} in the store (`payment-link-worker dead-letters \
+                             show {letter}`)"
+                        ),
+                        send::Stored::OnItsWay => {
+                            "on its way to the dead-letter store (`payment-link-worker \
+                             dead-letters list --command-id ID` shows it once stored)"
+                                .into()
+                        }
+                        send::Stored::NotIngested => {
+                            "in the dead-letter queue (dead_letters.ingest is off)".into()
+                        }
+                    };
+                    anyhow::bail!(
+                        "command {id} was dead-lettered as {kind}: {message}\n  it is {whereabouts}"
+                    )
                 }
                 // The id is on stdout already, as on success: a script can follow it up.
                 Some(send::Heard::NothingWithin(limit)) => anyhow::bail!(

@@ -110,6 +110,8 @@ pub enum Heard {
         kind: String,
         /// `x-error-message`.
         message: String,
+        /// Where it is now: in the dead-letter store (its id), or why that is not known.
+        stored: Stored,
     },
     /// Neither within this long (no worker running, or one far behind).
     NothingWithin(Duration),
@@ -184,7 +186,18 @@ pub async fn send(
         let (Some(limit), Some(listener)) = (wait, listener) else {
             return Ok(None);
         };
+        let started = std::time::Instant::now();
         match tokio::time::timeout(limit, hear(listener, &id)).await {
+            Ok(Ok(Heard::DeadLettered { kind, message, .. })) => {
+                // At least a few seconds for the store, even when --timeout is nearly spent.
+                let left = limit.saturating_sub(started.elapsed()).max(STORE_WAIT);
+                let stored = stored_dead_letter(settings, &id, left).await;
+                Ok(Some(Heard::DeadLettered {
+                    kind,
+                    message,
+                    stored,
+                }))
+            }
             Ok(heard) => heard.map(Some),
             Err(_) => Ok(Some(Heard::NothingWithin(limit))),
         }
@@ -193,6 +206,9 @@ pub async fn send(
     let _ = connection.close(200, "sent".into()).await;
     Ok((id, outcome?))
 }
+
+/// How long `send --wait` waits at least for a dead letter it heard of to reach the store.
+const STORE_WAIT: Duration = Duration::from_secs(5);
 
 /// How many publishes `send` keeps awaiting their confirms at once in bulk.
 const IN_FLIGHT: usize = 512;
@@ -370,6 +386,49 @@ async fn listen(connection: &Connection, settings: &Settings) -> anyhow::Result<
     super::own_queue(connection, &bindings, "payment-link-worker send").await
 }
 
+/// Where a dead letter `send --wait` heard of is, so what it says agrees with `dead-letters
+/// list` run straight after.
+#[derive(Debug)]
+pub enum Stored {
+    /// In the dead-letter store, with this id.
+    As(i64),
+    /// Not there within the wait (the ingester stores it within a second or so while a worker
+    /// runs), or the store could not be read.
+    OnItsWay,
+    /// `dead_letters.ingest` is off: it stays in the dead-letter queue.
+    NotIngested,
+}
+
+/// Waits (bounded by `within`) for the dead letter of command `id` to reach the store.
+pub async fn stored_dead_letter(settings: &Settings, id: &str, within: Duration) -> Stored {
+    use crate::dead_letters::store::{Filter, page};
+    if !settings.dead_letters.ingest {
+        return Stored::NotIngested;
+    }
+    let since = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let filter = Filter {
+        command_id: Some(id.to_owned()),
+        since: Some(since),
+        ..Filter::default()
+    };
+    let look = async {
+        let pool = crate::store::pool(&settings.database).ok()?;
+        let mut conn = pool.get().await.ok()?;
+        loop {
+            if let Ok((found, _)) = page(&mut conn, &filter, 1, None).await
+                && let Some(letter) = found.first()
+            {
+                return Some(letter.id);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    match tokio::time::timeout(within, look).await {
+        Ok(Some(stored)) => Stored::As(stored),
+        _ => Stored::OnItsWay,
+    }
+}
+
 /// The first event or dead letter about command `id`.
 async fn hear(mut listener: Consumer, id: &str) -> anyhow::Result<Heard> {
     while let Some(delivery) = listener.next().await {
@@ -382,6 +441,7 @@ async fn hear(mut listener: Consumer, id: &str) -> anyhow::Result<Heard> {
                 return Ok(Heard::DeadLettered {
                     kind,
                     message: message.unwrap_or_default(),
+                    stored: Stored::OnItsWay,
                 });
             }
             continue;

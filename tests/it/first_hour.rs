@@ -164,6 +164,13 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
             && bad.2.contains("description"),
         "{bad:?}"
     );
+    // It returns once the dead letter is in the store: a listing straight after shows it.
+    assert!(
+        bad.2.contains("it is dead letter ") && bad.2.contains("in the store"),
+        "{bad:?}"
+    );
+    let listed = output(binary(&env).args(["dead-letters", "list", "--command-id", "first-bad"]));
+    assert!(listed.contains("first-bad"), "{listed}");
 
     wait_for("the dead letter's log line", &tty, "first-bad").await;
     let lines: Vec<String> = tty
