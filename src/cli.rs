@@ -42,6 +42,11 @@ const CONSOLE_ENV: &str = "Environment:\n  CONSOLE_OPERATOR_TOKEN  one operator'
 const BROKER_ENV: &str = "Environment:\n  AMQP_URL  RabbitMQ (default amqp://guest:guest@127.0.0.1:5672/%2f)\n  \
     PAYMENT_LINK_WORKER__SECTION__KEY  any other setting (config/default.toml lists them)";
 
+/// The environment `status` reads, as its --help lists it.
+const STATUS_ENV: &str = "Environment:\n  DATABASE_URL  PostgreSQL (the workers' heartbeats, commands \
+    and dead letters)\n  AMQP_URL      RabbitMQ (queue depths)\n  \
+    PAYMENT_LINK_WORKER__SECTION__KEY  any other setting";
+
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Commands {
@@ -60,6 +65,10 @@ pub enum Commands {
     /// when piped), from a temporary queue of its own bound to the event exchange.
     #[command(after_help = BROKER_ENV)]
     Events(crate::ops::events::EventsArgs),
+    /// One screen on the whole fleet: queue depths, the last minute's outcomes and latency,
+    /// each provider's rate, load and breaker, the replicas alive, open dead letters.
+    #[command(after_help = STATUS_ENV)]
+    Status(crate::ops::status::StatusArgs),
     /// Inspect, replay and archive dead-lettered commands (in the dead-letter store).
     #[command(subcommand)]
     DeadLetters(DeadLetterCommands),
@@ -147,6 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::ProviderSim(args) => provider_sim(args).await,
         Commands::Events(args) => crate::ops::events::run(&settings, &args).await,
+        Commands::Status(args) => crate::ops::status::run(&settings, &args).await,
         Commands::Send(args) if args.count.is_some() || is_stdin(&args) => {
             let commands = send::bulk_bodies(&args)?;
             let sent = send::send_many(&settings, &args, commands).await?;

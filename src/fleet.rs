@@ -30,12 +30,25 @@ pub async fn run(context: Arc<Context>, stop: CancellationToken) {
 async fn beat(context: &Context, interval: Duration) {
     // Seen alive by the others while three beats in a row are missing at most.
     let fresh = 3 * interval;
+    let status = report(context);
     let beaten = crate::store::with_conn(&context.pool, async |conn| {
-        heartbeats::beat(conn, &context.instance_id, fresh).await
+        heartbeats::beat(conn, &context.instance_id, fresh, &status).await
     });
     if let Ok(workers) = beaten.await {
         let levels = &context.metrics.levels;
         levels.live_workers.store(workers, Ordering::Relaxed);
         context.lanes.set_workers(workers as usize);
     }
+}
+
+/// What this worker reports with its heartbeat, for `payment-link-worker status`.
+fn report(context: &Context) -> serde_json::Value {
+    let [received, created, dead_lettered, delayed] = context.metrics.tally.read();
+    serde_json::json!({
+        "received": received,
+        "created": created,
+        "deadLettered": dead_lettered,
+        "delayed": delayed,
+        "lanes": context.lanes.snapshot(),
+    })
 }

@@ -25,6 +25,7 @@ pub mod levels;
 pub mod metrics;
 pub mod ops;
 pub mod pipeline;
+pub mod progress;
 pub mod provider;
 pub mod relay;
 pub mod repeats;

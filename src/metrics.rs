@@ -6,12 +6,14 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _, UpDownCounter};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The figures exported for one provider (read by the metrics' gauges).
 #[derive(Debug, Default)]
 pub struct ProviderFigures {
+    /// Calls started so far (for the lane's rate in `status`).
+    pub started: AtomicU64,
     /// The current limit (whole calls).
     pub limit: AtomicI64,
     /// Calls under way.
@@ -22,6 +24,32 @@ pub struct ProviderFigures {
 
 /// The per-provider figures the metrics export, by provider id.
 pub type LaneFigures = std::sync::Mutex<std::collections::BTreeMap<i64, Arc<ProviderFigures>>>;
+
+/// Running totals of this worker's outcomes, readable in-process (the OpenTelemetry counters
+/// cannot be read back): for the progress line at a terminal and the heartbeat's status.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Commands taken from the queue.
+    pub received: AtomicU64,
+    /// Links created.
+    pub created: AtomicU64,
+    /// Commands dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Commands parked in a delay queue.
+    pub delayed: AtomicU64,
+}
+
+impl Tally {
+    /// The totals now: received, created, dead-lettered, delayed.
+    pub fn read(&self) -> [u64; 4] {
+        [
+            self.received.load(Ordering::Relaxed),
+            self.created.load(Ordering::Relaxed),
+            self.dead_lettered.load(Ordering::Relaxed),
+            self.delayed.load(Ordering::Relaxed),
+        ]
+    }
+}
 
 /// Figures read from PostgreSQL and RabbitMQ by a background task, for the gauges.
 #[derive(Default)]
@@ -65,6 +93,8 @@ pub struct Metrics {
     pub levels: Arc<Levels>,
     /// Each provider's concurrency limit and load, updated by its lane.
     pub lanes: Arc<LaneFigures>,
+    /// This worker's outcomes so far.
+    pub tally: Tally,
 }
 
 /// The metrics of one worker and what renders or exports them.
@@ -149,6 +179,7 @@ impl Metrics {
     /// A command was taken; `waited` is its time in the queue when known.
     pub fn received(&self, waited: Option<Duration>) {
         self.received.add(1, &[]);
+        self.tally.received.fetch_add(1, Ordering::Relaxed);
         if let Some(waited) = waited {
             self.queue_wait.record(waited.as_secs_f64(), &[]);
         }
@@ -156,6 +187,7 @@ impl Metrics {
     /// A command got its link, `elapsed` after its first attempt.
     pub fn succeeded(&self, elapsed: Duration) {
         self.succeeded.add(1, &[]);
+        self.tally.created.fetch_add(1, Ordering::Relaxed);
         self.time_to_outcome.record(
             elapsed.as_secs_f64(),
             &[KeyValue::new("outcome", "succeeded")],
@@ -165,6 +197,7 @@ impl Metrics {
     pub fn dead_lettered(&self, kind: &str, elapsed: Option<Duration>) {
         let attributes = [KeyValue::new("error.type", kind.to_owned())];
         self.dead_lettered.add(1, &attributes);
+        self.tally.dead_lettered.fetch_add(1, Ordering::Relaxed);
         self.failed.add(1, &attributes);
         if let Some(elapsed) = elapsed {
             self.time_to_outcome.record(
@@ -184,6 +217,7 @@ impl Metrics {
     /// A command went to wait in a delay queue.
     pub fn delayed(&self) {
         self.delayed.add(1, &[]);
+        self.tally.delayed.fetch_add(1, Ordering::Relaxed);
     }
     /// A provider call is being retried.
     pub fn retry(&self) {
@@ -443,5 +477,6 @@ fn instruments(
         ),
         levels,
         lanes,
+        tally: Tally::default(),
     }
 }

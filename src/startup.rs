@@ -62,6 +62,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         context.metrics.clone(),
         background.clone(),
     ));
+    tokio::spawn(crate::progress::run(context.clone(), background.clone()));
     if context.settings.dead_letters.ingest {
         tokio::spawn(crate::dead_letters::ingest::run(
             context.settings.clone(),

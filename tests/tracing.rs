@@ -45,6 +45,7 @@ async fn one_trace_from_command_to_provider_to_event() {
             format: LogFormat::Text,
             level: "info".into(),
             summary_interval_ms: 30_000,
+            progress_interval_ms: 0,
         },
         provider_of_spans.tracer("test"),
     );

@@ -375,6 +375,9 @@ pub struct LogSettings {
     /// How often a problem that keeps repeating is summarised in one line (see
     /// [`crate::repeats`]).
     pub summary_interval_ms: u64,
+    /// Where logs are short lines, how often a busy worker says what it did (0: never); the
+    /// per-command lines are at `debug`.
+    pub progress_interval_ms: u64,
 }
 
 /// How log lines are written.

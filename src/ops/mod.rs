@@ -1,9 +1,10 @@
 //! The operators' tools outside the command path and the dead-letter feature: `send`, which
-//! publishes through the same confirmed publish as the worker, and `events`, which shows what
-//! the worker publishes.
+//! publishes through the same confirmed publish as the worker, `events`, which shows what the
+//! worker publishes, and `status`, which shows the whole fleet.
 
 pub mod events;
 pub mod send;
+pub mod status;
 
 use anyhow::Context as _;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};

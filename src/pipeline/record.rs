@@ -96,7 +96,8 @@ async fn record_link(
         return Ok(None);
     };
     context.metrics.succeeded(since(first_seen));
-    tracing::info!(
+    // One line per command is noise at hundreds a second: the progress line sums them up.
+    tracing::debug!(
         attempts,
         http_status = link.http_status,
         link_id = link.link_id,

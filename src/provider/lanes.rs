@@ -19,6 +19,26 @@ pub const MAX_LANES: usize = 1024;
 
 pub use crate::metrics::LaneFigures;
 
+/// One lane, as a worker reports it in its heartbeat.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LaneStatus {
+    /// The provider.
+    pub provider_id: i64,
+    /// Calls this worker lets be under way at once now.
+    pub limit: i64,
+    /// Calls under way.
+    pub in_flight: i64,
+    /// Calls waiting for a slot.
+    pub queued: i64,
+    /// Calls started since the worker started.
+    pub calls: u64,
+    /// closed, open or half-open.
+    pub breaker: String,
+    /// The fleet-wide rate limit configured for it, if any.
+    pub max_requests_per_second: Option<f64>,
+}
+
 /// One provider's breaker and limits.
 pub struct Lane {
     /// Taken to be down after mostly failing calls.
@@ -124,6 +144,32 @@ impl Lanes {
             .insert(provider_id, figures);
         lanes.insert(provider_id, lane.clone());
         lane
+    }
+
+    /// Each lane as `status` shows it: its concurrency limit and load, calls started so far,
+    /// its breaker, and the fleet-wide rate limit configured for it.
+    pub fn snapshot(&self) -> Vec<LaneStatus> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let lanes = self.lanes.lock().expect("lanes lock");
+        let mut all: Vec<LaneStatus> = lanes
+            .iter()
+            .map(|(id, lane)| LaneStatus {
+                provider_id: *id,
+                limit: lane.figures.limit.load(Relaxed),
+                in_flight: lane.figures.in_flight.load(Relaxed),
+                queued: lane.figures.queued.load(Relaxed),
+                calls: lane.figures.started.load(Relaxed),
+                breaker: match lane.breaker.state() {
+                    State::Closed => "closed",
+                    State::Open => "open",
+                    State::HalfOpen => "half-open",
+                }
+                .to_owned(),
+                max_requests_per_second: lane.rate,
+            })
+            .collect();
+        all.sort_by_key(|l| l.provider_id);
+        all
     }
 
     /// The providers whose circuit is open, and whether every known provider's is.

@@ -109,6 +109,7 @@ impl Limiter {
                     _ if state.in_flight < state.limit as usize => {
                         state.in_flight += 1;
                         self.figures.in_flight.fetch_add(1, Ordering::Relaxed);
+                        self.figures.started.fetch_add(1, Ordering::Relaxed);
                         return Slot {
                             limiter: self,
                             done: false,

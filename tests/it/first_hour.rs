@@ -111,7 +111,16 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
     .await;
     let env = TestEnv::with(
         &format!("http://{address}"),
-        &[("LOG__FORMAT", "auto"), crate::operations::INGEST],
+        &[
+            ("LOG__FORMAT", "auto"),
+            ("LOG__PROGRESS_INTERVAL_MS", "1000"),
+            // The line per created link is at debug; the progress line sums them up.
+            (
+                "LOG__LEVEL",
+                "payment_link_worker::pipeline::record=debug,info",
+            ),
+            crate::operations::INGEST,
+        ],
     )
     .await;
     let (at_tty, tty) = worker_at_a_terminal(&env);
@@ -201,6 +210,17 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
         assert!(line.len() < 300, "{} characters: {line:?}", line.len());
     }
     assert!(dead.contains("validation"), "{dead:?}");
+    // A busy worker at a terminal says what it did, once per interval.
+    wait_for("a progress line", &tty, " created, ").await;
+    let text = tty.lock().unwrap().clone();
+    let progress = text
+        .lines()
+        .find(|l| l.contains("INFO") && l.contains(" created, ") && l.contains("dead-lettered"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        starts_with_a_time(progress) && progress.contains("/s); ") && progress.contains("last "),
+        "{progress:?}"
+    );
 
     // Off a terminal the same setting writes JSON lines, without colour; a validation failure's
     // line carries the command's correlation and trace ids like every other line of it.

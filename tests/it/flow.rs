@@ -180,3 +180,53 @@ async fn json_lines_on_stdin_are_sent_on_one_connection_and_a_bad_line_is_named(
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_the_rate_the_replicas_and_the_queues_during_a_run() {
+    let (sim, _stop) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::new(&sim).await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    for i in 0..20 {
+        env.send(&format!("status-{i}"), &command_body("2.00", i + 1))
+            .await;
+    }
+    env.messages(&events, 20, WAIT).await;
+    // The heartbeat carries the worker's totals; wait for one after the work.
+    let status = eventually("a heartbeat reporting the work", WAIT, || async {
+        let out = binary(&env).args(["status", "--json"]).output().unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (status["replicas"][0]["report"]["created"].as_u64()? >= 20).then_some(status)
+    })
+    .await;
+    let minute = &status["lastMinute"];
+    assert_eq!(minute["created"], 20, "{status}");
+    assert!(minute["perSecond"].as_f64().unwrap() > 0.0, "{status}");
+    assert!(minute["p50Ms"].as_f64().is_some(), "{status}");
+    assert_eq!(status["replicas"].as_array().unwrap().len(), 1, "{status}");
+    let provider = &status["providers"][0];
+    assert!(provider["perSecond"].as_f64().unwrap() > 0.0, "{status}");
+    assert_eq!(provider["breaker"], "closed", "{status}");
+    let command_queue = status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == env.command_queue())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(
+        (
+            command_queue["ready"].as_u64(),
+            command_queue["consumers"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+
+    let screen = output(binary(&env).arg("status"));
+    assert!(screen.contains("LAST MINUTE  20 created ("), "{screen}");
+    assert!(screen.contains("REPLICAS ALIVE  1"), "{screen}");
+    worker.stop().await.unwrap();
+}
