@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
     match payment_link_worker::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("payment-link-worker: {error:#}");
+            payment_link_worker::telemetry::fatal(&error);
             ExitCode::FAILURE
         }
     }

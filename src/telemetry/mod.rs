@@ -140,6 +140,26 @@ impl Output {
     }
 }
 
+/// Whether the log writes JSON lines, so the fatal line matches them.
+static JSON_LINES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes the error that ends the program on stderr, in the log's format: a JSON line where the
+/// log writes JSON lines (one format per stream for a log collector), else one plain line.
+pub fn fatal(error: &anyhow::Error) {
+    let text = format!("payment-link-worker: {error:#}");
+    if JSON_LINES.load(Ordering::Relaxed) {
+        let line = serde_json::json!({
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "level": "ERROR",
+            "message": text,
+            "target": "payment_link_worker",
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("{text}");
+    }
+}
+
 /// Installs the global subscriber with a given tracer (tests pass one that records in memory).
 pub fn install(settings: &LogSettings, tracer: opentelemetry_sdk::trace::SdkTracer) {
     CHILD_SPANS.store(true, Ordering::Relaxed);
@@ -157,6 +177,7 @@ pub fn install(settings: &LogSettings, tracer: opentelemetry_sdk::trace::SdkTrac
             !meta.is_span() || meta.name() == short::COMMAND_SPAN
         })
     };
+    JSON_LINES.store(output.json, Ordering::Relaxed);
     let _ = if output.json {
         registry
             .with(

@@ -141,10 +141,18 @@ fn no_url_form_prints_its_password_on_any_error_path() {
 }
 
 /// The one line a failed start-up printed (every non-empty line of stderr, which must be one).
-fn one_line(err: &str) -> &str {
+/// The one line on stderr; piped, the log writes JSON lines, and so the fatal line is one too:
+/// its message.
+fn one_line(err: &str) -> String {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line: {err}");
-    lines[0]
+    match serde_json::from_str::<serde_json::Value>(lines[0]) {
+        Ok(line) => {
+            assert_eq!(line["level"], "ERROR", "{err}");
+            line["message"].as_str().unwrap().to_owned()
+        }
+        Err(_) => lines[0].to_owned(),
+    }
 }
 
 #[test]
@@ -158,6 +166,17 @@ fn start_up_failures_are_one_line_with_the_cause_the_setting_and_the_fix() {
             .env("PROVIDER_TOKEN", "t")
             .env("DATABASE_URL", format!("{base}/{missing}")),
     );
+    // Piped, the log writes JSON lines: the fatal line is one too (one format per stream);
+    // with log.format = "text" it is plain.
+    assert!(err.trim_start().starts_with("{\""), "{err}");
+    let plain = stderr_of(
+        worker()
+            .arg("run")
+            .env("PROVIDER_TOKEN", "t")
+            .env("PAYMENT_LINK_WORKER__LOG__FORMAT", "text")
+            .env("DATABASE_URL", format!("{base}/{missing}")),
+    );
+    assert!(plain.starts_with("payment-link-worker: "), "{plain}");
     let line = one_line(&err);
     assert!(
         line.contains(&format!("database \"{missing}\" does not exist"))
