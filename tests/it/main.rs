@@ -22,6 +22,7 @@ mod operations;
 mod pipeline;
 mod provider_failures;
 mod providers;
+mod quick_start;
 mod recovery;
 mod relay;
 mod replay_safety;
