@@ -5,6 +5,7 @@ use crate::dead_letters::command_line::DeadLetterCommands;
 use crate::ops::send::{self, SendArgs};
 use crate::provider::sim::{self, SimOptions};
 use crate::text::visible;
+use crate::ops::shutdown_signal;
 use crate::{startup, store, telemetry};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -281,22 +282,6 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         fail_provider_ids: args.fail_provider_id,
     };
     Ok(sim::serve(listener, options, stop).await?)
-}
-
-/// Resolves on ctrl-c or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("can install a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ pub async fn run(settings: &Settings, args: &EventsArgs) -> anyhow::Result<()> {
         }
         let delivery = tokio::select! {
             next = consumer.next() => next,
-            _ = crate::cli::shutdown_signal() => break Ok(()),
+            _ = super::shutdown_signal() => break Ok(()),
         };
         let delivery = match delivery {
             Some(Ok(delivery)) => delivery,

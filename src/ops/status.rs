@@ -399,7 +399,7 @@ pub async fn run(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(args.interval)) => {}
-                _ = crate::cli::shutdown_signal() => return Ok(()),
+                _ = super::shutdown_signal() => return Ok(()),
             }
         }
     }
