@@ -1,5 +1,6 @@
 // Drives the operators' console in headless Chromium as a person would: sign in, filter by kind,
-// open a dead letter, replay a selection, watch the job end, find the audit entry. Started by
+// open a dead letter, replay a selection, watch the job end, find the audit entry, and be asked
+// before replaying a dead letter that fails again. Started by
 // tests/it/browser.rs, which checks the outcome in the database; a screenshot of each page goes
 // to $SHOTS_DIR. Any step that does not find what it expects throws, and the process exits 1.
 import { chromium } from 'playwright-core';
@@ -20,7 +21,11 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   page.setDefaultTimeout(15000);
   const dialogs = [];
-  page.on('dialog', (dialog) => { dialogs.push(dialog.message()); dialog.accept(); });
+  // Every question is answered yes, except whether to include dead letters that fail again.
+  page.on('dialog', (dialog) => {
+    dialogs.push(dialog.message());
+    if (dialog.message().includes('fail again')) dialog.dismiss(); else dialog.accept();
+  });
 
   await page.goto(`${base}/dead-letters`);
   check(page.url().endsWith('/login'), `the sign-in page, not ${page.url()}`);
@@ -63,6 +68,16 @@ try {
   const rows = await page.$$eval('#audit tr', (els) => els.map((e) => e.textContent));
   check(rows.some((r) => r.includes(operator) && r.includes('replay') && r.includes(String(job))), `the replay in the audit log, got ${rows}`);
   await page.screenshot({ path: `${shots}/audit.png`, fullPage: true });
+
+  // A dead letter that fails again as it is: the console asks; skipping it leaves it open.
+  await page.goto(`${base}/dead-letters?kind=validation`);
+  const invalid = await page.getAttribute('#letters tr[data-id]', 'data-id');
+  await page.goto(`${base}/dead-letters/${invalid}`);
+  await Promise.all([page.waitForURL(/\/replays\/\d+$/), page.click('#replay-one')]);
+  check(dialogs.some((d) => d.includes('1 of the selected dead letters fail again')), `the question about failing again, got ${dialogs}`);
+  await page.waitForFunction(() => document.getElementById('state')?.textContent === 'done');
+  const skipped = await page.textContent('#skipped');
+  check(skipped === '1', `1 skipped, got ${skipped}`);
 
   console.log(JSON.stringify({ job, replayed: chosen }));
 } finally {
