@@ -3,9 +3,9 @@
 use crate::config::Settings;
 use crate::dead_letters::command_line::DeadLetterCommands;
 use crate::ops::send::{self, SendArgs};
+use crate::ops::shutdown_signal;
 use crate::provider::sim::{self, SimOptions};
 use crate::text::visible;
-use crate::ops::shutdown_signal;
 use crate::{startup, store, telemetry};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};

@@ -31,10 +31,12 @@ use tracing::Instrument;
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long closing the consuming channel and connection may take at the end of a stop.
 const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// First wait before reconnecting to the broker; doubled up to the cap, reset after success.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
-/// Longest wait between two reconnection attempts.
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Wait before reconnecting again after every node refused; doubled up to the cap. The first
+/// attempt after a loss is at once: with a cluster, another node is likely up.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(250);
+/// Longest wait between two reconnection attempts: short, so that a quorum queue's new leader
+/// (elected within seconds of losing a node) is found soon after it is there.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// One connection to the broker with the worker's consumer on it.
 pub struct Session {
@@ -120,7 +122,18 @@ pub async fn run(
             "lost the broker connection; reconnecting (commands in flight finish, the broker redelivers what was not acked)"
         );
         match reconnect(&context, &stop).await {
-            Some(new) => session = new,
+            Some(new) => {
+                let old = std::mem::replace(&mut session, new);
+                // A consumer the broker cancelled leaves its connection open: close it once the
+                // commands taken on it have had their time (their acks go on it meanwhile).
+                let grace = Duration::from_millis(context.settings.worker.shutdown_grace_ms);
+                let instance_id = context.instance_id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let _ =
+                        tokio::time::timeout(SESSION_CLOSE_TIMEOUT, old.close(&instance_id)).await;
+                });
+            }
             None => break,
         }
     }
@@ -156,7 +169,7 @@ pub async fn run(
 /// Opens a new session, waiting longer after each failure; `None` when stopped first. (The
 /// publisher reopens its own connection when it next publishes.)
 async fn reconnect(context: &Context, stop: &CancellationToken) -> Option<Session> {
-    let mut wait = RECONNECT_INITIAL;
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return None,
@@ -169,11 +182,11 @@ async fn reconnect(context: &Context, stop: &CancellationToken) -> Option<Sessio
             }
             Err(error) => tracing::warn!(
                 error = format!("{error:#}"),
-                retry_in_ms = wait.as_millis() as u64,
+                retry_in_ms = wait.max(RECONNECT_INITIAL).as_millis() as u64,
                 "cannot reconnect to the broker yet"
             ),
         }
-        wait = (wait * 2).min(RECONNECT_MAX);
+        wait = (wait * 2).clamp(RECONNECT_INITIAL, RECONNECT_MAX);
     }
 }
 
@@ -281,7 +294,20 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
         }
     };
     if let Err(error) = settled {
-        tracing::warn!(%error, ?disposition, "could not settle the delivery; the broker will redeliver it");
+        // After a lost connection, every command in flight fails here at once: one line, then a
+        // count (see `repeats`).
+        let key = "settle on a lost channel";
+        let problem = || crate::repeats::Problem {
+            key: key.into(),
+            what: "deliveries could not be acked or returned: their channel is gone".into(),
+            fix: "nothing to do: the broker delivers them again, and the worker's idempotency \
+                  turns a repeat into the same event"
+                .into(),
+            ends_when_quiet: true,
+        };
+        crate::repeats::occurred(problem, key, || {
+            tracing::warn!(%error, ?disposition, "could not settle the delivery; the broker will redeliver it");
+        });
     }
 }
 

@@ -3,7 +3,7 @@
 //! it is obvious. The database pool reports only "error connecting to server"; to say *why*, the
 //! worker connects once more, directly, and reads the cause from that attempt.
 
-use crate::config::{BrokerSettings, Settings, redact_url};
+use crate::config::{BrokerSettings, SecretUrl, Settings, redact_url};
 use std::time::Duration;
 
 /// A database step at start-up failed (`what`, e.g. "migrate the database"); returns the one-line
@@ -112,7 +112,7 @@ pub fn io_cause(io: &std::io::Error, server: &str) -> String {
 
 /// The broker could not be reached: one line naming the URL (password masked), the setting that
 /// gave it and the cause. lapin's own error text may quote the URL: it is scrubbed.
-pub fn broker(settings: &BrokerSettings, error: &lapin::Error) -> anyhow::Error {
+pub fn broker(settings: &BrokerSettings, url: &SecretUrl, error: &lapin::Error) -> anyhow::Error {
     let setting = if settings.url_origin.is_empty() {
         "`broker.url`"
     } else {
@@ -121,7 +121,7 @@ pub fn broker(settings: &BrokerSettings, error: &lapin::Error) -> anyhow::Error 
     let cause = match error.kind() {
         lapin::ErrorKind::IOError(io) => io_cause(io, "RabbitMQ"),
         _ => {
-            let text = settings.url.scrub(&error.to_string());
+            let text = url.scrub(&error.to_string());
             if text.contains("ACCESS_REFUSED") || text.contains("ACCESS-REFUSED") {
                 "the broker refused the login; check the user and password in the URL".into()
             } else if text.contains("NOT_ALLOWED") || text.contains("vhost") {
@@ -131,10 +131,7 @@ pub fn broker(settings: &BrokerSettings, error: &lapin::Error) -> anyhow::Error 
             }
         }
     };
-    anyhow::anyhow!(
-        "cannot connect to RabbitMQ at {} ({setting}): {cause}",
-        settings.url
-    )
+    anyhow::anyhow!("cannot connect to RabbitMQ at {url} ({setting}): {cause}")
 }
 
 /// An error chain as one line, each distinct message once (the pool repeats its cause at every

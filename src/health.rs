@@ -31,6 +31,9 @@ pub struct Probe {
     pub consuming: Arc<AtomicBool>,
     /// Checked by `/readyz`: a publishing connection the broker blocked (an alarm).
     pub publisher: crate::broker::publisher::Publisher,
+    /// The worker's name, which starts the names of its broker connections (for `/readyz` to
+    /// say which node each is on).
+    pub instance_id: String,
 }
 
 /// The routes.
@@ -98,9 +101,14 @@ async fn ready(Extract(probe): Extract<Probe>) -> Response {
         )
     };
     let ready = broker == "ok" && database == "ok" && !all_open;
+    let nodes: std::collections::BTreeMap<String, String> = crate::broker::nodes()
+        .into_iter()
+        .filter(|(connection, _)| connection.starts_with(&probe.instance_id))
+        .collect();
     let body = serde_json::json!({
         "ready": ready,
         "broker": broker,
+        "brokerNodes": nodes,
         "database": database,
         "provider": provider,
     });

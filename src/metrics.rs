@@ -357,6 +357,20 @@ fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
             })
             .build();
     }
+    meter
+        .i64_observable_gauge("payment_link.broker.connection")
+        .with_unit("{connection}")
+        .with_description("The RabbitMQ node each broker connection is on (1 per connection)")
+        .with_callback(|observer| {
+            for (connection, node) in crate::broker::nodes() {
+                let attributes = [
+                    KeyValue::new("connection", connection),
+                    KeyValue::new("server.address", node),
+                ];
+                observer.observe(1, &attributes);
+            }
+        })
+        .build();
     levels
 }
 

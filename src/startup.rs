@@ -123,6 +123,7 @@ async fn serve_health(
         lanes: context.lanes.clone(),
         consuming: context.consuming.clone(),
         publisher: context.publisher.clone(),
+        instance_id: context.instance_id.clone(),
     };
     tokio::spawn(health::serve(listener, probe, stop.clone()));
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");

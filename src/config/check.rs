@@ -74,10 +74,25 @@ impl Settings {
     /// The broker's URL, flow control and topology names.
     fn check_broker(&self) -> Result<(), ConfigError> {
         let fail = |key: &str, why: &str| self.fail(key, why);
-        if !self.broker.url.expose().starts_with("amqp://")
-            && !self.broker.url.expose().starts_with("amqps://")
-        {
-            return fail("broker.url", "must start with amqp:// or amqps://");
+        let key = if self.broker.urls.is_empty() {
+            "broker.url"
+        } else {
+            "broker.urls"
+        };
+        let endpoints = self.broker.endpoints();
+        if endpoints.is_empty() {
+            return fail(key, "must name at least one node");
+        }
+        for url in &endpoints {
+            if !url.expose().starts_with("amqp://") && !url.expose().starts_with("amqps://") {
+                return fail(
+                    key,
+                    &format!("must start with amqp:// or amqps:// (each URL), got {url}"),
+                );
+            }
+        }
+        if self.broker.connect_timeout_ms == 0 {
+            return fail("broker.connect_timeout_ms", "must be above 0");
         }
         if self.broker.prefetch == 0 {
             return fail("broker.prefetch", "must be at least 1");

@@ -99,14 +99,24 @@ pub(super) fn set_from_env(
         toml::Value::Boolean(_) => {
             toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?)
         }
-        toml::Value::Array(_) => toml::Value::Array(
-            raw.split(',')
+        // A list of whole numbers (delay tiers) or of text (URLs): the items say which.
+        toml::Value::Array(_) => {
+            let items: Vec<&str> = raw
+                .split(',')
                 .map(str::trim)
                 .filter(|item| !item.is_empty())
+                .collect();
+            let numbers: Result<Vec<toml::Value>, _> = items
+                .iter()
                 .map(|item| item.parse().map(toml::Value::Integer))
-                .collect::<Result<_, _>>()
-                .map_err(|_| bad("a comma-separated list of whole numbers"))?,
-        ),
+                .collect();
+            toml::Value::Array(numbers.unwrap_or_else(|_| {
+                items
+                    .iter()
+                    .map(|item| toml::Value::String((*item).to_owned()))
+                    .collect()
+            }))
+        }
         _ => return Err(unknown()),
     };
     Ok(())

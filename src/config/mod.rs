@@ -93,8 +93,13 @@ pub struct TelemetrySettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerSettings {
-    /// AMQP URL of RabbitMQ. A password in it is never logged.
+    /// AMQP URL of RabbitMQ, or a comma-separated list of the URLs of a cluster's nodes. A
+    /// password in it is never logged.
     pub url: SecretUrl,
+    /// The URLs of a cluster's nodes; when not empty, used instead of `url`.
+    pub urls: Vec<SecretUrl>,
+    /// Longest wait for one node to accept a connection before the next is tried.
+    pub connect_timeout_ms: u64,
     /// Which setting gave the URL (e.g. "`broker.url` (from AMQP_URL)"), for connection errors.
     #[serde(skip)]
     pub url_origin: String,
@@ -392,6 +397,35 @@ pub enum LogFormat {
     Text,
 }
 
+impl BrokerSettings {
+    /// The nodes to connect to: `urls`, else the comma-separated URLs in `url` (split only
+    /// before a scheme, so a comma in a password stays part of it).
+    pub fn endpoints(&self) -> Vec<SecretUrl> {
+        if !self.urls.is_empty() {
+            return self.urls.clone();
+        }
+        let all = self.url.expose();
+        let mut starts: Vec<usize> = all
+            .match_indices(",amqp")
+            .map(|(at, _)| at)
+            .filter(|at| {
+                all[at + 1..].starts_with("amqp://") || all[at + 1..].starts_with("amqps://")
+            })
+            .collect();
+        starts.push(all.len());
+        let mut endpoints = Vec::with_capacity(starts.len());
+        let mut from = 0;
+        for end in starts {
+            let one = all[from..end].trim();
+            if !one.is_empty() {
+                endpoints.push(SecretUrl::new(one));
+            }
+            from = end + 1;
+        }
+        endpoints
+    }
+}
+
 impl Settings {
     /// Loads the layers from the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -450,7 +484,11 @@ impl Settings {
                 e.inner().message()
             ))
         })?;
-        settings.broker.url_origin = origins.describe("broker.url");
+        settings.broker.url_origin = if settings.broker.urls.is_empty() {
+            origins.describe("broker.url")
+        } else {
+            origins.describe("broker.urls")
+        };
         settings.origins = origins;
         settings.check()?;
         Ok(settings)

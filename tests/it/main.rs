@@ -5,6 +5,7 @@
 mod binary;
 mod browser;
 mod cli_flows;
+mod cluster;
 mod conflicts;
 mod console;
 mod console_attacks;

@@ -1,0 +1,408 @@
+//! Guarantee: on a RabbitMQ cluster the worker keeps working through the loss of any node. Given
+//! every node's URL, it reaches the cluster through whichever is up; when the node it is on
+//! stops, when the node leading the command queue is killed, and through a rolling restart of
+//! all three, progress stops for at most 5 s, every command ends with one provider request per
+//! idempotency key, every event arrives, and nothing is dead-lettered.
+//!
+//! Uses `../shared/scripts/rabbitmq-cluster` (a throwaway 3-node cluster on ports 5681-5683,
+//! beside the normal broker); runs alone (`.config/nextest.toml`) and removes the cluster even
+//! when it fails.
+
+use crate::helpers::*;
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use payment_link_worker::provider::sim::SimOptions;
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Longest stop in progress a node loss may cause.
+const BOUND: Duration = Duration::from_secs(5);
+
+fn script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/scripts/rabbitmq-cluster")
+}
+
+fn rmq(args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(script())
+        .args(args)
+        .env("RMQ_CLUSTER_DIR", cluster_dir())
+        .output()
+        .expect("the cluster script runs (../shared/scripts/rabbitmq-cluster)");
+    assert!(
+        out.status.success(),
+        "rabbitmq-cluster {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cluster_dir() -> String {
+    std::env::temp_dir()
+        .join("plw-test-rabbitmq-cluster")
+        .display()
+        .to_string()
+}
+
+/// The cluster for one test: started fresh, destroyed when dropped (a failed test included).
+struct Cluster {
+    urls: Vec<String>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        rmq(&["destroy"]);
+        let urls = rmq(&["start", "3"])
+            .lines()
+            .filter(|l| l.starts_with("amqp://"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert_eq!(urls.len(), 3, "three nodes");
+        Cluster { urls }
+    }
+
+    /// The node (1-3) a connection reached, from its `host:port`.
+    fn index_of(&self, node: &str) -> usize {
+        self.urls
+            .iter()
+            .position(|u| u.contains(node))
+            .unwrap_or_else(|| panic!("{node} is not a node of {:?}", self.urls))
+            + 1
+    }
+
+    /// The node leading a quorum queue.
+    fn leader(&self, queue: &str) -> usize {
+        let leader = rmq(&["leader", queue]);
+        let name = leader.trim();
+        name.strip_prefix('c')
+            .and_then(|n| n.split('@').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("the leader of {queue}: {name:?}"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("destroy")
+            .env("RMQ_CLUSTER_DIR", cluster_dir())
+            .output();
+    }
+}
+
+/// A connection to the first node of `urls` that takes one.
+async fn any_node(urls: &[String], except: Option<usize>) -> Connection {
+    for (i, url) in urls.iter().enumerate() {
+        if except == Some(i + 1) {
+            continue;
+        }
+        if let Ok(connection) = Connection::connect(url, ConnectionProperties::default()).await {
+            return connection;
+        }
+    }
+    panic!("no node of {urls:?} takes a connection")
+}
+
+/// How many commands have their link, now.
+async fn done(env: &TestEnv) -> i64 {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+    use payment_link_worker::store::schema::payment_link_commands::dsl as c;
+    let Ok(mut conn) = env.pool.get().await else {
+        return -1;
+    };
+    c::payment_link_commands
+        .filter(c::status.eq("succeeded"))
+        .count()
+        .get_result(&mut conn)
+        .await
+        .unwrap_or(-1)
+}
+
+/// Publishes `n` commands (confirmed) through a node other than `except`.
+async fn publish(env: &TestEnv, urls: &[String], prefix: &str, n: usize) {
+    let connection = any_node(urls, None).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let broker = &env.settings.broker;
+    let mut confirms = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let confirm = channel
+            .basic_publish(
+                broker.command_exchange.as_str().into(),
+                broker.command_routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                command_body("4.00", i as i64 + 1).as_bytes(),
+                command_properties(&id),
+            )
+            .await
+            .unwrap();
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        assert!(
+            confirm.await.unwrap().is_ack(),
+            "the cluster took every command"
+        );
+    }
+    let _ = connection.close(200, "published".into()).await;
+}
+
+/// A quorum queue of the test's on the cluster, bound to every event.
+async fn capture(env: &TestEnv, urls: &[String]) -> String {
+    let queue = format!("t.{}.cluster-events", env.id);
+    let connection = any_node(urls, None).await;
+    let channel = connection.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            env.settings.broker.event_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "declared".into()).await;
+    queue
+}
+
+/// The command ids of the events in `queue` (read through a node that is up), until `n`
+/// distinct ones have come or the wait is over.
+async fn events(urls: &[String], queue: &str, n: usize) -> HashSet<String> {
+    let connection = any_node(urls, None).await;
+    let channel = connection.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "cluster-test".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < n && Instant::now() < deadline {
+        let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_secs(5), consumer.next()).await
+        else {
+            break;
+        };
+        let subject = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("cloudEvents:subject").cloned());
+        if let Some(AMQPValue::LongString(subject)) = subject {
+            seen.insert(String::from_utf8_lossy(subject.as_bytes()).into_owned());
+        }
+    }
+    let _ = connection.close(200, "read".into()).await;
+    seen
+}
+
+/// Dead letters in the cluster's dead-letter queue.
+async fn dead_letters(env: &TestEnv, urls: &[String]) -> u32 {
+    let connection = any_node(urls, None).await;
+    let channel = connection.create_channel().await.unwrap();
+    let depth =
+        payment_link_worker::broker::queue_depth(&channel, &env.settings.broker.dead_letter_queue)
+            .await
+            .unwrap();
+    let _ = connection.close(200, "read".into()).await;
+    depth
+}
+
+/// Watches progress (commands done, counted from `before`) until `before + n` are done;
+/// `fault` runs on a thread of its own once a third of the `n` are. Returns the longest time
+/// without progress from the fault to the end.
+async fn under_load(
+    env: &TestEnv,
+    before: i64,
+    n: i64,
+    fault: impl FnOnce() + Send + 'static,
+) -> Duration {
+    let started = Instant::now();
+    while done(env).await < before + n / 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "a third of the load done within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fault = tokio::task::spawn_blocking(fault);
+    let faulted = Instant::now();
+    let (mut last, mut last_change, mut longest) =
+        (done(env).await, Instant::now(), Duration::ZERO);
+    while last < before + n {
+        assert!(
+            faulted.elapsed() < Duration::from_secs(120),
+            "all commands done within two minutes of the fault ({} of {n} are)",
+            last - before
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = done(env).await;
+        if now > last {
+            longest = longest.max(last_change.elapsed());
+            last = now;
+            last_change = Instant::now();
+        }
+    }
+    fault.await.expect("the fault ran");
+    longest
+}
+
+/// Checks a scenario's end state: every event, one provider request per key, no dead letter.
+async fn every_command_once(
+    env: &TestEnv,
+    cluster: &Cluster,
+    sim: &str,
+    queue: &str,
+    prefix: &str,
+    n: usize,
+) {
+    // Events refused while a node was going are in the outbox: the relay gets them out.
+    eventually("the outbox to empty", Duration::from_secs(60), || async {
+        let mut conn = env.pool.get().await.ok()?;
+        let unsent = payment_link_worker::store::outbox::unsent_count(&mut conn)
+            .await
+            .ok()?;
+        (unsent == 0).then_some(())
+    })
+    .await;
+    let seen = events(&cluster.urls, queue, n).await;
+    let ours = seen.iter().filter(|id| id.starts_with(prefix)).count();
+    assert_eq!(ours, n, "every command's event arrived");
+    let (_, repeated) = simulator_repeats(sim).await;
+    assert_eq!(repeated, 0, "one provider request per idempotency key");
+    assert_eq!(
+        dead_letters(env, &cluster.urls).await,
+        0,
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_node_loss_stops_progress_for_at_most_five_seconds() {
+    let cluster = Cluster::start();
+    let (sim, _stop) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        latency: Duration::from_millis(100),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::with(
+        &sim,
+        &[
+            ("BROKER__URLS", &cluster.urls.join(",")),
+            ("BROKER__PUBLISH_TIMEOUT_MS", "3000"),
+            ("RETRY__MAX_ELAPSED_MS", "60000"),
+        ],
+    )
+    .await;
+    let worker = env.start_worker().await;
+    // `/readyz` says which node each of the worker's connections is on.
+    let readyz = format!("http://{}/readyz", worker.http_addr().unwrap());
+    let consumer_node = || async {
+        let body: serde_json::Value =
+            serde_json::from_str(&reqwest::get(&readyz).await.unwrap().text().await.unwrap())
+                .unwrap();
+        let nodes = body["brokerNodes"].as_object().cloned().unwrap_or_default();
+        // The consuming connection is named after the worker; the others add what they are.
+        nodes
+            .iter()
+            .find(|(name, _)| !name.contains(' '))
+            .and_then(|(_, node)| node.as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("/readyz names the consumer's node: {body}"))
+    };
+    let queue = capture(&env, &cluster.urls).await;
+    let n = 1500;
+
+    // 1. The node the worker consumes through stops.
+    publish(&env, &cluster.urls, "stop", n).await;
+    let consuming = cluster.index_of(&consumer_node().await);
+    let node = consuming.to_string();
+    let gap = under_load(&env, 0, n as i64, move || {
+        rmq(&["stop-node", &node]);
+    })
+    .await;
+    assert!(
+        gap <= BOUND,
+        "stopping node {consuming} stopped progress for {gap:?}"
+    );
+    every_command_once(&env, &cluster, &sim, &queue, "stop-", n).await;
+    let moved = cluster.index_of(&consumer_node().await);
+    assert_ne!(moved, consuming, "the worker moved to another node");
+    rmq(&["start-node", &consuming.to_string()]);
+    eprintln!("stop node {consuming}: longest stop in progress {gap:?}");
+
+    // 2. The node leading the command queue is killed.
+    publish(&env, &cluster.urls, "kill", n).await;
+    let leader = cluster.leader(&env.settings.broker.command_queue);
+    let node = leader.to_string();
+    let gap = under_load(&env, n as i64, n as i64, move || {
+        rmq(&["kill-node", &node]);
+    })
+    .await;
+    assert!(
+        gap <= BOUND,
+        "killing leader node {leader} stopped progress for {gap:?}"
+    );
+    every_command_once(&env, &cluster, &sim, &queue, "kill-", n).await;
+    rmq(&["revive-node", &leader.to_string()]);
+    eprintln!("kill leader node {leader}: longest stop in progress {gap:?}");
+
+    // 3. A rolling restart: each node stopped and started again, one after the other.
+    publish(&env, &cluster.urls, "roll", 2 * n).await;
+    let gap = under_load(&env, 2 * n as i64, 2 * n as i64, || {
+        for node in ["1", "2", "3"] {
+            rmq(&["stop-node", node]);
+            std::thread::sleep(Duration::from_secs(2));
+            rmq(&["start-node", node]);
+            // The restarted member catches up before the next one goes.
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    })
+    .await;
+    assert!(
+        gap <= BOUND,
+        "a rolling restart stopped progress for {gap:?}"
+    );
+    every_command_once(&env, &cluster, &sim, &queue, "roll-", 2 * n).await;
+    eprintln!("rolling restart: longest stop in progress {gap:?}");
+    worker.stop().await.unwrap();
+}
