@@ -71,6 +71,19 @@ impl StoreError {
         }
     }
 
+    /// Whether the host is read-only (SQLSTATE 25006: a standby, or a primary a failover
+    /// demoted): not the data's fault, and a new connection may reach the new primary.
+    pub fn is_read_only(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error};
+        match self {
+            StoreError::Query(Error::DatabaseError(K::ReadOnlyTransaction, _)) => true,
+            StoreError::Batch(text) | StoreError::Migration(text) => {
+                text.contains("read-only transaction")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this may be the data's fault (an error PostgreSQL answered with, other than the
     /// ones that say the database or the transaction is the trouble). Such an error is tried
     /// once more alone before it counts as a refusal.
@@ -124,6 +137,18 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
         config,
     );
     Pool::builder(manager)
+        // A connection opened before the database last said "read-only" (a failover demoted
+        // its host) is dropped instead of reused: a new one goes through the URL's hosts again
+        // and, with `target_session_attrs=read-write`, reaches the new primary.
+        .pre_recycle(deadpool::managed::Hook::sync_fn(|_, metrics| {
+            if opened_before_demotion(metrics.created) {
+                Err(deadpool::managed::HookError::Message(
+                    "opened before a failover".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        }))
         .max_size(settings.pool_size)
         .runtime(deadpool::Runtime::Tokio1)
         .create_timeout(Some(connect))
@@ -149,9 +174,39 @@ pub async fn bounded<T>(
     step: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     let limit = step_limit(pool);
-    tokio::time::timeout(limit, step)
+    let result = tokio::time::timeout(limit, step)
         .await
-        .unwrap_or(Err(StoreError::TimedOut(limit)))
+        .unwrap_or(Err(StoreError::TimedOut(limit)));
+    if let Err(error) = &result
+        && error.is_read_only()
+    {
+        note_demotion(pool);
+    }
+    result
+}
+
+/// When a database host last answered that it is read-only (a standby, or a primary demoted by
+/// a failover), as an instant; connections opened before it are not reused.
+static DEMOTED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+fn opened_before_demotion(created: std::time::Instant) -> bool {
+    DEMOTED_AT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some_and(|at| created <= at)
+}
+
+/// Records that the host behind a connection is read-only now, and drops the idle connections
+/// (the one in use is dropped when it comes back, by the pool's recycle hook): the next ones go
+/// to whichever host is the primary. The command is retried, never dead-lettered.
+fn note_demotion(pool: &PgPool) {
+    let now = std::time::Instant::now();
+    *DEMOTED_AT.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+    pool.retain(|_, metrics| metrics.created > now);
+    tracing::warn!(
+        "the database host answered that it is read-only (a failover?); reconnecting to the \
+         primary"
+    );
 }
 
 /// How long the worker waits for one database step (`database.statement_timeout_ms`, as the pool

@@ -199,7 +199,7 @@ async fn capture(env: &TestEnv, urls: &[String]) -> String {
 
 /// The command ids of the events in `queue` (read through a node that is up), until `n`
 /// distinct ones have come or the wait is over.
-async fn events(urls: &[String], queue: &str, n: usize) -> HashSet<String> {
+async fn events(urls: &[String], queue: &str, n: usize) -> (HashSet<String>, usize) {
     let connection = any_node(urls, None).await;
     let channel = connection.create_channel().await.unwrap();
     let mut consumer = channel
@@ -214,14 +214,22 @@ async fn events(urls: &[String], queue: &str, n: usize) -> HashSet<String> {
         )
         .await
         .unwrap();
-    let mut seen = HashSet::new();
+    let (mut seen, mut total) = (HashSet::new(), 0);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.len() < n && Instant::now() < deadline {
-        let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_secs(5), consumer.next()).await
-        else {
+    // Past the n-th, a second more for the duplicates still coming.
+    loop {
+        let wait = if seen.len() < n {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        if Instant::now() > deadline {
+            break;
+        }
+        let Ok(Some(Ok(delivery))) = tokio::time::timeout(wait, consumer.next()).await else {
             break;
         };
+        total += 1;
         let subject = delivery
             .properties
             .headers()
@@ -232,7 +240,7 @@ async fn events(urls: &[String], queue: &str, n: usize) -> HashSet<String> {
         }
     }
     let _ = connection.close(200, "read".into()).await;
-    seen
+    (seen, total)
 }
 
 /// Dead letters in the cluster's dead-letter queue.
@@ -304,9 +312,13 @@ async fn every_command_once(
         (unsent == 0).then_some(())
     })
     .await;
-    let seen = events(&cluster.urls, queue, n).await;
+    let (seen, total) = events(&cluster.urls, queue, n).await;
     let ours = seen.iter().filter(|id| id.starts_with(prefix)).count();
     assert_eq!(ours, n, "every command's event arrived");
+    eprintln!(
+        "{prefix}: {n} events, {} published twice (same event id)",
+        total - seen.len()
+    );
     let (_, repeated) = simulator_repeats(sim).await;
     assert_eq!(repeated, 0, "one provider request per idempotency key");
     assert_eq!(
@@ -404,5 +416,198 @@ async fn cluster_node_loss_stops_progress_for_at_most_five_seconds() {
     );
     every_command_once(&env, &cluster, &sim, &queue, "roll-", 2 * n).await;
     eprintln!("rolling restart: longest stop in progress {gap:?}");
+    worker.stop().await.unwrap();
+}
+
+/// The sandbox's database URL with `extra` hosts before its own, asking for the primary.
+fn with_hosts_before(url: &str, extra: &str) -> String {
+    let at = url
+        .find('@')
+        .map_or(url.find("://").unwrap() + 3, |at| at + 1);
+    let mut url = format!("{}{extra},{}", &url[..at], &url[at..]);
+    url.push(if url.contains('?') { '&' } else { '?' });
+    url.push_str("target_session_attrs=read-write");
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_database_url_whose_first_host_refuses_reaches_the_next() {
+    let (sim, _stop) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::new(&sim).await;
+    let events = env.capture_events().await;
+    let mut settings = env.settings.clone();
+    let url = with_hosts_before(settings.database.url.expose(), "127.0.0.1:1");
+    settings.database.url = payment_link_worker::config::SecretUrl::new(url);
+    let worker = env.start_worker_with(settings).await;
+    env.send("multi-host-1", &command_body("1.00", 1)).await;
+    let event = env.next_message(&events, WAIT).await;
+    assert_eq!(
+        event.header("cloudEvents:subject").as_deref(),
+        Some("multi-host-1")
+    );
+    assert!(
+        env.record("multi-host-1").await.is_some(),
+        "recorded in the database"
+    );
+    worker.stop().await.unwrap();
+}
+
+/// A second PostgreSQL cluster of this machine's version, for a test: trust auth on a port of
+/// its own; dropped with the test (a failed one included).
+struct SecondPostgres {
+    version: String,
+    name: String,
+    port: u16,
+}
+
+impl SecondPostgres {
+    fn create() -> Self {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .expect("PostgreSQL's clusters (pg_createcluster) are configured in /etc/postgresql")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .max()
+            .expect("a PostgreSQL version");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let name = format!("plw{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let created = Command::new("pg_createcluster")
+            .args([
+                &version,
+                &name,
+                "-p",
+                &port.to_string(),
+                "--start",
+                "--",
+                "--auth=trust",
+            ])
+            .output()
+            .expect("pg_createcluster runs");
+        let cluster = SecondPostgres {
+            version,
+            name,
+            port,
+        };
+        assert!(
+            created.status.success(),
+            "pg_createcluster: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        cluster
+    }
+
+    fn sql(&self, database: &str, sql: &str) {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", database, "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for SecondPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_dropcluster")
+            .args(["--stop", &self.version, &self.name])
+            .output();
+    }
+}
+
+/// A failover: the worker writes to the first host while it is the primary; when that host turns
+/// read-only (as a demoted primary does), the worker drops its connections and goes on with the
+/// host that is now writable, within 5 s (reusing its old connections until they broke took
+/// about 17 s); a read-only host is skipped from then on. Nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_database_failover_moves_to_the_writable_host_and_loses_nothing() {
+    let (sim, _stop) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::new(&sim).await;
+    let events = env.capture_events().await;
+    let old_primary = SecondPostgres::create();
+    let database = env
+        .settings
+        .database
+        .url
+        .expose()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let database = database.split('?').next().unwrap().to_owned();
+    old_primary.sql("postgres", &format!("CREATE DATABASE {database}"));
+    let mut settings = env.settings.clone();
+    let url = with_hosts_before(
+        settings.database.url.expose(),
+        &format!("127.0.0.1:{}", old_primary.port),
+    );
+    settings.database.url = payment_link_worker::config::SecretUrl::new(url);
+    // The worker migrates the first writable host: the old primary.
+    let worker = env.start_worker_with(settings).await;
+    env.send("before-failover", &command_body("1.00", 1)).await;
+    let first = env.next_message(&events, WAIT).await;
+    assert_eq!(
+        first.header("cloudEvents:subject").as_deref(),
+        Some("before-failover")
+    );
+    assert!(
+        env.record("before-failover").await.is_none(),
+        "written to the first host, not the second"
+    );
+
+    // The failover: the old primary turns read-only; the second host is the primary now.
+    old_primary.sql(
+        "postgres",
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+    );
+    old_primary.sql("postgres", "SELECT pg_reload_conf()");
+    let n = 20;
+    for i in 0..n {
+        env.send(&format!("after-failover-{i}"), &command_body("2.00", i + 2))
+            .await;
+    }
+    let after = env
+        .messages(&events, n as usize, Duration::from_secs(60))
+        .await;
+    let ids: HashSet<String> = after
+        .iter()
+        .filter_map(|m| m.header("cloudEvents:subject"))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        n as usize,
+        "every command after the failover got its event"
+    );
+    for i in 0..n {
+        assert!(
+            env.record(&format!("after-failover-{i}")).await.is_some(),
+            "after-failover-{i} recorded on the new primary"
+        );
+    }
+    assert_eq!(
+        env.queue_depth(&env.dead_letter_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
     worker.stop().await.unwrap();
 }
