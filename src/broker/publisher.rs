@@ -218,6 +218,13 @@ impl Publisher {
             Err(error) => {
                 span.record("otel.status_code", "ERROR");
                 tracing::debug!(parent: &span, %error, "publish not confirmed");
+                if matches!(error, PublishError::Nacked) {
+                    // After a quorum queue lost its leader, RabbitMQ 3.10 went on nacking every
+                    // publish on the same channel for over a minute while new channels were
+                    // taken (seen in the cluster test): the next publish opens a new channel.
+                    let channel = self.inner.slot.read().await.1.clone();
+                    let _ = channel.close(200, "nacked; reopening".into()).await;
+                }
             }
         }
         result
