@@ -99,28 +99,30 @@ pub(super) fn set_from_env(
         toml::Value::Boolean(_) => {
             toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?)
         }
-        // A list of whole numbers (delay tiers) or of text (URLs): the items say which.
+        // A comma-separated list: of text for the lists of URLs, of whole numbers otherwise.
         toml::Value::Array(_) => {
-            let items: Vec<&str> = raw
+            let items = raw
                 .split(',')
                 .map(str::trim)
-                .filter(|item| !item.is_empty())
-                .collect();
-            let numbers: Result<Vec<toml::Value>, _> = items
-                .iter()
-                .map(|item| item.parse().map(toml::Value::Integer))
-                .collect();
-            toml::Value::Array(numbers.unwrap_or_else(|_| {
-                items
-                    .iter()
-                    .map(|item| toml::Value::String((*item).to_owned()))
-                    .collect()
-            }))
+                .filter(|item| !item.is_empty());
+            if TEXT_LISTS.contains(&key) {
+                toml::Value::Array(items.map(|i| toml::Value::String(i.to_owned())).collect())
+            } else {
+                toml::Value::Array(
+                    items
+                        .map(|item| item.parse().map(toml::Value::Integer))
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad("a comma-separated list of whole numbers"))?,
+                )
+            }
         }
         _ => return Err(unknown()),
     };
     Ok(())
 }
+
+/// The list settings whose items are text (the others hold whole numbers).
+const TEXT_LISTS: [&str; 1] = ["broker.urls"];
 
 /// Every leaf key of a file's table, dotted (`broker.prefetch`), for recording where it came from.
 pub(super) fn keys_of(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {

@@ -399,17 +399,25 @@ pub enum LogFormat {
 
 impl BrokerSettings {
     /// The nodes to connect to: `urls`, else the comma-separated URLs in `url` (split only
-    /// before a scheme, so a comma in a password stays part of it).
+    /// before a `scheme://`, so a comma in a password stays part of it).
     pub fn endpoints(&self) -> Vec<SecretUrl> {
         if !self.urls.is_empty() {
             return self.urls.clone();
         }
         let all = self.url.expose();
         let mut starts: Vec<usize> = all
-            .match_indices(",amqp")
+            .match_indices(',')
             .map(|(at, _)| at)
             .filter(|at| {
-                all[at + 1..].starts_with("amqp://") || all[at + 1..].starts_with("amqps://")
+                // A comma followed by `scheme://` starts the next URL.
+                let next = all[at + 1..].trim_start();
+                next.find("://").is_some_and(|end| {
+                    let scheme = &next[..end];
+                    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                        && scheme
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                })
             })
             .collect();
         starts.push(all.len());
@@ -750,6 +758,54 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:p@h/db?x=@"),
             "postgres://u:***@h/db?x=@"
+        );
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_urls_in_amqp_url_or_broker_urls() {
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "AMQP_URL",
+                "amqp://u:p,w@rabbit-1:5672/%2f, amqp://u:p@rabbit-2:5672/%2f,amqps://u:p@rabbit-3/%2f",
+            )]),
+        )
+        .unwrap();
+        let nodes: Vec<String> = s
+            .broker
+            .endpoints()
+            .iter()
+            .map(|u| u.expose().to_owned())
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                "amqp://u:p,w@rabbit-1:5672/%2f",
+                "amqp://u:p@rabbit-2:5672/%2f",
+                "amqps://u:p@rabbit-3/%2f"
+            ],
+            "split before each scheme only: a comma in a password stays"
+        );
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "PAYMENT_LINK_WORKER__BROKER__URLS",
+                "amqp://a:1@n1/%2f,amqp://a:1@n2/%2f",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(s.broker.endpoints().len(), 2);
+        assert!(
+            s.broker.url_origin.contains("broker.urls"),
+            "{}",
+            s.broker.url_origin
+        );
+        let bad = Settings::load_from(None, env(&[("AMQP_URL", "amqp://a@n1/%2f,http://n2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("`broker.url`") && bad.contains("http://n2"),
+            "{bad}"
         );
     }
 }
