@@ -347,6 +347,14 @@ async fn cluster_node_loss_stops_progress_for_at_most_five_seconds() {
     )
     .await;
     let worker = env.start_worker().await;
+    // A second replica given one other node only declares the same topology there, without an
+    // argument mismatch, and starts.
+    let mut one_node = env.settings.clone();
+    one_node.broker.urls = vec![payment_link_worker::config::SecretUrl::new(
+        cluster.urls[2].clone(),
+    )];
+    let second = env.start_worker_with(one_node).await;
+    second.stop().await.unwrap();
     // `/readyz` says which node each of the worker's connections is on.
     let readyz = format!("http://{}/readyz", worker.http_addr().unwrap());
     let consumer_node = || async {

@@ -373,6 +373,25 @@ impl TestEnv {
             .expect("queue exists")
     }
 
+    /// Messages ready in `queue` and its consumers; `None` while the queue is not there (a
+    /// channel of its own: a missing queue closes it).
+    pub async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {
+        let channel = self._connection.create_channel().await.ok()?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = channel.close(200, "counted".into()).await;
+        Some((declared.message_count(), declared.consumer_count()))
+    }
+
     /// The dead-letter queue's name.
     pub fn dead_letter_queue(&self) -> String {
         self.settings.broker.dead_letter_queue.clone()

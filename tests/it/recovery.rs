@@ -937,3 +937,36 @@ async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_ag
     // open, so a later replay is confirmed, and the worker's idempotency turns the second copy
     // into the same outcome, not a second link.)
 }
+
+/// A broker-side `basic.cancel` (here: the command queue deleted under the worker) is a reason to
+/// declare the topology again and consume again, never a silent stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_the_broker_cancels_declares_again_and_consumes_again() {
+    use lapin::options::QueueDeleteOptions;
+    let provider = MockServer::start().await;
+    answer_with_link(&provider, 201, 5, "5.00", 5).await;
+    let env = TestEnv::new(&provider.uri()).await;
+    let events = env.capture_events().await;
+    let _worker = env.start_worker().await;
+    env.send("before-cancel", &command_body("5.00", 5)).await;
+    env.next_message(&events, WAIT).await;
+    env.channel
+        .queue_delete(
+            env.command_queue().as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    // The queue is back (declared again by the worker), with a consumer on it.
+    eventually("the worker to consume again", WAIT, || async {
+        let (_, consumers) = env.queue_counts(&env.command_queue()).await?;
+        (consumers == 1).then_some(())
+    })
+    .await;
+    env.send("after-cancel", &command_body("5.00", 5)).await;
+    let event = env.next_message(&events, WAIT).await;
+    assert_eq!(
+        event.header("cloudEvents:subject").as_deref(),
+        Some("after-cancel")
+    );
+}
