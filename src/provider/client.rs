@@ -275,7 +275,7 @@ impl ProviderClient {
         if result.is_err() {
             span.record("otel.status_code", "ERROR");
         }
-        permit.record(matches!(result, Err(Attempt::Transient(..))));
+        permit.record(matches!(&result, Err(Attempt::Transient(e, retry_after)) if !slow_down(e, *retry_after)));
         result
     }
 
@@ -490,6 +490,17 @@ fn overloaded(error: &ProviderError) -> bool {
     match error.http_status {
         Some(status) => StatusClass::of(status) == StatusClass::Overloaded,
         None => error.message.starts_with(TIMED_OUT),
+    }
+}
+
+/// Whether an answer only asks us to slow down (a 429, or a 503 with `Retry-After`): the
+/// provider is up, so the circuit breaker does not count it as a failure; the lane's limit and
+/// pause deal with it.
+fn slow_down(error: &ProviderError, retry_after: Option<Duration>) -> bool {
+    match error.http_status {
+        Some(429) => true,
+        Some(503) => retry_after.is_some(),
+        _ => false,
     }
 }
 

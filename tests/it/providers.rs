@@ -145,7 +145,8 @@ async fn commands_for_a_provider_that_is_down_wait_in_a_delay_queue_not_in_a_pre
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_link() {
+async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_link_and_its_breaker_stays_closed()
+ {
     let (sim_url, _sim) = start_simulator(SimOptions {
         token: TOKEN.into(),
         latency: Duration::from_millis(5),
@@ -171,7 +172,28 @@ async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_
     })
     .await;
     assert!(lowest >= 1.0, "{lowest}");
+    // "Slow down" is not "down": the breaker stays closed while 429s come (read from /readyz
+    // every 50 ms through the run).
+    let addr = worker.http_addr().unwrap();
+    let watching = tokio_util::sync::CancellationToken::new();
+    let watch = tokio::spawn({
+        let watching = watching.clone();
+        async move {
+            let mut opened = None;
+            while !watching.is_cancelled() {
+                let (_, body) = readiness(addr).await;
+                if body.contains("circuit open") {
+                    opened = Some(body);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            opened
+        }
+    });
     let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
+    watching.cancel();
+    let opened = watch.await.unwrap();
+    assert_eq!(opened, None, "the breaker opened on 429s");
     assert_eq!(got.len(), ids.len());
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     let stats = simulator_counters(&sim_url).await;
@@ -313,4 +335,56 @@ async fn while_a_providers_circuit_is_open_its_commands_are_parked_before_any_da
     }
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     drop(worker);
+}
+
+/// "Slow down" is not "down": a provider that answers 429 to every first call (the kind of
+/// answer that opened the breaker twice in the measurement) keeps its circuit closed, and
+/// every command gets its link on a later call, with nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_of_429_never_open_the_circuit_breaker() {
+    use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+    let provider = MockServer::start().await;
+    let n = 30;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429))
+        .up_to_n_times(n)
+        .with_priority(1)
+        .mount(&provider)
+        .await;
+    answer_with_link(&provider, 201, 9, "9.00", 9).await;
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            ("BREAKER__MIN_CALLS", "5"),
+            ("RETRY__MAX_ELAPSED_MS", "30000"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    for i in 0..n {
+        env.send(&format!("slow-down-{i}"), &body(9, i as i64))
+            .await;
+    }
+    let worker = env.start_worker().await;
+    let addr = worker.http_addr().unwrap();
+    let watching = tokio_util::sync::CancellationToken::new();
+    let watch = tokio::spawn({
+        let watching = watching.clone();
+        async move {
+            let mut opened = None;
+            while !watching.is_cancelled() {
+                let (_, body) = readiness(addr).await;
+                if body.contains("circuit open") {
+                    opened = Some(body);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            opened
+        }
+    });
+    let got = env.messages(&events, n as usize, LOAD_WAIT).await;
+    watching.cancel();
+    assert_eq!(watch.await.unwrap(), None, "the breaker opened on 429s");
+    assert_eq!(got.len(), n as usize);
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 }
