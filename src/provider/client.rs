@@ -10,7 +10,7 @@ use crate::metrics::Metrics;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
@@ -97,6 +97,9 @@ struct Call<'a> {
     carried_trace: &'a [(String, String)],
     /// Whether an open circuit may end the round at once (a delay tier is left to wait in).
     may_park: bool,
+    /// Time spent waiting for the lane (its limit, its pause, its pace), not taken from the
+    /// retry budget.
+    queued_ms: AtomicU64,
 }
 
 /// The provider API client; cheap to clone.
@@ -166,8 +169,10 @@ impl ProviderClient {
             request_json,
             carried_trace,
             may_park,
+            queued_ms: AtomicU64::new(0),
         };
-        let result = retry::retry(
+        let queued = || Duration::from_millis(call.queued_ms.load(Ordering::Relaxed));
+        let result = retry::retry_spending(
             &self.retry,
             || self.attempt(&call, &attempts, metrics),
             |error: &ProviderError, wait| {
@@ -179,6 +184,7 @@ impl ProviderClient {
                         retry_in_ms = wait.as_millis() as u64, "provider call failed; retrying");
                 });
             },
+            queued,
         )
         .await;
         let attempts = attempts.load(Ordering::SeqCst);
@@ -226,8 +232,11 @@ impl ProviderClient {
         } else {
             lane.breaker.admit().await
         };
+        let waiting = Instant::now();
         let slot = lane.limiter.acquire().await;
         lane.pace(self.lanes.workers()).await;
+        call.queued_ms
+            .fetch_add(waiting.elapsed().as_millis() as u64, Ordering::Relaxed);
         // Counted once the request is sure to be made: a parked round made none.
         let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
         let (command_id, request_json, carried_trace) =
@@ -276,7 +285,19 @@ impl ProviderClient {
             span.record("otel.status_code", "ERROR");
         }
         permit.record(matches!(&result, Err(Attempt::Transient(e, retry_after)) if !slow_down(e, *retry_after)));
-        result
+        // A `Retry-After` the lane can hold (within the budget) now pauses the whole lane: the
+        // next attempt waits there, and that wait is not taken from the budget; the round's own
+        // wait is only its backoff interval.
+        let lane_pause =
+            Duration::from_millis(self.retry.max_elapsed_ms.max(self.retry.max_interval_ms));
+        match result {
+            Err(Attempt::Transient(error, Some(after)))
+                if slow_down(&error, Some(after)) && after <= lane_pause =>
+            {
+                Err(Attempt::Transient(error, None))
+            }
+            other => other,
+        }
     }
 
     async fn call(

@@ -131,7 +131,9 @@ impl Lanes {
             limiter: Limiter::new(
                 usize::from(self.settings.broker.prefetch),
                 self.settings.provider.adaptive_concurrency,
-                Duration::from_millis(retry.max_interval_ms),
+                // A `Retry-After` within the retry budget pauses the lane (the wait is not
+                // taken from any command's budget); a longer one ends the round as before.
+                Duration::from_millis(retry.max_elapsed_ms.max(retry.max_interval_ms)),
                 figures.clone(),
             ),
             rate: self.settings.provider.rate_limit(provider_id),

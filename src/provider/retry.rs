@@ -34,7 +34,9 @@ fn schedule(settings: &RetrySettings) -> backoff::ExponentialBackoff {
         randomization_factor: settings.randomization_factor,
         multiplier: settings.multiplier,
         max_interval: Duration::from_millis(settings.max_interval_ms),
-        max_elapsed_time: Some(Duration::from_millis(settings.max_elapsed_ms)),
+        // The budget is checked by `retry_spending`, which leaves out time queued for the lane;
+        // the crate's own clock would count it.
+        max_elapsed_time: None,
         ..backoff::ExponentialBackoff::default()
     };
     backoff::backoff::Backoff::reset(&mut schedule);
@@ -47,8 +49,24 @@ fn schedule(settings: &RetrySettings) -> backoff::ExponentialBackoff {
 /// `on_retry` hears of each transient failure and the wait that follows it.
 pub async fn retry<T, E, F, Fut>(
     settings: &RetrySettings,
+    operation: F,
+    on_retry: impl FnMut(&E, Duration),
+) -> Result<T, GaveUp<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Attempt<E>>>,
+{
+    retry_spending(settings, operation, on_retry, || Duration::ZERO).await
+}
+
+/// [`retry`], where the time `queued()` says the operations spent waiting for their turn (behind
+/// their provider's limit or its `Retry-After` pause) is not taken from the budget: a command is
+/// given up for the provider's answers, never for the worker's own queueing.
+pub async fn retry_spending<T, E, F, Fut>(
+    settings: &RetrySettings,
     mut operation: F,
     mut on_retry: impl FnMut(&E, Duration),
+    queued: impl Fn() -> Duration,
 ) -> Result<T, GaveUp<E>>
 where
     F: FnMut() -> Fut,
@@ -57,6 +75,7 @@ where
     use backoff::backoff::Backoff;
     let budget = Duration::from_millis(settings.max_elapsed_ms);
     let started = Instant::now();
+    let spent = || started.elapsed().saturating_sub(queued());
     let mut schedule = schedule(settings);
     loop {
         match operation().await {
@@ -70,7 +89,7 @@ where
                 // Whatever the server asked for (any size), a wait past the budget is not started;
                 // compared against what is left, so no sum can overflow.
                 let wait = retry_after.map_or(interval, |asked| asked.max(interval));
-                if wait > budget.saturating_sub(started.elapsed()) {
+                if wait > budget.saturating_sub(spent()) {
                     return Err(GaveUp::Exhausted(error));
                 }
                 on_retry(&error, wait);
@@ -195,5 +214,32 @@ mod tests {
         )
         .await;
         assert_eq!(result, Err(GaveUp::Exhausted("429")));
+    }
+
+    #[tokio::test]
+    async fn time_queued_for_the_lane_is_not_taken_from_the_budget() {
+        use std::sync::atomic::AtomicU64;
+        let calls = AtomicU32::new(0);
+        let queued_ms = AtomicU64::new(0);
+        // Each attempt first waits 40 ms for its turn; the budget is 60 ms of the rest.
+        let operation = || async {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            queued_ms.fetch_add(40, Ordering::SeqCst);
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(Attempt::Transient("429", None)),
+                _ => Ok("link"),
+            }
+        };
+        let result = retry_spending(
+            &settings(60),
+            operation,
+            |_, _| {},
+            || Duration::from_millis(queued_ms.load(Ordering::SeqCst)),
+        )
+        .await;
+        assert_eq!(result, Ok("link"), "queueing spent no budget");
+        calls.store(0, Ordering::SeqCst);
+        let counted = retry(&settings(60), operation, |_, _| {}).await;
+        assert_eq!(counted, Err(GaveUp::Exhausted("429")), "counted, it would");
     }
 }

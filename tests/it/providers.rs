@@ -388,3 +388,86 @@ async fn answers_of_429_never_open_the_circuit_breaker() {
     assert_eq!(got.len(), n as usize);
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 }
+
+/// `Retry-After` pauses the whole lane: after provider 1 answers 429 with `Retry-After: 1`, no
+/// request reaches provider 1 until that second is over, while provider 2's requests go on; the
+/// commands waiting out the pause are not given up (the wait is not taken from the retry
+/// budget), and every command gets its link.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_pauses_the_providers_lane_and_only_its_lane() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    use wiremock::{Mock, MockServer, Request, ResponseTemplate, matchers::method};
+    let provider = MockServer::start().await;
+    let seen: Arc<Mutex<Vec<(Instant, i64, u16)>>> = Arc::default();
+    let answered_429 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let responder = {
+        let (seen, answered_429) = (seen.clone(), answered_429.clone());
+        move |request: &Request| {
+            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+            let id = body["paymentProviderId"].as_i64().unwrap();
+            let first = id == 1 && !answered_429.swap(true, std::sync::atomic::Ordering::SeqCst);
+            let status = if first { 429 } else { 201 };
+            seen.lock().unwrap().push((Instant::now(), id, status));
+            if first {
+                ResponseTemplate::new(429).insert_header("Retry-After", "1")
+            } else {
+                ResponseTemplate::new(201)
+                    .set_body_raw(provider_answer(1, "3.10", 1), "application/json")
+                    .set_delay(Duration::from_millis(20))
+            }
+        }
+    };
+    Mock::given(method("POST"))
+        .respond_with(responder)
+        .mount(&provider)
+        .await;
+    // A budget shorter than the pause plus the queue behind it.
+    let env = TestEnv::with(&provider.uri(), &[("RETRY__MAX_ELAPSED_MS", "1500")]).await;
+    let events = env.capture_events().await;
+    let _worker = env.start_worker().await;
+    // The first command gets the 429; the rest are sent once it has, so none was under way.
+    env.send("paused-0", &body(1, 0)).await;
+    eventually("provider 1's 429", WAIT, || async {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(_, _, s)| *s == 429)
+            .then_some(())
+    })
+    .await;
+    for i in 1..10 {
+        env.send(&format!("paused-{i}"), &body(1, i)).await;
+    }
+    for i in 0..40 {
+        env.send(&format!("other-{i}"), &body(2, 100 + i)).await;
+    }
+    let got = env.messages(&events, 50, LOAD_WAIT).await;
+    assert_eq!(got.len(), 50, "every command got its link");
+    assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
+
+    let seen = seen.lock().unwrap().clone();
+    let paused_at = seen
+        .iter()
+        .find(|(_, id, status)| *id == 1 && *status == 429)
+        .map(|(at, _, _)| *at)
+        .expect("provider 1 answered 429 once");
+    // Retry-After is whole seconds; allow for the clocks' resolution.
+    let until = paused_at + Duration::from_millis(950);
+    let early: Vec<_> = seen
+        .iter()
+        .filter(|(at, id, _)| *id == 1 && *at > paused_at && *at < until)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "provider 1 was called during its pause: {early:?}"
+    );
+    let others = seen
+        .iter()
+        .filter(|(at, id, _)| *id == 2 && *at > paused_at && *at < until)
+        .count();
+    assert!(
+        others > 0,
+        "provider 2's calls went on during provider 1's pause"
+    );
+}
