@@ -703,18 +703,24 @@ async fn sim_stats(run: &Run) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
-/// A provider limited to `rate` calls a second, two replicas told so: their throughput and the
-/// share of calls answered 429.
-async fn rate_limited(connection: &Connection, n: usize, rate: u32) -> anyhow::Result<(f64, f64)> {
+/// A provider limited to `rate` calls a second (429 with `Retry-After: 1` above it), two
+/// replicas, told the limit (`configured`) or left to find it: their throughput and the share of
+/// calls answered 429.
+async fn rate_limited(
+    connection: &Connection,
+    n: usize,
+    rate: u32,
+    configured: bool,
+) -> anyhow::Result<(f64, f64)> {
     let sim = SimOptions {
         rate_limit: Some(rate),
         ..SimOptions::default()
     };
     let rate_text = rate.to_string();
-    let extra = [
-        ("PROVIDER__MAX_REQUESTS_PER_SECOND", rate_text.as_str()),
-        ("TELEMETRY__LEVELS_INTERVAL_MS", "500"),
-    ];
+    let mut extra = vec![("TELEMETRY__LEVELS_INTERVAL_MS", "500")];
+    if configured {
+        extra.push(("PROVIDER__MAX_REQUESTS_PER_SECOND", rate_text.as_str()));
+    }
     let run = Run::with(Tuning::Shipped, sim, &extra).await?;
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
@@ -1159,7 +1165,13 @@ async fn main() -> anyhow::Result<()> {
         rate as usize * 10
     ));
     let (limited_throughput, limited_share) =
-        rate_limited(&connection, rate as usize * 10, rate).await?;
+        rate_limited(&connection, rate as usize * 10, rate, true).await?;
+    log(&format!(
+        "the same provider, its limit not configured (the workers must find it), {} commands",
+        rate as usize * 10
+    ));
+    let (found_throughput, found_share) =
+        rate_limited(&connection, rate as usize * 10, rate, false).await?;
     log(&format!(
         "two provider ids, the second down, {} commands for the first, prefetch {}",
         o.commands / 2,
@@ -1219,6 +1231,12 @@ async fn main() -> anyhow::Result<()> {
             "throughput_per_s": limited_throughput,
             "target_per_s": f64::from(rate) * 0.9,
             "answered_429_share": limited_share,
+        },
+        "rate_limited_not_configured": {
+            "rate_limit_per_s": rate,
+            "throughput_per_s": found_throughput,
+            "target_per_s": f64::from(rate) * 0.9,
+            "answered_429_share": found_share,
         },
         "one_provider_down": {
             "healthy_throughput_per_s": healthy,
@@ -1288,6 +1306,11 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| provider limited to {rate}/s, two replicas (shipped defaults) | {limited_throughput:.0} commands/s, {:.2} % of calls answered 429 | ≥ {:.0}/s, < 2 % |",
             limited_share * 100.0,
+            f64::from(rate) * 0.9
+        );
+        println!(
+            "| provider limited to {rate}/s, limit not configured, two replicas | {found_throughput:.0} commands/s, {:.2} % of calls answered 429 | ≥ {:.0}/s, < 2 % |",
+            found_share * 100.0,
             f64::from(rate) * 0.9
         );
         println!(
