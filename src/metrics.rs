@@ -14,6 +14,8 @@ use std::time::Duration;
 pub struct ProviderFigures {
     /// Calls started so far (for the lane's rate in `status`).
     pub started: AtomicU64,
+    /// The rate this worker paces its calls at, in thousandths of a call a second (0: unpaced).
+    pub rate_milli: AtomicI64,
     /// The current limit (whole calls).
     pub limit: AtomicI64,
     /// Calls under way.
@@ -402,6 +404,23 @@ fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
         "Calls under way to a provider",
         |f| f.in_flight.load(Ordering::Relaxed),
     );
+    meter
+        .f64_observable_gauge("payment_link.provider.rate")
+        .with_unit("{call}/s")
+        .with_description(
+            "Calls a second this worker paces a provider at: its share of the configured rate, \
+             or the rate found from the provider's 429s (0: not paced)",
+        )
+        .with_callback({
+            let lanes = lanes.clone();
+            move |observer| {
+                for (id, figures) in lanes.lock().expect("lane figures").iter() {
+                    let rate = figures.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+                    observer.observe(rate, &[KeyValue::new("payment_provider.id", *id)]);
+                }
+            }
+        })
+        .build();
     per_provider(
         "payment_link.provider.queued",
         "Calls waiting for a provider's concurrency limit or Retry-After pause",

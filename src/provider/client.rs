@@ -284,7 +284,13 @@ impl ProviderClient {
         if result.is_err() {
             span.record("otel.status_code", "ERROR");
         }
-        permit.record(matches!(&result, Err(Attempt::Transient(e, retry_after)) if !slow_down(e, *retry_after)));
+        let slowed = matches!(&result, Err(Attempt::Transient(e, retry_after)) if slow_down(e, *retry_after));
+        if slowed {
+            lane.slowed_down();
+        } else if result.is_ok() {
+            lane.answered();
+        }
+        permit.record(matches!(&result, Err(Attempt::Transient(..))) && !slowed);
         // A `Retry-After` the lane can hold (within the budget) now pauses the whole lane: the
         // next attempt waits there, and that wait is not taken from the budget; the round's own
         // wait is only its backoff interval.

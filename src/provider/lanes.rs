@@ -47,27 +47,151 @@ pub struct Lane {
     pub limiter: Limiter,
     /// Calls per second for the fleet, if limited; this worker takes its share.
     rate: Option<f64>,
-    /// When this worker's next call to the provider may start.
-    next_call: Mutex<Instant>,
+    /// When this worker's next call to the provider may start, and the rate it found.
+    pace: Mutex<Pace>,
     figures: Arc<Figures>,
+    provider_id: i64,
+}
+
+/// This worker's pace for one provider: the rate it has found the provider takes (none until the
+/// first 429), and what it measured of its own calls.
+struct Pace {
+    next_call: Instant,
+    /// Calls a second this worker found the provider takes: cut by [`RATE_CUT`] on a 429, grown
+    /// by [`RATE_GROWTH`] per second without one.
+    found: Option<f64>,
+    /// Calls started in the current one-second window, and the rate of the last full window.
+    window_start: Instant,
+    window_calls: u32,
+    observed: f64,
+    /// Links made in the current window, and the rate of the last full one: the provider took
+    /// at least that many, so a cut never goes below it.
+    window_links: u32,
+    observed_links: f64,
+    last_cut: Option<Instant>,
+    last_growth: Instant,
+    /// The rate last written to the log, to log only large changes.
+    logged: f64,
+}
+
+/// The factor the found rate is multiplied by on a 429.
+const RATE_CUT: f64 = 0.7;
+/// The factor the found rate grows by per second without a 429.
+const RATE_GROWTH: f64 = 1.05;
+
+impl Pace {
+    fn new() -> Self {
+        let now = Instant::now();
+        Pace {
+            next_call: now,
+            found: None,
+            window_start: now,
+            window_calls: 0,
+            observed: 0.0,
+            window_links: 0,
+            observed_links: 0.0,
+            last_cut: None,
+            last_growth: now,
+            logged: 0.0,
+        }
+    }
+
+    /// Counts a call starting now; grows the found rate once a second without a cut.
+    fn count(&mut self, now: Instant) {
+        let window = now.duration_since(self.window_start);
+        if window >= Duration::from_secs(1) {
+            self.observed = f64::from(self.window_calls) / window.as_secs_f64();
+            self.observed_links = f64::from(self.window_links) / window.as_secs_f64();
+            self.window_start = now;
+            self.window_calls = 0;
+            self.window_links = 0;
+        }
+        self.window_calls += 1;
+        if let Some(found) = self.found
+            && now.duration_since(self.last_growth) >= Duration::from_secs(1)
+        {
+            self.found = Some(found * RATE_GROWTH + 1.0);
+            self.last_growth = now;
+        }
+    }
 }
 
 impl Lane {
     /// Waits for this worker's turn under the fleet's rate limit: calls are spaced evenly at
     /// `rate / workers` per second, with no burst, so the fleet never goes above the rate in any
     /// second (give or take one call per worker).
+    ///
+    /// Without a configured rate, or below it, the worker paces itself at the rate it found the
+    /// provider takes (see [`Lane::slowed_down`]): unpaced until the first 429.
     pub async fn pace(&self, workers: usize) {
-        let Some(rate) = self.rate else {
-            return;
-        };
-        let gap = Duration::from_secs_f64(workers.max(1) as f64 / rate);
         let at = {
-            let mut next = self.next_call.lock().expect("pace lock");
-            let at = (*next).max(Instant::now());
-            *next = at + gap;
+            let mut pace = self.pace.lock().expect("pace lock");
+            let now = Instant::now();
+            pace.count(now);
+            let share = self.rate.map(|rate| rate / workers.max(1) as f64);
+            let rate = match (share, pace.found) {
+                (Some(share), Some(found)) => share.min(found),
+                (one, other) => match one.or(other) {
+                    Some(rate) => rate,
+                    None => return,
+                },
+            };
+            self.figures
+                .rate_milli
+                .store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
+            let gap = Duration::from_secs_f64(1.0 / rate.max(0.1));
+            let at = pace.next_call.max(now);
+            pace.next_call = at + gap;
             at
         };
         tokio::time::sleep_until(at).await;
+    }
+
+    /// A call got its link: counted towards what the provider takes.
+    pub fn answered(&self) {
+        self.pace.lock().expect("pace lock").window_links += 1;
+    }
+
+    /// The provider answered "slow down" (a 429, or a 503 with `Retry-After`): the rate this
+    /// worker calls it at is cut to [`RATE_CUT`] of what it was (of what it measured, the first
+    /// time), at most once a second, and grows back slowly while calls succeed, so the lane
+    /// settles just under the provider's limit. A configured rate stays the ceiling.
+    pub fn slowed_down(&self) {
+        let mut pace = self.pace.lock().expect("pace lock");
+        let now = Instant::now();
+        if pace
+            .last_cut
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        let window = now.duration_since(pace.window_start).as_secs_f64();
+        let (current, links) = if window >= 0.2 {
+            (
+                f64::from(pace.window_calls) / window,
+                f64::from(pace.window_links) / window,
+            )
+        } else {
+            (pace.observed, pace.observed_links)
+        };
+        let base = pace.found.unwrap_or(current.max(pace.observed));
+        // Never below what the provider took lately: a 429 for one command (or one account's
+        // burst) must not slow the lane's other commands to a crawl.
+        let took = links.max(pace.observed_links);
+        let cut = (base * RATE_CUT).max(took).max(1.0);
+        pace.found = Some(cut);
+        pace.last_cut = Some(now);
+        pace.last_growth = now;
+        let logged = pace.logged;
+        if logged == 0.0 || (cut - logged).abs() / logged > 0.25 {
+            pace.logged = cut;
+            drop(pace);
+            tracing::info!(
+                provider_id = self.provider_id,
+                rate_per_s = cut.round(),
+                "the provider asks to slow down: calling it at most this often from this worker"
+            );
+        }
     }
 
     fn idle(&self) -> bool {
@@ -137,8 +261,9 @@ impl Lanes {
                 figures.clone(),
             ),
             rate: self.settings.provider.rate_limit(provider_id),
-            next_call: Mutex::new(Instant::now()),
+            pace: Mutex::new(Pace::new()),
             figures: figures.clone(),
+            provider_id,
         });
         self.figures
             .lock()
@@ -238,5 +363,33 @@ mod tests {
         assert!(lanes.lanes.lock().unwrap().len() <= MAX_LANES + 1);
         assert!(Arc::ptr_eq(&busy, &lanes.lane(3)), "a lane in use is kept");
         assert!(lanes.figures.lock().unwrap().len() <= MAX_LANES + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_that_says_slow_down_is_paced_under_the_rate_it_took_and_grows_back() {
+        let lanes = lanes(&[]);
+        let lane = lanes.lane(8);
+        // 100 calls a second, unpaced: nobody said what the provider takes.
+        let started = Instant::now();
+        for _ in 0..100 {
+            lane.pace(1).await;
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "unpaced");
+        lane.pace(1).await; // closes the measured second
+        lane.slowed_down();
+        lane.slowed_down(); // a second 429 in the same second cuts nothing more
+        // Cut to 70 a second: 8 calls take 7 gaps of 1/70 s.
+        let started = Instant::now();
+        for _ in 0..8 {
+            lane.pace(1).await;
+        }
+        let gaps = started.elapsed().as_secs_f64();
+        assert!((0.09..0.11).contains(&gaps), "7 gaps of 1/70 s: {gaps}");
+        // A second without a 429: a little faster (70 × 1.05 + 1 = 74.5 a second).
+        tokio::time::advance(Duration::from_secs(1)).await;
+        lane.pace(1).await;
+        let found = lane.pace.lock().unwrap().found.unwrap();
+        assert!((74.0..75.0).contains(&found), "{found}");
     }
 }
