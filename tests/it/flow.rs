@@ -36,13 +36,15 @@ async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints
         ],
     )
     .await;
-    let mut worker = binary(&env)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = collect(worker.stderr.take().unwrap());
+    let mut worker = Reaped::new(
+        binary(&env)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let log = collect(worker.get().stderr.take().unwrap());
     wait_for("the worker to start", &log, "worker started").await;
 
     let sent = run(binary(&env).args([
@@ -106,16 +108,18 @@ async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints
     );
 
     // `events` binds a queue: the relay gets every event through, and `events` prints each.
-    let mut events = binary(&env)
-        .args(["events", "--count", &COMMANDS.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let printed = collect(events.stdout.take().unwrap());
+    let mut events = Reaped::new(
+        binary(&env)
+            .args(["events", "--count", &COMMANDS.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let printed = collect(events.get().stdout.take().unwrap());
     let events = std::sync::Mutex::new(events);
     let finished = eventually("events to print every event", LONG, || {
-        let exited = events.lock().unwrap().try_wait().unwrap();
+        let exited = events.lock().unwrap().get().try_wait().unwrap();
         async move { exited.map(|status| status.success()) }
     })
     .await;
@@ -138,7 +142,7 @@ async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints
         "ended (resolved): messages wait in the outbox",
     )
     .await;
-    terminate(worker);
+    terminate(worker.take());
 }
 
 #[tokio::test(flavor = "multi_thread")]

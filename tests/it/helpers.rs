@@ -631,6 +631,40 @@ pub fn output(command: &mut std::process::Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A child process that is killed (with its own children, such as the program `script` runs) if
+/// the test ends without stopping it, a failed assertion included: a worker left running would
+/// declare its queues again after the test's clean-up removed them.
+pub struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    /// Guards `child`.
+    pub fn new(child: std::process::Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The child, for the test to stop it itself.
+    pub fn take(mut self) -> std::process::Child {
+        self.0.take().expect("not taken yet")
+    }
+
+    /// The child, while guarded.
+    pub fn get(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("not taken yet")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = std::process::Command::new("pkill")
+                .args(["-KILL", "-P", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Sends SIGTERM and waits (bounded) for a clean exit.
 pub fn terminate(mut child: std::process::Child) {
     let status = std::process::Command::new("kill")

@@ -8,7 +8,7 @@ use crate::helpers::*;
 use payment_link_worker::config::Settings;
 use payment_link_worker::provider::sim::SimOptions;
 use regex::Regex;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -124,7 +124,7 @@ fn same(step: &Step, printed: &str, names: &[(String, String)], loose: bool) {
 }
 
 /// The binary run at a pseudo-terminal (util-linux `script`), its output collected.
-fn at_a_terminal(env: &TestEnv, args: &[String]) -> (Child, Arc<Mutex<String>>) {
+fn at_a_terminal(env: &TestEnv, args: &[String]) -> (Reaped, Arc<Mutex<String>>) {
     let mut line = format!("exec {}", env!("CARGO_BIN_EXE_payment-link-worker"));
     for arg in args {
         line.push_str(&format!(" '{arg}'"));
@@ -143,11 +143,12 @@ fn at_a_terminal(env: &TestEnv, args: &[String]) -> (Child, Arc<Mutex<String>>) 
         .spawn()
         .expect("util-linux script runs");
     let seen = collect(child.stdout.take().unwrap());
-    (child, seen)
+    (Reaped::new(child), seen)
 }
 
 /// Stops a command started under `script` (SIGTERM to the command itself), bounded.
-fn stop(mut child: Child) {
+fn stop(child: Reaped) {
+    let mut child = child.take();
     let _ = Command::new("pkill")
         .args(["-TERM", "-P", &child.id().to_string()])
         .status();
