@@ -94,25 +94,6 @@ pub fn resolved(key: &str) {
     }
 }
 
-/// Ends every open problem whose key starts with `prefix` (cheap when none is open).
-pub fn resolved_prefix(prefix: &str) {
-    if OPEN_COUNT.load(Ordering::Relaxed) == 0 {
-        return;
-    }
-    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-    let keys: Vec<String> = open
-        .keys()
-        .filter(|k| k.starts_with(prefix))
-        .cloned()
-        .collect();
-    let ended: Vec<Open> = keys.iter().filter_map(|k| open.remove(k)).collect();
-    OPEN_COUNT.store(open.len(), Ordering::Relaxed);
-    drop(open);
-    for ended in ended {
-        log_end(&ended, "resolved");
-    }
-}
-
 /// Writes a summary line for every open problem that happened again since its last one, once
 /// an interval has passed, and ends the quiet ones.
 pub fn tick() {
@@ -203,7 +184,7 @@ mod tests {
         }
         assert_eq!(firsts, 1);
         assert_eq!(is_open(key), Some((1000, 999)));
-        resolved_prefix("unit unroutable a");
+        resolved(key);
         assert_eq!(is_open(key), None);
         occurred(|| problem(key, false), key, || firsts += 1);
         assert_eq!(firsts, 2, "a new run is logged again");

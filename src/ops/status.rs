@@ -332,7 +332,7 @@ pub fn screen(status: &Status) -> String {
             p.in_flight,
             p.queued,
             p.limit,
-            p.breaker,
+            crate::text::visible(&p.breaker),
             p.max_requests_per_second
                 .map_or("-".to_owned(), |r| format!("{r}/s"))
         );
@@ -343,7 +343,8 @@ pub fn screen(status: &Status) -> String {
         let _ = writeln!(
             out,
             "  {}  seen {:.1} s ago  received {}  created {}  dead-lettered {}  delayed {}",
-            r.instance_id,
+            // Read from the database: shown with control characters made visible.
+            crate::text::visible(&r.instance_id),
             r.seen_ms_ago as f64 / 1000.0,
             n("received"),
             n("created"),

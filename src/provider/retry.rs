@@ -46,7 +46,9 @@ fn schedule(settings: &RetrySettings) -> backoff::ExponentialBackoff {
 /// Runs `operation` until it succeeds, fails permanently, or the budget
 /// (`retry.max_elapsed_ms`) is spent. Each wait is the schedule's next interval, or the server's
 /// `Retry-After` when that is longer; a wait that would end past the budget is not started.
-/// `on_retry` hears of each transient failure and the wait that follows it.
+/// `on_retry` hears of each transient failure and the wait that follows it. (The schedule's own
+/// tests use this; the provider client leaves its lane waits out with [`retry_spending`].)
+#[cfg(test)]
 pub async fn retry<T, E, F, Fut>(
     settings: &RetrySettings,
     operation: F,

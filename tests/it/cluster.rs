@@ -305,10 +305,7 @@ async fn every_command_once(
 ) {
     // Events refused while a node was going are in the outbox: the relay gets them out.
     eventually("the outbox to empty", Duration::from_secs(60), || async {
-        let mut conn = env.pool.get().await.ok()?;
-        let unsent = payment_link_worker::store::outbox::unsent_count(&mut conn)
-            .await
-            .ok()?;
+        let unsent = env.unsent().await?;
         (unsent == 0).then_some(())
     })
     .await;

@@ -47,7 +47,7 @@ fn worker_at_a_terminal(env: &TestEnv) -> (Child, Arc<Mutex<String>>) {
 }
 
 /// Stops a worker started under `script` (SIGTERM to the worker itself), bounded.
-fn stop_at_a_terminal(mut child: Child) {
+pub fn stop_at_a_terminal(mut child: Child) {
     let _ = Command::new("pkill")
         .args(["-TERM", "-P", &child.id().to_string()])
         .status();

@@ -75,10 +75,7 @@ async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints
 
     // Every command is done; its event waits in the outbox, retried every half second.
     eventually("every event to wait in the outbox", LONG, || async {
-        let mut conn = env.pool.get().await.ok()?;
-        let unsent = payment_link_worker::store::outbox::unsent_count(&mut conn)
-            .await
-            .ok()?;
+        let unsent = env.unsent().await?;
         (unsent as usize >= COMMANDS).then_some(())
     })
     .await;

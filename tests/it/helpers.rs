@@ -373,6 +373,14 @@ impl TestEnv {
             .expect("queue exists")
     }
 
+    /// Outbox rows not yet confirmed by the broker (`None` while the database cannot be read).
+    pub async fn unsent(&self) -> Option<i64> {
+        let mut conn = self.pool.get().await.ok()?;
+        payment_link_worker::store::outbox::unsent_count(&mut conn)
+            .await
+            .ok()
+    }
+
     /// Messages ready in `queue` and its consumers; `None` while the queue is not there (a
     /// channel of its own: a missing queue closes it).
     pub async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {

@@ -22,6 +22,31 @@ async fn readiness(addr: std::net::SocketAddr) -> (u16, String) {
     (answer.status().as_u16(), answer.text().await.unwrap())
 }
 
+/// Reads `/readyz` every 20 ms until the token is cancelled; the task's result is the first body
+/// that said a circuit was open, if any.
+fn watch_for_an_open_circuit(
+    addr: std::net::SocketAddr,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Option<String>>,
+) {
+    let watching = tokio_util::sync::CancellationToken::new();
+    let watch = tokio::spawn({
+        let watching = watching.clone();
+        async move {
+            while !watching.is_cancelled() {
+                let (_, body) = readiness(addr).await;
+                if body.contains("circuit open") {
+                    return Some(body);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        }
+    });
+    (watching, watch)
+}
+
 /// The Prometheus sample of `name` for provider `id`.
 fn per_provider(metrics: &str, name: &str, id: i64) -> Option<f64> {
     let label = format!("payment_provider_id=\"{id}\"");
@@ -174,26 +199,10 @@ async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_
     assert!(lowest >= 1.0, "{lowest}");
     // "Slow down" is not "down": the breaker stays closed while 429s come (read from /readyz
     // every 50 ms through the run).
-    let addr = worker.http_addr().unwrap();
-    let watching = tokio_util::sync::CancellationToken::new();
-    let watch = tokio::spawn({
-        let watching = watching.clone();
-        async move {
-            let mut opened = None;
-            while !watching.is_cancelled() {
-                let (_, body) = readiness(addr).await;
-                if body.contains("circuit open") {
-                    opened = Some(body);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            opened
-        }
-    });
+    let (watching, watch) = watch_for_an_open_circuit(worker.http_addr().unwrap());
     let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
     watching.cancel();
-    let opened = watch.await.unwrap();
-    assert_eq!(opened, None, "the breaker opened on 429s");
+    assert_eq!(watch.await.unwrap(), None, "the breaker opened on 429s");
     assert_eq!(got.len(), ids.len());
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
     let stats = simulator_counters(&sim_url).await;
@@ -366,22 +375,7 @@ async fn answers_of_429_never_open_the_circuit_breaker() {
             .await;
     }
     let worker = env.start_worker().await;
-    let addr = worker.http_addr().unwrap();
-    let watching = tokio_util::sync::CancellationToken::new();
-    let watch = tokio::spawn({
-        let watching = watching.clone();
-        async move {
-            let mut opened = None;
-            while !watching.is_cancelled() {
-                let (_, body) = readiness(addr).await;
-                if body.contains("circuit open") {
-                    opened = Some(body);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            opened
-        }
-    });
+    let (watching, watch) = watch_for_an_open_circuit(worker.http_addr().unwrap());
     let got = env.messages(&events, n as usize, LOAD_WAIT).await;
     watching.cancel();
     assert_eq!(watch.await.unwrap(), None, "the breaker opened on 429s");

@@ -10,7 +10,7 @@ use payment_link_worker::provider::sim::SimOptions;
 use regex::Regex;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One command of the quick start and the output the README shows for it.
 #[derive(Debug)]
@@ -148,18 +148,7 @@ fn at_a_terminal(env: &TestEnv, args: &[String]) -> (Reaped, Arc<Mutex<String>>)
 
 /// Stops a command started under `script` (SIGTERM to the command itself), bounded.
 fn stop(child: Reaped) {
-    let mut child = child.take();
-    let _ = Command::new("pkill")
-        .args(["-TERM", "-P", &child.id().to_string()])
-        .status();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("a command at a terminal did not stop within 20 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::first_hour::stop_at_a_terminal(child.take());
 }
 
 /// The test's own exchange and queue names, each with the default it stands for.
@@ -288,10 +277,7 @@ async fn the_readme_quick_start_prints_what_it_shows() {
 
     // status --watch once everything is done and reported: its last screen.
     eventually("every command done", LONG, || async {
-        let mut conn = env.pool.get().await.ok()?;
-        let unsent = payment_link_worker::store::outbox::unsent_count(&mut conn)
-            .await
-            .ok()?;
+        let unsent = env.unsent().await?;
         let screen = output(captured(&env).arg("status"));
         let done = screen.contains("LAST MINUTE  1001 created") && screen.contains("created 1001 ");
         (unsent == 0 && done).then_some(())
