@@ -5,14 +5,13 @@
 
 use super::Console;
 use crate::config::ConsoleSettings;
+use crate::store::{self, StoreError};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What an operator may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -152,16 +151,16 @@ pub(super) fn find<'a>(operators: &'a [Operator], token: &str) -> Option<&'a Ope
     })
 }
 
-/// Browser sessions of this console process.
-#[derive(Clone, Default)]
-pub(super) struct Sessions(Arc<Mutex<HashMap<String, Session>>>);
-
+/// Browser sessions, kept in PostgreSQL so that every console replica knows them and a restart
+/// signs nobody out; the cookie's value is stored only as its SHA-256.
 #[derive(Clone)]
+pub(super) struct Sessions(crate::store::PgPool);
+
+/// A live session, with the operator's role as the configuration gives it now.
 struct Session {
     name: String,
     role: Role,
     csrf: String,
-    expires: Instant,
 }
 
 /// How long a browser session lasts.
@@ -177,36 +176,52 @@ fn random_token() -> String {
     )
 }
 
+fn digest(id: &str) -> [u8; 32] {
+    Sha256::digest(id.as_bytes()).into()
+}
+
 impl Sessions {
+    pub(super) fn new(pool: crate::store::PgPool) -> Self {
+        Sessions(pool)
+    }
+
     /// Opens a session for `operator`; returns its cookie value.
-    pub(super) fn open(&self, operator: &Operator) -> String {
+    pub(super) async fn open(&self, operator: &Operator) -> Result<String, StoreError> {
         let id = random_token();
-        let mut sessions = self.0.lock().expect("sessions lock");
-        let now = Instant::now();
-        sessions.retain(|_, s| s.expires > now);
-        sessions.insert(
-            id.clone(),
-            Session {
-                name: operator.name.clone(),
-                role: operator.role,
-                csrf: random_token(),
-                expires: now + SESSION_LIFETIME,
-            },
-        );
-        id
+        let expires = chrono::Utc::now()
+            + chrono::Duration::from_std(SESSION_LIFETIME).expect("a lifetime of hours");
+        let mut conn = self.0.get().await?;
+        store::sessions::open(
+            &mut conn,
+            &digest(&id),
+            &operator.name,
+            &random_token(),
+            expires,
+        )
+        .await?;
+        Ok(id)
     }
 
-    /// Ends a session.
-    pub(super) fn close(&self, id: &str) {
-        self.0.lock().expect("sessions lock").remove(id);
+    /// Ends a session, for every replica.
+    pub(super) async fn close(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.0.get().await?;
+        store::sessions::close(&mut conn, &digest(id)).await
     }
 
-    fn get(&self, id: &str) -> Option<Session> {
-        let sessions = self.0.lock().expect("sessions lock");
-        sessions
-            .get(id)
-            .filter(|s| s.expires > Instant::now())
-            .cloned()
+    /// The live session with this cookie value, if its operator is still configured.
+    async fn get(&self, id: &str, operators: &[Operator]) -> Result<Option<Session>, StoreError> {
+        let mut conn = self.0.get().await?;
+        let Some(stored) = store::sessions::find(&mut conn, &digest(id)).await? else {
+            return Ok(None);
+        };
+        Ok(operators
+            .iter()
+            .find(|o| o.name == stored.operator)
+            .map(|o| Session {
+                name: o.name.clone(),
+                role: o.role,
+                csrf: stored.csrf,
+            }))
     }
 }
 
@@ -237,6 +252,8 @@ pub enum Refusal {
     Forbidden(&'static str),
     /// Too many wrong tokens from the caller's address: try again after this long.
     Throttled(Duration),
+    /// The session store (PostgreSQL) cannot be read: try again shortly.
+    Unavailable,
 }
 
 impl IntoResponse for Refusal {
@@ -249,6 +266,10 @@ impl IntoResponse for Refusal {
             ),
             Refusal::Forbidden(why) => super::reply::error(StatusCode::FORBIDDEN, why),
             Refusal::Throttled(wait) => throttled(wait),
+            Refusal::Unavailable => super::reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the console cannot read its sessions from the database: try again shortly",
+            ),
         }
     }
 }
@@ -295,10 +316,14 @@ impl FromRequestParts<Console> for Caller {
             });
         }
         let id = cookie(&parts.headers, COOKIE).ok_or(Refusal::Unauthenticated { page })?;
-        let session = console
-            .sessions
-            .get(&id)
-            .ok_or(Refusal::Unauthenticated { page })?;
+        let session = match console.sessions.get(&id, &console.operators).await {
+            Ok(Some(session)) => session,
+            Ok(None) => return Err(Refusal::Unauthenticated { page }),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read a console session");
+                return Err(Refusal::Unavailable);
+            }
+        };
         Ok(Caller {
             name: session.name,
             role: session.role,

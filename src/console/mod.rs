@@ -150,9 +150,9 @@ pub async fn serve(
         throttle: throttle::Throttle::new(settings.console.auth_failures_allowed, &registry),
         registry,
         settings: Arc::new(settings),
+        sessions: auth::Sessions::new(pool.clone()),
         pool,
         operators: Arc::new(operators),
-        sessions: auth::Sessions::default(),
         running: Arc::default(),
         stop: stop.clone(),
     };

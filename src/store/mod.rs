@@ -13,6 +13,7 @@ pub mod outcomes;
 pub mod replay_runs;
 pub mod retention;
 pub mod schema;
+pub mod sessions;
 
 use crate::config::DatabaseSettings;
 use diesel_async::AsyncPgConnection;

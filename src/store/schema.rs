@@ -151,3 +151,14 @@ diesel::table! {
         client_address -> Nullable<Text>,
     }
 }
+
+diesel::table! {
+    /// The console's browser sessions, by the SHA-256 of the cookie's value.
+    console_sessions (id_sha256) {
+        id_sha256 -> Bytea,
+        operator -> Text,
+        csrf -> Text,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}

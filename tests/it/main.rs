@@ -9,6 +9,7 @@ mod cluster;
 mod conflicts;
 mod console;
 mod console_attacks;
+mod console_sessions;
 mod contract;
 mod dead_letter_store;
 mod duplicates;

@@ -66,7 +66,14 @@ pub(super) async fn sign_in(
         return (StatusCode::UNAUTHORIZED, layout::sign_in(Some(why))).into_response();
     };
     console.throttle.succeeded(address);
-    let id = console.sessions.open(operator);
+    let id = match console.sessions.open(operator).await {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::warn!(%error, "cannot store a console session");
+            let why = "The console cannot reach its database: try again shortly.";
+            return (StatusCode::SERVICE_UNAVAILABLE, layout::sign_in(Some(why))).into_response();
+        }
+    };
     if let Ok(mut conn) = console.pool.get().await {
         let entry = audit::NewEntry {
             actor: operator.name.clone(),
@@ -94,8 +101,10 @@ pub(super) async fn sign_in(
 /// so another site's form cannot send it: the CSRF field is not needed here, and a wrong one
 /// never leaves a cleared cookie in front of a session that still works.
 pub(super) async fn sign_out(State(console): State<Console>, caller: Caller) -> Response {
-    if let Some(id) = &caller.session {
-        console.sessions.close(id);
+    if let Some(id) = &caller.session
+        && let Err(error) = console.sessions.close(id).await
+    {
+        tracing::warn!(%error, "cannot end a console session in the database");
     }
     (
         [(header::SET_COOKIE, format!("{COOKIE}=; Path=/; Max-Age=0"))],
