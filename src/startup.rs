@@ -12,6 +12,7 @@ use crate::store::{self, PgPool};
 use crate::{fleet, health, levels};
 use anyhow::Context as _;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// A started worker; [`RunningWorker::wait`] returns once it has stopped.
@@ -44,6 +45,8 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     let pool = store::pool(&settings.database)?;
     if settings.database.run_migrations {
         migrate(&settings, &pool).await?;
+    } else {
+        wait_for_schema(&settings, &pool, &stop).await?;
     }
     let session = Session::open(&settings, &instance_id).await?;
     let metrics = Arc::new(MetricsHandle::new()?);
@@ -92,6 +95,50 @@ pub async fn migrate(settings: &Settings, pool: &PgPool) -> anyhow::Result<usize
         applied => tracing::info!(applied, "applied database migrations"),
     }
     Ok(applied)
+}
+
+/// How often a replica that does not migrate looks whether the schema has caught up.
+const SCHEMA_POLL: Duration = Duration::from_secs(2);
+
+/// With `database.run_migrations = false` (a migration Job applies them, as on Kubernetes),
+/// waits until the database has every migration this binary knows: a replica of a new version
+/// that starts before its migration ran waits instead of failing on a missing column. Says once
+/// what it waits for; an unreachable database stops start-up as usual.
+pub async fn wait_for_schema(
+    settings: &Settings,
+    pool: &PgPool,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut said = false;
+    loop {
+        let missing = match store::unapplied_migrations(pool).await {
+            Ok(missing) => missing,
+            Err(error) => {
+                return Err(crate::diagnose::database(
+                    settings,
+                    "read the schema's version",
+                    error,
+                )
+                .await);
+            }
+        };
+        if missing.is_empty() {
+            if said {
+                tracing::info!("the database schema is up to date; starting");
+            }
+            return Ok(());
+        }
+        if !said {
+            tracing::warn!(missing = missing.len(), newest = %missing.last().map_or("", String::as_str),
+                "waiting for the database schema: migrations not applied yet (database.run_migrations \
+                 is false; run `payment-link-worker migrate`, the migration Job on Kubernetes)");
+            said = true;
+        }
+        tokio::select! {
+            () = stop.cancelled() => anyhow::bail!("stopped while waiting for the database schema"),
+            () = tokio::time::sleep(SCHEMA_POLL) => {}
+        }
+    }
 }
 
 /// Applies the pending migrations and returns how many, saying nothing (for `migrate`, which

@@ -144,6 +144,8 @@ pub async fn serve(
     let pool = store::pool(&settings.database)?;
     if settings.database.run_migrations {
         crate::startup::migrate(&settings, &pool).await?;
+    } else {
+        crate::startup::wait_for_schema(&settings, &pool, &stop).await?;
     }
     let registry = prometheus::Registry::new();
     let console = Console {

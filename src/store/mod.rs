@@ -216,6 +216,42 @@ pub fn step_limit(pool: &PgPool) -> Duration {
     pool.timeouts().recycle.unwrap_or(Duration::from_secs(30)) + Duration::from_secs(1)
 }
 
+/// The embedded migrations the database has not applied yet (by version): what a replica started
+/// with `database.run_migrations = false` waits for someone (the migration Job) to apply.
+pub async fn unapplied_migrations(pool: &PgPool) -> Result<Vec<String>, StoreError> {
+    use diesel::migration::MigrationSource;
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        version: String,
+    }
+    let mut conn = pool.get().await?;
+    // A database nobody has migrated has no version table yet: nothing is applied.
+    let exists: Vec<Applied> = diesel::sql_query(
+        "SELECT 'x' AS version WHERE to_regclass('__diesel_schema_migrations') IS NOT NULL",
+    )
+    .load(&mut conn)
+    .await?;
+    let applied: Vec<String> = if exists.is_empty() {
+        Vec::new()
+    } else {
+        diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+            .load::<Applied>(&mut conn)
+            .await?
+            .into_iter()
+            .map(|a| a.version)
+            .collect()
+    };
+    let embedded = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+    Ok(embedded
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
 /// Advisory lock key that serializes migrations when several replicas start at once.
 const MIGRATION_LOCK: i64 = 0x0070_6c77_5f6d_6967; // "plw_mig"
 

@@ -96,8 +96,12 @@ fn connection_errors_do_not_print_secrets() {
     }
 }
 
-#[test]
-fn no_url_form_prints_its_password_on_any_error_path() {
+#[tokio::test(flavor = "multi_thread")]
+async fn no_url_form_prints_its_password_on_any_error_path() {
+    // A migrated database of the test's own: with migrations off the worker checks the schema,
+    // then reaches for the broker.
+    let env = crate::helpers::TestEnv::new("http://127.0.0.1:9").await;
+    let database = env.settings.database.url.expose().to_owned();
     // Passwords written raw with the characters that end a URL's parts, and as a query parameter.
     let amqp = [
         "amqp://worker:amqp/hunter2@127.0.0.1:1/%2f",
@@ -113,12 +117,13 @@ fn no_url_form_prints_its_password_on_any_error_path() {
         "postgres://app:pg-hunter2@127.0.0.1:1/links",
     ];
     for url in amqp {
-        // Migrations off: the broker is the first thing the worker reaches for.
+        // Migrations off, the schema there: the broker is what fails.
         let err = stderr_of(
             worker()
                 .arg("run")
                 .env("PROVIDER_TOKEN", "sk_live_never_print_me")
                 .env("AMQP_URL", url)
+                .env("DATABASE_URL", &database)
                 .env("PAYMENT_LINK_WORKER__DATABASE__RUN_MIGRATIONS", "false"),
         );
         assert!(err.contains("RabbitMQ"), "{url}: {err}");
@@ -155,8 +160,8 @@ fn one_line(err: &str) -> String {
     }
 }
 
-#[test]
-fn start_up_failures_are_one_line_with_the_cause_the_setting_and_the_fix() {
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_failures_are_one_line_with_the_cause_the_setting_and_the_fix() {
     let admin = crate::sandbox::admin_database_url();
     let base = admin.rsplit_once('/').unwrap().0;
     let missing = format!("plw_missing_{}", uuid::Uuid::new_v4().simple());
@@ -196,11 +201,14 @@ fn start_up_failures_are_one_line_with_the_cause_the_setting_and_the_fix() {
     assert_eq!(line.matches("connection refused").count(), 1, "{line}");
     assert!(line.contains("is PostgreSQL running"), "{line}");
 
+    // Migrations off (a database of the test's own, migrated): the broker is what fails.
+    let env = crate::helpers::TestEnv::new("http://127.0.0.1:9").await;
     let err = stderr_of(
         worker()
             .arg("run")
             .env("PROVIDER_TOKEN", "t")
             .env("PAYMENT_LINK_WORKER__DATABASE__RUN_MIGRATIONS", "false")
+            .env("DATABASE_URL", env.settings.database.url.expose())
             .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
     );
     let line = one_line(&err);
