@@ -212,6 +212,23 @@ async fn consume(
     }
 }
 
+/// The longest a worker takes to stop after SIGTERM, every step at its bound: the grace period
+/// for commands in flight, their return to the queue, the relay's last publish, the release of
+/// leases (one database step), then the publisher's and the consumer's closes. A supervisor's kill
+/// timeout (Kubernetes' `terminationGracePeriodSeconds`) must exceed it, or commands in flight are
+/// cut off instead of returned. (Flushing telemetry comes after, and may be cut off.)
+pub fn longest_stop(settings: &Settings) -> Duration {
+    let publish = Duration::from_millis(settings.broker.publish_timeout_ms);
+    let database_step =
+        Duration::from_millis(settings.database.statement_timeout_ms) + Duration::from_secs(1);
+    Duration::from_millis(settings.worker.shutdown_grace_ms)
+        + ABANDON_TIMEOUT
+        + publish
+        + database_step
+        + publish
+        + SESSION_CLOSE_TIMEOUT
+}
+
 /// Lets commands in flight finish within the grace period, then makes them give themselves back.
 async fn drain(context: &Context, tasks: &mut JoinSet<()>) {
     let grace = tokio::time::sleep(Duration::from_millis(
