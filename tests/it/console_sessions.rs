@@ -24,8 +24,14 @@ fn free_port() -> u16 {
 
 /// `payment-link-worker console` on `port`, answering once it is up.
 async fn console(env: &TestEnv, port: u16) -> Reaped {
+    console_of(env, port, "operator").await
+}
+
+/// As [`console`], with the token's operator named `operator`.
+async fn console_of(env: &TestEnv, port: u16, operator: &str) -> Reaped {
     let child = binary(env)
         .arg("console")
+        .env("CONSOLE_OPERATOR_NAME", operator)
         .env("CONSOLE_OPERATOR_TOKEN", TOKEN)
         .env(
             "PAYMENT_LINK_WORKER__CONSOLE__LISTEN",
@@ -171,6 +177,15 @@ async fn two_consoles_behind_one_address_share_sessions_which_outlive_a_restart(
         signed_in(&format!("http://127.0.0.1:{a}"), &cookie).await,
         "the session did not outlive the restart"
     );
+
+    // A console whose configuration no longer has that operator does not know their session.
+    let elsewhere = free_port();
+    let renamed = console_of(&env, elsewhere, "someone-else").await;
+    assert!(
+        !signed_in(&format!("http://127.0.0.1:{elsewhere}"), &cookie).await,
+        "a removed operator's session still works"
+    );
+    terminate(renamed.take());
 
     // Signing out through one console ends the session for every console.
     let console_d = console(&env, b).await;
