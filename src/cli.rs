@@ -123,9 +123,13 @@ pub struct ProviderSimArgs {
     /// Fraction of calls (0 to 1) that hang for a minute (to exercise callers' timeouts).
     #[arg(long, default_value_t = 0.0)]
     pub stall_rate: f64,
-    /// Answer 429 with `Retry-After: 1` above this many requests per second.
+    /// Answer 429 with `Retry-After: 1` above this many requests per second (changed while it
+    /// runs by `PUT /_sim/rate-limit` with the new number, 0 for none).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit: Option<u32>,
+    /// Answer 429 without a `Retry-After` header, as some providers do.
+    #[arg(long)]
+    pub no_retry_after: bool,
     /// Answer 503 to every call for this paymentProviderId (repeatable).
     #[arg(long, value_name = "ID")]
     pub fail_provider_id: Vec<i64>,
@@ -279,6 +283,7 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         fail_rate: args.fail_rate,
         stall_rate: args.stall_rate,
         rate_limit: args.rate_limit,
+        no_retry_after: args.no_retry_after,
         fail_provider_ids: args.fail_provider_id,
     };
     Ok(sim::serve(listener, options, stop).await?)

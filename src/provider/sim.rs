@@ -10,11 +10,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -30,8 +30,10 @@ pub struct SimOptions {
     /// Fraction of calls (0 to 1) that hang for a minute before answering, to make callers time out.
     pub stall_rate: f64,
     /// Requests per second above which calls are answered 429 with `Retry-After: 1`, as a real
-    /// provider's rate limit does.
+    /// provider's rate limit does (changed while it runs by `PUT /_sim/rate-limit`).
     pub rate_limit: Option<u32>,
+    /// Answer 429 without `Retry-After`, as providers that publish no wait do.
+    pub no_retry_after: bool,
     /// Provider ids whose calls are all answered 503 (one provider down, the others up).
     pub fail_provider_ids: Vec<i64>,
 }
@@ -53,12 +55,15 @@ struct SimState {
     links: Mutex<HashMap<String, (String, String)>>,
     window: std::sync::Mutex<Window>,
     rate_limited: AtomicU64,
+    /// The rate limit now (0: none), as `PUT /_sim/rate-limit` last set it.
+    rate_limit: AtomicU32,
 }
 
 /// The simulator's routes: the provider endpoint and `GET /_sim/stats` (request and link counts,
 /// and how often one `Idempotency-Key` was called).
 pub fn router(options: SimOptions) -> Router {
     let state = Arc::new(SimState {
+        rate_limit: AtomicU32::new(options.rate_limit.unwrap_or(0)),
         options: Some(options),
         next_id: AtomicI64::new(1),
         ..SimState::default()
@@ -66,6 +71,7 @@ pub fn router(options: SimOptions) -> Router {
     Router::new()
         .route(PAYMENT_LINK_PATH, post(create_link))
         .route("/_sim/stats", get(stats))
+        .route("/_sim/rate-limit", put(set_rate_limit))
         .with_state(state)
 }
 
@@ -103,6 +109,21 @@ async fn stats(State(state): State<Arc<SimState>>) -> Response {
         })
         .to_string(),
     )
+}
+
+/// Sets the rate limit from the body (requests per second; 0 for none), as a provider that
+/// changes an account's limit while it is being called.
+async fn set_rate_limit(State(state): State<Arc<SimState>>, body: String) -> Response {
+    match body.trim().parse::<u32>() {
+        Ok(limit) => {
+            state.rate_limit.store(limit, Ordering::SeqCst);
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "rateLimit": limit }).to_string(),
+            )
+        }
+        Err(_) => error(StatusCode::BAD_REQUEST, "the body must be a whole number"),
+    }
 }
 
 /// The simulator's answer; the amount is copied as decimal text so it stays exact.
@@ -189,14 +210,15 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
     if options.stall_rate > 0.0 && draw() < options.stall_rate {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
-    if let Some(limit) = options.rate_limit
-        && !admitted(state, limit)
-    {
+    let limit = state.rate_limit.load(Ordering::SeqCst);
+    if limit > 0 && !admitted(state, limit) {
         state.rate_limited.fetch_add(1, Ordering::SeqCst);
         let mut answer = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-        answer
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        if !options.no_retry_after {
+            answer
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
         return answer;
     }
     if options.fail_rate > 0.0 && draw() < options.fail_rate {
