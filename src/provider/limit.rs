@@ -1,6 +1,8 @@
 //! An adaptive concurrency limit for one provider (AIMD, as in Netflix's concurrency-limits):
-//! the limit grows by one per limit's worth of calls that succeed with a latency near the lowest
-//! seen lately, and shrinks by [`BACKOFF`] when the provider says it is overloaded (429, 503,
+//! it starts small and doubles every round trip (slow start, as TCP's) until the provider first
+//! pushes back or the ceiling is reached, so a new lane does not send a whole prefetch at once
+//! into a provider's rate limit; after that it grows by one per limit's worth of calls that
+//! succeed with a latency near the lowest seen lately, and shrinks by [`BACKOFF`] when the provider says it is overloaded (429, 503,
 //! a timeout), at most once per round trip. A 429 or 503 with `Retry-After` also pauses every call
 //! to this provider until then, not only the one that got it. Commands waiting here hold no
 //! provider connection; the broker's prefetch is the ceiling.
@@ -19,6 +21,11 @@ const LATENCY_TOLERANCE: f64 = 2.0;
 /// How long the lowest latency is remembered before it is measured afresh (a provider that got
 /// slower for good must not freeze the limit forever).
 const MIN_LATENCY_WINDOW: Duration = Duration::from_secs(10);
+/// The pause after a 429 without `Retry-After`, doubled for each one in a row (to 0.8 s, and at
+/// most the longest pause allowed).
+const BARE_PAUSE: Duration = Duration::from_millis(50);
+/// The limit a lane starts at, before slow start doubles it (or the ceiling, if lower).
+const INITIAL_LIMIT: f64 = 16.0;
 /// Shortest time between two decreases, when no latency has been measured yet.
 const MIN_DECREASE_GAP: Duration = Duration::from_millis(50);
 
@@ -31,17 +38,24 @@ pub enum Signal {
     Answered(Duration),
     /// The provider is overloaded (429, 503, a timeout); with its `Retry-After`, if any.
     Overloaded(Option<Duration>),
+    /// The provider asks to slow down (429, 503 with `Retry-After`): a matter of rate, which the
+    /// lane's pace handles; only the `Retry-After` pause applies here.
+    SlowDown(Option<Duration>),
     /// Another failure (a 5xx other than 503, no connection): says nothing about load.
     Other,
 }
 
 struct State {
     limit: f64,
+    /// Doubling every round trip until the first push-back (429, 503, a timeout).
+    slow_start: bool,
     in_flight: usize,
     min_latency: Option<Duration>,
     min_latency_since: Instant,
     last_decrease: Option<Instant>,
     paused_until: Option<Instant>,
+    /// 429s without `Retry-After` in a row, each after the pause the last one began.
+    bare_streak: u32,
 }
 
 /// The limit of one provider.
@@ -61,8 +75,9 @@ pub struct Slot<'a> {
 }
 
 impl Limiter {
-    /// A limit that starts at `max` (the prefetch: no throttling until the provider pushes back)
-    /// and stays between 1 and `max`; without `adaptive`, it stays at `max`. A `Retry-After`
+    /// A limit that starts at [`INITIAL_LIMIT`] and doubles every round trip up to `max` (the
+    /// prefetch) until the provider pushes back, and stays between 1 and `max`; without
+    /// `adaptive`, it stays at `max`. A `Retry-After`
     /// pauses calls for at most `max_pause`.
     pub fn new(
         max: usize,
@@ -71,18 +86,25 @@ impl Limiter {
         figures: std::sync::Arc<Figures>,
     ) -> Self {
         let max = max.max(1);
-        figures.limit.store(max as i64, Ordering::Relaxed);
+        let initial = if adaptive {
+            INITIAL_LIMIT.min(max as f64)
+        } else {
+            max as f64
+        };
+        figures.limit.store(initial as i64, Ordering::Relaxed);
         Self {
             max,
             max_pause,
             adaptive,
             state: Mutex::new(State {
-                limit: max as f64,
+                limit: initial,
+                slow_start: adaptive,
                 in_flight: 0,
                 min_latency: None,
                 min_latency_since: Instant::now(),
                 last_decrease: None,
                 paused_until: None,
+                bare_streak: 0,
             }),
             changed: Notify::new(),
             figures,
@@ -138,6 +160,7 @@ impl Limiter {
         let now = Instant::now();
         match signal {
             Signal::Answered(latency) => {
+                state.bare_streak = 0;
                 let stale = now.duration_since(state.min_latency_since) > MIN_LATENCY_WINDOW;
                 if stale || state.min_latency.is_none_or(|min| latency < min) {
                     state.min_latency = Some(latency);
@@ -147,10 +170,18 @@ impl Limiter {
                     latency.as_secs_f64() <= min.as_secs_f64() * LATENCY_TOLERANCE + 0.001
                 });
                 if self.adaptive && near {
-                    state.limit = (state.limit + 1.0 / state.limit).min(self.max as f64);
+                    // One more per answer doubles the limit every round trip; one more per
+                    // limit's worth of answers, once the provider has pushed back.
+                    let step = if state.slow_start {
+                        1.0
+                    } else {
+                        1.0 / state.limit
+                    };
+                    state.limit = (state.limit + step).min(self.max as f64);
                 }
             }
             Signal::Overloaded(retry_after) => {
+                state.slow_start = false;
                 let gap = state.min_latency.unwrap_or(MIN_DECREASE_GAP);
                 let due = state
                     .last_decrease
@@ -163,12 +194,22 @@ impl Limiter {
                         "provider overloaded; lowering its concurrency limit"
                     );
                 }
-                if let Some(pause) = retry_after {
-                    let until = now + pause.min(self.max_pause);
-                    if state.paused_until.is_none_or(|current| current < until) {
-                        state.paused_until = Some(until);
+                self.pause(&mut state, now, retry_after);
+            }
+            Signal::SlowDown(retry_after) => {
+                // The rate is the lane's pace's concern; the burst stops doubling here.
+                state.slow_start = false;
+                // Without a `Retry-After`, a short pause of our own, doubling while 429s keep
+                // coming after each pause ends (the provider's window is still full), so the
+                // calls already lined up are not all spent on 429s.
+                let pause = retry_after.or_else(|| {
+                    let paused = state.paused_until.is_some_and(|until| until > now);
+                    if !paused {
+                        state.bare_streak = (state.bare_streak + 1).min(5);
                     }
-                }
+                    (!paused).then(|| BARE_PAUSE * 2u32.pow(state.bare_streak - 1))
+                });
+                self.pause(&mut state, now, pause);
             }
             Signal::Other => {}
         }
@@ -177,6 +218,30 @@ impl Limiter {
             .store(state.limit as i64, Ordering::Relaxed);
         drop(state);
         self.changed.notify_waiters();
+    }
+}
+
+impl Limiter {
+    /// Pauses every call until `retry_after` from now (at most `max_pause`), unless a longer
+    /// pause is on.
+    fn pause(&self, state: &mut State, now: Instant, retry_after: Option<Duration>) {
+        if let Some(pause) = retry_after {
+            let until = now + pause.min(self.max_pause);
+            if state.paused_until.is_none_or(|current| current < until) {
+                state.paused_until = Some(until);
+            }
+        }
+    }
+
+    /// How long the current pause (a `Retry-After`) still lasts, if one is on: a call that got
+    /// its slot before the pause began waits it out too.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let state = self.state.lock().expect("limit lock");
+        let now = Instant::now();
+        state
+            .paused_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
     }
 }
 
@@ -226,9 +291,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn overload_lowers_the_limit_once_per_round_trip_and_fast_answers_raise_it() {
         let (l, figures) = limiter(32);
-        l.acquire()
-            .await
-            .done(Signal::Answered(Duration::from_millis(20)));
+        assert_eq!(l.limit(), 16, "starts small");
+        // Slow start: one more per answer, so 16 answers (one round trip) double it.
+        for _ in 0..16 {
+            l.acquire()
+                .await
+                .done(Signal::Answered(Duration::from_millis(20)));
+        }
+        assert_eq!(l.limit(), 32);
         let slots: Vec<_> = futures_util::future::join_all((0..10).map(|_| l.acquire())).await;
         for slot in slots {
             slot.done(Signal::Overloaded(None));
@@ -264,6 +334,78 @@ mod tests {
                 .done(Signal::Answered(Duration::from_millis(200)));
         }
         assert_eq!(l.limit(), lowered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_down_ends_slow_start_without_lowering_the_limit() {
+        let (l, _) = limiter(256);
+        for _ in 0..16 {
+            l.acquire()
+                .await
+                .done(Signal::Answered(Duration::from_millis(20)));
+        }
+        assert_eq!(l.limit(), 32, "doubled in one round trip");
+        l.acquire().await.done(Signal::SlowDown(None));
+        assert_eq!(
+            l.limit(),
+            32,
+            "a 429 is the pace's concern, not the limit's"
+        );
+        for _ in 0..40 {
+            l.acquire()
+                .await
+                .done(Signal::Answered(Duration::from_millis(20)));
+        }
+        assert_eq!(l.limit(), 33, "then one more per limit's worth of answers");
+        let (fixed, _) = {
+            let figures = Arc::new(Figures::default());
+            (
+                Limiter::new(64, false, Duration::from_secs(1), figures.clone()),
+                figures,
+            )
+        };
+        assert_eq!(
+            fixed.limit(),
+            64,
+            "not adaptive: the prefetch from the start"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_without_retry_after_pauses_briefly_and_longer_while_they_keep_coming() {
+        let (l, _) = limiter(8);
+        assert_eq!(l.paused_for(), None);
+        l.acquire().await.done(Signal::SlowDown(None));
+        assert_eq!(l.paused_for(), Some(BARE_PAUSE));
+        // More 429s during the pause (calls that were already under way) do not extend it.
+        l.state.lock().unwrap().in_flight += 1;
+        l.finish(Signal::SlowDown(None));
+        assert_eq!(l.paused_for(), Some(BARE_PAUSE));
+        tokio::time::sleep(BARE_PAUSE).await;
+        l.acquire().await.done(Signal::SlowDown(None));
+        assert_eq!(
+            l.paused_for(),
+            Some(BARE_PAUSE * 2),
+            "the next one after it: twice as long"
+        );
+        tokio::time::sleep(BARE_PAUSE * 2).await;
+        l.acquire()
+            .await
+            .done(Signal::Answered(Duration::from_millis(20)));
+        l.acquire().await.done(Signal::SlowDown(None));
+        assert_eq!(
+            l.paused_for(),
+            Some(BARE_PAUSE),
+            "a link in between starts over"
+        );
+        l.acquire()
+            .await
+            .done(Signal::SlowDown(Some(Duration::from_secs(3))));
+        assert_eq!(
+            l.paused_for(),
+            Some(Duration::from_secs(3)),
+            "a Retry-After is kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]
