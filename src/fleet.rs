@@ -1,9 +1,11 @@
 //! The fleet: each worker beats a heartbeat row in PostgreSQL, so every replica knows how many
-//! are alive and paces its calls to its share of a provider's fleet-wide rate limit
-//! (`provider.max_requests_per_second`). A stopping worker leaves at once, rather than after its
-//! heartbeat goes stale.
+//! are alive and paces its calls to its share of a provider's fleet-wide rate (configured as
+//! `provider.max_requests_per_second`, or found from the provider's 429s and evened out between
+//! the replicas here). A stopping worker leaves at once, rather than after its heartbeat goes
+//! stale.
 
 use crate::context::Context;
+use crate::provider::lanes::LaneStatus;
 use crate::store::heartbeats;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,6 +41,50 @@ async fn beat(context: &Context, interval: Duration) {
         levels.live_workers.store(workers, Ordering::Relaxed);
         context.lanes.set_workers(workers as usize);
     }
+    let read = crate::store::with_conn(&context.pool, async |conn| {
+        heartbeats::alive(conn, fresh).await
+    });
+    if let Ok(alive) = read.await {
+        for (provider_id, (found, since_cut)) in fleet_rates(&alive) {
+            context.lanes.lane(provider_id).adopt(found, since_cut);
+        }
+    }
+}
+
+/// The rate the fleet found for each provider, from the live replicas' reports: the mean of the
+/// rates they found (so replicas that each found their own converge on one, and one that joins
+/// takes its share at once instead of calling unpaced), and the latest cut among them (so none
+/// probes upward right after another was told to slow down).
+fn fleet_rates(
+    alive: &[heartbeats::Alive],
+) -> std::collections::BTreeMap<i64, (f64, Option<Duration>)> {
+    let mut sums: std::collections::BTreeMap<i64, (f64, usize, Option<u64>)> = Default::default();
+    for worker in alive {
+        let lanes: Vec<LaneStatus> = worker
+            .status
+            .as_ref()
+            .and_then(|s| serde_json::from_value(s["lanes"].clone()).ok())
+            .unwrap_or_default();
+        for lane in lanes {
+            let Some(found) = lane.found_rate.filter(|r| r.is_finite() && *r > 0.0) else {
+                continue;
+            };
+            let entry = sums.entry(lane.provider_id).or_insert((0.0, 0, None));
+            entry.0 += found;
+            entry.1 += 1;
+            // The report is up to one beat old: its cut was at least that long ago.
+            let since = lane
+                .since_cut_ms
+                .map(|ms| ms.saturating_add(worker.age_ms.max(0) as u64));
+            entry.2 = match (entry.2, since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    sums.into_iter()
+        .map(|(id, (sum, n, since))| (id, (sum / n as f64, since.map(Duration::from_millis))))
+        .collect()
 }
 
 /// What this worker reports with its heartbeat, for `payment-link-worker status`.
@@ -51,4 +97,49 @@ fn report(context: &Context) -> serde_json::Value {
         "delayed": delayed,
         "lanes": context.lanes.snapshot(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(age_ms: i64, lanes: serde_json::Value) -> heartbeats::Alive {
+        heartbeats::Alive {
+            instance_id: "w".into(),
+            age_ms,
+            status: Some(serde_json::json!({ "lanes": lanes })),
+        }
+    }
+
+    #[test]
+    fn replicas_converge_on_the_mean_of_the_rates_they_found_and_the_latest_cut() {
+        let lane = |id: i64, found: Option<f64>, since: Option<u64>| {
+            serde_json::json!({"providerId": id, "limit": 1, "inFlight": 0, "queued": 0,
+                "calls": 0, "breaker": "closed", "maxRequestsPerSecond": null,
+                "foundRate": found, "sinceCutMs": since})
+        };
+        let alive = vec![
+            worker(
+                0,
+                serde_json::json!([lane(1, Some(100.0), Some(4000)), lane(2, None, None)]),
+            ),
+            worker(500, serde_json::json!([lane(1, Some(200.0), Some(1000))])),
+            // Older workers report no found rate at all, or garbage.
+            heartbeats::Alive {
+                instance_id: "old".into(),
+                age_ms: 10,
+                status: None,
+            },
+            worker(0, serde_json::json!([lane(1, Some(f64::NAN), None)])),
+        ];
+        let rates = fleet_rates(&alive);
+        assert_eq!(rates.len(), 1, "provider 2 was found by nobody: {rates:?}");
+        let (found, since) = rates[&1];
+        assert_eq!(found, 150.0);
+        assert_eq!(
+            since,
+            Some(Duration::from_millis(1500)),
+            "the latest cut, aged by its beat"
+        );
+    }
 }

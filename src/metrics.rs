@@ -14,8 +14,11 @@ use std::time::Duration;
 pub struct ProviderFigures {
     /// Calls started so far (for the lane's rate in `status`).
     pub started: AtomicU64,
-    /// The rate this worker paces its calls at, in thousandths of a call a second (0: unpaced).
+    /// The rate the fleet paces its calls at (configured, or found), in thousandths of a call a
+    /// second (0: unpaced).
     pub rate_milli: AtomicI64,
+    /// Answers that asked to slow down (429, or 503 with `Retry-After`).
+    pub slowed_down: AtomicU64,
     /// The current limit (whole calls).
     pub limit: AtomicI64,
     /// Calls under way.
@@ -408,8 +411,8 @@ fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
         .f64_observable_gauge("payment_link.provider.rate")
         .with_unit("{call}/s")
         .with_description(
-            "Calls a second this worker paces a provider at: its share of the configured rate, \
-             or the rate found from the provider's 429s (0: not paced)",
+            "Calls a second the fleet paces a provider at (each worker takes its share): the \
+             configured rate, or the one found from the provider's 429s (0: not paced)",
         )
         .with_callback({
             let lanes = lanes.clone();
@@ -417,6 +420,20 @@ fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
                 for (id, figures) in lanes.lock().expect("lane figures").iter() {
                     let rate = figures.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
                     observer.observe(rate, &[KeyValue::new("payment_provider.id", *id)]);
+                }
+            }
+        })
+        .build();
+    meter
+        .u64_observable_counter("payment_link.provider.slowed_down")
+        .with_unit("{answer}")
+        .with_description("Answers asking to slow down (429, or 503 with Retry-After), by provider")
+        .with_callback({
+            let lanes = lanes.clone();
+            move |observer| {
+                for (id, figures) in lanes.lock().expect("lane figures").iter() {
+                    let n = figures.slowed_down.load(Ordering::Relaxed);
+                    observer.observe(n, &[KeyValue::new("payment_provider.id", *id)]);
                 }
             }
         })

@@ -234,7 +234,13 @@ impl ProviderClient {
         };
         let waiting = Instant::now();
         let slot = lane.limiter.acquire().await;
+        // A call paced into a pause that began after it got its slot (a 429 to an earlier call)
+        // waits the pause out and takes a new turn.
         lane.pace(self.lanes.workers()).await;
+        while let Some(pause) = lane.limiter.paused_for() {
+            tokio::time::sleep(pause).await;
+            lane.pace(self.lanes.workers()).await;
+        }
         call.queued_ms
             .fetch_add(waiting.elapsed().as_millis() as u64, Ordering::Relaxed);
         // Counted once the request is sure to be made: a parked round made none.
@@ -269,9 +275,12 @@ impl ProviderClient {
         };
         let elapsed = started.elapsed();
         metrics.provider_call(status, elapsed);
+        let slowed = matches!(&result, Err(Attempt::Transient(e, retry_after)) if slow_down(e, *retry_after));
         slot.done(match &result {
             // An answer, even a refusal, says the provider is up and how fast it is.
             Ok(_) | Err(Attempt::Permanent(_)) => Signal::Answered(elapsed),
+            // "Slow down" is about the rate (the lane's pace), not about calls at once.
+            Err(Attempt::Transient(_, retry_after)) if slowed => Signal::SlowDown(*retry_after),
             Err(Attempt::Transient(e, retry_after)) if overloaded(e) => {
                 Signal::Overloaded(*retry_after)
             }
@@ -284,9 +293,8 @@ impl ProviderClient {
         if result.is_err() {
             span.record("otel.status_code", "ERROR");
         }
-        let slowed = matches!(&result, Err(Attempt::Transient(e, retry_after)) if slow_down(e, *retry_after));
         if slowed {
-            lane.slowed_down();
+            lane.slowed_down(self.lanes.workers());
         } else if result.is_ok() {
             lane.answered();
         }

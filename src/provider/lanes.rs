@@ -37,6 +37,16 @@ pub struct LaneStatus {
     pub breaker: String,
     /// The fleet-wide rate limit configured for it, if any.
     pub max_requests_per_second: Option<f64>,
+    /// The fleet-wide rate this worker found (or adopted from the others) from the provider's
+    /// 429s; none while unpaced.
+    #[serde(default)]
+    pub found_rate: Option<f64>,
+    /// How long before the report the found rate was last cut.
+    #[serde(default)]
+    pub since_cut_ms: Option<u64>,
+    /// Answers that asked to slow down, since the worker started.
+    #[serde(default)]
+    pub slowed_down: u64,
 }
 
 /// One provider's breaker and limits.
@@ -53,31 +63,56 @@ pub struct Lane {
     provider_id: i64,
 }
 
-/// This worker's pace for one provider: the rate it has found the provider takes (none until the
-/// first 429), and what it measured of its own calls.
+/// This worker's pace for one provider: the rate the fleet found the provider takes (none until
+/// the first 429), when it was last cut, and what this worker measured of its own calls.
 struct Pace {
     next_call: Instant,
-    /// Calls a second this worker found the provider takes: cut by [`RATE_CUT`] on a 429, grown
-    /// by [`RATE_GROWTH`] per second without one.
+    /// Calls a second the whole fleet may make to the provider, as found from its answers: cut on
+    /// a 429, grown back while calls wait on it (see [`growth`]), evened out between replicas
+    /// through their heartbeats ([`Lane::adopt`]). This worker takes `found / workers`.
     found: Option<f64>,
-    /// Calls started in the current one-second window, and the rate of the last full window.
-    window_start: Instant,
-    window_calls: u32,
-    observed: f64,
-    /// Links made in the current window, and the rate of the last full one: the provider took
-    /// at least that many, so a cut never goes below it.
-    window_links: u32,
-    observed_links: f64,
+    /// When the provider last said slow down (here, or in another replica's report).
     last_cut: Option<Instant>,
     last_growth: Instant,
+    /// Whether a call waited on the pace since the last growth: the rate grows only while it is
+    /// what holds calls back, never while demand is below it.
+    held_back: bool,
+    /// Links made in each tenth of the trailing second: what the provider took from this worker.
+    links: [u32; 10],
+    /// Calls started in each tenth of the trailing second.
+    calls: [u32; 10],
+    links_tenth: u64,
+    origin: Instant,
     /// The rate last written to the log, to log only large changes.
     logged: f64,
 }
 
-/// The factor the found rate is multiplied by on a 429.
-const RATE_CUT: f64 = 0.7;
-/// The factor the found rate grows by per second without a 429.
-const RATE_GROWTH: f64 = 1.1;
+/// A cut never takes the rate below this fraction of what it was, however little the provider
+/// took in the last second (a burst from elsewhere must not crush the lane in one go).
+const MAX_CUT: f64 = 0.7;
+/// No cut goes below this many calls a second: a provider that answers 429 to the very first
+/// call says nothing yet about its rate, and a lane cut to one call a second would crawl (its
+/// `Retry-After`, or our own short pause without one, still holds back a provider slower still).
+const MIN_RATE: f64 = 5.0;
+/// A 429 this soon after the last cut (which has held the rate since) cuts again by
+/// [`REPEATED_CUT_FACTOR`].
+const REPEATED_CUT: Duration = Duration::from_secs(3);
+const REPEATED_CUT_FACTOR: f64 = 0.85;
+/// After a 429 the rate is set this far under what the provider took in the trailing second.
+const UNDER_TAKEN: f64 = 0.95;
+/// For this long after a cut the rate holds: the provider's window settles before it is probed.
+const HOLD: Duration = Duration::from_secs(2);
+
+/// The fraction the found rate grows by in the second that ends `since_cut` after the last cut:
+/// nothing while it holds, then 1 % a second, half as much again every second after (slow just
+/// above the rate the provider refused, fast once it has clearly gone up), at most 20 %.
+fn growth(since_cut: Duration) -> f64 {
+    if since_cut < HOLD {
+        return 0.0;
+    }
+    let probing = (since_cut - HOLD).as_secs_f64();
+    (0.01 * 1.5f64.powf(probing)).min(0.2)
+}
 
 impl Pace {
     fn new() -> Self {
@@ -85,52 +120,79 @@ impl Pace {
         Pace {
             next_call: now,
             found: None,
-            window_start: now,
-            window_calls: 0,
-            observed: 0.0,
-            window_links: 0,
-            observed_links: 0.0,
             last_cut: None,
             last_growth: now,
+            held_back: false,
+            links: [0; 10],
+            calls: [0; 10],
+            links_tenth: 0,
+            origin: now,
             logged: 0.0,
         }
     }
 
-    /// Counts a call starting now; grows the found rate once a second without a cut.
-    fn count(&mut self, now: Instant) {
-        let window = now.duration_since(self.window_start);
-        if window >= Duration::from_secs(1) {
-            self.observed = f64::from(self.window_calls) / window.as_secs_f64();
-            self.observed_links = f64::from(self.window_links) / window.as_secs_f64();
-            self.window_start = now;
-            self.window_calls = 0;
-            self.window_links = 0;
+    /// Moves the trailing-second buckets up to `now`.
+    fn roll(&mut self, now: Instant) {
+        let tenth = (now.duration_since(self.origin).as_millis() / 100) as u64;
+        let stale = tenth.saturating_sub(self.links_tenth).min(10);
+        for step in 1..=stale {
+            let tenth = ((self.links_tenth + step) % 10) as usize;
+            self.links[tenth] = 0;
+            self.calls[tenth] = 0;
         }
-        self.window_calls += 1;
+        self.links_tenth = tenth;
+    }
+
+    /// Links this worker made in the trailing second, and calls it started.
+    fn taken(&mut self, now: Instant) -> (f64, f64) {
+        self.roll(now);
+        (
+            f64::from(self.links.iter().sum::<u32>()),
+            f64::from(self.calls.iter().sum::<u32>()),
+        )
+    }
+
+    /// Grows the found rate once a second while it holds calls back, by [`growth`].
+    fn grow(&mut self, now: Instant, ceiling: Option<f64>) {
+        if now.duration_since(self.last_growth) < Duration::from_secs(1) {
+            return;
+        }
         if let Some(found) = self.found
-            && now.duration_since(self.last_growth) >= Duration::from_secs(1)
+            && self.held_back
         {
-            self.found = Some(found * RATE_GROWTH + 1.0);
-            self.last_growth = now;
+            let since_cut = self
+                .last_cut
+                .map_or(Duration::MAX, |at| now.duration_since(at));
+            // Plus one a second, so a rate cut very low climbs back in seconds, not minutes.
+            let g = growth(since_cut);
+            let grown = if g > 0.0 {
+                found * (1.0 + g) + 1.0
+            } else {
+                found
+            };
+            self.found = Some(ceiling.map_or(grown, |c| grown.min(c)));
         }
+        self.last_growth = now;
+        self.held_back = false;
     }
 }
 
 impl Lane {
-    /// Waits for this worker's turn under the fleet's rate limit: calls are spaced evenly at
+    /// Waits for this worker's turn under the fleet's rate: calls are spaced evenly at
     /// `rate / workers` per second, with no burst, so the fleet never goes above the rate in any
-    /// second (give or take one call per worker).
-    ///
-    /// Without a configured rate, or below it, the worker paces itself at the rate it found the
-    /// provider takes (see [`Lane::slowed_down`]): unpaced until the first 429.
+    /// second (give or take one call per worker). The rate is the configured one, or below it the
+    /// one the fleet found the provider takes (see [`Lane::slowed_down`]): unpaced until the
+    /// first 429.
     pub async fn pace(&self, workers: usize) {
         let at = {
             let mut pace = self.pace.lock().expect("pace lock");
             let now = Instant::now();
-            pace.count(now);
-            let share = self.rate.map(|rate| rate / workers.max(1) as f64);
-            let rate = match (share, pace.found) {
-                (Some(share), Some(found)) => share.min(found),
+            pace.roll(now);
+            let tenth = (pace.links_tenth % 10) as usize;
+            pace.calls[tenth] += 1;
+            pace.grow(now, self.rate);
+            let rate = match (self.rate, pace.found) {
+                (Some(configured), Some(found)) => configured.min(found),
                 (one, other) => match one.or(other) {
                     Some(rate) => rate,
                     None => return,
@@ -139,8 +201,11 @@ impl Lane {
             self.figures
                 .rate_milli
                 .store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
-            let gap = Duration::from_secs_f64(1.0 / rate.max(0.1));
+            let gap = Duration::from_secs_f64(workers.max(1) as f64 / rate.max(0.1));
             let at = pace.next_call.max(now);
+            if at > now {
+                pace.held_back = true;
+            }
             pace.next_call = at + gap;
             at
         };
@@ -149,14 +214,21 @@ impl Lane {
 
     /// A call got its link: counted towards what the provider takes.
     pub fn answered(&self) {
-        self.pace.lock().expect("pace lock").window_links += 1;
+        let mut pace = self.pace.lock().expect("pace lock");
+        pace.roll(Instant::now());
+        let tenth = (pace.links_tenth % 10) as usize;
+        pace.links[tenth] += 1;
     }
 
-    /// The provider answered "slow down" (a 429, or a 503 with `Retry-After`): the rate this
-    /// worker calls it at is cut to [`RATE_CUT`] of what it was (of what it measured, the first
-    /// time), at most once a second, and grows back slowly while calls succeed, so the lane
-    /// settles just under the provider's limit. A configured rate stays the ceiling.
-    pub fn slowed_down(&self) {
+    /// The provider answered "slow down" (a 429, or a 503 with `Retry-After`): at most once a
+    /// second, the fleet's rate is set just under what the provider took from this worker in the
+    /// trailing second times the workers (they pace alike), but 5 % under what it was at least
+    /// and never below [`MAX_CUT`] of it; it then holds, and grows back while calls wait on it, so the lane settles just under
+    /// the provider's limit. A configured rate stays the ceiling.
+    pub fn slowed_down(&self, workers: usize) {
+        self.figures
+            .slowed_down
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut pace = self.pace.lock().expect("pace lock");
         let now = Instant::now();
         if pace
@@ -165,21 +237,32 @@ impl Lane {
         {
             return;
         }
-        // The current window's rates (over at least 0.1 s, so the first calls of a window do
-        // not read as a burst of thousands a second), or the last full window's.
-        let window = now.duration_since(pace.window_start).as_secs_f64().max(0.1);
-        let (current, links) = (
-            f64::from(pace.window_calls) / window,
-            f64::from(pace.window_links) / window,
-        );
-        let base = pace.found.unwrap_or(current.max(pace.observed));
-        // Never below what the provider took lately: a 429 for one command (or one account's
-        // burst) must not slow the lane's other commands to a crawl.
-        let took = links.max(pace.observed_links);
-        let cut = (base * RATE_CUT).max(took).max(1.0);
+        let (links, calls) = pace.taken(now);
+        let workers = workers.max(1) as f64;
+        let under = (links * workers * UNDER_TAKEN).max(1.0);
+        let recent = pace
+            .last_cut
+            .is_some_and(|at| now.duration_since(at) < REPEATED_CUT);
+        let cut = match pace.found {
+            // The first: just under what the provider took; when it took next to nothing (a 429
+            // to the very first calls), 0.7 of the rate the calls went out at.
+            None if links >= MIN_RATE => under,
+            None => calls * workers * MAX_CUT,
+            // Still told to slow down right after a cut: the estimate was too high (a trailing
+            // second that straddled two of the provider's windows reads up to twice its limit).
+            Some(found) if recent => found * REPEATED_CUT_FACTOR,
+            // Every cut lowers the rate by 5 % at least: what this worker took, times the
+            // workers, overstates the fleet's take when another replica sat out a pause.
+            Some(found) => under.max(found * MAX_CUT).min(found * UNDER_TAKEN),
+        }
+        .max(MIN_RATE);
+        let cut = self.rate.map_or(cut, |c| cut.min(c));
         pace.found = Some(cut);
         pace.last_cut = Some(now);
         pace.last_growth = now;
+        pace.held_back = false;
+        // The turns handed out at the old rate are void: the calls holding them take new ones.
+        pace.next_call = now;
         let logged = pace.logged;
         if logged == 0.0 || (cut - logged).abs() / logged > 0.25 {
             pace.logged = cut;
@@ -187,9 +270,42 @@ impl Lane {
             tracing::info!(
                 provider_id = self.provider_id,
                 rate_per_s = cut.round(),
-                "the provider asks to slow down: calling it at most this often from this worker"
+                "the provider asks to slow down: the fleet calls it at most this often"
             );
         }
+    }
+
+    /// Takes the fleet's view of the provider's rate, from the replicas' heartbeats: `found`, the
+    /// mean of their found rates, and how long ago the latest of them was cut (the growth holds
+    /// after a cut anywhere in the fleet).
+    pub fn adopt(&self, found: f64, since_cut: Option<Duration>) {
+        let mut pace = self.pace.lock().expect("pace lock");
+        let now = Instant::now();
+        // Within a tenth of the fleet's, this worker keeps its own: the reports are a beat old,
+        // and taking them every beat would undo each second's growth.
+        let close = pace
+            .found
+            .is_some_and(|ours| (ours - found).abs() <= 0.1 * found);
+        if !close {
+            let found = self.rate.map_or(found, |c| found.min(c)).max(MIN_RATE);
+            pace.found = Some(found);
+            self.figures.rate_milli.store(
+                (found * 1000.0) as i64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        if let Some(since) = since_cut
+            && let Some(at) = now.checked_sub(since)
+            && pace.last_cut.is_none_or(|ours| ours < at)
+        {
+            pace.last_cut = Some(at);
+        }
+    }
+
+    /// The fleet rate this worker found or adopted, and how long ago it was last cut.
+    fn found(&self) -> (Option<f64>, Option<Duration>) {
+        let pace = self.pace.lock().expect("pace lock");
+        (pace.found, pace.last_cut.map(|at| at.elapsed()))
     }
 
     fn idle(&self) -> bool {
@@ -291,6 +407,9 @@ impl Lanes {
                 }
                 .to_owned(),
                 max_requests_per_second: lane.rate,
+                found_rate: lane.found().0,
+                since_cut_ms: lane.found().1.map(|d| d.as_millis() as u64),
+                slowed_down: lane.figures.slowed_down.load(Relaxed),
             })
             .collect();
         all.sort_by_key(|l| l.provider_id);
@@ -364,30 +483,119 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_provider_that_says_slow_down_is_paced_under_the_rate_it_took_and_grows_back() {
+    async fn a_provider_that_says_slow_down_is_paced_under_what_it_took_then_probed_slowly() {
         let lanes = lanes(&[]);
         let lane = lanes.lane(8);
-        // 100 calls a second, unpaced: nobody said what the provider takes.
+        // 100 calls a second, unpaced (nobody said what the provider takes), each a link.
         let started = Instant::now();
-        for _ in 0..100 {
+        for i in 0..100 {
+            if i > 0 {
+                tokio::time::advance(Duration::from_millis(10)).await;
+            }
             lane.pace(1).await;
-            tokio::time::advance(Duration::from_millis(10)).await;
+            lane.answered();
         }
-        assert_eq!(started.elapsed(), Duration::from_secs(1), "unpaced");
-        lane.pace(1).await; // closes the measured second
-        lane.slowed_down();
-        lane.slowed_down(); // a second 429 in the same second cuts nothing more
-        // Cut to 70 a second: 8 calls take 7 gaps of 1/70 s.
+        assert_eq!(started.elapsed(), Duration::from_millis(990), "unpaced");
+        lane.slowed_down(1);
+        lane.slowed_down(1); // a second 429 in the same second cuts nothing more
+        assert_eq!(
+            lane.found().0,
+            Some(95.0),
+            "95 % of the 100 taken in the last second"
+        );
+        assert_eq!(
+            lanes.figures.lock().unwrap()[&8]
+                .slowed_down
+                .load(Ordering::Relaxed),
+            2
+        );
+        // Paced at 95 a second: 8 calls take 7 gaps of 1/95 s.
         let started = Instant::now();
         for _ in 0..8 {
             lane.pace(1).await;
         }
         let gaps = started.elapsed().as_secs_f64();
-        assert!((0.09..0.11).contains(&gaps), "7 gaps of 1/70 s: {gaps}");
-        // A second without a 429: a little faster (70 × 1.1 + 1 = 78 a second).
-        tokio::time::advance(Duration::from_secs(1)).await;
-        lane.pace(1).await;
-        let found = lane.pace.lock().unwrap().found.unwrap();
-        assert!((77.5..78.5).contains(&found), "{found}");
+        assert!((0.07..0.08).contains(&gaps), "7 gaps of 1/95 s: {gaps}");
+        // Held back for the next two seconds: the rate holds.
+        for _ in 0..180 {
+            lane.pace(1).await;
+        }
+        assert_eq!(lane.found().0, Some(95.0), "no growth while it holds");
+        // Then it grows 1 % in the next second while calls wait on it, more after.
+        for _ in 0..80 {
+            lane.pace(1).await;
+        }
+        let grown = lane.found().0.unwrap();
+        assert!((96.9..97.0).contains(&grown), "1 % and one more: {grown}");
+        // Two workers share the fleet's rate: each takes half.
+        let started = Instant::now();
+        for _ in 0..5 {
+            lane.pace(2).await;
+        }
+        let gaps = started.elapsed().as_secs_f64();
+        assert!(
+            (4.0 * 2.0 / 97.0..5.0 * 2.0 / 95.0).contains(&gaps),
+            "{gaps}"
+        );
+        // A 429 when this worker took little lately cuts to 70 % at most.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let before = lane.found().0.unwrap();
+        lane.slowed_down(1);
+        assert_eq!(lane.found().0, Some(before * MAX_CUT));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_adopt_the_fleets_rate_and_its_latest_cut() {
+        let lanes = lanes(&[(
+            "PAYMENT_LINK_WORKER__PROVIDER__MAX_REQUESTS_PER_SECOND_BY_ID",
+            "9=150",
+        )]);
+        let fresh = lanes.lane(3);
+        assert_eq!(fresh.found(), (None, None), "unpaced until told");
+        fresh.adopt(120.0, Some(Duration::from_millis(500)));
+        let (found, since) = fresh.found();
+        assert_eq!(found, Some(120.0));
+        assert_eq!(
+            since,
+            Some(Duration::from_millis(500)),
+            "holds as the fleet does"
+        );
+        // Paced at its share at once: 120 for 3 workers, 40 a second each.
+        let started = Instant::now();
+        for _ in 0..5 {
+            fresh.pace(3).await;
+        }
+        assert_eq!(started.elapsed(), Duration::from_millis(4 * 25));
+        // A configured rate stays the ceiling.
+        let capped = lanes.lane(9);
+        capped.adopt(400.0, None);
+        assert_eq!(capped.found().0, Some(150.0));
+    }
+
+    #[test]
+    fn growth_holds_then_probes_slowly_then_faster() {
+        assert_eq!(growth(Duration::from_millis(1900)), 0.0);
+        assert!((growth(Duration::from_secs(2)) - 0.01).abs() < 1e-9);
+        assert!((growth(Duration::from_secs(4)) - 0.0225).abs() < 1e-9);
+        assert_eq!(growth(Duration::from_secs(30)), 0.2);
+        assert_eq!(growth(Duration::MAX), 0.2, "never cut: the fastest probe");
+    }
+}
+
+#[cfg(test)]
+mod first_cut {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_to_the_first_calls_paces_at_most_a_little_under_their_rate() {
+        let settings = Settings::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        let lanes = Lanes::new(&settings, Arc::new(LaneFigures::default()));
+        let lane = lanes.lane(1);
+        for _ in 0..16 {
+            lane.pace(1).await;
+        }
+        lane.slowed_down(1);
+        let found = lane.found().0.unwrap();
+        assert!((11.0..11.5).contains(&found), "{found}");
     }
 }

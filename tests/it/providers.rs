@@ -170,7 +170,7 @@ async fn commands_for_a_provider_that_is_down_wait_in_a_delay_queue_not_in_a_pre
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_link_and_its_breaker_stays_closed()
+async fn a_rate_limited_provider_is_paced_under_its_limit_and_every_command_gets_one_link_and_its_breaker_stays_closed()
  {
     let (sim_url, _sim) = start_simulator(SimOptions {
         token: TOKEN.into(),
@@ -179,24 +179,28 @@ async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_
         ..SimOptions::default()
     })
     .await;
-    let env = TestEnv::with(&sim_url, &[("RETRY__MAX_ELAPSED_MS", "60000")]).await;
+    // A delay tier to park in, were a 429 to send a command there (it must not).
+    let env = TestEnv::with(
+        &sim_url,
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "60000"),
+            ("RETRY__DELAY_TIERS_MS", "60000"),
+        ],
+    )
+    .await;
     let events = env.capture_events().await;
     let ids: Vec<String> = (0..600).map(|i| format!("limited-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
         env.send(id, &body(4, i as i64)).await;
     }
     let worker = env.start_worker().await;
-    let prefetch = f64::from(env.settings.broker.prefetch);
-    let lowest = eventually("the limit to come down under 429s", LOAD_WAIT, || async {
-        per_provider(
-            &worker.metrics(),
-            "payment_link_provider_concurrency_limit",
-            4,
-        )
-        .filter(|limit| *limit < prefetch)
+    // The lane finds a rate of its own, at most the provider's (plus the growth of one probe).
+    let paced = eventually("the lane to be paced near the limit", LOAD_WAIT, || async {
+        per_provider(&worker.metrics(), "payment_link_provider_rate", 4)
+            .filter(|r| *r > 0.0 && *r <= 150.0 * 1.2)
     })
     .await;
-    assert!(lowest >= 1.0, "{lowest}");
+    assert!(paced >= 5.0, "{paced}");
     // "Slow down" is not "down": the breaker stays closed while 429s come (read from /readyz
     // every 50 ms through the run).
     let (watching, watch) = watch_for_an_open_circuit(worker.http_addr().unwrap());
@@ -210,8 +214,21 @@ async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_
         stats["rateLimited"].as_u64().unwrap() > 0,
         "the provider did push back: {stats}"
     );
+    // Exactly one link per command: one successful call per Idempotency-Key.
     assert_eq!(stats["links"], 600, "{stats}");
+    assert_eq!(stats["idempotencyKeys"], 600, "{stats}");
     let metrics = worker.metrics();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("payment_link_commands_delayed") && !l.ends_with(" 0")),
+        "a 429 parked a command: {metrics}"
+    );
+    assert!(
+        per_provider(&metrics, "payment_link_provider_slowed_down_total", 4)
+            .is_some_and(|n| n > 0.0),
+        "the lane counts its 429s: {metrics}"
+    );
     assert_eq!(
         per_provider(&metrics, "payment_link_provider_in_flight", 4),
         Some(0.0),
@@ -222,6 +239,87 @@ async fn a_rate_limited_provider_gets_fewer_calls_at_once_and_every_command_its_
         Some(0.0)
     );
     drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_converge_on_the_rate_they_find_and_a_new_one_takes_its_share_before_calling() {
+    let (sim_url, _sim) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        latency: Duration::from_millis(10),
+        rate_limit: Some(60),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::with(
+        &sim_url,
+        &[
+            ("RETRY__MAX_ELAPSED_MS", "60000"),
+            ("TELEMETRY__LEVELS_INTERVAL_MS", "200"),
+        ],
+    )
+    .await;
+    let events = env.capture_events().await;
+    let first = env.start_worker().await;
+    let second = env.start_worker().await;
+    let ids: Vec<String> = (0..600).map(|i| format!("shared-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &body(6, i as i64)).await;
+    }
+    // Both report a found rate for provider 6, and they agree (each took the fleet's mean).
+    #[derive(diesel::QueryableByName, Debug)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+        found: Option<f64>,
+    }
+    let read = || async {
+        let mut conn = env.pool.get().await.unwrap();
+        diesel_async::RunQueryDsl::load::<Found>(
+            diesel::sql_query(
+                "SELECT (lane->>'foundRate')::float8 AS found FROM worker_heartbeats,
+                 jsonb_array_elements(status->'lanes') AS lane
+                 WHERE (lane->>'providerId')::int8 = 6",
+            ),
+            &mut conn,
+        )
+        .await
+        .unwrap()
+    };
+    let rates = eventually(
+        "both replicas to agree on a found rate",
+        LOAD_WAIT,
+        || async {
+            let rows = read().await;
+            let rates: Vec<f64> = rows.iter().filter_map(|r| r.found).collect();
+            (rates.len() == 2 && (rates[0] - rates[1]).abs() <= 0.1 * rates[0].max(rates[1]))
+                .then_some(rates)
+        },
+    )
+    .await;
+    assert!(rates.iter().all(|r| (10.0..=90.0).contains(r)), "{rates:?}");
+    let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
+    assert_eq!(got.len(), ids.len());
+    // A third replica, joining, takes the fleet's rate from the heartbeats before any 429 of
+    // its own: its lane is paced though it has made no call.
+    let third = env.start_worker().await;
+    let adopted = eventually(
+        "the new replica to adopt the fleet's rate",
+        WAIT,
+        || async {
+            per_provider(&third.metrics(), "payment_link_provider_rate", 6).filter(|r| *r > 0.0)
+        },
+    )
+    .await;
+    assert!((30.0..=90.0).contains(&adopted), "{adopted}");
+    assert_eq!(
+        per_provider(
+            &third.metrics(),
+            "payment_link_provider_slowed_down_total",
+            6
+        ),
+        Some(0.0),
+        "it was told, not pushed back"
+    );
+    drop((first, second, third));
 }
 
 #[tokio::test(flavor = "multi_thread")]
