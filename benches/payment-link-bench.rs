@@ -44,12 +44,27 @@ struct Options {
     /// Commands in the phase with 100 ms of provider latency.
     #[arg(long, default_value_t = 5_000)]
     slow_commands: usize,
-    /// The provider's rate limit in the rate-limited phase (calls per second; 10 s of commands).
+    /// The provider's rate limit in the configured rate-limited phase (calls per second; 10 s of
+    /// commands).
     #[arg(long, default_value_t = 300)]
     rate_limit: u32,
+    /// The provider's rate limit in the phases where the workers must find it themselves.
+    #[arg(long, default_value_t = 200)]
+    found_rate_limit: u32,
+    /// Commands in each phase where the workers must find the limit.
+    #[arg(long, default_value_t = 3_000)]
+    found_commands: usize,
+    /// Seconds each limit holds in the phase where the limit changes (200, 100, then 300 a
+    /// second, scaled to --found-rate-limit).
+    #[arg(long, default_value_t = 20)]
+    change_stage_s: u64,
     /// Print only the JSON.
     #[arg(long = "json")]
     json_only: bool,
+    /// Run only the phases where the workers find a provider's rate limit themselves, and print
+    /// each second's links and 429s.
+    #[arg(long)]
+    only_found_rate: bool,
     /// Run only the storage phases: the shipped defaults on a fresh table, with this many
     /// completed commands already stored (filled with SQL), and while a sweep removes
     /// --sweep-backlog expired ones.
@@ -703,26 +718,69 @@ async fn sim_stats(run: &Run) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
-/// A provider limited to `rate` calls a second (429 with `Retry-After: 1` above it), two
-/// replicas, told the limit (`configured`) or left to find it: their throughput and the share of
-/// calls answered 429.
-async fn rate_limited(
-    connection: &Connection,
+/// A rate-limited provider: the simulator answers 429 above `limits[0]` calls a second (with
+/// `Retry-After: 1`, or without), then above each next limit `stage` later; two replicas at the
+/// shipped defaults, told the limit (`configured`) or left to find it.
+struct Limited {
     n: usize,
-    rate: u32,
+    limits: Vec<u32>,
+    stage: Duration,
     configured: bool,
-) -> anyhow::Result<(f64, f64)> {
+    retry_after: bool,
+    latency: Duration,
+}
+
+/// What a rate-limited phase measured.
+#[derive(Default)]
+struct LimitedOutcome {
+    /// Commands a second from the first event to the last (single-limit phases).
+    throughput: f64,
+    /// Share of the provider's answers that were 429.
+    share_429: f64,
+    /// Commands the workers parked in a delay queue, and dead-lettered.
+    delayed: i64,
+    dead_lettered: i64,
+    /// After each change of the limit: the new limit, the links a second made in the 10th second
+    /// after it, and the first whole second after it within 15 % of the new limit.
+    changes: Vec<(u32, f64, Option<u32>)>,
+    /// Each second of the load: links made, calls answered 429.
+    timeline: Vec<(u32, f64, f64)>,
+}
+
+/// Links made by the simulator so far, and calls it answered 429.
+async fn sim_links(url: &str) -> anyhow::Result<(f64, f64)> {
+    let text = reqwest::get(format!("{url}/_sim/stats"))
+        .await?
+        .text()
+        .await?;
+    let stats: serde_json::Value = serde_json::from_str(&text)?;
+    Ok((
+        stats["links"].as_f64().unwrap_or(0.0),
+        stats["rateLimited"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+async fn rate_limited(connection: &Connection, phase: &Limited) -> anyhow::Result<LimitedOutcome> {
     let sim = SimOptions {
-        rate_limit: Some(rate),
+        rate_limit: Some(phase.limits[0]),
+        no_retry_after: !phase.retry_after,
+        latency: phase.latency,
         ..SimOptions::default()
     };
-    let rate_text = rate.to_string();
+    let rate_text = phase.limits[0].to_string();
     let mut extra = vec![("TELEMETRY__LEVELS_INTERVAL_MS", "500")];
-    if configured {
+    if phase.configured {
         extra.push(("PROVIDER__MAX_REQUESTS_PER_SECOND", rate_text.as_str()));
     }
     let run = Run::with(Tuning::Shipped, sim, &extra).await?;
     let settings = run.settings()?;
+    let sim_url = run
+        .sandbox
+        .env
+        .iter()
+        .find(|(k, _)| k == "PROVIDER_BASE_URL")
+        .map(|(_, v)| v.clone())
+        .context("no provider URL")?;
     let channel = confirm_channel(connection).await?;
     let result = async {
         let events = run.declare(connection, &channel, &settings).await?;
@@ -771,8 +829,65 @@ async fn rate_limited(
             settings.broker.command_exchange.as_str(),
             settings.broker.command_routing_key.as_str(),
         );
-        preload_for(&channel, route, "limited", n, |_| 1).await?;
-        let elapsed = created_events(connection, &events, n).await?;
+        // The links made, sampled every 100 ms from the start of the load; the limit changed
+        // on schedule.
+        let t0 = Instant::now();
+        let stop = CancellationToken::new();
+        let sampler = tokio::spawn({
+            let (url, stop, limits, stage) = (
+                sim_url.clone(),
+                stop.clone(),
+                phase.limits.clone(),
+                phase.stage,
+            );
+            async move {
+                let mut samples: Vec<(f64, f64, f64)> = Vec::new();
+                let mut next_change = 1;
+                while !stop.is_cancelled() {
+                    if next_change < limits.len() && t0.elapsed() >= stage * next_change as u32 {
+                        let _ = reqwest::Client::new()
+                            .put(format!("{url}/_sim/rate-limit"))
+                            .body(limits[next_change].to_string())
+                            .send()
+                            .await;
+                        next_change += 1;
+                    }
+                    if let Ok((links, limited)) = sim_links(&url).await {
+                        samples.push((t0.elapsed().as_secs_f64(), links, limited));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                samples
+            }
+        });
+        preload_for(&channel, route, "limited", phase.n, |_| 1).await?;
+        let mut outcome = LimitedOutcome::default();
+        if phase.limits.len() == 1 {
+            let elapsed = created_events(connection, &events, phase.n).await?;
+            outcome.throughput = phase.n as f64 / elapsed;
+        } else {
+            tokio::time::sleep(phase.stage * phase.limits.len() as u32).await;
+        }
+        // What the workers reported with their last heartbeats (every 500 ms here).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        #[derive(diesel::QueryableByName)]
+        struct Tallies {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            delayed: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            dead_lettered: i64,
+        }
+        let tallies: Tallies = diesel::sql_query(
+            "SELECT coalesce(sum((status->>'delayed')::int8), 0)::int8 AS delayed,
+                    coalesce(sum((status->>'deadLettered')::int8), 0)::int8 AS dead_lettered
+             FROM worker_heartbeats",
+        )
+        .get_result(&mut conn)
+        .await?;
+        outcome.delayed = tallies.delayed;
+        outcome.dead_lettered = tallies.dead_lettered;
+        stop.cancel();
+        let samples = sampler.await?;
         for worker in &mut workers {
             worker.kill()?;
             worker.wait()?;
@@ -780,11 +895,124 @@ async fn rate_limited(
         let stats = sim_stats(&run).await?;
         let requests = stats["requests"].as_f64().unwrap_or(0.0).max(1.0);
         let limited = stats["rateLimited"].as_f64().unwrap_or(0.0);
-        Ok::<_, anyhow::Error>((n as f64 / elapsed, limited / requests))
+        outcome.share_429 = limited / requests;
+        // Links made by `at` seconds into the load (the last sample at or before it).
+        let at_time = |at: f64| {
+            samples
+                .iter()
+                .take_while(|(t, ..)| *t <= at)
+                .last()
+                .map_or((0.0, 0.0), |(_, links, limited)| (*links, *limited))
+        };
+        let links_at = |at: f64| at_time(at).0;
+        // Second by second, for whoever looks into how the lanes behaved.
+        let last = samples.last().map_or(0.0, |s| s.0);
+        outcome.timeline = (1..=last as u32)
+            .map(|k| {
+                let (k, (l1, r1), (l0, r0)) =
+                    (k, at_time(f64::from(k)), at_time(f64::from(k) - 1.0));
+                (k, l1 - l0, r1 - r0)
+            })
+            .collect();
+        let stage = phase.stage.as_secs_f64();
+        for (change, limit) in phase.limits.iter().enumerate().skip(1) {
+            let at = stage * change as f64;
+            let per_second = |k: f64| links_at(at + k) - links_at(at + k - 1.0);
+            let tenth = per_second(10.0);
+            let within = (1..=stage as u32)
+                .find(|k| (per_second(f64::from(*k)) / f64::from(*limit) - 1.0).abs() <= 0.15);
+            outcome.changes.push((*limit, tenth, within));
+        }
+        Ok::<_, anyhow::Error>(outcome)
     }
     .await;
     run.cleanup().await;
     result
+}
+
+/// The phases where two replicas must find a provider's rate limit themselves: with
+/// `Retry-After`, without it, and with the limit changing mid-run.
+async fn found_rate_phases(
+    connection: &Connection,
+    o: &Options,
+) -> anyhow::Result<(LimitedOutcome, LimitedOutcome, LimitedOutcome)> {
+    let log = |what: &str| {
+        if !o.json_only {
+            eprintln!("… {what}");
+        }
+    };
+    let found_rate = o.found_rate_limit;
+    let found_phase = |retry_after: bool| Limited {
+        n: o.found_commands,
+        limits: vec![found_rate],
+        stage: Duration::ZERO,
+        configured: false,
+        retry_after,
+        latency: Duration::from_millis(50),
+    };
+    log(&format!(
+        "a 50 ms provider limited to {found_rate} calls/s (429 with Retry-After: 1), the limit not \
+         configured (the workers find it), two replicas, {} commands",
+        o.found_commands
+    ));
+    let found = rate_limited(connection, &found_phase(true)).await?;
+    log(&format!(
+        "the same, its 429s without Retry-After, {} commands",
+        o.found_commands
+    ));
+    let found_bare = rate_limited(connection, &found_phase(false)).await?;
+    let stage = Duration::from_secs(o.change_stage_s);
+    let limits: Vec<u32> = [1.0, 0.5, 1.5]
+        .iter()
+        .map(|f| (f64::from(found_rate) * f) as u32)
+        .collect();
+    log(&format!(
+        "the limit changing mid-run ({}/s, then {}/s, then {}/s, {} s each), not configured",
+        limits[0], limits[1], limits[2], o.change_stage_s
+    ));
+    let changing = rate_limited(
+        connection,
+        &Limited {
+            n: limits.iter().map(|l| *l as usize).sum::<usize>() * o.change_stage_s as usize * 6
+                / 5,
+            limits,
+            stage,
+            configured: false,
+            retry_after: true,
+            latency: Duration::from_millis(50),
+        },
+    )
+    .await?;
+    Ok((found, found_bare, changing))
+}
+
+/// The table rows of the found-rate phases.
+fn print_found_rows(
+    o: &Options,
+    found: &LimitedOutcome,
+    found_bare: &LimitedOutcome,
+    changing: &LimitedOutcome,
+) {
+    let found_rate = o.found_rate_limit;
+    for (what, phase, target) in [
+        ("with `Retry-After: 1`", found, "≥ 180/s, < 2 %"),
+        ("without `Retry-After`", found_bare, "≥ 160/s, < 5 %"),
+    ] {
+        println!(
+            "| 50 ms provider limited to {found_rate}/s {what}, not configured, two replicas, {} commands | {:.0} commands/s, {:.2} % of calls answered 429, {} parked in a delay queue, {} dead-lettered | {target}, none parked or dead-lettered |",
+            o.found_commands,
+            phase.throughput,
+            phase.share_429 * 100.0,
+            phase.delayed,
+            phase.dead_lettered
+        );
+    }
+    for (limit, tenth, within) in &changing.changes {
+        println!(
+            "| the limit changed to {limit}/s mid-run | {tenth:.0} links/s in the 10th second after; first second within 15 %: {} | within 15 % by the 10th second |",
+            within.map_or("none".to_owned(), |k| format!("the {k}th"))
+        );
+    }
 }
 
 /// Two provider ids, the second down: the first one's throughput.
@@ -1102,6 +1330,21 @@ async fn main() -> anyhow::Result<()> {
     if let Some(stored) = o.stored {
         return storage_phases(&connection, &o, stored).await;
     }
+    if o.only_found_rate {
+        let (found, found_bare, changing) = found_rate_phases(&connection, &o).await?;
+        for (what, phase) in [
+            ("Retry-After", &found),
+            ("no Retry-After", &found_bare),
+            ("changing", &changing),
+        ] {
+            eprintln!("{what}: second, links, 429s");
+            for (k, links, limited) in &phase.timeline {
+                eprintln!("  {k:>3} {links:>5.0} {limited:>5.0}");
+            }
+        }
+        print_found_rows(&o, &found, &found_bare, &changing);
+        return Ok(());
+    }
     let log = |what: &str| {
         if !o.json_only {
             eprintln!("… {what}");
@@ -1164,14 +1407,20 @@ async fn main() -> anyhow::Result<()> {
         "a provider limited to {rate} calls/s, two replicas with the shipped defaults, {} commands",
         rate as usize * 10
     ));
-    let (limited_throughput, limited_share) =
-        rate_limited(&connection, rate as usize * 10, rate, true).await?;
-    log(&format!(
-        "the same provider, its limit not configured (the workers must find it), {} commands",
-        rate as usize * 10
-    ));
-    let (found_throughput, found_share) =
-        rate_limited(&connection, rate as usize * 10, rate, false).await?;
+    let limited = rate_limited(
+        &connection,
+        &Limited {
+            n: rate as usize * 10,
+            limits: vec![rate],
+            stage: Duration::ZERO,
+            configured: true,
+            retry_after: true,
+            latency: Duration::ZERO,
+        },
+    )
+    .await?;
+    let (found, found_bare, changing) = found_rate_phases(&connection, &o).await?;
+    let found_rate = o.found_rate_limit;
     log(&format!(
         "two provider ids, the second down, {} commands for the first, prefetch {}",
         o.commands / 2,
@@ -1228,16 +1477,33 @@ async fn main() -> anyhow::Result<()> {
         },
         "rate_limited_two_replicas": {
             "rate_limit_per_s": rate,
-            "throughput_per_s": limited_throughput,
+            "throughput_per_s": limited.throughput,
             "target_per_s": f64::from(rate) * 0.9,
-            "answered_429_share": limited_share,
+            "answered_429_share": limited.share_429,
         },
         "rate_limited_not_configured": {
-            "rate_limit_per_s": rate,
-            "throughput_per_s": found_throughput,
-            "target_per_s": f64::from(rate) * 0.9,
-            "answered_429_share": found_share,
+            "rate_limit_per_s": found_rate,
+            "commands": o.found_commands,
+            "throughput_per_s": found.throughput,
+            "target_per_s": f64::from(found_rate) * 0.9,
+            "answered_429_share": found.share_429,
+            "delayed": found.delayed,
+            "dead_lettered": found.dead_lettered,
         },
+        "rate_limited_not_configured_no_retry_after": {
+            "rate_limit_per_s": found_rate,
+            "commands": o.found_commands,
+            "throughput_per_s": found_bare.throughput,
+            "target_per_s": f64::from(found_rate) * 0.8,
+            "answered_429_share": found_bare.share_429,
+            "delayed": found_bare.delayed,
+            "dead_lettered": found_bare.dead_lettered,
+        },
+        "rate_limit_changing": changing.changes.iter().map(|(limit, tenth, within)| serde_json::json!({
+            "new_limit_per_s": limit,
+            "links_per_s_in_10th_second": tenth,
+            "first_second_within_15_percent": within,
+        })).collect::<Vec<_>>(),
         "one_provider_down": {
             "healthy_throughput_per_s": healthy,
             "solo_right_after_per_s": solo,
@@ -1304,15 +1570,12 @@ async fn main() -> anyhow::Result<()> {
             slow.peak_rss_bytes as f64 / 1048576.0
         );
         println!(
-            "| provider limited to {rate}/s, two replicas (shipped defaults) | {limited_throughput:.0} commands/s, {:.2} % of calls answered 429 | ≥ {:.0}/s, < 2 % |",
-            limited_share * 100.0,
+            "| provider limited to {rate}/s, two replicas (shipped defaults) | {:.0} commands/s, {:.2} % of calls answered 429 | ≥ {:.0}/s, < 2 % |",
+            limited.throughput,
+            limited.share_429 * 100.0,
             f64::from(rate) * 0.9
         );
-        println!(
-            "| provider limited to {rate}/s, limit not configured, two replicas | {found_throughput:.0} commands/s, {:.2} % of calls answered 429 | ≥ {:.0}/s, < 2 % |",
-            found_share * 100.0,
-            f64::from(rate) * 0.9
-        );
+        print_found_rows(&o, &found, &found_bare, &changing);
         println!(
             "| two provider ids, one down: the healthy one | {healthy:.0} commands/s ({:.0} % of its solo {solo:.0}/s measured right after; {:.0} % of the end-to-end phase) | ≥ 90 % of solo |",
             healthy / solo * 100.0,
