@@ -95,6 +95,11 @@ fn normalised(text: &str, names: &[(String, String)], loose: bool) -> Vec<String
     ];
     if loose {
         rules.push((r"\b\d+\.\d+\b", "N.N"));
+        // A provider lane's concurrency limit, which slow start and the provider's answers move.
+        rules.push((
+            r"(?m)^(\s*\d+\s+N\.N\s+\d+\s+\d+\s+)\d+(\s+(closed|open|half-open)\b)",
+            "${1}N${2}",
+        ));
     }
     for (pattern, with) in rules {
         text = Regex::new(pattern)
