@@ -250,7 +250,13 @@ impl Lane {
             None => calls * workers * MAX_CUT,
             // Still told to slow down right after a cut: the estimate was too high (a trailing
             // second that straddled two of the provider's windows reads up to twice its limit).
-            Some(found) if recent => found * REPEATED_CUT_FACTOR,
+            // Never below what the provider took meanwhile, though: a limit that fell is found
+            // from what it admits, not cut past.
+            // (A tenth under it: right after a pause, the trailing second can hold the links
+            // of two of the provider's windows.)
+            Some(found) if recent => (found * REPEATED_CUT_FACTOR)
+                .max(under * 0.9)
+                .min(found * UNDER_TAKEN),
             // Every cut lowers the rate by 5 % at least: what this worker took, times the
             // workers, overstates the fleet's take when another replica sat out a pause.
             Some(found) => under.max(found * MAX_CUT).min(found * UNDER_TAKEN),
@@ -261,8 +267,6 @@ impl Lane {
         pace.last_cut = Some(now);
         pace.last_growth = now;
         pace.held_back = false;
-        // The turns handed out at the old rate are void: the calls holding them take new ones.
-        pace.next_call = now;
         let logged = pace.logged;
         if logged == 0.0 || (cut - logged).abs() / logged > 0.25 {
             pace.logged = cut;
@@ -597,5 +601,39 @@ mod first_cut {
         lane.slowed_down(1);
         let found = lane.found().0.unwrap();
         assert!((11.0..11.5).contains(&found), "{found}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_soon_after_a_cut_cuts_deeper_but_not_below_what_the_provider_admits() {
+        let settings = Settings::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        let lanes = Lanes::new(&settings, Arc::new(LaneFigures::default()));
+        let lane = lanes.lane(1);
+        lane.adopt(100.0, None);
+        // 100 links in the last second, then a 429: 95 % of them.
+        for _ in 0..100 {
+            lane.answered();
+            tokio::time::advance(Duration::from_millis(9)).await;
+        }
+        lane.slowed_down(1);
+        assert_eq!(lane.found().0, Some(95.0));
+        // Another 429 1.5 s later, with 60 links in the trailing second: 0.85 × 95.
+        tokio::time::advance(Duration::from_millis(900)).await;
+        for _ in 0..60 {
+            lane.answered();
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        lane.slowed_down(1);
+        let deeper = lane.found().0.unwrap();
+        assert!((80.7..80.8).contains(&deeper), "{deeper}");
+        // And again, when the provider took 85 in the last second: not below 0.9 × 0.95 × 85
+        // (0.85 × 80.75 would be 68.6), a second after the last cut.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        for _ in 0..85 {
+            lane.answered();
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        lane.slowed_down(1);
+        let floor = lane.found().0.unwrap();
+        assert!((72.6..72.7).contains(&floor), "{floor}");
     }
 }
