@@ -148,6 +148,16 @@ impl Run {
         })
     }
 
+    /// The simulator's address, as the worker is given it.
+    fn sim_url(&self) -> anyhow::Result<String> {
+        self.sandbox
+            .env
+            .iter()
+            .find(|(k, _)| k == "PROVIDER_BASE_URL")
+            .map(|(_, v)| v.clone())
+            .context("no provider URL")
+    }
+
     fn settings(&self) -> anyhow::Result<payment_link_worker::config::Settings> {
         self.sandbox.settings().map_err(anyhow::Error::msg)
     }
@@ -704,13 +714,7 @@ async fn created_events(connection: &Connection, queue: &str, n: usize) -> anyho
 
 /// The simulator's counters, read over HTTP.
 async fn sim_stats(run: &Run) -> anyhow::Result<serde_json::Value> {
-    let url = run
-        .sandbox
-        .env
-        .iter()
-        .find(|(k, _)| k == "PROVIDER_BASE_URL")
-        .map(|(_, v)| v.clone())
-        .context("no provider URL")?;
+    let url = run.sim_url()?;
     let text = reqwest::get(format!("{url}/_sim/stats"))
         .await?
         .text()
@@ -774,13 +778,7 @@ async fn rate_limited(connection: &Connection, phase: &Limited) -> anyhow::Resul
     }
     let run = Run::with(Tuning::Shipped, sim, &extra).await?;
     let settings = run.settings()?;
-    let sim_url = run
-        .sandbox
-        .env
-        .iter()
-        .find(|(k, _)| k == "PROVIDER_BASE_URL")
-        .map(|(_, v)| v.clone())
-        .context("no provider URL")?;
+    let sim_url = run.sim_url()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
         let events = run.declare(connection, &channel, &settings).await?;

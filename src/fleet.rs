@@ -60,11 +60,7 @@ fn fleet_rates(
 ) -> std::collections::BTreeMap<i64, (f64, Option<Duration>)> {
     let mut sums: std::collections::BTreeMap<i64, (f64, usize, Option<u64>)> = Default::default();
     for worker in alive {
-        let lanes: Vec<LaneStatus> = worker
-            .status
-            .as_ref()
-            .and_then(|s| serde_json::from_value(s["lanes"].clone()).ok())
-            .unwrap_or_default();
+        let lanes = LaneStatus::reported(worker.status.as_ref());
         for lane in lanes {
             let Some(found) = lane.found_rate.filter(|r| r.is_finite() && *r > 0.0) else {
                 continue;

@@ -194,11 +194,7 @@ async fn from_store(settings: &Settings, conn: &mut PgConn) -> Result<Status, St
         _ => 0,
     };
     for worker in &alive {
-        let lanes: Vec<LaneStatus> = worker
-            .status
-            .as_ref()
-            .and_then(|s| serde_json::from_value(s["lanes"].clone()).ok())
-            .unwrap_or_default();
+        let lanes = LaneStatus::reported(worker.status.as_ref());
         for lane in lanes {
             let provider = providers.entry(lane.provider_id).or_default();
             provider.in_flight += lane.in_flight;

@@ -49,6 +49,16 @@ pub struct LaneStatus {
     pub slowed_down: u64,
 }
 
+impl LaneStatus {
+    /// The lanes a worker reported with its heartbeat (none when the status is missing or was
+    /// written by an older version in another shape).
+    pub fn reported(status: Option<&serde_json::Value>) -> Vec<LaneStatus> {
+        status
+            .and_then(|s| serde_json::from_value(s["lanes"].clone()).ok())
+            .unwrap_or_default()
+    }
+}
+
 /// One provider's breaker and limits.
 pub struct Lane {
     /// Taken to be down after mostly failing calls.
@@ -81,7 +91,8 @@ struct Pace {
     links: [u32; 10],
     /// Calls started in each tenth of the trailing second.
     calls: [u32; 10],
-    links_tenth: u64,
+    /// The tenth of a second (counted from `origin`) the buckets were last moved up to.
+    tenth: u64,
     origin: Instant,
     /// The rate last written to the log, to log only large changes.
     logged: f64,
@@ -125,7 +136,7 @@ impl Pace {
             held_back: false,
             links: [0; 10],
             calls: [0; 10],
-            links_tenth: 0,
+            tenth: 0,
             origin: now,
             logged: 0.0,
         }
@@ -134,13 +145,13 @@ impl Pace {
     /// Moves the trailing-second buckets up to `now`.
     fn roll(&mut self, now: Instant) {
         let tenth = (now.duration_since(self.origin).as_millis() / 100) as u64;
-        let stale = tenth.saturating_sub(self.links_tenth).min(10);
+        let stale = tenth.saturating_sub(self.tenth).min(10);
         for step in 1..=stale {
-            let tenth = ((self.links_tenth + step) % 10) as usize;
-            self.links[tenth] = 0;
-            self.calls[tenth] = 0;
+            let slot = ((self.tenth + step) % 10) as usize;
+            self.links[slot] = 0;
+            self.calls[slot] = 0;
         }
-        self.links_tenth = tenth;
+        self.tenth = tenth;
     }
 
     /// Links this worker made in the trailing second, and calls it started.
@@ -188,7 +199,7 @@ impl Lane {
             let mut pace = self.pace.lock().expect("pace lock");
             let now = Instant::now();
             pace.roll(now);
-            let tenth = (pace.links_tenth % 10) as usize;
+            let tenth = (pace.tenth % 10) as usize;
             pace.calls[tenth] += 1;
             pace.grow(now, self.rate);
             let rate = match (self.rate, pace.found) {
@@ -216,7 +227,7 @@ impl Lane {
     pub fn answered(&self) {
         let mut pace = self.pace.lock().expect("pace lock");
         pace.roll(Instant::now());
-        let tenth = (pace.links_tenth % 10) as usize;
+        let tenth = (pace.tenth % 10) as usize;
         pace.links[tenth] += 1;
     }
 
@@ -398,7 +409,8 @@ impl Lanes {
         let lanes = self.lanes.lock().expect("lanes lock");
         let mut all: Vec<LaneStatus> = lanes
             .iter()
-            .map(|(id, lane)| LaneStatus {
+            .map(|(id, lane)| (id, lane, lane.found()))
+            .map(|(id, lane, (found, since_cut))| LaneStatus {
                 provider_id: *id,
                 limit: lane.figures.limit.load(Relaxed),
                 in_flight: lane.figures.in_flight.load(Relaxed),
@@ -411,8 +423,8 @@ impl Lanes {
                 }
                 .to_owned(),
                 max_requests_per_second: lane.rate,
-                found_rate: lane.found().0,
-                since_cut_ms: lane.found().1.map(|d| d.as_millis() as u64),
+                found_rate: found,
+                since_cut_ms: since_cut.map(|d| d.as_millis() as u64),
                 slowed_down: lane.figures.slowed_down.load(Relaxed),
             })
             .collect();
