@@ -12,9 +12,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Beats every `telemetry.levels_interval_ms` until `stop` fires, then leaves.
+/// How often a worker beats: every second, or every `telemetry.levels_interval_ms` when that is
+/// shorter. The found rates travel in the beats, and a cut must reach the other replicas within
+/// about a second, before they spend the provider's next window (the levels, read every 5 s by
+/// default, cost far more than a beat).
+pub fn beat_interval(settings: &crate::config::Settings) -> Duration {
+    Duration::from_millis(settings.telemetry.levels_interval_ms.min(1000))
+}
+
+/// Beats every [`beat_interval`] until `stop` fires, then leaves.
 pub async fn run(context: Arc<Context>, stop: CancellationToken) {
-    let interval = Duration::from_millis(context.settings.telemetry.levels_interval_ms);
+    let interval = beat_interval(&context.settings);
     loop {
         beat(&context, interval).await;
         tokio::select! {

@@ -163,7 +163,7 @@ async fn from_store(settings: &Settings, conn: &mut PgConn) -> Result<Status, St
     .bind::<BigInt, _>(WINDOW_SECONDS)
     .get_result(conn)
     .await?;
-    let fresh = Duration::from_millis(3 * settings.telemetry.levels_interval_ms);
+    let fresh = 3 * crate::fleet::beat_interval(settings);
     let alive = heartbeats::alive(conn, fresh).await?;
     let open = crate::dead_letters::store::Filter {
         state: Some(crate::dead_letters::State::Open),
