@@ -5,7 +5,7 @@
 //! stale.
 
 use crate::context::Context;
-use crate::provider::lanes::LaneStatus;
+use crate::provider::lanes::{FRESH_CUT, LaneStatus};
 use crate::store::heartbeats;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -62,32 +62,45 @@ async fn beat(context: &Context, interval: Duration) {
 /// The rate the fleet found for each provider, from the live replicas' reports: the mean of the
 /// rates they found (so replicas that each found their own converge on one, and one that joins
 /// takes its share at once instead of calling unpaced), and the latest cut among them (so none
-/// probes upward right after another was told to slow down).
+/// probes upward right after another was told to slow down). While the latest cut is within
+/// [`FRESH_CUT`], the mean is over the replicas cut in that same episode (within a second of it):
+/// the mean with replicas cut earlier, or not at all, would lift the latest cut back over the
+/// limit, and the lane would swing around it.
 fn fleet_rates(
     alive: &[heartbeats::Alive],
 ) -> std::collections::BTreeMap<i64, (f64, Option<Duration>)> {
-    let mut sums: std::collections::BTreeMap<i64, (f64, usize, Option<u64>)> = Default::default();
+    // Each provider's reports: its found rate and how long ago it was cut (aged by its beat).
+    let mut reports: std::collections::BTreeMap<i64, Vec<(f64, Option<u64>)>> = Default::default();
     for worker in alive {
-        let lanes = LaneStatus::reported(worker.status.as_ref());
-        for lane in lanes {
+        for lane in LaneStatus::reported(worker.status.as_ref()) {
             let Some(found) = lane.found_rate.filter(|r| r.is_finite() && *r > 0.0) else {
                 continue;
             };
-            let entry = sums.entry(lane.provider_id).or_insert((0.0, 0, None));
-            entry.0 += found;
-            entry.1 += 1;
-            // The report is up to one beat old: its cut was at least that long ago.
             let since = lane
                 .since_cut_ms
                 .map(|ms| ms.saturating_add(worker.age_ms.max(0) as u64));
-            entry.2 = match (entry.2, since) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            reports
+                .entry(lane.provider_id)
+                .or_default()
+                .push((found, since));
         }
     }
-    sums.into_iter()
-        .map(|(id, (sum, n, since))| (id, (sum / n as f64, since.map(Duration::from_millis))))
+    let fresh_ms = FRESH_CUT.as_millis() as u64;
+    reports
+        .into_iter()
+        .map(|(id, rates)| {
+            let latest = rates.iter().filter_map(|(_, since)| *since).min();
+            let episode: Vec<f64> = match latest {
+                Some(latest) if latest < fresh_ms => rates
+                    .iter()
+                    .filter(|(_, since)| since.is_some_and(|s| s <= latest + 1000))
+                    .map(|(found, _)| *found)
+                    .collect(),
+                _ => rates.iter().map(|(found, _)| *found).collect(),
+            };
+            let mean = episode.iter().sum::<f64>() / episode.len() as f64;
+            (id, (mean, latest.map(Duration::from_millis)))
+        })
         .collect()
 }
 
@@ -127,7 +140,7 @@ mod tests {
                 0,
                 serde_json::json!([lane(1, Some(100.0), Some(4000)), lane(2, None, None)]),
             ),
-            worker(500, serde_json::json!([lane(1, Some(200.0), Some(1000))])),
+            worker(500, serde_json::json!([lane(1, Some(200.0), Some(3000))])),
             // Older workers report no found rate at all, or garbage.
             heartbeats::Alive {
                 instance_id: "old".into(),
@@ -139,11 +152,29 @@ mod tests {
         let rates = fleet_rates(&alive);
         assert_eq!(rates.len(), 1, "provider 2 was found by nobody: {rates:?}");
         let (found, since) = rates[&1];
-        assert_eq!(found, 150.0);
+        assert_eq!(found, 150.0, "no cut within {FRESH_CUT:?}: the mean");
         assert_eq!(
             since,
-            Some(Duration::from_millis(1500)),
+            Some(Duration::from_millis(3500)),
             "the latest cut, aged by its beat"
         );
+    }
+
+    #[test]
+    fn the_latest_cut_outweighs_earlier_ones_and_replicas_that_were_not_told_to_slow_down() {
+        let lane = |found: f64, since: u64| {
+            serde_json::json!([{"providerId": 1, "limit": 1, "inFlight": 0, "queued": 0,
+                "calls": 0, "breaker": "closed", "maxRequestsPerSecond": null,
+                "foundRate": found, "sinceCutMs": since}])
+        };
+        let alive = vec![
+            worker(0, lane(180.0, 5000)),
+            worker(0, lane(150.0, 2500)),
+            worker(500, lane(96.0, 1000)),
+            worker(200, lane(104.0, 1200)),
+        ];
+        let (found, since) = fleet_rates(&alive)[&1];
+        assert_eq!(found, 100.0, "the mean of the latest episode's cuts only");
+        assert_eq!(since, Some(Duration::from_millis(1400)));
     }
 }

@@ -76,13 +76,19 @@ pub struct Lane {
 /// This worker's pace for one provider: the rate the fleet found the provider takes (none until
 /// the first 429), when it was last cut, and what this worker measured of its own calls.
 struct Pace {
-    next_call: Instant,
+    /// When each turn to call comes, at the current spacing.
+    schedule: Schedule,
     /// Calls a second the whole fleet may make to the provider, as found from its answers: cut on
     /// a 429, grown back while calls wait on it (see [`growth`]), evened out between replicas
     /// through their heartbeats ([`Lane::adopt`]). This worker takes `found / workers`.
     found: Option<f64>,
     /// When the provider last said slow down (here, or in another replica's report).
     last_cut: Option<Instant>,
+    /// The fleet rate the provider last refused (what was cut from).
+    refused: Option<f64>,
+    /// The rate before the last growth, if it grew since the last cut: it ran a whole second
+    /// without a 429, so a probe that overshoots is cut back under it.
+    before_growth: Option<f64>,
     last_growth: Instant,
     /// Whether a call waited on the pace since the last growth: the rate grows only while it is
     /// what holds calls back, never while demand is below it.
@@ -105,18 +111,24 @@ const MAX_CUT: f64 = 0.7;
 /// call says nothing yet about its rate, and a lane cut to one call a second would crawl (its
 /// `Retry-After`, or our own short pause without one, still holds back a provider slower still).
 const MIN_RATE: f64 = 5.0;
-/// A 429 this soon after the last cut (which has held the rate since) cuts again by
-/// [`REPEATED_CUT_FACTOR`].
-const REPEATED_CUT: Duration = Duration::from_secs(3);
-const REPEATED_CUT_FACTOR: f64 = 0.85;
+/// A 429 this soon after the last cut cuts by 30 % at least ([`REPEATED_CUT`]); a cut this
+/// recent in another replica's report outweighs the rates of those that were not told to slow
+/// down since (see `fleet`).
+pub const FRESH_CUT: Duration = Duration::from_secs(3);
+const REPEATED_CUT: f64 = 0.7;
+/// Once the provider takes this much more than the rate it last refused, its limit has gone up:
+/// the rate grows by [`FAST_GROWTH`] a second.
+const ABOVE_REFUSED: f64 = 1.02;
+const FAST_GROWTH: f64 = 0.3;
 /// After a 429 the rate is set this far under what the provider took in the trailing second.
 const UNDER_TAKEN: f64 = 0.95;
 /// For this long after a cut the rate holds: the provider's window settles before it is probed.
 const HOLD: Duration = Duration::from_secs(2);
 
 /// The fraction the found rate grows by in the second that ends `since_cut` after the last cut:
-/// nothing while it holds, then 1 % a second, half as much again every second after (slow just
-/// above the rate the provider refused, fast once it has clearly gone up), at most 20 %.
+/// nothing while it holds, then 1 % a second, half as much again every second after (slow up to
+/// the rate the provider refused, faster the longer it takes more), at most 20 % (and
+/// [`FAST_GROWTH`] once it takes clearly more than it refused).
 fn growth(since_cut: Duration) -> f64 {
     if since_cut < HOLD {
         return 0.0;
@@ -125,13 +137,76 @@ fn growth(since_cut: Duration) -> f64 {
     (0.01 * 1.5f64.powf(probing)).min(0.2)
 }
 
+/// The turns handed out to calls, spaced `gap` apart from the anchor: a turn's time is computed
+/// when it comes, from the spacing then. A cut re-spaces the turns already handed out (the calls
+/// waiting on them would otherwise go out at the old rate, for as long as a concurrency limit's
+/// worth of turns lasts, and be refused again); a turn is kept, not reset, so the calls waiting
+/// do not all go at once.
+struct Schedule {
+    anchor_at: Instant,
+    anchor_turn: u64,
+    gap: Duration,
+    next_turn: u64,
+}
+
+impl Schedule {
+    /// From the last turn that has come (by `now`), turns come `gap` apart; those already due
+    /// stay due.
+    fn space(&mut self, now: Instant, gap: Duration) {
+        if gap == self.gap {
+            return;
+        }
+        if self.next_turn > 0 && !self.gap.is_zero() {
+            let old = self.gap.as_secs_f64();
+            let came = if now >= self.anchor_at {
+                let after = (now - self.anchor_at).as_secs_f64() / old + 1e-9;
+                (self.anchor_turn + after.floor() as u64).min(self.next_turn - 1)
+            } else {
+                let before = (self.anchor_at - now).as_secs_f64() / old - 1e-9;
+                self.anchor_turn.saturating_sub(before.ceil() as u64)
+            };
+            self.anchor_at = self.time_of(came);
+            self.anchor_turn = came;
+        }
+        self.gap = gap;
+    }
+
+    fn time_of(&self, turn: u64) -> Instant {
+        let gaps = |n: u64| Duration::from_secs_f64(self.gap.as_secs_f64() * n as f64);
+        if turn >= self.anchor_turn {
+            self.anchor_at + gaps(turn - self.anchor_turn)
+        } else {
+            let before = gaps(self.anchor_turn - turn);
+            self.anchor_at.checked_sub(before).unwrap_or(self.anchor_at)
+        }
+    }
+
+    /// The next turn and its time; never in the past (an idle lane does not save up a burst).
+    /// The schedule is anchored at it, so the turns' times stay exact however long it runs.
+    fn hand_out(&mut self, now: Instant) -> (u64, Instant) {
+        let turn = self.next_turn;
+        self.next_turn += 1;
+        let at = self.time_of(turn).max(now);
+        self.anchor_at = at;
+        self.anchor_turn = turn;
+        (turn, at)
+    }
+}
+
 impl Pace {
     fn new() -> Self {
         let now = Instant::now();
         Pace {
-            next_call: now,
+            schedule: Schedule {
+                anchor_at: now,
+                anchor_turn: 0,
+                gap: Duration::ZERO,
+                next_turn: 0,
+            },
             found: None,
             last_cut: None,
+            refused: None,
+            before_growth: None,
             last_growth: now,
             held_back: false,
             links: [0; 10],
@@ -175,8 +250,16 @@ impl Pace {
                 .last_cut
                 .map_or(Duration::MAX, |at| now.duration_since(at));
             // Plus one a second, so a rate cut very low climbs back in seconds, not minutes.
-            let g = growth(since_cut);
+            let mut g = growth(since_cut);
+            if g > 0.0
+                && self
+                    .refused
+                    .is_some_and(|refused| found > refused * ABOVE_REFUSED)
+            {
+                g = g.max(FAST_GROWTH);
+            }
             let grown = if g > 0.0 {
+                self.before_growth = Some(found);
                 found * (1.0 + g) + 1.0
             } else {
                 found
@@ -195,32 +278,52 @@ impl Lane {
     /// one the fleet found the provider takes (see [`Lane::slowed_down`]): unpaced until the
     /// first 429.
     pub async fn pace(&self, workers: usize) {
-        let at = {
+        let turn = {
             let mut pace = self.pace.lock().expect("pace lock");
             let now = Instant::now();
             pace.roll(now);
             let tenth = (pace.tenth % 10) as usize;
             pace.calls[tenth] += 1;
             pace.grow(now, self.rate);
-            let rate = match (self.rate, pace.found) {
-                (Some(configured), Some(found)) => configured.min(found),
-                (one, other) => match one.or(other) {
-                    Some(rate) => rate,
-                    None => return,
-                },
+            let Some(gap) = self.gap(&pace, workers) else {
+                return;
             };
-            self.figures
-                .rate_milli
-                .store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
-            let gap = Duration::from_secs_f64(workers.max(1) as f64 / rate.max(0.1));
-            let at = pace.next_call.max(now);
+            pace.schedule.space(now, gap);
+            let (turn, at) = pace.schedule.hand_out(now);
             if at > now {
                 pace.held_back = true;
             }
-            pace.next_call = at + gap;
-            at
+            turn
         };
-        tokio::time::sleep_until(at).await;
+        // The turn's time is read again when it comes: a cut meanwhile moves it later.
+        loop {
+            let at = {
+                let mut pace = self.pace.lock().expect("pace lock");
+                if let Some(gap) = self.gap(&pace, workers) {
+                    pace.schedule.space(Instant::now(), gap);
+                }
+                pace.schedule.time_of(turn)
+            };
+            if at <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    }
+
+    /// The spacing of this worker's calls: `workers` share the configured rate, or below it the
+    /// one the fleet found (none: unpaced).
+    fn gap(&self, pace: &Pace, workers: usize) -> Option<Duration> {
+        let rate = match (self.rate, pace.found) {
+            (Some(configured), Some(found)) => configured.min(found),
+            (one, other) => one.or(other)?,
+        };
+        self.figures
+            .rate_milli
+            .store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
+        Some(Duration::from_secs_f64(
+            workers.max(1) as f64 / rate.max(0.1),
+        ))
     }
 
     /// A call got its link: counted towards what the provider takes.
@@ -253,27 +356,33 @@ impl Lane {
         let under = (links * workers * UNDER_TAKEN).max(1.0);
         let recent = pace
             .last_cut
-            .is_some_and(|at| now.duration_since(at) < REPEATED_CUT);
+            .is_some_and(|at| now.duration_since(at) < FRESH_CUT);
         let cut = match pace.found {
             // The first: just under what the provider took; when it took next to nothing (a 429
             // to the very first calls), 0.7 of the rate the calls went out at.
             None if links >= MIN_RATE => under,
             None => calls * workers * MAX_CUT,
-            // Still told to slow down right after a cut: the estimate was too high (a trailing
-            // second that straddled two of the provider's windows reads up to twice its limit).
-            // Never below what the provider took meanwhile, though: a limit that fell is found
-            // from what it admits, not cut past.
-            // (A tenth under it: right after a pause, the trailing second can hold the links
-            // of two of the provider's windows.)
-            Some(found) if recent => (found * REPEATED_CUT_FACTOR)
-                .max(under * 0.9)
+            // Still told to slow down right after a cut: the rate is still over the limit (the
+            // limit fell). 30 % off at least, so a halved limit is found in two cuts, each
+            // costing a `Retry-After` pause; down to what the provider took when that is lower
+            // (a 429 within a second of a pause: the trailing second holds only the provider's
+            // new window), but not below half (it reads low when this replica sat out a pause).
+            Some(found) if recent => under.max(found * 0.5).min(found * REPEATED_CUT),
+            // Every other cut lowers the rate by 5 % at least (what this worker took, times the
+            // workers, overstates the fleet's take when another replica sat out a pause, and a
+            // trailing second that straddles two of the provider's windows reads high), and by
+            // 30 % at most. A probe that grew past the limit goes back under the rate it grew
+            // from (which the provider took for a whole second): the trailing second reads
+            // the probe's own rate, and a cut to just under that would still be over the limit.
+            Some(found) => under
+                .min(pace.before_growth.map_or(f64::MAX, |r| r * UNDER_TAKEN))
+                .max(found * MAX_CUT)
                 .min(found * UNDER_TAKEN),
-            // Every cut lowers the rate by 5 % at least: what this worker took, times the
-            // workers, overstates the fleet's take when another replica sat out a pause.
-            Some(found) => under.max(found * MAX_CUT).min(found * UNDER_TAKEN),
         }
         .max(MIN_RATE);
         let cut = self.rate.map_or(cut, |c| cut.min(c));
+        pace.refused = Some(pace.found.unwrap_or(links * workers));
+        pace.before_growth = None;
         pace.found = Some(cut);
         pace.last_cut = Some(now);
         pace.last_growth = now;
@@ -297,11 +406,14 @@ impl Lane {
         let mut pace = self.pace.lock().expect("pace lock");
         let now = Instant::now();
         // Within a tenth of the fleet's, this worker keeps its own: the reports are a beat old,
-        // and taking them every beat would undo each second's growth.
-        let close = pace
+        // and taking them every beat would undo each second's growth. Above it, too, unless the
+        // fleet's is a fresh cut: the replicas grow a second apart, and the mean would hold back
+        // the one that grew first.
+        let fresh = since_cut.is_some_and(|since| since < FRESH_CUT);
+        let keep = pace
             .found
-            .is_some_and(|ours| (ours - found).abs() <= 0.1 * found);
-        if !close {
+            .is_some_and(|ours| (ours - found).abs() <= 0.1 * found || (ours > found && !fresh));
+        if !keep {
             let found = self.rate.map_or(found, |c| found.min(c)).max(MIN_RATE);
             pace.found = Some(found);
             self.figures.rate_milli.store(
@@ -314,6 +426,8 @@ impl Lane {
             && pace.last_cut.is_none_or(|ours| ours < at)
         {
             pace.last_cut = Some(at);
+            // Its refused rate is not in the report; a cut sets the rate just under it.
+            pace.refused = Some(found / UNDER_TAKEN);
         }
     }
 
@@ -457,6 +571,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_cut_re_spaces_the_turns_already_handed_out() {
+        let lanes = lanes(&[]);
+        let lane = lanes.lane(1);
+        lane.adopt(100.0, None);
+        lane.pace(1).await;
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..10)
+            .map(|_| {
+                let lane = lane.clone();
+                tokio::spawn(async move {
+                    lane.pace(1).await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        // The turns at 10 and 20 ms come at 100 a second; then the rate halves.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        lane.adopt(50.0, Some(Duration::ZERO));
+        let mut came = Vec::new();
+        for call in waiting {
+            came.push(call.await.unwrap() - started);
+        }
+        came.sort();
+        // The first turn to come after the cut (at 30 ms) re-spaces the rest from itself: the
+        // other seven follow 20 ms apart, not 10 ms.
+        let expected: Vec<Duration> = [10, 20, 30, 50, 70, 90, 110, 130, 150, 170]
+            .into_iter()
+            .map(Duration::from_millis)
+            .collect();
+        assert_eq!(came, expected);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn calls_are_paced_at_the_workers_share_of_the_fleet_rate() {
         let lanes = lanes(&[(
             "PAYMENT_LINK_WORKER__PROVIDER__MAX_REQUESTS_PER_SECOND_BY_ID",
@@ -473,9 +620,9 @@ mod tests {
         for _ in 0..10 {
             lane.pace(4).await;
         }
-        // One of four workers: 5 a second, 200 ms apart; the first waited out the 50 ms gap
-        // the earlier rate left.
-        assert_eq!(started.elapsed(), Duration::from_millis(50 + 9 * 200));
+        // One of four workers: 5 a second, 200 ms apart from the last turn, the first included
+        // (a change of rate re-spaces the turns not yet come).
+        assert_eq!(started.elapsed(), Duration::from_millis(10 * 200));
         let unlimited = lanes.lane(6);
         let started = Instant::now();
         for _ in 0..100 {
@@ -616,36 +763,47 @@ mod first_cut {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_429_soon_after_a_cut_cuts_deeper_but_not_below_what_the_provider_admits() {
+    async fn cuts_are_to_what_was_taken_within_bounds_and_growth_speeds_up_past_the_refused_rate() {
         let settings = Settings::load_from(None, Vec::<(String, String)>::new()).unwrap();
         let lanes = Lanes::new(&settings, Arc::new(LaneFigures::default()));
         let lane = lanes.lane(1);
-        lane.adopt(100.0, None);
-        // 100 links in the last second, then a 429: 95 % of them.
+        lane.adopt(200.0, None);
+        // 100 links in the last second, then a 429: 95 % of them, but a cut takes 30 % at most.
         for _ in 0..100 {
             lane.answered();
             tokio::time::advance(Duration::from_millis(9)).await;
         }
         lane.slowed_down(1);
-        assert_eq!(lane.found().0, Some(95.0));
-        // Another 429 1.5 s later, with 60 links in the trailing second: 0.85 × 95.
-        tokio::time::advance(Duration::from_millis(900)).await;
-        for _ in 0..60 {
+        assert_eq!(lane.found().0, Some(140.0), "not below 70 % of 200");
+        // One within a second of that cut is the same episode: no cut.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        lane.slowed_down(1);
+        assert_eq!(lane.found().0, Some(140.0));
+        // 1.2 s later, still told to slow down: the limit fell, 30 % off at least (the 110
+        // links in the trailing second say 104.5).
+        tokio::time::advance(Duration::from_millis(700)).await;
+        for _ in 0..110 {
             lane.answered();
-            tokio::time::advance(Duration::from_millis(10)).await;
+            tokio::time::advance(Duration::from_millis(4)).await;
         }
         lane.slowed_down(1);
-        let deeper = lane.found().0.unwrap();
-        assert!((80.7..80.8).contains(&deeper), "{deeper}");
-        // And again, when the provider took 85 in the last second: not below 0.9 × 0.95 × 85
-        // (0.85 × 80.75 would be 68.6), a second after the last cut.
-        tokio::time::advance(Duration::from_millis(200)).await;
-        for _ in 0..85 {
-            lane.answered();
-            tokio::time::advance(Duration::from_millis(10)).await;
-        }
-        lane.slowed_down(1);
-        let floor = lane.found().0.unwrap();
-        assert!((72.6..72.7).contains(&floor), "{floor}");
+        assert_eq!(lane.found().0, Some(98.0));
+        // After the hold, while calls wait on it, it grows slowly up to the rate refused (140)…
+        let grown_by = |lane: Arc<Lane>, seconds: u32| async move {
+            let before = lane.found().0.unwrap();
+            for _ in 0..seconds {
+                tokio::time::advance(Duration::from_secs(1)).await;
+                lane.pace(1).await;
+                lane.pace(1).await;
+            }
+            lane.found().0.unwrap() / before
+        };
+        assert_eq!(grown_by(lane.clone(), 1).await, 1.0, "holds");
+        let slow = grown_by(lane.clone(), 2).await;
+        assert!((1.01..1.1).contains(&slow), "{slow}");
+        // … and by 30 % a second once the provider takes clearly more than it refused.
+        lane.adopt(145.0, None);
+        let fast = grown_by(lane.clone(), 1).await;
+        assert!((1.30..1.31).contains(&fast), "{fast}");
     }
 }
