@@ -751,6 +751,76 @@ struct LimitedOutcome {
     timeline: Vec<(u32, f64, f64)>,
 }
 
+/// Where a found-rate phase's time and 429s went: the first contact (its first two seconds:
+/// slow start's overshoot and the `Retry-After` pause it earns), the probes above the found rate
+/// after it, and the pace between them.
+struct Split {
+    first_429: f64,
+    first_lost_s: f64,
+    later_429: f64,
+    probes: usize,
+    later_lost_s: f64,
+    /// Links a second over the whole seconds with no 429 in them or in the second before.
+    pace: f64,
+}
+
+impl Split {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "first_contact_429": self.first_429,
+            "first_contact_lost_s": self.first_lost_s,
+            "later_429": self.later_429,
+            "probes": self.probes,
+            "later_lost_s": self.later_lost_s,
+            "pace_per_s": self.pace,
+        })
+    }
+}
+
+impl LimitedOutcome {
+    /// The split of a single-limit phase, from its second-by-second timeline: each whole second's
+    /// shortfall from the pace is time lost (to a pause, mostly).
+    fn split(&self) -> Split {
+        // The seconds with links, the last (partial) one left out of the pace and the losses.
+        let end = self
+            .timeline
+            .iter()
+            .rposition(|(_, links, _)| *links > 0.0)
+            .unwrap_or(0);
+        let run = &self.timeline[..end];
+        let calm: Vec<f64> = run
+            .windows(2)
+            .skip(1)
+            .filter(|w| w[0].2 == 0.0 && w[1].2 == 0.0)
+            .map(|w| w[1].1)
+            .collect();
+        let pace = calm.iter().sum::<f64>() / calm.len().max(1) as f64;
+        let lost = |seconds: &[(u32, f64, f64)]| {
+            seconds
+                .iter()
+                .map(|(_, links, _)| (pace - links).max(0.0) / pace.max(1.0))
+                .sum::<f64>()
+        };
+        let (first, later) = run.split_at(run.len().min(2));
+        let mut probes = 0;
+        let mut previous = false;
+        for (_, _, limited) in later {
+            if *limited > 0.0 && !previous {
+                probes += 1;
+            }
+            previous = *limited > 0.0;
+        }
+        Split {
+            first_429: self.timeline.iter().take(2).map(|s| s.2).sum(),
+            first_lost_s: lost(first),
+            later_429: self.timeline.iter().skip(2).map(|s| s.2).sum(),
+            probes,
+            later_lost_s: lost(later),
+            pace,
+        }
+    }
+}
+
 /// Links made by the simulator so far, and calls it answered 429.
 async fn sim_links(url: &str) -> anyhow::Result<(f64, f64)> {
     let text = reqwest::get(format!("{url}/_sim/stats"))
@@ -772,7 +842,8 @@ async fn rate_limited(connection: &Connection, phase: &Limited) -> anyhow::Resul
         ..SimOptions::default()
     };
     let rate_text = phase.limits[0].to_string();
-    let mut extra = vec![("TELEMETRY__LEVELS_INTERVAL_MS", "500")];
+    // The shipped defaults, heartbeat included (a beat a second).
+    let mut extra = vec![];
     if phase.configured {
         extra.push(("PROVIDER__MAX_REQUESTS_PER_SECOND", rate_text.as_str()));
     }
@@ -866,8 +937,8 @@ async fn rate_limited(connection: &Connection, phase: &Limited) -> anyhow::Resul
         } else {
             tokio::time::sleep(phase.stage * phase.limits.len() as u32).await;
         }
-        // What the workers reported with their last heartbeats (every 500 ms here).
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // What the workers reported with their last heartbeats (a beat a second).
+        tokio::time::sleep(Duration::from_millis(2200)).await;
         #[derive(diesel::QueryableByName)]
         struct Tallies {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -1004,6 +1075,16 @@ fn print_found_rows(
             phase.delayed,
             phase.dead_lettered
         );
+        let split = phase.split();
+        println!(
+            "| … where it went | first contact (seconds 1-2): {:.0} answered 429, {:.1} s lost; after it: {:.0} answered 429 in {} probe(s), {:.1} s lost; pace between them {:.0} links/s | |",
+            split.first_429,
+            split.first_lost_s,
+            split.later_429,
+            split.probes,
+            split.later_lost_s,
+            split.pace
+        );
     }
     for (limit, tenth, within) in &changing.changes {
         println!(
@@ -1013,21 +1094,26 @@ fn print_found_rows(
     }
 }
 
-/// Two provider ids, the second down: the first one's throughput.
+/// Two provider ids, the second down: the first one's throughput; or, `down_only`, only the
+/// down provider's commands: how fast the worker parks them (from the first parked to the last),
+/// the other share of the time the mixed run takes.
 async fn one_provider_down(
     connection: &Connection,
     n: usize,
     prefetch: u16,
+    down_only: bool,
 ) -> anyhow::Result<f64> {
     let sim = SimOptions {
         fail_provider_ids: vec![2],
         ..SimOptions::default()
     };
     // A delay tier for the failing provider's commands to wait in, longer than the phase.
+    const TIER_MS: u64 = 600_000;
+    let tier = TIER_MS.to_string();
     let run = Run::with(
         Tuning::Tuned(prefetch),
         sim,
-        &[("RETRY__DELAY_TIERS_MS", "600000")],
+        &[("RETRY__DELAY_TIERS_MS", tier.as_str())],
     )
     .await?;
     let settings = run.settings()?;
@@ -1045,9 +1131,19 @@ async fn one_provider_down(
             settings.broker.command_exchange.as_str(),
             settings.broker.command_routing_key.as_str(),
         );
-        preload_for(&channel, route, "two", 2 * n, |i| 1 + (i % 2) as i64).await?;
+        if down_only {
+            preload_for(&channel, route, "down", n, |_| 2).await?;
+        } else {
+            preload_for(&channel, route, "two", 2 * n, |i| 1 + (i % 2) as i64).await?;
+        }
         let mut worker = run.start_worker()?;
-        let elapsed = created_events(connection, &events, n).await?;
+        let elapsed = if down_only {
+            let queue =
+                payment_link_worker::broker::topology::delay_queue(&settings.broker, TIER_MS);
+            parked(&queue, n).await?
+        } else {
+            created_events(connection, &events, n).await?
+        };
         worker.kill()?;
         worker.wait()?;
         Ok::<_, anyhow::Error>(n as f64 / elapsed)
@@ -1055,6 +1151,42 @@ async fn one_provider_down(
     .await;
     run.cleanup().await;
     result
+}
+
+/// Seconds from the first command parked in `queue` until `n` are there (counted on a
+/// connection of its own, closed after, so the polling touches nothing else the run uses).
+async fn parked(queue: &str, n: usize) -> anyhow::Result<f64> {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let counted = count_until(&channel, queue, n).await;
+    let _ = connection.close(200, "counted".into()).await;
+    counted
+}
+
+async fn count_until(channel: &Channel, queue: &str, n: usize) -> anyhow::Result<f64> {
+    let limit = Instant::now() + Duration::from_secs(600);
+    let mut first = None;
+    loop {
+        let count = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count() as usize;
+        if count > 0 {
+            first.get_or_insert_with(Instant::now);
+        }
+        if count >= n {
+            return Ok(first.map_or(0.0, |f: Instant| f.elapsed().as_secs_f64()));
+        }
+        anyhow::ensure!(Instant::now() < limit, "only {count} of {n} parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -1424,7 +1556,13 @@ async fn main() -> anyhow::Result<()> {
         o.commands / 2,
         o.prefetch
     ));
-    let healthy = one_provider_down(&connection, o.commands / 2, o.prefetch).await?;
+    let healthy = one_provider_down(&connection, o.commands / 2, o.prefetch, false).await?;
+    log(&format!(
+        "the down provider's {} commands alone, parked, prefetch {}",
+        o.commands / 2,
+        o.prefetch
+    ));
+    let parked_alone = one_provider_down(&connection, o.commands / 2, o.prefetch, true).await?;
     // The same commands with no provider down, measured right after: on a shared (virtual)
     // machine whose speed drifts between phases, the ratio of two neighbouring runs is the
     // figure to trust; the ratio to the end-to-end phase is printed as well.
@@ -1487,6 +1625,7 @@ async fn main() -> anyhow::Result<()> {
             "answered_429_share": found.share_429,
             "delayed": found.delayed,
             "dead_lettered": found.dead_lettered,
+            "split": found.split().json(),
         },
         "rate_limited_not_configured_no_retry_after": {
             "rate_limit_per_s": found_rate,
@@ -1496,6 +1635,7 @@ async fn main() -> anyhow::Result<()> {
             "answered_429_share": found_bare.share_429,
             "delayed": found_bare.delayed,
             "dead_lettered": found_bare.dead_lettered,
+            "split": found_bare.split().json(),
         },
         "rate_limit_changing": changing.changes.iter().map(|(limit, tenth, within)| serde_json::json!({
             "new_limit_per_s": limit,
@@ -1507,6 +1647,8 @@ async fn main() -> anyhow::Result<()> {
             "solo_right_after_per_s": solo,
             "to_solo_ratio": healthy / solo,
             "to_end_to_end_ratio": healthy / e2e.throughput,
+            "down_provider_parked_alone_per_s": parked_alone,
+            "solo_and_parked_time_share": 1.0 / (1.0 + solo / parked_alone),
         },
         "cpu_per_command_to_lapin_loop": e2e.cpu_seconds_per_1000 / ceiling_cpu.bench.max(1e-9),
         "provider_100ms": {
@@ -1578,6 +1720,10 @@ async fn main() -> anyhow::Result<()> {
             "| two provider ids, one down: the healthy one | {healthy:.0} commands/s ({:.0} % of its solo {solo:.0}/s measured right after; {:.0} % of the end-to-end phase) | ≥ 90 % of solo |",
             healthy / solo * 100.0,
             healthy / e2e.throughput * 100.0,
+        );
+        println!(
+            "| … where it went | the down provider's commands alone are parked at {parked_alone:.0}/s: the worker's time for one healthy and one parked command, each measured alone, leaves the healthy one {:.0} % | |",
+            100.0 / (1.0 + solo / parked_alone),
         );
         println!(
             "| worker CPU per command ÷ the lapin loop's client CPU per message | {:.1}× ({:.3} vs {:.3} s per 1,000) | ≤ 4× |",
