@@ -729,6 +729,20 @@ mod tests {
             fresh.pace(3).await;
         }
         assert_eq!(started.elapsed(), Duration::from_millis(4 * 25));
+        // A replica that grew past the fleet keeps its rate, unless the fleet's is a fresh cut.
+        fresh.adopt(200.0, None);
+        fresh.adopt(150.0, Some(Duration::from_secs(5)));
+        assert_eq!(
+            fresh.found().0,
+            Some(200.0),
+            "the others have not grown yet"
+        );
+        fresh.adopt(150.0, Some(Duration::from_millis(200)));
+        assert_eq!(
+            fresh.found().0,
+            Some(150.0),
+            "one of them was just told to slow down"
+        );
         // A configured rate stays the ceiling.
         let capped = lanes.lane(9);
         capped.adopt(400.0, None);
