@@ -778,6 +778,21 @@ impl Split {
 }
 
 impl LimitedOutcome {
+    /// A found-rate phase in the JSON report: against `limit`, `commands` of them, with its
+    /// throughput target as a fraction of the limit.
+    fn found_json(&self, limit: u32, commands: usize, target: f64) -> serde_json::Value {
+        serde_json::json!({
+            "rate_limit_per_s": limit,
+            "commands": commands,
+            "throughput_per_s": self.throughput,
+            "target_per_s": f64::from(limit) * target,
+            "answered_429_share": self.share_429,
+            "delayed": self.delayed,
+            "dead_lettered": self.dead_lettered,
+            "split": self.split().json(),
+        })
+    }
+
     /// The split of a single-limit phase, from its second-by-second timeline: each whole second's
     /// shortfall from the pace is time lost (to a pause, mostly).
     fn split(&self) -> Split {
@@ -1617,26 +1632,9 @@ async fn main() -> anyhow::Result<()> {
             "target_per_s": f64::from(rate) * 0.9,
             "answered_429_share": limited.share_429,
         },
-        "rate_limited_not_configured": {
-            "rate_limit_per_s": found_rate,
-            "commands": o.found_commands,
-            "throughput_per_s": found.throughput,
-            "target_per_s": f64::from(found_rate) * 0.9,
-            "answered_429_share": found.share_429,
-            "delayed": found.delayed,
-            "dead_lettered": found.dead_lettered,
-            "split": found.split().json(),
-        },
-        "rate_limited_not_configured_no_retry_after": {
-            "rate_limit_per_s": found_rate,
-            "commands": o.found_commands,
-            "throughput_per_s": found_bare.throughput,
-            "target_per_s": f64::from(found_rate) * 0.8,
-            "answered_429_share": found_bare.share_429,
-            "delayed": found_bare.delayed,
-            "dead_lettered": found_bare.dead_lettered,
-            "split": found_bare.split().json(),
-        },
+        "rate_limited_not_configured": found.found_json(found_rate, o.found_commands, 0.9),
+        "rate_limited_not_configured_no_retry_after":
+            found_bare.found_json(found_rate, o.found_commands, 0.8),
         "rate_limit_changing": changing.changes.iter().map(|(limit, tenth, within)| serde_json::json!({
             "new_limit_per_s": limit,
             "links_per_s_in_10th_second": tenth,

@@ -116,6 +116,8 @@ const MIN_RATE: f64 = 5.0;
 /// down since (see `fleet`).
 pub const FRESH_CUT: Duration = Duration::from_secs(3);
 const REPEATED_CUT: f64 = 0.7;
+/// A repeated cut never takes the rate below this fraction of what it was.
+const REPEATED_FLOOR: f64 = 0.5;
 /// Once the provider takes this much more than the rate it last refused, its limit has gone up:
 /// the rate grows by [`FAST_GROWTH`] a second.
 const ABOVE_REFUSED: f64 = 1.02;
@@ -290,14 +292,17 @@ impl Lane {
             };
             pace.schedule.space(now, gap);
             let (turn, at) = pace.schedule.hand_out(now);
-            if at > now {
-                pace.held_back = true;
+            if at <= now {
+                return;
             }
-            turn
+            pace.held_back = true;
+            (turn, at)
         };
         // The turn's time is read again when it comes: a cut meanwhile moves it later.
+        let (turn, mut at) = turn;
         loop {
-            let at = {
+            tokio::time::sleep_until(at).await;
+            at = {
                 let mut pace = self.pace.lock().expect("pace lock");
                 if let Some(gap) = self.gap(&pace, workers) {
                     pace.schedule.space(Instant::now(), gap);
@@ -307,7 +312,6 @@ impl Lane {
             if at <= Instant::now() {
                 return;
             }
-            tokio::time::sleep_until(at).await;
         }
     }
 
@@ -336,9 +340,9 @@ impl Lane {
 
     /// The provider answered "slow down" (a 429, or a 503 with `Retry-After`): at most once a
     /// second, the fleet's rate is set just under what the provider took from this worker in the
-    /// trailing second times the workers (they pace alike), but 5 % under what it was at least
-    /// and never below [`MAX_CUT`] of it; it then holds, and grows back while calls wait on it, so the lane settles just under
-    /// the provider's limit. A configured rate stays the ceiling.
+    /// trailing second times the workers (they pace alike), within bounds of what it was (see
+    /// the cases below); it then holds, and grows back while calls wait on it, so the lane
+    /// settles just under the provider's limit. A configured rate stays the ceiling.
     pub fn slowed_down(&self, workers: usize) {
         self.figures
             .slowed_down
@@ -367,7 +371,7 @@ impl Lane {
             // costing a `Retry-After` pause; down to what the provider took when that is lower
             // (a 429 within a second of a pause: the trailing second holds only the provider's
             // new window), but not below half (it reads low when this replica sat out a pause).
-            Some(found) if recent => under.max(found * 0.5).min(found * REPEATED_CUT),
+            Some(found) if recent => under.max(found * REPEATED_FLOOR).min(found * REPEATED_CUT),
             // Every other cut lowers the rate by 5 % at least (what this worker took, times the
             // workers, overstates the fleet's take when another replica sat out a pause, and a
             // trailing second that straddles two of the provider's windows reads high), and by

@@ -2,11 +2,12 @@
 //! it starts small and doubles every round trip (slow start, as TCP's) until the provider first
 //! pushes back or the ceiling is reached, so a new lane does not send a whole prefetch at once
 //! into a provider's rate limit; after that it grows by one per limit's worth of calls that
-//! succeed with a latency near the lowest seen lately, and shrinks by [`BACKOFF`] when the provider says it is overloaded (429, 503,
-//! a timeout), at most once per round trip. A 429 or 503 with `Retry-After` also pauses every call
-//! to this provider until then, not only the one that got it. Commands waiting here hold no
-//! provider connection; the broker's prefetch is the ceiling.
-
+//! succeed with a latency near the lowest seen lately, and shrinks by [`BACKOFF`] when the
+//! provider says it is overloaded (a 503 without `Retry-After`, a timeout), at most once per
+//! round trip. A 429 (or a 503 with `Retry-After`) is a matter of rate, the lane's pace: here it
+//! only ends slow start and pauses every call to this provider until its `Retry-After` (or for a
+//! short pause of our own without one), not only the one that got it. Commands waiting here hold
+//! no provider connection; the broker's prefetch is the ceiling.
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
