@@ -5,17 +5,32 @@
 
 use std::borrow::Cow;
 
-/// Whether `c` is shown escaped: control characters, bidi embeddings, overrides and isolates,
-/// zero-width and other invisible format characters, line and paragraph separators.
+/// Whether `c` is shown escaped: control characters (Cc), format characters (Cf: bidi
+/// embeddings, overrides and isolates, zero-width and other invisible ones, the tag block),
+/// variation selectors, line and paragraph separators, and the characters that render as nothing
+/// (the combining grapheme joiner, the Hangul and Khmer fillers).
 fn hidden(c: char) -> bool {
     c.is_control()
         || matches!(c,
-            '\u{00AD}' | '\u{061C}' | '\u{180E}'
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{070F}' | '\u{06DD}' | '\u{08E2}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
             | '\u{200B}'..='\u{200F}'
             | '\u{2028}'..='\u{202E}'
             | '\u{2060}'..='\u{206F}'
+            | '\u{3164}' | '\u{FFA0}'
+            | '\u{FE00}'..='\u{FE0F}'
             | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}')
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}' | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}')
 }
 
 fn escaped(text: &str, keep: impl Fn(char) -> bool) -> Cow<'_, str> {
@@ -38,10 +53,10 @@ pub fn visible(text: &str) -> Cow<'_, str> {
     escaped(text, |_| false)
 }
 
-/// `text` with hidden characters shown escaped except line breaks and tabs (for message bodies
-/// shown as blocks).
+/// `text` with hidden characters shown escaped except line feeds and tabs (for message bodies
+/// shown as blocks); a carriage return is shown, since at a terminal it rewrites the line.
 pub fn visible_block(text: &str) -> Cow<'_, str> {
-    escaped(text, |c| matches!(c, '\n' | '\t' | '\r'))
+    escaped(text, |c| matches!(c, '\n' | '\t'))
 }
 
 /// JSON text re-indented, every token kept as written (numbers are never re-formatted, so an
@@ -114,5 +129,25 @@ mod tests {
         assert_eq!(visible_block("line\nbreak\u{202E}"), "line\nbreak⟨U+202E⟩");
         assert!(matches!(visible("plain ünïcödé €"), Cow::Borrowed(_)));
         assert_eq!(visible("עברית العربية"), "עברית العربية");
+        assert_eq!(visible_block("a\r\nb\tc"), "a⟨U+000D⟩\nb\tc");
+    }
+
+    #[test]
+    fn characters_that_render_as_nothing_are_shown() {
+        for c in [
+            '\u{E0041}', // a tag character
+            '\u{E0100}', // a variation selector (supplement)
+            '\u{FE0F}',  // a variation selector
+            '\u{3164}',  // the Hangul filler
+            '\u{115F}',  // the Hangul choseong filler
+            '\u{034F}',  // the combining grapheme joiner
+            '\u{17B4}',  // a Khmer inherent vowel
+            '\u{180B}',  // a Mongolian free variation selector
+            '\t',
+            '\r',
+        ] {
+            let text = format!("a{c}b");
+            assert_eq!(visible(&text), format!("a⟨U+{:04X}⟩b", c as u32), "{c:?}");
+        }
     }
 }

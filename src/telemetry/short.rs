@@ -79,6 +79,27 @@ where
         } else {
             write!(writer, "{level:>5} ")?;
         }
+        // Everything after the level is the command's or the event's (ids, messages, errors that
+        // quote what a publisher or a provider sent): written through `text::visible`, so an
+        // escape sequence or a line break in it cannot reach the terminal or forge a line.
+        let mut rest = String::new();
+        self.rest(ctx, Writer::new(&mut rest), event)?;
+        writeln!(writer, "{}", crate::text::visible(&rest))
+    }
+}
+
+impl ShortLines {
+    /// The part of a line after the level.
+    fn rest<S, N>(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
         let mark = ctx.event_scope().and_then(|scope| {
             scope.from_root().find_map(|span| {
                 span.extensions()
@@ -102,7 +123,7 @@ where
         if let Some((_, took)) = mark {
             write!(writer, " ({} ms)", took.as_millis())?;
         }
-        writeln!(writer)
+        Ok(())
     }
 }
 

@@ -210,6 +210,28 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
         assert!(line.len() < 300, "{} characters: {line:?}", line.len());
     }
     assert!(dead.contains("validation"), "{dead:?}");
+
+    // A command id with a terminal's escape sequences and a line break is shown escaped: it can
+    // neither set the terminal's title nor forge a line of its own.
+    let forged = "evil\u{1b}]0;pwned\u{7}\n12:00:00.000  INFO forged payment link created";
+    env.send(forged, "not json").await;
+    wait_for(
+        "the forged id's line",
+        &tty,
+        "evil⟨U+001B⟩]0;pwned⟨U+0007⟩⟨U+000A⟩12:00:00.000",
+    )
+    .await;
+    let text = tty.lock().unwrap().clone();
+    assert!(
+        !text.contains("\u{1b}]0;"),
+        "an escape sequence reached the terminal"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.trim_start().starts_with("12:00:00.000  INFO forged")),
+        "a forged line: {text}"
+    );
     // A busy worker at a terminal says what it did, once per interval.
     wait_for("a progress line", &tty, " created, ").await;
     let text = tty.lock().unwrap().clone();
@@ -249,8 +271,8 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
     ]));
     assert!(!invalid.0, "{invalid:?}");
     wait_for("the invalid command's log line", &json, "first-invalid").await;
-    // Both dead letters reach the store while a worker runs to ingest them.
-    crate::operations::stored(&env, &Default::default(), 2).await;
+    // The three dead letters reach the store while a worker runs to ingest them.
+    crate::operations::stored(&env, &Default::default(), 3).await;
     terminate(piped);
     let json = json.lock().unwrap().clone();
     assert!(!json.contains('\u{1b}'), "no colour off a terminal: {json}");
@@ -291,7 +313,11 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
         "aligned columns:\n{listing}"
     );
     assert_eq!(header.find("MESSAGE"), row.find("2 problems"), "{listing}");
-    assert!(listing.contains("2 shown of 2 matching"), "{listing}");
+    assert!(listing.contains("3 shown of 3 matching"), "{listing}");
+    assert!(
+        listing.contains("evil⟨U+001B⟩]0;pwned") && !listing.contains('\u{1b}'),
+        "the forged id shown escaped in the table: {listing}"
+    );
     // A dead letter that fails again as it is is skipped unless asked for, and counted.
     let replay = output(binary(&env).args(["dead-letters", "replay"]));
     assert!(
@@ -301,7 +327,7 @@ async fn a_person_at_a_terminal_reads_short_lines_sees_the_link_and_the_dead_let
         "{replay}"
     );
     assert!(
-        replay.contains("0 replayed, 0 failed, 2 skipped (see above); 2 open dead letter(s) left"),
+        replay.contains("0 replayed, 0 failed, 3 skipped (see above); 3 open dead letter(s) left"),
         "{replay}"
     );
     let dry =
