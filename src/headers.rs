@@ -3,7 +3,7 @@
 //! `src/`, so renaming one (or finding who reads it) is a one-file change.
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, LongString};
 
 /// A deliberate replay increments it; a recorded failure is only attempted again when it grows.
 pub const REPLAY_COUNT: &str = "x-replay-count";
@@ -30,6 +30,9 @@ pub const FAILED_AT: &str = "x-failed-at";
 pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
 /// The routing key the command was first published with.
 pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+/// The length of a command's body when its dead letter keeps only the start of it (the command
+/// was over `broker.max_message_bytes`).
+pub const ORIGINAL_BODY_BYTES: &str = "x-original-body-bytes";
 /// Added by the broker when it dead-letters a message itself (delivery limit, TTL).
 pub const DEATH: &str = "x-death";
 /// Returns of the message so far, added by a quorum queue on redelivery.
@@ -43,9 +46,11 @@ pub const EVENT_SUBJECT: &str = "cloudEvents:subject";
 /// Prefix of the broker's own `x-last-death-*` headers.
 pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
 
-/// Headers the worker or the broker add when dead-lettering or delaying; a replay drops them.
-pub const ADDED_ON_FAILURE: [&str; 16] = [
+/// Headers the worker or the broker add when dead-lettering or delaying: never the name of a
+/// publisher's header to carry (`broker.carried_headers`).
+pub const ADDED_ON_FAILURE: [&str; 17] = [
     DEAD_LETTER_ID,
+    ORIGINAL_BODY_BYTES,
     ERROR_KIND,
     ERROR_MESSAGE,
     ERROR_STATUS,
@@ -135,39 +140,30 @@ pub fn last_death(properties: &BasicProperties) -> Option<(String, String)> {
 /// PostgreSQL) cannot hold exactly: the NUL character in a name or a short string (long strings
 /// holding it are stored as bytes), or a float that is not finite (JSON has no NaN).
 pub fn first_unstorable(properties: &BasicProperties) -> Option<String> {
-    fn table(t: &FieldTable) -> bool {
-        t.inner()
-            .iter()
-            .any(|(k, v)| k.as_str().contains('\0') || value(v))
-    }
-    fn value(v: &AMQPValue) -> bool {
-        match v {
-            AMQPValue::ShortString(s) => s.as_str().contains('\0'),
-            AMQPValue::Float(f) => !f.is_finite(),
-            AMQPValue::Double(f) => !f.is_finite(),
-            AMQPValue::FieldTable(t) => table(t),
-            AMQPValue::FieldArray(a) => a.as_slice().iter().any(value),
-            _ => false,
-        }
-    }
     let headers = properties.headers().as_ref()?;
     headers
         .inner()
         .iter()
-        .find(|(k, v)| k.as_str().contains('\0') || value(v))
+        .find(|(k, v)| !storable(k.as_str(), v))
         .map(|(k, _)| k.as_str().to_owned())
 }
 
-/// The message's headers, without the ones a failure added: what a replay sends again.
-pub fn without_failure_headers(properties: &BasicProperties) -> FieldTable {
-    let mut headers = FieldTable::default();
-    for (name, value) in properties.headers().iter().flat_map(|h| h.inner()) {
-        let name = name.as_str();
-        if !ADDED_ON_FAILURE.contains(&name) && !name.starts_with(LAST_DEATH_PREFIX) {
-            headers.insert(name.into(), value.clone());
+/// Whether the stored form of a message can hold this header exactly (see [`first_unstorable`]).
+pub fn storable(name: &str, value: &AMQPValue) -> bool {
+    fn unstorable(v: &AMQPValue) -> bool {
+        match v {
+            AMQPValue::ShortString(s) => s.as_str().contains('\0'),
+            AMQPValue::Float(f) => !f.is_finite(),
+            AMQPValue::Double(f) => !f.is_finite(),
+            AMQPValue::FieldTable(t) => t
+                .inner()
+                .iter()
+                .any(|(k, v)| k.as_str().contains('\0') || unstorable(v)),
+            AMQPValue::FieldArray(a) => a.as_slice().iter().any(unstorable),
+            _ => false,
         }
     }
-    headers
+    !name.contains('\0') && !unstorable(value)
 }
 
 /// The start of `text`, at most `max` bytes cut on a character boundary, with `…` when cut: what
@@ -187,6 +183,7 @@ pub fn excerpt(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::FieldTable;
 
     #[test]
     fn excerpt_respects_characters_and_marks_the_cut() {

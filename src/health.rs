@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long `/readyz` waits for the database before calling it unreachable.
 const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a request may take, body included: above the database check's own bound.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the endpoint looks at.
 #[derive(Clone)]
@@ -48,14 +50,15 @@ pub fn router(probe: Probe) -> Router {
         .with_state(probe)
 }
 
-/// Serves the routes on `listener` until `stop` fires.
+/// Serves the routes on `listener` until `stop` fires, bounded like every listener
+/// ([`crate::http_server::Limits::HEALTH`]); a request not answered within
+/// [`REQUEST_TIMEOUT`] gets 503.
 pub async fn serve(listener: tokio::net::TcpListener, probe: Probe, stop: CancellationToken) {
-    if let Err(error) = axum::serve(listener, router(probe))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "the health and metrics endpoint stopped");
-    }
+    let app = router(probe).layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::SERVICE_UNAVAILABLE,
+        REQUEST_TIMEOUT,
+    ));
+    crate::http_server::serve(listener, app, crate::http_server::Limits::HEALTH, stop).await;
 }
 
 fn json(status: StatusCode, body: String) -> Response {

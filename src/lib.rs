@@ -21,6 +21,8 @@ pub mod errors;
 pub mod fleet;
 pub mod headers;
 pub mod health;
+pub mod http_server;
+pub mod intake;
 pub mod levels;
 pub mod metrics;
 pub mod ops;

@@ -200,7 +200,8 @@ pub fn republishable(p: &BasicProperties) -> BasicProperties {
 }
 
 /// [`republishable`] without `reply_to` either: what a replay of a dead letter carries, since a
-/// property that sends answers elsewhere was set by whoever published the command.
+/// property that sends answers elsewhere was set by whoever published the command. Neither
+/// copies the headers: each copy takes only those [`crate::intake::carried`] keeps.
 pub fn routed_elsewhere_removed(p: &BasicProperties) -> BasicProperties {
     let mut properties = BasicProperties::default();
     if let Some(v) = p.content_type() {
@@ -208,9 +209,6 @@ pub fn routed_elsewhere_removed(p: &BasicProperties) -> BasicProperties {
     }
     if let Some(v) = p.content_encoding() {
         properties = properties.with_content_encoding(v.clone());
-    }
-    if let Some(v) = p.headers() {
-        properties = properties.with_headers(v.clone());
     }
     if let Some(v) = p.delivery_mode() {
         properties = properties.with_delivery_mode(*v);
@@ -236,15 +234,18 @@ pub fn routed_elsewhere_removed(p: &BasicProperties) -> BasicProperties {
     properties
 }
 
-/// A dead letter: the original body, properties and headers, plus `x-error-*` headers that say
-/// why. It keeps the original routing key so a replay goes where the command went.
+/// A dead letter: the original body and properties, the headers a copy carries (`carried`, see
+/// [`crate::intake::carried`]), plus `x-error-*` headers that say why. It keeps the original
+/// routing key so a replay goes where the command went. Every header is bounded, so it always
+/// fits in a frame.
 pub fn dead_letter(
     dead_letter_exchange: &str,
     original: &Original<'_>,
     failure: &Failure,
     now: DateTime<Utc>,
+    carried: &[String],
 ) -> OutboundMessage {
-    let mut headers = original.properties.headers().clone().unwrap_or_default();
+    let mut headers = crate::intake::carried(original.properties.headers().as_ref(), carried);
     let id = uuid::Uuid::new_v4().to_string();
     headers.insert(headers::DEAD_LETTER_ID.into(), text(&id));
     headers.insert(headers::ERROR_KIND.into(), text(failure.kind.as_str()));
@@ -282,16 +283,18 @@ pub fn dead_letter(
     }
 }
 
-/// The command again, for a delay queue: same body and properties, with the round it is
-/// entering and the attempt history so far in headers.
+/// The command again, for a delay queue: same body and properties, the headers a copy carries
+/// (`carried`, see [`crate::intake::carried`]), with the round it is entering and the attempt
+/// history so far.
 pub fn delayed(
     delay_queue: &str,
     original: &Original<'_>,
     round: usize,
     attempts: i32,
     last_error: &str,
+    carried: &[String],
 ) -> OutboundMessage {
-    let mut headers = original.properties.headers().clone().unwrap_or_default();
+    let mut headers = crate::intake::carried(original.properties.headers().as_ref(), carried);
     headers.insert(
         headers::DELAY_ROUND.into(),
         AMQPValue::LongInt(round as i32),

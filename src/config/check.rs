@@ -97,6 +97,20 @@ impl Settings {
         if self.broker.prefetch == 0 {
             return fail("broker.prefetch", "must be at least 1");
         }
+        if self.broker.max_headers == 0 {
+            return fail("broker.max_headers", "must be at least 1");
+        }
+        if !(1..=65536).contains(&self.broker.max_header_bytes) {
+            return fail(
+                "broker.max_header_bytes",
+                "must be from 1 to 65536 (a dead letter's own headers must fit in a frame beside them)",
+            );
+        }
+        for (i, name) in self.broker.carried_headers.iter().enumerate() {
+            if let Err(why) = crate::intake::may_carry(name) {
+                return fail(&format!("broker.carried_headers[{i}]"), why);
+            }
+        }
         if self.broker.max_message_bytes == 0 {
             return fail("broker.max_message_bytes", "must be at least 1");
         }
@@ -313,6 +327,10 @@ impl Settings {
             (
                 "console.max_connections",
                 self.console.max_connections as u64,
+            ),
+            (
+                "console.max_connections_per_address",
+                self.console.max_connections_per_address as u64,
             ),
             (
                 "console.auth_failures_allowed",

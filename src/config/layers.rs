@@ -122,7 +122,7 @@ pub(super) fn set_from_env(
 }
 
 /// The list settings whose items are text (the others hold whole numbers).
-const TEXT_LISTS: [&str; 1] = ["broker.urls"];
+const TEXT_LISTS: [&str; 2] = ["broker.urls", "broker.carried_headers"];
 
 /// Every leaf key of a file's table, dotted (`broker.prefetch`), for recording where it came from.
 pub(super) fn keys_of(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {

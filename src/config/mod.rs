@@ -107,6 +107,13 @@ pub struct BrokerSettings {
     pub prefetch: u16,
     /// Commands larger than this are dead-lettered as invalid without being parsed.
     pub max_message_bytes: usize,
+    /// Most headers a command may carry (the intake budget, see [`crate::intake`]).
+    pub max_headers: usize,
+    /// Most bytes of headers a command may carry, names and values as AMQP encodes them.
+    pub max_header_bytes: usize,
+    /// The publisher's own headers the worker carries to a command's delayed copies, dead letter
+    /// and replays, beside the trace context and its own counters; any other is left behind.
+    pub carried_headers: Vec<String>,
     /// Deliveries of one message before the broker dead-letters it by itself (a message that keeps crashing workers).
     pub delivery_limit: u32,
     /// Longest wait for the broker to confirm a publish.
@@ -332,6 +339,9 @@ pub struct ConsoleSettings {
     pub request_timeout_ms: u64,
     /// Connections served at once; more wait in the listen queue until one closes.
     pub max_connections: usize,
+    /// Connections served at once from one client address (an IPv6 one by its /64); more are
+    /// closed at once, so one client cannot take every place.
+    pub max_connections_per_address: usize,
     /// A connection on which no byte moves for this long is closed.
     pub keep_alive_idle_ms: u64,
     /// Failed sign-ins and bearer checks from one address before it gets 429.

@@ -10,7 +10,6 @@ mod auth;
 mod pages;
 mod query;
 mod reply;
-mod server;
 mod throttle;
 mod views;
 
@@ -160,8 +159,8 @@ pub async fn serve(
     };
     tokio::spawn(resume_stalled_runs(console.clone()));
     tracing::info!(address = %listener.local_addr()?, "console listening");
-    let bounds = console.settings.console.clone();
-    server::serve(listener, router(console), &bounds, stop).await;
+    let limits = crate::http_server::Limits::console(&console.settings.console);
+    crate::http_server::serve(listener, router(console), limits, stop).await;
     Ok(())
 }
 

@@ -197,7 +197,8 @@ pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter 
     let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let id = |field: &str| json.get(field).and_then(serde_json::Value::as_i64);
     let body_text = |field: &str| json.get(field).and_then(|v| v.as_str()).map(column_text);
-    let (stored, stored_with_changes) = storable_properties(properties);
+    let budget = crate::intake::Budget::new(&settings.broker);
+    let (stored, stored_with_changes) = storable_properties(properties, budget);
     store::NewDeadLetter {
         dedup_key: dedup_key(properties, delivery.routing_key.as_str(), body, by_worker),
         command_id: properties
@@ -286,24 +287,54 @@ fn dedup_key(properties: &BasicProperties, routing_key: &str, body: &[u8], own: 
 }
 
 /// The properties in the stored JSON form; when that form cannot hold them exactly (a header
-/// that is not a finite number, a NUL character in a short string), what was changed to store
-/// them is said in the second value.
-fn storable_properties(properties: &BasicProperties) -> (serde_json::Value, Option<String>) {
+/// that is not a finite number, a NUL character in a short string), or they are over the intake
+/// budget (a letter the worker did not make can carry anything), what was changed to store them
+/// is said in the second value. One pass over the headers, whatever their number.
+fn storable_properties(
+    properties: &BasicProperties,
+    budget: crate::intake::Budget,
+) -> (serde_json::Value, Option<String>) {
     let mut changes = Vec::new();
     let mut kept = properties.clone();
-    while let Some(name) = headers::first_unstorable(&kept) {
-        let mut headers = kept.headers().clone().unwrap_or_default();
-        let mut rest = FieldTable::default();
-        for (k, v) in headers.inner() {
-            if k.as_str() != name {
-                rest.insert(k.clone(), v.clone());
+    if let Some(all) = properties.headers() {
+        let over = budget.check(properties).err();
+        let mut headers = FieldTable::default();
+        let mut dropped = Vec::new();
+        let mut dropped_count = 0usize;
+        for (name, value) in all.inner() {
+            // Over budget, only the marks the worker and the broker read stay.
+            let mark = headers::ADDED_ON_FAILURE.contains(&name.as_str())
+                || crate::intake::ALWAYS_CARRIED.contains(&name.as_str());
+            if (over.is_none() || mark) && headers::storable(name.as_str(), value) {
+                headers.insert(name.clone(), value.clone());
+            } else if over.is_none() {
+                dropped_count += 1;
+                if dropped.len() < 5 {
+                    dropped.push(format!(
+                        "{:?}",
+                        crate::text::visible(&column_text(name.as_str()))
+                    ));
+                }
             }
         }
-        headers = rest;
-        changes.push(format!(
-            "header {:?} dropped (JSON cannot hold its value)",
-            name.replace('\0', "\u{FFFD}")
-        ));
+        if dropped_count > 0 {
+            let more = dropped_count - dropped.len();
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            changes.push(format!(
+                "header {}{more} dropped (JSON cannot hold its value)",
+                dropped.join(", ")
+            ));
+        }
+        if let Some(why) = over {
+            changes.push(format!(
+                "only the worker's and the broker's marks were kept: {}",
+                why.replace(" they were removed from the dead letter:", " the largest:")
+            ));
+        }
         kept = kept.with_headers(headers);
     }
     let mut json = properties_to_json(&kept);
@@ -359,15 +390,21 @@ mod tests {
         let properties = BasicProperties::default()
             .with_message_id("a\0b".into())
             .with_headers(h);
-        let (json, changes) = storable_properties(&properties);
+        let budget = crate::intake::Budget {
+            max_headers: 10,
+            max_bytes: 1000,
+        };
+        let (json, changes) = storable_properties(&properties, budget);
         let changes = changes.unwrap();
         assert!(changes.contains("\"nan\" dropped"), "{changes}");
         assert!(changes.contains("NUL"), "{changes}");
         assert!(!json.to_string().contains("\\u0000"));
         let back = properties_from_json(json).unwrap();
         assert_eq!(read_text(&back, "ok").as_deref(), Some("fine"));
-        let (_, none) =
-            storable_properties(&BasicProperties::default().with_message_id("m".into()));
+        let (_, none) = storable_properties(
+            &BasicProperties::default().with_message_id("m".into()),
+            budget,
+        );
         assert_eq!(none, None);
     }
 }

@@ -14,15 +14,23 @@ use lapin::{Channel, Connection};
 use std::time::Duration;
 
 /// The command again, as it was first published, with the replay count increased; without
-/// `reply_to` (see [`messages::routed_elsewhere_removed`]).
+/// `reply_to` (see [`messages::routed_elsewhere_removed`]), and with only the headers a copy
+/// carries ([`crate::intake::carried`]: never `CC`/`BCC`, never one nobody named).
 pub fn replay_message(
     exchange: &str,
     routing_key: &str,
     properties: &BasicProperties,
     body: &[u8],
+    carried: &[String],
 ) -> OutboundMessage {
     let replay_count = read_int(properties, headers::REPLAY_COUNT).unwrap_or(0) + 1;
-    let mut kept = headers::without_failure_headers(properties);
+    // A replay starts the command's rounds afresh.
+    let mut kept = lapin::types::FieldTable::default();
+    for (name, value) in crate::intake::carried(properties.headers().as_ref(), carried).inner() {
+        if ![headers::ATTEMPTS, headers::DELAY_ROUND].contains(&name.as_str()) {
+            kept.insert(name.clone(), value.clone());
+        }
+    }
     kept.insert(
         headers::REPLAY_COUNT.into(),
         AMQPValue::LongLongInt(replay_count),
@@ -49,6 +57,7 @@ fn replay_of(letter: &Stored, targets: &ReplayTargets) -> Result<OutboundMessage
         &letter.original_routing_key,
         &properties,
         &letter.body,
+        targets.carried(),
     ))
 }
 
@@ -173,7 +182,7 @@ mod tests {
         let properties = BasicProperties::default()
             .with_message_id("c-1".into())
             .with_headers(headers);
-        let copy = replay_message("cmds", "payment-link.create", &properties, b"{}");
+        let copy = replay_message("cmds", "payment-link.create", &properties, b"{}", &[]);
         assert_eq!(copy.exchange, "cmds");
         assert_eq!(copy.routing_key, "payment-link.create");
         assert_eq!(copy.message_id(), "c-1");

@@ -95,7 +95,14 @@ impl Fate {
         Some(Fate::Delay(Delay {
             command_id: envelope.command_id.as_str().to_owned(),
             lease_token,
-            message: messages::delayed(&queue, original, round + 1, attempts, &last_error),
+            message: messages::delayed(
+                &queue,
+                original,
+                round + 1,
+                attempts,
+                &last_error,
+                &context.settings.broker.carried_headers,
+            ),
             round: round + 1,
             delay_ms,
             attempts,
@@ -229,14 +236,34 @@ async fn publish_or_hand_over(
 }
 
 /// Publishes the dead letter of a command that has no record, and acks only once the broker
-/// confirmed it; otherwise the command goes back to the queue after a pause.
+/// confirmed it; otherwise the command goes back to the queue after a pause. A command over
+/// `broker.max_message_bytes` is kept as its first [`OVERSIZED_PREFIX`] bytes, its length in
+/// `x-original-body-bytes`: the store and the console never hold what the worker refused whole.
 async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failure) -> Disposition {
-    let message = messages::dead_letter(
+    let oversized = original.body.len() > context.settings.broker.max_message_bytes;
+    let kept = Original {
+        body: &original.body[..original.body.len().min(if oversized {
+            OVERSIZED_PREFIX
+        } else {
+            usize::MAX
+        })],
+        ..*original
+    };
+    let mut message = messages::dead_letter(
         &context.settings.broker.dead_letter_exchange,
-        original,
+        &kept,
         failure,
         chrono::Utc::now(),
+        &context.settings.broker.carried_headers,
     );
+    if oversized {
+        let mut headers = message.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            crate::headers::ORIGINAL_BODY_BYTES.into(),
+            lapin::types::AMQPValue::LongLongInt(original.body.len() as i64),
+        );
+        message.properties = message.properties.with_headers(headers);
+    }
     match context.publisher.publish(&message).await {
         Ok(()) => {
             context.metrics.dead_lettered(failure.kind.as_str(), None);
@@ -250,6 +277,9 @@ async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failu
         }
     }
 }
+
+/// How much of an oversized command's body its dead letter keeps.
+pub const OVERSIZED_PREFIX: usize = 16 * 1024;
 
 /// Publishes the command to its delay queue (confirmed), records the round's attempts and gives
 /// up the lease (if it was claimed); acks if the broker took the copy, otherwise returns the

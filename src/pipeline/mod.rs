@@ -154,8 +154,12 @@ pub async fn process(context: &Context, original: &Original<'_>) -> Fate {
         .unwrap_or_else(Fate::from)
 }
 
-/// Step 2: the delivery as a valid command, or the validation failure that dead-letters it.
+/// Step 2: the delivery as a valid command, or the validation failure that dead-letters it. The
+/// intake budget on its headers comes first: past it nothing else reads them.
 fn parse(context: &Context, original: &Original<'_>) -> Result<Envelope, Failure> {
+    crate::intake::Budget::new(&context.settings.broker)
+        .check(original.properties)
+        .map_err(|why| Failure::before_any_call(ErrorKind::Validation, why))?;
     let max_bytes = context.settings.broker.max_message_bytes;
     Envelope::parse(original.properties, original.body, max_bytes).map_err(|invalid| {
         let message = crate::headers::excerpt(&invalid.0, crate::headers::TEXT_LIMIT);

@@ -156,6 +156,9 @@ impl TestEnv {
             // Most tests read the dead-letter queue itself; the dead-letter store's tests turn
             // ingestion on (the shipped default).
             ("DEAD_LETTERS__INGEST", "false"),
+            // Tests that publish many bad commands tell their dead letters apart by this header
+            // of theirs, which a dead letter carries only when it is named.
+            ("BROKER__CARRIED_HEADERS", "x-test-case"),
         ];
         let all: Vec<(&str, &str)> = defaults.iter().chain(overrides).copied().collect();
         let sandbox = crate::sandbox::Sandbox::create("t", provider_url, TOKEN, &all)

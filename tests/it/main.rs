@@ -18,6 +18,7 @@ mod flow;
 mod happy_path;
 mod helpers;
 mod hostile;
+mod hostile_edges;
 mod kubernetes;
 mod layering;
 mod observability;

@@ -23,7 +23,7 @@ fn by_command(command_id: &str) -> Filter {
     }
 }
 
-fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayRequest {
+pub fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayRequest {
     ReplayRequest {
         include_failing: true,
         ask_if_failing: false,
@@ -39,7 +39,7 @@ fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayRequest
 }
 
 /// Starts and works a replay run to its end; returns the run id and the ids replayed.
-async fn replay(env: &TestEnv, request: &ReplayRequest) -> (i64, Vec<i64>) {
+pub async fn replay(env: &TestEnv, request: &ReplayRequest) -> (i64, Vec<i64>) {
     let mut conn = env.pool.get().await.unwrap();
     let started = dead_letters::start(&env.settings, &mut conn, request)
         .await

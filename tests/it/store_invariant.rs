@@ -140,7 +140,7 @@ async fn store_accepts(
             error_body: None,
             attempts: 1,
         };
-        let letter = messages::dead_letter("dlx", &original, &failure, now);
+        let letter = messages::dead_letter("dlx", &original, &failure, now, &[]);
         (Outcome::Failed(failure), vec![letter])
     };
     let rows = kept

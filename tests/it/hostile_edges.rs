@@ -1,0 +1,337 @@
+//! The edges an attacker reaches, each bounded as a whole: the health port under a flood of
+//! half-sent requests, a command's headers by count and by size (on the command queue and written
+//! straight into the dead-letter exchange), and `CC`/`BCC`, which must never route what the worker
+//! republishes (a delayed copy, a dead letter, a replay). Each test puts good commands beside the
+//! hostile input and checks that they still get their events.
+
+use crate::helpers::*;
+use crate::operations::{INGEST, replay, request, stored};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use payment_link_worker::broker::messages::OutboundMessage;
+use payment_link_worker::broker::publisher::publish_confirmed;
+use payment_link_worker::dead_letters::Kind;
+use payment_link_worker::dead_letters::store::{self, Filter};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use wiremock::matchers::{body_string_contains, method};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// A connection from `from` (a loopback address of the test's choosing, so that it is another
+/// client than the flood's) to `to`.
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback address");
+    socket.connect(to).await.expect("connect")
+}
+
+/// The status of `GET path`, sent whole from `from`.
+async fn status_of(from: [u8; 4], to: SocketAddr, path: &str) -> u16 {
+    let mut stream = connect_from(from, to).await;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let head = String::from_utf8_lossy(&answer);
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether the server closes `stream` before `deadline`.
+async fn closed_by(stream: &mut TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_port_under_a_thousand_half_sent_requests_answers_and_closes_them() {
+    let provider = MockServer::start().await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
+    let env = TestEnv::new(&provider.uri()).await;
+    let events = env.capture_events().await;
+    let worker = env.start_worker().await;
+    let addr = worker.http_addr().expect("the health port");
+    eventually("the worker ready", WAIT, || async {
+        (status_of([127, 0, 0, 3], addr, "/readyz").await == 200).then_some(())
+    })
+    .await;
+
+    // One client opens 1,000 connections and sends half a request on each.
+    let flood_started = tokio::time::Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        let mut stream = connect_from([127, 0, 0, 1], addr).await;
+        let _ = stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        held.push(stream);
+    }
+
+    // Another client is answered at once, and commands go on being processed.
+    let asked = Instant::now();
+    let status = tokio::time::timeout(
+        Duration::from_secs(3),
+        status_of([127, 0, 0, 2], addr, "/readyz"),
+    )
+    .await
+    .expect("/readyz answered within 3 s beside 1,000 half-sent requests");
+    assert_eq!(status, 200, "after {:?}", asked.elapsed());
+    for i in 0..20 {
+        env.send(&format!("beside-flood-{i}"), &command_body("1.00", i + 1))
+            .await;
+    }
+    env.messages(&events, 20, WAIT).await;
+
+    // Every half-sent request is closed within the head's 5 s, and a margin.
+    let deadline = flood_started + Duration::from_secs(9);
+    let mut open = 0;
+    for stream in &mut held {
+        if !closed_by(stream, deadline).await {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 0, "half-sent requests still open after 9 s");
+}
+
+/// A header table of `n` boolean headers whose names hold the NUL character (which the stored
+/// form of a message cannot hold: each must be dropped to store it).
+fn nul_named(n: usize) -> FieldTable {
+    let mut headers = FieldTable::default();
+    for i in 0..n {
+        headers.insert(format!("\0{i}").into(), AMQPValue::Boolean(true));
+    }
+    headers
+}
+
+/// One long-string header of `bytes` bytes.
+fn one_big(bytes: usize) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-big".into(),
+        AMQPValue::LongString(LongString::from(vec![b'b'; bytes])),
+    );
+    headers
+}
+
+/// Sends `n` good commands and waits for their events: how long that took.
+async fn good_batch(env: &TestEnv, events: &str, prefix: &str, n: i64) -> Duration {
+    let started = Instant::now();
+    for i in 0..n {
+        env.send(&format!("{prefix}-{i}"), &command_body("3.10", i + 1))
+            .await;
+    }
+    env.messages(events, n as usize, Duration::from_secs(60))
+        .await;
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thousands_of_headers_or_one_near_the_frame_size_cost_the_good_commands_nothing() {
+    let provider = MockServer::start().await;
+    answer_with_link(&provider, 201, 1, "3.10", 1).await;
+    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    let events = env.capture_events().await;
+    let _worker = env.start_worker().await;
+    good_batch(&env, &events, "warm", 50).await;
+    let alone = good_batch(&env, &events, "alone", 500).await;
+
+    // The hostile ones: as commands, and written straight into the dead-letter exchange.
+    let hostile = [
+        ("nul-names", nul_named(12_000)),
+        ("near-frame", one_big(130_000)),
+    ];
+    for (name, headers) in &hostile {
+        env.publish_raw(
+            command_properties(&format!("cmd-{name}")).with_headers(headers.clone()),
+            command_body("1.00", 9).as_bytes(),
+        )
+        .await;
+        let letter = OutboundMessage {
+            exchange: env.settings.broker.dead_letter_exchange.clone(),
+            routing_key: env.settings.broker.command_routing_key.clone(),
+            properties: command_properties(&format!("dlx-{name}")).with_headers(headers.clone()),
+            body: command_body("1.00", 9).into_bytes(),
+        };
+        publish_confirmed(&env.channel, &letter)
+            .await
+            .expect("the letter was confirmed");
+    }
+    let beside = good_batch(&env, &events, "beside", 500).await;
+    assert!(
+        beside <= alone * 2 + Duration::from_secs(2),
+        "500 good commands took {beside:?} beside the hostile ones, {alone:?} alone"
+    );
+
+    // Each hostile command is dead-lettered at once, as invalid, its reason naming the headers;
+    // each hostile letter is stored with what could be kept; a dead letter after them is stored.
+    let mut conn = env.pool.get().await.unwrap();
+    for (name, _) in &hostile {
+        let command = format!("cmd-{name}");
+        let filter = Filter {
+            command_id: Some(command.clone()),
+            ..Filter::default()
+        };
+        stored(&env, &filter, 1).await;
+        let (page, _) = store::page(&mut conn, &filter, 1, None).await.unwrap();
+        let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
+        assert_eq!(row.kind, Kind::Validation, "{command}");
+        assert!(
+            row.error_message.contains("intake budget"),
+            "{command}: {}",
+            row.error_message
+        );
+        let letter = Filter {
+            command_id: Some(format!("dlx-{name}")),
+            ..Filter::default()
+        };
+        stored(&env, &letter, 1).await;
+    }
+    env.send("after", "not json").await;
+    let after = Filter {
+        command_id: Some("after".into()),
+        ..Filter::default()
+    };
+    stored(&env, &after, 1).await;
+}
+
+/// `CC` and `BCC` naming `queue` (on the default exchange) and `key` (on any exchange).
+fn routing_headers(queue: &str, key: &str) -> FieldTable {
+    let list = |items: &[&str]| {
+        AMQPValue::FieldArray(FieldArray::from(
+            items
+                .iter()
+                .map(|i| AMQPValue::LongString(LongString::from(i.as_bytes().to_vec())))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let mut headers = FieldTable::default();
+    headers.insert("CC".into(), list(&[queue, key]));
+    headers.insert("BCC".into(), list(&[queue, key]));
+    headers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cc_and_bcc_never_route_the_workers_copies() {
+    let provider = MockServer::start().await;
+    for (invoice, status) in [(500, 503), (400, 400)] {
+        Mock::given(method("POST"))
+            .and(body_string_contains(format!("\"invoiceId\":{invoice},")))
+            .respond_with(ResponseTemplate::new(status))
+            .mount(&provider)
+            .await;
+    }
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            INGEST,
+            ("RETRY__MAX_ELAPSED_MS", "200"),
+            ("RETRY__DELAY_TIERS_MS", "600000"),
+        ],
+    )
+    .await;
+    // Where CC/BCC would send copies: a queue by name (the default exchange, where delayed
+    // copies go) and a routing key on the dead-letter and command exchanges.
+    let named = env.spy("", &format!("t.{}.cc-target", env.id)).await;
+    let key = format!("t.{}.other-key", env.id);
+    let on_dead_letters = env
+        .spy(&env.settings.broker.dead_letter_exchange, &key)
+        .await;
+    let on_commands = env.spy(&env.settings.broker.command_exchange, &key).await;
+    let headers = routing_headers(&named, &key);
+    for (id, invoice) in [("cc-delayed", 500), ("cc-dead", 400)] {
+        env.publish_raw(
+            command_properties(id).with_headers(headers.clone()),
+            command_body("1.00", invoice).as_bytes(),
+        )
+        .await;
+    }
+    // The publisher's own publish went to the command exchange's CC key: that copy is theirs.
+    env.messages(&on_commands, 2, WAIT).await;
+    let _worker = env.start_worker().await;
+
+    // The delayed copy waits in its delay queue; the dead letter is stored; its replay comes
+    // back, is refused again and stored again.
+    let delay_queue =
+        payment_link_worker::broker::topology::delay_queue(&env.settings.broker, 600_000);
+    eventually("the delayed copy parked", WAIT, || async {
+        (env.queue_depth(&delay_queue).await == 1).then_some(())
+    })
+    .await;
+    let dead = Filter {
+        command_id: Some("cc-dead".into()),
+        ..Filter::default()
+    };
+    stored(&env, &dead, 1).await;
+    replay(&env, &request(dead.clone(), None, false)).await;
+    stored(&env, &dead, 2).await;
+
+    for queue in [&named, &on_dead_letters, &on_commands] {
+        let copy = env.try_get(queue).await;
+        assert!(
+            copy.is_none(),
+            "a copy reached {queue} through CC/BCC: {copy:?}"
+        );
+    }
+    let parked = env.next_message(&delay_queue, WAIT).await;
+    let carried = parked.properties.headers().clone().unwrap_or_default();
+    assert!(
+        !carried.inner().contains_key("CC") && !carried.inner().contains_key("BCC"),
+        "{carried:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_command_is_kept_as_its_first_bytes_and_its_length() {
+    let provider = MockServer::start().await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
+    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    let events = env.capture_events().await;
+    let _worker = env.start_worker().await;
+    let huge = format!(
+        r#"{{"paymentProviderId":7,"amountInMajorCurrency":1,"description":"{}"}}"#,
+        "d".repeat(40 << 20)
+    );
+    env.send("huge", &huge).await;
+    env.send("after-huge", &command_body("1.00", 5)).await;
+    env.messages(&events, 1, WAIT).await;
+
+    let filter = Filter {
+        command_id: Some("huge".into()),
+        ..Filter::default()
+    };
+    stored(&env, &filter, 1).await;
+    let mut conn = env.pool.get().await.unwrap();
+    let (page, _) = store::page(&mut conn, &filter, 1, None).await.unwrap();
+    let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
+    assert_eq!(row.kind, Kind::Validation);
+    assert_eq!(
+        row.body.len(),
+        payment_link_worker::pipeline::fate::OVERSIZED_PREFIX
+    );
+    assert!(huge.as_bytes().starts_with(&row.body));
+    let properties =
+        payment_link_worker::broker::messages::properties_from_json(row.properties.clone())
+            .unwrap();
+    assert_eq!(
+        payment_link_worker::headers::read_whole(
+            &properties,
+            payment_link_worker::headers::ORIGINAL_BODY_BYTES
+        ),
+        Some(huge.len() as i64)
+    );
+}
