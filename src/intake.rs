@@ -99,6 +99,16 @@ impl Budget {
     }
 }
 
+/// The bytes a header table takes on the wire (names and values as AMQP encodes them; what lies
+/// deeper than [`MAX_DEPTH`] is not counted): what a publisher can check against the budget.
+pub fn header_bytes(headers: &FieldTable) -> usize {
+    headers
+        .inner()
+        .iter()
+        .map(|(name, value)| 1 + name.as_str().len() + encoded(value, 0).0)
+        .sum()
+}
+
 /// A header name as a reason quotes it: bounded, every hidden character made visible.
 fn shown(name: &str) -> String {
     headers::excerpt(&visible(name), 64)

@@ -262,13 +262,13 @@ fn column_text(text: &str) -> String {
     headers::excerpt(&text.replace('\0', "\u{FFFD}"), FIELD_LIMIT)
 }
 
-/// The worker's dead-letter id (`own`: the worker made it), or a hash of the message as the
-/// broker dead-lettered it (without `x-delivery-count`, which a redelivery from the dead-letter
-/// queue changes).
+/// A hash of the message as it reached the queue (without `x-delivery-count`, which a
+/// redelivery from the dead-letter queue changes), after the worker's dead-letter id when it
+/// carries one (`own`): a republish or a redelivery of one letter is stored once, while two
+/// different letters that carry the same id (anyone may write one into the dead-letter exchange)
+/// are both kept.
 fn dedup_key(properties: &BasicProperties, routing_key: &str, body: &[u8], own: bool) -> String {
-    if let Some(id) = read_text(properties, headers::DEAD_LETTER_ID).filter(|_| own) {
-        return format!("id:{}", column_text(&id));
-    }
+    let own = read_text(properties, headers::DEAD_LETTER_ID).filter(|_| own);
     let mut kept = FieldTable::default();
     for (name, value) in properties.headers().iter().flat_map(|h| h.inner()) {
         if name.as_str() != headers::DELIVERY_COUNT {
@@ -280,10 +280,11 @@ fn dedup_key(properties: &BasicProperties, routing_key: &str, body: &[u8], own: 
     material.extend_from_slice(routing_key.as_bytes());
     material.push(0);
     material.extend_from_slice(body);
-    format!(
-        "hash:{}",
-        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &material)
-    )
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &material);
+    match own {
+        Some(id) => format!("id:{}:{hash}", headers::excerpt(&column_text(&id), 200)),
+        None => format!("hash:{hash}"),
+    }
 }
 
 /// The properties in the stored JSON form; when that form cannot hold them exactly (a header
@@ -378,8 +379,19 @@ mod tests {
             h.insert(headers::DEAD_LETTER_ID.into(), headers::text("abc"));
             h
         });
-        assert_eq!(dedup_key(&own, "rk", b"x", true), "id:abc");
-        assert_ne!(dedup_key(&own, "rk", b"x", false), "id:abc");
+        let key = dedup_key(&own, "rk", b"x", true);
+        assert!(key.starts_with("id:abc:"), "{key}");
+        assert_eq!(
+            key,
+            dedup_key(&own, "rk", b"x", true),
+            "a republish is the same"
+        );
+        assert_ne!(
+            key,
+            dedup_key(&own, "rk", b"y", true),
+            "another letter, the same id"
+        );
+        assert!(dedup_key(&own, "rk", b"x", false).starts_with("hash:"));
     }
 
     #[test]

@@ -136,12 +136,13 @@ async fn every_dead_letter_is_stored_once_intact_even_when_the_ingester_is_kille
         assert_eq!(row.stored_with_changes, None);
         if i.is_multiple_of(2) {
             assert_eq!(
-                (row.kind.as_str(), row.http_status, row.dedup_key.as_str()),
-                (
-                    "provider-rejected",
-                    Some(400),
-                    format!("id:dl-{i}").as_str()
-                )
+                (row.kind.as_str(), row.http_status),
+                ("provider-rejected", Some(400))
+            );
+            assert!(
+                row.dedup_key.starts_with(&format!("id:dl-{i}:")),
+                "{}",
+                row.dedup_key
             );
             assert_eq!(row.failed_at.to_rfc3339(), "2026-12-01T10:00:00+00:00");
         }

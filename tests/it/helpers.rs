@@ -233,6 +233,17 @@ impl TestEnv {
         }
     }
 
+    /// A confirm channel of its own on the test's connection: a publish the broker refuses closes
+    /// it, not [`TestEnv::channel`].
+    pub async fn fresh_channel(&self) -> Channel {
+        let channel = self._connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        channel
+    }
+
     /// Publishes raw bytes with the given properties to the command exchange, confirmed.
     pub async fn publish_raw(&self, properties: BasicProperties, body: &[u8]) {
         let message = OutboundMessage {

@@ -19,6 +19,7 @@ mod happy_path;
 mod helpers;
 mod hostile;
 mod hostile_edges;
+mod hostile_generated;
 mod kubernetes;
 mod layering;
 mod observability;

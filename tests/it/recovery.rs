@@ -172,6 +172,11 @@ impl ChildWorker {
         .await
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     /// SIGKILL: no shutdown, no cleanup.
     pub fn kill(mut self) {
         self.0.kill().expect("kill");
