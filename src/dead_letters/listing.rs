@@ -80,7 +80,7 @@ pub fn format_detail(letter: &DeadLetterView) -> String {
     let headers = serde_json::to_string_pretty(&original.headers).unwrap_or_default();
     let _ = writeln!(out, "Properties:\n{}", indent(&visible_block(&properties)));
     let _ = writeln!(out, "Headers:\n{}", indent(&visible_block(&headers)));
-    let body = match &original.body {
+    let body = match &original.text {
         Some(text) => pretty_json(text).unwrap_or_else(|| text.clone()),
         None => format!("({} bytes, not UTF-8)", original.body_bytes),
     };

@@ -62,10 +62,14 @@ pub struct OriginalView {
     pub properties: Value,
     /// The headers as plain JSON (text as strings, numbers as numbers).
     pub headers: Map<String, Value>,
-    /// The body as text, when it is UTF-8.
+    /// The body as text, when it is UTF-8 and not JSON: a JSON body is sent once, as
+    /// `bodyJson`, so that a large one does not go out twice.
     pub body: Option<String>,
     /// The body as JSON, exactly as sent (a number such as 3.00 is not re-formatted).
     pub body_json: Option<Box<serde_json::value::RawValue>>,
+    /// The body as text, when it is UTF-8 (JSON or not), for the command line's view.
+    #[serde(skip)]
+    pub text: Option<String>,
     pub body_bytes: usize,
 }
 
@@ -156,8 +160,9 @@ impl DeadLetterView {
                 properties,
                 headers,
                 body_bytes: row.body.len(),
-                body,
+                body: body.clone().filter(|_| body_json.is_none()),
                 body_json,
+                text: body,
             },
             replays,
         }))

@@ -225,6 +225,10 @@ async fn the_api_answers_as_documented_and_only_operators_act() {
     assert_eq!(status, 200);
     assert_schema("DeadLetterDetail", &detail);
     assert_eq!(detail["original"]["bodyJson"]["invoiceId"], 503, "{detail}");
+    assert!(
+        detail["original"]["body"].is_null(),
+        "a JSON body is sent once: {detail}"
+    );
     assert_eq!(
         detail["original"]["exchange"],
         json!(env.settings.broker.command_exchange)
