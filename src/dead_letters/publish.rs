@@ -61,23 +61,56 @@ fn replay_of(letter: &Stored, targets: &ReplayTargets) -> Result<OutboundMessage
     ))
 }
 
-/// The replay's confirm channel, opened again when the broker has closed it: a publish the
-/// broker refuses (an exchange that does not exist, a property it does not accept) closes the
-/// channel, and that must fail that one dead letter, not the rest of the job.
-pub(super) struct ReplayChannel<'a> {
-    pub(super) connection: &'a Connection,
-    pub(super) channel: Channel,
+/// The replay's confirm channel, opened again when the broker has closed it, on a connection
+/// opened again when that was closed: a publish the broker refuses (an exchange that does not
+/// exist, a property it does not accept: the channel closes; a frame it cannot take: the whole
+/// connection closes) must fail that one dead letter, not the rest of the job.
+pub(super) struct ReplayChannel {
+    broker: crate::config::BrokerSettings,
+    name: String,
+    connection: Connection,
+    channel: Channel,
 }
 
-impl ReplayChannel<'_> {
-    /// The channel, reopened if the broker closed it.
+impl ReplayChannel {
+    /// A connection named `name` and its confirm channel.
+    pub(super) async fn open(
+        broker: &crate::config::BrokerSettings,
+        name: String,
+    ) -> anyhow::Result<Self> {
+        let connection = crate::broker::connect(broker, &name).await?;
+        let channel = confirm_channel(&connection).await?;
+        Ok(Self {
+            broker: broker.clone(),
+            name,
+            connection,
+            channel,
+        })
+    }
+
+    /// The channel, reopened (with its connection, if that closed too) if the broker closed it.
     async fn usable(&mut self) -> Result<Channel, String> {
+        if !self.connection.status().connected() {
+            self.connection = crate::broker::connect(&self.broker, &self.name)
+                .await
+                .map_err(|e| format!("cannot reopen the replay's connection: {e:#}"))?;
+        }
         if !self.channel.status().connected() {
-            self.channel = confirm_channel(self.connection)
+            self.channel = confirm_channel(&self.connection)
                 .await
                 .map_err(|e| format!("cannot reopen the replay's channel: {e}"))?;
         }
         Ok(self.channel.clone())
+    }
+
+    /// Closes the channel and the connection, within `timeout` (a blocked connection cannot even
+    /// send its close; the broker drops it later).
+    pub(super) async fn close(self, timeout: Duration) {
+        let closing = async {
+            let _ = self.channel.close(200, "replay done".into()).await;
+            let _ = self.connection.close(200, "replay done".into()).await;
+        };
+        let _ = tokio::time::timeout(timeout, closing).await;
     }
 }
 
@@ -99,11 +132,11 @@ async fn publish_one(
 /// Publishes a batch: without a rate limit every copy is sent before any confirm is awaited (one
 /// round trip for the batch); with one, one copy per `pause`. When the broker closed the channel
 /// during the batch (it refused one copy), the copies that failed with it are published again
-/// one at a time on a reopened channel, so only the refused one fails, with the broker's reason
+/// one at a time on a reopened channel (and connection), so only the refused one fails, with the broker's reason
 /// (a copy the broker took just before the close may so arrive twice; the worker's idempotency
 /// makes the second a republished event, not a second link).
 pub(super) async fn publish_batch(
-    channel: &mut ReplayChannel<'_>,
+    channel: &mut ReplayChannel,
     targets: &ReplayTargets,
     letters: &[Stored],
     pause: Option<Duration>,

@@ -9,8 +9,7 @@ use super::publish::{ReplayChannel, publish_batch};
 use super::replay_rows::{self, ReplayOutcome};
 use super::store::{self, Filter, State};
 use super::targets::ReplayTargets;
-use crate::broker::publisher::confirm_channel;
-use crate::broker::{self};
+
 use crate::config::Settings;
 use crate::store::{self as db, PgConn, audit, replay_runs};
 use serde::Serialize;
@@ -247,15 +246,11 @@ pub async fn work(
     run_id: i64,
     rate: Option<f64>,
 ) -> anyhow::Result<Worked> {
-    let connection = broker::connect(
+    let mut channel = ReplayChannel::open(
         &settings.broker,
-        &format!("payment-link-worker replay {run_id}"),
+        format!("payment-link-worker replay {run_id}"),
     )
     .await?;
-    let mut channel = ReplayChannel {
-        channel: confirm_channel(&connection).await?,
-        connection: &connection,
-    };
     let targets = ReplayTargets::new(settings);
     let pause = rate
         .filter(|r| *r > 0.0 && r.is_finite())
@@ -288,12 +283,7 @@ pub async fn work(
         }
         replay_rows::record_replays(conn, run_id, &outcomes).await?;
     }
-    // Bounded too: a blocked connection cannot even send its close; the broker drops it later.
-    let closing = async {
-        let _ = channel.channel.close(200, "replay done".into()).await;
-        let _ = connection.close(200, "replay done".into()).await;
-    };
-    let _ = tokio::time::timeout(timeout, closing).await;
+    channel.close(timeout).await;
     worked.left = store::count(conn, &open()).await?;
     let run = replay_runs::find(conn, run_id).await?;
     let counts = replay_runs::RunCounts {

@@ -335,3 +335,70 @@ async fn an_oversized_command_is_kept_as_its_first_bytes_and_its_length() {
         Some(huge.len() as i64)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_whose_connection_the_broker_closes_reconnects_and_fails_at_most_one_letter() {
+    use crate::recovery::{BrokerUser, rabbitmqctl};
+    let env = TestEnv::with("http://127.0.0.1:9", &[INGEST]).await;
+    let worker = env.start_worker().await;
+    let total = 60;
+    for i in 0..total {
+        let letter = crate::dead_letter_store::dead_letter(&env, i, Some(&format!("rc-{i}")));
+        publish_confirmed(&env.channel, &letter)
+            .await
+            .expect("the letter was confirmed");
+    }
+    stored(&env, &Filter::default(), total as i64).await;
+    worker.stop().await.expect("the ingesting worker stops");
+
+    // The replay connects as a broker user of its own, so that the broker can close exactly its
+    // connection, a second into a 3-second run.
+    let user = BrokerUser::create(format!("plw-replay-{}", env.id));
+    let mut settings = env.settings.clone();
+    settings.broker.url = payment_link_worker::config::SecretUrl::new(format!(
+        "amqp://{}:recovery-pass@127.0.0.1:5672/%2f",
+        user.0
+    ));
+    let mut request = request(Filter::default(), None, false);
+    request.rate = Some(20.0);
+    request.accept_duplicate_risk = true;
+    let mut conn = env.pool.get().await.unwrap();
+    let started = payment_link_worker::dead_letters::start(&settings, &mut conn, &request)
+        .await
+        .unwrap();
+    let run = tokio::spawn({
+        let settings = settings.clone();
+        let pool = env.pool.clone();
+        async move {
+            let mut conn = pool.get().await.unwrap();
+            payment_link_worker::dead_letters::work(
+                &settings,
+                &mut conn,
+                started.run_id,
+                Some(20.0),
+            )
+            .await
+        }
+    });
+    eventually("a third of the replay published", WAIT, || async {
+        (env.queue_depth(&env.command_queue()).await >= 20).then_some(())
+    })
+    .await;
+    rabbitmqctl(&[
+        "close_all_user_connections",
+        &user.0,
+        "closed by the replay test",
+    ]);
+    let worked = run.await.unwrap().expect("the run ends");
+    assert!(
+        worked.failed.len() <= 1,
+        "{} letters failed with the connection: {worked:?}",
+        worked.failed.len()
+    );
+    assert_eq!(worked.replayed.len() + worked.failed.len(), total);
+    eventually("every replayed copy in the command queue", WAIT, || async {
+        (env.queue_depth(&env.command_queue()).await as usize >= worked.replayed.len())
+            .then_some(())
+    })
+    .await;
+}

@@ -229,7 +229,7 @@ async fn sigkill_in_the_middle_of_a_load_loses_nothing_and_links_nothing_twice()
     assert_eq!(env.queue_depth(&env.dead_letter_queue()).await, 0);
 }
 
-fn rabbitmqctl(args: &[&str]) {
+pub fn rabbitmqctl(args: &[&str]) {
     let output = Command::new("rabbitmqctl")
         .args(args)
         .arg("-q")
@@ -244,10 +244,10 @@ fn rabbitmqctl(args: &[&str]) {
 
 /// A broker user of the test's own, so the broker can close exactly the worker's connections;
 /// deleted when dropped.
-struct BrokerUser(String);
+pub struct BrokerUser(pub String);
 
 impl BrokerUser {
-    fn create(name: String) -> Self {
+    pub fn create(name: String) -> Self {
         rabbitmqctl(&["add_user", &name, "recovery-pass"]);
         rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
         Self(name)

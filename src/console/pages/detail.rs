@@ -77,7 +77,7 @@ fn why(letter: &DeadLetterView) -> Markup {
 /// The original message and the replays.
 fn original(letter: &DeadLetterView) -> Markup {
     let original = &letter.original;
-    let body = match &original.body {
+    let body = match &original.text {
         Some(text) => pretty_json(text).unwrap_or_else(|| text.clone()),
         None => format!("({} bytes, not UTF-8)", original.body_bytes),
     };
