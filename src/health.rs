@@ -103,6 +103,18 @@ async fn ready(Extract(probe): Extract<Probe>) -> Response {
             ids.join(", ")
         )
     };
+    // Shown, not counted against readiness: a stuck ingester must be seen, but taking every
+    // replica out of rotation for it would block a rolling update that may be its fix.
+    let ingest_failures = probe
+        .metrics
+        .metrics
+        .levels
+        .dead_letter_ingest_failures
+        .load(Ordering::Relaxed);
+    let ingestion = match ingest_failures {
+        0 => "ok".to_owned(),
+        n => format!("failing: {n} tries in a row (the worker's log says why)"),
+    };
     let ready = broker == "ok" && database == "ok" && !all_open;
     let nodes: std::collections::BTreeMap<String, String> = crate::broker::nodes()
         .into_iter()
@@ -114,6 +126,7 @@ async fn ready(Extract(probe): Extract<Probe>) -> Response {
         "brokerNodes": nodes,
         "database": database,
         "provider": provider,
+        "deadLetterIngestion": ingestion,
     });
     let status = if ready {
         StatusCode::OK

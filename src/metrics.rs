@@ -77,6 +77,9 @@ pub struct Levels {
     pub outbox_bytes: AtomicI64,
     /// Bytes of the dead-letter store.
     pub dead_letters_bytes: AtomicI64,
+    /// Tries in a row the dead-letter ingester has failed (0 while it works): readiness and the
+    /// figure say when ingestion is stuck.
+    pub dead_letter_ingest_failures: AtomicI64,
 }
 
 /// The instruments the worker records to.
@@ -294,7 +297,7 @@ type LevelGauge = (
 /// The gauges of the levels refreshed on a timer (queue depths, backlog, live workers).
 fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
     let levels = Arc::new(Levels::default());
-    let gauges: [LevelGauge; 9] = [
+    let gauges: [LevelGauge; 10] = [
         (
             "payment_link.outbox.backlog",
             "{message}",
@@ -342,6 +345,12 @@ fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
             "By",
             "Bytes of the dead-letter store, its TOAST and its indexes",
             |l| &l.dead_letters_bytes,
+        ),
+        (
+            "payment_link.dead_letter.ingest.failures",
+            "{try}",
+            "Tries in a row the dead-letter ingester has failed (0 while it works)",
+            |l| &l.dead_letter_ingest_failures,
         ),
         (
             "payment_link.commands.oldest_processing.age",

@@ -71,6 +71,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
             context.settings.clone(),
             context.pool.clone(),
             format!("{instance_id} dead-letter ingester"),
+            context.metrics.levels.clone(),
             background.clone(),
         ));
     }

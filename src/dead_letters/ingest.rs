@@ -33,12 +33,22 @@ const PAUSE: Duration = Duration::from_secs(1);
 const FIELD_LIMIT: usize = 4096;
 
 /// Runs until `stop` fires: ingests the dead-letter queue, reconnecting after broker outages, and
-/// purges past retention once an hour.
-pub async fn run(settings: Settings, pool: PgPool, name: String, stop: CancellationToken) {
+/// purges past retention once an hour. Each failed try in a row is counted in
+/// `levels.dead_letter_ingest_failures` (`/readyz` and the metrics show it), reset by a stored
+/// batch.
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    name: String,
+    levels: std::sync::Arc<crate::metrics::Levels>,
+    stop: CancellationToken,
+) {
     let retention = Duration::from_secs_f64(settings.dead_letters.retention_days * 86_400.0);
     let purger = tokio::spawn(purge_every_hour(pool.clone(), retention, stop.clone()));
+    let failures = &levels.dead_letter_ingest_failures;
     while !stop.is_cancelled() {
-        if let Err(error) = ingest(&settings, &pool, &name, &stop).await {
+        if let Err(error) = ingest(&settings, &pool, &name, failures, &stop).await {
+            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(error = %format!("{error:#}"), "dead-letter ingestion paused; trying again");
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -76,6 +86,7 @@ async fn ingest(
     settings: &Settings,
     pool: &PgPool,
     name: &str,
+    failures: &std::sync::atomic::AtomicI64,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let connection = crate::broker::connect(&settings.broker, name).await?;
@@ -116,7 +127,7 @@ async fn ingest(
                     Ok(None) | Err(_) => break,
                 }
             }
-            store_then_ack(settings, pool, &channel, &batch, stop).await?;
+            store_then_ack(settings, pool, &channel, &batch, failures, stop).await?;
         }
     }
     .await;
@@ -125,12 +136,16 @@ async fn ingest(
 }
 
 /// Stores the batch (trying again while the database is away), then acks it with one
-/// `basic.ack(multiple)`. Stopping first leaves the batch unacked, for the next ingester.
+/// `basic.ack(multiple)`. Stopping first leaves the batch unacked, for the next ingester. A batch
+/// the database refuses (the data, not the connection) is stored one letter at a time, and a
+/// letter it refuses alone is stored in a reduced form that says why ([`reduced`]): one letter
+/// never holds the queue up.
 async fn store_then_ack(
     settings: &Settings,
     pool: &PgPool,
     channel: &Channel,
     batch: &[Delivery],
+    failures: &std::sync::atomic::AtomicI64,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let rows: Vec<store::NewDeadLetter> = batch
@@ -138,14 +153,15 @@ async fn store_then_ack(
         .map(|delivery| to_row(settings, delivery))
         .collect();
     loop {
-        let stored =
-            crate::store::with_conn(pool, async |conn| store::insert_batch(conn, &rows).await);
-        match stored.await {
+        let stored = store_rows(pool, rows.clone()).await;
+        match stored {
             Ok(new) => {
                 tracing::debug!(new, of = rows.len(), "dead letters stored");
+                failures.store(0, std::sync::atomic::Ordering::Relaxed);
                 break;
             }
             Err(error) => {
+                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(%error, "cannot store dead letters; they stay in the queue meanwhile");
                 tokio::select! {
                     () = stop.cancelled() => return Ok(()),
@@ -159,6 +175,64 @@ async fn store_then_ack(
         .basic_ack(last, BasicAckOptions { multiple: true })
         .await?;
     Ok(())
+}
+
+/// Stores `rows` in one transaction; if the database refuses the data, one at a time, each
+/// refused one in its reduced form. An error left is the database's, not a letter's.
+async fn store_rows(
+    pool: &PgPool,
+    rows: Vec<store::NewDeadLetter>,
+) -> Result<usize, crate::store::StoreError> {
+    let all = crate::store::with_conn(pool, async |conn| store::insert_batch(conn, &rows).await);
+    match all.await {
+        Err(error) if error.is_refusal() || error.may_be_the_data() => {
+            tracing::warn!(%error, "the database refused a batch of dead letters; storing them one at a time");
+        }
+        other => return other,
+    }
+    let mut new = 0;
+    for row in rows {
+        let one = std::slice::from_ref(&row);
+        let alone =
+            crate::store::with_conn(pool, async |conn| store::insert_batch(conn, one).await);
+        new += match alone.await {
+            Err(error) if error.is_refusal() || error.may_be_the_data() => {
+                tracing::error!(%error, command_id = %crate::text::visible(&row.command_id),
+                    "the database refused a dead letter; storing it reduced");
+                let reduced = [reduced(row, &error.to_string())];
+                let stored = crate::store::with_conn(pool, async |conn| {
+                    store::insert_batch(conn, &reduced).await
+                });
+                stored.await?
+            }
+            other => other?,
+        };
+    }
+    Ok(new)
+}
+
+/// Most bytes of a refused letter's body its reduced form keeps.
+const REDUCED_BODY: usize = 4096;
+
+/// A letter the database refused, as it can always be stored: its ids and reason kept, its
+/// properties and all but the start of its body left out, and why said in `stored_with_changes`.
+fn reduced(row: store::NewDeadLetter, error: &str) -> store::NewDeadLetter {
+    let body_len = row.body.len();
+    let mut body = row.body;
+    body.truncate(REDUCED_BODY);
+    store::NewDeadLetter {
+        properties: serde_json::json!({}),
+        body,
+        description: None,
+        email: None,
+        error_body: None,
+        stored_with_changes: Some(column_text(&format!(
+            "the database refused the letter as it was ({error}); stored without its properties, \
+             with the first {} of its {body_len} body bytes",
+            body_len.min(REDUCED_BODY)
+        ))),
+        ..row
+    }
 }
 
 /// The row for one dead letter: its error fields from the worker's headers (or the broker's

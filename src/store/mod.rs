@@ -88,7 +88,7 @@ impl StoreError {
     /// Whether this may be the data's fault (an error PostgreSQL answered with, other than the
     /// ones that say the database or the transaction is the trouble). Such an error is tried
     /// once more alone before it counts as a refusal.
-    fn may_be_the_data(&self) -> bool {
+    pub fn may_be_the_data(&self) -> bool {
         use diesel::result::{DatabaseErrorKind as K, Error};
         let StoreError::Query(Error::DatabaseError(kind, info)) = self else {
             return false;

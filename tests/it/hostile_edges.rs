@@ -402,3 +402,94 @@ async fn a_replay_whose_connection_the_broker_closes_reconnects_and_fails_at_mos
     })
     .await;
 }
+
+/// Runs SQL on the test's own database.
+async fn sql(env: &TestEnv, statement: &str) {
+    use diesel_async::RunQueryDsl;
+    let mut conn = env.pool.get().await.unwrap();
+    diesel::sql_query(statement)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_the_database_refuses_is_stored_reduced_and_a_stuck_ingester_says_so() {
+    let env = TestEnv::with("http://127.0.0.1:9", &[INGEST]).await;
+    // This test's database refuses a letter named "poison" whole, and one named "stuck" in any form.
+    sql(
+        &env,
+        "ALTER TABLE dead_letters ADD CONSTRAINT t_poison \
+         CHECK (command_id <> 'ingest-poison' OR properties = '{}'::jsonb)",
+    )
+    .await;
+    sql(
+        &env,
+        "ALTER TABLE dead_letters ADD CONSTRAINT t_stuck CHECK (command_id <> 'ingest-stuck')",
+    )
+    .await;
+    let worker = env.start_worker().await;
+    let addr = worker.http_addr().unwrap();
+    let letter = |i: usize, id: &str| {
+        let mut letter = crate::dead_letter_store::dead_letter(&env, i, Some(&format!("rf-{i}")));
+        letter.properties = letter.properties.with_message_id(id.into());
+        letter
+    };
+    for (i, id) in ["before", "ingest-poison", "after"].iter().enumerate() {
+        publish_confirmed(&env.channel, &letter(i, id))
+            .await
+            .unwrap();
+    }
+    stored(&env, &Filter::default(), 3).await;
+    let mut conn = env.pool.get().await.unwrap();
+    let poison = Filter {
+        command_id: Some("ingest-poison".into()),
+        ..Filter::default()
+    };
+    let (page, _) = store::page(&mut conn, &poison, 1, None).await.unwrap();
+    let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
+    let why = row.stored_with_changes.unwrap_or_default();
+    assert!(why.contains("the database refused the letter"), "{why}");
+    assert_eq!(row.kind, Kind::ProviderRejected, "its reason is kept");
+
+    // A letter refused in any form: ingestion is stuck, and says so; once the database takes it,
+    // it is stored and ingestion is well again.
+    publish_confirmed(&env.channel, &letter(3, "ingest-stuck"))
+        .await
+        .unwrap();
+    let failing = eventually("readiness to say ingestion fails", WAIT, || async {
+        let body = body_of(addr, "/readyz").await;
+        body.contains("\"deadLetterIngestion\":\"failing")
+            .then_some(body)
+    })
+    .await;
+    assert!(
+        worker.metrics().lines().any(
+            |l| l.starts_with("payment_link_dead_letter_ingest_failures") && !l.ends_with(" 0")
+        ),
+        "{failing}"
+    );
+    sql(&env, "ALTER TABLE dead_letters DROP CONSTRAINT t_stuck").await;
+    stored(&env, &Filter::default(), 4).await;
+    eventually("readiness to say ingestion is well", WAIT, || async {
+        let body = body_of(addr, "/readyz").await;
+        body.contains("\"deadLetterIngestion\":\"ok\"")
+            .then_some(())
+    })
+    .await;
+}
+
+/// The body of `GET path`.
+async fn body_of(to: SocketAddr, path: &str) -> String {
+    let mut stream = connect_from([127, 0, 0, 1], to).await;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
+}
