@@ -256,10 +256,12 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
     let waited = queue_wait(&delivery.properties, chrono::Utc::now());
     context.metrics.received(waited);
     let _in_flight = context.metrics.in_flight();
+    // Counters a publisher set without the worker's mark are read as absent from here on.
+    let properties = context.copies.marks.verified_counters(&delivery.properties);
     let original = Original {
         exchange: delivery.exchange.as_str(),
         routing_key: delivery.routing_key.as_str(),
-        properties: &delivery.properties,
+        properties: &properties,
         body: &delivery.data,
     };
     let span = pipeline::span(&context, &original);

@@ -46,6 +46,8 @@ pub struct Context {
     pub instance_id: String,
     /// Fires when the shutdown grace period is over: work in flight gives itself back.
     pub abandon: CancellationToken,
+    /// What the worker's copies carry and the marks it signs them with.
+    pub copies: crate::intake::Copies,
 }
 
 impl Context {
@@ -63,7 +65,16 @@ impl Context {
             .context("cannot open the publishing connection")?;
         let lanes = Lanes::new(&settings, metrics.lanes.clone());
         let provider = ProviderClient::new(&settings.provider, &settings.retry, lanes.clone())?;
+        let marks = crate::store::with_conn(&pool, async |conn| {
+            crate::marks::Marks::load(&settings, conn).await
+        })
+        .await
+        .context("cannot read the signing key")?;
         Ok(Self {
+            copies: crate::intake::Copies {
+                carried: settings.broker.carried_headers.clone(),
+                marks,
+            },
             events: EventTarget::new(&settings),
             sent: SentWriter::start(pool.clone()),
             claims: ClaimWriter::start(pool.clone(), instance_id.clone(), settings.lease()),

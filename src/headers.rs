@@ -33,6 +33,11 @@ pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 /// The length of a command's body when its dead letter keeps only the start of it (the command
 /// was over `broker.max_message_bytes`).
 pub const ORIGINAL_BODY_BYTES: &str = "x-original-body-bytes";
+/// The worker's signature over a command's counters (`x-replay-count`, `x-delay-round`,
+/// `x-attempts`) on a copy it sent back to the command queue (see [`crate::marks`]).
+pub const WORKER_MARK: &str = "x-worker-mark";
+/// The worker's signature over a dead letter's id, kind, time and replay count.
+pub const DEAD_LETTER_MARK: &str = "x-dead-letter-mark";
 /// Added by the broker when it dead-letters a message itself (delivery limit, TTL).
 pub const DEATH: &str = "x-death";
 /// Returns of the message so far, added by a quorum queue on redelivery.
@@ -48,8 +53,10 @@ pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
 
 /// Headers the worker or the broker add when dead-lettering or delaying: never the name of a
 /// publisher's header to carry (`broker.carried_headers`).
-pub const ADDED_ON_FAILURE: [&str; 17] = [
+pub const ADDED_ON_FAILURE: [&str; 19] = [
     DEAD_LETTER_ID,
+    WORKER_MARK,
+    DEAD_LETTER_MARK,
     ORIGINAL_BODY_BYTES,
     ERROR_KIND,
     ERROR_MESSAGE,

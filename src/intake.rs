@@ -178,6 +178,15 @@ pub fn carried(headers: Option<&FieldTable>, configured: &[String]) -> FieldTabl
     kept
 }
 
+/// What the worker's copies carry (`broker.carried_headers`) and the marks it signs them with.
+#[derive(Clone, Debug)]
+pub struct Copies {
+    /// The publisher's headers a copy carries beside [`ALWAYS_CARRIED`].
+    pub carried: Vec<String>,
+    /// The deployment's signature.
+    pub marks: crate::marks::Marks,
+}
+
 /// Whether a name may be configured in `broker.carried_headers`: not a routing header, not one
 /// of the worker's or the broker's own `x-` marks.
 pub fn may_carry(name: &str) -> Result<(), &'static str> {

@@ -24,6 +24,7 @@ pub mod health;
 pub mod http_server;
 pub mod intake;
 pub mod levels;
+pub mod marks;
 pub mod metrics;
 pub mod ops;
 pub mod pipeline;

@@ -243,9 +243,10 @@ pub fn dead_letter(
     original: &Original<'_>,
     failure: &Failure,
     now: DateTime<Utc>,
-    carried: &[String],
+    copies: &crate::intake::Copies,
 ) -> OutboundMessage {
-    let mut headers = crate::intake::carried(original.properties.headers().as_ref(), carried);
+    let mut headers =
+        crate::intake::carried(original.properties.headers().as_ref(), &copies.carried);
     let id = uuid::Uuid::new_v4().to_string();
     headers.insert(headers::DEAD_LETTER_ID.into(), text(&id));
     headers.insert(headers::ERROR_KIND.into(), text(failure.kind.as_str()));
@@ -273,6 +274,10 @@ pub fn dead_letter(
         headers::ORIGINAL_ROUTING_KEY.into(),
         text(original.routing_key),
     );
+    let message_id = original.properties.message_id().as_ref();
+    copies
+        .marks
+        .sign_dead_letter(&mut headers, message_id.map_or("", |m| m.as_str()));
     OutboundMessage {
         exchange: dead_letter_exchange.to_owned(),
         routing_key: original.routing_key.to_owned(),
@@ -292,9 +297,10 @@ pub fn delayed(
     round: usize,
     attempts: i32,
     last_error: &str,
-    carried: &[String],
+    copies: &crate::intake::Copies,
 ) -> OutboundMessage {
-    let mut headers = crate::intake::carried(original.properties.headers().as_ref(), carried);
+    let mut headers =
+        crate::intake::carried(original.properties.headers().as_ref(), &copies.carried);
     headers.insert(
         headers::DELAY_ROUND.into(),
         AMQPValue::LongInt(round as i32),
@@ -302,6 +308,10 @@ pub fn delayed(
     headers.insert(headers::ATTEMPTS.into(), AMQPValue::LongInt(attempts));
     let last_error = headers::excerpt(last_error, headers::TEXT_LIMIT);
     headers.insert(headers::LAST_ERROR.into(), text(&last_error));
+    let message_id = original.properties.message_id().as_ref();
+    copies
+        .marks
+        .sign_counters(&mut headers, message_id.map_or("", |m| m.as_str()));
     OutboundMessage {
         exchange: String::new(),
         routing_key: delay_queue.to_owned(),

@@ -336,10 +336,24 @@ impl Settings {
                 "console.auth_failures_allowed",
                 u64::from(self.console.auth_failures_allowed),
             ),
+            (
+                "console.auth_failures_per_minute",
+                u64::from(self.console.auth_failures_per_minute),
+            ),
         ] {
             if value == 0 {
                 return fail(key, "must be above 0");
             }
+        }
+        let key = self.dead_letters.signing_key.expose();
+        if !key.is_empty() && key.len() < 32 {
+            return fail(
+                "dead_letters.signing_key",
+                "must be at least 32 characters (or empty: a key kept in PostgreSQL)",
+            );
+        }
+        if let Err(why) = crate::console::TrustedProxies::parse(&self.console.trust_forwarded_for) {
+            return fail("console.trust_forwarded_for", &why);
         }
         for (i, target) in self.dead_letters.replay_targets.iter().enumerate() {
             let exchange = &target.exchange;
@@ -359,12 +373,8 @@ impl Settings {
             if !matches!(operator.role.as_str(), "viewer" | "operator") {
                 return fail(&key, "has a role other than \"viewer\" or \"operator\"");
             }
-            let hash = &operator.token_sha256;
-            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return fail(
-                    &key,
-                    "needs token_sha256: the SHA-256 of the token in hex (64 characters)",
-                );
+            if let Err(why) = crate::console::parse_token_sha256(&operator.token_sha256) {
+                return fail(&format!("{key}.token_sha256"), &why);
             }
         }
         if self.events.source.trim().is_empty() {

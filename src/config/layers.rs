@@ -122,7 +122,11 @@ pub(super) fn set_from_env(
 }
 
 /// The list settings whose items are text (the others hold whole numbers).
-const TEXT_LISTS: [&str; 2] = ["broker.urls", "broker.carried_headers"];
+const TEXT_LISTS: [&str; 3] = [
+    "broker.urls",
+    "broker.carried_headers",
+    "console.trust_forwarded_for",
+];
 
 /// Every leaf key of a file's table, dotted (`broker.prefetch`), for recording where it came from.
 pub(super) fn keys_of(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {

@@ -288,6 +288,9 @@ pub struct DeadLetterSettings {
     /// `broker.command_routing_key`. A stored dead letter naming any other target is never
     /// replayed (its headers may have been set by whoever published the command).
     pub replay_targets: Vec<ReplayTarget>,
+    /// The key the worker signs its marks with (see [`crate::marks`]); empty: one kept in
+    /// PostgreSQL.
+    pub signing_key: Secret,
 }
 
 /// How long what the store keeps is kept.
@@ -346,8 +349,16 @@ pub struct ConsoleSettings {
     pub keep_alive_idle_ms: u64,
     /// Failed sign-ins and bearer checks from one address before it gets 429.
     pub auth_failures_allowed: u32,
-    /// Trust the client address in `X-Forwarded-For` (only behind a proxy that sets it).
-    pub trust_forwarded_for: bool,
+    /// The proxies (networks, such as `10.0.0.0/8`) whose `X-Forwarded-For` and
+    /// `X-Forwarded-Host` are believed; empty: none.
+    pub trust_forwarded_for: Vec<String>,
+    /// Wrong tokens a minute from all addresses together before the addresses not known good
+    /// share one try a second.
+    pub auth_failures_per_minute: u32,
+    /// The host (and port, if not the scheme's) people reach the console by; when set, a request
+    /// naming another `Host` is refused (421), so a page of another site cannot reach the console
+    /// through a name it controls (DNS rebinding). Empty: not checked.
+    pub public_host: String,
 }
 
 /// One console user.

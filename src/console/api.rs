@@ -128,8 +128,15 @@ fn action(
         .may_act(headers)
         .map_err(|refusal| Box::new(refusal.into_response()))?;
     let Json(target) = body.map_err(|rejection| {
-        let status = match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        use axum::extract::rejection::{BytesRejection, FailedToBufferBody, JsonRejection};
+        let status = match &rejection {
+            // The body did not come in time (the server's body deadline) or at all.
+            JsonRejection::BytesRejection(BytesRejection::FailedToBufferBody(
+                FailedToBufferBody::UnknownBodyError(_),
+            )) => StatusCode::REQUEST_TIMEOUT,
+            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         refuse(status, &rejection.body_text())

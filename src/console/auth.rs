@@ -32,25 +32,58 @@ pub struct Operator {
     pub role: Role,
     /// SHA-256 of their token.
     digest: [u8; 32],
+    /// Their token's length in characters: a token of another length never signs in, so a
+    /// line whose stated length is not its token's lets nobody in.
+    chars: usize,
 }
 
-/// The SHA-256 of a token, in hex: what `[[console.operators]]` holds instead of the token.
+/// What `[[console.operators]]` holds instead of a token: `sha256:<characters>:<hex digest>`.
+/// The length is stated so that start-up can refuse a short token it cannot see (a bare digest
+/// cannot show it), and checked at sign-in, so that stating it falsely lets nobody in.
 pub fn token_sha256(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
+    let hex: String = Sha256::digest(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect()
+        .collect();
+    format!("sha256:{}:{hex}", token.chars().count())
 }
 
-fn digest_from_hex(hex: &str) -> Option<[u8; 32]> {
+/// The stated length and the digest of a configured `token_sha256`; why not, if it is not one.
+pub fn parse_token_sha256(text: &str) -> Result<(usize, [u8; 32]), String> {
+    let how = "make the line with `payment-link-worker console hash-token`";
+    let Some(rest) = text.strip_prefix("sha256:") else {
+        return Err(if text.len() == 64 {
+            format!(
+                "is a bare SHA-256, which cannot show that the token is at least \
+                 {SHORTEST_TOKEN} characters long: {how}"
+            )
+        } else {
+            format!("is not sha256:<characters>:<64 hex digits>: {how}")
+        });
+    };
+    let (chars, hex) = rest
+        .split_once(':')
+        .ok_or_else(|| format!("is not sha256:<characters>:<64 hex digits>: {how}"))?;
+    let chars: usize = chars
+        .parse()
+        .map_err(|_| format!("states no token length: {how}"))?;
+    if chars < SHORTEST_TOKEN {
+        return Err(format!(
+            "is for a token of {chars} characters: at least {SHORTEST_TOKEN} are needed, so it \
+             cannot be guessed (e.g. `openssl rand -hex 24`)"
+        ));
+    }
     let mut out = [0u8; 32];
     if hex.len() != 64 {
-        return None;
+        return Err(format!("does not end in 64 hex digits: {how}"));
     }
     for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        *byte = hex
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or_else(|| format!("does not end in 64 hex digits: {how}"))?;
     }
-    Some(out)
+    Ok((chars, out))
 }
 
 /// The configured operators, plus the one `CONSOLE_OPERATOR_TOKEN` (named by
@@ -61,9 +94,8 @@ pub fn operators(
 ) -> anyhow::Result<Vec<Operator>> {
     let mut operators = Vec::new();
     for (i, configured) in settings.operators.iter().enumerate() {
-        let digest = digest_from_hex(&configured.token_sha256).ok_or_else(|| {
-            anyhow::anyhow!("`console.operators[{i}].token_sha256` is not 64 hex characters")
-        })?;
+        let (chars, digest) = parse_token_sha256(&configured.token_sha256)
+            .map_err(|why| anyhow::anyhow!("`console.operators[{i}].token_sha256` {why}"))?;
         let role = match configured.role.as_str() {
             "viewer" => Role::Viewer,
             "operator" => Role::Operator,
@@ -75,6 +107,7 @@ pub fn operators(
             name: configured.name.clone(),
             role,
             digest,
+            chars,
         });
     }
     if let Some(token) = env("CONSOLE_OPERATOR_TOKEN").filter(|t| !t.is_empty()) {
@@ -87,6 +120,7 @@ pub fn operators(
                 .unwrap_or_else(|| "operator".into()),
             role: Role::Operator,
             digest: Sha256::digest(token.as_bytes()).into(),
+            chars: token.chars().count(),
         });
     }
     Ok(operators)
@@ -141,6 +175,7 @@ fn toml_string(text: &str) -> String {
 /// The operator whose token this is.
 pub(super) fn find<'a>(operators: &'a [Operator], token: &str) -> Option<&'a Operator> {
     let digest = digest(token);
+    let chars = token.chars().count();
     // Compared in constant time, so the answer time says nothing about how much matched.
     operators.iter().find(|o| {
         o.digest
@@ -148,6 +183,7 @@ pub(super) fn find<'a>(operators: &'a [Operator], token: &str) -> Option<&'a Ope
             .zip(digest.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+            && o.chars == chars
     })
 }
 
@@ -292,8 +328,7 @@ impl FromRequestParts<Console> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, console: &Console) -> Result<Self, Refusal> {
         let page = !parts.uri.path().starts_with("/api/");
-        let address =
-            super::throttle::client_address(parts, console.settings.console.trust_forwarded_for);
+        let address = super::throttle::client_address(parts, &console.trusted_proxies);
         let bearer = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -348,33 +383,14 @@ pub(super) fn throttled(wait: Duration) -> Response {
     response
 }
 
-/// Notes a wrong token (`how`: sign-in or bearer) from `address`: counted toward the throttle,
-/// logged at warn and written to the audit log, without the token.
+/// Notes a wrong token (`how`: sign-in or bearer) from `address`: counted toward the throttle
+/// and logged at warn, without the token; the audit log gets it summed with the address's other
+/// refusals of its window (see `audit_refusals`).
 pub(super) async fn refused(console: &Console, address: Option<std::net::IpAddr>, how: &str) {
-    let (failures, blocked) = console.throttle.failed(address, how);
+    let (failures, paced) = console.throttle.failed(address, how);
     let from = address.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-    tracing::warn!(client_address = %from, how, failures, blocked_for_s = blocked.map(|b| b.as_secs()),
+    tracing::warn!(client_address = %from, how, failures, paced = paced.is_some(),
         "console authentication refused: a token that belongs to no operator");
-    let entry = crate::store::audit::NewEntry {
-        actor: "(unknown)".into(),
-        source: "console".into(),
-        action: format!("{how}-refused"),
-        filter: None,
-        count: 0,
-        ids: Vec::new(),
-        run_id: None,
-        client_address: address.map(|a| a.to_string()),
-    };
-    match console.pool.get().await {
-        Ok(mut conn) => {
-            if let Err(error) = crate::store::audit::record(&mut conn, &entry).await {
-                tracing::warn!(%error, "cannot record a refused authentication in the audit log");
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot record a refused authentication in the audit log")
-        }
-    }
 }
 
 /// The header a browser's action carries its CSRF token in.
@@ -412,7 +428,7 @@ mod tests {
         settings.operators = vec![OperatorSettings {
             name: "vera".into(),
             role: "viewer".into(),
-            token_sha256: token_sha256("viewer-token-0123456789"),
+            token_sha256: token_sha256("viewer-token-01234567890"),
         }];
         let env = |name: &str| match name {
             "CONSOLE_OPERATOR_TOKEN" => Some("operator-token-0123456789".to_owned()),
@@ -420,7 +436,7 @@ mod tests {
         };
         let all = operators(&settings, env).unwrap();
         assert_eq!(
-            find(&all, "viewer-token-0123456789").unwrap().role,
+            find(&all, "viewer-token-01234567890").unwrap().role,
             Role::Viewer
         );
         let quick = find(&all, "operator-token-0123456789").unwrap();
@@ -432,5 +448,31 @@ mod tests {
         assert!(find(&all, "").is_none());
         let short = |name: &str| (name == "CONSOLE_OPERATOR_TOKEN").then(|| "short".to_owned());
         assert!(operators(&settings, short).is_err());
+    }
+
+    #[test]
+    fn a_configured_token_line_must_show_a_long_enough_token() {
+        let hex = &token_sha256("x")["sha256:1:".len()..];
+        // A bare digest (even of a 1-character token), a short stated length, junk: refused.
+        for (line, says) in [
+            (hex.to_owned(), "bare SHA-256"),
+            (format!("sha256:1:{hex}"), "1 characters"),
+            (format!("sha256:lots:{hex}"), "states no token length"),
+            ("sha256:30:abc".to_owned(), "64 hex"),
+            ("md5:abc".to_owned(), "is not sha256"),
+        ] {
+            let why = parse_token_sha256(&line).unwrap_err();
+            assert!(why.contains(says), "{line}: {why}");
+        }
+        // A line that states a length its token does not have lets nobody in.
+        let lying = format!("sha256:30:{hex}");
+        let mut settings = crate::config::Settings::load(None).unwrap().console;
+        settings.operators = vec![OperatorSettings {
+            name: "liar".into(),
+            role: "operator".into(),
+            token_sha256: lying,
+        }];
+        let all = operators(&settings, |_| None).unwrap();
+        assert!(find(&all, "x").is_none());
     }
 }

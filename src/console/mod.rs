@@ -25,7 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{Operator, Role, operator_config, operators, token_sha256};
+pub use auth::{Operator, Role, operator_config, operators, parse_token_sha256, token_sha256};
+pub use throttle::TrustedProxies;
 
 /// What every handler reaches.
 #[derive(Clone)]
@@ -37,6 +38,8 @@ pub struct Console {
     /// The jobs this console is running, which it never takes over from itself.
     running: Arc<std::sync::Mutex<std::collections::HashSet<i64>>>,
     throttle: throttle::Throttle,
+    /// Whose `X-Forwarded-*` headers are believed.
+    trusted_proxies: throttle::TrustedProxies,
     /// The console's own figures, served at `/metrics`.
     registry: prometheus::Registry,
     stop: CancellationToken,
@@ -56,10 +59,12 @@ const MAX_HEADERS: usize = 100;
 /// security headers.
 pub fn router(console: Console) -> Router {
     let timeout = Duration::from_millis(console.settings.console.request_timeout_ms);
+    let hosted = console.clone();
     api::routes()
         .merge(pages::routes())
         .route("/metrics", get(metrics))
         .with_state(console)
+        .layer(axum::middleware::from_fn_with_state(hosted, host_check))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -67,6 +72,47 @@ pub fn router(console: Console) -> Router {
         ))
         .layer(axum::middleware::from_fn(limits))
         .layer(axum::middleware::map_response(secure))
+}
+
+/// With `console.public_host` set, refuses (421) a request that names another host: a page of
+/// another site that points a DNS name of its own at the console (DNS rebinding) reaches it
+/// under that name, and is turned away. Behind a trusted proxy, its `X-Forwarded-Host` counts.
+async fn host_check(
+    axum::extract::State(console): axum::extract::State<Console>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let public = console.settings.console.public_host.trim();
+    if public.is_empty() {
+        return next.run(request).await;
+    }
+    let named = named_host(&request, &console.trusted_proxies);
+    if named.is_some_and(|h| h.eq_ignore_ascii_case(public)) {
+        return next.run(request).await;
+    }
+    reply::error(
+        StatusCode::MISDIRECTED_REQUEST,
+        "this console answers only to its own address (console.public_host)",
+    )
+}
+
+/// The host a request names: its `Host`, or behind a trusted proxy its `X-Forwarded-Host`.
+fn named_host(request: &Request, trusted: &throttle::TrustedProxies) -> Option<String> {
+    let via_proxy = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_some_and(|peer| trusted.contains(peer.0.ip()));
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    via_proxy
+        .then(|| header("x-forwarded-host"))
+        .flatten()
+        .or_else(|| header("host"))
 }
 
 /// Refuses request targets and headers larger than any page or script of ours sends, with our
@@ -148,7 +194,13 @@ pub async fn serve(
     }
     let registry = prometheus::Registry::new();
     let console = Console {
-        throttle: throttle::Throttle::new(settings.console.auth_failures_allowed, &registry),
+        throttle: throttle::Throttle::new(
+            settings.console.auth_failures_allowed,
+            settings.console.auth_failures_per_minute,
+            &registry,
+        ),
+        trusted_proxies: throttle::TrustedProxies::parse(&settings.console.trust_forwarded_for)
+            .map_err(|why| anyhow::anyhow!("`console.trust_forwarded_for` {why}"))?,
         registry,
         settings: Arc::new(settings),
         sessions: auth::Sessions::new(pool.clone()),
@@ -158,6 +210,7 @@ pub async fn serve(
         stop: stop.clone(),
     };
     tokio::spawn(resume_stalled_runs(console.clone()));
+    tokio::spawn(audit_refusals(console.clone()));
     tracing::info!(address = %listener.local_addr()?, "console listening");
     let limits = crate::http_server::Limits::console(&console.settings.console);
     crate::http_server::serve(listener, router(console), limits, stop).await;
@@ -187,6 +240,45 @@ fn spawn_run(console: &Console, run_id: i64, rate: Option<f64>) {
         }
         console.running.lock().expect("runs lock").remove(&run_id);
     });
+}
+
+/// Writes the refused authentications to the audit log, summed by address and kind, once per
+/// [`throttle::AUDIT_WINDOW`] (and once more when the console stops).
+async fn audit_refusals(console: Console) {
+    let mut every = tokio::time::interval(throttle::AUDIT_WINDOW);
+    every.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            () = console.stop.cancelled() => true,
+            _ = every.tick() => false,
+        };
+        let entries = console.throttle.take_unaudited();
+        if !entries.is_empty() {
+            let written = crate::store::with_conn(&console.pool, async |conn| {
+                for (address, how, count) in &entries {
+                    let entry = crate::store::audit::NewEntry {
+                        actor: "(unknown)".into(),
+                        source: "console".into(),
+                        action: format!("{how}-refused"),
+                        filter: None,
+                        count: *count,
+                        ids: Vec::new(),
+                        run_id: None,
+                        client_address: address.map(|a| a.to_string()),
+                    };
+                    crate::store::audit::record(conn, &entry).await?;
+                }
+                Ok(())
+            });
+            if let Err(error) = written.await {
+                tracing::warn!(%error, refusals = entries.len(),
+                    "cannot write refused authentications to the audit log");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 /// Takes over the jobs nobody has advanced for `console.job_stalled_after_ms` (their console

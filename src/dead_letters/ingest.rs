@@ -89,6 +89,9 @@ async fn ingest(
     failures: &std::sync::atomic::AtomicI64,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
+    // Read with the first batch, so that the queue is consumed (and held) while the database is
+    // away.
+    let mut marks = None;
     let connection = crate::broker::connect(&settings.broker, name).await?;
     let channel = connection.create_channel().await?;
     channel
@@ -127,7 +130,7 @@ async fn ingest(
                     Ok(None) | Err(_) => break,
                 }
             }
-            store_then_ack(settings, pool, &channel, &batch, failures, stop).await?;
+            store_then_ack(settings, pool, &mut marks, &channel, &batch, failures, stop).await?;
         }
     }
     .await;
@@ -143,20 +146,32 @@ async fn ingest(
 async fn store_then_ack(
     settings: &Settings,
     pool: &PgPool,
+    marks: &mut Option<crate::marks::Marks>,
     channel: &Channel,
     batch: &[Delivery],
     failures: &std::sync::atomic::AtomicI64,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let rows: Vec<store::NewDeadLetter> = batch
-        .iter()
-        .map(|delivery| to_row(settings, delivery))
-        .collect();
     loop {
-        let stored = store_rows(pool, rows.clone()).await;
-        match stored {
+        let stored = async {
+            let marks = match marks {
+                Some(marks) => marks,
+                None => marks.insert(
+                    crate::store::with_conn(pool, async |conn| {
+                        crate::marks::Marks::load(settings, conn).await
+                    })
+                    .await?,
+                ),
+            };
+            let rows: Vec<store::NewDeadLetter> = batch
+                .iter()
+                .map(|delivery| to_row(settings, marks, delivery))
+                .collect();
+            store_rows(pool, rows).await
+        };
+        match stored.await {
             Ok(new) => {
-                tracing::debug!(new, of = rows.len(), "dead letters stored");
+                tracing::debug!(new, of = batch.len(), "dead letters stored");
                 failures.store(0, std::sync::atomic::Ordering::Relaxed);
                 break;
             }
@@ -235,37 +250,57 @@ fn reduced(row: store::NewDeadLetter, error: &str) -> store::NewDeadLetter {
     }
 }
 
-/// The row for one dead letter: its error fields from the worker's headers (or the broker's
-/// `x-death` mark), the ids in its body where it is JSON, and the message itself.
-pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter {
-    let properties = &delivery.properties;
+/// The row for one dead letter: its error fields from the worker's signed headers (or the
+/// broker's `x-death` mark), the ids in its body where it is JSON, and the message itself. A
+/// letter with neither is `foreign`: what it claims is quoted, and its time is its ingestion's.
+pub fn to_row(
+    settings: &Settings,
+    marks: &crate::marks::Marks,
+    delivery: &Delivery,
+) -> store::NewDeadLetter {
     let body = &delivery.data;
-    let text = |name: &str| read_text(properties, name).map(|t| column_text(&t));
-    let int = |name: &str| read_int(properties, name).map(|v| v as i32);
-    let death = headers::last_death(properties);
+    let death = headers::last_death(&delivery.properties);
     // Dead-lettered by the broker from the command queue (expired, delivery limit, rejected,
     // maxlen): the reason is the broker's, whatever x-error-* or x-dead-letter-id headers the
-    // command's publisher put on it.
+    // command's publisher put on it; its counters only where the worker signed them.
     let by_broker_from_commands = death
         .as_ref()
         .is_some_and(|(_, queue)| *queue == settings.broker.command_queue);
-    let by_worker = !by_broker_from_commands
-        && (text(headers::DEAD_LETTER_ID).is_some() || text(headers::ERROR_KIND).is_some());
+    let by_worker = !by_broker_from_commands && marks.dead_letter_is_ours(&delivery.properties);
+    let properties = &if by_worker {
+        std::borrow::Cow::Borrowed(&delivery.properties)
+    } else {
+        marks.verified_counters(&delivery.properties)
+    }
+    .into_owned();
+    let text = |name: &str| read_text(properties, name).map(|t| column_text(&t));
+    let int = |name: &str| read_int(properties, name).map(|v| v as i32);
     let (kind, error_message) = if by_worker {
         (
-            // A kind the worker does not make (set by a publisher, or by a newer version) is
-            // stored as unknown; the message still says what the dead letter claimed.
+            // A kind this version does not make (a newer version's) is stored as unknown; the
+            // message still says what the dead letter said.
             text(headers::ERROR_KIND)
                 .and_then(|k| Kind::parse(&k))
                 .unwrap_or(Kind::Unknown),
             text(headers::ERROR_MESSAGE).unwrap_or_default(),
         )
-    } else if headers::has_death(properties) {
+    } else if by_broker_from_commands {
         broker_reason(death.as_ref())
     } else {
+        let claimed = match (text(headers::ERROR_KIND), text(headers::ERROR_MESSAGE)) {
+            (None, None) => "nothing".to_owned(),
+            (kind, message) => format!(
+                "{}: {}",
+                kind.unwrap_or_else(|| "no kind".into()),
+                message.unwrap_or_default()
+            ),
+        };
         (
-            Kind::Unknown,
-            text(headers::ERROR_MESSAGE).unwrap_or_default(),
+            Kind::Foreign,
+            column_text(&format!(
+                "not made by this worker (no valid mark, and not dead-lettered by the broker from \
+                 the command queue); it claims {claimed}"
+            )),
         )
     };
     let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
@@ -285,10 +320,14 @@ pub fn to_row(settings: &Settings, delivery: &Delivery) -> store::NewDeadLetter 
         http_status: int(headers::ERROR_STATUS),
         attempts: int(headers::ATTEMPTS),
         error_body: text(headers::ERROR_BODY),
+        // Only the worker's own time is believed: a forged one could pin a letter atop the list.
         failed_at: read_text(properties, headers::FAILED_AT)
+            .filter(|_| by_worker)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map_or_else(Utc::now, |t| t.with_timezone(&Utc)),
-        replay_count: int(headers::REPLAY_COUNT).unwrap_or(0),
+        replay_count: int(headers::REPLAY_COUNT)
+            .filter(|_| by_worker || by_broker_from_commands)
+            .unwrap_or(0),
         payment_provider_id: id("paymentProviderId"),
         invoice_id: id("invoiceId"),
         adhoc_invoice_id: id("adhocInvoiceId"),

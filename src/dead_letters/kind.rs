@@ -52,13 +52,17 @@ pub enum Kind {
     Rejected,
     /// The broker: the queue was at its length limit.
     Maxlen,
-    /// Neither the worker's marks nor the broker's (or a kind this version does not know).
+    /// Signed by the worker with a kind this version does not know.
     Unknown,
+    /// Not made by this worker nor by the broker from the command queue: written into the
+    /// dead-letter exchange by someone else, or signed with another key. What it claims is kept
+    /// in its message; it is replayed only when asked for.
+    Foreign,
 }
 
 impl Kind {
     /// Every kind, in the order lists show them.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Validation,
         Kind::IdempotencyConflict,
         Kind::ProviderRejected,
@@ -71,6 +75,7 @@ impl Kind {
         Kind::Rejected,
         Kind::Maxlen,
         Kind::Unknown,
+        Kind::Foreign,
     ];
 
     /// The name stored, shown and accepted.
@@ -88,6 +93,7 @@ impl Kind {
             Kind::Rejected => "rejected",
             Kind::Maxlen => "maxlen",
             Kind::Unknown => "unknown",
+            Kind::Foreign => "foreign",
         }
     }
 
@@ -107,9 +113,13 @@ impl Kind {
         }
     }
 
-    /// Whether replaying a dead letter of this kind, unchanged, fails the same way again.
+    /// Whether replaying a dead letter of this kind, unchanged, fails the same way again, or may
+    /// not be replayed without being asked for (a foreign letter: nobody knows what it is).
     pub fn fails_again(self) -> bool {
-        matches!(self, Kind::Validation | Kind::IdempotencyConflict)
+        matches!(
+            self,
+            Kind::Validation | Kind::IdempotencyConflict | Kind::Foreign
+        )
     }
 }
 

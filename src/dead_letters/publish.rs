@@ -21,12 +21,13 @@ pub fn replay_message(
     routing_key: &str,
     properties: &BasicProperties,
     body: &[u8],
-    carried: &[String],
+    copies: &crate::intake::Copies,
 ) -> OutboundMessage {
     let replay_count = read_int(properties, headers::REPLAY_COUNT).unwrap_or(0) + 1;
     // A replay starts the command's rounds afresh.
     let mut kept = lapin::types::FieldTable::default();
-    for (name, value) in crate::intake::carried(properties.headers().as_ref(), carried).inner() {
+    let carried = crate::intake::carried(properties.headers().as_ref(), &copies.carried);
+    for (name, value) in carried.inner() {
         if ![headers::ATTEMPTS, headers::DELAY_ROUND].contains(&name.as_str()) {
             kept.insert(name.clone(), value.clone());
         }
@@ -35,6 +36,10 @@ pub fn replay_message(
         headers::REPLAY_COUNT.into(),
         AMQPValue::LongLongInt(replay_count),
     );
+    let message_id = properties.message_id().as_ref();
+    copies
+        .marks
+        .sign_counters(&mut kept, message_id.map_or("", |m| m.as_str()));
     OutboundMessage {
         exchange: exchange.to_owned(),
         routing_key: routing_key.to_owned(),
@@ -45,7 +50,11 @@ pub fn replay_message(
 
 /// The stored dead letter's replay: its original, to its original exchange and routing key, if
 /// that is a target replay may publish to (else skipped, with the reason).
-fn replay_of(letter: &Stored, targets: &ReplayTargets) -> Result<OutboundMessage, ReplayOutcome> {
+fn replay_of(
+    letter: &Stored,
+    targets: &ReplayTargets,
+    copies: &crate::intake::Copies,
+) -> Result<OutboundMessage, ReplayOutcome> {
     targets
         .check(&letter.original_exchange, &letter.original_routing_key)
         .map_err(|why| ReplayOutcome::Skipped(format!("not replayable: {why}")))?;
@@ -57,7 +66,7 @@ fn replay_of(letter: &Stored, targets: &ReplayTargets) -> Result<OutboundMessage
         &letter.original_routing_key,
         &properties,
         &letter.body,
-        targets.carried(),
+        copies,
     ))
 }
 
@@ -138,13 +147,14 @@ async fn publish_one(
 pub(super) async fn publish_batch(
     channel: &mut ReplayChannel,
     targets: &ReplayTargets,
+    copies: &crate::intake::Copies,
     letters: &[Stored],
     pause: Option<Duration>,
     timeout: Duration,
 ) -> Vec<(i64, ReplayOutcome)> {
     let copies: Vec<Result<OutboundMessage, ReplayOutcome>> = letters
         .iter()
-        .map(|letter| replay_of(letter, targets))
+        .map(|letter| replay_of(letter, targets, copies))
         .collect();
     let mut outcomes: Vec<ReplayOutcome> = copies
         .iter()
@@ -215,7 +225,11 @@ mod tests {
         let properties = BasicProperties::default()
             .with_message_id("c-1".into())
             .with_headers(headers);
-        let copy = replay_message("cmds", "payment-link.create", &properties, b"{}", &[]);
+        let copies = crate::intake::Copies {
+            carried: Vec::new(),
+            marks: crate::marks::Marks::with_key(b"test"),
+        };
+        let copy = replay_message("cmds", "payment-link.create", &properties, b"{}", &copies);
         assert_eq!(copy.exchange, "cmds");
         assert_eq!(copy.routing_key, "payment-link.create");
         assert_eq!(copy.message_id(), "c-1");

@@ -252,6 +252,10 @@ pub async fn work(
     )
     .await?;
     let targets = ReplayTargets::new(settings);
+    let copies = crate::intake::Copies {
+        carried: settings.broker.carried_headers.clone(),
+        marks: crate::marks::Marks::load(settings, conn).await?,
+    };
     let pause = rate
         .filter(|r| *r > 0.0 && r.is_finite())
         .map(|r| Duration::from_secs_f64(1.0 / r));
@@ -267,7 +271,8 @@ pub async fn work(
         let letters = replay_rows::next_reserved(conn, run_id, after, batch).await?;
         let Some(last) = letters.last() else { break };
         after = last.id;
-        let outcomes = publish_batch(&mut channel, &targets, &letters, pause, timeout).await;
+        let outcomes =
+            publish_batch(&mut channel, &targets, &copies, &letters, pause, timeout).await;
         for (id, outcome) in &outcomes {
             match outcome {
                 ReplayOutcome::Replayed => worked.replayed.push(*id),

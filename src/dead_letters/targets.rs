@@ -8,37 +8,26 @@
 use crate::config::Settings;
 use crate::text::visible;
 
-/// The targets a replay may publish to, and the publisher's headers it carries
-/// (`broker.carried_headers`, see [`crate::intake::carried`]).
+/// The targets a replay may publish to.
 #[derive(Clone, Debug)]
-pub struct ReplayTargets(Vec<(String, String)>, Vec<String>);
+pub struct ReplayTargets(Vec<(String, String)>);
 
 impl ReplayTargets {
     /// `dead_letters.replay_targets`, or the command exchange and routing key when it is empty.
     pub fn new(settings: &Settings) -> Self {
         let configured = &settings.dead_letters.replay_targets;
-        let carried = settings.broker.carried_headers.clone();
         if configured.is_empty() {
-            return Self(
-                vec![(
-                    settings.broker.command_exchange.clone(),
-                    settings.broker.command_routing_key.clone(),
-                )],
-                carried,
-            );
+            return Self(vec![(
+                settings.broker.command_exchange.clone(),
+                settings.broker.command_routing_key.clone(),
+            )]);
         }
         Self(
             configured
                 .iter()
                 .map(|t| (t.exchange.clone(), t.routing_key.clone()))
                 .collect(),
-            carried,
         )
-    }
-
-    /// The publisher's headers a replay carries.
-    pub fn carried(&self) -> &[String] {
-        &self.1
     }
 
     /// Whether a dead letter naming this exchange and routing key may be replayed; if not, why.

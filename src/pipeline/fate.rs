@@ -101,7 +101,7 @@ impl Fate {
                 round + 1,
                 attempts,
                 &last_error,
-                &context.settings.broker.carried_headers,
+                &context.copies,
             ),
             round: round + 1,
             delay_ms,
@@ -254,7 +254,7 @@ async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failu
         &kept,
         failure,
         chrono::Utc::now(),
-        &context.settings.broker.carried_headers,
+        &context.copies,
     );
     if oversized {
         let mut headers = message.properties.headers().clone().unwrap_or_default();

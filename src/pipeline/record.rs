@@ -139,7 +139,7 @@ async fn record_failure(
         original,
         &failure,
         now,
-        &context.settings.broker.carried_headers,
+        &context.copies,
     );
     outgoing.push((outbox::DEAD_LETTER, dead_letter));
     let grace = Duration::from_millis(context.settings.outbox.inline_grace_ms);

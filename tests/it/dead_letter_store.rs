@@ -30,21 +30,30 @@ pub fn dead_letter(env: &TestEnv, i: usize, own_id: Option<&str>) -> OutboundMes
             headers.insert("x-failed-at".into(), text("2026-12-01T10:00:00.000Z"));
         }
         None => {
+            // As the broker writes it for the command queue's delivery limit.
+            let mut death = FieldTable::default();
+            death.insert("reason".into(), text("delivery_limit"));
+            death.insert("queue".into(), text(&env.settings.broker.command_queue));
             headers.insert(
                 "x-death".into(),
-                AMQPValue::FieldArray(FieldArray::default()),
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
             );
         }
     }
     headers.insert("x-custom".into(), AMQPValue::LongLongInt(i as i64));
+    let properties = BasicProperties::default()
+        .with_message_id(format!("ingest-{i}").into())
+        .with_correlation_id(format!("corr-{i}").into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    let properties = match own_id {
+        Some(_) => env.signed_dead_letter(properties),
+        None => properties,
+    };
     OutboundMessage {
         exchange: env.settings.broker.dead_letter_exchange.clone(),
         routing_key: env.settings.broker.command_routing_key.clone(),
-        properties: BasicProperties::default()
-            .with_message_id(format!("ingest-{i}").into())
-            .with_correlation_id(format!("corr-{i}").into())
-            .with_content_type("application/json".into())
-            .with_headers(headers),
+        properties,
         body: command_body("2.50", i as i64 + 1).into_bytes(),
     }
 }
@@ -307,6 +316,8 @@ async fn hostile_dead_letters_are_stored_beside_good_ones_without_stalling_inges
         let mut message = dead_letter(&env, 900, Some(name));
         message.properties = message.properties.with_message_id(name.into());
         edit(&mut message);
+        // Signed as the worker would sign what it wrote: the hostile part is in the content.
+        message.properties = env.signed_dead_letter(message.properties);
         message
     };
     let headers_with = |message: &OutboundMessage, name: &str, value: AMQPValue| {

@@ -125,6 +125,9 @@ pub struct TestEnv {
     _connection: Connection,
     pub channel: Channel,
     extra_queues: std::sync::Mutex<Vec<String>>,
+    /// The deployment's marks (the key kept in the test's database), to write letters and
+    /// replays as the worker does.
+    pub marks: payment_link_worker::marks::Marks,
 }
 
 impl TestEnv {
@@ -168,6 +171,12 @@ impl TestEnv {
         let (id, database, env) = (sandbox.id, sandbox.database, sandbox.env);
         let pool = store::pool(&settings.database).expect("pool");
         store::migrate(&pool).await.expect("migrations run");
+        let marks = {
+            let mut conn = pool.get().await.expect("db connection");
+            payment_link_worker::marks::Marks::load(&settings, &mut conn)
+                .await
+                .expect("the signing key")
+        };
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .expect("RabbitMQ is reachable");
@@ -191,7 +200,27 @@ impl TestEnv {
             _connection: connection,
             channel,
             extra_queues: Default::default(),
+            marks,
         }
+    }
+
+    /// `properties` with the worker's mark over its dead-letter headers, as the worker writes a
+    /// dead letter.
+    pub fn signed_dead_letter(&self, properties: BasicProperties) -> BasicProperties {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        let id = properties.message_id().as_ref().map(|m| m.to_string());
+        self.marks
+            .sign_dead_letter(&mut headers, id.as_deref().unwrap_or(""));
+        properties.with_headers(headers)
+    }
+
+    /// `properties` with the worker's mark over its counters, as a replay sends a command.
+    pub fn signed_counters(&self, properties: BasicProperties) -> BasicProperties {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        let id = properties.message_id().as_ref().map(|m| m.to_string());
+        self.marks
+            .sign_counters(&mut headers, id.as_deref().unwrap_or(""));
+        properties.with_headers(headers)
     }
 
     /// The context a worker with this test's settings would build, without a consumer: to drive

@@ -432,7 +432,7 @@ async fn a_letter_the_database_refuses_is_stored_reduced_and_a_stuck_ingester_sa
     let addr = worker.http_addr().unwrap();
     let letter = |i: usize, id: &str| {
         let mut letter = crate::dead_letter_store::dead_letter(&env, i, Some(&format!("rf-{i}")));
-        letter.properties = letter.properties.with_message_id(id.into());
+        letter.properties = env.signed_dead_letter(letter.properties.with_message_id(id.into()));
         letter
     };
     for (i, id) in ["before", "ingest-poison", "after"].iter().enumerate() {
@@ -492,4 +492,79 @@ async fn body_of(to: SocketAddr, path: &str) -> String {
     let _ = stream.read_to_end(&mut answer).await;
     let text = String::from_utf8_lossy(&answer).into_owned();
     text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_dead_letter_is_stored_foreign_and_skipped_by_replay_all() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    let _worker = env.start_worker().await;
+    // The worker's own dead letter, and one written into the dead-letter exchange by someone
+    // else that claims to be the worker's, from the future.
+    env.send("real-refused", &command_body("1.00", 1)).await;
+    let mut forged = command_properties("forged-letter");
+    for (name, value) in [
+        ("x-dead-letter-id", "forged-id"),
+        ("x-error-kind", "provider-rejected"),
+        ("x-error-message", "the provider said no"),
+        ("x-failed-at", "2099-01-01T00:00:00.000Z"),
+        ("x-dead-letter-mark", "00112233445566778899aabbccddeeff"),
+    ] {
+        forged = with_header(forged, name, value);
+    }
+    forged = with_int_header(forged, "x-replay-count", 7);
+    let letter = OutboundMessage {
+        exchange: env.settings.broker.dead_letter_exchange.clone(),
+        routing_key: env.settings.broker.command_routing_key.clone(),
+        properties: forged,
+        body: command_body("1.00", 2).into_bytes(),
+    };
+    publish_confirmed(&env.channel, &letter).await.unwrap();
+    stored(&env, &Filter::default(), 2).await;
+
+    let mut conn = env.pool.get().await.unwrap();
+    let one = |id: &str| Filter {
+        command_id: Some(id.into()),
+        ..Filter::default()
+    };
+    let (page, _) = store::page(&mut conn, &one("forged-letter"), 1, None)
+        .await
+        .unwrap();
+    let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
+    assert_eq!(row.kind, Kind::Foreign);
+    assert!(
+        row.error_message.contains("claims provider-rejected"),
+        "{}",
+        row.error_message
+    );
+    assert_eq!(row.replay_count, 0, "a forged replay count is not believed");
+    assert!(
+        row.failed_at < chrono::Utc::now() + chrono::Duration::minutes(1),
+        "a forged time is not believed: {}",
+        row.failed_at
+    );
+    let (page, _) = store::page(&mut conn, &one("real-refused"), 1, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        page[0].kind,
+        Kind::ProviderRejected,
+        "the worker's own is believed"
+    );
+
+    // "Replay all" replays the worker's own and skips the foreign one.
+    let mut all = request(Filter::default(), None, false);
+    all.include_failing = false;
+    let started = payment_link_worker::dead_letters::start(&env.settings, &mut conn, &all)
+        .await
+        .unwrap();
+    assert_eq!(started.ids.len(), 1, "{started:?}");
+    assert!(
+        started.skipped.iter().any(|(id, _)| *id == row.id),
+        "{started:?}"
+    );
 }

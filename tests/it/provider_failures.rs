@@ -221,8 +221,24 @@ async fn a_recorded_failure_is_retried_only_on_a_deliberate_replay() {
     assert_eq!(again.message_id(), failed.message_id());
     assert_eq!(provider.received_requests().await.unwrap().len(), 1);
 
-    // A replay (replay count above the recorded one) tries again.
-    let replay = with_int_header(command_properties("cmd-replay"), "x-replay-count", 1);
+    // A publisher's own replay count, without the worker's mark, is not believed: a plain
+    // redelivery again.
+    let forged = with_int_header(
+        command_properties("cmd-replay"),
+        "x-replay-count",
+        2147483647,
+    );
+    env.publish_raw(forged, body.as_bytes()).await;
+    let again = env.next_message(&events, WAIT).await;
+    assert_eq!(again.message_id(), failed.message_id());
+    assert_eq!(provider.received_requests().await.unwrap().len(), 1);
+
+    // A replay (replay count above the recorded one, signed as a replay signs it) tries again.
+    let replay = env.signed_counters(with_int_header(
+        command_properties("cmd-replay"),
+        "x-replay-count",
+        1,
+    ));
     env.publish_raw(replay, body.as_bytes()).await;
     let created = env.next_message(&events, WAIT).await;
     assert_eq!(created.routing_key, "payment-link.created");

@@ -252,9 +252,11 @@ fn worker_dead_letter(env: &TestEnv, i: usize, exchange: &str) -> OutboundMessag
     OutboundMessage {
         exchange: env.settings.broker.dead_letter_exchange.clone(),
         routing_key: env.settings.broker.command_routing_key.clone(),
-        properties: BasicProperties::default()
-            .with_message_id(format!("refused-{i}").as_str().into())
-            .with_headers(headers),
+        properties: env.signed_dead_letter(
+            BasicProperties::default()
+                .with_message_id(format!("refused-{i}").as_str().into())
+                .with_headers(headers),
+        ),
         body: command_body("3.00", 1).into_bytes(),
     }
 }

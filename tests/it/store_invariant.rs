@@ -140,7 +140,11 @@ async fn store_accepts(
             error_body: None,
             attempts: 1,
         };
-        let letter = messages::dead_letter("dlx", &original, &failure, now, &[]);
+        let copies = payment_link_worker::intake::Copies {
+            carried: Vec::new(),
+            marks: payment_link_worker::marks::Marks::with_key(b"store-invariant"),
+        };
+        let letter = messages::dead_letter("dlx", &original, &failure, now, &copies);
         (Outcome::Failed(failure), vec![letter])
     };
     let rows = kept

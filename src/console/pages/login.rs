@@ -42,11 +42,11 @@ fn same_origin(headers: &HeaderMap, trust_forwarded: bool) -> bool {
 
 pub(super) async fn sign_in(
     State(console): State<Console>,
-    ClientAddress(address): ClientAddress,
+    ClientAddress(address, via_proxy): ClientAddress,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    if !same_origin(&headers, console.settings.console.trust_forwarded_for) {
+    if !same_origin(&headers, via_proxy) {
         let why = "Sign in from the console's own page: this form was sent from another site.";
         return (StatusCode::FORBIDDEN, layout::sign_in(Some(why))).into_response();
     }
