@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long `/readyz` waits for the database before calling it unreachable.
 const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most open circuits `/readyz` names (the rest are counted).
+const LISTED_CIRCUITS: usize = 20;
 /// Longest a request may take, body included: above the database check's own bound.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -97,9 +99,18 @@ async fn ready(Extract(probe): Extract<Probe>) -> Response {
     let provider = if open.is_empty() {
         "ok".to_owned()
     } else {
-        let ids: Vec<String> = open.iter().map(i64::to_string).collect();
+        // Bounded: a stream of made-up provider ids must not make the answer grow.
+        let ids: Vec<String> = open
+            .iter()
+            .take(LISTED_CIRCUITS)
+            .map(i64::to_string)
+            .collect();
+        let more = match open.len().saturating_sub(LISTED_CIRCUITS) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
         format!(
-            "circuit open for paymentProviderId {}: that provider looks down",
+            "circuit open for paymentProviderId {}{more}: that provider looks down",
             ids.join(", ")
         )
     };

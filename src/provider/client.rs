@@ -162,6 +162,9 @@ impl ProviderClient {
         may_park: bool,
         metrics: &Metrics,
     ) -> CallResult {
+        // Held for the whole sequence, so that the lane (and its breaker's count) is kept
+        // between tries however many other providers' lanes come and go.
+        let _lane = self.lanes.lane(provider_id);
         let attempts = AtomicI32::new(0);
         let call = Call {
             provider_id,

@@ -1,8 +1,10 @@
 //! One lane per `paymentProviderId`: its own circuit breaker, its own adaptive concurrency
 //! limit and its share of the fleet's rate limit, so a provider that is down or overloaded never
 //! slows the commands of another. Lanes are
-//! made on first use; past [`MAX_LANES`] the idle ones are dropped, so a stream of made-up
-//! provider ids cannot grow the worker's memory or its metrics without bound.
+//! made on first use and dropped once no command has used them for [`LANE_IDLE`], whatever their
+//! breaker says (a lane held by a command, between its tries too, is kept); past [`MAX_LANES`]
+//! the idle ones go first, then the least lately used that no command holds. So a stream of
+//! made-up provider ids cannot grow the worker's memory, its metrics or `/readyz` without bound.
 
 use super::breaker::{Breaker, State};
 use super::limit::{Figures, Limiter};
@@ -16,6 +18,9 @@ use tokio::time::Instant;
 
 /// Most lanes kept at once; idle ones beyond it are dropped.
 pub const MAX_LANES: usize = 1024;
+/// A lane no command has used for this long is dropped, whatever its breaker says (a provider
+/// still down opens a new lane's breaker again).
+pub const LANE_IDLE: Duration = Duration::from_secs(10 * 60);
 
 pub use crate::metrics::LaneFigures;
 
@@ -71,6 +76,8 @@ pub struct Lane {
     pace: Mutex<Pace>,
     figures: Arc<Figures>,
     provider_id: i64,
+    /// When a command last asked for this lane.
+    used: Mutex<Instant>,
 }
 
 /// This worker's pace for one provider: the rate the fleet found the provider takes (none until
@@ -479,21 +486,39 @@ impl Lanes {
         self.workers.load(Ordering::Relaxed)
     }
 
-    /// The lane of `provider_id`, made on first use.
+    /// The lane of `provider_id`, made on first use (dropping the lanes no command used lately).
     pub fn lane(&self, provider_id: i64) -> Arc<Lane> {
         let mut lanes = self.lanes.lock().expect("lanes lock");
         if let Some(lane) = lanes.get(&provider_id) {
+            *lane.used.lock().expect("lane use lock") = Instant::now();
             return lane.clone();
         }
-        if lanes.len() >= MAX_LANES {
+        {
             let mut figures = self.figures.lock().expect("figures lock");
+            let full = lanes.len() >= MAX_LANES;
             lanes.retain(|id, lane| {
-                let keep = Arc::strong_count(lane) > 1 || !lane.idle();
+                let held = Arc::strong_count(lane) > 1;
+                let stale = lane.used.lock().expect("lane use lock").elapsed() >= LANE_IDLE;
+                let keep = held || !(stale || (full && lane.idle()));
                 if !keep {
                     figures.remove(id);
                 }
                 keep
             });
+            // Still full of lanes used lately (a flood of made-up ids): the least lately used
+            // that no command holds go.
+            if lanes.len() >= MAX_LANES {
+                let mut free: Vec<(Instant, i64)> = lanes
+                    .iter()
+                    .filter(|(_, lane)| Arc::strong_count(lane) == 1)
+                    .map(|(id, lane)| (*lane.used.lock().expect("lane use lock"), *id))
+                    .collect();
+                free.sort_unstable();
+                for (_, id) in free.into_iter().take(lanes.len() + 1 - MAX_LANES) {
+                    lanes.remove(&id);
+                    figures.remove(&id);
+                }
+            }
         }
         let figures = Arc::new(Figures::default());
         let retry = &self.settings.retry;
@@ -511,6 +536,7 @@ impl Lanes {
             pace: Mutex::new(Pace::new()),
             figures: figures.clone(),
             provider_id,
+            used: Mutex::new(Instant::now()),
         });
         self.figures
             .lock()
@@ -647,6 +673,34 @@ mod tests {
         assert!(lanes.lanes.lock().unwrap().len() <= MAX_LANES + 1);
         assert!(Arc::ptr_eq(&busy, &lanes.lane(3)), "a lane in use is kept");
         assert!(lanes.figures.lock().unwrap().len() <= MAX_LANES + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lanes_nobody_uses_are_dropped_whatever_their_breaker_says() {
+        let lanes = lanes(&[("PAYMENT_LINK_WORKER__BREAKER__MIN_CALLS", "1")]);
+        // Lanes of made-up ids whose breakers opened (each call failed).
+        for id in 0..50 {
+            let lane = lanes.lane(id);
+            lane.breaker.try_admit().unwrap().record(true);
+            assert_eq!(lane.breaker.state(), State::Open);
+        }
+        let held = lanes.lane(7);
+        assert_eq!(lanes.open_circuits().0.len(), 50);
+        tokio::time::advance(LANE_IDLE).await;
+        let fresh = lanes.lane(1000);
+        let kept: Vec<i64> = lanes.snapshot().iter().map(|l| l.provider_id).collect();
+        assert_eq!(kept, [7, 1000], "only the held lane and the new one");
+        assert!(Arc::ptr_eq(&held, &lanes.lane(7)));
+        assert_eq!(lanes.figures.lock().unwrap().len(), 2);
+        drop(fresh);
+
+        // Past the cap with lanes all used lately: the least lately used go, never a held one.
+        for id in 2000..(2000 + MAX_LANES as i64 + 10) {
+            let lane = lanes.lane(id);
+            lane.breaker.try_admit().unwrap().record(true);
+        }
+        assert!(lanes.lanes.lock().unwrap().len() <= MAX_LANES);
+        assert!(Arc::ptr_eq(&held, &lanes.lane(7)), "held through the flood");
     }
 
     #[tokio::test(start_paused = true)]
