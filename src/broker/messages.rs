@@ -288,10 +288,12 @@ pub fn dead_letter(
     }
 }
 
-/// The command again, for a delay queue: same body and properties, the headers a copy carries
+/// The command again, for a delay queue (through the delay exchange `exchange`, see
+/// [`crate::broker::topology::delay_exchange`]): same body and properties, the headers a copy carries
 /// (`carried`, see [`crate::intake::carried`]), with the round it is entering and the attempt
 /// history so far.
 pub fn delayed(
+    exchange: &str,
     delay_queue: &str,
     original: &Original<'_>,
     round: usize,
@@ -313,7 +315,7 @@ pub fn delayed(
         .marks
         .sign_counters(&mut headers, message_id.map_or("", |m| m.as_str()));
     OutboundMessage {
-        exchange: String::new(),
+        exchange: exchange.to_owned(),
         routing_key: delay_queue.to_owned(),
         properties: republishable(original.properties)
             .with_delivery_mode(PERSISTENT)

@@ -25,13 +25,31 @@ pub fn delay_queue(s: &BrokerSettings, delay_ms: u64) -> String {
     format!("{}.delay.{delay_ms}ms", s.command_queue)
 }
 
+/// The exchange delayed copies are published to: a direct exchange that routes each to its delay
+/// queue by name and nowhere else (the default exchange would route to any queue of the vhost).
+pub fn delay_exchange(s: &BrokerSettings) -> String {
+    format!("{}.delay", s.command_queue)
+}
+
 /// Declares the delay queues of the tiers: quorum queues with a message TTL that dead-letter
-/// (at-least-once) back to the command exchange, so a waiting command holds no consumer slot.
+/// (at-least-once) back to the command exchange, so a waiting command holds no consumer slot;
+/// and their exchange ([`delay_exchange`]), each queue bound to it by its own name.
 pub async fn declare_delay_queues(
     channel: &Channel,
     s: &BrokerSettings,
     tiers_ms: &[u64],
 ) -> Result<(), lapin::Error> {
+    let exchange = delay_exchange(s);
+    if !tiers_ms.is_empty() {
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     for &delay_ms in tiers_ms {
         let mut args = quorum_queue_arguments();
         args.insert(
@@ -45,14 +63,24 @@ pub async fn declare_delay_queues(
         );
         args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
         args.insert("x-overflow".into(), text("reject-publish"));
+        let queue = delay_queue(s, delay_ms);
         channel
             .queue_declare(
-                delay_queue(s, delay_ms).as_str().into(),
+                queue.as_str().into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
                 args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
             )
             .await?;
     }

@@ -96,6 +96,7 @@ impl Fate {
             command_id: envelope.command_id.as_str().to_owned(),
             lease_token,
             message: messages::delayed(
+                &topology::delay_exchange(&context.settings.broker),
                 &queue,
                 original,
                 round + 1,

@@ -105,10 +105,12 @@ pub async fn remove(database: &str, settings: &Settings, extra_queues: Vec<Strin
             broker, delay_ms,
         ));
     }
+    let delay_exchange = payment_link_worker::broker::topology::delay_exchange(broker);
     let exchanges = [
         &broker.command_exchange,
         &broker.event_exchange,
         &broker.dead_letter_exchange,
+        &delay_exchange,
     ];
     // A failed delete closes its channel: each delete gets a channel of its own, so one failure
     // (a queue another connection holds exclusively) does not leave the rest behind.
