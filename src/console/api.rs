@@ -28,6 +28,7 @@ pub(super) fn routes() -> Router<Console> {
         .route("/api/dead-letters/summary", get(summary))
         .route("/api/dead-letters/archive", post(archive))
         .route("/api/dead-letters/{id}", get(detail))
+        .route("/api/dead-letters/{id}/body", get(body))
         .route("/api/replays", get(runs).post(replay))
         .route("/api/replays/{id}", get(run))
         .route("/api/audit", get(audit_log))
@@ -76,6 +77,29 @@ async fn summary(_caller: Caller, State(console): State<Console>) -> Response {
 async fn detail(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
     match super::views::dead_letter(&console, id).await {
         Ok(Some(view)) => Json(view).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no dead letter has this id"),
+        Err(e) => internal(e),
+    }
+}
+
+/// A dead letter's body, whole, as a file to save: the page and the detail show at most its
+/// first bytes.
+async fn body(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    let found = crate::store::with_conn(&console.pool, async |conn| {
+        crate::dead_letters::store::get(conn, id).await
+    });
+    match found.await {
+        Ok(Some((row, _))) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"dead-letter-{id}.body\""),
+                ),
+            ],
+            row.body,
+        )
+            .into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no dead letter has this id"),
         Err(e) => internal(e),
     }

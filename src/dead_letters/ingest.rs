@@ -303,11 +303,31 @@ pub fn to_row(
             )),
         )
     };
-    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let json: serde_json::Value = (body.len() <= settings.broker.max_message_bytes)
+        .then(|| serde_json::from_slice(body).ok())
+        .flatten()
+        .unwrap_or_default();
     let id = |field: &str| json.get(field).and_then(serde_json::Value::as_i64);
     let body_text = |field: &str| json.get(field).and_then(|v| v.as_str()).map(column_text);
     let budget = crate::intake::Budget::new(&settings.broker);
-    let (stored, stored_with_changes) = storable_properties(properties, budget);
+    let (stored, mut stored_with_changes) = storable_properties(properties, budget);
+    // A letter over broker.max_message_bytes (anyone may write one into the exchange) is kept
+    // as its start, like the worker's own dead letter of an oversized command.
+    let limit = settings.broker.max_message_bytes;
+    let kept_body = if body.len() > limit {
+        let prefix = crate::pipeline::fate::OVERSIZED_PREFIX;
+        let cut = format!(
+            "body of {} bytes, over broker.max_message_bytes: its first {prefix} kept",
+            body.len()
+        );
+        stored_with_changes = Some(match stored_with_changes {
+            Some(changes) => format!("{changes}; {cut}"),
+            None => cut,
+        });
+        &body[..prefix]
+    } else {
+        &body[..]
+    };
     store::NewDeadLetter {
         dedup_key: dedup_key(properties, delivery.routing_key.as_str(), body, by_worker),
         command_id: properties
@@ -342,7 +362,7 @@ pub fn to_row(
         original_routing_key: text(headers::ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| column_text(delivery.routing_key.as_str())),
         properties: stored,
-        body: body.to_vec(),
+        body: kept_body.to_vec(),
         stored_with_changes,
     }
 }

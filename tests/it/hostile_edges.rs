@@ -568,3 +568,77 @@ async fn a_forged_dead_letter_is_stored_foreign_and_skipped_by_replay_all() {
         "{started:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_letters_are_kept_bounded_and_the_console_shows_their_start() {
+    use crate::console::{OPERATOR, RunningConsole, sign_in};
+    let env = TestEnv::with("http://127.0.0.1:9", &[INGEST]).await;
+    let _worker = env.start_worker().await;
+    // Straight into the dead-letter exchange: 40 MB (over broker.max_message_bytes) and 200 KB
+    // of text (under it, over what a page shows).
+    let huge = vec![b'h'; 40 << 20];
+    let text: Vec<u8> = "line of text\n".repeat(200 * 1024 / 13).into_bytes();
+    for (id, body) in [("dlx-huge", &huge), ("dlx-text", &text)] {
+        let letter = OutboundMessage {
+            exchange: env.settings.broker.dead_letter_exchange.clone(),
+            routing_key: env.settings.broker.command_routing_key.clone(),
+            properties: command_properties(id),
+            body: body.clone(),
+        };
+        publish_confirmed(&env.channel, &letter).await.unwrap();
+    }
+    stored(&env, &Filter::default(), 2).await;
+    let row = |id: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let mut conn = pool.get().await.unwrap();
+            let filter = Filter {
+                command_id: Some(id.into()),
+                ..Filter::default()
+            };
+            let (page, _) = store::page(&mut conn, &filter, 1, None).await.unwrap();
+            store::get(&mut conn, page[0].id).await.unwrap().unwrap().0
+        }
+    };
+    let kept = row("dlx-huge").await;
+    assert_eq!(
+        kept.body.len(),
+        payment_link_worker::pipeline::fate::OVERSIZED_PREFIX
+    );
+    let why = kept.stored_with_changes.unwrap_or_default();
+    assert!(why.contains(&format!("{} bytes", huge.len())), "{why}");
+
+    let console = RunningConsole::start(&env.settings).await;
+    let (cookie, _) = sign_in(&console.base, OPERATOR).await;
+    let letter = row("dlx-text").await;
+    let page = reqwest::Client::new()
+        .get(format!("{}/dead-letters/{}", console.base, letter.id))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("id=\"body-cut\""),
+        "the page says the body is cut"
+    );
+    assert!(
+        page.len() < 100 * 1024,
+        "the page holds the body's start, not all of it: {} bytes",
+        page.len()
+    );
+    let whole = reqwest::Client::new()
+        .get(format!(
+            "{}/api/dead-letters/{}/body",
+            console.base, letter.id
+        ))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), &text[..]);
+    console.stop().await;
+}

@@ -74,10 +74,18 @@ fn why(letter: &DeadLetterView) -> Markup {
     }
 }
 
+/// Most bytes of a body the page shows.
+const SHOWN_BODY_BYTES: usize = 64 * 1024;
+
 /// The original message and the replays.
 fn original(letter: &DeadLetterView) -> Markup {
     let original = &letter.original;
+    // A large body is shown by its start, with the whole of it a download away.
+    let shown_bytes = original.body_bytes.min(SHOWN_BODY_BYTES);
     let body = match &original.text {
+        Some(text) if text.len() > SHOWN_BODY_BYTES => {
+            crate::headers::excerpt(text, SHOWN_BODY_BYTES)
+        }
         Some(text) => pretty_json(text).unwrap_or_else(|| text.clone()),
         None => format!("({} bytes, not UTF-8)", original.body_bytes),
     };
@@ -91,6 +99,12 @@ fn original(letter: &DeadLetterView) -> Markup {
         details open { summary { "Headers" } pre id="headers" { (Shown(&pretty(&original.headers))) } }
         details open {
             summary { "Body (" (original.body_bytes) " bytes)" }
+            @if shown_bytes < original.body_bytes {
+                p id="body-cut" {
+                    "The first " (shown_bytes) " of " (original.body_bytes) " bytes: "
+                    a href={ "/api/dead-letters/" (letter.id) "/body" } download { "download the whole body" }
+                }
+            }
             pre id="body" { (Shown(&body)) }
         }
         h2 { "Replays" }
