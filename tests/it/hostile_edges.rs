@@ -642,3 +642,39 @@ async fn large_letters_are_kept_bounded_and_the_console_shows_their_start() {
     assert_eq!(whole.bytes().await.unwrap().as_ref(), &text[..]);
     console.stop().await;
 }
+
+/// The most resident memory a process has had, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_twenty_megabyte_commands_stay_under_the_workers_memory_limit() {
+    let provider = MockServer::start().await;
+    answer_with_link(&provider, 201, 1, "1.00", 1).await;
+    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    let worker = crate::recovery::ChildWorker::start(&env);
+    let events = env.capture_events().await;
+    env.send("warm-up", &command_body("1.00", 1)).await;
+    env.messages(&events, 1, WAIT).await;
+    let big = format!(
+        r#"{{"paymentProviderId":7,"amountInMajorCurrency":1,"description":"{}"}}"#,
+        "d".repeat(20 << 20)
+    );
+    for i in 0..5 {
+        env.send(&format!("big-{i}"), &big).await;
+    }
+    stored(&env, &Filter::default(), 5).await;
+    let peak = peak_rss_kib(worker.pid());
+    eprintln!("the worker's peak resident memory: {peak} KiB");
+    assert!(
+        peak > 0 && peak < 256 * 1024,
+        "the worker's peak resident memory was {peak} KiB (its pod's limit is 256 MiB)"
+    );
+}
