@@ -18,6 +18,9 @@ use lapin::types::{AMQPValue, FieldTable};
 pub const MAX_DEPTH: usize = 8;
 /// Most bytes of one carried header's value: a trace context is far smaller.
 pub const CARRIED_VALUE_BYTES: usize = 4096;
+/// Most bytes of carried headers in all: with the worker's own marks and the properties, a copy
+/// stays far below RabbitMQ's smallest frame size (128 KiB), however many names are configured.
+pub const CARRIED_TOTAL_BYTES: usize = 32 * 1024;
 /// Headers the worker carries from a command to its copies whatever the configuration: the W3C
 /// trace context, the producer's publish time, and the worker's own counters.
 pub const ALWAYS_CARRIED: [&str; 6] = [
@@ -159,19 +162,26 @@ fn encoded(value: &AMQPValue, depth: usize) -> (usize, bool) {
 }
 
 /// The headers a copy of `headers` carries: those in [`ALWAYS_CARRIED`] and `configured`
-/// (`broker.carried_headers`), never [`ROUTING`] ones, and each only while its value is a plain
-/// value of at most [`CARRIED_VALUE_BYTES`] (no table or array).
+/// (`broker.carried_headers`), never [`ROUTING`] ones, each only while its value is a plain value
+/// of at most [`CARRIED_VALUE_BYTES`] (no table or array), and the configured ones only while
+/// they add up to at most [`CARRIED_TOTAL_BYTES`]: a copy that would not fit a frame loses
+/// carried headers, never the message.
 pub fn carried(headers: Option<&FieldTable>, configured: &[String]) -> FieldTable {
     let mut kept = FieldTable::default();
+    let mut total = 0;
     for (name, value) in headers.iter().flat_map(|h| h.inner()) {
         let name_str = name.as_str();
-        let named = ALWAYS_CARRIED.contains(&name_str) || configured.iter().any(|c| c == name_str);
+        let always = ALWAYS_CARRIED.contains(&name_str);
+        let named = always || configured.iter().any(|c| c == name_str);
         let plain = !matches!(value, AMQPValue::FieldTable(_) | AMQPValue::FieldArray(_));
+        let size = encoded(value, 0).0;
         if named
             && plain
             && !ROUTING.contains(&name_str)
-            && encoded(value, 0).0 <= CARRIED_VALUE_BYTES
+            && size <= CARRIED_VALUE_BYTES
+            && (always || total + size <= CARRIED_TOTAL_BYTES)
         {
+            total += size;
             kept.insert(name.clone(), value.clone());
         }
     }
@@ -273,6 +283,19 @@ mod tests {
         let kept = carried(Some(&h), &configured);
         let names: Vec<&str> = kept.inner().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["traceparent", "x-tenant"]);
+
+        // However many names are configured, what they carry stays bounded in all.
+        let mut many = FieldTable::default();
+        let names: Vec<String> = (0..100).map(|i| format!("x-n{i}")).collect();
+        for name in &names {
+            many.insert(
+                name.as_str().into(),
+                AMQPValue::LongString(LongString::from(vec![b'v'; 4000])),
+            );
+        }
+        let kept = carried(Some(&many), &names);
+        assert!(header_bytes(&kept) <= CARRIED_TOTAL_BYTES + 100 * 8);
+        assert!(!kept.inner().is_empty());
         assert!(may_carry("bcc").is_err());
         assert!(may_carry(headers::ERROR_KIND).is_err());
         assert!(may_carry("x-tenant").is_ok());

@@ -163,10 +163,20 @@ async fn store_then_ack(
                     .await?,
                 ),
             };
-            let rows: Vec<store::NewDeadLetter> = batch
-                .iter()
-                .map(|delivery| to_row(settings, marks, delivery))
-                .collect();
+            // Off the runtime's threads: a letter of many headers or a large body (hashed for
+            // its key) takes a while, and must not hold up the commands in flight.
+            let letters: Vec<Letter> = batch.iter().map(Letter::of).collect();
+            let (settings, marks) = (settings.clone(), marks.clone());
+            let rows = tokio::task::spawn_blocking(move || {
+                letters
+                    .iter()
+                    .map(|delivery| to_row(&settings, &marks, delivery))
+                    .collect::<Vec<store::NewDeadLetter>>()
+            })
+            .await
+            .map_err(|e| {
+                crate::store::StoreError::Refused(format!("reading the letters failed: {e}"))
+            })?;
             store_rows(pool, rows).await
         };
         match stored.await {
@@ -190,6 +200,27 @@ async fn store_then_ack(
         .basic_ack(last, BasicAckOptions { multiple: true })
         .await?;
     Ok(())
+}
+
+/// What a dead letter's row is made from: a delivery's message, apart from the channel it came on.
+pub struct Letter {
+    /// Its properties and headers.
+    pub properties: BasicProperties,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Its body.
+    pub data: Vec<u8>,
+}
+
+impl Letter {
+    /// The message of `delivery`.
+    fn of(delivery: &Delivery) -> Self {
+        Self {
+            properties: delivery.properties.clone(),
+            routing_key: delivery.routing_key.to_string(),
+            data: delivery.data.clone(),
+        }
+    }
 }
 
 /// Stores `rows` in one transaction; if the database refuses the data, one at a time, each
@@ -256,7 +287,7 @@ fn reduced(row: store::NewDeadLetter, error: &str) -> store::NewDeadLetter {
 pub fn to_row(
     settings: &Settings,
     marks: &crate::marks::Marks,
-    delivery: &Delivery,
+    delivery: &Letter,
 ) -> store::NewDeadLetter {
     let body = &delivery.data;
     let death = headers::last_death(&delivery.properties);

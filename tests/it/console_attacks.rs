@@ -630,3 +630,67 @@ async fn with_a_public_host_set_a_request_naming_another_host_is_refused() {
     assert_eq!(get("CONSOLE.test:8088").await, 200);
     console.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_trickling_sign_in_bodies_from_one_client_cannot_keep_others_out() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let settings = with_console(&env, |s| {
+        s.console.max_connections = 16;
+        s.console.max_connections_per_address = 4;
+        s.console.header_read_timeout_ms = 2000;
+        s.console.request_timeout_ms = 30_000;
+    });
+    let console = RunningConsole::start(&settings).await;
+    let at: std::net::SocketAddr = address(&console.base).parse().unwrap();
+    // One client opens 60 connections, each sending a 100 KB sign-in body a byte at a time,
+    // and keeps reopening them.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut attackers = Vec::new();
+    for _ in 0..60 {
+        let stop = stop.clone();
+        attackers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind("127.0.0.31:0".parse().unwrap()).unwrap();
+                let Ok(mut stream) = socket.connect(at).await else {
+                    continue;
+                };
+                let head = "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: \
+                            application/x-www-form-urlencoded\r\nContent-Length: 102400\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    continue;
+                }
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    if stream.write_all(b"t").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Another client is answered, again and again, while the trickle goes on.
+    for _ in 0..5 {
+        let started = Instant::now();
+        let answer = reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, 32]))
+            .build()
+            .unwrap()
+            .get(format!("{}/login", console.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .expect("answered beside 60 trickling connections");
+        assert_eq!(answer.status(), 200, "after {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.cancel();
+    for attacker in attackers {
+        let _ = attacker.await;
+    }
+    console.stop().await;
+}
