@@ -181,7 +181,25 @@ pub async fn run_relay(
         let round = std::panic::AssertUnwindSafe(relay_once(&pool, &publisher, &settings));
         match futures_util::FutureExt::catch_unwind(round).await {
             Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "outbox relay round failed; will try again"),
+            // Every round fails while the database is away: one line, then a summary per
+            // interval (see `repeats`).
+            Ok(Err(error)) => {
+                let key = "outbox relay round";
+                let problem = || crate::repeats::Problem {
+                    key: key.into(),
+                    what: "outbox relay rounds fail: the database or the broker is unreachable"
+                        .into(),
+                    fix: "check PostgreSQL and RabbitMQ; unsent events wait in the outbox and go \
+                          out by themselves when both answer"
+                        .into(),
+                    ends_when_quiet: true,
+                };
+                crate::repeats::occurred(
+                    problem,
+                    key,
+                    || tracing::warn!(%error, "outbox relay round failed; will try again"),
+                );
+            }
             Err(_) => tracing::error!("outbox relay round panicked; will try again"),
         }
     }

@@ -34,8 +34,16 @@ macro_rules! db {
                     break Err($crate::pipeline::Halt::Refused(error.to_string()));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64,
-                        "cannot {}; will try again", $what);
+                    // One line when the trouble starts, then a summary per interval (see
+                    // `repeats`): an outage under load would otherwise log every command's
+                    // every try.
+                    let key = format!("database: {}", $what);
+                    $crate::repeats::occurred(
+                        || $crate::pipeline::database_problem(&key, $what),
+                        &key,
+                        || tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64,
+                            "cannot {}; will try again", $what),
+                    );
                     if let Err(abandoned) = $crate::pipeline::wait_or_abandon($ctx, wait).await {
                         break Err(abandoned);
                     }
@@ -73,6 +81,18 @@ pub enum Halt {
     Abandoned,
     /// The database, while reachable, refused the command's data: trying again cannot help.
     Refused(String),
+}
+
+/// The repeated problem of a database step that keeps failing (see [`crate::repeats`]).
+pub fn database_problem(key: &str, what: &str) -> crate::repeats::Problem {
+    crate::repeats::Problem {
+        key: key.to_owned(),
+        what: format!("cannot {what}: the database is unreachable or failing"),
+        fix: "check PostgreSQL (database.url); the commands wait, holding their places, and go \
+              on by themselves when it answers again"
+            .into(),
+        ends_when_quiet: true,
+    }
 }
 
 /// Waits, unless the grace period ends first.

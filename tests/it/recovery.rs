@@ -487,6 +487,55 @@ async fn a_database_outage_delays_commands_but_fails_none() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_under_load_writes_a_handful_of_warnings_not_one_per_command() {
+    let (sim_url, _sim) = start_simulator(sim(5, 0.0, 0.0)).await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let env = TestEnv::new(&sim_url).await;
+    let through = database_through(&env, &proxy);
+    let mut child = binary(&env)
+        .arg("run")
+        .env("DATABASE_URL", through.database.url.expose())
+        .env("PAYMENT_LINK_WORKER__LOG__FORMAT", "json")
+        .env("PAYMENT_LINK_WORKER__LOG__SUMMARY_INTERVAL_MS", "2000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = crate::first_hour::collect(child.stderr.take().unwrap());
+    let _worker = Reaped::new(child);
+    let events = env.capture_events().await;
+
+    // 200 commands, 40 of them done before the database goes away for 5 seconds.
+    let ids: Vec<String> = (0..200).map(|i| format!("quiet-{i}")).collect();
+    for (i, id) in ids[..40].iter().enumerate() {
+        env.send(id, &command_body("3.00", i as i64 + 1)).await;
+    }
+    eventually("the first commands done", LOAD_WAIT, || async {
+        (succeeded(&env).await >= 40).then_some(())
+    })
+    .await;
+    proxy.cut();
+    for (i, id) in ids[40..].iter().enumerate() {
+        env.send(id, &command_body("3.00", i as i64 + 41)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.restore();
+    created_events_for(&env, &events, &ids, LOAD_WAIT).await;
+
+    let text = log.lock().unwrap().clone();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"level\":\"WARN\"") && l.contains("will try again"))
+        .collect();
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 10,
+        "{} warning lines for a 5-second outage under load:\n{}",
+        warnings.len(),
+        warnings.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_wait_in_their_queue_while_the_database_is_down_and_are_stored_once_after() {
     use payment_link_worker::dead_letters::store::{self as store, Filter};
     let proxy = Proxy::start("127.0.0.1:5432").await;
