@@ -28,8 +28,8 @@ async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
     socket.connect(to).await.expect("connect")
 }
 
-/// The status of `GET path`, sent whole from `from`.
-async fn status_of(from: [u8; 4], to: SocketAddr, path: &str) -> u16 {
+/// The status and body of `GET path`, sent whole from `from`.
+async fn get_from(from: [u8; 4], to: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = connect_from(from, to).await;
     stream
         .write_all(
@@ -39,11 +39,19 @@ async fn status_of(from: [u8; 4], to: SocketAddr, path: &str) -> u16 {
         .unwrap();
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer).await;
-    let head = String::from_utf8_lossy(&answer);
-    head.split(' ')
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// The status of `GET path`, sent whole from `from`.
+async fn status_of(from: [u8; 4], to: SocketAddr, path: &str) -> u16 {
+    get_from(from, to, path).await.0
 }
 
 /// Whether the server closes `stream` before `deadline`.
@@ -481,17 +489,7 @@ async fn a_letter_the_database_refuses_is_stored_reduced_and_a_stuck_ingester_sa
 
 /// The body of `GET path`.
 async fn body_of(to: SocketAddr, path: &str) -> String {
-    let mut stream = connect_from([127, 0, 0, 1], to).await;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer).await;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
+    get_from([127, 0, 0, 1], to, path).await.1
 }
 
 #[tokio::test(flavor = "multi_thread")]
