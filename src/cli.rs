@@ -233,9 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Console(ConsoleArgs {
             action: Some(ConsoleCommands::HashToken { name, role }),
         }) => {
-            let mut token = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut token)
-                .context("cannot read the token from standard input")?;
+            let token = read_token().context("cannot read the token from standard input")?;
             let lines = crate::console::operator_config(&token, &name, role)
                 .map_err(|why| anyhow::anyhow!("{why}"))?;
             print!("{lines}");
@@ -255,6 +253,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::console::serve(settings, listener, stop).await
         }
     }
+}
+
+/// The token `console hash-token` hashes: all of standard input, or at a terminal one line typed
+/// without echo (the token never shows on the screen or in its scrollback).
+fn read_token() -> std::io::Result<String> {
+    use std::io::{IsTerminal, Read};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        let mut token = String::new();
+        stdin.lock().read_to_string(&mut token)?;
+        return Ok(token);
+    }
+    /// Turns the terminal's echo back on, however the read ends.
+    struct Echo;
+    impl Drop for Echo {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("stty")
+                .arg("echo")
+                .stdin(std::process::Stdio::inherit())
+                .status();
+            eprintln!();
+        }
+    }
+    eprint!("token (not shown): ");
+    let silenced = std::process::Command::new("stty")
+        .arg("-echo")
+        .stdin(std::process::Stdio::inherit())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _echo = silenced.then_some(Echo);
+    let mut token = String::new();
+    stdin.read_line(&mut token)?;
+    Ok(token)
 }
 
 /// Whether `send` reads JSON lines from stdin (`--json -`).

@@ -176,6 +176,13 @@ impl Throttle {
         registry
             .register(Box::new(counted.clone()))
             .expect("registered once");
+        // Every series from the start, at 0: a scraper sees the figure before the first refusal
+        // (and an alert on its rate has something to compare with).
+        for how in ["sign-in", "bearer"] {
+            for outcome in ["refused", "throttled"] {
+                counted.with_label_values(&[how, outcome]);
+            }
+        }
         Self {
             allowed,
             per_minute,

@@ -284,6 +284,17 @@ async fn wrong_tokens_are_throttled_logged_counted_and_audited_without_the_token
         reqwest::get(format!("{base}/login")).await.ok().map(|_| ())
     })
     .await;
+    // The figures are there before anything was refused.
+    let before = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        before.contains("console_auth_failures_total{how=\"sign-in\",outcome=\"refused\"} 0"),
+        "{before}"
+    );
 
     let guess = "guess-0000-this-is-not-the-token";
     let mut statuses = Vec::new();
@@ -693,4 +704,59 @@ async fn connections_trickling_sign_in_bodies_from_one_client_cannot_keep_others
         let _ = attacker.await;
     }
     console.stop().await;
+}
+
+#[test]
+fn hash_token_at_a_terminal_does_not_echo_the_token() {
+    use std::io::{Read as _, Write as _};
+    let token = "typed-at-a-terminal-0123456789";
+    // util-linux `script` gives the command a pseudo-terminal fed from this test's pipe.
+    let command = format!(
+        "{} console hash-token --name tess",
+        env!("CARGO_BIN_EXE_payment-link-worker")
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("util-linux script runs");
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    // The token is typed only once the prompt shows (echo is off by then).
+    let started = std::time::Instant::now();
+    while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("token (not shown)") {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "no prompt: {}",
+            String::from_utf8_lossy(&seen.lock().unwrap())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{token}\r").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let status = child.wait().unwrap();
+    drop(stdin);
+    reader.join().unwrap();
+    let screen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(status.success(), "{screen}");
+    assert!(
+        screen.contains(&token_sha256(token)),
+        "the operator lines: {screen}"
+    );
+    assert!(!screen.contains(token), "the token was echoed: {screen}");
 }
