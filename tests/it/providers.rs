@@ -284,18 +284,22 @@ async fn replicas_converge_on_the_rate_they_find_and_a_new_one_takes_its_share_b
         .await
         .unwrap()
     };
-    let rates = eventually(
-        "both replicas to agree on a found rate",
+    // The first cut can read a burst across the simulator's one-second windows (up to twice its
+    // limit) and land above it; the second brings it under. Converged means: both agree, under
+    // the limit's bound.
+    eventually(
+        "both replicas to agree on a found rate under the limit",
         LOAD_WAIT,
         || async {
             let rows = read().await;
             let rates: Vec<f64> = rows.iter().filter_map(|r| r.found).collect();
-            (rates.len() == 2 && (rates[0] - rates[1]).abs() <= 0.1 * rates[0].max(rates[1]))
-                .then_some(rates)
+            (rates.len() == 2
+                && (rates[0] - rates[1]).abs() <= 0.1 * rates[0].max(rates[1])
+                && rates.iter().all(|r| (10.0..=90.0).contains(r)))
+            .then_some(())
         },
     )
     .await;
-    assert!(rates.iter().all(|r| (10.0..=90.0).contains(r)), "{rates:?}");
     let got = env.messages(&events, ids.len(), LOAD_WAIT).await;
     assert_eq!(got.len(), ids.len());
     // A third replica, joining, takes the fleet's rate from the heartbeats before any 429 of
