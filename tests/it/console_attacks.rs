@@ -687,10 +687,7 @@ async fn connections_trickling_sign_in_bodies_from_one_client_cannot_keep_others
     // Another client is answered, again and again, while the trickle goes on.
     for _ in 0..5 {
         let started = Instant::now();
-        let answer = reqwest::Client::builder()
-            .local_address(std::net::IpAddr::from([127, 0, 0, 32]))
-            .build()
-            .unwrap()
+        let answer = client_from([127, 0, 0, 32])
             .get(format!("{}/login", console.base))
             .timeout(Duration::from_secs(5))
             .send()
