@@ -133,6 +133,10 @@ pub struct ProviderSimArgs {
     /// Answer 503 to every call for this paymentProviderId (repeatable).
     #[arg(long, value_name = "ID")]
     pub fail_provider_id: Vec<i64>,
+    /// Answer 503 to 30 % of the calls for this paymentProviderId (repeatable): a provider that
+    /// fails transiently.
+    #[arg(long, value_name = "ID")]
+    pub flaky_provider_id: Vec<i64>,
 }
 
 /// Runs a parsed command line.
@@ -316,6 +320,7 @@ async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
         rate_limit: args.rate_limit,
         no_retry_after: args.no_retry_after,
         fail_provider_ids: args.fail_provider_id,
+        flaky_provider_ids: args.flaky_provider_id,
     };
     Ok(sim::serve(listener, options, stop).await?)
 }

@@ -1,7 +1,9 @@
 //! A local stand-in for the payment provider's API: bearer auth, the command's validation, a new
 //! link (201) per request and the same link (200) when an `Idempotency-Key` comes again, with
 //! optional latency, a rate of 503 answers, a rate limit (429 with `Retry-After`) and provider ids
-//! that are down. For development, the compose demo and tests.
+//! that are down or flaky. A harness may also turn faults on and off while it runs ([`Sim`]),
+//! including an applied call whose answer is lost, and read what each key got ([`KeyLedger`]).
+//! For development, the compose demo, tests and the soak.
 
 use super::PAYMENT_LINK_PATH;
 use crate::command::Command;
@@ -36,7 +38,62 @@ pub struct SimOptions {
     pub no_retry_after: bool,
     /// Provider ids whose calls are all answered 503 (one provider down, the others up).
     pub fail_provider_ids: Vec<i64>,
+    /// Provider ids whose calls are answered 503 30 % of the time (a provider that fails
+    /// transiently: retries get through, and the circuit breaker's shipped threshold of half is
+    /// not reached).
+    pub flaky_provider_ids: Vec<i64>,
 }
+
+/// Faults a harness turns on and off while the simulator runs (per mille: of 1,000 calls).
+#[derive(Default, Debug)]
+pub struct Faults {
+    /// Added before every answer, on top of [`SimOptions::latency`].
+    pub latency_ms: AtomicU64,
+    /// Calls answered 503.
+    pub fail_per_mille: AtomicU32,
+    /// Calls that hang for a minute before anything is done, as a provider that stopped answering.
+    pub hang_per_mille: AtomicU32,
+    /// Calls applied (the link is made or found) whose answer is then lost: the connection is
+    /// cut instead of answered, so the caller cannot tell it from a call that never arrived.
+    pub lose_per_mille: AtomicU32,
+}
+
+/// What one `Idempotency-Key` got: how the same command's calls went, for a harness's account.
+#[derive(Clone, Debug, Default)]
+pub struct KeyLedger {
+    /// Calls made with it.
+    pub requests: u64,
+    /// Calls that made or found its link (answered or not).
+    pub applied: u64,
+    /// Applied calls whose answer was lost on purpose.
+    pub lost: u64,
+    /// Calls that hung (by [`Faults::hang_per_mille`] or [`SimOptions::stall_rate`]).
+    pub hung: u64,
+}
+
+/// A running simulator's handle: its faults, its rate limit and its per-key ledger.
+#[derive(Clone)]
+pub struct Sim(Arc<SimState>);
+
+impl Sim {
+    /// The faults it applies now.
+    pub fn faults(&self) -> &Faults {
+        &self.0.faults
+    }
+
+    /// Sets the rate limit (requests per second; 0 for none).
+    pub fn set_rate_limit(&self, limit: u32) {
+        self.0.rate_limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// Every key it was called with, and what the key got.
+    pub async fn ledger(&self) -> HashMap<String, KeyLedger> {
+        self.0.per_key.lock().await.clone()
+    }
+}
+
+/// The share of a flaky provider id's calls answered 503.
+const FLAKY_RATE: f64 = 0.3;
 
 /// Requests admitted in the current one-second window, for the rate limit.
 #[derive(Default)]
@@ -49,8 +106,9 @@ struct Window {
 struct SimState {
     options: Option<SimOptions>,
     requests: AtomicU64,
-    /// Requests per `Idempotency-Key`, to tell a repeated call from a repeated link.
-    per_key: Mutex<HashMap<String, u64>>,
+    /// What each `Idempotency-Key` got, to tell a repeated call from a repeated link.
+    per_key: Mutex<HashMap<String, KeyLedger>>,
+    faults: Faults,
     next_id: AtomicI64,
     links: Mutex<HashMap<String, (String, String)>>,
     window: std::sync::Mutex<Window>,
@@ -62,17 +120,23 @@ struct SimState {
 /// The simulator's routes: the provider endpoint and `GET /_sim/stats` (request and link counts,
 /// and how often one `Idempotency-Key` was called).
 pub fn router(options: SimOptions) -> Router {
+    controlled(options).0
+}
+
+/// The simulator's routes and the handle that changes its faults while it serves them.
+pub fn controlled(options: SimOptions) -> (Router, Sim) {
     let state = Arc::new(SimState {
         rate_limit: AtomicU32::new(options.rate_limit.unwrap_or(0)),
         options: Some(options),
         next_id: AtomicI64::new(1),
         ..SimState::default()
     });
-    Router::new()
+    let router = Router::new()
         .route(PAYMENT_LINK_PATH, post(create_link))
         .route("/_sim/stats", get(stats))
         .route("/_sim/rate-limit", put(set_rate_limit))
-        .with_state(state)
+        .with_state(state.clone());
+    (router, Sim(state))
 }
 
 /// Serves the simulator on `listener` until `shutdown` fires.
@@ -103,8 +167,8 @@ async fn stats(State(state): State<Arc<SimState>>) -> Response {
             "requests": state.requests.load(Ordering::SeqCst),
             "links": state.next_id.load(Ordering::SeqCst) - 1,
             "idempotencyKeys": links,
-            "maxRequestsPerKey": per_key.values().max().copied().unwrap_or(0),
-            "repeatedKeys": per_key.values().filter(|n| **n > 1).count(),
+            "maxRequestsPerKey": per_key.values().map(|k| k.requests).max().unwrap_or(0),
+            "repeatedKeys": per_key.values().filter(|k| k.requests > 1).count(),
             "rateLimited": state.rate_limited.load(Ordering::SeqCst),
         })
         .to_string(),
@@ -164,6 +228,35 @@ fn draw() -> f64 {
     (uuid::Uuid::new_v4().as_u128() >> 76) as f64 / (1u64 << 52) as f64
 }
 
+/// Whether this call draws a fault set at `per_mille`.
+fn drawn(per_mille: &AtomicU32) -> bool {
+    let p = per_mille.load(Ordering::Relaxed);
+    p > 0 && draw() * 1000.0 < f64::from(p)
+}
+
+/// An answer that never arrives: the body fails before its first byte, so the server cuts the
+/// connection instead of finishing the response.
+fn lost_answer() -> Response {
+    let failing = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("the simulator lost this answer"))
+    });
+    (StatusCode::CREATED, axum::body::Body::from_stream(failing)).into_response()
+}
+
+/// Notes one more call for `key` in the ledger, as `note` says.
+async fn note(state: &SimState, key: Option<&str>, note: impl FnOnce(&mut KeyLedger)) {
+    if let Some(key) = key {
+        note(
+            state
+                .per_key
+                .lock()
+                .await
+                .entry(key.to_owned())
+                .or_default(),
+        );
+    }
+}
+
 /// Answers one call and logs it in one line: method, idempotency key, status, latency.
 async fn create_link(
     State(state): State<Arc<SimState>>,
@@ -186,16 +279,15 @@ async fn create_link(
 async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response {
     let options = state.options.as_ref().expect("router sets options");
     state.requests.fetch_add(1, Ordering::SeqCst);
-    if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        *state
-            .per_key
-            .lock()
-            .await
-            .entry(key.to_owned())
-            .or_default() += 1;
-    }
-    if !options.latency.is_zero() {
-        tokio::time::sleep(options.latency).await;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    note(state, key.as_deref(), |k| k.requests += 1).await;
+    let latency =
+        options.latency + Duration::from_millis(state.faults.latency_ms.load(Ordering::Relaxed));
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
     let auth = headers
         .get(header::AUTHORIZATION)
@@ -207,7 +299,10 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
         }
         Some(_) => {}
     }
-    if options.stall_rate > 0.0 && draw() < options.stall_rate {
+    if (options.stall_rate > 0.0 && draw() < options.stall_rate)
+        || drawn(&state.faults.hang_per_mille)
+    {
+        note(state, key.as_deref(), |k| k.hung += 1).await;
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
     let limit = state.rate_limit.load(Ordering::SeqCst);
@@ -221,7 +316,9 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
         }
         return answer;
     }
-    if options.fail_rate > 0.0 && draw() < options.fail_rate {
+    if (options.fail_rate > 0.0 && draw() < options.fail_rate)
+        || drawn(&state.faults.fail_per_mille)
+    {
         return error(StatusCode::SERVICE_UNAVAILABLE, "simulated outage");
     }
     let command = match Command::parse(body) {
@@ -237,17 +334,30 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
             "simulated outage of this provider id",
         );
     }
+    if options
+        .flaky_provider_ids
+        .contains(&command.payment_provider_id)
+        && draw() < FLAKY_RATE
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "simulated transient failure of this provider id",
+        );
+    }
     let request = command.canonical_request_json();
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let lose = drawn(&state.faults.lose_per_mille);
     let mut links = state.links.lock().await;
     if let Some(key) = &key
         && let Some((earlier_request, answer)) = links.get(key)
     {
         return if *earlier_request == request {
-            json(StatusCode::OK, answer.clone())
+            let answer = answer.clone();
+            drop(links);
+            applied(state, Some(key), lose).await;
+            if lose {
+                return lost_answer();
+            }
+            json(StatusCode::OK, answer)
         } else {
             error(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -270,8 +380,22 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
         payment_link: format!("https://instantpaymentlink/sim-{id}"),
     })
     .expect("plain fields serialize");
-    if let Some(key) = key {
-        links.insert(key, (request, answer.clone()));
+    if let Some(key) = &key {
+        links.insert(key.clone(), (request, answer.clone()));
+    }
+    drop(links);
+    applied(state, key.as_deref(), lose).await;
+    if lose {
+        return lost_answer();
     }
     json(StatusCode::CREATED, answer)
+}
+
+/// Notes an applied call for `key`, and whether its answer is about to be lost.
+async fn applied(state: &SimState, key: Option<&str>, lost: bool) {
+    note(state, key, |k| {
+        k.applied += 1;
+        k.lost += u64::from(lost);
+    })
+    .await;
 }
