@@ -36,6 +36,7 @@ mod retention;
 mod sandbox;
 mod shutdown;
 mod simulator;
+mod soak;
 mod store_invariant;
 mod validation;
 mod writers;

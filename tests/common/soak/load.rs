@@ -1,0 +1,281 @@
+//! The invoicing system's side: commands at a steady rate, published with confirms to whichever
+//! broker node is up (straight to the nodes, not through the harness's proxies), republished
+//! until confirmed. The mix is drawn from the seed: valid commands, commands for a provider that
+//! fails transiently, invalid ones, exact duplicates and same-id-other-body conflicts.
+
+use super::schedule::Rng;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The provider id the simulator fails 30 % of the time.
+pub const FLAKY_PROVIDER: i64 = 7;
+
+/// What a command id was sent as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// A valid command: its link is expected.
+    Valid,
+    /// A valid command for the flaky provider: its link, or its failure after the retries.
+    Flaky,
+    /// An invalid command: dead-lettered.
+    Invalid,
+}
+
+/// One command id and what was published under it.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub class: Class,
+    /// Whether a copy with another body was published too (its dead letter is expected).
+    pub conflict: bool,
+    /// Publishes confirmed under this id (exact duplicates and republishes included).
+    pub confirmed: u32,
+}
+
+/// What the load did.
+#[derive(Default)]
+pub struct Load {
+    pub planned: HashMap<String, Planned>,
+    /// Messages confirmed by the broker, by what they were.
+    pub sent: HashMap<&'static str, u64>,
+    /// Publishes the broker did not confirm (nacked, or their connection lost), republished.
+    pub republished: u64,
+    /// Messages still unconfirmed when the load gave up.
+    pub unconfirmed: u64,
+}
+
+/// One message to publish.
+#[derive(Clone)]
+struct Message {
+    id: String,
+    body: String,
+    what: &'static str,
+}
+
+fn body(provider: i64, amount: &str, n: u64) -> String {
+    format!(
+        r#"{{"paymentProviderId":{provider},"amountInMajorCurrency":{amount},"description":"Soak invoice {n}","emailAddress":"payer@example.com","invoiceId":{n},"customerId":{}}}"#,
+        n % 997
+    )
+}
+
+/// Draws the next message of the mix.
+fn next(rng: &mut Rng, n: u64, prefix: &str, load: &mut Load, ids: &mut Vec<String>) -> Message {
+    let roll = rng.between(0, 999);
+    let earlier =
+        (!ids.is_empty()).then(|| ids[rng.between(0, ids.len() as u64 - 1) as usize].clone());
+    let cents = rng.between(1, 999_999);
+    let amount = format!("{}.{:02}", cents / 100, cents % 100);
+    let (id, body, what, class) = match (roll, earlier) {
+        (0..=69, Some(id)) if load.planned[&id].class != Class::Invalid => {
+            let planned = &load.planned[&id];
+            let provider = if planned.class == Class::Flaky {
+                FLAKY_PROVIDER
+            } else {
+                1
+            };
+            // The exact body again: recomputed from the id's number.
+            let n: u64 = id
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let first = first_amount(n);
+            return Message {
+                body: self::body(provider, &first, n),
+                id,
+                what: "duplicate",
+            };
+        }
+        (70..=109, Some(id))
+            if load.planned[&id].class == Class::Valid && !load.planned[&id].conflict =>
+        {
+            load.planned
+                .get_mut(&id)
+                .expect("drawn from planned")
+                .conflict = true;
+            let n: u64 = id
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            return Message {
+                body: self::body(1, "0.01", n),
+                id,
+                what: "conflict",
+            };
+        }
+        (110..=149, _) => (
+            format!("{prefix}-{n}"),
+            body(FLAKY_PROVIDER, &first_amount(n), n),
+            "flaky",
+            Class::Flaky,
+        ),
+        (150..=189, _) => (
+            format!("{prefix}-{n}"),
+            format!(
+                r#"{{"paymentProviderId":1,"amountInMajorCurrency":-{amount},"description":"Soak invoice {n}"}}"#
+            ),
+            "invalid",
+            Class::Invalid,
+        ),
+        _ => (
+            format!("{prefix}-{n}"),
+            body(1, &first_amount(n), n),
+            "valid",
+            Class::Valid,
+        ),
+    };
+    load.planned.insert(
+        id.clone(),
+        Planned {
+            class,
+            conflict: false,
+            confirmed: 0,
+        },
+    );
+    if class != Class::Invalid {
+        ids.push(id.clone());
+    }
+    Message { id, body, what }
+}
+
+/// The amount of command number `n`'s first body, fixed by `n` so a duplicate repeats it
+/// exactly (never 0.01, the conflicting copies' amount).
+fn first_amount(n: u64) -> String {
+    let cents = 100 + (n * 7919) % 999_900;
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+fn properties(message: &Message) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "timestamp_in_ms".into(),
+        AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
+    );
+    BasicProperties::default()
+        .with_message_id(message.id.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers)
+}
+
+/// A confirming channel on the first node of `urls` (from `start`, round the list) that takes one.
+async fn channel(urls: &[String], start: &mut usize) -> Option<(Connection, Channel)> {
+    for _ in 0..urls.len() {
+        let url = &urls[*start % urls.len()];
+        *start += 1;
+        let Ok(Ok(connection)) = tokio::time::timeout(
+            Duration::from_secs(3),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        else {
+            continue;
+        };
+        let Ok(channel) = connection.create_channel().await else {
+            continue;
+        };
+        if channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .is_ok()
+        {
+            return Some((connection, channel));
+        }
+    }
+    None
+}
+
+/// Publishes at `rate` a second until `stop` fires, then until every message is confirmed or
+/// `drain` has passed.
+pub async fn run(
+    urls: Vec<String>,
+    exchange: String,
+    routing_key: String,
+    seed: u64,
+    rate: f64,
+    stop: CancellationToken,
+    drain: Duration,
+) -> Load {
+    let mut rng = Rng::new(seed, 2);
+    let mut load = Load::default();
+    let mut ids = Vec::new();
+    let mut retry: VecDeque<Message> = VecDeque::new();
+    let mut confirms = FuturesUnordered::new();
+    let mut node = 0;
+    let mut session: Option<(Connection, Channel)> = None;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    let mut stopped_at: Option<Instant> = None;
+    loop {
+        if stopped_at.is_none() && stop.is_cancelled() {
+            stopped_at = Some(Instant::now());
+        }
+        if let Some(at) = stopped_at
+            && ((retry.is_empty() && confirms.is_empty()) || at.elapsed() > drain)
+        {
+            break;
+        }
+        tokio::select! {
+            _ = ticker.tick() => {}
+            Some((message, confirmed)) = confirms.next(), if !confirms.is_empty() => {
+                match confirmed {
+                    Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => {
+                        let message: Message = message;
+                        *load.sent.entry(message.what).or_default() += 1;
+                        if let Some(p) = load.planned.get_mut(&message.id) { p.confirmed += 1 }
+                    }
+                    _ => { load.republished += 1; retry.push_back(message); }
+                }
+                continue;
+            }
+        }
+        let message = match retry.pop_front() {
+            Some(message) => message,
+            None if stopped_at.is_none() => {
+                n += 1;
+                next(&mut rng, n, "soak", &mut load, &mut ids)
+            }
+            None => continue,
+        };
+        if session
+            .as_ref()
+            .is_none_or(|(c, _)| !c.status().connected())
+        {
+            session = channel(&urls, &mut node).await;
+        }
+        let Some((_, ch)) = &session else {
+            retry.push_front(message);
+            continue;
+        };
+        let published = ch
+            .basic_publish(
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                message.body.as_bytes(),
+                properties(&message),
+            )
+            .await;
+        match published {
+            Ok(confirm) => confirms.push(async move {
+                let confirmed = tokio::time::timeout(Duration::from_secs(30), confirm).await;
+                (message, confirmed.unwrap_or(Ok(Confirmation::Nack(None))))
+            }),
+            Err(_) => {
+                retry.push_front(message);
+                session = None;
+            }
+        }
+    }
+    load.unconfirmed = (retry.len() + confirms.len()) as u64;
+    load
+}

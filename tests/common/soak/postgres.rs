@@ -1,0 +1,221 @@
+//! A PostgreSQL primary with a streaming standby, both throwaway clusters of this machine's
+//! version (`pg_createcluster`, the standby made with `pg_basebackup -R`), and the failover
+//! between them: the primary killed, the standby promoted, the old primary rebuilt as the new
+//! standby so the run can fail over again.
+
+use anyhow::{Context as _, bail};
+use std::time::Duration;
+use tokio::process::Command;
+
+/// The two clusters; `hosts[primary]` is the primary now.
+pub struct Pair {
+    version: String,
+    names: [String; 2],
+    /// Their ports.
+    pub ports: [u16; 2],
+    /// Which of the two is the primary now.
+    pub primary: usize,
+}
+
+async fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Pair {
+    /// Creates the primary and its standby, and the database `database` on the primary.
+    pub async fn create(tag: &str, database: &str) -> anyhow::Result<Pair> {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .context("PostgreSQL's clusters (pg_createcluster) are configured in /etc/postgresql")?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .max()
+            .context("no PostgreSQL version in /etc/postgresql")?;
+        let pair = Pair {
+            version,
+            names: [format!("{tag}a"), format!("{tag}b")],
+            ports: [free_port(), free_port()],
+            primary: 0,
+        };
+        for i in 0..2 {
+            let port = pair.ports[i].to_string();
+            let name = &pair.names[i];
+            run(
+                "pg_createcluster",
+                &[&pair.version, name, "-p", &port, "--", "--auth=trust"],
+            )
+            .await?;
+        }
+        // Synchronous replication: a commit returns once the standby has it, so a failover loses
+        // no committed transaction (asynchronous replication loses the last ones: a soak run
+        // with it lost a stored dead letter and a recorded outcome at a failover). While the old
+        // primary is rebuilt as the new standby, commits wait for it, as they would in production.
+        for i in 0..2 {
+            let conf = format!(
+                "/etc/postgresql/{}/{}/conf.d/soak.conf",
+                pair.version, pair.names[i]
+            );
+            std::fs::write(&conf, "wal_keep_size = '256MB'\nmax_connections = 200\n")
+                .with_context(|| format!("cannot write {conf}"))?;
+        }
+        run("pg_ctlcluster", &[&pair.version, &pair.names[0], "start"]).await?;
+        pair.sql(0, "postgres", &format!("CREATE DATABASE {database}"))
+            .await?;
+        pair.rebuild_standby(1).await?;
+        // Only now that a standby streams (a synchronous primary without one waits forever); the
+        // base backups copy the setting, so each new primary is synchronous too.
+        pair.sql(
+            0,
+            "postgres",
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        )
+        .await?;
+        pair.sql(0, "postgres", "SELECT pg_reload_conf()").await?;
+        Ok(pair)
+    }
+
+    fn data_dir(&self, i: usize) -> String {
+        format!("/var/lib/postgresql/{}/{}", self.version, self.names[i])
+    }
+
+    /// Runs `sql` on host `i`.
+    pub async fn sql(&self, i: usize, database: &str, sql: &str) -> anyhow::Result<String> {
+        let port = self.ports[i].to_string();
+        run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        )
+        .await
+    }
+
+    /// Makes host `i` a fresh standby of the primary: its data replaced by a base backup.
+    pub async fn rebuild_standby(&self, i: usize) -> anyhow::Result<()> {
+        let _ = run(
+            "pg_ctlcluster",
+            &[&self.version, &self.names[i], "stop", "-m", "immediate"],
+        )
+        .await;
+        let dir = self.data_dir(i);
+        let _ = std::fs::remove_dir_all(&dir);
+        run(
+            "install",
+            &["-d", "-o", "postgres", "-g", "postgres", "-m", "0700", &dir],
+        )
+        .await?;
+        let primary_port = self.ports[self.primary].to_string();
+        run(
+            "runuser",
+            &[
+                "-u",
+                "postgres",
+                "--",
+                "pg_basebackup",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary_port,
+                "-U",
+                "postgres",
+                "-D",
+                &dir,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+        )
+        .await?;
+        run("pg_ctlcluster", &[&self.version, &self.names[i], "start"]).await?;
+        Ok(())
+    }
+
+    /// The failover: the primary killed, `wait` later the standby promoted (this returns once
+    /// it is writable). [`Pair::rebuild_standby`] then makes the old primary the new standby.
+    pub async fn fail_over(&mut self, wait: Duration) -> anyhow::Result<()> {
+        let old = self.primary;
+        let new = 1 - old;
+        run(
+            "pg_ctlcluster",
+            &[&self.version, &self.names[old], "stop", "-m", "immediate"],
+        )
+        .await?;
+        tokio::time::sleep(wait).await;
+        run(
+            "pg_ctlcluster",
+            &[&self.version, &self.names[new], "promote"],
+        )
+        .await?;
+        self.primary = new;
+        Ok(())
+    }
+
+    /// Turns the primary read-only for new transactions (as a demoted primary is), or back.
+    pub async fn read_only(&self, on: bool) -> anyhow::Result<()> {
+        let value = if on { "on" } else { "off" };
+        self.sql(
+            self.primary,
+            "postgres",
+            &format!("ALTER SYSTEM SET default_transaction_read_only = {value}"),
+        )
+        .await?;
+        self.sql(self.primary, "postgres", "SELECT pg_reload_conf()")
+            .await?;
+        Ok(())
+    }
+
+    /// Removes both clusters.
+    pub async fn destroy(&self) {
+        for name in &self.names {
+            let _ = run("pg_dropcluster", &["--stop", &self.version, name]).await;
+        }
+    }
+}
+
+/// Removes the clusters of an earlier run that did not clean up (named with `tag`).
+pub async fn destroy_leftovers(tag: &str) {
+    let Ok(versions) = std::fs::read_dir("/etc/postgresql") else {
+        return;
+    };
+    for version in versions.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+        let Ok(clusters) = std::fs::read_dir(format!("/etc/postgresql/{version}")) else {
+            continue;
+        };
+        for name in clusters.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+            if name.starts_with(tag) {
+                let _ = run("pg_dropcluster", &["--stop", &version, &name]).await;
+            }
+        }
+    }
+}

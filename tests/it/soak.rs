@@ -1,0 +1,81 @@
+//! Guarantee: under a steady mix of commands and faults of every kind together (broker nodes
+//! stopped and killed, the queue's leader killed, a rolling restart, workers killed and stopped,
+//! the database failed over and made read-only, connections cut and stalled, the provider slow,
+//! failing, rate-limiting, hanging and losing answers), no command is lost, none gets two links,
+//! none is notified twice and nothing is left stuck; and the account that says so catches a
+//! planted loss, duplicate and second link.
+//!
+//! The CI-sized run of `cargo bench --bench soak` (`tests/common/soak/`): 3 minutes, seed 20261207,
+//! the debug binary. Uses `../shared/scripts/rabbitmq-cluster` (ports 5681-5683) and two throwaway
+//! PostgreSQL clusters; runs alone (`.config/nextest.toml`) and removes them even when it fails.
+
+#[path = "../common/soak/mod.rs"]
+mod harness;
+
+use harness::schedule::{self, Kind};
+use std::time::Duration;
+
+#[test]
+fn the_same_seed_draws_the_same_schedule_and_another_seed_another() {
+    let show = |seed| {
+        schedule::draw(seed, Duration::from_secs(600), (20, 40), &Kind::ALL, 2)
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(show(7), show(7));
+    assert_ne!(show(7), show(8));
+    assert!(show(7).len() >= 10, "a fault every 20-40 s in 10 minutes");
+    let kinds: std::collections::HashSet<_> =
+        schedule::draw(7, Duration::from_secs(3600), (20, 40), &Kind::ALL, 2)
+            .iter()
+            .map(|f| f.kind)
+            .collect();
+    assert_eq!(kinds.len(), Kind::ALL.len(), "an hour meets every kind");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn soak_three_minutes_of_faults_lose_nothing_double_nothing_and_the_checker_catches_a_plant()
+{
+    let compress = 30.0;
+    let options = harness::Options {
+        minutes: 3.0,
+        seed: 20261207,
+        rate: 50.0,
+        workers: 2,
+        gap: (6, 12),
+        compress,
+        kinds: Kind::ALL.to_vec(),
+        plant: true,
+        dir: std::env::temp_dir().join(format!("plw-soak-{}", std::process::id())),
+        binary: env!("CARGO_BIN_EXE_payment-link-worker").into(),
+        drain: harness::longest_wait(compress),
+    };
+    let report = harness::run(&options).await.expect("the soak runs");
+    let text = report.text();
+    println!("{text}");
+    let a = &report.account;
+    assert!(a.commands > 1000, "the load ran: {text}");
+    assert!(report.faults.len() >= 8, "the faults ran: {text}");
+    assert_eq!(report.unconfirmed, 0, "every command confirmed: {text}");
+    assert!(
+        report.drained_s.is_some(),
+        "every command's outcome came: {text}"
+    );
+    assert_eq!((a.lost, a.two_links, a.created_twice), (0, 0, 0), "{text}");
+    assert_eq!(a.invalid_with_link, 0, "{text}");
+    assert_eq!(
+        a.stuck, 0,
+        "nothing left in queues, outbox or claims: {text}"
+    );
+    assert!(
+        report.exits.is_empty(),
+        "no worker exited by itself: {text}"
+    );
+    assert_eq!(
+        report.plant_caught(),
+        Some(true),
+        "the negative control: {text}"
+    );
+    let _ = std::fs::remove_dir_all(&options.dir);
+}
