@@ -29,6 +29,12 @@ use tracing::Instrument;
 
 /// After the grace period, how long commands in flight get to give themselves back.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a command in flight may go on after the connection it came on is lost: the broker
+/// has already returned it to the queue, and its redelivered copy waits for this one's lease, so
+/// past this bound it gives its lease back and stops (a provider call in flight is dropped; the
+/// copy repeats it with the same idempotency key). Within it, work that is about to end (an
+/// outcome being recorded) ends, and the copy finds the outcome instead of calling again.
+pub const ORPHAN_BOUND: Duration = Duration::from_secs(5);
 /// How long closing the consuming channel and connection may take at the end of a stop.
 const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Wait before reconnecting again after every node refused; doubled up to the cap. The first
@@ -44,6 +50,9 @@ pub struct Session {
     pub connection: Arc<Connection>,
     channel: Channel,
     consumer: lapin::Consumer,
+    /// Fired when this session's commands in flight are orphans: their connection is lost (at
+    /// once), or their consumer was cancelled (after the grace their acks still have).
+    orphaned: CancellationToken,
 }
 
 impl Session {
@@ -73,6 +82,7 @@ impl Session {
             connection,
             channel,
             consumer,
+            orphaned: CancellationToken::new(),
         })
     }
 
@@ -93,7 +103,10 @@ impl Session {
 /// How a consume loop ended.
 enum Ended {
     Stopped,
+    /// The connection or channel failed: nothing more can be acked on it.
     Lost(anyhow::Error),
+    /// The broker cancelled the consumer; the channel may still take acks.
+    Cancelled,
 }
 
 /// Consumes until stopped, reconnecting whenever the broker connection is lost, then stops in
@@ -115,7 +128,14 @@ pub async fn run(
         context.consuming.store(true, Ordering::SeqCst);
         let ended = consume(&context, &mut session, &mut tasks, &stop).await;
         context.consuming.store(false, Ordering::SeqCst);
-        let Ended::Lost(error) = ended else { break };
+        let error = match ended {
+            Ended::Stopped => break,
+            Ended::Lost(error) => {
+                session.orphaned.cancel();
+                error
+            }
+            Ended::Cancelled => anyhow::anyhow!("the broker cancelled the consumer"),
+        };
         tracing::warn!(
             error = format!("{error:#}"),
             in_flight = tasks.len(),
@@ -130,6 +150,7 @@ pub async fn run(
                 let instance_id = context.instance_id.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
+                    old.orphaned.cancel();
                     let _ =
                         tokio::time::timeout(SESSION_CLOSE_TIMEOUT, old.close(&instance_id)).await;
                 });
@@ -202,10 +223,10 @@ async fn consume(
             _ = stop.cancelled() => return Ended::Stopped,
             next = session.consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    tasks.spawn(handle(context.clone(), delivery));
+                    tasks.spawn(handle(context.clone(), delivery, session.orphaned.clone()));
                 }
                 Some(Err(e)) => return Ended::Lost(anyhow::Error::new(e)),
-                None => return Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
+                None => return Ended::Cancelled,
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -252,7 +273,9 @@ async fn drain(context: &Context, tasks: &mut JoinSet<()>) {
 
 /// Runs the pipeline for one delivery and settles it with the broker. A panic rejects the
 /// message back to the queue; the queue's delivery limit dead-letters one that keeps failing.
-async fn handle(context: Arc<Context>, delivery: Delivery) {
+/// The delivery is abandoned at the end of the shutdown grace period, or [`ORPHAN_BOUND`] after
+/// `orphaned` fires.
+async fn handle(context: Arc<Context>, delivery: Delivery, orphaned: CancellationToken) {
     let waited = queue_wait(&delivery.properties, chrono::Utc::now());
     context.metrics.received(waited);
     let _in_flight = context.metrics.in_flight();
@@ -265,11 +288,26 @@ async fn handle(context: Arc<Context>, delivery: Delivery) {
         body: &delivery.data,
     };
     let span = pipeline::span(&context, &original);
+    let abandon = context.abandon.child_token();
     let work = async {
         let fate = pipeline::process(&context, &original).await;
         pipeline::settle(&context, &original, fate).await
     };
-    let disposition = match AssertUnwindSafe(work.instrument(span)).catch_unwind().await {
+    let work = pipeline::ABANDON.scope(abandon.clone(), work.instrument(span));
+    let orphan = async {
+        orphaned.cancelled().await;
+        tokio::time::sleep(ORPHAN_BOUND).await;
+        tracing::debug!("this delivery's connection is gone; giving the command back");
+        abandon.cancel();
+        std::future::pending().await
+    };
+    let guarded = async {
+        tokio::select! {
+            disposition = work => disposition,
+            never = orphan => never,
+        }
+    };
+    let disposition = match AssertUnwindSafe(guarded).catch_unwind().await {
         Ok(disposition) => disposition,
         Err(_) => pipeline::after_panic(&context, &original, delivery.delivery_tag).await,
     };

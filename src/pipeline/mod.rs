@@ -77,7 +77,8 @@ pub const DB_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Why a command's processing stopped short of a fate of its own.
 #[derive(Debug)]
 pub enum Halt {
-    /// The shutdown grace period ended: the command goes back to the queue.
+    /// The shutdown grace period ended, or the delivery's connection was lost and its bound
+    /// passed: the command goes back to the queue.
     Abandoned,
     /// The database, while reachable, refused the command's data: trying again cannot help.
     Refused(String),
@@ -95,11 +96,25 @@ pub fn database_problem(key: &str, what: &str) -> crate::repeats::Problem {
     }
 }
 
-/// Waits, unless the grace period ends first.
+tokio::task_local! {
+    /// The delivery's own abandon signal (set by the consumer for each delivery): the shutdown
+    /// grace period's end, or its connection's loss plus a bound. Read through [`abandon`].
+    pub static ABANDON: tokio_util::sync::CancellationToken;
+}
+
+/// When this delivery's work must stop: its own signal, or the worker's where none is set.
+pub fn abandon(context: &Context) -> tokio_util::sync::CancellationToken {
+    ABANDON
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| context.abandon.clone())
+}
+
+/// Waits, unless the delivery is abandoned first.
 pub async fn wait_or_abandon(context: &Context, wait: Duration) -> Result<(), Halt> {
+    let abandon = abandon(context);
     tokio::select! {
         _ = tokio::time::sleep(wait) => Ok(()),
-        _ = context.abandon.cancelled() => Err(Halt::Abandoned),
+        _ = abandon.cancelled() => Err(Halt::Abandoned),
     }
 }
 
@@ -277,6 +292,7 @@ async fn call(
     let command_id = envelope.command_id.as_str();
     let carried = crate::telemetry::carried(original.properties.headers().as_ref());
     let provider = &context.provider;
+    let abandon = abandon(context);
     tokio::select! {
         call = provider.create_link(
             envelope.command.payment_provider_id,
@@ -287,7 +303,7 @@ async fn call(
             &context.metrics,
         ) => Ok(call),
         never = keep_lease(context, command_id, token) => match never {},
-        _ = context.abandon.cancelled() => {
+        _ = abandon.cancelled() => {
             let owner = &context.instance_id;
             let release = crate::store::with_conn(&context.pool, async |conn| commands::release(conn, command_id, owner, Some(token), 0, None).await);
             let _ = crate::store::bounded(&context.pool, release).await;

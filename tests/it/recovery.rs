@@ -1024,3 +1024,46 @@ async fn a_consumer_the_broker_cancels_declares_again_and_consumes_again() {
         Some("after-cancel")
     );
 }
+
+/// A command in flight when its worker's broker connection goes is settled or given back within
+/// a bound, not when its provider call ends: the broker has already returned it, and its
+/// redelivered copy waits for the orphan's lease. Here the orphan's provider call hangs for a
+/// minute (the provider's timeout is longer); the copy gets its link within 20 s of the cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_orphaned_by_a_lost_connection_is_given_back_within_its_bound() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{}", listener.local_addr().unwrap());
+    let (router, sim) = payment_link_worker::provider::sim::controlled(sim(0, 0.0, 0.0));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let env = TestEnv::new(&sim_url).await;
+    let user = BrokerUser::create(format!("plw-{}", env.id));
+    let mut settings = env.settings.clone();
+    let url = format!("amqp://{}:recovery-pass@127.0.0.1:5672/%2f", user.0);
+    settings.broker.url = payment_link_worker::config::SecretUrl::new(url);
+    settings.provider.timeout_ms = 90_000;
+    let events = env.capture_events().await;
+    let worker = env.start_worker_with(settings).await;
+    sim.faults().hang_per_mille.store(1000, Ordering::SeqCst);
+    env.send("orphan-1", &command_body("3.00", 1)).await;
+    eventually("the provider call hangs", WAIT, || async {
+        (sim.ledger().await.get("orphan-1").map(|k| k.hung) == Some(1)).then_some(())
+    })
+    .await;
+    sim.faults().hang_per_mille.store(0, Ordering::SeqCst);
+    rabbitmqctl(&[
+        "close_all_user_connections",
+        &user.0,
+        "cut by the orphan test",
+    ]);
+    let cut = std::time::Instant::now();
+    let event = env.next_message(&events, Duration::from_secs(20)).await;
+    assert_eq!(
+        event.header("cloudEvents:subject").as_deref(),
+        Some("orphan-1")
+    );
+    println!(
+        "the link came {:.1} s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
+    worker.stop().await.unwrap();
+}
