@@ -40,8 +40,13 @@ pub const WORKER_MARK: &str = "x-worker-mark";
 pub const DEAD_LETTER_MARK: &str = "x-dead-letter-mark";
 /// Added by the broker when it dead-letters a message itself (delivery limit, TTL).
 pub const DEATH: &str = "x-death";
-/// Returns of the message so far, added by a quorum queue on redelivery.
+/// Returns of the message so far, added by a quorum queue on redelivery (on RabbitMQ 4.x only
+/// failed returns: `basic.reject`, a closed channel; what the delivery limit counts).
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Every delivery of the message so far, failed or not, added by a quorum queue on RabbitMQ 4.x
+/// beside [`DELIVERY_COUNT`]. Like it, it changes with each redelivery, so it is never part of a
+/// message's identity.
+pub const ACQUIRED_COUNT: &str = "x-acquired-count";
 /// When the producer published the command, in milliseconds since the Unix epoch (the name
 /// RabbitMQ's `rabbitmq_message_timestamp` plugin uses); preferred over the AMQP `timestamp`
 /// property, which has whole seconds only, for the queue-wait figure.
@@ -53,7 +58,7 @@ pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
 
 /// Headers the worker or the broker add when dead-lettering or delaying: never the name of a
 /// publisher's header to carry (`broker.carried_headers`).
-pub const ADDED_ON_FAILURE: [&str; 19] = [
+pub const ADDED_ON_FAILURE: [&str; 20] = [
     DEAD_LETTER_ID,
     WORKER_MARK,
     DEAD_LETTER_MARK,
@@ -73,6 +78,7 @@ pub const ADDED_ON_FAILURE: [&str; 19] = [
     "x-first-death-queue",
     "x-first-death-reason",
     DELIVERY_COUNT,
+    ACQUIRED_COUNT,
 ];
 
 /// Most bytes of free text (an error message, a provider's error body) a header added by the

@@ -426,8 +426,8 @@ fn column_text(text: &str) -> String {
     headers::excerpt(&text.replace('\0', "\u{FFFD}"), FIELD_LIMIT)
 }
 
-/// A hash of the message as it reached the queue (without `x-delivery-count`, which a
-/// redelivery from the dead-letter queue changes), after the worker's dead-letter id when it
+/// A hash of the message as it reached the queue (without `x-delivery-count` and RabbitMQ 4.x's
+/// `x-acquired-count`, which a redelivery from the dead-letter queue changes), after the worker's dead-letter id when it
 /// carries one (`own`): a republish or a redelivery of one letter is stored once, while two
 /// different letters that carry the same id (anyone may write one into the dead-letter exchange)
 /// are both kept.
@@ -435,7 +435,7 @@ fn dedup_key(properties: &BasicProperties, routing_key: &str, body: &[u8], own: 
     let own = read_text(properties, headers::DEAD_LETTER_ID).filter(|_| own);
     let mut kept = FieldTable::default();
     for (name, value) in properties.headers().iter().flat_map(|h| h.inner()) {
-        if name.as_str() != headers::DELIVERY_COUNT {
+        if name.as_str() != headers::DELIVERY_COUNT && name.as_str() != headers::ACQUIRED_COUNT {
             kept.insert(name.clone(), value.clone());
         }
     }
@@ -529,6 +529,10 @@ mod tests {
                 headers.insert(
                     headers::DELIVERY_COUNT.into(),
                     AMQPValue::LongLongInt(count),
+                );
+                headers.insert(
+                    headers::ACQUIRED_COUNT.into(),
+                    AMQPValue::LongLongInt(count + 2),
                 );
             }
             let properties = BasicProperties::default()
