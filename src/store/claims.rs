@@ -40,6 +40,14 @@ struct Claimed {
     lease_token: String,
 }
 
+/// How long a claim's holder may go without a heartbeat (it beats every second) before another
+/// worker takes the claim over without waiting for its lease (two minutes at the shipped
+/// settings): a SIGKILLed worker's commands go on within this, not the lease. A claim younger than
+/// this is never taken this way (its holder may not have beaten yet). A holder that was alive
+/// after all (cut off from the database) cannot record over the taker: every outcome presents
+/// its claim's token, and the provider sees the same idempotency key.
+pub const OWNER_SILENT: Duration = Duration::from_secs(15);
+
 /// The claim writer: claims for `owner`, with a lease of `lease`.
 pub struct ClaimWriter {
     owner: String,
@@ -161,7 +169,10 @@ async fn insert_or_take_over(
              lease_token = EXCLUDED.lease_token, \
              replay_count = GREATEST(c.replay_count, EXCLUDED.replay_count), updated_at = now() \
          WHERE c.canonical_request = EXCLUDED.canonical_request AND ( \
-             (c.status = 'processing' AND c.lease_expires_at < now()) \
+             (c.status = 'processing' AND (c.lease_expires_at < now() \
+                 OR (c.updated_at < now() - $15 * interval '1 millisecond' AND NOT EXISTS ( \
+                     SELECT 1 FROM worker_heartbeats h WHERE h.instance_id = c.lease_owner \
+                     AND h.seen_at > now() - $15 * interval '1 millisecond')))) \
              OR (c.status = 'failed' AND EXCLUDED.replay_count > c.replay_count)) \
          RETURNING c.command_id, c.attempts, c.lease_token",
     )
@@ -179,6 +190,7 @@ async fn insert_or_take_over(
     .bind::<Text, _>(owner)
     .bind::<BigInt, _>(lease.as_millis() as i64)
     .bind::<Array<Text>, _>(c.tokens)
+    .bind::<BigInt, _>(OWNER_SILENT.min(lease).as_millis() as i64)
     .load(conn)
     .await?;
     Ok(claimed

@@ -1067,3 +1067,45 @@ async fn a_command_orphaned_by_a_lost_connection_is_given_back_within_its_bound(
     );
     worker.stop().await.unwrap();
 }
+
+/// A SIGKILLed worker's claims are taken over once it has been silent (no heartbeat) for
+/// `OWNER_SILENT`, not when their leases run out (two minutes at the shipped settings): its
+/// command, whose provider call hung, gets its link from the next worker within 40 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_workers_claim_is_taken_over_when_its_heartbeat_stops_not_its_lease() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_url = format!("http://{}", listener.local_addr().unwrap());
+    let (router, sim) = payment_link_worker::provider::sim::controlled(sim(0, 0.0, 0.0));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let shipped = [
+        ("RETRY__MAX_ELAPSED_MS", "60000"),
+        ("PROVIDER__TIMEOUT_MS", "10000"),
+        ("WORKER__LEASE_MARGIN_MS", "30000"),
+    ];
+    let env = TestEnv::with(&sim_url, &shipped).await;
+    assert!(
+        env.settings.lease() >= Duration::from_secs(60),
+        "a lease as long as shipped"
+    );
+    let events = env.capture_events().await;
+    sim.faults().hang_per_mille.store(1000, Ordering::SeqCst);
+    let first = ChildWorker::start(&env);
+    env.send("silent-1", &command_body("4.00", 1)).await;
+    eventually("the provider call hangs", WAIT, || async {
+        (sim.ledger().await.get("silent-1").map(|k| k.hung) == Some(1)).then_some(())
+    })
+    .await;
+    first.kill();
+    sim.faults().hang_per_mille.store(0, Ordering::SeqCst);
+    let killed = std::time::Instant::now();
+    let _second = ChildWorker::start(&env);
+    let event = env.next_message(&events, Duration::from_secs(40)).await;
+    assert_eq!(
+        event.header("cloudEvents:subject").as_deref(),
+        Some("silent-1")
+    );
+    println!(
+        "the link came {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+}
