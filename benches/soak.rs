@@ -107,9 +107,6 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     let report = soak::run(&options).await?;
-    let text = report.text();
-    println!("\n{text}");
-    std::fs::write(dir.join("report.txt"), &text)?;
     std::fs::write(
         dir.join("report.json"),
         serde_json::to_string_pretty(&report)?,

@@ -254,11 +254,18 @@ async fn soak(
         stop_bound,
     };
     let result = drive(options, &mut world, faults, &env).await;
+    // The report first, to the screen and to a file: a teardown that hangs must not take it
+    // with it (a 60-minute run's did).
+    if let Ok(report) = &result {
+        println!("\n{}", report.text());
+        let _ = std::fs::write(options.dir.join("report.txt"), report.text());
+    }
     fleet.lock().await.stop(stop_bound).await;
     sim_stop.cancel();
-    let _ = sim_task.await;
-    world.cluster.destroy().await;
-    world.pg.destroy().await;
+    let bound = Duration::from_secs(60);
+    let _ = tokio::time::timeout(bound, sim_task).await;
+    let _ = tokio::time::timeout(bound, world.cluster.destroy()).await;
+    let _ = tokio::time::timeout(bound, world.pg.destroy()).await;
     result
 }
 
