@@ -147,13 +147,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Run => {
             settings.check_for_worker()?;
             let stop = CancellationToken::new();
-            let running = startup::start(settings, stop.clone()).await?;
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::info!("shutdown requested");
-                stop.cancel();
+            // Listening before start-up begins: a stop asked for while it goes is honoured.
+            let signal = shutdown_signal();
+            tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    signal.await;
+                    tracing::info!("shutdown requested");
+                    stop.cancel();
+                }
             });
-            running.wait().await
+            match startup::start(settings, stop.clone()).await {
+                Ok(running) => running.wait().await,
+                // Stopped before it took a command: nothing to drain, a clean exit.
+                Err(error) if stop.is_cancelled() => {
+                    tracing::info!(reason = %error, "stopped before starting");
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            }
         }
         Commands::Migrate => {
             let pool = store::pool(&settings.database)?;

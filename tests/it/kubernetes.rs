@@ -355,11 +355,10 @@ fn the_rendered_manifests_agree_with_the_code() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_replica_that_does_not_migrate_waits_for_the_schema_then_starts() {
-    let env = TestEnv::new("http://127.0.0.1:9").await;
-    // The newest migration not applied yet: as when a new version's pods start before its
-    // migration Job ran.
+/// A worker started with `run_migrations = false` against a database whose newest migration is
+/// not applied yet (as when a new version's pods start before its migration Job ran), once it
+/// says it waits; with its log's path.
+async fn replica_waiting_for_the_schema(env: &TestEnv) -> (Reaped, PathBuf) {
     let database = env.settings.database.url.expose().to_owned();
     // (The test knows which table that is: update it with each new migration.)
     exec_admin(&database, "DROP TABLE signing_key").await;
@@ -370,7 +369,7 @@ async fn a_replica_that_does_not_migrate_waits_for_the_schema_then_starts() {
     )
     .await;
     let log = std::env::temp_dir().join(format!("plw-wait-{}.log", env.id));
-    let child = binary(&env)
+    let child = binary(env)
         .arg("run")
         .env("PAYMENT_LINK_WORKER__DATABASE__RUN_MIGRATIONS", "false")
         .env("PAYMENT_LINK_WORKER__TELEMETRY__HTTP_LISTEN", "127.0.0.1:0")
@@ -396,6 +395,14 @@ async fn a_replica_that_does_not_migrate_waits_for_the_schema_then_starts() {
         read()
     );
     assert!(!read().contains("worker started"), "{}", read());
+    (worker, log)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_does_not_migrate_waits_for_the_schema_then_starts() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let (worker, log) = replica_waiting_for_the_schema(&env).await;
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // The migration Job's command: the worker notices and starts.
     let migrated = crate::helpers::output(binary(&env).arg("migrate"));
@@ -405,6 +412,20 @@ async fn a_replica_that_does_not_migrate_waits_for_the_schema_then_starts() {
     })
     .await;
     assert!(read().contains("the database schema is up to date; starting"));
+    // Stopped at once after it started: it still drains and exits cleanly (its signal handler
+    // is in place before start-up begins).
     terminate(worker.take());
+    let _ = std::fs::remove_file(&log);
+}
+
+/// A pod deleted while its worker waits for the schema stops at once and cleanly (SIGTERM used
+/// to take its default action there: the process was killed, not stopped).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_stopped_while_it_waits_for_the_schema_exits_cleanly() {
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let (worker, log) = replica_waiting_for_the_schema(&env).await;
+    terminate(worker.take());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("stopped before starting"), "{said}");
     let _ = std::fs::remove_file(&log);
 }
