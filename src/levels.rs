@@ -3,7 +3,7 @@
 //! path nothing. The live workers are counted by the heartbeat ([`crate::fleet`]).
 
 use crate::context::Context;
-use crate::store::{commands, outbox, retention};
+use crate::store::{commands, outbox, replay_runs, retention};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -22,17 +22,35 @@ pub async fn run(context: Arc<Context>, stop: CancellationToken) {
     }
 }
 
+/// How far back "replay runs that ended failed lately" looks (the alert fires while any did).
+const FAILED_RUNS_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Milliseconds since `at` (0 when there is none).
+fn age_ms(at: Option<chrono::DateTime<chrono::Utc>>) -> i64 {
+    at.map_or(0, |t| (chrono::Utc::now() - t).num_milliseconds().max(0))
+}
+
 async fn refresh(context: &Context) {
     let levels = &context.metrics.levels;
     if let Ok(mut conn) = context.pool.get().await {
-        if let Ok(backlog) = outbox::unsent_count(&mut conn).await {
+        if let Ok((backlog, oldest)) = outbox::unsent(&mut conn).await {
             levels.outbox_backlog.store(backlog, Ordering::Relaxed);
+            levels
+                .outbox_oldest_unsent_age_ms
+                .store(age_ms(oldest), Ordering::Relaxed);
+        }
+        if let Ok((idle_since, failed)) = replay_runs::watch(&mut conn, FAILED_RUNS_WINDOW).await {
+            levels
+                .replay_running_idle_ms
+                .store(age_ms(idle_since), Ordering::Relaxed);
+            levels
+                .replay_runs_failed_recent
+                .store(failed, Ordering::Relaxed);
         }
         if let Ok(kept) = retention::kept(&mut conn).await {
-            let age = kept
-                .oldest_completed
-                .map_or(0, |t| (chrono::Utc::now() - t).num_milliseconds().max(0));
-            levels.oldest_kept_age_ms.store(age, Ordering::Relaxed);
+            levels
+                .oldest_kept_age_ms
+                .store(age_ms(kept.oldest_completed), Ordering::Relaxed);
             levels
                 .commands_bytes
                 .store(kept.commands_bytes, Ordering::Relaxed);

@@ -25,6 +25,9 @@ pub struct ProviderFigures {
     pub in_flight: AtomicI64,
     /// Calls waiting for a slot or for a pause to end.
     pub queued: AtomicI64,
+    /// 1 while the provider's circuit is open or probing, 0 while closed: an alert fires when it
+    /// stays open.
+    pub circuit_open: AtomicI64,
 }
 
 /// The per-provider figures the metrics export, by provider id.
@@ -80,6 +83,17 @@ pub struct Levels {
     /// Tries in a row the dead-letter ingester has failed (0 while it works): readiness and the
     /// figure say when ingestion is stuck.
     pub dead_letter_ingest_failures: AtomicI64,
+    /// Age in milliseconds of the oldest event the outbox has still to publish (0 when none):
+    /// downstream notifiers have not heard of it yet.
+    pub outbox_oldest_unsent_age_ms: AtomicI64,
+    /// Milliseconds since the longest-idle replay run marked running last moved (0 when none):
+    /// its process died or is stuck.
+    pub replay_running_idle_ms: AtomicI64,
+    /// Replay runs that ended failed in the last hour.
+    pub replay_runs_failed_recent: AtomicI64,
+    /// When this replica last finished a retention sweep (or started), in seconds since the Unix
+    /// epoch: the fleet's latest says whether the store is kept to its windows.
+    pub retention_last_sweep_s: AtomicI64,
 }
 
 /// The instruments the worker records to.
@@ -297,7 +311,11 @@ type LevelGauge = (
 /// The gauges of the levels refreshed on a timer (queue depths, backlog, live workers).
 fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
     let levels = Arc::new(Levels::default());
-    let gauges: [LevelGauge; 10] = [
+    // A replica that has not swept yet counts from its start, so a fresh fleet is not alerted on.
+    levels
+        .retention_last_sweep_s
+        .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    let gauges: [LevelGauge; 14] = [
         (
             "payment_link.outbox.backlog",
             "{message}",
@@ -358,6 +376,30 @@ fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
             "Age of the oldest command being processed",
             |l| &l.oldest_processing_age_ms,
         ),
+        (
+            "payment_link.outbox.oldest_unsent.age",
+            "ms",
+            "Age of the oldest event or dead letter the outbox has still to publish (0 when none)",
+            |l| &l.outbox_oldest_unsent_age_ms,
+        ),
+        (
+            "payment_link.replay.running.idle",
+            "ms",
+            "Time since the longest-idle replay run marked running last moved (0 when none)",
+            |l| &l.replay_running_idle_ms,
+        ),
+        (
+            "payment_link.replay.runs.failed_recent",
+            "{run}",
+            "Replay runs that ended failed in the last hour",
+            |l| &l.replay_runs_failed_recent,
+        ),
+        (
+            "payment_link.retention.last_sweep",
+            "s",
+            "When this replica last finished a retention sweep (or started), in Unix seconds",
+            |l| &l.retention_last_sweep_s,
+        ),
     ];
     // Observable instruments live as long as the provider; the handles need not be kept.
     for (name, unit, description, level) in gauges {
@@ -392,12 +434,13 @@ fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
 fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
     let lanes = Arc::new(LaneFigures::default());
     let per_provider = |name: &'static str,
+                        unit: &'static str,
                         description: &'static str,
                         read: fn(&ProviderFigures) -> i64| {
         let lanes = lanes.clone();
         meter
             .i64_observable_gauge(name)
-            .with_unit("{call}")
+            .with_unit(unit)
             .with_description(description)
             .with_callback(move |observer| {
                 for (id, figures) in lanes.lock().expect("lane figures").iter() {
@@ -408,14 +451,36 @@ fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
     };
     per_provider(
         "payment_link.provider.concurrency_limit",
+        "{call}",
         "Calls a provider may have under way at once (adapted to its answers)",
         |f| f.limit.load(Ordering::Relaxed),
     );
     per_provider(
         "payment_link.provider.in_flight",
+        "{call}",
         "Calls under way to a provider",
         |f| f.in_flight.load(Ordering::Relaxed),
     );
+    per_provider(
+        "payment_link.provider.circuit_open",
+        "{state}",
+        "1 while a provider's circuit is open or probing (its calls paused), 0 while closed",
+        |f| f.circuit_open.load(Ordering::Relaxed),
+    );
+    meter
+        .u64_observable_counter("payment_link.provider.calls")
+        .with_unit("{call}")
+        .with_description("Calls started to a provider (the share slowed down is read against it)")
+        .with_callback({
+            let lanes = lanes.clone();
+            move |observer| {
+                for (id, figures) in lanes.lock().expect("lane figures").iter() {
+                    let n = figures.started.load(Ordering::Relaxed);
+                    observer.observe(n, &[KeyValue::new("payment_provider.id", *id)]);
+                }
+            }
+        })
+        .build();
     meter
         .f64_observable_gauge("payment_link.provider.rate")
         .with_unit("{call}/s")
@@ -449,6 +514,7 @@ fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
         .build();
     per_provider(
         "payment_link.provider.queued",
+        "{call}",
         "Calls waiting for a provider's concurrency limit or Retry-After pause",
         |f| f.queued.load(Ordering::Relaxed),
     );

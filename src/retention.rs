@@ -29,7 +29,14 @@ pub async fn run(settings: Settings, pool: PgPool, metrics: Arc<Metrics>, stop: 
             () = tokio::time::sleep(every) => {}
         }
         let started = Instant::now();
-        match sweep(&settings, &pool, &metrics, &stop).await {
+        let outcome = sweep(&settings, &pool, &metrics, &stop).await;
+        if let Ok(Some(_)) = outcome {
+            metrics
+                .levels
+                .retention_last_sweep_s
+                .store(Utc::now().timestamp(), std::sync::atomic::Ordering::Relaxed);
+        }
+        match outcome {
             Ok(None) => tracing::debug!("another replica is sweeping"),
             Ok(Some(swept)) if swept.total() == 0 => {
                 tracing::debug!("retention sweep: nothing past its window")

@@ -5,6 +5,7 @@
 //! the first probe that succeeds closes the breaker. Each state change is logged once.
 
 use crate::config::BreakerSettings;
+use crate::metrics::ProviderFigures;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ pub struct Breaker {
     settings: BreakerSettings,
     inner: Mutex<Inner>,
     changed: Notify,
+    /// Where the breaker shows whether it is open, for the metrics.
+    figures: Option<Arc<ProviderFigures>>,
 }
 
 /// Leave to make one call; report its result with [`Permit::record`].
@@ -48,6 +51,15 @@ pub struct Permit {
 impl Breaker {
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Arc<Self> {
+        Self::build(settings, None)
+    }
+
+    /// A closed breaker that shows whether it is open in `figures` (its provider's metrics).
+    pub fn showing(settings: BreakerSettings, figures: Arc<ProviderFigures>) -> Arc<Self> {
+        Self::build(settings, Some(figures))
+    }
+
+    fn build(settings: BreakerSettings, figures: Option<Arc<ProviderFigures>>) -> Arc<Self> {
         Arc::new(Self {
             settings,
             inner: Mutex::new(Inner {
@@ -57,7 +69,17 @@ impl Breaker {
                 next_probe_at: Instant::now(),
             }),
             changed: Notify::new(),
+            figures,
         })
+    }
+
+    /// Open and probing both pause the provider's calls: the figure is 1 for either.
+    fn show(&self, open: bool) {
+        if let Some(figures) = &self.figures {
+            figures
+                .circuit_open
+                .store(i64::from(open), std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The current state.
@@ -137,6 +159,7 @@ impl Breaker {
                 inner.state = State::Closed;
                 inner.window.clear();
                 inner.failures = 0;
+                self.show(false);
                 tracing::info!("provider circuit closed: the probe call succeeded; resuming");
                 self.changed.notify_waiters();
             }
@@ -160,6 +183,7 @@ impl Breaker {
         {
             inner.state = State::Open;
             inner.next_probe_at = now + probe_interval;
+            self.show(true);
             tracing::warn!(
                 failures,
                 calls,

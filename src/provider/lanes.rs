@@ -523,7 +523,7 @@ impl Lanes {
         let figures = Arc::new(Figures::default());
         let retry = &self.settings.retry;
         let lane = Arc::new(Lane {
-            breaker: Breaker::new(self.settings.breaker.clone()),
+            breaker: Breaker::showing(self.settings.breaker.clone(), figures.clone()),
             limiter: Limiter::new(
                 usize::from(self.settings.broker.prefetch),
                 self.settings.provider.adaptive_concurrency,

@@ -215,10 +215,15 @@ pub async fn release(
 
 /// How many rows wait to be published.
 pub async fn unsent_count(conn: &mut PgConn) -> Result<i64, StoreError> {
+    Ok(unsent(conn).await?.0)
+}
+
+/// How many rows the relay has still to send, and when the oldest of them was written.
+pub async fn unsent(conn: &mut PgConn) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
     Ok(o::outbox
         .filter(o::sent_at.is_null())
-        .count()
-        .get_result(conn)
+        .select((diesel::dsl::count_star(), diesel::dsl::min(o::created_at)))
+        .first(conn)
         .await?)
 }
 

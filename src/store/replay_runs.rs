@@ -196,6 +196,27 @@ pub async fn take_over(
         == 1)
 }
 
+/// How long the longest-idle running run has not moved, and how many runs ended `failed` within
+/// `recent`: the figures the alerts on replays read.
+pub async fn watch(
+    conn: &mut PgConn,
+    recent: std::time::Duration,
+) -> Result<(Option<DateTime<Utc>>, i64), StoreError> {
+    let since = Utc::now() - chrono::Duration::from_std(recent).unwrap_or_default();
+    let idle_since: Option<DateTime<Utc>> = r::replay_runs
+        .filter(r::state.eq("running"))
+        .select(diesel::dsl::min(r::updated_at))
+        .first(conn)
+        .await?;
+    let failed: i64 = r::replay_runs
+        .filter(r::state.eq("failed"))
+        .filter(r::finished_at.ge(since))
+        .count()
+        .get_result(conn)
+        .await?;
+    Ok((idle_since, failed))
+}
+
 /// Running runs nobody has advanced for `idle`.
 pub async fn stalled(conn: &mut PgConn, idle: std::time::Duration) -> Result<Vec<i64>, StoreError> {
     let before = Utc::now() - chrono::Duration::from_std(idle).unwrap_or_default();

@@ -166,4 +166,100 @@ async fn readiness_reports_an_open_provider_circuit() {
     );
     assert_eq!(ready["broker"], "ok");
     assert_eq!(get(format!("{base}/healthz")).await.0, 200, "still alive");
+    // The figure the circuit alert reads says the same, beside the calls it is read against.
+    let (_, metrics) = get(format!("{base}/metrics")).await;
+    let provider = "payment_provider_id=\"7\"";
+    assert_eq!(
+        sample(&metrics, "payment_link_provider_circuit_open", provider),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "payment_link_provider_calls_total", provider) >= Some(3.0),
+        "{metrics}"
+    );
+}
+
+/// The figures the alerts read (deploy/observability/rules.yml) follow what the store holds: the
+/// oldest unsent event, a replay run that stopped moving, replay runs that failed lately, and the
+/// last retention sweep.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_figures_the_alerts_read_follow_the_store() {
+    use diesel_async::RunQueryDsl;
+    let provider = MockServer::start().await;
+    answer_with_link(&provider, 201, 1, "2.00", 1).await;
+    let env = TestEnv::with(
+        &provider.uri(),
+        &[
+            ("TELEMETRY__LEVELS_INTERVAL_MS", "100"),
+            ("RETENTION__SWEEP_INTERVAL_MS", "300"),
+        ],
+    )
+    .await;
+    let started = chrono::Utc::now().timestamp();
+    let worker = env.start_worker().await;
+    let base = format!("http://{}", worker.http_addr().unwrap());
+    let figure = |name: &'static str| {
+        let base = base.clone();
+        async move {
+            let (_, metrics) = get(format!("{base}/metrics")).await;
+            sample(&metrics, name, "").unwrap_or_else(|| panic!("{name} missing: {metrics}"))
+        }
+    };
+    // A replica that has not swept yet counts from its start.
+    let first_sweep = figure("payment_link_retention_last_sweep_seconds").await;
+    assert!(first_sweep >= started as f64, "{first_sweep} < {started}");
+    assert_eq!(
+        figure("payment_link_outbox_oldest_unsent_age_milliseconds").await,
+        0.0
+    );
+    assert_eq!(
+        figure("payment_link_replay_running_idle_milliseconds").await,
+        0.0
+    );
+    assert_eq!(figure("payment_link_replay_runs_failed_recent").await, 0.0);
+
+    // A run marked running that has not moved for 20 minutes; runs that failed 10 minutes and 2
+    // hours ago; one that ended well.
+    let mut conn = env.pool.get().await.unwrap();
+    diesel::sql_query(
+        "INSERT INTO replay_runs (requested_by, dry_run, state, updated_at, finished_at) VALUES \
+         ('t', false, 'running', now() - interval '20 minutes', NULL), \
+         ('t', false, 'failed', now() - interval '10 minutes', now() - interval '10 minutes'), \
+         ('t', false, 'failed', now() - interval '2 hours', now() - interval '2 hours'), \
+         ('t', false, 'done', now(), now())",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    drop(conn);
+    // No queue is bound to the event exchange: the event waits in the outbox.
+    env.send("alert-figures", &command_body("2.00", 1)).await;
+
+    eventually(
+        "the stalled run and the failed one to show",
+        WAIT,
+        || async {
+            let idle = figure("payment_link_replay_running_idle_milliseconds").await;
+            let failed = figure("payment_link_replay_runs_failed_recent").await;
+            (idle >= 1_200_000.0 && failed == 1.0).then_some(())
+        },
+    )
+    .await;
+    eventually("the unsent event to age", WAIT, || async {
+        (figure("payment_link_outbox_oldest_unsent_age_milliseconds").await >= 1000.0).then_some(())
+    })
+    .await;
+    eventually("a sweep to be recorded", WAIT, || async {
+        (figure("payment_link_retention_last_sweep_seconds").await > first_sweep).then_some(())
+    })
+    .await;
+
+    // Once a queue is bound the relay sends the event, and the figure goes back to 0.
+    let _events = env.capture_events().await;
+    eventually("the outbox to be empty again", WAIT, || async {
+        (figure("payment_link_outbox_oldest_unsent_age_milliseconds").await == 0.0).then_some(())
+    })
+    .await;
+    worker.stop().await.unwrap();
 }
