@@ -429,3 +429,47 @@ async fn a_replica_stopped_while_it_waits_for_the_schema_exits_cleanly() {
     assert!(said.contains("stopped before starting"), "{said}");
     let _ = std::fs::remove_file(&log);
 }
+
+/// The operators overlay ships deploy/observability's rules as a PrometheusRule and scrapes the
+/// ports the processes serve /metrics on: the two copies of the rules cannot drift apart.
+#[test]
+fn the_operators_overlay_monitors_the_worker_with_the_same_rules() {
+    let objects = rendered("operators");
+    let rule = find(&objects, "PrometheusRule", "payment-link-worker").expect("a PrometheusRule");
+    let out = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(repo().join("deploy/observability/rules.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rule["spec"]["groups"], plain["groups"]);
+
+    let (settings, _) = shipped_settings(&objects);
+    for (name, component, listen) in [
+        (
+            "payment-link-worker",
+            "worker",
+            &settings.telemetry.http_listen,
+        ),
+        ("payment-link-console", "console", &settings.console.listen),
+    ] {
+        let monitor = find(&objects, "PodMonitor", name).expect("a PodMonitor");
+        assert_eq!(
+            monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            component
+        );
+        let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(endpoint["path"], "/metrics");
+        let workload = find(&objects, "Deployment", name).unwrap();
+        let port = resolve_port(container(workload, component), &endpoint["port"]);
+        assert_eq!(port, port_of(listen), "{name}");
+    }
+}

@@ -2,6 +2,7 @@
 //! provider (wiremock for scripted faults, the simulator for its own contract). One test binary,
 //! one module per behaviour.
 
+mod alerting;
 mod binary;
 mod browser;
 mod cli_flows;
