@@ -147,11 +147,20 @@ async fn ready(Extract(probe): Extract<Probe>) -> Response {
     json(status, body.to_string())
 }
 
-async fn metrics(Extract(probe): Extract<Probe>) -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        probe.metrics.render(),
-    )
-        .into_response()
+/// OpenMetrics (with exemplars) to a scraper that asks for it, the Prometheus text otherwise.
+async fn metrics(Extract(probe): Extract<Probe>, headers: axum::http::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("application/openmetrics-text"));
+    let (content_type, text) = if openmetrics {
+        (
+            crate::metrics::openmetrics::CONTENT_TYPE,
+            probe.metrics.render_openmetrics(),
+        )
+    } else {
+        ("text/plain; version=0.0.4", probe.metrics.render())
+    };
+    (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], text).into_response()
 }

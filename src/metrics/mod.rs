@@ -9,6 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+pub mod openmetrics;
+
+/// The bucket bounds of every duration histogram, in seconds.
+const SECONDS_BOUNDARIES: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+
 /// The figures exported for one provider (read by the metrics' gauges).
 #[derive(Debug, Default)]
 pub struct ProviderFigures {
@@ -117,6 +124,8 @@ pub struct Metrics {
     pub lanes: Arc<LaneFigures>,
     /// This worker's outcomes so far.
     pub tally: Tally,
+    /// A traced sample per bucket of the latency histograms, for OpenMetrics scrapers.
+    pub exemplars: openmetrics::Exemplars,
 }
 
 /// The metrics of one worker and what renders or exports them.
@@ -149,6 +158,11 @@ impl MetricsHandle {
         let mut out = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The figures as OpenMetrics, the latency histograms' buckets with exemplars.
+    pub fn render_openmetrics(&self) -> String {
+        openmetrics::render(&self.render(), &self.metrics.exemplars, &SECONDS_BOUNDARIES)
     }
 
     /// Flushes and stops the exporters.
@@ -214,6 +228,8 @@ impl Metrics {
             elapsed.as_secs_f64(),
             &[KeyValue::new("outcome", "succeeded")],
         );
+        let exemplars = &self.exemplars;
+        exemplars.offer(1, "succeeded", elapsed.as_secs_f64(), &SECONDS_BOUNDARIES);
     }
     /// A command was dead-lettered with `kind`; `elapsed` after its first attempt when it had one.
     pub fn dead_lettered(&self, kind: &str, elapsed: Option<Duration>) {
@@ -225,6 +241,13 @@ impl Metrics {
             self.time_to_outcome.record(
                 elapsed.as_secs_f64(),
                 &[KeyValue::new("outcome", "dead-lettered")],
+            );
+            let exemplars = &self.exemplars;
+            exemplars.offer(
+                1,
+                "dead-lettered",
+                elapsed.as_secs_f64(),
+                &SECONDS_BOUNDARIES,
             );
         }
     }
@@ -259,6 +282,9 @@ impl Metrics {
         }
         self.provider_duration
             .record(elapsed.as_secs_f64(), &attributes);
+        let series = status.map(|s| s.to_string()).unwrap_or_default();
+        let exemplars = &self.exemplars;
+        exemplars.offer(0, &series, elapsed.as_secs_f64(), &SECONDS_BOUNDARIES);
     }
     /// Counts a command in flight until the guard is dropped.
     pub fn in_flight(self: &Arc<Self>) -> InFlight {
@@ -539,10 +565,7 @@ fn instruments(
             .f64_histogram(name)
             .with_unit("s")
             .with_description(description)
-            .with_boundaries(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-                1800.0,
-            ])
+            .with_boundaries(SECONDS_BOUNDARIES.to_vec())
             .build()
     };
     Metrics {
@@ -603,5 +626,6 @@ fn instruments(
         levels,
         lanes,
         tally: Tally::default(),
+        exemplars: openmetrics::Exemplars::default(),
     }
 }

@@ -225,16 +225,28 @@ async fn a_real_prometheus_evaluates_every_rule_and_dashboard_query_against_a_ru
     let provider = wiremock::MockServer::start().await;
     answer_with_link(&provider, 201, 1, "2.00", 1).await;
     let env = TestEnv::with(&provider.uri(), &[("TELEMETRY__LEVELS_INTERVAL_MS", "200")]).await;
+    // The binary's tracing (this test has its own process under nextest): commands belong to
+    // traces, whose ids the latency histograms' exemplars carry.
+    let _telemetry = payment_link_worker::telemetry::init(&env.settings.log).unwrap();
     let _events = env.capture_events().await;
     let worker = env.start_worker().await;
     let console = RunningConsole::start(&env.settings).await;
     // Traffic for every family: links, a dead letter, a refused console token.
-    // Stamped with their publish time, so the queue-wait histogram has samples.
-    for i in 0..5 {
+    // Stamped with their publish time, so the queue-wait histogram has samples, and each in a
+    // trace of its own.
+    let traces: Vec<String> = (0..5u128)
+        .map(|i| format!("{:032x}", 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_0000 + i))
+        .collect();
+    for (i, trace) in traces.iter().enumerate() {
         let stamped = with_int_header(
             command_properties(&format!("prom-{i}")),
             "timestamp_in_ms",
             chrono::Utc::now().timestamp_millis(),
+        );
+        let stamped = with_header(
+            stamped,
+            "traceparent",
+            &format!("00-{trace}-00f067aa0ba902b7-01"),
         );
         env.publish_raw(stamped, command_body("2.00", 1).as_bytes())
             .await;
@@ -284,6 +296,7 @@ async fn a_real_prometheus_evaluates_every_rule_and_dashboard_query_against_a_ru
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")
+            .arg("--enable-feature=exemplar-storage")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
             .spawn()
@@ -371,6 +384,32 @@ async fn a_real_prometheus_evaluates_every_rule_and_dashboard_query_against_a_ru
     )
     .await;
     assert_eq!(created["data"]["result"][0]["value"][1], "5", "{created}");
+
+    // Scraped as OpenMetrics, the latency histograms brought the traces of the commands above.
+    let now = chrono::Utc::now().timestamp();
+    for family in [
+        "http_client_request_duration_seconds_bucket",
+        "payment_link_command_time_to_outcome_seconds_bucket",
+    ] {
+        let (start, end) = ((now - 600).to_string(), (now + 60).to_string());
+        let found = api(
+            &base,
+            "/api/v1/query_exemplars",
+            &[("query", family), ("start", &start), ("end", &end)],
+        )
+        .await;
+        let ids: Vec<&str> = found["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{found}"))
+            .iter()
+            .flat_map(|series| series["exemplars"].as_array().unwrap().iter())
+            .filter_map(|e| e["labels"]["trace_id"].as_str())
+            .collect();
+        assert!(
+            ids.iter().any(|id| traces.iter().any(|t| t == id)),
+            "{family}: exemplars {ids:?}, commands' traces {traces:?}"
+        );
+    }
 
     drop(_prometheus);
     let _ = std::fs::remove_dir_all(&dir);
