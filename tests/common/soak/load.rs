@@ -61,7 +61,8 @@ struct Message {
 fn body(provider: i64, amount: &str, n: u64) -> String {
     format!(
         r#"{{"paymentProviderId":{provider},"amountInMajorCurrency":{amount},"description":"Soak invoice {n}","emailAddress":"payer@example.com","invoiceId":{n},"customerId":{}}}"#,
-        n % 997
+        // Never 0, which the worker rightly refuses: a "valid" command must be valid.
+        n % 997 + 1
     )
 }
 
