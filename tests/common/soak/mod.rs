@@ -106,8 +106,14 @@ pub fn longest_wait(factor: f64) -> Duration {
     Duration::from_millis(tiers + (DELAY_TIERS_MS.len() as u64 + 1) * round + 60_000)
 }
 
-/// The commit the run is of, marked when the tree has changes.
+/// The commit the run is of, marked when the tree has changes: read once, when the run starts
+/// (a commit made while it goes is not what it ran).
 pub fn commit() -> String {
+    static COMMIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COMMIT.get_or_init(read_commit).clone()
+}
+
+fn read_commit() -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)
