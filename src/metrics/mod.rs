@@ -493,20 +493,28 @@ fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
         "1 while a provider's circuit is open or probing (its calls paused), 0 while closed",
         |f| f.circuit_open.load(Ordering::Relaxed),
     );
-    meter
-        .u64_observable_counter("payment_link.provider.calls")
-        .with_unit("{call}")
-        .with_description("Calls started to a provider (the share slowed down is read against it)")
-        .with_callback({
-            let lanes = lanes.clone();
-            move |observer| {
+    let per_provider_count = |name: &'static str,
+                              unit: &'static str,
+                              description: &'static str,
+                              read: fn(&ProviderFigures) -> u64| {
+        let lanes = lanes.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |observer| {
                 for (id, figures) in lanes.lock().expect("lane figures").iter() {
-                    let n = figures.started.load(Ordering::Relaxed);
-                    observer.observe(n, &[KeyValue::new("payment_provider.id", *id)]);
+                    observer.observe(read(figures), &[KeyValue::new("payment_provider.id", *id)]);
                 }
-            }
-        })
-        .build();
+            })
+            .build();
+    };
+    per_provider_count(
+        "payment_link.provider.calls",
+        "{call}",
+        "Calls started to a provider (the share slowed down is read against it)",
+        |f| f.started.load(Ordering::Relaxed),
+    );
     meter
         .f64_observable_gauge("payment_link.provider.rate")
         .with_unit("{call}/s")
@@ -524,20 +532,12 @@ fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
             }
         })
         .build();
-    meter
-        .u64_observable_counter("payment_link.provider.slowed_down")
-        .with_unit("{answer}")
-        .with_description("Answers asking to slow down (429, or 503 with Retry-After), by provider")
-        .with_callback({
-            let lanes = lanes.clone();
-            move |observer| {
-                for (id, figures) in lanes.lock().expect("lane figures").iter() {
-                    let n = figures.slowed_down.load(Ordering::Relaxed);
-                    observer.observe(n, &[KeyValue::new("payment_provider.id", *id)]);
-                }
-            }
-        })
-        .build();
+    per_provider_count(
+        "payment_link.provider.slowed_down",
+        "{answer}",
+        "Answers asking to slow down (429, or 503 with Retry-After), by provider",
+        |f| f.slowed_down.load(Ordering::Relaxed),
+    );
     per_provider(
         "payment_link.provider.queued",
         "{call}",

@@ -199,15 +199,6 @@ const NOT_OURS: [&str; 3] = [
     "ALERTS",
 ];
 
-/// A free TCP port on 127.0.0.1 (Prometheus cannot be told to pick one and say which).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn api(base: &str, path: &str, query: &[(&str, &str)]) -> Value {
     // reqwest is built without its query feature: the query string is encoded here.
     let query = serde_urlencoded::to_string(query).unwrap();

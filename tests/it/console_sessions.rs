@@ -3,7 +3,7 @@
 //! both, and a session outlives a console restart.
 
 use crate::console::{sign_in, with_token_form};
-use crate::helpers::{Reaped, TestEnv, binary, eventually, terminate};
+use crate::helpers::{Reaped, TestEnv, binary, eventually, free_port, terminate};
 use diesel::sql_types::{Bytea, Text};
 use diesel_async::RunQueryDsl;
 use sha2::{Digest, Sha256};
@@ -12,15 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 const TOKEN: &str = "operator-token-for-the-session-tests";
-
-/// A free loopback port (bound, then released for the console to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `payment-link-worker console` on `port`, answering once it is up.
 async fn console(env: &TestEnv, port: u16) -> Reaped {

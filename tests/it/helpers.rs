@@ -736,3 +736,13 @@ pub fn terminate(mut child: std::process::Child) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A free loopback port, bound then released for a process that cannot be told to pick one and
+/// say which (Prometheus, a console started as a program).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
