@@ -45,6 +45,8 @@ pub enum Fate {
 pub struct Delay {
     /// The command.
     pub command_id: String,
+    /// Its provider: parking is summarised per provider.
+    pub provider_id: i64,
     /// The token of the claim that gives the command back; `None` when the command was parked
     /// before it was claimed (its provider's circuit was open), so there is nothing to give back.
     pub lease_token: Option<String>,
@@ -94,6 +96,7 @@ impl Fate {
         let queue = topology::delay_queue(&context.settings.broker, delay_ms);
         Some(Fate::Delay(Delay {
             command_id: envelope.command_id.as_str().to_owned(),
+            provider_id: envelope.command.payment_provider_id,
             lease_token,
             message: messages::delayed(
                 &topology::delay_exchange(&context.settings.broker),
@@ -279,6 +282,20 @@ async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failu
     }
 }
 
+/// Commands of one provider parked after their retries failed, as a repeated problem.
+fn parking_problem(key: &str, provider_id: i64) -> crate::repeats::Problem {
+    crate::repeats::Problem {
+        key: key.to_owned(),
+        what: format!(
+            "commands for provider {provider_id} exhausted their retries and wait in delay queues"
+        ),
+        fix: "they come back by themselves through the delay tiers (retry.delay_tiers_ms); \
+              check the provider if it lasts"
+            .into(),
+        ends_when_quiet: true,
+    }
+}
+
 /// How much of an oversized command's body its dead letter keeps.
 pub const OVERSIZED_PREFIX: usize = 16 * 1024;
 
@@ -304,8 +321,21 @@ async fn park(context: &Context, delay: &Delay) -> Result<Disposition, Halt> {
             let error = &delay.last_error;
             let message = "provider still failing; command waits in a delay queue";
             // A round that made no call was parked by an open circuit, which the breaker has
-            // already reported once: a warning per command would flood the log during an outage.
+            // already reported once. A round that made calls is a warning once per provider
+            // while its trouble lasts, then a summary per interval: a warning per command
+            // would flood the log during an outage. Each command still gets its info line.
+            let mut first = false;
             if delay.round_attempts > 0 {
+                let key = format!("parked {}", delay.provider_id);
+                crate::repeats::occurred(
+                    || parking_problem(&key, delay.provider_id),
+                    &key,
+                    || {
+                        first = true;
+                    },
+                );
+            }
+            if first {
                 tracing::warn!(round, delay_ms, attempts, error, "{message}");
             } else {
                 tracing::info!(round, delay_ms, attempts, error, "{message}");

@@ -143,6 +143,82 @@ async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn commands_parked_for_a_failing_provider_make_one_warning_and_summaries_not_one_each() {
+    const PARKED: usize = 60;
+    let (sim, _stop) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        fail_rate: 1.0,
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::with(
+        &sim,
+        &[
+            ("LOG__FORMAT", "json"),
+            ("LOG__SUMMARY_INTERVAL_MS", "2000"),
+            ("RETRY__MAX_ELAPSED_MS", "100"),
+            ("RETRY__DELAY_TIERS_MS", "600000"),
+            // Every command makes its calls (an open circuit would park them without a call,
+            // which is logged at info already).
+            ("BREAKER__MIN_CALLS", "1000000"),
+        ],
+    )
+    .await;
+    let mut worker = Reaped::new(
+        binary(&env)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let log = collect(worker.get().stderr.take().unwrap());
+    wait_for("the worker to start", &log, "worker started").await;
+    for i in 0..PARKED {
+        env.send(&format!("parked-{i}"), &command_body("2.50", i as i64 + 1))
+            .await;
+    }
+    let delay_queue =
+        payment_link_worker::broker::topology::delay_queue(&env.settings.broker, 600_000);
+    eventually("every command parked", LONG, || async {
+        (env.queue_depth(&delay_queue).await as usize == PARKED).then_some(())
+    })
+    .await;
+    eventually("a summary line for the parked commands", WAIT, || async {
+        let text = log.lock().unwrap().clone();
+        warnings(&text)
+            .iter()
+            .any(|w| {
+                let message = w["message"].as_str().unwrap_or("");
+                message.contains("more time(s) in the last")
+                    && message.contains("exhausted their retries and wait in delay queues")
+            })
+            .then_some(())
+    })
+    .await;
+    let text = log.lock().unwrap().clone();
+    let parked: Vec<_> = warnings(&text)
+        .into_iter()
+        .filter(|w| {
+            w["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("command waits in a delay queue"))
+        })
+        .collect();
+    assert_eq!(
+        parked.len(),
+        1,
+        "one warning per provider for {PARKED} parked commands: {parked:#?}"
+    );
+    let infos = text
+        .lines()
+        .filter(|l| l.contains("\"INFO\"") && l.contains("command waits in a delay queue"))
+        .count();
+    assert_eq!(infos, PARKED - 1, "each other command still has its line");
+    terminate(worker.take());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn json_lines_on_stdin_are_sent_on_one_connection_and_a_bad_line_is_named() {
     let env = TestEnv::new("http://127.0.0.1:9").await;
     // The topology, as a worker would declare it (none runs: the commands stay queued).
