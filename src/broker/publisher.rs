@@ -208,7 +208,12 @@ impl Publisher {
         } else {
             tracing::Span::none()
         };
-        let confirmed = async { publish_confirmed(&self.channel().await?, message).await };
+        let mut used = None;
+        let confirmed = async {
+            let channel = self.channel().await?;
+            used = Some(channel.clone());
+            publish_confirmed(&channel, message).await
+        };
         let result = tokio::time::timeout(self.inner.timeout, confirmed)
             .instrument(span.clone())
             .await
@@ -218,16 +223,41 @@ impl Publisher {
             Err(error) => {
                 span.record("otel.status_code", "ERROR");
                 tracing::debug!(parent: &span, %error, "publish not confirmed");
-                if matches!(error, PublishError::Nacked) {
-                    // After a quorum queue lost its leader, RabbitMQ 3.10 went on nacking every
-                    // publish on the same channel for over a minute while new channels were
-                    // taken (seen in the cluster test): the next publish opens a new channel.
-                    let channel = self.inner.slot.read().await.1.clone();
-                    let _ = channel.close(200, "nacked; reopening".into()).await;
+                if let Some(used) = used
+                    && matches!(error, PublishError::Nacked | PublishError::TimedOut(_))
+                {
+                    self.give_up(&used).await;
                 }
             }
         }
         result
+    }
+
+    /// Replaces a channel whose publishes are nacked or go unconfirmed by a new one on the same
+    /// connection, unless the broker is blocking the connection (an alarm: no channel helps).
+    /// After a quorum queue lost its leader, RabbitMQ 3.10 went on nacking every publish on the
+    /// same channel for over a minute while new channels were taken (seen in the cluster test),
+    /// and a channel whose publishes went to the dead leader has them resent only by a 10-second
+    /// timer (seen in the soak); a new channel finds the new leader at once.
+    async fn give_up(&self, used: &Channel) {
+        let _reopening = self.inner.reopening.lock().await;
+        let (connection, current) = self.inner.slot.read().await.clone();
+        if current.id() != used.id()
+            || !connection.status().connected()
+            || connection.status().blocked()
+        {
+            return;
+        }
+        if let Ok(Ok(fresh)) =
+            tokio::time::timeout(self.inner.timeout, confirm_channel(&connection)).await
+        {
+            *self.inner.slot.write().await = (connection, fresh);
+        }
+        // A stuck channel may not answer its close: never wait for it.
+        let timeout = self.inner.timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, current.close(200, "reopening".into())).await;
+        });
     }
 
     /// Messages ready in a queue (a passive declare on a short-lived channel, so a missing queue
