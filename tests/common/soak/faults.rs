@@ -34,7 +34,8 @@ pub struct Done {
     pub fault: Fault,
     /// When it started, from the start of the load.
     pub started: Duration,
-    /// From when progress is expected again at the latest (its start, or a promotion's end).
+    /// From when progress is expected again at the latest (its start, a promotion's end, or a
+    /// stall's end).
     pub progress_from: Duration,
     /// When it was undone.
     pub ended: Duration,
@@ -152,6 +153,9 @@ impl World {
                 proxies.iter().for_each(|p| p.stall(true));
                 tokio::time::sleep(hold).await;
                 proxies.iter().for_each(|p| p.stall(false));
+                // Nothing can move while every connection is held: what counts is how soon
+                // progress comes back once they are let go.
+                *progress_from = start.elapsed();
                 "every connection".into()
             }
             Kind::ProviderSlow => {

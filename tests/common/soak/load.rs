@@ -48,6 +48,9 @@ pub struct Load {
     pub republished: u64,
     /// Messages still unconfirmed when the load gave up.
     pub unconfirmed: u64,
+    /// Confirms per second of the run, from its start: where a stall was (the load's side or
+    /// the workers').
+    pub confirmed_per_s: Vec<u32>,
 }
 
 /// One message to publish.
@@ -194,6 +197,24 @@ async fn channel(urls: &[String], start: &mut usize) -> Option<(Connection, Chan
     None
 }
 
+/// How long a publish or its confirm may take before the load gives up on the channel, as a
+/// careful publisher would: longer than a quorum queue's leader election, shorter than RabbitMQ
+/// 3.10's 10-second resend timer.
+const CONFIRM_BOUND: Duration = Duration::from_secs(3);
+
+/// Closes a session given up on, without waiting for it (a stuck channel may not answer).
+fn close_in_background(session: Option<(Connection, Channel)>) {
+    if let Some((connection, _)) = session {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                connection.close(200, "soak: stuck".into()),
+            )
+            .await;
+        });
+    }
+}
+
 /// Publishes at `rate` a second until `stop` fires, then until every message is confirmed or
 /// `drain` has passed.
 pub async fn run(
@@ -204,6 +225,7 @@ pub async fn run(
     rate: f64,
     stop: CancellationToken,
     drain: Duration,
+    start: Instant,
 ) -> Load {
     let mut rng = Rng::new(seed, 2);
     let mut load = Load::default();
@@ -216,6 +238,9 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u64;
     let mut stopped_at: Option<Instant> = None;
+    let mut stuck_reported = false;
+    // Which session a publish went out on: a confirm given up on closes its own session only.
+    let mut generation = 0u64;
     loop {
         if stopped_at.is_none() && stop.is_cancelled() {
             stopped_at = Some(Instant::now());
@@ -227,14 +252,39 @@ pub async fn run(
         }
         tokio::select! {
             _ = ticker.tick() => {}
-            Some((message, confirmed)) = confirms.next(), if !confirms.is_empty() => {
+            Some((message, confirmed, on)) = confirms.next(), if !confirms.is_empty() => {
                 match confirmed {
-                    Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => {
+                    Ok(Ok(Confirmation::Ack(_))) | Ok(Ok(Confirmation::NotRequested)) => {
+                        stuck_reported = false;
                         let message: Message = message;
                         *load.sent.entry(message.what).or_default() += 1;
+                        let second = start.elapsed().as_secs() as usize;
+                        if load.confirmed_per_s.len() <= second {
+                            load.confirmed_per_s.resize(second + 1, 0);
+                        }
+                        load.confirmed_per_s[second] += 1;
                         if let Some(p) = load.planned.get_mut(&message.id) { p.confirmed += 1 }
                     }
-                    _ => { load.republished += 1; retry.push_back(message); }
+                    other => {
+                        // Nacked, or no confirm within the bound. After a quorum queue lost
+                        // its leader, RabbitMQ 3.10 goes on nacking a channel's publishes, or
+                        // resends them only after a 10-second timer, while a new channel finds
+                        // the new leader at once: publish on a new one, as a careful publisher
+                        // would. The message goes again (a duplicate at worst).
+                        if !stuck_reported {
+                            println!(
+                                "soak: {:>7.1}s  load: {}; publishing on a new channel",
+                                start.elapsed().as_secs_f64(),
+                                if other.is_err() { "no confirm within the bound" } else { "nacked" }
+                            );
+                            stuck_reported = true;
+                        }
+                        if on == generation {
+                            close_in_background(session.take());
+                        }
+                        load.republished += 1;
+                        retry.push_back(message);
+                    }
                 }
                 continue;
             }
@@ -252,28 +302,46 @@ pub async fn run(
             .is_none_or(|(c, _)| !c.status().connected())
         {
             session = channel(&urls, &mut node).await;
+            generation += 1;
         }
         let Some((_, ch)) = &session else {
             retry.push_front(message);
             continue;
         };
-        let published = ch
-            .basic_publish(
+        let published = tokio::time::timeout(
+            CONFIRM_BOUND,
+            ch.basic_publish(
                 exchange.as_str().into(),
                 routing_key.as_str().into(),
                 BasicPublishOptions::default(),
                 message.body.as_bytes(),
                 properties(&message),
-            )
-            .await;
+            ),
+        )
+        .await;
         match published {
-            Ok(confirm) => confirms.push(async move {
-                let confirmed = tokio::time::timeout(Duration::from_secs(30), confirm).await;
-                (message, confirmed.unwrap_or(Ok(Confirmation::Nack(None))))
-            }),
-            Err(_) => {
+            Ok(Ok(confirm)) => {
+                let on = generation;
+                confirms.push(async move {
+                    (
+                        message,
+                        tokio::time::timeout(CONFIRM_BOUND, confirm).await,
+                        on,
+                    )
+                })
+            }
+            Ok(Err(_)) => {
                 retry.push_front(message);
                 session = None;
+            }
+            Err(_) => {
+                println!(
+                    "soak: {:>7.1}s  load: a publish blocked for {} s; publishing on a new channel",
+                    start.elapsed().as_secs_f64(),
+                    CONFIRM_BOUND.as_secs()
+                );
+                retry.push_front(message);
+                close_in_background(session.take());
             }
         }
     }

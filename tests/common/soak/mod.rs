@@ -347,6 +347,7 @@ async fn drive(
     )
     .await?;
     let start = Instant::now();
+    let start_wall = std::time::SystemTime::now();
     let events = collect::Events::default();
     let collector_stop = CancellationToken::new();
     let collector = tokio::spawn(collect::run(
@@ -365,6 +366,7 @@ async fn drive(
         options.rate,
         load_stop.clone(),
         options.drain,
+        start,
     ));
     let sampler_stop = CancellationToken::new();
     let sampler = tokio::spawn(sample(world.fleet.clone(), sampler_stop.clone()));
@@ -415,6 +417,7 @@ async fn drive(
         None
     };
     let evidence = evidence(world, &account).await;
+    let progress = progress(world, start_wall).await;
     let fleet = world.fleet.lock().await;
     Ok(report::Report::new(report::Parts {
         evidence,
@@ -430,7 +433,31 @@ async fn drive(
         leftovers,
         lives: &fleet.lives,
         exits,
+        progress,
     }))
+}
+
+/// When each command was claimed and when it was completed, in seconds from the start of the
+/// load, from the store: the workers' own progress, beside the collector's.
+async fn progress(world: &faults::World, start: std::time::SystemTime) -> report::Progress {
+    let epoch = start
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let sql = format!(
+        "SELECT round((extract(epoch FROM created_at) - {epoch})::numeric, 3) || '|' || \
+         coalesce(round((extract(epoch FROM completed_at) - {epoch})::numeric, 3)::text, '') \
+         FROM payment_link_commands"
+    );
+    let mut progress = report::Progress::default();
+    let Ok(rows) = world.pg.sql(world.pg.primary, DATABASE, &sql).await else {
+        return progress;
+    };
+    for (claimed, completed) in rows.lines().filter_map(|l| l.split_once('|')) {
+        progress.claimed.extend(claimed.parse::<f64>().ok());
+        progress.completed.extend(completed.parse::<f64>().ok());
+    }
+    progress
 }
 
 /// Samples the workers every second; restarts one that exited by itself (and says so).

@@ -28,6 +28,16 @@ pub struct Parts<'a> {
     pub exits: Vec<String>,
     /// The store's rows for the account's examples.
     pub evidence: Vec<String>,
+    /// The workers' progress as the store recorded it.
+    pub progress: Progress,
+}
+
+/// When commands were claimed and completed, in seconds from the start of the load (the
+/// store's clock, which is this machine's).
+#[derive(Default)]
+pub struct Progress {
+    pub claimed: Vec<f64>,
+    pub completed: Vec<f64>,
 }
 
 /// The longest stretch without an event after one kind of fault.
@@ -88,12 +98,16 @@ pub struct Report {
     pub top_warnings: Vec<(String, u64)>,
     pub exits: Vec<String>,
     pub evidence: Vec<String>,
+    /// Per fault over its target: second by second around the gap, what the load had
+    /// confirmed, what the workers claimed and completed, and what the collector received.
+    pub timelines: Vec<String>,
 }
 
 impl Report {
     pub fn new(parts: Parts<'_>) -> Report {
         let o = &parts.options;
         let (warning_lines, error_lines, top_warnings) = log_lines(parts.lives);
+        let timelines = timelines(&parts);
         Report {
             seed: o.seed,
             commit: parts.commit,
@@ -132,6 +146,7 @@ impl Report {
             top_warnings,
             exits: parts.exits,
             evidence: parts.evidence,
+            timelines,
         }
     }
 
@@ -243,7 +258,7 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "\nlongest time without an event, per fault kind (from the fault's start; for a failover from the promotion)"
+            "\nlongest time without an event, per fault kind (from the fault's start; for a failover from the promotion, for a stall from its end)"
         );
         for s in &self.stalls {
             let target = match s.target_s {
@@ -258,6 +273,9 @@ impl Report {
                 "  {:<27} {:>3} faults  {:>6.1} s  (worst at {:.0} s){target}",
                 s.kind, s.faults, s.longest_s, s.worst_at_s
             );
+        }
+        for line in &self.timelines {
+            let _ = writeln!(t, "{line}");
         }
         let _ = writeln!(
             t,
@@ -307,31 +325,46 @@ impl Report {
 /// The longest a broker fault or a failover (from the promotion) may stop progress.
 const TARGET_S: f64 = 5.0;
 
-/// The longest gap between events after each fault, over the window up to the next fault (or
-/// the load's end), worst per kind.
-fn stalls(done: &[Done], events: &[Event], load_end: Duration) -> Vec<Stall> {
+/// The longest gap between events after fault `i` (from when progress is expected), over the
+/// window up to the next fault (or the load's end), and when that gap began.
+fn gap(done: &[Done], i: usize, times: &[Duration], load_end: Duration) -> (Duration, Duration) {
+    let d = &done[i];
+    let until = done
+        .get(i + 1)
+        .map_or(load_end, |next| next.started)
+        .max(d.ended);
+    let mut last = d.progress_from;
+    let mut longest = (Duration::ZERO, last);
+    for &at in times
+        .iter()
+        .filter(|&&at| at > d.progress_from && at <= until)
+    {
+        if at - last > longest.0 {
+            longest = (at - last, last);
+        }
+        last = at;
+    }
+    let tail = until
+        .saturating_sub(last)
+        .min(until.saturating_sub(d.progress_from));
+    if tail > longest.0 {
+        longest = (tail, last);
+    }
+    longest
+}
+
+fn event_times(events: &[Event]) -> Vec<Duration> {
     let mut times: Vec<Duration> = events.iter().map(|e| e.at).collect();
     times.sort();
+    times
+}
+
+/// The longest gap between events after each fault, worst per kind.
+fn stalls(done: &[Done], events: &[Event], load_end: Duration) -> Vec<Stall> {
+    let times = event_times(events);
     let mut worst: BTreeMap<String, Stall> = BTreeMap::new();
     for (i, d) in done.iter().enumerate() {
-        let until = done
-            .get(i + 1)
-            .map_or(load_end, |next| next.started)
-            .max(d.ended);
-        let mut last = d.progress_from;
-        let mut longest = Duration::ZERO;
-        for &at in times
-            .iter()
-            .filter(|&&at| at > d.progress_from && at <= until)
-        {
-            longest = longest.max(at - last);
-            last = at;
-        }
-        longest = longest.max(
-            until
-                .saturating_sub(last)
-                .min(until.saturating_sub(d.progress_from)),
-        );
+        let (longest, _) = gap(done, i, &times, load_end);
         let entry = worst
             .entry(d.fault.kind.name().to_owned())
             .or_insert(Stall {
@@ -407,4 +440,59 @@ fn log_lines(lives: &[Life]) -> (u64, u64, Vec<(String, u64)>) {
     top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     top.truncate(10);
     (warnings, errors, top)
+}
+
+/// Second by second around each gap over its target: confirmed by the broker to the load,
+/// claimed and completed by the workers (from the store), received by the collector. Tells a
+/// stall of the workers from one of the load or of the collector's own queue.
+fn timelines(parts: &Parts<'_>) -> Vec<String> {
+    let times = event_times(parts.events);
+    let per_second = |values: &mut dyn Iterator<Item = f64>, from: u64, to: u64| {
+        let mut counts = vec![0u32; (to - from) as usize];
+        for v in values {
+            if v >= from as f64 && v < to as f64 {
+                counts[(v as u64 - from) as usize] += 1;
+            }
+        }
+        counts
+    };
+    let mut lines = Vec::new();
+    for (i, d) in parts.done.iter().enumerate() {
+        let (longest, began) = gap(&parts.done, i, &times, parts.load_end);
+        if !d.fault.kind.has_target() || longest.as_secs_f64() <= TARGET_S {
+            continue;
+        }
+        let from = d.started.as_secs().saturating_sub(2);
+        let to = (began + longest).as_secs() + 3;
+        let confirmed: Vec<u32> = (from..to)
+            .map(|s| {
+                parts
+                    .load
+                    .confirmed_per_s
+                    .get(s as usize)
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let claimed = per_second(&mut parts.progress.claimed.iter().copied(), from, to);
+        let completed = per_second(&mut parts.progress.completed.iter().copied(), from, to);
+        let received = per_second(&mut times.iter().map(Duration::as_secs_f64), from, to);
+        lines.push(format!(
+            "\n{} at {:.1} s ({}), undone at {:.1} s: {:.1} s without an event from {:.1} s",
+            d.fault.kind,
+            d.started.as_secs_f64(),
+            d.note,
+            d.ended.as_secs_f64(),
+            longest.as_secs_f64(),
+            began.as_secs_f64()
+        ));
+        lines.push("  second  confirmed  claimed  completed  events".into());
+        for (k, second) in (from..to).enumerate() {
+            lines.push(format!(
+                "  {second:>6}  {:>9}  {:>7}  {:>9}  {:>6}",
+                confirmed[k], claimed[k], completed[k], received[k]
+            ));
+        }
+    }
+    lines
 }
