@@ -77,6 +77,17 @@ pub enum Commands {
     /// and RabbitMQ for replays; not the provider).
     #[command(after_help = CONSOLE_ENV)]
     Console(ConsoleArgs),
+    /// About the settings themselves.
+    #[command(subcommand)]
+    Config(ConfigCommands),
+}
+
+/// What `config` tells.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommands {
+    /// Print every setting (type, default, environment variables, what it is for) as Markdown,
+    /// from the defaults compiled in; docs/configuration.md is this output.
+    Reference,
 }
 
 /// `console` alone serves the console; its subcommand helps set it up.
@@ -141,6 +152,11 @@ pub struct ProviderSimArgs {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Needs no settings: it describes them, valid or not.
+    if let Commands::Config(ConfigCommands::Reference) = cli.command {
+        print!("{}", crate::config::reference::markdown());
+        return Ok(());
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     let _telemetry = telemetry::init(&settings.log)?;
     match cli.command {
@@ -268,6 +284,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             crate::console::serve(settings, listener, stop).await
         }
+        Commands::Config(_) => unreachable!("answered before the settings are loaded"),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod check;
 mod layers;
+pub mod reference;
 mod secret;
 
 pub use secret::{Secret, SecretUrl, redact_url};

@@ -318,3 +318,27 @@ fn help_names_the_environment_each_subcommand_reads() {
         assert!(console.contains(name), "console --help: {name}\n{console}");
     }
 }
+
+#[test]
+fn docs_configuration_md_is_what_config_reference_prints_even_with_bad_settings() {
+    // A bad setting in the environment: the reference describes the settings, it does not
+    // need them to be valid.
+    let output = worker()
+        .args(["config", "reference"])
+        .env("PAYMENT_LINK_WORKER__BROKER__PREFECH", "4")
+        .output()
+        .expect("binary runs");
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.contains("### `broker.prefetch`"), "{printed}");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap_or_default();
+    assert!(
+        shipped == printed,
+        "docs/configuration.md differs from `payment-link-worker config reference`; write it \
+         again with `cargo run -q -- config reference > docs/configuration.md`"
+    );
+}
