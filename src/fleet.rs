@@ -7,6 +7,7 @@
 use crate::context::Context;
 use crate::provider::lanes::{FRESH_CUT, LaneStatus};
 use crate::store::heartbeats;
+use serde::Deserialize as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -72,7 +73,7 @@ fn fleet_rates(
     // Each provider's reports: its found rate and how long ago it was cut (aged by its beat).
     let mut reports: std::collections::BTreeMap<i64, Vec<(f64, Option<u64>)>> = Default::default();
     for worker in alive {
-        for lane in LaneStatus::reported(worker.status.as_ref()) {
+        for lane in Report::of(worker.status.as_ref()).lanes {
             let Some(found) = lane.found_rate.filter(|r| r.is_finite() && *r > 0.0) else {
                 continue;
             };
@@ -104,16 +105,40 @@ fn fleet_rates(
         .collect()
 }
 
-/// What this worker reports with its heartbeat, for `payment-link-worker status`.
+/// What a worker reports with its heartbeat: its totals since it started, for `status`, and its
+/// lanes, for `status` and for the other replicas' paces (the found rates). Written here and
+/// read back by both, as this one type.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Report {
+    pub received: u64,
+    pub created: u64,
+    pub dead_lettered: u64,
+    pub delayed: u64,
+    pub lanes: Vec<LaneStatus>,
+}
+
+impl Report {
+    /// A heartbeat row's report; empty when there is none or an older version wrote it in
+    /// another shape.
+    pub fn of(status: Option<&serde_json::Value>) -> Report {
+        status
+            .and_then(|s| Report::deserialize(s).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// What this worker reports with its heartbeat.
 fn report(context: &Context) -> serde_json::Value {
     let [received, created, dead_lettered, delayed] = context.metrics.tally.read();
-    serde_json::json!({
-        "received": received,
-        "created": created,
-        "deadLettered": dead_lettered,
-        "delayed": delayed,
-        "lanes": context.lanes.snapshot(),
-    })
+    let report = Report {
+        received,
+        created,
+        dead_lettered,
+        delayed,
+        lanes: context.lanes.snapshot(),
+    };
+    serde_json::to_value(report).expect("a report is plain data")
 }
 
 #[cfg(test)]

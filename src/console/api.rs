@@ -168,14 +168,7 @@ fn action(
     let filter = target
         .filter()
         .ok_or_else(|| refuse(StatusCode::UNPROCESSABLE_ENTITY, ONE_TARGET))?;
-    checked(&filter).map_err(|why| {
-        let status = if why.contains("NUL") {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::UNPROCESSABLE_ENTITY
-        };
-        refuse(status, &why)
-    })?;
+    checked(&filter).map_err(|unusable| refuse(unusable.status(), &unusable.to_string()))?;
     Ok((target, filter))
 }
 

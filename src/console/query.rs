@@ -125,30 +125,63 @@ const MAX_FILTER_TEXT: usize = 1000;
 
 /// Whether the store can take `filter` as it is; if not, what is wrong with it: a NUL character
 /// (which PostgreSQL text cannot hold), an overlong text, too many ids.
-pub(super) fn checked(filter: &Filter) -> Result<(), String> {
+pub(super) fn checked(filter: &Filter) -> Result<(), Unusable> {
     for (name, value) in [
         ("commandId", &filter.command_id),
         ("search", &filter.search),
     ] {
         let Some(value) = value else { continue };
         if value.contains('\0') {
-            return Err(format!(
+            return Err(Unusable::Nul(format!(
                 "{name} contains a NUL character (U+0000), which no dead letter can hold"
-            ));
+            )));
         }
         if value.chars().count() > MAX_FILTER_TEXT {
-            return Err(format!(
+            return Err(Unusable::Limit(format!(
                 "{name} is longer than {MAX_FILTER_TEXT} characters"
-            ));
+            )));
         }
     }
     if filter.ids.as_ref().is_some_and(|ids| ids.len() > MAX_IDS) {
-        return Err(format!(
+        return Err(Unusable::Limit(format!(
             "at most {MAX_IDS} ids in one request: select more with a filter (kind, time, \
              provider, search) instead"
-        ));
+        )));
     }
     Ok(())
+}
+
+/// Why a filter cannot be run, which decides the API's answer.
+#[derive(Debug)]
+pub(super) enum Unusable {
+    /// Text no dead letter can hold (a NUL): a malformed request, 400.
+    Nul(String),
+    /// Past a bound (too long, too many ids): a well-formed request refused, 422.
+    Limit(String),
+}
+
+impl Unusable {
+    /// The HTTP status the API answers it with.
+    pub(super) fn status(&self) -> axum::http::StatusCode {
+        match self {
+            Unusable::Nul(_) => axum::http::StatusCode::BAD_REQUEST,
+            Unusable::Limit(_) => axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+        }
+    }
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::Nul(why) | Unusable::Limit(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<Unusable> for String {
+    fn from(unusable: Unusable) -> String {
+        unusable.to_string()
+    }
 }
 
 /// Most rows in one page.

@@ -4,7 +4,8 @@
 
 use crate::broker::topology::delay_queue;
 use crate::config::Settings;
-use crate::provider::lanes::LaneStatus;
+use crate::fleet::Report;
+use crate::provider::breaker::State as BreakerState;
 use crate::store::{PgConn, StoreError, heartbeats};
 use clap::Args;
 use diesel::sql_types::{BigInt, Float8, Nullable};
@@ -98,8 +99,8 @@ pub struct ProviderStatus {
     pub queued: i64,
     /// Concurrency limits, summed.
     pub limit: i64,
-    /// The worst breaker state among the workers (open, half-open, closed).
-    pub breaker: String,
+    /// The worst breaker state among the workers; none when no worker reports this provider.
+    pub breaker: Option<BreakerState>,
     /// The configured fleet-wide rate limit.
     pub max_requests_per_second: Option<f64>,
 }
@@ -113,7 +114,7 @@ pub struct Replica {
     /// Milliseconds since its last heartbeat.
     pub seen_ms_ago: i64,
     /// What it reported (its totals and lanes).
-    pub report: serde_json::Value,
+    pub report: Report,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -188,21 +189,17 @@ async fn from_store(settings: &Settings, conn: &mut PgConn) -> Result<Status, St
         provider.per_second += row.n as f64 / WINDOW_SECONDS as f64;
     }
     last_minute.per_second = last_minute.created as f64 / WINDOW_SECONDS as f64;
-    let rank = |b: &str| match b {
-        "open" => 2,
-        "half-open" => 1,
-        _ => 0,
-    };
-    for worker in &alive {
-        let lanes = LaneStatus::reported(worker.status.as_ref());
-        for lane in lanes {
+    let reports: Vec<Report> = alive
+        .iter()
+        .map(|a| Report::of(a.status.as_ref()))
+        .collect();
+    for report in &reports {
+        for lane in &report.lanes {
             let provider = providers.entry(lane.provider_id).or_default();
             provider.in_flight += lane.in_flight;
             provider.queued += lane.queued;
             provider.limit += lane.limit;
-            if rank(&lane.breaker) >= rank(&provider.breaker) {
-                provider.breaker = lane.breaker;
-            }
+            provider.breaker = provider.breaker.max(Some(lane.breaker));
             provider.max_requests_per_second = lane.max_requests_per_second;
         }
     }
@@ -213,18 +210,16 @@ async fn from_store(settings: &Settings, conn: &mut PgConn) -> Result<Status, St
             .into_iter()
             .map(|(id, mut p)| {
                 p.provider_id = id;
-                if p.breaker.is_empty() {
-                    p.breaker = "-".into();
-                }
                 p
             })
             .collect(),
         replicas: alive
             .into_iter()
-            .map(|a| Replica {
+            .zip(reports)
+            .map(|(a, report)| Replica {
                 instance_id: a.instance_id,
                 seen_ms_ago: a.age_ms,
-                report: a.status.unwrap_or_default(),
+                report,
             })
             .collect(),
         open_dead_letters,
@@ -328,24 +323,23 @@ pub fn screen(status: &Status) -> String {
             p.in_flight,
             p.queued,
             p.limit,
-            crate::text::visible(&p.breaker),
+            p.breaker.map_or("-", BreakerState::as_str),
             p.max_requests_per_second
                 .map_or("-".to_owned(), |r| format!("{r}/s"))
         );
     }
     let _ = writeln!(out, "\nREPLICAS ALIVE  {}", status.replicas.len());
     for r in &status.replicas {
-        let n = |key: &str| r.report[key].as_u64().unwrap_or(0);
         let _ = writeln!(
             out,
             "  {}  seen {:.1} s ago  received {}  created {}  dead-lettered {}  delayed {}",
             // Read from the database: shown with control characters made visible.
             crate::text::visible(&r.instance_id),
             r.seen_ms_ago as f64 / 1000.0,
-            n("received"),
-            n("created"),
-            n("deadLettered"),
-            n("delayed")
+            r.report.received,
+            r.report.created,
+            r.report.dead_lettered,
+            r.report.delayed
         );
     }
     let total: i64 = status.open_dead_letters.values().sum();

@@ -11,15 +11,30 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// The breaker's state, for logs and readiness.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The breaker's state, for logs, readiness and the heartbeat report (written as `closed`,
+/// `half-open` or `open`). Ordered from best to worst, so a fleet shows its worst.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum State {
     /// Calls go through.
     Closed,
-    /// The provider is taken to be down; calls wait for a probe to succeed.
-    Open,
     /// A probe call is under way.
     HalfOpen,
+    /// The provider is taken to be down; calls wait for a probe to succeed.
+    Open,
+}
+
+impl State {
+    /// How the report and `status` write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::HalfOpen => "half-open",
+            State::Open => "open",
+        }
+    }
 }
 
 struct Inner {

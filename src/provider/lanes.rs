@@ -38,8 +38,8 @@ pub struct LaneStatus {
     pub queued: i64,
     /// Calls started since the worker started.
     pub calls: u64,
-    /// closed, open or half-open.
-    pub breaker: String,
+    /// Its circuit breaker's state.
+    pub breaker: State,
     /// The fleet-wide rate limit configured for it, if any.
     pub max_requests_per_second: Option<f64>,
     /// The fleet-wide rate this worker found (or adopted from the others) from the provider's
@@ -52,16 +52,6 @@ pub struct LaneStatus {
     /// Answers that asked to slow down, since the worker started.
     #[serde(default)]
     pub slowed_down: u64,
-}
-
-impl LaneStatus {
-    /// The lanes a worker reported with its heartbeat (none when the status is missing or was
-    /// written by an older version in another shape).
-    pub fn reported(status: Option<&serde_json::Value>) -> Vec<LaneStatus> {
-        status
-            .and_then(|s| serde_json::from_value(s["lanes"].clone()).ok())
-            .unwrap_or_default()
-    }
 }
 
 /// One provider's breaker and limits.
@@ -560,12 +550,7 @@ impl Lanes {
                 in_flight: lane.figures.in_flight.load(Relaxed),
                 queued: lane.figures.queued.load(Relaxed),
                 calls: lane.figures.started.load(Relaxed),
-                breaker: match lane.breaker.state() {
-                    State::Closed => "closed",
-                    State::Open => "open",
-                    State::HalfOpen => "half-open",
-                }
-                .to_owned(),
+                breaker: lane.breaker.state(),
                 max_requests_per_second: lane.rate,
                 found_rate: found,
                 since_cut_ms: since_cut.map(|d| d.as_millis() as u64),
