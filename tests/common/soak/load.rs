@@ -215,18 +215,30 @@ fn close_in_background(session: Option<(Connection, Channel)>) {
     }
 }
 
-/// Publishes at `rate` a second until `stop` fires, then until every message is confirmed or
-/// `drain` has passed.
+/// How the load goes: drawn from `seed`, at `rate` a second, for at most `drain` after it is
+/// stopped, its figures timed from `start`.
+pub struct Pace {
+    pub seed: u64,
+    pub rate: f64,
+    pub drain: Duration,
+    pub start: Instant,
+}
+
+/// Publishes at the pace's rate until `stop` fires, then until every message is confirmed or
+/// the drain has passed.
 pub async fn run(
     urls: Vec<String>,
     exchange: String,
     routing_key: String,
-    seed: u64,
-    rate: f64,
+    pace: Pace,
     stop: CancellationToken,
-    drain: Duration,
-    start: Instant,
 ) -> Load {
+    let Pace {
+        seed,
+        rate,
+        drain,
+        start,
+    } = pace;
     let mut rng = Rng::new(seed, 2);
     let mut load = Load::default();
     let mut ids = Vec::new();

@@ -362,11 +362,13 @@ async fn drive(
         urls.clone(),
         format!("{PREFIX}.commands"),
         "payment-link.create".into(),
-        options.seed,
-        options.rate,
+        load::Pace {
+            seed: options.seed,
+            rate: options.rate,
+            drain: options.drain,
+            start,
+        },
         load_stop.clone(),
-        options.drain,
-        start,
     ));
     let sampler_stop = CancellationToken::new();
     let sampler = tokio::spawn(sample(world.fleet.clone(), sampler_stop.clone()));
