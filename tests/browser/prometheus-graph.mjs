@@ -1,4 +1,4 @@
-// Screenshots Prometheus's graph page with the dashboard's main queries, for the README's
+// Screenshots Prometheus's graph page with the dashboard's main queries, for docs/operations.md's
 // picture of the worker's figures (docs/prometheus-graph.png). Run against a Prometheus that
 // scrapes a busy worker: PROMETHEUS_URL=http://127.0.0.1:9090 OUT=docs/prometheus-graph.png
 // node tests/browser/prometheus-graph.mjs

@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The keys of the Secret `payment-link-worker` that the manifests may read (README, "Kubernetes").
+/// The keys of the Secret `payment-link-worker` that the manifests may read (docs/kubernetes.md).
 const SECRET_KEYS: [&str; 7] = [
     "PROVIDER_BASE_URL",
     "PROVIDER_TOKEN",
@@ -128,7 +128,7 @@ fn resolve_port(container: &Value, port: &Value) -> i64 {
 
 /// The names the container's environment defines, in order, checking on the way that every
 /// `$(NAME)` reference names one defined before it (Kubernetes expands only those) and every
-/// key read from our Secret is one the README documents.
+/// key read from our Secret is one docs/kubernetes.md documents.
 fn environment(container: &Value) -> Vec<String> {
     let mut defined: Vec<String> = Vec::new();
     let reference = regex::Regex::new(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)").unwrap();
@@ -344,14 +344,10 @@ fn the_rendered_manifests_agree_with_the_code() {
             }
         }
     }
-    // The README names every Secret key a platform team must fill in.
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let section = readme
-        .split("\n## Kubernetes")
-        .nth(1)
-        .expect("a Kubernetes section in the README");
+    // docs/kubernetes.md names every Secret key a platform team must fill in.
+    let guide = std::fs::read_to_string(repo().join("docs/kubernetes.md")).unwrap();
     for key in SECRET_KEYS {
-        assert!(section.contains(key), "README's Kubernetes section: {key}");
+        assert!(guide.contains(key), "docs/kubernetes.md: {key}");
     }
 }
 

@@ -49,7 +49,7 @@ fn words(line: &str) -> Vec<String> {
 /// The quick start's commands that have an output block, in order.
 fn steps(readme: &str) -> Vec<Step> {
     let start = readme.find("## Quick start").expect("a quick start");
-    let end = start + readme[start..].find("\n## The message contract").unwrap();
+    let end = start + readme[start..].find("\n## Everyday commands").unwrap();
     let section = &readme[start..end];
     let blocks = Regex::new(r"(?s)```sh\n(.*?)```\n```text\n(.*?)```").unwrap();
     blocks
