@@ -159,6 +159,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let settings = Settings::load(cli.config.as_deref())?;
     let _telemetry = telemetry::init(&settings.log)?;
+    let service = matches!(
+        cli.command,
+        Commands::Run | Commands::Console(ConsoleArgs { action: None })
+    );
+    if !service {
+        telemetry::fatal_as_text();
+    }
     match cli.command {
         Commands::Run => {
             settings.check_for_worker()?;

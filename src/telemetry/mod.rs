@@ -160,6 +160,12 @@ pub fn fatal(error: &anyhow::Error) {
     }
 }
 
+/// Makes [`fatal`] write a plain line whatever the log format: for the tools (`send`, `status`,
+/// `dead-letters`…), whose error a person or a script reads, not a log collector.
+pub fn fatal_as_text() {
+    JSON_LINES.store(false, Ordering::Relaxed);
+}
+
 /// Installs the global subscriber with a given tracer (tests pass one that records in memory).
 pub fn install(settings: &LogSettings, tracer: opentelemetry_sdk::trace::SdkTracer) {
     CHILD_SPANS.store(true, Ordering::Relaxed);

@@ -342,3 +342,22 @@ fn docs_configuration_md_is_what_config_reference_prints_even_with_bad_settings(
          again with `cargo run -q -- config reference > docs/configuration.md`"
     );
 }
+
+#[test]
+fn a_tools_failure_is_a_plain_line_even_piped_where_the_workers_is_json() {
+    // Piped, the log format `auto` writes JSON lines: right for `run`, whose stderr a log
+    // collector reads; a tool's error is read by a person or a script.
+    let unreachable = "postgres://postgres@127.0.0.1:1/links";
+    let tool = stderr_of(worker().arg("status").env("DATABASE_URL", unreachable));
+    assert!(
+        tool.starts_with("payment-link-worker: ") && tool.lines().count() == 1,
+        "{tool}"
+    );
+    let service = stderr_of(
+        worker()
+            .arg("run")
+            .env("PROVIDER_TOKEN", "t")
+            .env("DATABASE_URL", unreachable),
+    );
+    assert!(service.trim_start().starts_with("{\""), "{service}");
+}
