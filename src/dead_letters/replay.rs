@@ -11,6 +11,7 @@ use super::store::{self, Filter, State};
 use super::targets::ReplayTargets;
 
 use crate::config::Settings;
+use crate::store::replay_runs::RunState;
 use crate::store::{self as db, PgConn, audit, replay_runs};
 use serde::Serialize;
 use std::time::Duration;
@@ -147,7 +148,13 @@ pub async fn start(
             dry_run: request.dry_run,
             source: request.source.clone(),
             filter: Some(filter.clone()),
-            state: if request.dry_run { "done" } else { "running" }.into(),
+            state: if request.dry_run {
+                RunState::Done
+            } else {
+                RunState::Running
+            }
+            .as_str()
+            .into(),
             total: ids.len() as i32,
             accept_duplicate_risk: request.accept_duplicate_risk,
         },

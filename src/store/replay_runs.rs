@@ -82,6 +82,29 @@ pub struct ReplayRun {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where a replay run is; the `state` column holds its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Publishing its letters (or stopped midway: a console takes it over once it is idle).
+    Running,
+    /// Ended with every chosen letter published, or a dry run.
+    Done,
+    /// Ended with letters the broker refused or did not confirm: they stay open, and the
+    /// `PaymentLinkReplayRunFailed` alert says so.
+    Failed,
+}
+
+impl RunState {
+    /// The text the column holds and the API shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Done => "done",
+            RunState::Failed => "failed",
+        }
+    }
+}
+
 /// Records the start of a run and returns its id.
 pub async fn start(conn: &mut PgConn, run: &NewReplayRun) -> Result<i64, StoreError> {
     Ok(diesel::insert_into(r::replay_runs)
@@ -122,7 +145,8 @@ pub struct RunCounts {
     pub left: i32,
 }
 
-/// Records how the run ended.
+/// Records how the run ended: `failed` when the broker refused or did not confirm any of its
+/// letters, else `done`.
 pub async fn finish(conn: &mut PgConn, run_id: i64, counts: RunCounts) -> Result<(), StoreError> {
     let RunCounts {
         selected,
@@ -139,7 +163,12 @@ pub async fn finish(conn: &mut PgConn, run_id: i64, counts: RunCounts) -> Result
             r::skipped.eq(skipped),
             r::failed.eq(failed),
             r::left_in_queue.eq(Some(left)),
-            r::state.eq("done"),
+            r::state.eq(if failed > 0 {
+                RunState::Failed
+            } else {
+                RunState::Done
+            }
+            .as_str()),
             r::updated_at.eq(Utc::now()),
         ))
         .execute(conn)
@@ -187,7 +216,7 @@ pub async fn take_over(
     Ok(diesel::update(
         r::replay_runs
             .find(run_id)
-            .filter(r::state.eq("running"))
+            .filter(r::state.eq(RunState::Running.as_str()))
             .filter(r::updated_at.lt(before)),
     )
     .set(r::updated_at.eq(Utc::now()))
@@ -204,12 +233,12 @@ pub async fn watch(
 ) -> Result<(Option<DateTime<Utc>>, i64), StoreError> {
     let since = Utc::now() - chrono::Duration::from_std(recent).unwrap_or_default();
     let idle_since: Option<DateTime<Utc>> = r::replay_runs
-        .filter(r::state.eq("running"))
+        .filter(r::state.eq(RunState::Running.as_str()))
         .select(diesel::dsl::min(r::updated_at))
         .first(conn)
         .await?;
     let failed: i64 = r::replay_runs
-        .filter(r::state.eq("failed"))
+        .filter(r::state.eq(RunState::Failed.as_str()))
         .filter(r::finished_at.ge(since))
         .count()
         .get_result(conn)
@@ -221,7 +250,7 @@ pub async fn watch(
 pub async fn stalled(conn: &mut PgConn, idle: std::time::Duration) -> Result<Vec<i64>, StoreError> {
     let before = Utc::now() - chrono::Duration::from_std(idle).unwrap_or_default();
     Ok(r::replay_runs
-        .filter(r::state.eq("running"))
+        .filter(r::state.eq(RunState::Running.as_str()))
         .filter(r::updated_at.lt(before))
         .select(r::id)
         .load(conn)

@@ -388,6 +388,52 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_letters_the_broker_refuses_ends_failed_and_leaves_them_open() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("rejected"))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    let worker = env.start_worker().await;
+    for i in 0..2 {
+        env.send(&format!("refused-{i}"), &command_body("1.00", 300 + i))
+            .await;
+    }
+    stored(&env, &Filter::default(), 2).await;
+    worker.stop().await.unwrap();
+    // Nothing is bound to the command exchange any more: the broker returns every copy.
+    let broker = &env.settings.broker;
+    env.channel
+        .queue_unbind(
+            broker.command_queue.as_str().into(),
+            broker.command_exchange.as_str().into(),
+            broker.command_routing_key.as_str().into(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let mut conn = env.pool.get().await.unwrap();
+    let asked = request(Filter::default(), None, false);
+    let started = dead_letters::start(&env.settings, &mut conn, &asked)
+        .await
+        .unwrap();
+    let worked = dead_letters::work(&env.settings, &mut conn, started.run_id, asked.rate)
+        .await
+        .unwrap();
+    assert_eq!(worked.failed.len(), 2, "{worked:?}");
+    let run = replay_runs::find(&mut conn, started.run_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((run.state.as_str(), run.failed), ("failed", 2), "{run:?}");
+    for id in &worked.failed {
+        assert_eq!(state_of(&env, *id).await, "open");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_message_that_keeps_failing_is_dead_lettered_by_the_broker_and_stored() {
     use lapin::options::{BasicGetOptions, BasicNackOptions};
     let provider = MockServer::start().await;
