@@ -21,10 +21,13 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   page.setDefaultTimeout(15000);
   const dialogs = [];
-  // Every question is answered yes, except whether to include dead letters that fail again.
+  // Every question is answered yes, except whether to include dead letters that fail again
+  // (and, once, whether to go on at all: `refuseNext`).
+  let refuseNext = false;
   page.on('dialog', (dialog) => {
     dialogs.push(dialog.message());
-    if (dialog.message().includes('fail again')) dialog.dismiss(); else dialog.accept();
+    if (refuseNext) { refuseNext = false; dialog.dismiss(); return; }
+    if (dialog.message().startsWith('Include the dead letters that will fail again')) dialog.dismiss(); else dialog.accept();
   });
 
   await page.goto(`${base}/dead-letters`);
@@ -73,6 +76,15 @@ try {
   await page.goto(`${base}/dead-letters?kind=validation`);
   const invalid = await page.getAttribute('#letters tr[data-id]', 'data-id');
   await page.goto(`${base}/dead-letters/${invalid}`);
+  // Cancel at the first question replays nothing: no run starts, the page stays.
+  const runsBefore = (await (await page.request.get(`${base}/api/replays`)).json()).items.length;
+  const asked = dialogs.length;
+  refuseNext = true;
+  await page.click('#replay-one');
+  for (let i = 0; i < 150 && dialogs.length < asked + 1; i++) await page.waitForTimeout(100);
+  check(dialogs.length === asked + 1, `exactly one question before Cancel, got ${dialogs.slice(asked)}`);
+  const runsAfter = (await (await page.request.get(`${base}/api/replays`)).json()).items.length;
+  check(runsAfter === runsBefore && page.url().endsWith(`/dead-letters/${invalid}`), `Cancel replays nothing: ${runsBefore} runs before, ${runsAfter} after, at ${page.url()}`);
   await Promise.all([page.waitForURL(/\/replays\/\d+$/), page.click('#replay-one')]);
   check(dialogs.some((d) => d.includes('1 of the selected dead letters fail again')), `the question about failing again, got ${dialogs}`);
   await page.waitForFunction(() => document.getElementById('state')?.textContent === 'done');

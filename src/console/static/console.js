@@ -21,7 +21,9 @@ async function act(kind, target, count) {
   const body = Object.assign({}, target, rate ? {rate: Number(rate)} : {});
   let r = await call('/api/replays', Object.assign(body, {askIfFailing: true}));
   if (r.status === 409 && r.json.failAgain) {
-    const include = confirm(r.json.error + '\n\nOK replays them too (they will be dead-lettered again); Cancel skips them.');
+    // Cancel always means "do nothing": the choice about these letters is a second question.
+    if (!confirm(r.json.error + '\n\nOK: go on (the next question asks whether to include them). Cancel: replay nothing.')) return;
+    const include = confirm('Include the dead letters that will fail again? OK: replay them too (they will be dead-lettered again). Cancel: skip them and replay the rest.');
     r = await call('/api/replays', Object.assign(body, include ? {includeFailing: true} : {askIfFailing: false}));
   }
   if (r.status === 409 && r.json.atRisk) {
