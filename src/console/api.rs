@@ -52,13 +52,14 @@ async fn list(
         Ok(parts) => parts,
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
-    let page = crate::store::with_conn(&console.pool, async |conn| {
-        store::page(conn, &filter, limit, cursor).await
-    });
     let targets = ReplayTargets::new(&console.settings);
+    let page = crate::store::with_conn(&console.pool, async |conn| {
+        let (items, next) = store::page(conn, &filter, limit, cursor).await?;
+        Ok::<_, crate::store::StoreError>((Listed::all(conn, items, &targets).await?, next))
+    });
     match page.await {
         Ok((items, next)) => Json(json!({
-            "items": items.into_iter().map(|i| Listed::new(i, &targets)).collect::<Vec<_>>(),
+            "items": items,
             "nextCursor": next.map(|c| c.encode()),
         }))
         .into_response(),

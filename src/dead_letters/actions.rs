@@ -20,6 +20,12 @@ pub struct Listed {
     pub replayable: bool,
     /// Why not, when it is not.
     pub not_replayable_because: Option<String>,
+    /// Whether it would fail the same way again as it is, so that a replay skips it unless
+    /// asked to include it.
+    pub fails_again: bool,
+    /// How many times a replay run published it (`replayCount` is how many times its command
+    /// had been replayed before it failed).
+    pub times_replayed: i64,
 }
 
 impl std::ops::Deref for Listed {
@@ -30,16 +36,35 @@ impl std::ops::Deref for Listed {
 }
 
 impl Listed {
-    /// `summary`, checked against `targets`.
-    pub fn new(summary: Summary, targets: &ReplayTargets) -> Self {
+    /// `summary`, checked against `targets`, replayed `times_replayed` times.
+    pub fn new(summary: Summary, targets: &ReplayTargets, times_replayed: i64) -> Self {
         let why = targets
             .check(&summary.original_exchange, &summary.original_routing_key)
             .err();
         Self {
+            fails_again: summary.kind.fails_again(),
             summary,
             replayable: why.is_none(),
             not_replayable_because: why,
+            times_replayed,
         }
+    }
+
+    /// A page of summaries as lists show them, with how often each was replayed.
+    pub async fn all(
+        conn: &mut PgConn,
+        summaries: Vec<Summary>,
+        targets: &ReplayTargets,
+    ) -> Result<Vec<Listed>, db::StoreError> {
+        let ids: Vec<i64> = summaries.iter().map(|s| s.id).collect();
+        let replayed = store::times_replayed(conn, &ids).await?;
+        Ok(summaries
+            .into_iter()
+            .map(|s| {
+                let times = replayed.get(&s.id).copied().unwrap_or(0);
+                Listed::new(s, targets, times)
+            })
+            .collect())
     }
 }
 
@@ -74,10 +99,7 @@ pub async fn list(
     let (letters, _) = store::page(conn, filter, limit, None).await?;
     let by_kind = store::count_by_kind(conn, filter).await?;
     Ok(Listing {
-        letters: letters
-            .into_iter()
-            .map(|l| Listed::new(l, targets))
-            .collect(),
+        letters: Listed::all(conn, letters, targets).await?,
         matching: by_kind.values().sum(),
         by_kind,
     })

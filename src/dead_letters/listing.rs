@@ -38,7 +38,10 @@ pub fn format_detail(letter: &DeadLetterView) -> String {
         ("HTTP status", letter.http_status.map(|v| v.to_string())),
         ("Provider answer", text(&letter.error_body)),
         ("Provider calls", letter.attempts.map(|v| v.to_string())),
-        ("Replays so far", Some(letter.replay_count.to_string())),
+        (
+            "Replays of its command before it failed",
+            Some(letter.replay_count.to_string()),
+        ),
         ("Command id", Some(visible(&letter.command_id).into_owned())),
         ("Trace id", text(&letter.trace_id)),
         ("Provider id", number(letter.provider_id)),
@@ -152,8 +155,13 @@ pub fn format_listing(listing: &Listing) -> String {
             opt(l.invoice_id),
             opt(l.adhoc_invoice_id),
             opt(l.customer_id),
-            l.replay_count.to_string(),
-            if l.replayable { "yes" } else { "no" }.into(),
+            l.times_replayed.to_string(),
+            match (l.replayable, l.fails_again) {
+                (false, _) => "no",
+                (true, true) => "if asked",
+                (true, false) => "yes",
+            }
+            .into(),
             visible(&l.error_message).into_owned(),
         ]);
     }
@@ -230,6 +238,8 @@ mod tests {
                 summary,
                 replayable: false,
                 not_replayable_because: Some("it names the default exchange".into()),
+                fails_again: false,
+                times_replayed: 0,
             }],
             by_kind: [("expired".to_owned(), 1)].into_iter().collect(),
             matching: 1,

@@ -295,6 +295,21 @@ pub async fn get(conn: &mut PgConn, id: i64) -> Result<Option<(Stored, Vec<Repla
     Ok(Some((row, replays)))
 }
 
+/// How many times each of `ids` was published by a replay run (ids never replayed are absent).
+pub async fn times_replayed(
+    conn: &mut PgConn,
+    ids: &[i64],
+) -> Result<std::collections::HashMap<i64, i64>, StoreError> {
+    let counted: Vec<(i64, i64)> = r::dead_letter_replays
+        .filter(r::dead_letter_id.eq_any(ids))
+        .filter(r::outcome.eq("replayed"))
+        .group_by(r::dead_letter_id)
+        .select((r::dead_letter_id, diesel::dsl::count_star()))
+        .load(conn)
+        .await?;
+    Ok(counted.into_iter().collect())
+}
+
 /// Archives those of `ids` that are open; returns their ids.
 pub async fn archive(conn: &mut PgConn, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
     Ok(diesel::update(

@@ -215,6 +215,23 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
         )
     );
     assert_eq!(state_of(&env, replayed[0]).await, "replayed");
+    // The list counts the letter's own replays (what `REPLAYS` shows), beside the replays its
+    // command had before it failed.
+    let listed = dead_letters::list(
+        &mut conn,
+        &by_command("cmd-2"),
+        10,
+        &ReplayTargets::new(&env.settings),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            listed.letters[0].times_replayed,
+            listed.letters[0].replay_count
+        ),
+        (1, 0)
+    );
     let (_, history) = store::get(&mut conn, replayed[0]).await.unwrap().unwrap();
     assert_eq!(
         (

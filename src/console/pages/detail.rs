@@ -56,7 +56,7 @@ fn why(letter: &DeadLetterView) -> Markup {
             (field("HTTP status", letter.http_status.map(|v| v.to_string())))
             (field("Provider answer", text(&letter.error_body)))
             (field("Provider calls", letter.attempts.map(|v| v.to_string())))
-            (field("Replays so far", Some(letter.replay_count.to_string())))
+            (field("Replays of its command before it failed", Some(letter.replay_count.to_string())))
             (field("Command id", Some(letter.command_id.clone())))
             (field("Trace id", text(&letter.trace_id)))
             (field("Provider id", number(letter.provider_id)))

@@ -66,7 +66,7 @@ const COLUMNS: [Column; 11] = [
     },
     Column {
         title: "Replays",
-        cell: |l| html! { (l.replay_count) },
+        cell: |l| html! { (l.times_replayed) },
     },
     Column {
         title: "Invoice",
@@ -142,18 +142,18 @@ pub(super) async fn page(
             return (StatusCode::BAD_REQUEST, page).into_response();
         }
     };
+    let targets = ReplayTargets::new(&console.settings);
     let found = async {
         let mut conn = console.pool.get().await?;
-        let page = store::page(&mut conn, &filter, limit, cursor).await?;
+        let (rows, next) = store::page(&mut conn, &filter, limit, cursor).await?;
+        let rows = Listed::all(&mut conn, rows, &targets).await?;
         let matching = store::count(&mut conn, &filter).await?;
-        Ok::<_, crate::store::StoreError>((page, matching))
+        Ok::<_, crate::store::StoreError>(((rows, next), matching))
     };
     let ((rows, next), matching) = match found.await {
         Ok(found) => found,
         Err(e) => return reply::internal(e),
     };
-    let targets = ReplayTargets::new(&console.settings);
-    let rows: Vec<Listed> = rows.into_iter().map(|r| Listed::new(r, &targets)).collect();
     let next = next.map(|next| {
         let mut params = query.params();
         params.push(("cursor", next.encode()));
