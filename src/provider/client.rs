@@ -408,7 +408,9 @@ pub enum StatusClass {
     Created,
     /// 401, 403: our credentials are refused (permanent: `provider-auth`).
     CredentialsRefused,
-    /// 429, 503: the provider asks us to slow down (transient; lowers its lane's limit).
+    /// 429, 503: the provider asks us to slow down (transient). A 429 or a 503 with
+    /// `Retry-After` is a matter of rate (the lane's pace and pause); a 503 without one is
+    /// overload, which lowers the lane's concurrency limit.
     Overloaded,
     /// 408, 425, and 5xx other than 503: transient.
     Failing,
