@@ -321,7 +321,21 @@ async fn a_real_prometheus_evaluates_every_rule_and_dashboard_query_against_a_ru
         (evaluated && !all.is_empty()).then_some(rules)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // a few scrapes for rate() over them
+    // A few scrapes of every target, so that rate() over them has points to work with.
+    eventually("three scrapes of each target", limit, || async {
+        let answer = api(
+            &base,
+            "/api/v1/query",
+            &[("query", "min(count_over_time(up[5m]))")],
+        )
+        .await;
+        let scrapes: f64 = answer["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()?;
+        (scrapes >= 3.0).then_some(())
+    })
+    .await;
     for group in rules["data"]["groups"].as_array().unwrap() {
         for rule in group["rules"].as_array().unwrap() {
             assert_eq!(rule["health"], "ok", "{rule}");
