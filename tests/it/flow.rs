@@ -20,6 +20,21 @@ fn warnings(log: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The worker binary, its log (stderr) collected, once it has started.
+async fn logged_worker(env: &TestEnv) -> (Reaped, std::sync::Arc<std::sync::Mutex<String>>) {
+    let mut worker = Reaped::new(
+        binary(env)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let log = collect(worker.get().stderr.take().unwrap());
+    wait_for("the worker to start", &log, "worker started").await;
+    (worker, log)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints_them_all() {
     let (sim, _stop) = start_simulator(SimOptions {
@@ -36,16 +51,7 @@ async fn a_thousand_unroutable_events_make_a_few_summary_lines_and_events_prints
         ],
     )
     .await;
-    let mut worker = Reaped::new(
-        binary(&env)
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let log = collect(worker.get().stderr.take().unwrap());
-    wait_for("the worker to start", &log, "worker started").await;
+    let (worker, log) = logged_worker(&env).await;
 
     let sent = run(binary(&env).args([
         "send",
@@ -164,16 +170,7 @@ async fn commands_parked_for_a_failing_provider_make_one_warning_and_summaries_n
         ],
     )
     .await;
-    let mut worker = Reaped::new(
-        binary(&env)
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let log = collect(worker.get().stderr.take().unwrap());
-    wait_for("the worker to start", &log, "worker started").await;
+    let (worker, log) = logged_worker(&env).await;
     for i in 0..PARKED {
         env.send(&format!("parked-{i}"), &command_body("2.50", i as i64 + 1))
             .await;

@@ -76,14 +76,20 @@ async fn state_of(env: &TestEnv, id: i64) -> String {
         .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
+/// A provider that rejects every command (400), and a test environment with ingestion on.
+async fn rejecting_provider() -> (MockServer, TestEnv) {
     let provider = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(400).set_body_string("rejected"))
         .mount(&provider)
         .await;
     let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    (provider, env)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
+    let (provider, env) = rejecting_provider().await;
     let events = env.capture_events().await;
     let _worker = env.start_worker().await;
     for i in 0..6 {
@@ -406,12 +412,7 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_whose_letters_the_broker_refuses_ends_failed_and_leaves_them_open() {
-    let provider = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400).set_body_string("rejected"))
-        .mount(&provider)
-        .await;
-    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    let (_provider, env) = rejecting_provider().await;
     let worker = env.start_worker().await;
     for i in 0..2 {
         env.send(&format!("refused-{i}"), &command_body("1.00", 300 + i))
