@@ -370,9 +370,6 @@ impl Settings {
             if operator.name.trim().is_empty() {
                 return fail(&key, "needs a name");
             }
-            if !matches!(operator.role.as_str(), "viewer" | "operator") {
-                return fail(&key, "has a role other than \"viewer\" or \"operator\"");
-            }
             if let Err(why) = crate::console::parse_token_sha256(&operator.token_sha256) {
                 return fail(&format!("{key}.token_sha256"), &why);
             }

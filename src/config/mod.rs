@@ -363,13 +363,34 @@ pub struct ConsoleSettings {
 }
 
 /// One console user.
+/// What a console operator may do: read by the settings, the console's checks and its pages,
+/// and `console hash-token`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sees everything, changes nothing.
+    Viewer,
+    /// Also replays and archives.
+    Operator,
+}
+
+impl Role {
+    /// As the settings, the audit log and the pages write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+        }
+    }
+}
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorSettings {
     /// Shown in the audit log.
     pub name: String,
-    /// `viewer` or `operator`.
-    pub role: String,
+    /// What they may do.
+    pub role: Role,
     /// SHA-256 of the token, in hex (the token itself is never configured).
     pub token_sha256: String,
 }
@@ -587,6 +608,26 @@ mod tests {
         assert!(!s.database.run_migrations);
         assert_eq!(s.provider.token.expose(), "tok");
         assert_eq!(s.broker.url.expose(), "amqp://u:p@rabbit:5672/%2f");
+    }
+
+    #[test]
+    fn an_unknown_operator_role_stops_start_up_naming_the_key() {
+        let dir = std::env::temp_dir().join(format!("plw-role-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("console.toml");
+        std::fs::write(
+            &file,
+            "[[console.operators]]\nname = \"ada\"\nrole = \"admin\"\ntoken_sha256 = \"x\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_from(Some(&file), env(&[]))
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.contains("console.operators[0].role") && err.contains("`viewer` or `operator`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,15 +13,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 
-/// What an operator may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Sees everything, changes nothing.
-    Viewer,
-    /// Also replays and archives.
-    Operator,
-}
+pub use crate::config::Role;
 
 /// A configured operator.
 #[derive(Clone)]
@@ -96,16 +88,9 @@ pub fn operators(
     for (i, configured) in settings.operators.iter().enumerate() {
         let (chars, digest) = parse_token_sha256(&configured.token_sha256)
             .map_err(|why| anyhow::anyhow!("`console.operators[{i}].token_sha256` {why}"))?;
-        let role = match configured.role.as_str() {
-            "viewer" => Role::Viewer,
-            "operator" => Role::Operator,
-            other => {
-                anyhow::bail!("`console.operators[{i}].role` is {other:?}: viewer or operator")
-            }
-        };
         operators.push(Operator {
             name: configured.name.clone(),
-            role,
+            role: configured.role,
             digest,
             chars,
         });
@@ -146,10 +131,7 @@ pub fn strong_enough(token: &str) -> Result<(), String> {
 pub fn operator_config(token: &str, name: &str, role: Role) -> Result<String, String> {
     let token = token.trim_end_matches(['\n', '\r']);
     strong_enough(token).map_err(|why| format!("the token {why}"))?;
-    let role = match role {
-        Role::Viewer => "viewer",
-        Role::Operator => "operator",
-    };
+    let role = role.as_str();
     Ok(format!(
         "[[console.operators]]\nname = {}\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n",
         toml_string(name),
@@ -427,7 +409,7 @@ mod tests {
         let mut settings = crate::config::Settings::load(None).unwrap().console;
         settings.operators = vec![OperatorSettings {
             name: "vera".into(),
-            role: "viewer".into(),
+            role: Role::Viewer,
             token_sha256: token_sha256("viewer-token-01234567890"),
         }];
         let env = |name: &str| match name {
@@ -469,7 +451,7 @@ mod tests {
         let mut settings = crate::config::Settings::load(None).unwrap().console;
         settings.operators = vec![OperatorSettings {
             name: "liar".into(),
-            role: "operator".into(),
+            role: Role::Operator,
             token_sha256: lying,
         }];
         let all = operators(&settings, |_| None).unwrap();

@@ -46,12 +46,12 @@ impl RunningConsole {
         settings.console.operators = vec![
             OperatorSettings {
                 name: "olga".into(),
-                role: "operator".into(),
+                role: payment_link_worker::config::Role::Operator,
                 token_sha256: token_sha256(OPERATOR),
             },
             OperatorSettings {
                 name: "victor".into(),
-                role: "viewer".into(),
+                role: payment_link_worker::config::Role::Viewer,
                 token_sha256: token_sha256(VIEWER),
             },
         ];

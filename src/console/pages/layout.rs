@@ -2,7 +2,7 @@
 //! the script as files.
 
 use super::Shown;
-use crate::console::auth::{Caller, Role};
+use crate::console::auth::Caller;
 use axum::response::Html;
 use maud::{DOCTYPE, Markup, html};
 
@@ -32,10 +32,7 @@ fn document(title: &str, csrf: Option<&str>, header: Markup, content: Markup) ->
 
 /// A signed-in page: navigation, the caller and a sign-out button, then `content`.
 pub(super) fn signed_in(caller: &Caller, title: &str, content: Markup) -> Html<String> {
-    let role = match caller.role {
-        Role::Operator => "operator",
-        Role::Viewer => "viewer",
-    };
+    let role = caller.role.as_str();
     let csrf = caller.csrf.as_deref().unwrap_or("");
     let header = html! {
         a href="/" { "Overview" }
