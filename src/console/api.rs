@@ -98,7 +98,7 @@ async fn body(_caller: Caller, State(console): State<Console>, Path(id): Path<i6
                     format!("attachment; filename=\"dead-letter-{id}.body\""),
                 ),
             ],
-            row.body,
+            row.letter.body,
         )
             .into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no dead letter has this id"),

@@ -13,8 +13,9 @@ use serde::Serialize;
 
 pub use super::kind::{Kind, State};
 
-/// A row as the ingester writes it.
-#[derive(Clone, Debug, Insertable)]
+/// A row as the ingester writes it: the dead letter's own columns, declared once (a [`Stored`]
+/// row is this and the store's bookkeeping).
+#[derive(Clone, Debug, Insertable, Queryable, Selectable)]
 #[diesel(table_name = crate::store::schema::dead_letters)]
 pub struct NewDeadLetter {
     pub dedup_key: String,
@@ -66,37 +67,26 @@ pub struct Summary {
     pub original_routing_key: String,
 }
 
-/// Everything stored about a dead letter.
+/// Everything stored about a dead letter: what the ingester wrote, and the store's bookkeeping.
 #[derive(Clone, Debug, Queryable, Selectable)]
 #[diesel(table_name = crate::store::schema::dead_letters)]
 pub struct Stored {
     pub id: i64,
-    pub dedup_key: String,
-    pub command_id: String,
-    pub kind: Kind,
-    pub error_message: String,
-    pub http_status: Option<i32>,
-    pub attempts: Option<i32>,
-    pub error_body: Option<String>,
-    pub failed_at: DateTime<Utc>,
+    /// What the ingester wrote (read through `Deref`).
+    #[diesel(embed)]
+    pub letter: NewDeadLetter,
     pub ingested_at: DateTime<Utc>,
-    pub replay_count: i32,
     pub state: State,
     pub state_changed_at: DateTime<Utc>,
     pub replay_run_id: Option<i64>,
     pub previous_id: Option<i64>,
-    pub payment_provider_id: Option<i64>,
-    pub invoice_id: Option<i64>,
-    pub adhoc_invoice_id: Option<i64>,
-    pub customer_id: Option<i64>,
-    pub description: Option<String>,
-    pub email: Option<String>,
-    pub trace_id: Option<String>,
-    pub original_exchange: String,
-    pub original_routing_key: String,
-    pub properties: serde_json::Value,
-    pub body: Vec<u8>,
-    pub stored_with_changes: Option<String>,
+}
+
+impl std::ops::Deref for Stored {
+    type Target = NewDeadLetter;
+    fn deref(&self) -> &NewDeadLetter {
+        &self.letter
+    }
 }
 
 /// One replay of a dead letter.

@@ -385,7 +385,10 @@ async fn hostile_dead_letters_are_stored_beside_good_ones_without_stalling_inges
         .await
         .unwrap();
         let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
-        assert_eq!((row.body, row.stored_with_changes), (good(i).body, None));
+        assert_eq!(
+            (row.letter.body, row.letter.stored_with_changes),
+            (good(i).body, None)
+        );
     }
     let changed = |id: &str| {
         let id = id.to_owned();
@@ -409,9 +412,15 @@ async fn hostile_dead_letters_are_stored_beside_good_ones_without_stalling_inges
     // (A NaN header never gets this far: RabbitMQ closes the connection that sends one. The
     // ingester's unit tests cover it.)
     let nul_name = changed("nul-header-name").await;
-    assert!(nul_name.stored_with_changes.unwrap().contains("dropped"));
+    assert!(
+        nul_name
+            .letter
+            .stored_with_changes
+            .unwrap()
+            .contains("dropped")
+    );
     let nul_id = changed("a\u{FFFD}b").await;
-    assert!(nul_id.stored_with_changes.unwrap().contains("NUL"));
+    assert!(nul_id.letter.stored_with_changes.unwrap().contains("NUL"));
     let binary = changed("binary-body").await;
     assert_eq!(
         binary.body,

@@ -456,7 +456,7 @@ async fn a_letter_the_database_refuses_is_stored_reduced_and_a_stuck_ingester_sa
     };
     let (page, _) = store::page(&mut conn, &poison, 1, None).await.unwrap();
     let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
-    let why = row.stored_with_changes.unwrap_or_default();
+    let why = row.stored_with_changes.clone().unwrap_or_default();
     assert!(why.contains("the database refused the letter"), "{why}");
     assert_eq!(row.kind, Kind::ProviderRejected, "its reason is kept");
 
@@ -603,7 +603,7 @@ async fn large_letters_are_kept_bounded_and_the_console_shows_their_start() {
         kept.body.len(),
         payment_link_worker::pipeline::fate::OVERSIZED_PREFIX
     );
-    let why = kept.stored_with_changes.unwrap_or_default();
+    let why = kept.stored_with_changes.clone().unwrap_or_default();
     assert!(why.contains(&format!("{} bytes", huge.len())), "{why}");
 
     let console = RunningConsole::start(&env.settings).await;
