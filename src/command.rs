@@ -331,6 +331,10 @@ pub struct Envelope {
     pub replay_count: i32,
     /// How many delay tiers the command has already waited in.
     pub delay_round: usize,
+    /// Provider calls made in earlier rounds (carried on a delayed copy).
+    pub attempts: i32,
+    /// The W3C trace context it came with (`traceparent`, `tracestate`), if any.
+    pub trace: Vec<(String, String)>,
     /// The validated body.
     pub command: Command,
     /// The provider request body.
@@ -394,6 +398,8 @@ impl Envelope {
                 .unwrap_or_else(|| command_id.as_str().to_owned()),
             replay_count: read_int(properties, headers::REPLAY_COUNT).unwrap_or(0) as i32,
             delay_round: read_int(properties, headers::DELAY_ROUND).unwrap_or(0) as usize,
+            attempts: read_int(properties, headers::ATTEMPTS).map_or(0, |a| a as i32),
+            trace: crate::telemetry::carried(properties.headers().as_ref()),
             command_id,
             command,
             request_json,

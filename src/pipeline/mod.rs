@@ -223,7 +223,7 @@ async fn decide(
             }
             Claim::Conflict => return Ok(Fate::DeadLetter(conflict(envelope))),
         };
-        let call = call(context, original, envelope, &token).await?;
+        let call = call(context, envelope, &token).await?;
         let held = record::Held {
             token,
             earlier_attempts,
@@ -248,8 +248,7 @@ fn park_unclaimed(context: &Context, original: &Original<'_>, envelope: &Envelop
     if !context.provider.circuit_open(provider_id) {
         return None;
     }
-    let attempts = crate::headers::read_int(original.properties, crate::headers::ATTEMPTS)
-        .map_or(0, |a| a as i32);
+    let attempts = envelope.attempts;
     let last_error = format!(
         "the circuit for paymentProviderId {provider_id} is open: that provider looks down"
     );
@@ -283,14 +282,8 @@ fn conflict(envelope: &Envelope) -> Failure {
 /// Step 4: the provider call with its retries, the claim's lease renewed all the while (a slow
 /// provider or an open circuit never lets another worker take the command over); at the end of
 /// the grace period the lease is given back and the command returned to the queue.
-async fn call(
-    context: &Context,
-    original: &Original<'_>,
-    envelope: &Envelope,
-    token: &str,
-) -> Result<CallResult, Halt> {
+async fn call(context: &Context, envelope: &Envelope, token: &str) -> Result<CallResult, Halt> {
     let command_id = envelope.command_id.as_str();
-    let carried = crate::telemetry::carried(original.properties.headers().as_ref());
     let provider = &context.provider;
     let abandon = abandon(context);
     tokio::select! {
@@ -298,7 +291,7 @@ async fn call(
             envelope.command.payment_provider_id,
             command_id,
             &envelope.request_json,
-            &carried,
+            &envelope.trace,
             envelope.delay_round < context.settings.retry.delay_tiers_ms.len(),
             &context.metrics,
         ) => Ok(call),

@@ -32,7 +32,7 @@ pub(super) async fn record(
     let attempts = held.earlier_attempts + call.attempts;
     let token = held.token;
     match call.outcome {
-        Ok(link) => record_link(context, original, envelope, (attempts, token), link).await,
+        Ok(link) => record_link(context, envelope, (attempts, token), link).await,
         Err((ErrorKind::RetriesExhausted, error))
             if envelope.delay_round < context.settings.retry.delay_tiers_ms.len() =>
         {
@@ -54,9 +54,8 @@ pub(super) async fn record(
 }
 
 /// The trace context an event carries: the current span's, or the command's own.
-fn outgoing_trace(original: &Original<'_>) -> Vec<(String, String)> {
-    let carried = crate::telemetry::carried(original.properties.headers().as_ref());
-    crate::telemetry::outgoing(&carried)
+fn outgoing_trace(envelope: &Envelope) -> Vec<(String, String)> {
+    crate::telemetry::outgoing(&envelope.trace)
 }
 
 fn since(first_seen: DateTime<Utc>) -> Duration {
@@ -68,12 +67,11 @@ fn since(first_seen: DateTime<Utc>) -> Duration {
 /// finds the outcome and publishes the kept event again.
 async fn record_link(
     context: &Context,
-    original: &Original<'_>,
     envelope: &Envelope,
     (attempts, lease_token): (i32, String),
     link: LinkCreated,
 ) -> Result<Option<Fate>, Halt> {
-    let trace = outgoing_trace(original);
+    let trace = outgoing_trace(envelope);
     let event = messages::created_event(&context.events, envelope, &link.body, Utc::now(), &trace);
     let request = OutcomeRequest {
         command_id: envelope.command_id.as_str().to_owned(),
@@ -128,7 +126,7 @@ async fn record_failure(
         error_body: error.body,
         attempts,
     };
-    let trace = outgoing_trace(original);
+    let trace = outgoing_trace(envelope);
     let mut outgoing = Vec::with_capacity(2);
     if kind.publishes_failed_event() {
         let event = messages::failed_event(&context.events, envelope, &failure, now, &trace);
