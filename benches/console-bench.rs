@@ -113,7 +113,9 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
     let all = Filter::default();
     let open_kind = Filter {
         state: Some(State::Open),
-        kind: Some(Kind::Validation),
+        kind: Some(Kind::Worker(
+            payment_link_worker::errors::ErrorKind::Validation,
+        )),
         ..Filter::default()
     };
     let search = |text: &str| Filter {
@@ -177,7 +179,9 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
         include_failing: true,
         ask_if_failing: false,
         filter: Filter {
-            kind: Some(Kind::ProviderRejected),
+            kind: Some(Kind::Worker(
+                payment_link_worker::errors::ErrorKind::ProviderRejected,
+            )),
             ..Filter::default()
         },
         limit: Some(o.replay),

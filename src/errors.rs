@@ -4,7 +4,7 @@
 use std::fmt;
 
 /// Why a command was dead-lettered; its text is the `x-error-kind` header and `errorKind` field.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ErrorKind {
     /// The message is not a valid command; it never reached the provider.
     Validation,

@@ -10,40 +10,14 @@ use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::Text;
 use serde::{Deserialize, Serialize};
 
-/// Why a dead letter failed: the worker's error kinds, and the broker's own reasons for a
-/// message it dead-lettered itself (from `x-death`).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    AsExpression,
-    FromSqlRow,
-    clap::ValueEnum,
-)]
+/// Why a dead letter failed: one of the worker's error kinds, or the broker's own reason for a
+/// message it dead-lettered itself (from `x-death`). Stored, shown and accepted by its name
+/// ([`Kind::as_str`]); the worker's kinds are [`ErrorKind`]'s, said once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, AsExpression, FromSqlRow)]
 #[diesel(sql_type = Text)]
-#[serde(rename_all = "kebab-case")]
 pub enum Kind {
-    /// Not a valid command.
-    Validation,
-    /// The command id was used for a different request.
-    IdempotencyConflict,
-    /// The provider refused the request.
-    ProviderRejected,
-    /// The provider refused our credentials.
-    ProviderAuth,
-    /// Transient failures outlasted the retry budget.
-    RetriesExhausted,
-    /// PostgreSQL refused the command's data.
-    Unstorable,
-    /// Processing panicked on every delivery.
-    InternalError,
+    /// The worker dead-lettered it, for this reason.
+    Worker(ErrorKind),
     /// The broker: the queue's delivery limit was reached.
     DeliveryLimit,
     /// The broker: its time to live ran out in the queue.
@@ -63,13 +37,13 @@ pub enum Kind {
 impl Kind {
     /// Every kind, in the order lists show them.
     pub const ALL: [Kind; 13] = [
-        Kind::Validation,
-        Kind::IdempotencyConflict,
-        Kind::ProviderRejected,
-        Kind::ProviderAuth,
-        Kind::RetriesExhausted,
-        Kind::Unstorable,
-        Kind::InternalError,
+        Kind::Worker(ErrorKind::Validation),
+        Kind::Worker(ErrorKind::IdempotencyConflict),
+        Kind::Worker(ErrorKind::ProviderRejected),
+        Kind::Worker(ErrorKind::ProviderAuth),
+        Kind::Worker(ErrorKind::RetriesExhausted),
+        Kind::Worker(ErrorKind::Unstorable),
+        Kind::Worker(ErrorKind::InternalError),
         Kind::DeliveryLimit,
         Kind::Expired,
         Kind::Rejected,
@@ -81,13 +55,7 @@ impl Kind {
     /// The name stored, shown and accepted.
     pub fn as_str(self) -> &'static str {
         match self {
-            Kind::Validation => ErrorKind::Validation.as_str(),
-            Kind::IdempotencyConflict => ErrorKind::IdempotencyConflict.as_str(),
-            Kind::ProviderRejected => ErrorKind::ProviderRejected.as_str(),
-            Kind::ProviderAuth => ErrorKind::ProviderAuth.as_str(),
-            Kind::RetriesExhausted => ErrorKind::RetriesExhausted.as_str(),
-            Kind::Unstorable => ErrorKind::Unstorable.as_str(),
-            Kind::InternalError => ErrorKind::InternalError.as_str(),
+            Kind::Worker(error) => error.as_str(),
             Kind::DeliveryLimit => "delivery-limit",
             Kind::Expired => "expired",
             Kind::Rejected => "rejected",
@@ -118,8 +86,36 @@ impl Kind {
     pub fn fails_again(self) -> bool {
         matches!(
             self,
-            Kind::Validation | Kind::IdempotencyConflict | Kind::Foreign
+            Kind::Worker(ErrorKind::Validation | ErrorKind::IdempotencyConflict) | Kind::Foreign
         )
+    }
+}
+
+impl Serialize for Kind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Kind::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown dead-letter kind {text:?}; one of {}",
+                Kind::ALL.map(Kind::as_str).join(", ")
+            ))
+        })
+    }
+}
+
+impl clap::ValueEnum for Kind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Kind::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
     }
 }
 

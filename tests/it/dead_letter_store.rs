@@ -169,9 +169,9 @@ async fn every_filter_selects_in_the_database_and_retention_removes_only_what_is
             dedup_key: format!("id:f-{i}"),
             command_id: format!("f-{i}"),
             kind: if i < 3 {
-                Kind::Validation
+                Kind::Worker(payment_link_worker::errors::ErrorKind::Validation)
             } else {
-                Kind::ProviderRejected
+                Kind::Worker(payment_link_worker::errors::ErrorKind::ProviderRejected)
             },
             error_message: "why".into(),
             http_status: None,
@@ -224,7 +224,9 @@ async fn every_filter_selects_in_the_database_and_retention_removes_only_what_is
         ),
         (
             Filter {
-                kind: Some(Kind::Validation),
+                kind: Some(Kind::Worker(
+                    payment_link_worker::errors::ErrorKind::Validation,
+                )),
                 ..Filter::default()
             },
             3,

@@ -197,7 +197,11 @@ async fn thousands_of_headers_or_one_near_the_frame_size_cost_the_good_commands_
         stored(&env, &filter, 1).await;
         let (page, _) = store::page(&mut conn, &filter, 1, None).await.unwrap();
         let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
-        assert_eq!(row.kind, Kind::Validation, "{command}");
+        assert_eq!(
+            row.kind,
+            Kind::Worker(payment_link_worker::errors::ErrorKind::Validation),
+            "{command}"
+        );
         assert!(
             row.error_message.contains("intake budget"),
             "{command}: {}",
@@ -326,7 +330,10 @@ async fn an_oversized_command_is_kept_as_its_first_bytes_and_its_length() {
     let mut conn = env.pool.get().await.unwrap();
     let (page, _) = store::page(&mut conn, &filter, 1, None).await.unwrap();
     let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
-    assert_eq!(row.kind, Kind::Validation);
+    assert_eq!(
+        row.kind,
+        Kind::Worker(payment_link_worker::errors::ErrorKind::Validation)
+    );
     assert_eq!(
         row.body.len(),
         payment_link_worker::pipeline::fate::OVERSIZED_PREFIX
@@ -458,7 +465,11 @@ async fn a_letter_the_database_refuses_is_stored_reduced_and_a_stuck_ingester_sa
     let (row, _) = store::get(&mut conn, page[0].id).await.unwrap().unwrap();
     let why = row.stored_with_changes.clone().unwrap_or_default();
     assert!(why.contains("the database refused the letter"), "{why}");
-    assert_eq!(row.kind, Kind::ProviderRejected, "its reason is kept");
+    assert_eq!(
+        row.kind,
+        Kind::Worker(payment_link_worker::errors::ErrorKind::ProviderRejected),
+        "its reason is kept"
+    );
 
     // A letter refused in any form: ingestion is stuck, and says so; once the database takes it,
     // it is stored and ingestion is well again.
@@ -550,7 +561,7 @@ async fn a_forged_dead_letter_is_stored_foreign_and_skipped_by_replay_all() {
         .unwrap();
     assert_eq!(
         page[0].kind,
-        Kind::ProviderRejected,
+        Kind::Worker(payment_link_worker::errors::ErrorKind::ProviderRejected),
         "the worker's own is believed"
     );
 

@@ -173,7 +173,9 @@ async fn list_then_replay_a_selection_after_the_provider_is_fixed() {
 
     // A dry run selects and changes nothing.
     let kind = Filter {
-        kind: Some(Kind::ProviderRejected),
+        kind: Some(Kind::Worker(
+            payment_link_worker::errors::ErrorKind::ProviderRejected,
+        )),
         ..Filter::default()
     };
     let dry = dead_letters::start(

@@ -926,7 +926,9 @@ async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_ag
         .map(|i| store::NewDeadLetter {
             dedup_key: format!("id:alarm-{i}"),
             command_id: format!("alarm-replay-{i}"),
-            kind: payment_link_worker::dead_letters::Kind::RetriesExhausted,
+            kind: payment_link_worker::dead_letters::Kind::Worker(
+                payment_link_worker::errors::ErrorKind::RetriesExhausted,
+            ),
             error_message: "provider down".into(),
             http_status: Some(503),
             attempts: Some(3),
