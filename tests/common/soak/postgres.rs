@@ -78,15 +78,18 @@ impl Pair {
         run("pg_ctlcluster", &[&pair.version, &pair.names[0], "start"]).await?;
         pair.sql(0, "postgres", &format!("CREATE DATABASE {database}"))
             .await?;
-        pair.rebuild_standby(1).await?;
-        // Only now that a standby streams (a synchronous primary without one waits forever); the
-        // base backups copy the setting, so each new primary is synchronous too.
+        // Written before the first standby's base backup, which copies it, so that every
+        // primary, the first standby once promoted included, is synchronous (set after it, the
+        // first promotion made replication asynchronous for the rest of the run, and a later
+        // failover lost a recorded outcome: seed 9's 60-minute run). Loaded on the primary only
+        // once its standby streams: a synchronous primary without one waits forever.
         pair.sql(
             0,
             "postgres",
             "ALTER SYSTEM SET synchronous_standby_names = '*'",
         )
         .await?;
+        pair.rebuild_standby(1).await?;
         pair.sql(0, "postgres", "SELECT pg_reload_conf()").await?;
         Ok(pair)
     }
@@ -178,6 +181,16 @@ impl Pair {
         )
         .await?;
         self.primary = new;
+        // A promoted primary that replicates asynchronously would let the next failover lose
+        // committed work: the run's account would then blame the worker for the harness.
+        let sync = self
+            .sql(new, "postgres", "SHOW synchronous_standby_names")
+            .await?;
+        anyhow::ensure!(
+            sync.trim() == "*",
+            "the promoted primary replicates asynchronously (synchronous_standby_names {:?})",
+            sync.trim()
+        );
         Ok(())
     }
 
