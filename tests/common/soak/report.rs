@@ -62,6 +62,10 @@ pub struct Resources {
     pub rss_kb: (u64, u64, u64),
     pub fds: (u64, u64, u64),
     pub sockets: (u64, u64, u64),
+    /// The lowest RSS in the ten minutes after the baseline and in the last ten minutes of the
+    /// life, for lives of 30 minutes or more: a leak raises the floor; memory a fault or a burst
+    /// needed for a while (and the end's last burst from the delay queues) does not.
+    pub rss_floor_kb: Option<(u64, u64)>,
 }
 
 impl Resources {
@@ -293,6 +297,14 @@ impl Report {
                 r.sockets,
                 r.growth_percent()
             );
+            if let Some((early, late)) = r.rss_floor_kb {
+                let _ = writeln!(
+                    t,
+                    "  worker {:<6} RSS floor: {early} KiB in the 10 minutes after the baseline, {late} KiB in its last 10 minutes ({:+.1} %)",
+                    r.worker,
+                    (late as f64 / early.max(1) as f64 - 1.0) * 100.0
+                );
+            }
         }
         let _ = writeln!(
             t,
@@ -383,6 +395,26 @@ fn stalls(done: &[Done], events: &[Event], load_end: Duration) -> Vec<Stall> {
     worst.into_values().collect()
 }
 
+/// The RSS floors of a life's samples from its baseline on (see [`Resources::rss_floor_kb`]).
+fn floors(after: &[super::fleet::Sample], base_s: f64) -> Option<(u64, u64)> {
+    const WINDOW_S: f64 = 600.0;
+    let end_s = after.last()?.age_s;
+    if end_s - base_s < 3.0 * WINDOW_S {
+        return None;
+    }
+    let floor = |from: f64, to: f64| {
+        after
+            .iter()
+            .filter(|s| s.age_s >= from && s.age_s <= to)
+            .map(|s| s.rss_kb)
+            .min()
+    };
+    Some((
+        floor(base_s, base_s + WINDOW_S)?,
+        floor(end_s - WINDOW_S, end_s)?,
+    ))
+}
+
 /// Per process that lived past its baseline (5 minutes, or a sixth of a shorter run): its level
 /// then and its peak after.
 fn resources(lives: &[Life], minutes: f64) -> Vec<Resources> {
@@ -404,6 +436,7 @@ fn resources(lives: &[Life], minutes: f64) -> Vec<Resources> {
                 rss_kb: levels(|s| s.rss_kb),
                 fds: levels(|s| s.fds),
                 sockets: levels(|s| s.sockets),
+                rss_floor_kb: floors(after, base.age_s),
             })
         })
         .collect()
