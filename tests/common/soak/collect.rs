@@ -114,18 +114,23 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let Ok(channel) = connection.create_channel().await else {
+        // Every broker call bounded: a node that takes the connection but never answers must
+        // not keep the collector from its stop.
+        let bound = Duration::from_secs(5);
+        let Ok(Ok(channel)) = tokio::time::timeout(bound, connection.create_channel()).await else {
             continue;
         };
-        let _ = channel.basic_qos(500, Default::default()).await;
-        let Ok(mut consumer) = channel
-            .basic_consume(
+        let _ = tokio::time::timeout(bound, channel.basic_qos(500, Default::default())).await;
+        let Ok(Ok(mut consumer)) = tokio::time::timeout(
+            bound,
+            channel.basic_consume(
                 queue.as_str().into(),
                 "soak-collector".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await
+            ),
+        )
+        .await
         else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
