@@ -5,7 +5,8 @@
 //! stale.
 
 use crate::context::Context;
-use crate::provider::lanes::{FRESH_CUT, LaneStatus};
+use crate::provider::lanes::LaneStatus;
+use crate::provider::pacing::rate::FRESH_CUT;
 use crate::store::heartbeats;
 use serde::Deserialize as _;
 use std::sync::Arc;
@@ -55,7 +56,12 @@ async fn beat(context: &Context, interval: Duration) {
     });
     if let Ok(alive) = read.await {
         for (provider_id, (found, since_cut)) in fleet_rates(&alive) {
-            context.lanes.lane(provider_id).adopt(found, since_cut);
+            context
+                .lanes
+                .lane(provider_id)
+                .pacer
+                .rate
+                .adopt(found, since_cut);
         }
     }
 }

@@ -30,21 +30,8 @@ const INITIAL_LIMIT: f64 = 16.0;
 /// Shortest time between two decreases, when no latency has been measured yet.
 const MIN_DECREASE_GAP: Duration = Duration::from_millis(50);
 
+pub use super::Signal;
 pub use crate::metrics::ProviderFigures as Figures;
-
-/// How a call ended, as the limit sees it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Signal {
-    /// Answered (a link, or a 4xx that says the provider is up), after this long.
-    Answered(Duration),
-    /// The provider is overloaded (429, 503, a timeout); with its `Retry-After`, if any.
-    Overloaded(Option<Duration>),
-    /// The provider asks to slow down (429, 503 with `Retry-After`): a matter of rate, which the
-    /// lane's pace handles; only the `Retry-After` pause applies here.
-    SlowDown(Option<Duration>),
-    /// Another failure (a 5xx other than 503, no connection): says nothing about load.
-    Other,
-}
 
 struct State {
     limit: f64,

@@ -1,0 +1,95 @@
+//! How fast and how many at once this worker calls one provider: the one place that decides
+//! from the provider's answers. The client asks for a [`Pacer::turn`] before each call and
+//! [`Pacer::report`]s how it went, as a [`Signal`] (which `StatusClass` alone derives from the
+//! answer); nothing else reads a provider's push-back.
+//!
+//! - [`rate`]: the rate the fleet calls the provider at. Unpaced until its first "slow down"
+//!   (a 429, or a 503 with `Retry-After`), then found from what it took, shared between the
+//!   replicas through their heartbeats, under a configured `provider.max_requests_per_second`.
+//! - [`concurrency`]: how many calls may be under way at once (AIMD with slow start), lowered
+//!   only by overload (a 503 without `Retry-After`, a timeout), and the `Retry-After` pause that
+//!   holds every call to the provider, not only the one that got it.
+
+pub mod concurrency;
+pub mod rate;
+
+use concurrency::{Figures, Limiter, Slot};
+use rate::Rate;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a call ended, as the pacing sees it (from `StatusClass::signal`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Signal {
+    /// Answered (a link, or a 4xx that says the provider is up), after this long: the provider
+    /// took the call, and its latency says how loaded it is.
+    Answered(Duration),
+    /// The provider is overloaded (a 503 without `Retry-After`, a timeout): fewer calls at once.
+    Overloaded(Option<Duration>),
+    /// The provider asks to slow down (429, 503 with `Retry-After`): a matter of rate, which
+    /// [`rate`] finds; [`concurrency`] only pauses the lane for the `Retry-After`.
+    SlowDown(Option<Duration>),
+    /// Another failure (a 5xx other than 503, no connection, an unreadable answer): says
+    /// nothing about load.
+    Other,
+}
+
+/// One provider's pacing in this worker: its concurrency limit and its rate.
+pub struct Pacer {
+    /// How many calls may be under way at once, and the `Retry-After` pause.
+    pub limiter: Limiter,
+    /// The rate this worker's calls are spaced at.
+    pub rate: Rate,
+    /// The longest `Retry-After` the lane holds for every call (longer ones end the round).
+    max_pause: Duration,
+}
+
+impl Pacer {
+    /// Starts at `prefetch` calls at once (adapted under it when `adaptive`), unpaced under a
+    /// `configured` fleet rate; pauses of up to `max_pause` hold the lane.
+    pub fn new(
+        provider_id: i64,
+        prefetch: usize,
+        adaptive: bool,
+        configured: Option<f64>,
+        max_pause: Duration,
+        figures: Arc<Figures>,
+    ) -> Self {
+        Self {
+            limiter: Limiter::new(prefetch, adaptive, max_pause, figures.clone()),
+            rate: Rate::new(provider_id, configured, figures),
+            max_pause,
+        }
+    }
+
+    /// Waits until this worker may call the provider: a slot under the concurrency limit, then
+    /// its turn under the rate; a call whose turn falls in a pause that began after it got its
+    /// slot (a 429 to an earlier call) waits the pause out and takes a new turn.
+    pub async fn turn(&self, workers: usize) -> Slot<'_> {
+        let slot = self.limiter.acquire().await;
+        self.rate.pace(workers).await;
+        while let Some(pause) = self.limiter.paused_for() {
+            tokio::time::sleep(pause).await;
+            self.rate.pace(workers).await;
+        }
+        slot
+    }
+
+    /// How the call that held `slot` went. Returns whether the lane holds the answer's
+    /// `Retry-After` (within `max_pause`): the next call waits there, so the command's own
+    /// retry need not wait for it again.
+    pub fn report(&self, slot: Slot<'_>, signal: Signal, workers: usize) -> bool {
+        slot.done(signal);
+        match signal {
+            Signal::SlowDown(retry_after) => {
+                self.rate.slowed_down(workers);
+                retry_after.is_some_and(|after| after <= self.max_pause)
+            }
+            Signal::Answered(_) => {
+                self.rate.answered();
+                false
+            }
+            Signal::Overloaded(_) | Signal::Other => false,
+        }
+    }
+}
