@@ -5,7 +5,6 @@ use crate::dead_letters::command_line::DeadLetterCommands;
 use crate::ops::send::{self, SendArgs};
 use crate::ops::shutdown_signal;
 use crate::provider::sim::{self, SimOptions};
-use crate::text::visible;
 use crate::{startup, store, telemetry};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -201,71 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::ProviderSim(args) => provider_sim(args).await,
         Commands::Events(args) => crate::ops::events::run(&settings, &args).await,
         Commands::Status(args) => crate::ops::status::run(&settings, &args).await,
-        Commands::Send(args) if args.count.is_some() || is_stdin(&args) => {
-            let commands = send::bulk_bodies(&args)?;
-            let sent = send::send_many(&settings, &args, commands).await?;
-            let seconds = sent.elapsed.as_secs_f64();
-            eprintln!(
-                "sent {} command(s) on one connection in {seconds:.1} s ({:.0}/s): {} confirmed, \
-                 {} refused, {} skipped",
-                sent.sent,
-                sent.confirmed as f64 / seconds.max(0.001),
-                sent.confirmed,
-                sent.refused,
-                sent.skipped
-            );
-            if sent.refused + sent.skipped > 0 {
-                anyhow::bail!("not every command was accepted (see above)");
-            }
-            Ok(())
-        }
-        Commands::Send(args) => {
-            let wait = args.wait.then(|| Duration::from_secs(args.timeout));
-            let (id, heard) = send::send(&settings, &args, wait).await?;
-            println!("{id}");
-            match heard {
-                None => Ok(()),
-                Some(send::Heard::Created(body)) => {
-                    // As it came: re-formatting JSON through floats would change amounts.
-                    println!("{}", String::from_utf8_lossy(&body));
-                    Ok(())
-                }
-                Some(send::Heard::Failed(body)) => {
-                    println!("{}", String::from_utf8_lossy(&body));
-                    anyhow::bail!("command {id} failed (payment-link.failed event above)")
-                }
-                Some(send::Heard::DeadLettered {
-                    kind,
-                    message,
-                    stored,
-                }) => {
-                    let (kind, message) = (visible(&kind), visible(&message));
-                    let whereabouts = match stored {
-                        send::Stored::As(letter) => format!(
-                            "dead letter {letter} in the store (`payment-link-worker dead-letters \
-                             show {letter}`)"
-                        ),
-                        send::Stored::OnItsWay => {
-                            "on its way to the dead-letter store (`payment-link-worker \
-                             dead-letters list --command-id ID` shows it once stored)"
-                                .into()
-                        }
-                        send::Stored::NotIngested => {
-                            "in the dead-letter queue (dead_letters.ingest is off)".into()
-                        }
-                    };
-                    anyhow::bail!(
-                        "command {id} was dead-lettered as {kind}: {message}\n  it is {whereabouts}"
-                    )
-                }
-                // The id is on stdout already, as on success: a script can follow it up.
-                Some(send::Heard::NothingWithin(limit)) => anyhow::bail!(
-                    "command {id} was sent, but neither its event nor a dead letter came within \
-                     {} s; is a worker running (payment-link-worker run)?",
-                    limit.as_secs()
-                ),
-            }
-        }
+        Commands::Send(args) => send::run(&settings, &args).await,
         Commands::DeadLetters(command) => {
             crate::dead_letters::command_line::run(&settings, command).await
         }
@@ -329,10 +264,6 @@ fn read_token() -> std::io::Result<String> {
 }
 
 /// Whether `send` reads JSON lines from stdin (`--json -`).
-fn is_stdin(args: &SendArgs) -> bool {
-    args.json.as_deref() == Some(std::path::Path::new("-"))
-}
-
 async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.fail_rate) || !(0.0..=1.0).contains(&args.stall_rate) {
         anyhow::bail!("--fail-rate and --stall-rate must be between 0 and 1");
