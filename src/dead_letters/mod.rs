@@ -1,5 +1,5 @@
 //! Dead letters, from the queue to a replay: the ingester moves every dead letter into the
-//! dead-letter store in PostgreSQL ([`ingest`], [`store`]), operators list, archive
+//! dead-letter store in PostgreSQL ([`ingest`], each as the [`row`] it makes, [`store`]), operators list, archive
 //! ([`actions`]) and replay them ([`replay`], publishing through [`publish`] only to the targets
 //! [`targets`] allows, recording through [`replay_rows`]), from the CLI ([`listing`] is its
 //! table) or the console. A replay run is the one name for a replay, whoever starts it (the
@@ -14,6 +14,7 @@ pub mod listing;
 pub mod publish;
 pub mod replay;
 pub mod replay_rows;
+pub mod row;
 pub mod store;
 pub mod targets;
 pub mod view;
