@@ -11,10 +11,10 @@ use crate::config::Settings;
 use crate::store::PgPool;
 use chrono::Utc;
 use futures_util::StreamExt as _;
+use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::Channel;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 

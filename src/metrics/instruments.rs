@@ -41,6 +41,94 @@ type LevelGauge = (
     fn(&Levels) -> &AtomicI64,
 );
 
+/// Every level's gauge, read from [`Levels`] when the metrics are collected.
+const LEVEL_GAUGES: [LevelGauge; 14] = [
+    (
+        "payment_link.outbox.backlog",
+        "{message}",
+        "Events and dead letters in the outbox that the relay has still to publish",
+        |l| &l.outbox_backlog,
+    ),
+    (
+        "payment_link.dead_letter.depth",
+        "{message}",
+        "Messages in the dead-letter queue",
+        |l| &l.dead_letter_depth,
+    ),
+    (
+        "payment_link.commands.waiting",
+        "{message}",
+        "Commands waiting in the command queue",
+        |l| &l.command_queue_depth,
+    ),
+    (
+        "payment_link.workers.live",
+        "{worker}",
+        "Workers alive now, this one included (they share the fleet's rate limits)",
+        |l| &l.live_workers,
+    ),
+    (
+        "payment_link.retention.oldest_kept.age",
+        "ms",
+        "Age of the oldest completed command the store still keeps",
+        |l| &l.oldest_kept_age_ms,
+    ),
+    (
+        "payment_link.store.commands.size",
+        "By",
+        "Bytes of the command table, its TOAST and its indexes",
+        |l| &l.commands_bytes,
+    ),
+    (
+        "payment_link.store.outbox.size",
+        "By",
+        "Bytes of the outbox, its TOAST and its indexes",
+        |l| &l.outbox_bytes,
+    ),
+    (
+        "payment_link.store.dead_letters.size",
+        "By",
+        "Bytes of the dead-letter store, its TOAST and its indexes",
+        |l| &l.dead_letters_bytes,
+    ),
+    (
+        "payment_link.dead_letter.ingest.failures",
+        "{try}",
+        "Tries in a row the dead-letter ingester has failed (0 while it works)",
+        |l| &l.dead_letter_ingest_failures,
+    ),
+    (
+        "payment_link.commands.oldest_processing.age",
+        "ms",
+        "Age of the oldest command being processed",
+        |l| &l.oldest_processing_age_ms,
+    ),
+    (
+        "payment_link.outbox.oldest_unsent.age",
+        "ms",
+        "Age of the oldest event or dead letter the outbox has still to publish (0 when none)",
+        |l| &l.outbox_oldest_unsent_age_ms,
+    ),
+    (
+        "payment_link.replay.running.idle",
+        "ms",
+        "Time since the longest-idle replay run marked running last moved (0 when none)",
+        |l| &l.replay_running_idle_ms,
+    ),
+    (
+        "payment_link.replay.runs.failed_recent",
+        "{run}",
+        "Replay runs that ended failed in the last hour",
+        |l| &l.replay_runs_failed_recent,
+    ),
+    (
+        "payment_link.retention.last_sweep",
+        "s",
+        "When this replica last finished a retention sweep (or started), in Unix seconds",
+        |l| &l.retention_last_sweep_s,
+    ),
+];
+
 /// The gauges of the levels refreshed on a timer (queue depths, backlog, live workers).
 pub(super) fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels> {
     let levels = Arc::new(Levels::default());
@@ -48,94 +136,8 @@ pub(super) fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels>
     levels
         .retention_last_sweep_s
         .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
-    let gauges: [LevelGauge; 14] = [
-        (
-            "payment_link.outbox.backlog",
-            "{message}",
-            "Events and dead letters in the outbox that the relay has still to publish",
-            |l| &l.outbox_backlog,
-        ),
-        (
-            "payment_link.dead_letter.depth",
-            "{message}",
-            "Messages in the dead-letter queue",
-            |l| &l.dead_letter_depth,
-        ),
-        (
-            "payment_link.commands.waiting",
-            "{message}",
-            "Commands waiting in the command queue",
-            |l| &l.command_queue_depth,
-        ),
-        (
-            "payment_link.workers.live",
-            "{worker}",
-            "Workers alive now, this one included (they share the fleet's rate limits)",
-            |l| &l.live_workers,
-        ),
-        (
-            "payment_link.retention.oldest_kept.age",
-            "ms",
-            "Age of the oldest completed command the store still keeps",
-            |l| &l.oldest_kept_age_ms,
-        ),
-        (
-            "payment_link.store.commands.size",
-            "By",
-            "Bytes of the command table, its TOAST and its indexes",
-            |l| &l.commands_bytes,
-        ),
-        (
-            "payment_link.store.outbox.size",
-            "By",
-            "Bytes of the outbox, its TOAST and its indexes",
-            |l| &l.outbox_bytes,
-        ),
-        (
-            "payment_link.store.dead_letters.size",
-            "By",
-            "Bytes of the dead-letter store, its TOAST and its indexes",
-            |l| &l.dead_letters_bytes,
-        ),
-        (
-            "payment_link.dead_letter.ingest.failures",
-            "{try}",
-            "Tries in a row the dead-letter ingester has failed (0 while it works)",
-            |l| &l.dead_letter_ingest_failures,
-        ),
-        (
-            "payment_link.commands.oldest_processing.age",
-            "ms",
-            "Age of the oldest command being processed",
-            |l| &l.oldest_processing_age_ms,
-        ),
-        (
-            "payment_link.outbox.oldest_unsent.age",
-            "ms",
-            "Age of the oldest event or dead letter the outbox has still to publish (0 when none)",
-            |l| &l.outbox_oldest_unsent_age_ms,
-        ),
-        (
-            "payment_link.replay.running.idle",
-            "ms",
-            "Time since the longest-idle replay run marked running last moved (0 when none)",
-            |l| &l.replay_running_idle_ms,
-        ),
-        (
-            "payment_link.replay.runs.failed_recent",
-            "{run}",
-            "Replay runs that ended failed in the last hour",
-            |l| &l.replay_runs_failed_recent,
-        ),
-        (
-            "payment_link.retention.last_sweep",
-            "s",
-            "When this replica last finished a retention sweep (or started), in Unix seconds",
-            |l| &l.retention_last_sweep_s,
-        ),
-    ];
     // Observable instruments live as long as the provider; the handles need not be kept.
-    for (name, unit, description, level) in gauges {
+    for (name, unit, description, level) in LEVEL_GAUGES {
         let levels = levels.clone();
         meter
             .i64_observable_gauge(name)
@@ -166,62 +168,33 @@ pub(super) fn level_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<Levels>
 /// The gauges of each provider's lane (its limit, calls under way and waiting).
 pub(super) fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigures> {
     let lanes = Arc::new(LaneFigures::default());
-    let per_provider = |name: &'static str,
-                        unit: &'static str,
-                        description: &'static str,
-                        read: fn(&ProviderFigures) -> i64| {
+    let each = |lanes: &LaneFigures, observe: &mut dyn FnMut(&ProviderFigures, &[KeyValue])| {
+        for (id, figures) in lanes.lock().expect("lane figures").iter() {
+            observe(figures, &[KeyValue::new("payment_provider.id", *id)]);
+        }
+    };
+    for (name, unit, description, read) in PROVIDER_GAUGES {
         let lanes = lanes.clone();
         meter
             .i64_observable_gauge(name)
             .with_unit(unit)
             .with_description(description)
             .with_callback(move |observer| {
-                for (id, figures) in lanes.lock().expect("lane figures").iter() {
-                    observer.observe(read(figures), &[KeyValue::new("payment_provider.id", *id)]);
-                }
+                each(&lanes, &mut |f, at| observer.observe(read(f), at));
             })
-            .build()
-    };
-    per_provider(
-        "payment_link.provider.concurrency_limit",
-        "{call}",
-        "Calls a provider may have under way at once (adapted to its answers)",
-        |f| f.limit.load(Ordering::Relaxed),
-    );
-    per_provider(
-        "payment_link.provider.in_flight",
-        "{call}",
-        "Calls under way to a provider",
-        |f| f.in_flight.load(Ordering::Relaxed),
-    );
-    per_provider(
-        "payment_link.provider.circuit_open",
-        "{state}",
-        "1 while a provider's circuit is open or probing (its calls paused), 0 while closed",
-        |f| f.circuit_open.load(Ordering::Relaxed),
-    );
-    let per_provider_count = |name: &'static str,
-                              unit: &'static str,
-                              description: &'static str,
-                              read: fn(&ProviderFigures) -> u64| {
+            .build();
+    }
+    for (name, unit, description, read) in PROVIDER_COUNTERS {
         let lanes = lanes.clone();
         meter
             .u64_observable_counter(name)
             .with_unit(unit)
             .with_description(description)
             .with_callback(move |observer| {
-                for (id, figures) in lanes.lock().expect("lane figures").iter() {
-                    observer.observe(read(figures), &[KeyValue::new("payment_provider.id", *id)]);
-                }
+                each(&lanes, &mut |f, at| observer.observe(read(f), at));
             })
             .build();
-    };
-    per_provider_count(
-        "payment_link.provider.calls",
-        "{call}",
-        "Calls started to a provider (the share slowed down is read against it)",
-        |f| f.started.load(Ordering::Relaxed),
-    );
+    }
     meter
         .f64_observable_gauge("payment_link.provider.rate")
         .with_unit("{call}/s")
@@ -232,27 +205,66 @@ pub(super) fn lane_gauges(meter: &opentelemetry::metrics::Meter) -> Arc<LaneFigu
         .with_callback({
             let lanes = lanes.clone();
             move |observer| {
-                for (id, figures) in lanes.lock().expect("lane figures").iter() {
-                    let rate = figures.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
-                    observer.observe(rate, &[KeyValue::new("payment_provider.id", *id)]);
-                }
+                each(&lanes, &mut |f, at| {
+                    observer.observe(f.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0, at)
+                });
             }
         })
         .build();
-    per_provider_count(
-        "payment_link.provider.slowed_down",
-        "{answer}",
-        "Answers asking to slow down (429, or 503 with Retry-After), by provider",
-        |f| f.slowed_down.load(Ordering::Relaxed),
-    );
-    per_provider(
+    lanes
+}
+
+/// A per-provider instrument: its name, unit and description, and the figure it reads.
+type ProviderInstrument<T> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ProviderFigures) -> T,
+);
+
+/// The gauges of each provider's lane.
+const PROVIDER_GAUGES: [ProviderInstrument<i64>; 4] = [
+    (
+        "payment_link.provider.concurrency_limit",
+        "{call}",
+        "Calls a provider may have under way at once (adapted to its answers)",
+        |f| f.limit.load(Ordering::Relaxed),
+    ),
+    (
+        "payment_link.provider.in_flight",
+        "{call}",
+        "Calls under way to a provider",
+        |f| f.in_flight.load(Ordering::Relaxed),
+    ),
+    (
+        "payment_link.provider.circuit_open",
+        "{state}",
+        "1 while a provider's circuit is open or probing (its calls paused), 0 while closed",
+        |f| f.circuit_open.load(Ordering::Relaxed),
+    ),
+    (
         "payment_link.provider.queued",
         "{call}",
         "Calls waiting for a provider's concurrency limit or Retry-After pause",
         |f| f.queued.load(Ordering::Relaxed),
-    );
-    lanes
-}
+    ),
+];
+
+/// The counters of each provider's lane.
+const PROVIDER_COUNTERS: [ProviderInstrument<u64>; 2] = [
+    (
+        "payment_link.provider.calls",
+        "{call}",
+        "Calls started to a provider (the share slowed down is read against it)",
+        |f| f.started.load(Ordering::Relaxed),
+    ),
+    (
+        "payment_link.provider.slowed_down",
+        "{answer}",
+        "Answers asking to slow down (429, or 503 with Retry-After), by provider",
+        |f| f.slowed_down.load(Ordering::Relaxed),
+    ),
+];
 
 /// The counters and histograms the command path records.
 pub(super) fn instruments(

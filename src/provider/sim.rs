@@ -289,20 +289,41 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    if let Some(refused) = refused_before_reading(state, headers, key.as_deref()).await {
+        return refused;
+    }
+    let command = match Command::parse(body) {
+        Ok(command) => command,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
+    };
+    if let Some(refused) = refused_for_its_provider(options, &command) {
+        return refused;
+    }
+    link(state, key, &command).await
+}
+
+/// The simulator's answer before it reads the request: the bearer token refused, the call
+/// hung, rate-limited or failed as the options and faults say; none when it goes on.
+async fn refused_before_reading(
+    state: &SimState,
+    headers: &HeaderMap,
+    key: Option<&str>,
+) -> Option<Response> {
+    let options = state.options.as_ref().expect("router sets options");
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match auth.and_then(|v| v.strip_prefix("Bearer ")) {
-        None => return error(StatusCode::UNAUTHORIZED, "missing bearer token"),
+        None => return Some(error(StatusCode::UNAUTHORIZED, "missing bearer token")),
         Some(token) if token != options.token => {
-            return error(StatusCode::FORBIDDEN, "bearer token not accepted");
+            return Some(error(StatusCode::FORBIDDEN, "bearer token not accepted"));
         }
         Some(_) => {}
     }
     if (options.stall_rate > 0.0 && draw() < options.stall_rate)
         || drawn(&state.faults.hang_per_mille)
     {
-        note(state, key.as_deref(), |k| k.hung += 1).await;
+        note(state, key, |k| k.hung += 1).await;
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
     let limit = state.rate_limit.load(Ordering::SeqCst);
@@ -314,36 +335,33 @@ async fn answer(state: &SimState, headers: &HeaderMap, body: &[u8]) -> Response 
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
-        return answer;
+        return Some(answer);
     }
-    if (options.fail_rate > 0.0 && draw() < options.fail_rate)
-        || drawn(&state.faults.fail_per_mille)
-    {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "simulated outage");
-    }
-    let command = match Command::parse(body) {
-        Ok(command) => command,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.0),
-    };
-    if options
-        .fail_provider_ids
-        .contains(&command.payment_provider_id)
-    {
-        return error(
+    let failing = (options.fail_rate > 0.0 && draw() < options.fail_rate)
+        || drawn(&state.faults.fail_per_mille);
+    failing.then(|| error(StatusCode::SERVICE_UNAVAILABLE, "simulated outage"))
+}
+
+/// A 503 for a command whose provider id the options say is down or flaky.
+fn refused_for_its_provider(options: &SimOptions, command: &Command) -> Option<Response> {
+    let provider = command.payment_provider_id;
+    if options.fail_provider_ids.contains(&provider) {
+        return Some(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "simulated outage of this provider id",
-        );
+        ));
     }
-    if options
-        .flaky_provider_ids
-        .contains(&command.payment_provider_id)
-        && draw() < FLAKY_RATE
-    {
-        return error(
+    (options.flaky_provider_ids.contains(&provider) && draw() < FLAKY_RATE).then(|| {
+        error(
             StatusCode::SERVICE_UNAVAILABLE,
             "simulated transient failure of this provider id",
-        );
-    }
+        )
+    })
+}
+
+/// The link for `command`: made once per `Idempotency-Key` (the same request again gets the
+/// same link; another request with the key a 422), its answer lost when the faults say so.
+async fn link(state: &SimState, key: Option<String>, command: &Command) -> Response {
     let request = command.canonical_request_json();
     let lose = drawn(&state.faults.lose_per_mille);
     let mut links = state.links.lock().await;
