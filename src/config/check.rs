@@ -298,6 +298,33 @@ impl Settings {
         if self.provider.idempotency_window_hours == 0 {
             return fail("provider.idempotency_window_hours", "must be at least 1");
         }
+        self.check_console()?;
+        let key = self.dead_letters.signing_key.expose();
+        if !key.is_empty() && key.len() < 32 {
+            return fail(
+                "dead_letters.signing_key",
+                "must be at least 32 characters (or empty: a key kept in PostgreSQL)",
+            );
+        }
+        for (i, target) in self.dead_letters.replay_targets.iter().enumerate() {
+            let exchange = &target.exchange;
+            if exchange.is_empty() || exchange.starts_with("amq.") {
+                return fail(
+                    &format!("dead_letters.replay_targets[{i}].exchange"),
+                    "must name an exchange of the worker's (not the default exchange nor an \
+                     amq.* one, which reach any queue)",
+                );
+            }
+        }
+        if self.events.source.trim().is_empty() {
+            return fail("events.source", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The console's listener, its limits, the proxies it trusts and its operators.
+    fn check_console(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| self.fail(key, why);
         if self
             .console
             .listen
@@ -345,25 +372,8 @@ impl Settings {
                 return fail(key, "must be above 0");
             }
         }
-        let key = self.dead_letters.signing_key.expose();
-        if !key.is_empty() && key.len() < 32 {
-            return fail(
-                "dead_letters.signing_key",
-                "must be at least 32 characters (or empty: a key kept in PostgreSQL)",
-            );
-        }
         if let Err(why) = crate::console::TrustedProxies::parse(&self.console.trust_forwarded_for) {
             return fail("console.trust_forwarded_for", &why);
-        }
-        for (i, target) in self.dead_letters.replay_targets.iter().enumerate() {
-            let exchange = &target.exchange;
-            if exchange.is_empty() || exchange.starts_with("amq.") {
-                return fail(
-                    &format!("dead_letters.replay_targets[{i}].exchange"),
-                    "must name an exchange of the worker's (not the default exchange nor an \
-                     amq.* one, which reach any queue)",
-                );
-            }
         }
         for (i, operator) in self.console.operators.iter().enumerate() {
             let key = format!("console.operators[{i}]");
@@ -373,9 +383,6 @@ impl Settings {
             if let Err(why) = crate::console::parse_token_sha256(&operator.token_sha256) {
                 return fail(&format!("{key}.token_sha256"), &why);
             }
-        }
-        if self.events.source.trim().is_empty() {
-            return fail("events.source", "must not be empty");
         }
         Ok(())
     }

@@ -16,6 +16,27 @@ pub fn format_detail(letter: &DeadLetterView) -> String {
         "dead letter {}  {}  {}",
         letter.id, letter.kind, letter.state
     );
+    warnings(&mut out, letter);
+    fields(&mut out, letter);
+    original(&mut out, &letter.original);
+    let _ = writeln!(out, "\nReplays");
+    if letter.replays.is_empty() {
+        out.push_str("  none\n");
+    }
+    for replay in &letter.replays {
+        let _ = writeln!(
+            out,
+            "  run {}  {}  {}",
+            replay.run_id,
+            replay.replayed_at.to_rfc3339(),
+            visible(&replay.outcome)
+        );
+    }
+    out
+}
+
+/// What an operator must know before replaying the letter.
+fn warnings(out: &mut String, letter: &DeadLetterView) {
     if letter.fails_again {
         out.push_str(
             "! replayed as it is, it fails the same way again: its body or id is what was \
@@ -31,6 +52,10 @@ pub fn format_detail(letter: &DeadLetterView) -> String {
     if let Some(why) = &letter.not_replayable_because {
         let _ = writeln!(out, "! not replayable: {}", visible(why));
     }
+}
+
+/// Its fields, one a line, every character visible.
+fn fields(out: &mut String, letter: &DeadLetterView) {
     let text = |v: &Option<String>| v.as_deref().map(|v| visible(v).into_owned());
     let number = |v: Option<i64>| v.map(|v| v.to_string());
     let fields = [
@@ -65,7 +90,10 @@ pub fn format_detail(letter: &DeadLetterView) -> String {
             value.as_deref().unwrap_or("-")
         );
     }
-    let original = &letter.original;
+}
+
+/// The message as it was published: where to, its properties, headers and body.
+fn original(out: &mut String, original: &super::view::OriginalView) {
     let _ = writeln!(out, "\nOriginal message");
     let _ = writeln!(
         out,
@@ -93,18 +121,26 @@ pub fn format_detail(letter: &DeadLetterView) -> String {
         original.body_bytes,
         indent(&visible_block(&body))
     );
-    let _ = writeln!(out, "\nReplays");
-    if letter.replays.is_empty() {
-        out.push_str("  none\n");
-    }
-    for replay in &letter.replays {
-        let _ = writeln!(
-            out,
-            "  run {}  {}  {}",
-            replay.run_id,
-            replay.replayed_at.to_rfc3339(),
-            visible(&replay.outcome)
-        );
+}
+
+/// Rows as columns two spaces apart, the last column as it is.
+fn aligned(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == columns {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
@@ -165,25 +201,11 @@ pub fn format_listing(listing: &Listing) -> String {
             visible(&l.error_message).into_owned(),
         ]);
     }
-    let mut out = String::new();
-    if !listing.letters.is_empty() {
-        let columns = header.len();
-        let widths: Vec<usize> = (0..columns)
-            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-            .collect();
-        for row in &rows {
-            let mut line = String::new();
-            for (c, cell) in row.iter().enumerate() {
-                if c + 1 == columns {
-                    line.push_str(cell);
-                } else {
-                    line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
-                }
-            }
-            out.push_str(line.trim_end());
-            out.push('\n');
-        }
-    }
+    let mut out = if listing.letters.is_empty() {
+        String::new()
+    } else {
+        aligned(&rows)
+    };
     let kinds: Vec<String> = listing
         .by_kind
         .iter()

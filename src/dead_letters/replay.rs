@@ -105,25 +105,11 @@ pub async fn start(
     conn: &mut PgConn,
     request: &ReplayRequest,
 ) -> Result<Started, ReplayError> {
-    let mut ids = store::open_ids(conn, &request.filter).await?;
-    if let Some(limit) = request.limit {
-        ids.truncate(limit);
-    }
-    let targets = ReplayTargets::new(settings);
-    let mut skipped = Vec::new();
-    let selected = replay_rows::targets(conn, &ids).await?;
-    ids.clear();
-    let mut failing = 0;
-    for (id, exchange, routing_key, kind) in selected {
-        match targets.check(&exchange, &routing_key) {
-            Err(why) => skipped.push((id, format!("not replayable: {why}"))),
-            Ok(()) if kind.fails_again() && !request.include_failing => {
-                failing += 1;
-                skipped.push((id, fails_again_reason(kind)));
-            }
-            Ok(()) => ids.push(id),
-        }
-    }
+    let Chosen {
+        mut ids,
+        skipped,
+        failing,
+    } = choose(settings, conn, request).await?;
     if failing > 0 && request.ask_if_failing && !request.dry_run {
         return Err(ReplayError::FailsAgain { count: failing });
     }
@@ -137,29 +123,7 @@ pub async fn start(
         });
     }
     let filter = stored_filter(&request.filter)?;
-    let run_id = replay_runs::start(
-        conn,
-        &replay_runs::NewReplayRun {
-            requested_by: request.requested_by.clone(),
-            filter_kind: request.filter.kind.map(|k| k.as_str().to_owned()),
-            filter_command_id: request.filter.command_id.clone(),
-            max_count: request.limit.map(|l| l as i64),
-            rate_per_second: request.rate,
-            dry_run: request.dry_run,
-            source: request.source.clone(),
-            filter: Some(filter.clone()),
-            state: if request.dry_run {
-                RunState::Done
-            } else {
-                RunState::Running
-            }
-            .as_str()
-            .into(),
-            total: ids.len() as i32,
-            accept_duplicate_risk: request.accept_duplicate_risk,
-        },
-    )
-    .await?;
+    let run_id = replay_runs::start(conn, &new_run(request, &filter, ids.len())).await?;
     if !request.dry_run {
         // What another run took meanwhile is not this run's: it works on what it reserved.
         ids = replay_rows::reserve(conn, &ids, run_id).await?;
@@ -187,20 +151,17 @@ pub async fn start(
         };
         replay_runs::finish(conn, run_id, counts).await?;
     }
-    audit::record(
-        conn,
-        &audit::NewEntry {
-            actor: request.requested_by.clone(),
-            source: request.source.clone(),
-            action: if request.dry_run { "dry-run" } else { "replay" }.into(),
-            filter: Some(filter),
-            count: ids.len() as i32,
-            ids: ids.clone(),
-            run_id: Some(run_id),
-            client_address: request.client_address.clone(),
-        },
-    )
-    .await?;
+    let entry = audit::NewEntry {
+        actor: request.requested_by.clone(),
+        source: request.source.clone(),
+        action: if request.dry_run { "dry-run" } else { "replay" }.into(),
+        filter: Some(filter),
+        count: ids.len() as i32,
+        ids: ids.clone(),
+        run_id: Some(run_id),
+        client_address: request.client_address.clone(),
+    };
+    audit::record(conn, &entry).await?;
     at_risk.retain(|id| ids.binary_search(id).is_ok());
     Ok(Started {
         run_id,
@@ -209,6 +170,71 @@ pub async fn start(
         at_risk,
         skipped,
     })
+}
+
+/// The open letters a request selects, split into those to replay and those skipped (with why).
+struct Chosen {
+    ids: Vec<i64>,
+    skipped: Vec<(i64, String)>,
+    /// How many of the skipped would fail again (the rest go to a target not allowed).
+    failing: usize,
+}
+
+/// The open letters `request` selects (up to its limit): those whose target the worker may
+/// publish to, and unless asked for, not those that would fail again.
+async fn choose(
+    settings: &Settings,
+    conn: &mut PgConn,
+    request: &ReplayRequest,
+) -> Result<Chosen, ReplayError> {
+    let mut ids = store::open_ids(conn, &request.filter).await?;
+    if let Some(limit) = request.limit {
+        ids.truncate(limit);
+    }
+    let targets = ReplayTargets::new(settings);
+    let selected = replay_rows::targets(conn, &ids).await?;
+    let mut chosen = Chosen {
+        ids: Vec::with_capacity(selected.len()),
+        skipped: Vec::new(),
+        failing: 0,
+    };
+    for (id, exchange, routing_key, kind) in selected {
+        match targets.check(&exchange, &routing_key) {
+            Err(why) => chosen.skipped.push((id, format!("not replayable: {why}"))),
+            Ok(()) if kind.fails_again() && !request.include_failing => {
+                chosen.failing += 1;
+                chosen.skipped.push((id, fails_again_reason(kind)));
+            }
+            Ok(()) => chosen.ids.push(id),
+        }
+    }
+    Ok(chosen)
+}
+
+/// The run a replay request starts: `total` letters, done at once when it is a dry run.
+fn new_run(
+    request: &ReplayRequest,
+    filter: &serde_json::Value,
+    total: usize,
+) -> replay_runs::NewReplayRun {
+    let state = if request.dry_run {
+        RunState::Done
+    } else {
+        RunState::Running
+    };
+    replay_runs::NewReplayRun {
+        requested_by: request.requested_by.clone(),
+        filter_kind: request.filter.kind.map(|k| k.as_str().to_owned()),
+        filter_command_id: request.filter.command_id.clone(),
+        max_count: request.limit.map(|l| l as i64),
+        rate_per_second: request.rate,
+        dry_run: request.dry_run,
+        source: request.source.clone(),
+        filter: Some(filter.clone()),
+        state: state.as_str().into(),
+        total: total as i32,
+        accept_duplicate_risk: request.accept_duplicate_risk,
+    }
 }
 
 /// Why a dead letter of `kind` is skipped unless failing ones are included.

@@ -141,6 +141,37 @@ struct Latency {
 
 /// Reads the store's side of the status: outcomes, latency, replicas, dead letters.
 async fn from_store(settings: &Settings, conn: &mut PgConn) -> Result<Status, StoreError> {
+    let (last_minute, completed) = last_minute(conn).await?;
+    let fresh = 3 * crate::fleet::beat_interval(settings);
+    let alive = heartbeats::alive(conn, fresh).await?;
+    let open = crate::dead_letters::store::Filter {
+        state: Some(crate::dead_letters::State::Open),
+        ..Default::default()
+    };
+    let open_dead_letters = crate::dead_letters::store::count_by_kind(conn, &open).await?;
+    let reports: Vec<Report> = alive
+        .iter()
+        .map(|a| Report::of(a.status.as_ref()))
+        .collect();
+    Ok(Status {
+        queues: Vec::new(),
+        last_minute,
+        providers: providers(&completed, &reports),
+        replicas: alive
+            .into_iter()
+            .zip(reports)
+            .map(|(a, report)| Replica {
+                instance_id: a.instance_id,
+                seen_ms_ago: a.age_ms,
+                report,
+            })
+            .collect(),
+        open_dead_letters,
+    })
+}
+
+/// What the fleet completed in the last [`WINDOW_SECONDS`], in all and by provider.
+async fn last_minute(conn: &mut PgConn) -> Result<(Outcomes, Vec<Completed>), StoreError> {
     let completed: Vec<Completed> = diesel::sql_query(
         "SELECT status, payment_provider_id AS provider, count(*)::int8 AS n
          FROM payment_link_commands
@@ -164,66 +195,45 @@ async fn from_store(settings: &Settings, conn: &mut PgConn) -> Result<Status, St
     .bind::<BigInt, _>(WINDOW_SECONDS)
     .get_result(conn)
     .await?;
-    let fresh = 3 * crate::fleet::beat_interval(settings);
-    let alive = heartbeats::alive(conn, fresh).await?;
-    let open = crate::dead_letters::store::Filter {
-        state: Some(crate::dead_letters::State::Open),
-        ..Default::default()
-    };
-    let open_dead_letters = crate::dead_letters::store::count_by_kind(conn, &open).await?;
-
-    let mut last_minute = Outcomes {
+    let mut outcomes = Outcomes {
         dead_lettered: latency.dead,
         p50_ms: latency.p50,
         p95_ms: latency.p95,
         p99_ms: latency.p99,
         ..Outcomes::default()
     };
-    let mut providers: BTreeMap<i64, ProviderStatus> = BTreeMap::new();
     for row in &completed {
         match row.status.as_str() {
-            "succeeded" => last_minute.created += row.n,
-            _ => last_minute.failed += row.n,
+            "succeeded" => outcomes.created += row.n,
+            _ => outcomes.failed += row.n,
         }
+    }
+    outcomes.per_second = outcomes.created as f64 / WINDOW_SECONDS as f64;
+    Ok((outcomes, completed))
+}
+
+/// Each provider: its completions a second, and its lanes summed over the live replicas.
+fn providers(completed: &[Completed], reports: &[Report]) -> Vec<ProviderStatus> {
+    let mut providers: BTreeMap<i64, ProviderStatus> = BTreeMap::new();
+    for row in completed {
         let provider = providers.entry(row.provider).or_default();
         provider.per_second += row.n as f64 / WINDOW_SECONDS as f64;
     }
-    last_minute.per_second = last_minute.created as f64 / WINDOW_SECONDS as f64;
-    let reports: Vec<Report> = alive
-        .iter()
-        .map(|a| Report::of(a.status.as_ref()))
-        .collect();
-    for report in &reports {
-        for lane in &report.lanes {
-            let provider = providers.entry(lane.provider_id).or_default();
-            provider.in_flight += lane.in_flight;
-            provider.queued += lane.queued;
-            provider.limit += lane.limit;
-            provider.breaker = provider.breaker.max(Some(lane.breaker));
-            provider.max_requests_per_second = lane.max_requests_per_second;
-        }
+    for lane in reports.iter().flat_map(|report| &report.lanes) {
+        let provider = providers.entry(lane.provider_id).or_default();
+        provider.in_flight += lane.in_flight;
+        provider.queued += lane.queued;
+        provider.limit += lane.limit;
+        provider.breaker = provider.breaker.max(Some(lane.breaker));
+        provider.max_requests_per_second = lane.max_requests_per_second;
     }
-    Ok(Status {
-        queues: Vec::new(),
-        last_minute,
-        providers: providers
-            .into_iter()
-            .map(|(id, mut p)| {
-                p.provider_id = id;
-                p
-            })
-            .collect(),
-        replicas: alive
-            .into_iter()
-            .zip(reports)
-            .map(|(a, report)| Replica {
-                instance_id: a.instance_id,
-                seen_ms_ago: a.age_ms,
-                report,
-            })
-            .collect(),
-        open_dead_letters,
-    })
+    providers
+        .into_iter()
+        .map(|(id, mut p)| {
+            p.provider_id = id;
+            p
+        })
+        .collect()
 }
 
 /// The depth of each of the worker's queues (a passive declare each, on a channel of its own so
@@ -309,12 +319,19 @@ pub fn screen(status: &Status) -> String {
         ms(m.p95_ms),
         ms(m.p99_ms)
     );
+    providers_screen(&mut out, &status.providers);
+    fleet_screen(&mut out, status);
+    out
+}
+
+/// The providers' table.
+fn providers_screen(out: &mut String, providers: &[ProviderStatus]) {
     let _ = writeln!(
         out,
         "\n{:<10} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10}",
         "PROVIDER", "PER SEC", "IN FLIGHT", "QUEUED", "LIMIT", "BREAKER", "MAX RATE"
     );
-    for p in &status.providers {
+    for p in providers {
         let _ = writeln!(
             out,
             "{:<10} {:>8.1} {:>10} {:>8} {:>8} {:>10} {:>10}",
@@ -328,6 +345,10 @@ pub fn screen(status: &Status) -> String {
                 .map_or("-".to_owned(), |r| format!("{r}/s"))
         );
     }
+}
+
+/// The replicas alive and the open dead letters.
+fn fleet_screen(out: &mut String, status: &Status) {
     let _ = writeln!(out, "\nREPLICAS ALIVE  {}", status.replicas.len());
     for r in &status.replicas {
         let _ = writeln!(
@@ -357,7 +378,6 @@ pub fn screen(status: &Status) -> String {
             format!(" ({})", kinds.join(", "))
         }
     );
-    out
 }
 
 /// Prints the status once, or refreshes it until ctrl-c.
