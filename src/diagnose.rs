@@ -118,18 +118,17 @@ pub fn broker(settings: &BrokerSettings, url: &SecretUrl, error: &lapin::Error) 
     } else {
         settings.url_origin.as_str()
     };
-    let cause = match error.kind() {
-        lapin::ErrorKind::IOError(io) => io_cause(io, "RabbitMQ"),
-        _ => {
-            let text = url.scrub(&error.to_string());
-            if text.contains("ACCESS_REFUSED") || text.contains("ACCESS-REFUSED") {
-                "the broker refused the login; check the user and password in the URL".into()
-            } else if text.contains("NOT_ALLOWED") || text.contains("vhost") {
-                format!("{text}; check the virtual host in the URL (%2f is the default one)")
-            } else {
-                text
-            }
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let cause = match (error.kind(), crate::broker::refusal(error)) {
+        (lapin::ErrorKind::IOError(io), _) => io_cause(io, "RabbitMQ"),
+        (_, Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))) => {
+            "the broker refused the login; check the user and password in the URL".into()
         }
+        (_, Some(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED))) => format!(
+            "{}; check the virtual host in the URL (%2f is the default one)",
+            url.scrub(&error.to_string())
+        ),
+        _ => url.scrub(&error.to_string()),
     };
     anyhow::anyhow!("cannot connect to RabbitMQ at {url} ({setting}): {cause}")
 }

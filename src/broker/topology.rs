@@ -3,6 +3,7 @@
 use crate::config::BrokerSettings;
 use crate::headers::text;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
@@ -139,7 +140,12 @@ pub async fn declare(connection: &Connection, s: &BrokerSettings) -> Result<Chan
         .await
     {
         Ok(_) => {}
-        Err(error) if error.to_string().contains("PRECONDITION_FAILED") => {
+        Err(error)
+            if matches!(
+                super::refusal(&error),
+                Some(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+            ) =>
+        {
             tracing::warn!(queue, %error, policy = POLICY_HINT,
                 "the command queue exists with other arguments (declared by an older version); \
                  using it as it is; apply the policy shown to make the broker's own dead-lettering \

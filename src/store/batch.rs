@@ -174,9 +174,19 @@ async fn answers(pool: &PgPool, conn: &mut PgConn) -> bool {
     bounded(pool, check).await.is_ok()
 }
 
+/// The batch's error for each of its `n` requests; a read-only host stays typed as such, so each
+/// request's caller sees the demotion as the writer did.
 fn fail_all<T>(n: usize, error: &StoreError) -> Vec<Result<T, StoreError>> {
+    let read_only = error.is_read_only();
     let error = error.to_string();
-    (0..n)
-        .map(|_| Err(StoreError::Batch(error.clone())))
-        .collect()
+    let each = || {
+        use diesel::result::{DatabaseErrorKind, Error};
+        if read_only {
+            let kind = DatabaseErrorKind::ReadOnlyTransaction;
+            StoreError::Query(Error::DatabaseError(kind, Box::new(error.clone())))
+        } else {
+            StoreError::Batch(error.clone())
+        }
+    };
+    (0..n).map(|_| Err(each())).collect()
 }

@@ -78,9 +78,6 @@ impl StoreError {
         use diesel::result::{DatabaseErrorKind as K, Error};
         match self {
             StoreError::Query(Error::DatabaseError(K::ReadOnlyTransaction, _)) => true,
-            StoreError::Batch(text) | StoreError::Migration(text) => {
-                text.contains("read-only transaction")
-            }
             _ => false,
         }
     }
@@ -93,6 +90,8 @@ impl StoreError {
         let StoreError::Query(Error::DatabaseError(kind, info)) = self else {
             return false;
         };
+        // diesel names only a few SQLSTATEs; query_canceled (57014), deadlock_detected (40P01)
+        // and admin_shutdown (57P01) come as Unknown with the server's message alone.
         let message = info.message();
         matches!(kind, K::Unknown)
             && !message.starts_with("canceling statement")

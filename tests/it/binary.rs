@@ -361,3 +361,21 @@ fn a_tools_failure_is_a_plain_line_even_piped_where_the_workers_is_json() {
     );
     assert!(service.trim_start().starts_with("{\""), "{service}");
 }
+
+/// The broker's refusals are told apart by their AMQP reply, and the password never shows.
+#[test]
+fn a_refused_login_and_an_unknown_virtual_host_say_which_it_is_without_the_password() {
+    let send = |url: &str| {
+        stderr_of(
+            worker()
+                .args(["send", "--provider-id", "1", "--amount", "1.00"])
+                .args(["--description", "d"])
+                .env("PAYMENT_LINK_WORKER__BROKER__URL", url),
+        )
+    };
+    let login = send("amqp://guest:not-the-password-7f3a@127.0.0.1:5672/%2f");
+    assert!(login.contains("the broker refused the login"), "{login}");
+    assert!(!login.contains("not-the-password-7f3a"), "{login}");
+    let vhost = send("amqp://guest:guest@127.0.0.1:5672/plw-no-such-vhost");
+    assert!(vhost.contains("check the virtual host"), "{vhost}");
+}
