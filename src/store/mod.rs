@@ -76,10 +76,10 @@ impl StoreError {
     /// demoted): not the data's fault, and a new connection may reach the new primary.
     pub fn is_read_only(&self) -> bool {
         use diesel::result::{DatabaseErrorKind as K, Error};
-        match self {
-            StoreError::Query(Error::DatabaseError(K::ReadOnlyTransaction, _)) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            StoreError::Query(Error::DatabaseError(K::ReadOnlyTransaction, _))
+        )
     }
 
     /// Whether this may be the data's fault (an error PostgreSQL answered with, other than the
