@@ -4,7 +4,7 @@
 //! all three, progress stops for at most 5 s, every command ends with one provider request per
 //! idempotency key, every event arrives, and nothing is dead-lettered.
 //!
-//! Uses `../shared/scripts/rabbitmq-cluster` (a throwaway 3-node cluster on ports 5681-5683,
+//! Uses `tests/scripts/rabbitmq-cluster` (a throwaway 3-node cluster on ports 5681-5683,
 //! beside the normal broker); runs alone (`.config/nextest.toml`) and removes the cluster even
 //! when it fails.
 
@@ -24,8 +24,13 @@ use std::time::{Duration, Instant};
 /// Longest stop in progress a node loss may cause.
 const BOUND: Duration = Duration::from_secs(5);
 
+/// The script, from `RABBITMQ_CLUSTER_SCRIPT` or the repository's own.
 fn script() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/scripts/rabbitmq-cluster")
+    std::env::var_os("RABBITMQ_CLUSTER_SCRIPT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/rabbitmq-cluster")
+        })
 }
 
 fn rmq(args: &[&str]) -> String {
@@ -34,7 +39,7 @@ fn rmq(args: &[&str]) -> String {
         .args(args)
         .env("RMQ_CLUSTER_DIR", cluster_dir())
         .output()
-        .expect("the cluster script runs (../shared/scripts/rabbitmq-cluster)");
+        .expect("the cluster script runs (tests/scripts/rabbitmq-cluster)");
     assert!(
         out.status.success(),
         "rabbitmq-cluster {args:?} failed: {}",

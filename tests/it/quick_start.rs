@@ -310,3 +310,63 @@ fn words_are_split_as_sh_splits_them() {
         ["send", "--description", "Invoice 42", "--x", " ", "a b"]
     );
 }
+
+/// A fresh clone's test command works: the README's is the one `.ci/run` runs (`--locked` aside),
+/// and nothing the tests, the benchmarks or CI run lives outside the repository.
+#[test]
+fn the_readme_test_command_is_what_ci_runs_and_needs_nothing_outside_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let readme = read("README.md");
+    let tests = readme
+        .split("\n## Tests\n")
+        .nth(1)
+        .expect("a Tests section");
+    let shown = tests
+        .lines()
+        .find(|l| l.starts_with("cargo nextest run"))
+        .and_then(|l| l.split('#').next())
+        .expect("the test command")
+        .trim()
+        .to_owned();
+    let ci = read(".ci/run");
+    let run = ci
+        .lines()
+        .rfind(|l| l.starts_with("cargo nextest run"))
+        .expect(".ci/run runs the suite")
+        .replace(" --locked", "");
+    assert_eq!(shown, run.trim(), "README and .ci/run differ");
+
+    fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if path.is_dir() && name != "node_modules" {
+                files(&path, out);
+            } else if path.is_file() {
+                out.push(path);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    for dir in ["tests", "benches", ".ci", ".config"] {
+        files(&root.join(dir), &mut all);
+    }
+    let outside: Vec<String> = all
+        .iter()
+        .filter(|path| {
+            // Spelt in two, so this file does not find itself.
+            std::fs::read_to_string(path)
+                .is_ok_and(|text| text.contains(&format!("{}/shared/", "..")))
+        })
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "files reaching outside the repository: {outside:?}"
+    );
+    let script = root.join("tests/scripts/rabbitmq-cluster");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&script).unwrap().permissions().mode();
+    assert!(mode & 0o111 != 0, "{} is not executable", script.display());
+}

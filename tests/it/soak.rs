@@ -6,7 +6,7 @@
 //! planted loss, duplicate and second link.
 //!
 //! The CI-sized run of `cargo bench --bench soak` (`tests/common/soak/`): 3 minutes, seed 20261207,
-//! the debug binary. Uses `../shared/scripts/rabbitmq-cluster` (ports 5681-5683) and two throwaway
+//! the debug binary. Uses `tests/scripts/rabbitmq-cluster` (ports 5681-5683) and two throwaway
 //! PostgreSQL clusters; runs alone (`.config/nextest.toml`) and removes them even when it fails.
 
 #[path = "../common/soak/mod.rs"]

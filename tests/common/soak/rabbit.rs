@@ -1,16 +1,16 @@
-//! The throwaway 3-node RabbitMQ cluster (`../shared/scripts/rabbitmq-cluster`, ports
+//! The throwaway 3-node RabbitMQ cluster (`tests/scripts/rabbitmq-cluster`, ports
 //! 5681-5683, beside the normal broker), driven from async code so the run goes on meanwhile.
 
 use anyhow::{Context as _, bail};
 use std::path::PathBuf;
 use tokio::process::Command;
 
-/// The script, from `RABBITMQ_CLUSTER_SCRIPT` or beside the repository.
+/// The script, from `RABBITMQ_CLUSTER_SCRIPT` or the repository's own.
 pub fn script() -> PathBuf {
     std::env::var_os("RABBITMQ_CLUSTER_SCRIPT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/scripts/rabbitmq-cluster")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/rabbitmq-cluster")
         })
 }
 
