@@ -4,6 +4,9 @@
 //! its recorded progress meanwhile. Run with `cargo bench --bench console-bench` (release
 //! profile; `-- --help` lists the flags); see the README's Benchmark section.
 
+// A test or a benchmark fails loudly, and should, on what it did not expect.
+#![allow(clippy::unwrap_used)]
+
 use anyhow::Context as _;
 use lapin::BasicProperties;
 use payment_link_worker::broker::messages::properties_to_json;

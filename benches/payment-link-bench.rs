@@ -8,6 +8,9 @@
 //! commands, with its CPU time and peak memory; (3) publish-to-event latency under a steady
 //! offered load below saturation; (4) throughput with 100 ms of provider latency.
 
+// A test or a benchmark fails loudly, and should, on what it did not expect.
+#![allow(clippy::unwrap_used)]
+
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use lapin::options::{

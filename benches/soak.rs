@@ -3,6 +3,9 @@
 //! Run with `cargo bench --bench soak -- --minutes 60 --seed 7`; `-- --help` lists the flags;
 //! see the README's Soak section. The harness is `tests/common/soak/`, shared with the CI soak.
 
+// A test or a benchmark fails loudly, and should, on what it did not expect.
+#![allow(clippy::unwrap_used)]
+
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;

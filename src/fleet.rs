@@ -117,10 +117,15 @@ fn fleet_rates(
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Report {
+    /// Commands received since the worker started.
     pub received: u64,
+    /// Links made since the worker started.
     pub created: u64,
+    /// Commands dead-lettered since the worker started.
     pub dead_lettered: u64,
+    /// Commands sent to a delay queue since the worker started.
     pub delayed: u64,
+    /// Its lane of each provider it called lately.
     pub lanes: Vec<LaneStatus>,
 }
 

@@ -6,6 +6,9 @@
 //! A test binary of its own: it installs the process-wide subscriber, with spans recorded in
 //! memory.
 
+// A test or a benchmark fails loudly, and should, on what it did not expect.
+#![allow(clippy::unwrap_used)]
+
 #[path = "it/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;

@@ -309,6 +309,7 @@ impl Role {
     }
 }
 
+/// One person allowed into the console: their name, role and the hash of their token.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorSettings {

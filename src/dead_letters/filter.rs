@@ -13,10 +13,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
+    /// Only letters of this kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<Kind>,
+    /// Only letters in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<State>,
+    /// Only the letters of this command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<String>,
     /// Failed at or after.
@@ -25,10 +28,13 @@ pub struct Filter {
     /// Failed before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<DateTime<Utc>>,
+    /// Only letters of this `paymentProviderId`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_id: Option<i64>,
+    /// Only letters of this invoice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invoice_id: Option<i64>,
+    /// Only letters of this customer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer_id: Option<i64>,
     /// Part of the command id, the description or the e-mail address (any case).
@@ -99,7 +105,9 @@ fn like_escaped(text: &str) -> String {
 /// Where a page of the list ends: the next page starts after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cursor {
+    /// The last letter of the previous page: its time…
     pub failed_at: DateTime<Utc>,
+    /// …and its id (letters are listed newest first).
     pub id: i64,
 }
 

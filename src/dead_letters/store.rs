@@ -18,26 +18,47 @@ pub use super::kind::{Kind, State};
 #[derive(Clone, Debug, Insertable, Queryable, Selectable)]
 #[diesel(table_name = crate::store::schema::dead_letters)]
 pub struct NewDeadLetter {
+    /// What makes a redelivered or republished letter one row: the worker's dead-letter id and a hash of the message, or the hash alone.
     pub dedup_key: String,
+    /// The command's id (the message id; empty when it had none).
     pub command_id: String,
+    /// Why it was dead-lettered.
     pub kind: Kind,
+    /// What went wrong, in words.
     pub error_message: String,
+    /// The provider's HTTP status, when it answered.
     pub http_status: Option<i32>,
+    /// Provider calls made for it.
     pub attempts: Option<i32>,
+    /// The start of the provider's error answer, if any.
     pub error_body: Option<String>,
+    /// When it failed (the worker's time; its ingestion's for a letter the worker did not make).
     pub failed_at: DateTime<Utc>,
+    /// Times its command had been replayed before it failed.
     pub replay_count: i32,
+    /// The command's `paymentProviderId`, where its body had one.
     pub payment_provider_id: Option<i64>,
+    /// The command's `invoiceId`, if any.
     pub invoice_id: Option<i64>,
+    /// The command's `adhocInvoiceId`, if any.
     pub adhoc_invoice_id: Option<i64>,
+    /// The command's `customerId`, if any.
     pub customer_id: Option<i64>,
+    /// The command's description.
     pub description: Option<String>,
+    /// The command's e-mail address, if any (personal data: masked for viewers).
     pub email: Option<String>,
+    /// The trace it was part of (from its `traceparent`).
     pub trace_id: Option<String>,
+    /// The exchange the command was published to; a replay goes there.
     pub original_exchange: String,
+    /// The routing key the command was published with; a replay uses it.
     pub original_routing_key: String,
+    /// Its AMQP properties and headers, in the stored JSON form.
     pub properties: serde_json::Value,
+    /// The message body, as it came.
     pub body: Vec<u8>,
+    /// What had to be changed to store it (dropped headers, a cut body), if anything.
     pub stored_with_changes: Option<String>,
 }
 
@@ -46,17 +67,29 @@ pub struct NewDeadLetter {
 #[diesel(table_name = crate::store::schema::dead_letters)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
+    /// Its id in the store.
     pub id: i64,
+    /// The command's id (its message id).
     pub command_id: String,
+    /// Why it was dead-lettered.
     pub kind: Kind,
+    /// The provider's HTTP status, when it answered.
     pub http_status: Option<i32>,
+    /// Provider calls made for it.
     pub attempts: Option<i32>,
+    /// When it failed (the worker's time; its ingestion's for a letter the worker did not make).
     pub failed_at: DateTime<Utc>,
+    /// Times its command had been replayed before it failed.
     pub replay_count: i32,
+    /// Where it stands: open, replayed, archived.
     pub state: State,
+    /// The command's `invoiceId`, if any.
     pub invoice_id: Option<i64>,
+    /// The command's `adhocInvoiceId`, if any.
     pub adhoc_invoice_id: Option<i64>,
+    /// The command's `customerId`, if any.
     pub customer_id: Option<i64>,
+    /// What went wrong, in words.
     #[serde(rename = "message")]
     pub error_message: String,
     /// The exchange its message names (where a replay would go).
@@ -71,14 +104,20 @@ pub struct Summary {
 #[derive(Clone, Debug, Queryable, Selectable)]
 #[diesel(table_name = crate::store::schema::dead_letters)]
 pub struct Stored {
+    /// Its id in the store.
     pub id: i64,
     /// What the ingester wrote (read through `Deref`).
     #[diesel(embed)]
     pub letter: NewDeadLetter,
+    /// When it reached the store.
     pub ingested_at: DateTime<Utc>,
+    /// Where it stands: open, replayed, archived.
     pub state: State,
+    /// When its state last changed.
     pub state_changed_at: DateTime<Utc>,
+    /// The replay run that last took it, if any.
     pub replay_run_id: Option<i64>,
+    /// The dead letter this one's command was replayed from, if it failed again.
     pub previous_id: Option<i64>,
 }
 
@@ -94,8 +133,11 @@ impl std::ops::Deref for Stored {
 #[diesel(table_name = crate::store::schema::dead_letter_replays)]
 #[serde(rename_all = "camelCase")]
 pub struct Replay {
+    /// The replay run.
     pub run_id: i64,
+    /// When the run published it.
     pub replayed_at: DateTime<Utc>,
+    /// What became of it, in words.
     pub outcome: String,
 }
 

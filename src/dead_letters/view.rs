@@ -15,27 +15,47 @@ use serde_json::{Map, Value, json};
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterView {
+    /// Its id in the store.
     pub id: i64,
+    /// The command's id (its message id).
     pub command_id: String,
+    /// Why it was dead-lettered.
     pub kind: Kind,
     /// Why it failed, in words.
     pub message: String,
+    /// The provider's HTTP status, when it answered.
     pub http_status: Option<i32>,
+    /// Provider calls made for it.
     pub attempts: Option<i32>,
+    /// The start of the provider's error answer, if any.
     pub error_body: Option<String>,
+    /// When it failed (the worker's time; its ingestion's for a letter the worker did not make).
     pub failed_at: DateTime<Utc>,
+    /// When it reached the store.
     pub ingested_at: DateTime<Utc>,
+    /// Times its command had been replayed before it failed.
     pub replay_count: i32,
+    /// Where it stands: open, replayed, archived.
     pub state: State,
+    /// When its state last changed.
     pub state_changed_at: DateTime<Utc>,
+    /// The replay run that last took it, if any.
     pub replay_run_id: Option<i64>,
+    /// The dead letter this one's command was replayed from, if it failed again.
     pub previous_id: Option<i64>,
+    /// The command's `paymentProviderId`, where its body had one.
     pub provider_id: Option<i64>,
+    /// The command's `invoiceId`, if any.
     pub invoice_id: Option<i64>,
+    /// The command's `adhocInvoiceId`, if any.
     pub adhoc_invoice_id: Option<i64>,
+    /// The command's `customerId`, if any.
     pub customer_id: Option<i64>,
+    /// The command's description.
     pub description: Option<String>,
+    /// The command's e-mail address, if any (personal data: masked for viewers).
     pub email: Option<String>,
+    /// The trace it was part of (from its `traceparent`).
     pub trace_id: Option<String>,
     /// Its first provider call is older than the provider's idempotency window.
     pub duplicate_risk: bool,
@@ -45,6 +65,7 @@ pub struct DeadLetterView {
     pub replayable: bool,
     /// Why not, when it is not.
     pub not_replayable_because: Option<String>,
+    /// What had to be changed to store it (dropped headers, a cut body), if anything.
     pub stored_with_changes: Option<String>,
     /// The message as it was dead-lettered.
     pub original: OriginalView,
@@ -56,7 +77,9 @@ pub struct DeadLetterView {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OriginalView {
+    /// The exchange to publish to.
     pub exchange: String,
+    /// The routing key to publish with.
     pub routing_key: String,
     /// The AMQP properties, headers aside.
     pub properties: Value,
@@ -70,6 +93,7 @@ pub struct OriginalView {
     /// The body as text, when it is UTF-8 (JSON or not), for the command line's view.
     #[serde(skip)]
     pub text: Option<String>,
+    /// The body's size.
     pub body_bytes: usize,
 }
 

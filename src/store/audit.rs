@@ -34,15 +34,25 @@ pub struct NewEntry {
 #[diesel(table_name = super::schema::audit_log)]
 #[serde(rename_all = "camelCase")]
 pub struct Entry {
+    /// Its id in the audit log.
     pub id: i64,
+    /// When it happened.
     pub at: DateTime<Utc>,
+    /// Who did it (an operator's name, or the CLI's user).
     pub actor: String,
+    /// Where from: the CLI or the console.
     pub source: String,
+    /// What was done: replay, dry-run, archive.
     pub action: String,
+    /// The filter that chose the letters, if any.
     pub filter: Option<serde_json::Value>,
+    /// How many letters it concerned.
     pub count: i32,
+    /// The letters it concerned.
     pub ids: Vec<i64>,
+    /// The replay run it started, if any.
     pub run_id: Option<i64>,
+    /// The console client's address, if from the console.
     pub client_address: Option<String>,
 }
 

@@ -22,31 +22,57 @@ pub const FAILED: &str = "failed";
 #[derive(Clone, Debug, Queryable, Selectable)]
 #[diesel(table_name = super::schema::payment_link_commands)]
 pub struct CommandRecord {
+    /// The command's id (its message id).
     pub command_id: String,
+    /// The request as sent to the provider (a conflict compares it).
     pub canonical_request: String,
+    /// The command's `paymentProviderId`, where its body had one.
     pub payment_provider_id: i64,
+    /// The amount, exact (never a float).
     pub amount_in_major_currency: BigDecimal,
+    /// The link's description.
     pub description: String,
+    /// The e-mail address to send the link to, if any.
     pub email_address: Option<String>,
+    /// The command's `invoiceId`, if any.
     pub invoice_id: Option<i64>,
+    /// The command's `adhocInvoiceId`, if any.
     pub adhoc_invoice_id: Option<i64>,
+    /// The command's `customerId`, if any.
     pub customer_id: Option<i64>,
+    /// The invoicing system's correlation id, carried to the events.
     pub correlation_id: String,
+    /// Where the command stands: processing, succeeded or failed.
     pub status: String,
+    /// Provider calls made for it so far.
     pub attempts: i32,
+    /// Times it was replayed.
     pub replay_count: i32,
+    /// The worker that holds its claim, while processing.
     pub lease_owner: Option<String>,
+    /// When that claim runs out and another worker may take the command over.
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The claim's token: only its holder may record the outcome.
     pub lease_token: Option<String>,
+    /// The provider's id of the link, once made.
     pub link_id: Option<i64>,
+    /// The link, once made.
     pub payment_link: Option<String>,
+    /// The provider's answer, verbatim (the created event carries it).
     pub provider_response: Option<String>,
+    /// Why it failed (an `ErrorKind`), once failed.
     pub error_kind: Option<String>,
+    /// What went wrong, in words, once failed.
     pub error_message: Option<String>,
+    /// The provider's HTTP status, when it answered.
     pub http_status: Option<i32>,
+    /// The start of the provider's error answer, if any.
     pub error_body: Option<String>,
+    /// When it was first recorded.
     pub created_at: DateTime<Utc>,
+    /// When the row last changed.
     pub updated_at: DateTime<Utc>,
+    /// When it got its outcome.
     pub completed_at: Option<DateTime<Utc>>,
 }
 

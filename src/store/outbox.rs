@@ -21,13 +21,21 @@ pub const DEAD_LETTER: &str = "dead-letter";
 #[derive(Clone, Debug, Insertable)]
 #[diesel(table_name = super::schema::outbox)]
 pub struct NewOutboxMessage {
+    /// The command it is about.
     pub command_id: String,
+    /// The message id it is published with (the event's id).
     pub message_id: String,
+    /// The event's or dead letter's kind, for the relay's log and metrics.
     pub kind: String,
+    /// The exchange to publish to.
     pub exchange: String,
+    /// The routing key to publish with.
     pub routing_key: String,
+    /// Its AMQP properties and headers, in the stored JSON form.
     pub properties: serde_json::Value,
+    /// The message body.
     pub body: Vec<u8>,
+    /// When the relay may next try to publish it.
     pub next_attempt_at: DateTime<Utc>,
 }
 
@@ -66,18 +74,31 @@ impl NewOutboxMessage {
 #[derive(Clone, Debug, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = super::schema::outbox)]
 pub struct OutboxRecord {
+    /// Its id in the outbox.
     pub id: i64,
+    /// The command it is about.
     pub command_id: String,
+    /// The message id it is published with (the event's id).
     pub message_id: String,
+    /// The event's or dead letter's kind, for the relay's log and metrics.
     pub kind: String,
+    /// The exchange to publish to.
     pub exchange: String,
+    /// The routing key to publish with.
     pub routing_key: String,
+    /// Its AMQP properties and headers, in the stored JSON form.
     pub properties: serde_json::Value,
+    /// The message body.
     pub body: Vec<u8>,
+    /// When it was written.
     pub created_at: DateTime<Utc>,
+    /// When the relay may next try to publish it.
     pub next_attempt_at: DateTime<Utc>,
+    /// Tries the relay made.
     pub publish_attempts: i32,
+    /// Why the relay's last try failed, if it did.
     pub last_error: Option<String>,
+    /// When the broker confirmed it; none while unsent.
     pub sent_at: Option<DateTime<Utc>>,
 }
 

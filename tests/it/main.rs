@@ -2,6 +2,9 @@
 //! provider (wiremock for scripted faults, the simulator for its own contract). One test binary,
 //! one module per behaviour.
 
+// A test or a benchmark fails loudly, and should, on what it did not expect.
+#![allow(clippy::unwrap_used)]
+
 mod alerting;
 mod binary;
 mod browser;
