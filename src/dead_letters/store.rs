@@ -81,7 +81,7 @@ pub struct Summary {
     pub failed_at: DateTime<Utc>,
     /// Times its command had been replayed before it failed.
     pub replay_count: i32,
-    /// Where it stands: open, replayed, archived.
+    /// Where it stands: open, replaying, replayed or archived.
     pub state: State,
     /// The command's `invoiceId`, if any.
     pub invoice_id: Option<i64>,
@@ -111,7 +111,7 @@ pub struct Stored {
     pub letter: NewDeadLetter,
     /// When it reached the store.
     pub ingested_at: DateTime<Utc>,
-    /// Where it stands: open, replayed, archived.
+    /// Where it stands: open, replaying, replayed or archived.
     pub state: State,
     /// When its state last changed.
     pub state_changed_at: DateTime<Utc>,

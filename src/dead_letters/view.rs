@@ -35,7 +35,7 @@ pub struct DeadLetterView {
     pub ingested_at: DateTime<Utc>,
     /// Times its command had been replayed before it failed.
     pub replay_count: i32,
-    /// Where it stands: open, replayed, archived.
+    /// Where it stands: open, replaying, replayed or archived.
     pub state: State,
     /// When its state last changed.
     pub state_changed_at: DateTime<Utc>,
