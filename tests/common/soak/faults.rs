@@ -124,6 +124,7 @@ impl World {
                 self.pg.fail_over(hold).await?;
                 *progress_from = start.elapsed();
                 self.pg.rebuild_standby(old).await?;
+                self.pg.synchronous_again().await?;
                 format!(
                     "host {} promoted; host {} rebuilt as its standby",
                     1 - old,
