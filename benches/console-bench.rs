@@ -211,7 +211,7 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
                     continue;
                 };
                 seen.push(run.replayed);
-                if run.state != "running" {
+                if run.state != payment_link_worker::store::replay_runs::RunState::Running {
                     return seen;
                 }
             }

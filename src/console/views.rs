@@ -20,7 +20,7 @@ pub async fn dead_letter(console: &Console, id: i64) -> Result<Option<DeadLetter
 pub struct ReplayRunView {
     /// The run's id (`jobId` in the API, whose contract predates the one name).
     pub job_id: i64,
-    pub state: String,
+    pub state: replay_runs::RunState,
     pub total: i32,
     pub replayed: i32,
     pub failed: i32,
@@ -39,7 +39,7 @@ impl From<&replay_runs::ReplayRun> for ReplayRunView {
     fn from(run: &replay_runs::ReplayRun) -> Self {
         Self {
             job_id: run.id,
-            state: run.state.clone(),
+            state: run.state,
             total: run.total,
             replayed: run.replayed,
             failed: run.failed,

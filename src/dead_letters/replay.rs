@@ -231,7 +231,7 @@ fn new_run(
         dry_run: request.dry_run,
         source: request.source.clone(),
         filter: Some(filter.clone()),
-        state: state.as_str().into(),
+        state,
         total: total as i32,
         accept_duplicate_risk: request.accept_duplicate_risk,
     }

@@ -3,7 +3,12 @@
 use super::schema::replay_runs::dsl as r;
 use super::{PgConn, StoreError};
 use chrono::{DateTime, Utc};
+use diesel::deserialize::{self, FromSql, FromSqlRow};
+use diesel::expression::AsExpression;
+use diesel::pg::{Pg, PgValue};
 use diesel::prelude::*;
+use diesel::serialize::{self, Output, ToSql};
+use diesel::sql_types::Text;
 use diesel_async::RunQueryDsl;
 
 /// A run as it starts.
@@ -26,8 +31,8 @@ pub struct NewReplayRun {
     pub source: String,
     /// The whole filter, as the console and the CLI share it.
     pub filter: Option<serde_json::Value>,
-    /// `running` until it ends (`done`, or `failed`).
-    pub state: String,
+    /// Running until it ends (done, or failed).
+    pub state: RunState,
     /// Dead letters the run is to replay.
     pub total: i32,
     /// Whether the operator accepted that some may create a second link.
@@ -72,8 +77,8 @@ pub struct ReplayRun {
     pub source: String,
     /// The whole filter.
     pub filter: Option<serde_json::Value>,
-    /// `running`, `done` or `failed`.
-    pub state: String,
+    /// Running, done or failed.
+    pub state: RunState,
     /// Dead letters the run is to replay.
     pub total: i32,
     /// Whether the operator accepted that some may create a second link.
@@ -82,8 +87,10 @@ pub struct ReplayRun {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Where a replay run is; the `state` column holds its text.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a replay run is; the `state` column holds its text, the API and the pages show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, AsExpression, FromSqlRow, serde::Serialize)]
+#[diesel(sql_type = Text)]
+#[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// Publishing its letters (or stopped midway: a console takes it over once it is idle).
     Running,
@@ -102,6 +109,34 @@ impl RunState {
             RunState::Done => "done",
             RunState::Failed => "failed",
         }
+    }
+}
+
+impl RunState {
+    /// The state named `text`, as the column holds it.
+    pub fn parse(text: &str) -> Option<Self> {
+        [RunState::Running, RunState::Done, RunState::Failed]
+            .into_iter()
+            .find(|state| state.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ToSql<Text, Pg> for RunState {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        <str as ToSql<Text, Pg>>::to_sql(self.as_str(), out)
+    }
+}
+
+impl FromSql<Text, Pg> for RunState {
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        let text = <String as FromSql<Text, Pg>>::from_sql(value)?;
+        RunState::parse(&text).ok_or_else(|| format!("unknown replay run state {text:?}").into())
     }
 }
 
@@ -167,8 +202,7 @@ pub async fn finish(conn: &mut PgConn, run_id: i64, counts: RunCounts) -> Result
                 RunState::Failed
             } else {
                 RunState::Done
-            }
-            .as_str()),
+            }),
             r::updated_at.eq(Utc::now()),
         ))
         .execute(conn)

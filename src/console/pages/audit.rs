@@ -70,7 +70,7 @@ fn runs_table(runs: &[replay_runs::ReplayRun]) -> Markup {
                     td { (run_link(Some(r.id))) @if r.dry_run { " (dry run)" } }
                     td { (when(r.started_at)) }
                     td { (Shown(&r.requested_by)) }
-                    td { (Shown(&r.state)) }
+                    td { (r.state.as_str()) }
                     td { (r.total) } td { (r.replayed) } td { (r.failed) } td { (r.skipped) }
                 }
             }

@@ -33,7 +33,7 @@ pub(super) async fn page(
         div id="job" data-id=(id) {}
         div.progress { div id="bar" {} }
         dl {
-            dt { "State" } dd id="state" { (Shown(&run.state)) }
+            dt { "State" } dd id="state" { (run.state.as_str()) }
             dt { "Total" } dd id="total" { (run.total) }
             dt { "Replayed" } dd id="replayed" { (run.replayed) }
             dt { "Failed" } dd id="failed" { (run.failed) }
