@@ -251,19 +251,21 @@ fn read_token() -> std::io::Result<String> {
             eprintln!();
         }
     }
-    eprint!("token (not shown): ");
+    // Silenced before the prompt shows: what is typed (or pasted) as soon as it does is never
+    // echoed.
     let silenced = std::process::Command::new("stty")
         .arg("-echo")
         .stdin(std::process::Stdio::inherit())
         .status()
         .is_ok_and(|s| s.success());
     let _echo = silenced.then_some(Echo);
+    eprint!("token (not shown): ");
     let mut token = String::new();
     stdin.read_line(&mut token)?;
     Ok(token)
 }
 
-/// Whether `send` reads JSON lines from stdin (`--json -`).
+/// Runs the provider simulator until it is stopped.
 async fn provider_sim(args: ProviderSimArgs) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.fail_rate) || !(0.0..=1.0).contains(&args.stall_rate) {
         anyhow::bail!("--fail-rate and --stall-rate must be between 0 and 1");
