@@ -66,6 +66,9 @@ pub struct Resources {
     /// life, for lives of 30 minutes or more: a leak raises the floor; memory a fault or a burst
     /// needed for a while (and the end's last burst from the delay queues) does not.
     pub rss_floor_kb: Option<(u64, u64)>,
+    /// The same for descriptors: the HTTP client's idle connections after a slow provider
+    /// close within its idle timeout, a leaked socket stays and raises the floor.
+    pub fd_floor: Option<(u64, u64)>,
 }
 
 impl Resources {
@@ -305,6 +308,14 @@ impl Report {
                     (late as f64 / early.max(1) as f64 - 1.0) * 100.0
                 );
             }
+            if let Some((early, late)) = r.fd_floor {
+                let _ = writeln!(
+                    t,
+                    "  worker {:<6} descriptors floor: {early} in the 10 minutes after the baseline, {late} in its last 10 minutes ({:+.1} %)",
+                    r.worker,
+                    (late as f64 / early.max(1) as f64 - 1.0) * 100.0
+                );
+            }
         }
         let _ = writeln!(
             t,
@@ -395,8 +406,13 @@ fn stalls(done: &[Done], events: &[Event], load_end: Duration) -> Vec<Stall> {
     worst.into_values().collect()
 }
 
-/// The RSS floors of a life's samples from its baseline on (see [`Resources::rss_floor_kb`]).
-fn floors(after: &[super::fleet::Sample], base_s: f64) -> Option<(u64, u64)> {
+/// The floors of one figure of a life's samples from its baseline on (see
+/// [`Resources::rss_floor_kb`]).
+fn floors(
+    after: &[super::fleet::Sample],
+    base_s: f64,
+    figure: fn(&super::fleet::Sample) -> u64,
+) -> Option<(u64, u64)> {
     const WINDOW_S: f64 = 600.0;
     let end_s = after.last()?.age_s;
     if end_s - base_s < 3.0 * WINDOW_S {
@@ -406,7 +422,7 @@ fn floors(after: &[super::fleet::Sample], base_s: f64) -> Option<(u64, u64)> {
         after
             .iter()
             .filter(|s| s.age_s >= from && s.age_s <= to)
-            .map(|s| s.rss_kb)
+            .map(figure)
             .min()
     };
     Some((
@@ -436,7 +452,8 @@ fn resources(lives: &[Life], minutes: f64) -> Vec<Resources> {
                 rss_kb: levels(|s| s.rss_kb),
                 fds: levels(|s| s.fds),
                 sockets: levels(|s| s.sockets),
-                rss_floor_kb: floors(after, base.age_s),
+                rss_floor_kb: floors(after, base.age_s, |s| s.rss_kb),
+                fd_floor: floors(after, base.age_s, |s| s.fds),
             })
         })
         .collect()
