@@ -34,6 +34,13 @@ struct Open {
     last_summary: Instant,
 }
 
+/// Most problems open at once. Their keys may carry what a publisher chose (the provider id of
+/// commands parked for it), so past this many a new one is counted under one overflow problem,
+/// logged once: a flood of made-up ids can grow neither the registry nor the log.
+pub const MAX_OPEN: usize = 256;
+/// The overflow problem's key.
+const OVERFLOW: &str = "repeats: overflow";
+
 static OPEN: LazyLock<Mutex<HashMap<String, Open>>> = LazyLock::new(Mutex::default);
 /// How many problems are open, so the common case (none) takes no lock.
 static OPEN_COUNT: AtomicUsize = AtomicUsize::new(0);
@@ -54,17 +61,29 @@ fn interval() -> Duration {
 }
 
 /// Counts one occurrence of `problem`; the first of a run calls `first` to log it in full
-/// (with the ids of the message or command it happened to), later ones are only counted.
+/// (with the ids of the message or command it happened to), later ones are only counted. Past
+/// [`MAX_OPEN`] open problems, a new one is counted under the overflow problem instead.
 pub fn occurred(problem: impl FnOnce() -> Problem, key: &str, first: impl FnOnce()) {
     let now = Instant::now();
     let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+    let full = open.len() >= MAX_OPEN && !open.contains_key(key);
+    let key = if full { OVERFLOW } else { key };
     if let Some(entry) = open.get_mut(key) {
         entry.total += 1;
         entry.unsummarised += 1;
         entry.last_seen = now;
         return;
     }
-    let problem = problem();
+    let problem = if full {
+        Problem {
+            key: OVERFLOW.into(),
+            what: format!("more than {MAX_OPEN} different problems at once; further ones are counted here together"),
+            fix: "the first of each was logged; see the metrics for which part of the system is failing".into(),
+            ends_when_quiet: true,
+        }
+    } else {
+        problem()
+    };
     open.insert(
         key.to_owned(),
         Open {
@@ -78,7 +97,13 @@ pub fn occurred(problem: impl FnOnce() -> Problem, key: &str, first: impl FnOnce
     );
     OPEN_COUNT.store(open.len(), Ordering::Relaxed);
     drop(open);
-    first();
+    if full {
+        tracing::warn!(
+            "more than {MAX_OPEN} different problems at once; further ones are counted together"
+        );
+    } else {
+        first();
+    }
 }
 
 /// Ends the open problem `key`, if any, with one line saying how long it lasted.
@@ -190,5 +215,32 @@ mod tests {
         assert_eq!(firsts, 2, "a new run is logged again");
         resolved(key);
         assert_eq!(is_open(key), None);
+    }
+
+    /// A publisher can make up a problem's key (a provider id per command): the registry and
+    /// the lines written stay bounded however many it makes.
+    #[test]
+    fn past_the_cap_new_problems_are_counted_together_and_logged_once() {
+        let mut firsts = 0;
+        for id in 0..(MAX_OPEN as u64 * 4) {
+            let key = format!("unit parked {id}");
+            occurred(|| problem(&key, true), &key, || firsts += 1);
+        }
+        assert_eq!(
+            firsts, MAX_OPEN,
+            "each problem under the cap is logged once"
+        );
+        assert_eq!(OPEN.lock().unwrap().len(), MAX_OPEN + 1);
+        assert_eq!(
+            is_open(OVERFLOW),
+            Some((MAX_OPEN as u64 * 3, MAX_OPEN as u64 * 3 - 1))
+        );
+        // A problem already open is still counted under its own key.
+        occurred(
+            || problem("unit parked 0", true),
+            "unit parked 0",
+            || firsts += 1,
+        );
+        assert_eq!(is_open("unit parked 0"), Some((2, 1)));
     }
 }
