@@ -96,7 +96,8 @@ pub struct ProviderSettings {
     pub max_response_bytes: usize,
     /// Allow sending the bearer token over plain http:// to a host other than loopback.
     pub allow_plain_http: bool,
-    /// Adapt each provider's concurrency limit to its answers (lower on 429, 503 and timeouts).
+    /// Adapt each provider's concurrency limit to its answers (lower on a 503 without
+    /// `Retry-After` and on timeouts; a 429 paces its rate instead).
     pub adaptive_concurrency: bool,
     /// Most calls per second to one provider id for the whole fleet (0: no limit).
     pub max_requests_per_second: f64,
