@@ -92,23 +92,27 @@ fn fleet_rates(
                 .push((found, since));
         }
     }
-    let fresh_ms = FRESH_CUT.as_millis() as u64;
     reports
         .into_iter()
-        .map(|(id, rates)| {
-            let latest = rates.iter().filter_map(|(_, since)| *since).min();
-            let episode: Vec<f64> = match latest {
-                Some(latest) if latest < fresh_ms => rates
-                    .iter()
-                    .filter(|(_, since)| since.is_some_and(|s| s <= latest + 1000))
-                    .map(|(found, _)| *found)
-                    .collect(),
-                _ => rates.iter().map(|(found, _)| *found).collect(),
-            };
-            let mean = episode.iter().sum::<f64>() / episode.len() as f64;
-            (id, (mean, latest.map(Duration::from_millis)))
-        })
+        .map(|(id, rates)| (id, fleet_rate(&rates)))
         .collect()
+}
+
+/// One provider's fleet rate from the replicas' found rates and how many milliseconds ago each
+/// was cut (see [`fleet_rates`]); `rates` is not empty.
+pub fn fleet_rate(rates: &[(f64, Option<u64>)]) -> (f64, Option<Duration>) {
+    let fresh_ms = FRESH_CUT.as_millis() as u64;
+    let latest = rates.iter().filter_map(|(_, since)| *since).min();
+    let episode: Vec<f64> = match latest {
+        Some(latest) if latest < fresh_ms => rates
+            .iter()
+            .filter(|(_, since)| since.is_some_and(|s| s <= latest + 1000))
+            .map(|(found, _)| *found)
+            .collect(),
+        _ => rates.iter().map(|(found, _)| *found).collect(),
+    };
+    let mean = episode.iter().sum::<f64>() / episode.len() as f64;
+    (mean, latest.map(Duration::from_millis))
 }
 
 /// What a worker reports with its heartbeat: its totals since it started, for `status`, and its

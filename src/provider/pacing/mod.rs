@@ -12,6 +12,8 @@
 
 pub mod concurrency;
 pub mod rate;
+#[cfg(test)]
+mod simulation;
 
 use concurrency::{Figures, Limiter, Slot};
 use rate::Rate;

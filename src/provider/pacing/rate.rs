@@ -1,8 +1,10 @@
 //! The rate one worker calls one provider at. Unpaced until the provider first says slow down
 //! (a 429, or a 503 with `Retry-After`); then the fleet's rate is set just under what the
-//! provider took in the trailing second, holds while the provider's window settles, and grows
-//! back (slowly up to the rate it refused, faster past it) while calls wait on it, so a lane
-//! settles just under the provider's limit. Replicas share the rate through their heartbeats
+//! provider took in the trailing second, holds while the provider's window settles, grows back
+//! to just under the rate it refused while calls wait on it and stays there; only
+//! [`PROBE_AFTER`] the cut does it probe past it (slowly at first, faster the longer the provider
+//! takes more), so a lane settles just under the provider's limit and pays a probe's
+//! `Retry-After` pause only now and then. Replicas share the rate through their heartbeats
 //! ([`Rate::adopt`]); each takes `rate / workers`, spaced evenly with no burst. A configured
 //! `provider.max_requests_per_second` stays the ceiling.
 
@@ -34,7 +36,8 @@ struct Pace {
     found: Option<f64>,
     /// When the provider last said slow down (here, or in another replica's report).
     last_cut: Option<Instant>,
-    /// The fleet rate the provider last refused (what was cut from).
+    /// The fleet rate the provider last refused (what was cut from): the rate climbs back to
+    /// just under it ([`PLATEAU`]) and waits there before probing past it.
     refused: Option<f64>,
     /// The rate before the last growth, if it grew since the last cut: it ran a whole second
     /// without a 429, so a probe that overshoots is cut back under it.
@@ -76,6 +79,11 @@ const FAST_GROWTH: f64 = 0.3;
 const UNDER_TAKEN: f64 = 0.95;
 /// For this long after a cut the rate holds: the provider's window settles before it is probed.
 const HOLD: Duration = Duration::from_secs(2);
+/// After a cut the rate climbs back to this fraction of the rate refused and stays there until
+/// [`PROBE_AFTER`]: each probe past a limit that has not moved costs a `Retry-After` pause.
+const PLATEAU: f64 = 0.99;
+/// How long after a cut the rate probes past the plateau.
+const PROBE_AFTER: Duration = Duration::from_secs(15);
 
 /// The fraction the found rate grows by in the second that ends `since_cut` after the last cut:
 /// nothing while it holds, then 1 % a second, half as much again every second after (slow up to
@@ -201,21 +209,36 @@ impl Pace {
             let since_cut = self
                 .last_cut
                 .map_or(Duration::MAX, |at| now.duration_since(at));
+            // Until the probe, the rate climbs back to just under the one refused and stays
+            // there; the probe then grows slowly at first, as right after a cut.
+            let probing = since_cut >= PROBE_AFTER;
+            let since = if probing {
+                since_cut - (PROBE_AFTER - HOLD)
+            } else {
+                since_cut
+            };
             // Plus one a second, so a rate cut very low climbs back in seconds, not minutes.
-            let mut g = growth(since_cut);
-            if g > 0.0
-                && self
-                    .refused
-                    .is_some_and(|refused| found > refused * ABOVE_REFUSED)
-            {
+            let mut g = growth(since);
+            let above = self
+                .refused
+                .is_some_and(|refused| found > refused * ABOVE_REFUSED);
+            if g > 0.0 && above {
                 g = g.max(FAST_GROWTH);
             }
-            let grown = if g > 0.0 {
-                self.before_growth = Some(found);
+            let mut grown = if g > 0.0 {
                 found * (1.0 + g) + 1.0
             } else {
                 found
             };
+            if !probing
+                && !above
+                && let Some(refused) = self.refused
+            {
+                grown = grown.min(found.max(refused * PLATEAU));
+            }
+            if grown > found {
+                self.before_growth = Some(found);
+            }
             self.found = Some(ceiling.map_or(grown, |c| grown.min(c)));
         }
         self.last_growth = now;
