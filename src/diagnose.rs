@@ -110,6 +110,15 @@ pub fn io_cause(io: &std::io::Error, server: &str) -> String {
     }
 }
 
+/// The broker's AMQP reply code when `error` is a refusal (a channel or connection closed by the
+/// broker): how a refusal's kind is told, never by its text.
+pub fn refusal(error: &lapin::Error) -> Option<&lapin::protocol::AMQPErrorKind> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(reply) => Some(reply.kind()),
+        _ => None,
+    }
+}
+
 /// The broker could not be reached: one line naming the URL (password masked), the setting that
 /// gave it and the cause. lapin's own error text may quote the URL: it is scrubbed.
 pub fn broker(settings: &BrokerSettings, url: &SecretUrl, error: &lapin::Error) -> anyhow::Error {
@@ -119,7 +128,7 @@ pub fn broker(settings: &BrokerSettings, url: &SecretUrl, error: &lapin::Error) 
         settings.url_origin.as_str()
     };
     use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-    let cause = match (error.kind(), crate::broker::refusal(error)) {
+    let cause = match (error.kind(), refusal(error)) {
         (lapin::ErrorKind::IOError(io), _) => io_cause(io, "RabbitMQ"),
         (_, Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))) => {
             "the broker refused the login; check the user and password in the URL".into()

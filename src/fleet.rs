@@ -6,7 +6,7 @@
 
 use crate::context::Context;
 use crate::provider::lanes::LaneStatus;
-use crate::provider::pacing::rate::FRESH_CUT;
+use crate::provider::pacing::rate::fleet_rate;
 use crate::store::heartbeats;
 use serde::Deserialize as _;
 use std::sync::Arc;
@@ -70,7 +70,7 @@ async fn beat(context: &Context, interval: Duration) {
 /// rates they found (so replicas that each found their own converge on one, and one that joins
 /// takes its share at once instead of calling unpaced), and the latest cut among them (so none
 /// probes upward right after another was told to slow down). While the latest cut is within
-/// [`FRESH_CUT`], the mean is over the replicas cut in that same episode (within a second of it):
+/// [`FRESH_CUT`](crate::provider::pacing::rate::FRESH_CUT), the mean is over the replicas cut in that same episode (within a second of it):
 /// the mean with replicas cut earlier, or not at all, would lift the latest cut back over the
 /// limit, and the lane would swing around it.
 fn fleet_rates(
@@ -96,23 +96,6 @@ fn fleet_rates(
         .into_iter()
         .map(|(id, rates)| (id, fleet_rate(&rates)))
         .collect()
-}
-
-/// One provider's fleet rate from the replicas' found rates and how many milliseconds ago each
-/// was cut (see [`fleet_rates`]); `rates` is not empty.
-pub fn fleet_rate(rates: &[(f64, Option<u64>)]) -> (f64, Option<Duration>) {
-    let fresh_ms = FRESH_CUT.as_millis() as u64;
-    let latest = rates.iter().filter_map(|(_, since)| *since).min();
-    let episode: Vec<f64> = match latest {
-        Some(latest) if latest < fresh_ms => rates
-            .iter()
-            .filter(|(_, since)| since.is_some_and(|s| s <= latest + 1000))
-            .map(|(found, _)| *found)
-            .collect(),
-        _ => rates.iter().map(|(found, _)| *found).collect(),
-    };
-    let mean = episode.iter().sum::<f64>() / episode.len() as f64;
-    (mean, latest.map(Duration::from_millis))
 }
 
 /// What a worker reports with its heartbeat: its totals since it started, for `status`, and its
@@ -159,6 +142,7 @@ fn report(context: &Context) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::pacing::rate::FRESH_CUT;
 
     fn worker(age_ms: i64, lanes: serde_json::Value) -> heartbeats::Alive {
         heartbeats::Alive {

@@ -12,15 +12,6 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
-/// The broker's AMQP reply code when `error` is a refusal (a channel or connection closed by the
-/// broker): how a refusal's kind is told, never by its text.
-pub fn refusal(error: &lapin::Error) -> Option<&lapin::protocol::AMQPErrorKind> {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(reply) => Some(reply.kind()),
-        _ => None,
-    }
-}
-
 /// Opens a connection named `name`, so operators can tell the connections apart, to one of the
 /// configured nodes: each is tried in a shuffled order (so replicas spread over a cluster, and a
 /// node that is down costs one refused connect, not a wait), each attempt bounded by

@@ -142,7 +142,7 @@ pub async fn declare(connection: &Connection, s: &BrokerSettings) -> Result<Chan
         Ok(_) => {}
         Err(error)
             if matches!(
-                super::refusal(&error),
+                crate::diagnose::refusal(&error),
                 Some(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
             ) =>
         {

@@ -432,6 +432,23 @@ impl Rate {
     }
 }
 
+/// One provider's fleet rate from the replicas' found rates and how many milliseconds ago each
+/// was cut (the heartbeat reads the live replicas' reports: `fleet::fleet_rates`); `rates` is not empty.
+pub fn fleet_rate(rates: &[(f64, Option<u64>)]) -> (f64, Option<Duration>) {
+    let fresh_ms = FRESH_CUT.as_millis() as u64;
+    let latest = rates.iter().filter_map(|(_, since)| *since).min();
+    let episode: Vec<f64> = match latest {
+        Some(latest) if latest < fresh_ms => rates
+            .iter()
+            .filter(|(_, since)| since.is_some_and(|s| s <= latest + 1000))
+            .map(|(found, _)| *found)
+            .collect(),
+        _ => rates.iter().map(|(found, _)| *found).collect(),
+    };
+    let mean = episode.iter().sum::<f64>() / episode.len() as f64;
+    (mean, latest.map(Duration::from_millis))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

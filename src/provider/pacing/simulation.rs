@@ -1,6 +1,6 @@
 //! The pacing against simulated providers on tokio's paused clock: minutes of traffic run in
 //! well under a second, the same every time. Replicas share their found rates the way their
-//! heartbeats do (`fleet::fleet_rate`, once a second); each call takes the provider's latency;
+//! heartbeats do (`rate::fleet_rate`, once a second); each call takes the provider's latency;
 //! a command whose call is refused calls again at its next turn (the lane holds the
 //! `Retry-After`). Each scenario asserts its target from the pacing issue; the real benchmark
 //! (docs/benchmarks.md) confirms them against the simulator over HTTP.
@@ -96,7 +96,7 @@ async fn run(
                 if rates.is_empty() {
                     continue;
                 }
-                let (found, since) = crate::fleet::fleet_rate(&rates);
+                let (found, since) = super::rate::fleet_rate(&rates);
                 for pacer in &pacers {
                     pacer.rate.adopt(found, since);
                 }
