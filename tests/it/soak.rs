@@ -34,6 +34,53 @@ fn the_same_seed_draws_the_same_schedule_and_another_seed_another() {
     assert_eq!(kinds.len(), Kind::ALL.len(), "an hour meets every kind");
 }
 
+/// The negative control plants on commands with one event each: seed 10's hour dropped a
+/// command whose event had come twice, which took a duplicate away as the copy added one, and
+/// the planted duplicate did not show.
+#[test]
+fn the_plants_are_made_on_commands_with_one_event_so_each_shows() {
+    use harness::account::plant;
+    use harness::collect::Event;
+    use harness::load::{Class, Planned};
+    let event = |id: &str, event_id: &str| Event {
+        command_id: id.into(),
+        event_id: event_id.into(),
+        kind: "payment-link.created".into(),
+        link: Some(format!("https://pay/{id}")),
+        at: Duration::ZERO,
+    };
+    // The first command's event came twice; the next three once each.
+    let mut events = vec![event("a", "e-a"), event("a", "e-a")];
+    events.extend(["b", "c", "d"].map(|id| event(id, &format!("e-{id}"))));
+    let planned = ["a", "b", "c", "d"]
+        .map(|id| {
+            let plan = Planned {
+                class: Class::Valid,
+                conflict: false,
+                confirmed: 1,
+            };
+            (id.to_owned(), plan)
+        })
+        .into_iter()
+        .collect();
+    let duplicates = |events: &[Event]| {
+        let ids: std::collections::HashSet<&str> =
+            events.iter().map(|e| e.event_id.as_str()).collect();
+        events.len() - ids.len()
+    };
+    let before = duplicates(&events);
+    plant(&mut events, &planned).unwrap();
+    // The copy and the forgery (another link under the same event id) each add one; dropping
+    // a command whose event came twice would take one away.
+    assert_eq!(duplicates(&events), before + 2, "the copied event shows");
+    assert_eq!(
+        events.iter().filter(|e| e.command_id == "a").count(),
+        2,
+        "a kept"
+    );
+    assert!(events.iter().all(|e| e.command_id != "b"), "b dropped");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn soak_three_minutes_of_faults_lose_nothing_double_nothing_and_the_checker_catches_a_plant()
 {
