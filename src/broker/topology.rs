@@ -123,6 +123,49 @@ pub async fn declare(connection: &Connection, s: &BrokerSettings) -> Result<Chan
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    let queue = s.command_queue.as_str();
+    channel = declare_command_queue(connection, channel, s).await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            s.command_exchange.as_str().into(),
+            s.command_routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            s.dead_letter_queue.as_str().into(),
+            queue_options,
+            quorum_queue_arguments(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            s.dead_letter_queue.as_str().into(),
+            s.dead_letter_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(channel)
+}
+
+/// Declares the command queue (quorum, dead-lettering at least once to the dead-letter
+/// exchange, refusing publishes when full); one an older version declared with other arguments
+/// is used as it is, with a warning. Returns the channel to go on with (a refusal closes it).
+async fn declare_command_queue(
+    connection: &Connection,
+    mut channel: Channel,
+    s: &BrokerSettings,
+) -> Result<Channel, lapin::Error> {
+    let queue_options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = s.command_queue.as_str();
     let mut command_args = quorum_queue_arguments();
     command_args.insert(
         "x-dead-letter-exchange".into(),
@@ -134,7 +177,6 @@ pub async fn declare(connection: &Connection, s: &BrokerSettings) -> Result<Chan
     );
     command_args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
     command_args.insert("x-overflow".into(), text("reject-publish"));
-    let queue = s.command_queue.as_str();
     match channel
         .queue_declare(queue.into(), queue_options, command_args)
         .await
@@ -162,30 +204,5 @@ pub async fn declare(connection: &Connection, s: &BrokerSettings) -> Result<Chan
         }
         Err(error) => return Err(error),
     }
-    channel
-        .queue_bind(
-            queue.into(),
-            s.command_exchange.as_str().into(),
-            s.command_routing_key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_declare(
-            s.dead_letter_queue.as_str().into(),
-            queue_options,
-            quorum_queue_arguments(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            s.dead_letter_queue.as_str().into(),
-            s.dead_letter_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
     Ok(channel)
 }

@@ -12,6 +12,7 @@
 
 pub mod concurrency;
 pub mod rate;
+mod schedule;
 #[cfg(test)]
 mod simulation;
 
