@@ -194,6 +194,7 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
         requested_by: "console-bench".into(),
         source: "cli".into(),
         client_address: None,
+        guard: payment_link_worker::dead_letters::guard::GuardRequest::off(),
     };
     let replay_started = Instant::now();
     let started = ops::start(settings, &mut conn, &request).await?;

@@ -31,6 +31,8 @@ pub(super) fn routes() -> Router<Console> {
         .route("/api/dead-letters/{id}/body", get(body))
         .route("/api/replays", get(runs).post(replay))
         .route("/api/replays/{id}", get(run))
+        .route("/api/replays/{id}/letters", get(run_letters))
+        .route("/api/replays/{id}/resume", post(resume))
         .route("/api/audit", get(audit_log))
         .route("/api/audit/{id}", get(audit_entry))
 }
@@ -122,6 +124,18 @@ struct Target {
     include_failing: bool,
     #[serde(default)]
     ask_if_failing: bool,
+    /// Letters sent first (a replay only).
+    canary: Option<u32>,
+    /// How long the canaries may take, in seconds.
+    canary_wait_seconds: Option<u64>,
+    /// Stop once this many letters failed again.
+    stop_after_failures: Option<u32>,
+    /// Stop once this share of the last `failureWindow` settled letters failed again.
+    max_failure_ratio: Option<f64>,
+    /// How many settled letters the ratio is judged over.
+    failure_window: Option<u32>,
+    /// Replays per second at the start, doubled every 10 s up to `rate`.
+    start_rate: Option<f64>,
 }
 
 impl Target {
@@ -203,6 +217,16 @@ async fn replay(
         requested_by: caller.name.clone(),
         source: "console".into(),
         client_address: caller.address.map(|a| a.to_string()),
+        guard: crate::dead_letters::guard::GuardRequest {
+            canary: target.canary,
+            canary_wait: target
+                .canary_wait_seconds
+                .map(std::time::Duration::from_secs),
+            stop_after_failures: target.stop_after_failures,
+            max_failure_ratio: target.max_failure_ratio,
+            failure_window: target.failure_window,
+            start_rate: target.start_rate,
+        },
     };
     let mut conn = match console.pool.get().await {
         Ok(conn) => conn,
@@ -243,12 +267,66 @@ async fn replay(
             Json(json!({ "error": refused.to_string(), "failAgain": count })),
         )
             .into_response(),
+        Err(ReplayError::Invalid(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
         Err(ReplayError::Other(e)) => internal(format!("{e:#}")),
     }
 }
 
+/// Sends the rest of a run that stopped by itself (operators only).
+async fn resume(
+    caller: Caller,
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Response {
+    if let Err(refusal) = caller.may_act(&headers) {
+        return refusal.into_response();
+    }
+    let resumed = crate::store::with_conn(&console.pool, async |conn| {
+        let run = replay_runs::find(conn, id).await?;
+        let taken = ops::resume(conn, id, &caller.name, "console").await?;
+        Ok::<_, crate::store::StoreError>((run, taken))
+    });
+    match resumed.await {
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, "no replay run has this id"),
+        Ok((Some(run), _)) if run.state != replay_runs::RunState::Stopped => error(
+            StatusCode::CONFLICT,
+            &format!("replay run {id} is {}, not stopped", run.state),
+        ),
+        Ok((Some(run), taken)) => {
+            super::spawn_run(&console, id, run.rate_per_second);
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "jobId": id, "resumed": taken })),
+            )
+                .into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// What became of every letter a run replayed, in the order it sent them.
+async fn run_letters(
+    _caller: Caller,
+    State(console): State<Console>,
+    Path(id): Path<i64>,
+) -> Response {
+    let letters = crate::store::with_conn(&console.pool, async |conn| {
+        let run = replay_runs::find(conn, id).await?;
+        Ok::<_, crate::store::StoreError>(match run {
+            None => None,
+            Some(_) => Some(crate::dead_letters::replay_rows::outcomes(conn, id).await?),
+        })
+    });
+    match letters.await {
+        Ok(None) => error(StatusCode::NOT_FOUND, "no replay run has this id"),
+        Ok(Some(letters)) => Json(json!({ "items": letters })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
 async fn run(_caller: Caller, State(console): State<Console>, Path(id): Path<i64>) -> Response {
-    match ReplayRunView::load(&console, id).await {
+    match crate::console::views::replay_run(&console, id).await {
         Ok(Some(view)) => Json(view).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no replay run has this id"),
         Err(e) => internal(e),

@@ -14,6 +14,7 @@ mod throttle;
 mod views;
 
 use crate::config::Settings;
+use crate::dead_letters::Worked;
 use crate::store::{self, PgPool, replay_runs};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -232,6 +233,8 @@ fn spawn_run(console: &Console, run_id: i64, rate: Option<f64>) {
         tokio::select! {
             () = console.stop.cancelled() => {}
             result = worked => match result {
+                Ok(Worked { stopped: Some(reason), .. }) => tracing::warn!(run_id, %reason,
+                    "replay run stopped by itself; resume it once the cause is fixed"),
                 Ok(worked) => tracing::info!(run_id, replayed = worked.replayed.len(),
                     failed = worked.failed.len(), "replay run done"),
                 Err(error) => tracing::error!(run_id, error = %format!("{error:#}"),

@@ -32,6 +32,15 @@ pub enum DeadLetterCommands {
     /// Send the matching open dead letters back to their original exchange and routing key (each
     /// confirmed by the broker) as one recorded run; exits non-zero if any could not be replayed.
     Replay(ReplayArgs),
+    /// One replay run: its state, its guard, why it stopped, and what became of each letter it
+    /// replayed (succeeded, failed again and why, or pending).
+    Run {
+        /// The run's id (`replay` prints it).
+        id: i64,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Put the matching open dead letters aside (state archived); recorded in the audit log.
     Archive {
         #[command(flatten)]
@@ -189,6 +198,19 @@ pub async fn run(settings: &Settings, command: DeadLetterCommands) -> anyhow::Re
             Ok(())
         }
         DeadLetterCommands::Replay(replay) => replay_command(settings, &mut conn, replay).await,
+        DeadLetterCommands::Run { id, json } => {
+            let run = super::run_view::ReplayRunView::load(&mut conn, id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no replay run has id {id}"))?;
+            let letters = super::replay_rows::outcomes(&mut conn, id).await?;
+            if json {
+                let document = serde_json::json!({ "run": run, "letters": letters });
+                println!("{}", serde_json::to_string_pretty(&document)?);
+            } else {
+                print!("{}", listing::format_run(&run, &letters));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -212,12 +234,56 @@ pub struct ReplayArgs {
     /// too; by default they are skipped, and the summary counts them.
     #[arg(long)]
     pub include_failing: bool,
-    /// Finish a run that stopped midway (its reserved dead letters), instead of a new one.
-    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["dry_run", "accept_duplicate_risk"])]
+    /// Finish a run that stopped (by itself, or midway), instead of a new one; it keeps the
+    /// guard it was started with.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["dry_run", "accept_duplicate_risk",
+        "canary", "canary_wait", "stop_after_failures", "max_failure_ratio", "failure_window",
+        "start_rate"])]
     pub resume: Option<i64>,
+    #[command(flatten)]
+    /// The canary, the automatic stop and the ramp.
+    pub guard: GuardArgs,
     /// Who is replaying, for the audit log (default: $USER).
     #[arg(long)]
     pub operator: Option<String>,
+}
+
+/// How a replay run guards itself (see `dead_letters::guard`).
+#[derive(Debug, Args)]
+pub struct GuardArgs {
+    /// Send this many letters first and go on only once each one succeeded (default: 1 for runs
+    /// of more than 10 letters, else 0).
+    #[arg(long, value_name = "N")]
+    pub canary: Option<u32>,
+    /// How long the canaries may take to succeed, in seconds (default 120).
+    #[arg(long, value_name = "SECONDS")]
+    pub canary_wait: Option<u64>,
+    /// Stop once this many replayed letters failed again (default: no count).
+    #[arg(long, value_name = "F")]
+    pub stop_after_failures: Option<u32>,
+    /// Stop once this share of the last --failure-window settled letters failed again
+    /// (default 0.5; 1 turns it off).
+    #[arg(long, value_name = "RATIO")]
+    pub max_failure_ratio: Option<f64>,
+    /// How many settled letters the failure ratio is judged over (default 20).
+    #[arg(long, value_name = "W")]
+    pub failure_window: Option<u32>,
+    /// Start at this many replays per second and double every 10 s up to --rate.
+    #[arg(long, value_parser = replay_rate, requires = "rate")]
+    pub start_rate: Option<f64>,
+}
+
+impl GuardArgs {
+    fn request(&self) -> dead_letters::guard::GuardRequest {
+        dead_letters::guard::GuardRequest {
+            canary: self.canary,
+            canary_wait: self.canary_wait.map(std::time::Duration::from_secs),
+            stop_after_failures: self.stop_after_failures,
+            max_failure_ratio: self.max_failure_ratio,
+            failure_window: self.failure_window,
+            start_rate: self.start_rate,
+        }
+    }
 }
 
 /// `dead-letters replay`: starts a run (or resumes one), says what it takes and skips, works it
@@ -235,9 +301,16 @@ async fn replay_command(
         include_failing,
         resume,
         operator,
+        guard,
     } = replay;
     let run_id = match resume {
-        Some(run_id) => run_id,
+        Some(run_id) => {
+            let taken = dead_letters::resume(conn, run_id, &operator_name(operator), "cli").await?;
+            if taken > 0 {
+                println!("replay run {run_id} resumed: {taken} dead letter(s) it left open");
+            }
+            run_id
+        }
         None => {
             let request = dead_letters::ReplayRequest {
                 filter: select.filter(),
@@ -250,6 +323,7 @@ async fn replay_command(
                 requested_by: operator_name(operator),
                 source: "cli".into(),
                 client_address: None,
+                guard: guard.request(),
             };
             let started = dead_letters::start(settings, conn, &request).await?;
             let selected = crate::dead_letters::store::summaries(conn, &started.ids).await?;
@@ -272,6 +346,21 @@ async fn replay_command(
             for (id, why) in &started.skipped {
                 println!("skipping dead letter {id}: {why}");
             }
+            let canary = crate::store::replay_runs::find(conn, started.run_id)
+                .await?
+                .map_or(0, |run| run.canary.max(0) as usize);
+            if canary > 0 && !dry_run && !started.ids.is_empty() {
+                let first: Vec<String> = started
+                    .ids
+                    .iter()
+                    .take(canary)
+                    .map(i64::to_string)
+                    .collect();
+                println!(
+                    "canary: dead letter {} goes first; the rest only once it got its link",
+                    first.join(", ")
+                );
+            }
             if dry_run {
                 println!(
                     "replay run {}: {} selected (dry run), {} skipped (see above), \
@@ -292,12 +381,26 @@ async fn replay_command(
     let run = crate::store::replay_runs::find(conn, run_id).await?;
     println!(
         "replay run {run_id}: {} replayed, {} failed, {} skipped (see above); {} open \
-             dead letter(s) left",
+         dead letter(s) left",
         worked.replayed.len(),
         worked.failed.len(),
         run.map_or(worked.skipped.len() as i32, |r| r.skipped),
         worked.left
     );
+    if !worked.replayed.is_empty() {
+        let tally = worked.tally;
+        println!(
+            "so far {} succeeded, {} failed again, {} pending: `dead-letters run {run_id}` \
+             shows each",
+            tally.succeeded, tally.failed_again, tally.pending
+        );
+    }
+    if let Some(reason) = &worked.stopped {
+        anyhow::bail!(
+            "replay run {run_id} stopped: {reason}; `dead-letters replay --resume {run_id}` \
+             sends the rest"
+        );
+    }
     if !worked.failed.is_empty() {
         anyhow::bail!(
             "{} dead letter(s) could not be replayed; they are open again",

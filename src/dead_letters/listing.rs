@@ -2,6 +2,8 @@
 //! count per kind; one dead letter in full.
 
 use super::actions::Listing;
+use super::guard::{LetterOutcome, Settled, Tally};
+use super::run_view::ReplayRunView;
 use super::view::DeadLetterView;
 use crate::text::{pretty_json, visible, visible_block};
 use std::fmt::Write as _;
@@ -30,6 +32,78 @@ pub fn format_detail(letter: &DeadLetterView) -> String {
             replay.run_id,
             replay.replayed_at.to_rfc3339(),
             visible(&replay.outcome)
+        );
+    }
+    out
+}
+
+/// One replay run as `dead-letters run` prints it: the run, its guard and outcome counts, why it
+/// stopped, then each replayed letter's outcome in the order it was sent.
+pub fn format_run(run: &ReplayRunView, letters: &[LetterOutcome]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "replay run {}  {}  by {} ({})",
+        run.job_id,
+        run.state,
+        visible(&run.requested_by),
+        run.source
+    );
+    let guard = &run.guard;
+    let _ = writeln!(
+        out,
+        "  {} selected, {} replayed, {} refused by the broker, {} skipped",
+        run.total, run.replayed, run.failed, run.skipped
+    );
+    let _ = writeln!(
+        out,
+        "  guard: canary {} (up to {} s), stops when {} of the last {} settled fail again{}",
+        guard.canary,
+        guard.canary_wait_ms / 1000,
+        guard
+            .max_failure_ratio
+            .map_or("no share".to_owned(), |r| r.to_string()),
+        guard.failure_window,
+        guard
+            .stop_after_failures
+            .map_or(String::new(), |n| format!(" or after {n} failures"))
+    );
+    let tally = Tally::of(letters);
+    let _ = writeln!(
+        out,
+        "  outcomes: {} succeeded, {} failed again, {} pending",
+        tally.succeeded, tally.failed_again, tally.pending
+    );
+    if let Some(reason) = &run.stop_reason {
+        let _ = writeln!(out, "  stopped: {}", visible(reason));
+        let _ = writeln!(out, "  resume: dead-letters replay --resume {}", run.job_id);
+    }
+    let outcomes: Vec<String> = letters
+        .iter()
+        .map(|letter| match &letter.settled {
+            Settled::Pending => "pending".to_owned(),
+            Settled::Succeeded => "succeeded".to_owned(),
+            Settled::FailedAgain(kind) => format!("failed again: {}", visible(kind)),
+        })
+        .collect();
+    let width = outcomes
+        .iter()
+        .map(|o| o.chars().count())
+        .max()
+        .unwrap_or(0);
+    if !letters.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<12} {:<width$}  COMMAND",
+            "DEAD LETTER", "OUTCOME"
+        );
+    }
+    for (letter, outcome) in letters.iter().zip(&outcomes) {
+        let _ = writeln!(
+            out,
+            "{:<12} {outcome:<width$}  {}",
+            letter.dead_letter_id,
+            visible(&letter.command_id)
         );
     }
     out

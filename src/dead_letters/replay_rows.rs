@@ -4,6 +4,7 @@
 //! transaction per batch.
 
 use super::Kind;
+use super::guard::{LetterOutcome, Settled};
 use super::store::{State, Stored};
 use crate::store::schema::dead_letter_replays::dsl as r;
 use crate::store::schema::dead_letters::dsl as d;
@@ -216,4 +217,82 @@ async fn insert_history(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// What became of each letter `run_id` replayed, in the order it published them: failed again
+/// when the replayed command came back as a new dead letter linked to this one, or when its
+/// record failed after this replay (the new dead letter may not be stored yet); succeeded when
+/// its record has its link; pending otherwise.
+pub async fn outcomes(conn: &mut PgConn, run_id: i64) -> Result<Vec<LetterOutcome>, StoreError> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        command_id: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        outcome: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        kind: Option<String>,
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT d.id, d.command_id, \
+                CASE WHEN n.kind IS NOT NULL OR again.failed THEN 'failed' \
+                     WHEN c.status = 'succeeded' THEN 'succeeded' \
+                     ELSE 'pending' END AS outcome, \
+                COALESCE(n.kind, CASE WHEN again.failed THEN c.error_kind END) AS kind \
+         FROM dead_letter_replays h \
+         JOIN dead_letters d ON d.id = h.dead_letter_id \
+         LEFT JOIN payment_link_commands c ON c.command_id = d.command_id \
+         LEFT JOIN LATERAL (SELECT c.status = 'failed' AND c.replay_count > d.replay_count \
+                            AS failed) again ON true \
+         LEFT JOIN LATERAL (SELECT n.kind FROM dead_letters n WHERE n.previous_id = d.id \
+                            ORDER BY n.id LIMIT 1) n ON true \
+         WHERE h.run_id = $1 AND h.outcome = 'replayed' \
+         ORDER BY h.id",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(run_id)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| LetterOutcome {
+            dead_letter_id: row.id,
+            command_id: row.command_id,
+            settled: match row.outcome.as_str() {
+                "failed" => Settled::FailedAgain(row.kind.unwrap_or_else(|| "unknown".into())),
+                "succeeded" => Settled::Succeeded,
+                _ => Settled::Pending,
+            },
+        })
+        .collect())
+}
+
+/// Puts the letters `run_id` reserved and did not publish back to open (the run stopped by
+/// itself); they keep the run's id, so a resume finds them. Returns how many.
+pub async fn release(conn: &mut PgConn, run_id: i64) -> Result<usize, StoreError> {
+    Ok(diesel::update(
+        d::dead_letters
+            .filter(d::replay_run_id.eq(run_id))
+            .filter(d::state.eq(State::Replaying)),
+    )
+    .set((d::state.eq(State::Open), d::state_changed_at.eq(Utc::now())))
+    .execute(conn)
+    .await?)
+}
+
+/// Reserves again the open letters `run_id` left (a stop, or ones the broker refused), for a
+/// resume. Returns how many.
+pub async fn reserve_left(conn: &mut PgConn, run_id: i64) -> Result<usize, StoreError> {
+    Ok(diesel::update(
+        d::dead_letters
+            .filter(d::replay_run_id.eq(run_id))
+            .filter(d::state.eq(State::Open)),
+    )
+    .set((
+        d::state.eq(State::Replaying),
+        d::state_changed_at.eq(Utc::now()),
+    ))
+    .execute(conn)
+    .await?)
 }

@@ -305,6 +305,10 @@ pub(super) fn instruments(
             "payment_link.commands.failed",
             "Commands that ended without a link, by error kind",
         ),
+        replays_settled: counter(
+            "payment_link.replays.settled",
+            "Replayed commands that got their link or failed again, by outcome (and error kind)",
+        ),
         duplicates: counter(
             "payment_link.commands.duplicates",
             "Repeated commands answered from the record, without a provider call",

@@ -109,6 +109,8 @@ pub struct Metrics {
     removed: Counter<u64>,
     received: Counter<u64>,
     succeeded: Counter<u64>,
+    /// Replayed commands (a replay count above 0) that settled, by outcome.
+    replays_settled: Counter<u64>,
     failed: Counter<u64>,
     duplicates: Counter<u64>,
     dead_lettered: Counter<u64>,
@@ -201,6 +203,8 @@ impl Metrics {
             self.dead_lettered.add(0, &attributes);
             self.failed.add(0, &attributes);
         }
+        self.replays_settled
+            .add(0, &[KeyValue::new("outcome", "succeeded")]);
         self.in_flight.add(0, &[]);
         for table in ["payment_link_commands", "replay_runs", "audit_log"] {
             self.removed(table, 0);
@@ -251,6 +255,18 @@ impl Metrics {
                 &SECONDS_BOUNDARIES,
             );
         }
+    }
+    /// A replayed command settled: its link (`failed_kind` none) or failed again, with the kind.
+    /// What a replay run's automatic stop reads from the store, counted for dashboards.
+    pub fn replay_settled(&self, failed_kind: Option<&str>) {
+        let attributes = match failed_kind {
+            None => vec![KeyValue::new("outcome", "succeeded")],
+            Some(kind) => vec![
+                KeyValue::new("outcome", "failed-again"),
+                KeyValue::new("error.type", kind.to_owned()),
+            ],
+        };
+        self.replays_settled.add(1, &attributes);
     }
     /// A repeated command was answered from its record.
     pub fn duplicate(&self) {

@@ -271,6 +271,11 @@ async fn dead_letter(context: &Context, original: &Original<'_>, failure: &Failu
     match context.publisher.publish(&message).await {
         Ok(()) => {
             context.metrics.dead_lettered(failure.kind.as_str(), None);
+            if crate::headers::read_int(original.properties, crate::headers::REPLAY_COUNT)
+                .is_some_and(|n| n > 0)
+            {
+                context.metrics.replay_settled(Some(failure.kind.as_str()));
+            }
             tracing::warn!(error_kind = %failure.kind, error = failure.message, "command dead-lettered");
             Disposition::Ack
         }

@@ -95,6 +95,9 @@ async fn record_link(
         return Ok(None);
     };
     context.metrics.succeeded(since(first_seen));
+    if envelope.replay_count > 0 {
+        context.metrics.replay_settled(None);
+    }
     // One line per command is noise at hundreds a second: the progress line sums them up.
     tracing::debug!(
         attempts,
@@ -164,6 +167,9 @@ async fn record_failure(
     context
         .metrics
         .dead_lettered(kind.as_str(), Some(since(first_seen)));
+    if envelope.replay_count > 0 {
+        context.metrics.replay_settled(Some(kind.as_str()));
+    }
     if let Outcome::Failed(failure) = &request.outcome {
         tracing::warn!(error_kind = %kind, attempts, http_status = failure.http_status,
             error = %failure.message, "command dead-lettered");

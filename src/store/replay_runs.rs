@@ -37,6 +37,18 @@ pub struct NewReplayRun {
     pub total: i32,
     /// Whether the operator accepted that some may create a second link.
     pub accept_duplicate_risk: bool,
+    /// Letters sent first, whose outcomes must all be successes before the rest go.
+    pub canary: i32,
+    /// How long the canaries may take to succeed.
+    pub canary_wait_ms: i64,
+    /// The run stops once this many of its letters failed again.
+    pub stop_after_failures: Option<i32>,
+    /// The run stops once this share of its last `failure_window` settled letters failed again.
+    pub max_failure_ratio: Option<f64>,
+    /// How many settled letters the ratio is judged over.
+    pub failure_window: i32,
+    /// Replays per second at the start, doubled every ramp interval up to the rate.
+    pub start_rate: Option<f64>,
 }
 
 /// A recorded run.
@@ -85,6 +97,34 @@ pub struct ReplayRun {
     pub accept_duplicate_risk: bool,
     /// Last progress (a running job not updated for a while has stopped).
     pub updated_at: DateTime<Utc>,
+    /// Letters sent first.
+    pub canary: i32,
+    /// How long the canaries may take to succeed.
+    pub canary_wait_ms: i64,
+    /// The run stops once this many of its letters failed again.
+    pub stop_after_failures: Option<i32>,
+    /// The run stops once this share of its last `failure_window` settled letters failed again.
+    pub max_failure_ratio: Option<f64>,
+    /// How many settled letters the ratio is judged over.
+    pub failure_window: i32,
+    /// Replays per second at the start.
+    pub start_rate: Option<f64>,
+    /// Why it stopped by itself (state `stopped`).
+    pub stop_reason: Option<String>,
+}
+
+impl ReplayRun {
+    /// The guard the run was started with.
+    pub fn guard(&self) -> crate::dead_letters::guard::Guard {
+        crate::dead_letters::guard::Guard {
+            canary: self.canary.max(0) as u32,
+            canary_wait_ms: self.canary_wait_ms.max(0) as u64,
+            stop_after_failures: self.stop_after_failures.map(|n| n.max(1) as u32),
+            max_failure_ratio: self.max_failure_ratio,
+            failure_window: self.failure_window.max(1) as u32,
+            start_rate: self.start_rate,
+        }
+    }
 }
 
 /// Where a replay run is; the `state` column holds its text, the API and the pages show it.
@@ -99,6 +139,9 @@ pub enum RunState {
     /// Ended with letters the broker refused or did not confirm: they stay open, and the
     /// `PaymentLinkReplayRunFailed` alert says so.
     Failed,
+    /// Stopped by itself (its canary or too many of its letters failed again): the letters it
+    /// did not publish are open again, and a resume sends them.
+    Stopped,
 }
 
 impl RunState {
@@ -108,6 +151,7 @@ impl RunState {
             RunState::Running => "running",
             RunState::Done => "done",
             RunState::Failed => "failed",
+            RunState::Stopped => "stopped",
         }
     }
 }
@@ -115,9 +159,14 @@ impl RunState {
 impl RunState {
     /// The state named `text`, as the column holds it.
     pub fn parse(text: &str) -> Option<Self> {
-        [RunState::Running, RunState::Done, RunState::Failed]
-            .into_iter()
-            .find(|state| state.as_str() == text)
+        [
+            RunState::Running,
+            RunState::Done,
+            RunState::Failed,
+            RunState::Stopped,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == text)
     }
 }
 
@@ -205,6 +254,53 @@ pub async fn finish(conn: &mut PgConn, run_id: i64, counts: RunCounts) -> Result
             }),
             r::updated_at.eq(Utc::now()),
         ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records that the run stopped by itself, and why.
+pub async fn stop(
+    conn: &mut PgConn,
+    run_id: i64,
+    reason: &str,
+    left: i32,
+) -> Result<(), StoreError> {
+    diesel::update(r::replay_runs.find(run_id))
+        .set((
+            r::finished_at.eq(Some(Utc::now())),
+            r::left_in_queue.eq(Some(left)),
+            r::state.eq(RunState::Stopped),
+            r::stop_reason.eq(Some(reason)),
+            r::updated_at.eq(Utc::now()),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Makes a stopped run running again (a resume); returns whether it was stopped.
+pub async fn restart(conn: &mut PgConn, run_id: i64) -> Result<bool, StoreError> {
+    Ok(diesel::update(
+        r::replay_runs
+            .find(run_id)
+            .filter(r::state.eq(RunState::Stopped)),
+    )
+    .set((
+        r::state.eq(RunState::Running),
+        r::finished_at.eq(None::<DateTime<Utc>>),
+        r::stop_reason.eq(None::<String>),
+        r::updated_at.eq(Utc::now()),
+    ))
+    .execute(conn)
+    .await?
+        == 1)
+}
+
+/// Shows the run is alive while it waits (for its canaries), so no console takes it over.
+pub async fn touch(conn: &mut PgConn, run_id: i64) -> Result<(), StoreError> {
+    diesel::update(r::replay_runs.find(run_id))
+        .set(r::updated_at.eq(Utc::now()))
         .execute(conn)
         .await?;
     Ok(())

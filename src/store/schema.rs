@@ -90,6 +90,13 @@ diesel::table! {
         total -> Int4,
         accept_duplicate_risk -> Bool,
         updated_at -> Timestamptz,
+        canary -> Int4,
+        canary_wait_ms -> Int8,
+        stop_after_failures -> Nullable<Int4>,
+        max_failure_ratio -> Nullable<Float8>,
+        failure_window -> Int4,
+        start_rate -> Nullable<Float8>,
+        stop_reason -> Nullable<Text>,
     }
 }
 

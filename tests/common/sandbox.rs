@@ -21,12 +21,12 @@ pub fn amqp_url() -> String {
 
 /// Runs one statement on the admin database (creating and dropping sandbox databases).
 pub async fn exec_admin(url: &str, sql: &str) -> Result<(), String> {
-    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
     let mut conn = AsyncPgConnection::establish(url)
         .await
         .map_err(|e| format!("PostgreSQL at {url} is not reachable: {e}"))?;
-    diesel::sql_query(sql)
-        .execute(&mut conn)
+    // The simple protocol: `sql` may be several statements (a migration's down.sql).
+    conn.batch_execute(sql)
         .await
         .map_err(|e| format!("{sql}: {e}"))?;
     Ok(())

@@ -611,3 +611,104 @@ async fn a_browser_session_needs_its_csrf_token_and_a_stopped_job_is_finished_by
     );
     other.stop().await;
 }
+
+/// A replay job with a canary, through the API: it stops after the canary, the job says why and
+/// what became of each letter (as documented), a viewer cannot resume it, an operator can, and
+/// the resumed job finishes once the provider is fixed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_stopped_by_its_canary_is_shown_and_resumed_through_the_api() {
+    let provider = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_string("bad e-mail address"))
+        .mount(&provider)
+        .await;
+    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
+    let _worker = env.start_worker().await;
+    for i in 0..4 {
+        env.send(&format!("api-canary-{i}"), &command_body("1.00", 700 + i))
+            .await;
+    }
+    stored(&env, &Filter::default(), 4).await;
+    let console = RunningConsole::start(&env.settings).await;
+    let api = format!("{}/api", console.base);
+
+    // A bad guard is refused, naming the setting.
+    let (status, refused) = post(
+        &format!("{api}/replays"),
+        Some(OPERATOR),
+        &json!({ "filter": { "state": "open" }, "maxFailureRatio": 2 }),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("max-failure-ratio")
+    );
+
+    let (status, started) = post(
+        &format!("{api}/replays"),
+        Some(OPERATOR),
+        &json!({ "filter": { "state": "open" }, "canary": 1, "canaryWaitSeconds": 30 }),
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    let job = started["jobId"].as_i64().unwrap();
+    let stopped = eventually("the job stopped after its canary", WAIT, || async {
+        let (_, view) = get(&format!("{api}/replays/{job}"), Some(VIEWER)).await;
+        (view["state"] == "stopped").then_some(view)
+    })
+    .await;
+    assert_schema("ReplayJob", &stopped);
+    assert_eq!(stopped["replayed"], 1);
+    assert_eq!(stopped["guard"]["canary"], 1);
+    assert_eq!(stopped["outcomes"]["failedAgain"], 1);
+    assert_eq!(stopped["failedAgain"][0]["kind"], "provider-rejected");
+    assert!(
+        stopped["stopReason"]
+            .as_str()
+            .unwrap()
+            .contains("the canary failed again")
+    );
+    let (status, letters) = get(&format!("{api}/replays/{job}/letters"), Some(VIEWER)).await;
+    assert_eq!(status, 200);
+    assert_eq!(letters["items"].as_array().unwrap().len(), 1);
+    assert_schema("LetterOutcome", &letters["items"][0]);
+
+    let (status, _) = post(
+        &format!("{api}/replays/{job}/resume"),
+        Some(VIEWER),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 403, "a viewer cannot resume");
+    provider.reset().await;
+    answer_with_link(&provider, 201, 4, "1.00", 1).await;
+    let (status, resumed) = post(
+        &format!("{api}/replays/{job}/resume"),
+        Some(OPERATOR),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, resumed["resumed"].as_i64()),
+        (202, Some(3)),
+        "{resumed}"
+    );
+    let (status, again) = post(
+        &format!("{api}/replays/{job}/resume"),
+        Some(OPERATOR),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 409, "only a stopped job resumes: {again}");
+    let done = eventually("the resumed job got its three links", WAIT, || async {
+        let (_, view) = get(&format!("{api}/replays/{job}"), Some(VIEWER)).await;
+        (view["state"] == "done" && view["outcomes"]["succeeded"] == 3).then_some(view)
+    })
+    .await;
+    assert_eq!(done["replayed"], 4);
+    assert_eq!(done["stopReason"], Value::Null);
+    console.stop().await;
+}

@@ -356,8 +356,18 @@ fn the_rendered_manifests_agree_with_the_code() {
 /// says it waits; with its log's path.
 async fn replica_waiting_for_the_schema(env: &TestEnv) -> (Reaped, PathBuf) {
     let database = env.settings.database.url.expose().to_owned();
-    // (The test knows which table that is: update it with each new migration.)
-    exec_admin(&database, "DROP TABLE signing_key").await;
+    // The newest migration undone by its own down.sql, so the test follows each new migration.
+    let migrations = repo().join("migrations");
+    let newest = std::fs::read_dir(&migrations)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .max()
+        .unwrap();
+    exec_admin(
+        &database,
+        &std::fs::read_to_string(newest.join("down.sql")).unwrap(),
+    )
+    .await;
     exec_admin(
         &database,
         "DELETE FROM __diesel_schema_migrations \

@@ -34,6 +34,7 @@ mod providers;
 mod quick_start;
 mod recovery;
 mod relay;
+mod replay_guard;
 mod replay_safety;
 mod retention;
 #[path = "../common/sandbox.rs"]

@@ -11,7 +11,7 @@ async fn get(url: String) -> (u16, String) {
 }
 
 /// The value of the Prometheus sample `name` whose labels include `label` (may be empty).
-fn sample(metrics: &str, name: &str, label: &str) -> Option<f64> {
+pub fn sample(metrics: &str, name: &str, label: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))

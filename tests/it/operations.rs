@@ -35,6 +35,7 @@ pub fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayReq
         requested_by: "ops-test".into(),
         source: "cli".into(),
         client_address: None,
+        guard: payment_link_worker::dead_letters::guard::GuardRequest::off(),
     }
 }
 

@@ -963,6 +963,7 @@ async fn broker_alarm_during_a_replay_ends_the_run_with_its_dead_letters_open_ag
         requested_by: "alarm-test".into(),
         source: "cli".into(),
         client_address: None,
+        guard: payment_link_worker::dead_letters::guard::GuardRequest::off(),
     };
     let started = ops::start(&env.settings, &mut conn, &request)
         .await

@@ -312,6 +312,7 @@ async fn a_target_the_broker_refuses_fails_only_its_own_dead_letter() {
             requested_by: "replay-safety-test".into(),
             source: "cli".into(),
             client_address: None,
+            guard: payment_link_worker::dead_letters::guard::GuardRequest::off(),
         };
         let started = ops::start(&settings, &mut conn, &request).await.unwrap();
         assert_eq!(started.ids.len(), 10);
@@ -389,6 +390,7 @@ async fn a_flood_of_unreplayable_dead_letters_is_skipped_whole_beside_a_good_one
         requested_by: "replay-safety-test".into(),
         source: "cli".into(),
         client_address: None,
+        guard: payment_link_worker::dead_letters::guard::GuardRequest::off(),
     };
     let started = ops::start(&env.settings, &mut conn, &request)
         .await

@@ -121,6 +121,9 @@ fn actions(filter_json: &str, matching: i64) -> Markup {
                 "Archive all " (matching) " matching"
             }
             label.muted { "at most " input id="rate" size="4" placeholder="∞"; " per second" }
+            label.muted { ", starting at " input id="start-rate" size="4" placeholder="rate"; " (doubling every 10 s)" }
+            label.muted { ", canary " input id="canary" size="3" placeholder="auto"; }
+            label.muted { ", stop when " input id="max-failure-ratio" size="4" placeholder="0.5"; " of the last 20 fail again" }
         }
     }
 }

@@ -17,8 +17,13 @@ async function act(kind, target, count) {
     location.reload();
     return;
   }
-  const rate = document.getElementById('rate')?.value;
-  const body = Object.assign({}, target, rate ? {rate: Number(rate)} : {});
+  const body = Object.assign({}, target);
+  // The run's guard: an empty field keeps the default (a canary for runs of more than 10,
+  // a stop when half of the last 20 settled letters fail again).
+  for (const [field, key] of [['rate', 'rate'], ['start-rate', 'startRate'], ['canary', 'canary'], ['max-failure-ratio', 'maxFailureRatio']]) {
+    const v = document.getElementById(field)?.value;
+    if (v) body[key] = Number(v);
+  }
   let r = await call('/api/replays', Object.assign(body, {askIfFailing: true}));
   if (r.status === 409 && r.json.failAgain) {
     // Cancel always means "do nothing": the choice about these letters is a second question.
@@ -50,8 +55,22 @@ async function watch(id) {
   const done = j.replayed + j.failed + j.skipped;
   document.getElementById('bar').style.width = (j.total ? 100 * done / j.total : 100) + '%';
   for (const k of ['state', 'total', 'replayed', 'failed', 'skipped']) document.getElementById(k).textContent = j[k];
-  if (j.state === 'running') setTimeout(() => watch(id), 500);
+  const o = j.outcomes || {};
+  for (const [k, v] of [['succeeded', o.succeeded], ['failed-again', o.failedAgain], ['pending', o.pending], ['stop-reason', j.stopReason || '']]) {
+    const e = document.getElementById(k);
+    if (e) e.textContent = v;
+  }
+  document.getElementById('resume')?.toggleAttribute('hidden', j.state !== 'stopped');
+  // Outcomes settle after the run has sent its letters: keep watching while any is pending.
+  if (j.state === 'running' || o.pending) setTimeout(() => watch(id), j.state === 'running' ? 500 : 2000);
 }
+document.getElementById('resume')?.addEventListener('click', async e => {
+  const id = e.target.dataset.id;
+  if (!confirm('Send the letters this run left open? Its canary goes first again.')) return;
+  const r = await call('/api/replays/' + id + '/resume', {});
+  if (r.status !== 202) { alert(r.json.error || ('failed: ' + r.status)); return; }
+  watch(id);
+});
 const job = document.getElementById('job');
 if (job) watch(job.dataset.id);
 // Bar heights come as data attributes: the content security policy runs no inline style.
