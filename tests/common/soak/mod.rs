@@ -135,6 +135,48 @@ fn read_commit() -> String {
     }
 }
 
+/// Held for a whole run. Two soaks on one machine share the cluster's ports and the database
+/// clusters' names, and the second's removal of leftovers removed the first's databases midway
+/// (seen when the suite's three-minute soak started beside an hour's run): the second refuses.
+struct RunLock(std::path::PathBuf);
+
+impl RunLock {
+    fn take() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join("plw-soak.lock");
+        for _ in 0..2 {
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    std::fs::write(path.join("pid"), std::process::id().to_string())?;
+                    return Ok(Self(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(path.join("pid")).unwrap_or_default();
+                    let owner = owner.trim();
+                    if !owner.is_empty() && std::path::Path::new(&format!("/proc/{owner}")).exists()
+                    {
+                        anyhow::bail!(
+                            "another soak (process {owner}) is running on this machine: it owns \
+                             ports 5681-5683 and the {PG_TAG}* database clusters; wait for it \
+                             to end, or stop it ({})",
+                            path.display()
+                        );
+                    }
+                    // Its owner is gone (killed): the lock is stale.
+                    std::fs::remove_dir_all(&path)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("cannot take the soak's lock at {}", path.display())
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the soak and returns its report; prints the header (seed, commit, schedule, settings)
 /// first and a line per fault as it goes. The cluster and the database clusters are removed at
 /// the end, whatever happened.
@@ -165,6 +207,7 @@ pub async fn run(options: &Options) -> anyhow::Result<report::Report> {
         println!("soak: scheduled {fault}");
     }
     std::fs::create_dir_all(&options.dir)?;
+    let _alone = RunLock::take()?;
     postgres::destroy_leftovers(PG_TAG).await;
     let cluster_dir = std::env::temp_dir().join("plw-soak-rabbitmq-cluster");
     let pg = postgres::Pair::create(PG_TAG, DATABASE).await;
