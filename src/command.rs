@@ -335,6 +335,9 @@ pub struct Envelope {
     pub attempts: i32,
     /// The W3C trace context it came with (`traceparent`, `tracestate`), if any.
     pub trace: Vec<(String, String)>,
+    /// The command id an operator edited this command from (`x-edited-from`), carried to its
+    /// events; a value that could not be a command id (or is over 255 bytes) is ignored.
+    pub edited_from: Option<String>,
     /// The validated body.
     pub command: Command,
     /// The provider request body.
@@ -400,6 +403,8 @@ impl Envelope {
             delay_round: read_int(properties, headers::DELAY_ROUND).unwrap_or(0) as usize,
             attempts: read_int(properties, headers::ATTEMPTS).map_or(0, |a| a as i32),
             trace: crate::telemetry::carried(properties.headers().as_ref()),
+            edited_from: headers::read_text(properties, headers::EDITED_FROM)
+                .filter(|id| id.len() <= 255 && CommandId::parse(id).is_ok()),
             command_id,
             command,
             request_json,

@@ -7,6 +7,9 @@ use lapin::types::{AMQPValue, LongString};
 
 /// A deliberate replay increments it; a recorded failure is only attempted again when it grows.
 pub const REPLAY_COUNT: &str = "x-replay-count";
+/// On a command an operator edited from a dead letter, and on its events: the command id it was
+/// edited from.
+pub const EDITED_FROM: &str = "x-edited-from";
 /// The delay tiers a command has already waited in.
 pub const DELAY_ROUND: &str = "x-delay-round";
 /// Provider calls made so far (on a dead letter or a delayed command).

@@ -23,13 +23,14 @@ pub const CARRIED_VALUE_BYTES: usize = 4096;
 pub const CARRIED_TOTAL_BYTES: usize = 32 * 1024;
 /// Headers the worker carries from a command to its copies whatever the configuration: the W3C
 /// trace context, the producer's publish time, and the worker's own counters.
-pub const ALWAYS_CARRIED: [&str; 6] = [
+pub const ALWAYS_CARRIED: [&str; 7] = [
     "traceparent",
     "tracestate",
     headers::PUBLISHED_AT_MS,
     headers::REPLAY_COUNT,
     headers::DELAY_ROUND,
     headers::ATTEMPTS,
+    headers::EDITED_FROM,
 ];
 /// Header names the broker routes by: never carried, whatever the configuration says.
 pub const ROUTING: [&str; 2] = ["CC", "BCC"];

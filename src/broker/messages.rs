@@ -103,6 +103,9 @@ fn event_properties(
     for (name, value) in trace {
         headers.insert(name.as_str().into(), text(value));
     }
+    if let Some(original) = &envelope.edited_from {
+        headers.insert(crate::headers::EDITED_FROM.into(), text(original));
+    }
     BasicProperties::default()
         .with_message_id(id.into())
         .with_correlation_id(envelope.correlation_id.clone().into())

@@ -29,6 +29,7 @@ pub(super) fn routes() -> Router<Console> {
         .route("/api/dead-letters/archive", post(archive))
         .route("/api/dead-letters/{id}", get(detail))
         .route("/api/dead-letters/{id}/body", get(body))
+        .route("/api/dead-letters/{id}/edit", post(edit))
         .route("/api/replays", get(runs).post(replay))
         .route("/api/replays/{id}", get(run))
         .route("/api/replays/{id}/letters", get(run_letters))
@@ -272,6 +273,64 @@ async fn replay(
     }
 }
 
+/// An edit's request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EditBody {
+    /// The fields to change and their new values (`null` removes one).
+    fields: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>,
+    /// Why (required).
+    reason: String,
+}
+
+/// Fixes a dead letter's command and sends it as a new command (operators only).
+async fn edit(
+    caller: Caller,
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Result<Json<EditBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::dead_letters::edit::{EditError, EditRequest};
+    if let Err(refusal) = caller.may_act(&headers) {
+        return refusal.into_response();
+    }
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let status = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            return error(status, &rejection.body_text());
+        }
+    };
+    let request = EditRequest {
+        id,
+        changes: body.fields,
+        reason: body.reason,
+        requested_by: caller.name.clone(),
+        source: "console".into(),
+        client_address: caller.address.map(|a| a.to_string()),
+    };
+    let mut conn = match console.pool.get().await {
+        Ok(conn) => conn,
+        Err(e) => return internal(e),
+    };
+    match crate::dead_letters::edit::edit(&console.settings, &mut conn, &request).await {
+        Ok(edited) => (StatusCode::ACCEPTED, Json(edited)).into_response(),
+        Err(refused @ EditError::NotFound(_)) => error(StatusCode::NOT_FOUND, &refused.to_string()),
+        Err(refused @ EditError::NotOpen { .. }) => {
+            error(StatusCode::CONFLICT, &refused.to_string())
+        }
+        Err(refused @ EditError::Invalid(_)) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, &refused.to_string())
+        }
+        Err(EditError::Other(e)) => internal(format!("{e:#}")),
+    }
+}
+
 /// Sends the rest of a run that stopped by itself (operators only).
 async fn resume(
     caller: Caller,
@@ -387,15 +446,25 @@ pub(super) struct AuditQuery {
 pub(super) const AUDIT_PAGE: i64 = 100;
 
 /// An audit entry as a list shows it: at most [`audit::LISTED_IDS`] ids, and how many in all.
-fn listed_entry(entry: audit::Entry) -> Value {
-    let (entry, all) = entry.shortened();
+fn listed_entry(caller: &Caller, entry: audit::Entry) -> Value {
+    let (mut entry, all) = entry.shortened();
+    seen_by(caller, &mut entry);
     let mut value = serde_json::to_value(&entry).unwrap_or_default();
     value["idsCount"] = json!(all);
     value
 }
 
+/// An edit's before and after, with personal data masked unless the caller is an operator.
+fn seen_by(caller: &Caller, entry: &mut audit::Entry) {
+    if caller.role != crate::config::Role::Operator
+        && let Some(detail) = &entry.detail
+    {
+        entry.detail = Some(crate::dead_letters::edit::masked(detail));
+    }
+}
+
 async fn audit_log(
-    _caller: Caller,
+    caller: Caller,
     State(console): State<Console>,
     Query(query): Query<AuditQuery>,
 ) -> Response {
@@ -409,7 +478,10 @@ async fn audit_log(
                 .then(|| items.last().map(|e| e.id))
                 .flatten();
             Json(json!({
-                "items": items.into_iter().map(listed_entry).collect::<Vec<_>>(),
+                "items": items
+                    .into_iter()
+                    .map(|entry| listed_entry(&caller, entry))
+                    .collect::<Vec<_>>(),
                 "nextBefore": next,
             }))
             .into_response()
@@ -419,13 +491,14 @@ async fn audit_log(
 }
 
 async fn audit_entry(
-    _caller: Caller,
+    caller: Caller,
     State(console): State<Console>,
     Path(id): Path<i64>,
 ) -> Response {
     let entry = crate::store::with_conn(&console.pool, async |conn| audit::find(conn, id).await);
     match entry.await {
-        Ok(Some(entry)) => {
+        Ok(Some(mut entry)) => {
+            seen_by(&caller, &mut entry);
             let all = entry.ids.len();
             let mut value = serde_json::to_value(&entry).unwrap_or_default();
             value["idsCount"] = json!(all);

@@ -268,6 +268,7 @@ async fn audit_refusals(console: Console) {
                         ids: Vec::new(),
                         run_id: None,
                         client_address: address.map(|a| a.to_string()),
+                        detail: None,
                     };
                     crate::store::audit::record(conn, &entry).await?;
                 }

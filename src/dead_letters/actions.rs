@@ -149,6 +149,7 @@ pub async fn archive(
             ids: archived.clone(),
             run_id: None,
             client_address: client_address.map(str::to_owned),
+            detail: None,
         },
     )
     .await?;

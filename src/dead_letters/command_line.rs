@@ -32,6 +32,24 @@ pub enum DeadLetterCommands {
     /// Send the matching open dead letters back to their original exchange and routing key (each
     /// confirmed by the broker) as one recorded run; exits non-zero if any could not be replayed.
     Replay(ReplayArgs),
+    /// Fix a dead letter's command and send it again as a new command (its own id, so the
+    /// provider sees a new Idempotency-Key); the letter becomes `edited`. Only the body fields
+    /// may change; the edited command passes the worker's intake check before anything is sent.
+    Edit {
+        /// The dead letter's id.
+        id: i64,
+        /// A field and its new value, as JSON where it is JSON (`invoiceId=10`,
+        /// `emailAddress=null` removes it), else as text (`emailAddress=a@example.com`).
+        #[arg(long = "set", value_name = "FIELD=VALUE", required = true,
+            value_parser = super::edit::parse_setting)]
+        set: Vec<(String, Box<serde_json::value::RawValue>)>,
+        /// Why: kept in the audit log.
+        #[arg(long)]
+        reason: String,
+        /// Who is editing, for the audit log (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
     /// One replay run: its state, its guard, why it stopped, and what became of each letter it
     /// replayed (succeeded, failed again and why, or pending).
     Run {
@@ -198,6 +216,30 @@ pub async fn run(settings: &Settings, command: DeadLetterCommands) -> anyhow::Re
             Ok(())
         }
         DeadLetterCommands::Replay(replay) => replay_command(settings, &mut conn, replay).await,
+        DeadLetterCommands::Edit {
+            id,
+            set,
+            reason,
+            operator,
+        } => {
+            let request = super::edit::EditRequest {
+                id,
+                changes: set.into_iter().collect(),
+                reason,
+                requested_by: operator_name(operator),
+                source: "cli".into(),
+                client_address: None,
+            };
+            let edited = super::edit::edit(settings, &mut conn, &request).await?;
+            println!(
+                "dead letter {id} edited: sent as command {} (replay run {}); it is now edited",
+                crate::text::visible(&edited.command_id),
+                edited.job_id
+            );
+            println!("  before: {}", edited.before);
+            println!("  after:  {}", edited.after);
+            Ok(())
+        }
         DeadLetterCommands::Run { id, json } => {
             let run = super::run_view::ReplayRunView::load(&mut conn, id)
                 .await?

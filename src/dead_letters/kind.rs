@@ -152,15 +152,18 @@ pub enum State {
     Replayed,
     /// Put aside by an operator.
     Archived,
+    /// Fixed by an operator and sent again as a new command (its successor, `edited_into`).
+    Edited,
 }
 
 impl State {
     /// Every state, in the order a dead letter goes through them.
-    pub const ALL: [State; 4] = [
+    pub const ALL: [State; 5] = [
         State::Open,
         State::Replaying,
         State::Replayed,
         State::Archived,
+        State::Edited,
     ];
 
     /// The name stored, shown and accepted.
@@ -170,6 +173,7 @@ impl State {
             State::Replaying => "replaying",
             State::Replayed => "replayed",
             State::Archived => "archived",
+            State::Edited => "edited",
         }
     }
 

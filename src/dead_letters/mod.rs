@@ -7,6 +7,7 @@
 
 pub mod actions;
 pub mod command_line;
+pub mod edit;
 pub mod filter;
 pub mod guard;
 pub mod ingest;

@@ -98,7 +98,7 @@ impl ReplayChannel {
     }
 
     /// The channel, reopened (with its connection, if that closed too) if the broker closed it.
-    async fn usable(&mut self) -> Result<Channel, String> {
+    pub(super) async fn usable(&mut self) -> Result<Channel, String> {
         if !self.connection.status().connected() {
             self.connection = crate::broker::connect(&self.broker, &self.name)
                 .await
@@ -124,7 +124,7 @@ impl ReplayChannel {
 }
 
 /// Publishes one copy and waits for its confirm, within `timeout`.
-async fn publish_one(
+pub(super) async fn publish_one(
     channel: &Channel,
     copy: &OutboundMessage,
     timeout: Duration,

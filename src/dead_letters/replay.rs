@@ -172,6 +172,7 @@ pub async fn start(
         ids: ids.clone(),
         run_id: Some(run_id),
         client_address: request.client_address.clone(),
+        detail: None,
     };
     audit::record(conn, &entry).await?;
     at_risk.retain(|id| ids.binary_search(id).is_ok());
@@ -530,6 +531,7 @@ pub async fn resume(
             ids: Vec::new(),
             run_id: Some(run_id),
             client_address: None,
+            detail: None,
         };
         audit::record(conn, &entry).await?;
         Ok(taken)

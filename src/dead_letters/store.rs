@@ -119,6 +119,8 @@ pub struct Stored {
     pub replay_run_id: Option<i64>,
     /// The dead letter this one's command was replayed from, if it failed again.
     pub previous_id: Option<i64>,
+    /// The command id its edited copy was sent as (state `edited`).
+    pub edited_into: Option<String>,
 }
 
 impl std::ops::Deref for Stored {
@@ -419,7 +421,7 @@ pub async fn at_duplicate_risk(
 pub async fn purge(conn: &mut PgConn, before: DateTime<Utc>) -> Result<usize, StoreError> {
     Ok(diesel::delete(
         d::dead_letters
-            .filter(d::state.eq_any([State::Archived, State::Replayed]))
+            .filter(d::state.eq_any([State::Archived, State::Replayed, State::Edited]))
             .filter(d::state_changed_at.lt(before)),
     )
     .execute(conn)

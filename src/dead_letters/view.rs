@@ -71,6 +71,21 @@ pub struct DeadLetterView {
     pub original: OriginalView,
     /// Its replays so far.
     pub replays: Vec<Replay>,
+    /// The chain of edits it is part of: where it was edited from and into, and what became of
+    /// its edited copy.
+    pub edits: EditChain,
+}
+
+/// A dead letter's place in a chain of edits: original → edited copy → its outcome.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EditChain {
+    /// The command id this letter's command was edited from (its `x-edited-from`), if it was.
+    pub edited_from: Option<String>,
+    /// The command id its edited copy was sent as (state `edited`).
+    pub edited_into: Option<String>,
+    /// What became of that copy: `succeeded`, `failed`, `processing`, or `pending` (not seen yet).
+    pub edited_outcome: Option<String>,
 }
 
 /// A dead letter's original message.
@@ -132,7 +147,7 @@ impl DeadLetterView {
         let not_replayable_because = ReplayTargets::new(settings)
             .check(&row.original_exchange, &row.original_routing_key)
             .err();
-        let headers = properties_from_json(row.properties.clone())
+        let headers: Map<String, Value> = properties_from_json(row.properties.clone())
             .ok()
             .and_then(|p| p.headers().clone())
             .map(|h| {
@@ -152,6 +167,21 @@ impl DeadLetterView {
             .as_deref()
             .and_then(|b| serde_json::value::RawValue::from_string(b.to_owned()).ok());
         let body_bytes = row.body.len();
+        let edits = EditChain {
+            edited_from: headers
+                .get(crate::headers::EDITED_FROM)
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            edited_outcome: match &row.edited_into {
+                Some(id) => Some(
+                    crate::store::commands::find(conn, id)
+                        .await?
+                        .map_or_else(|| "pending".to_owned(), |record| record.status),
+                ),
+                None => None,
+            },
+            edited_into: row.edited_into.clone(),
+        };
         Ok(Some(Self {
             id: row.id,
             fails_again: row.letter.kind.fails_again(),
@@ -190,6 +220,7 @@ impl DeadLetterView {
                 text: body,
             },
             replays,
+            edits,
         }))
     }
 }

@@ -27,6 +27,8 @@ pub struct NewEntry {
     pub run_id: Option<i64>,
     /// The console's client address (none from the CLI).
     pub client_address: Option<String>,
+    /// What an edit changed: its reason, the fields before and after, the new command id.
+    pub detail: Option<serde_json::Value>,
 }
 
 /// A recorded entry.
@@ -54,6 +56,8 @@ pub struct Entry {
     pub run_id: Option<i64>,
     /// The console client's address, if from the console.
     pub client_address: Option<String>,
+    /// What an edit changed (personal data in it is masked for viewers).
+    pub detail: Option<serde_json::Value>,
 }
 
 /// Most ids an entry shows in a list of entries; the whole entry is one request away.

@@ -131,6 +131,7 @@ diesel::table! {
         body -> Bytea,
         stored_with_changes -> Nullable<Text>,
         search_text -> Text,
+        edited_into -> Nullable<Text>,
     }
 }
 
@@ -158,6 +159,7 @@ diesel::table! {
         ids -> Array<Int8>,
         run_id -> Nullable<Int8>,
         client_address -> Nullable<Text>,
+        detail -> Nullable<Jsonb>,
     }
 }
 

@@ -1,6 +1,6 @@
 // Drives the operators' console in headless Chromium as a person would: sign in, filter by kind,
 // open a dead letter, replay a selection, watch the job end, find the audit entry, and be asked
-// before replaying a dead letter that fails again. Started by
+// before replaying a dead letter that fails again, then fix that one's amount on its page. Started by
 // tests/it/browser.rs, which checks the outcome in the database; a screenshot of each page goes
 // to $SHOTS_DIR. Any step that does not find what it expects throws, and the process exits 1.
 import { chromium } from 'playwright-core';
@@ -91,7 +91,17 @@ try {
   const skipped = await page.textContent('#skipped');
   check(skipped === '1', `1 skipped, got ${skipped}`);
 
-  console.log(JSON.stringify({ job, replayed: chosen }));
+  // Fixed instead: the same letter's amount edited on its page and sent as a new command.
+  await page.goto(`${base}/dead-letters/${invalid}`);
+  await page.click('#edit summary');
+  await page.fill('#edit-amountInMajorCurrency', '3.00');
+  await page.fill('#edit-reason', 'the amount was negative');
+  await Promise.all([page.waitForEvent('load'), page.click('#edit-send')]);
+  const edited = await page.textContent('#edited-into');
+  check(edited.includes('~edit1'), `the letter points at its edited copy, got ${edited}`);
+  await page.screenshot({ path: `${shots}/edited.png`, fullPage: true });
+
+  console.log(JSON.stringify({ job, replayed: chosen, edited: Number(invalid) }));
 } finally {
   await browser.close();
 }

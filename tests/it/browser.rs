@@ -76,7 +76,18 @@ async fn an_operator_filters_inspects_and_replays_in_chromium() {
         state: Some(State::Open),
         ..Filter::default()
     };
-    assert_eq!(store::count(&mut conn, &open).await.unwrap(), 2);
+    assert_eq!(store::count(&mut conn, &open).await.unwrap(), 1);
+    // The invalid one was fixed on its page: edited, and its copy sent under a new id.
+    let edited = outcome["edited"].as_i64().unwrap();
+    let (row, _) = store::get(&mut conn, edited).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.edited_into.as_deref()),
+        (State::Edited, Some("browser-invalid~edit1"))
+    );
+    eventually("the edited command to succeed", WAIT, || async {
+        (env.record("browser-invalid~edit1").await?.status == "succeeded").then_some(())
+    })
+    .await;
     eventually("the two replayed commands to succeed", WAIT, || async {
         let mut done = 0;
         for i in 0..3 {
@@ -87,7 +98,9 @@ async fn an_operator_filters_inspects_and_replays_in_chromium() {
         (done == 2).then_some(())
     })
     .await;
-    for page in ["login", "overview", "list", "detail", "job", "audit"] {
+    for page in [
+        "login", "overview", "list", "detail", "job", "audit", "edited",
+    ] {
         let file = shots.join(format!("{page}.png"));
         let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
         assert!(

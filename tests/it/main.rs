@@ -17,6 +17,7 @@ mod console_sessions;
 mod contract;
 mod dead_letter_store;
 mod duplicates;
+mod edit;
 mod first_hour;
 mod flow;
 mod happy_path;

@@ -24,7 +24,7 @@ fn notices(caller: &Caller, letter: &DeadLetterView) -> Markup {
     let id = letter.id;
     html! {
         @if letter.fails_again {
-            p.warn { "Replayed as it is, this command fails the same way again: its body or id is what was wrong. Send a corrected command instead." }
+            p.warn { "Replayed as it is, this command fails the same way again: its body or id is what was wrong. Edit it below, or send a corrected command." }
         }
         @if letter.duplicate_risk {
             p.warn { "Its first provider call is older than the provider's idempotency window: a replay may create a second payment link." }
@@ -40,6 +40,38 @@ fn notices(caller: &Caller, letter: &DeadLetterView) -> Markup {
                     button data-act="replay" data-ids={ "[" (id) "]" } id="replay-one" { "Replay" }
                 }
                 button.secondary data-act="archive" data-ids={ "[" (id) "]" } id="archive-one" { "Archive" }
+            }
+            @if letter.replayable {
+                (edit_form(letter))
+            }
+        }
+    }
+}
+
+/// The form that fixes the command's fields and sends it as a new command: each field shows
+/// its value as JSON (a number with its digits); a value that is not JSON is taken as text.
+fn edit_form(letter: &DeadLetterView) -> Markup {
+    let current: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> = letter
+        .original
+        .text
+        .as_deref()
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default();
+    html! {
+        details id="edit" {
+            summary { "Edit and send as a new command" }
+            p.muted { "Only the command's fields change. It is checked as the worker checks a command, then sent under a new command id (so the provider sees a new Idempotency-Key); this dead letter becomes edited." }
+            form id="edit-form" data-id=(letter.id) {
+                dl {
+                    @for name in crate::dead_letters::edit::EDITABLE {
+                        @let value = current.get(name).map(|v| v.get().to_owned()).unwrap_or_default();
+                        dt { label for={ "edit-" (name) } { (name) } }
+                        dd { input id={ "edit-" (name) } name=(name) size="40" value=(value) data-initial=(value); }
+                    }
+                    dt { label for="edit-reason" { "Why (kept in the audit log)" } }
+                    dd { input id="edit-reason" name="reason" size="40" required; }
+                }
+                button id="edit-send" type="submit" { "Send the edited command" }
             }
         }
     }
@@ -69,6 +101,15 @@ fn why(letter: &DeadLetterView) -> Markup {
             dt { "Failed" } dd { (when(letter.failed_at)) }
             @if let Some(previous) = letter.previous_id {
                 dt { "Replayed from" } dd { a href={ "/dead-letters/" (previous) } { "dead letter " (previous) } }
+            }
+            @if let Some(from) = &letter.edits.edited_from {
+                (field("Edited from command", Some(from.clone())))
+            }
+            @if let Some(into) = &letter.edits.edited_into {
+                dt { "Edited, sent as command" }
+                dd id="edited-into" {
+                    (Shown(into)) " (" (letter.edits.edited_outcome.as_deref().unwrap_or("pending")) ")"
+                }
             }
         }
     }

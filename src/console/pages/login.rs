@@ -84,6 +84,7 @@ pub(super) async fn sign_in(
             ids: Vec::new(),
             run_id: None,
             client_address: address.map(|a| a.to_string()),
+            detail: None,
         };
         let _ = audit::record(&mut conn, &entry).await;
     }

@@ -75,3 +75,31 @@ const job = document.getElementById('job');
 if (job) watch(job.dataset.id);
 // Bar heights come as data attributes: the content security policy runs no inline style.
 document.querySelectorAll('.bars div[data-h]').forEach(d => { d.style.height = d.dataset.h + '%'; });
+// The edit form: only the fields changed are sent; a value that is JSON is sent as JSON (a
+// number keeps its digits), anything else as text.
+document.getElementById('edit-form')?.addEventListener('submit', async e => {
+  e.preventDefault();
+  const form = e.target;
+  const fields = {};
+  for (const input of form.querySelectorAll('input[data-initial]')) {
+    if (input.value === input.dataset.initial) continue;
+    let value;
+    try { value = JSON.parse(input.value); } catch { value = input.value; }
+    fields[input.name] = value;
+  }
+  if (!Object.keys(fields).length) { alert('Nothing changed.'); return; }
+  const reason = form.querySelector('[name=reason]').value;
+  // Numbers go as written: JSON.stringify would round a long amount through a float.
+  const raw = Object.entries(fields).map(([k, v]) => {
+    const input = form.querySelector(`input[name="${k}"]`).value;
+    return JSON.stringify(k) + ':' + (typeof v === 'number' ? input.trim() : JSON.stringify(v));
+  });
+  const r = await fetch('/api/dead-letters/' + form.dataset.id + '/edit', {
+    method: 'POST',
+    headers: {'Content-Type': 'application/json', 'X-CSRF-Token': csrf},
+    body: '{"fields":{' + raw.join(',') + '},"reason":' + JSON.stringify(reason) + '}',
+  });
+  const j = await r.json().catch(() => ({}));
+  if (r.status !== 202) { alert(j.error || ('failed: ' + r.status)); return; }
+  location.reload();
+});
