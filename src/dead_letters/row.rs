@@ -38,20 +38,20 @@ impl Letter {
 }
 
 /// Who made a dead letter, and what it says went wrong.
-struct Origin {
+struct Origin<'a> {
     /// The worker (its mark verified): its headers are believed.
     by_worker: bool,
     /// The broker, from the command queue: the reason is its `x-death` entry's.
     by_broker_from_commands: bool,
     /// The properties believed: all of them for the worker's own, without unsigned counters
-    /// otherwise.
-    properties: BasicProperties,
+    /// otherwise (borrowed where nothing was removed).
+    properties: std::borrow::Cow<'a, BasicProperties>,
     kind: Kind,
     error_message: String,
 }
 
-impl Origin {
-    fn of(settings: &Settings, marks: &crate::marks::Marks, letter: &Letter) -> Self {
+impl<'a> Origin<'a> {
+    fn of(settings: &Settings, marks: &crate::marks::Marks, letter: &'a Letter) -> Self {
         let death = headers::last_death(&letter.properties);
         // Dead-lettered by the broker from the command queue (expired, delivery limit,
         // rejected, maxlen): the reason is the broker's, whatever x-error-* or
@@ -62,9 +62,9 @@ impl Origin {
             .is_some_and(|(_, queue)| *queue == settings.broker.command_queue);
         let by_worker = !by_broker_from_commands && marks.dead_letter_is_ours(&letter.properties);
         let properties = if by_worker {
-            letter.properties.clone()
+            std::borrow::Cow::Borrowed(&letter.properties)
         } else {
-            marks.verified_counters(&letter.properties).into_owned()
+            marks.verified_counters(&letter.properties)
         };
         let text = |name: &str| read_text(&properties, name).map(|t| column_text(&t));
         let (kind, error_message) = if by_worker {

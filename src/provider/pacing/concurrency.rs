@@ -210,6 +210,11 @@ impl Limiter {
 }
 
 impl Limiter {
+    /// The longest `Retry-After` the lane holds for every call (longer ones end the round).
+    pub fn max_pause(&self) -> Duration {
+        self.max_pause
+    }
+
     /// Pauses every call until `retry_after` from now (at most `max_pause`), unless a longer
     /// pause is on.
     fn pause(&self, state: &mut State, now: Instant, retry_after: Option<Duration>) {

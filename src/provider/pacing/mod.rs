@@ -43,13 +43,12 @@ pub struct Pacer {
     pub limiter: Limiter,
     /// The rate this worker's calls are spaced at.
     pub rate: Rate,
-    /// The longest `Retry-After` the lane holds for every call (longer ones end the round).
-    max_pause: Duration,
 }
 
 impl Pacer {
-    /// Starts at `prefetch` calls at once (adapted under it when `adaptive`), unpaced under a
-    /// `configured` fleet rate; pauses of up to `max_pause` hold the lane.
+    /// Starts slow (see [`Limiter::new`]: a few calls at once, doubling up to `prefetch`, when
+    /// `adaptive`; `prefetch` from the start otherwise), unpaced under a `configured` fleet rate;
+    /// pauses of up to `max_pause` hold the lane.
     pub fn new(
         provider_id: i64,
         prefetch: usize,
@@ -61,7 +60,6 @@ impl Pacer {
         Self {
             limiter: Limiter::new(prefetch, adaptive, max_pause, figures.clone()),
             rate: Rate::new(provider_id, configured, figures),
-            max_pause,
         }
     }
 
@@ -86,7 +84,7 @@ impl Pacer {
         match signal {
             Signal::SlowDown(retry_after) => {
                 self.rate.slowed_down(workers);
-                retry_after.is_some_and(|after| after <= self.max_pause)
+                retry_after.is_some_and(|after| after <= self.limiter.max_pause())
             }
             Signal::Answered(_) => {
                 self.rate.answered();
