@@ -185,6 +185,12 @@ impl Publisher {
         Ok(channel)
     }
 
+    /// The publishing channel's number: it changes when the channel is replaced (for
+    /// diagnostics, and for the test that a publish left unconfirmed replaces it).
+    pub async fn channel_number(&self) -> u16 {
+        self.inner.slot.read().await.1.id()
+    }
+
     /// Whether the broker has told the publishing connection it is blocked (an alarm).
     pub async fn blocked(&self) -> bool {
         self.inner.slot.read().await.0.status().blocked()

@@ -390,7 +390,7 @@ async fn replay_command(
             }
             let canary = crate::store::replay_runs::find(conn, started.run_id)
                 .await?
-                .map_or(0, |run| run.canary.max(0) as usize);
+                .map_or(0, |run| run.guard().canary as usize);
             if canary > 0 && !dry_run && !started.ids.is_empty() {
                 let first: Vec<String> = started
                     .ids

@@ -354,12 +354,7 @@ fn one_run(request: &EditRequest, id: i64, command_id: &str) -> replay_runs::New
         state: replay_runs::RunState::Running,
         total: 1,
         accept_duplicate_risk: false,
-        canary: 0,
-        canary_wait_ms: 0,
-        stop_after_failures: None,
-        max_failure_ratio: None,
-        failure_window: 1,
-        start_rate: None,
+        guard: (&super::guard::GuardRequest::off().resolve(1)).into(),
     }
 }
 

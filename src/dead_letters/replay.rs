@@ -248,12 +248,7 @@ fn new_run(
         state,
         total: total as i32,
         accept_duplicate_risk: request.accept_duplicate_risk,
-        canary: guard.canary as i32,
-        canary_wait_ms: guard.canary_wait_ms as i64,
-        stop_after_failures: guard.stop_after_failures.map(|n| n as i32),
-        max_failure_ratio: guard.max_failure_ratio,
-        failure_window: guard.failure_window as i32,
-        start_rate: guard.start_rate,
+        guard: (&guard).into(),
     }
 }
 

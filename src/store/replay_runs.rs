@@ -37,6 +37,15 @@ pub struct NewReplayRun {
     pub total: i32,
     /// Whether the operator accepted that some may create a second link.
     pub accept_duplicate_risk: bool,
+    /// Its canary, automatic stop and ramp.
+    #[diesel(embed)]
+    pub guard: GuardColumns,
+}
+
+/// A run's guard as its columns hold it (see [`crate::dead_letters::guard`]).
+#[derive(Clone, Debug, Insertable, Queryable, Selectable)]
+#[diesel(table_name = super::schema::replay_runs)]
+pub struct GuardColumns {
     /// Letters sent first, whose outcomes must all be successes before the rest go.
     pub canary: i32,
     /// How long the canaries may take to succeed.
@@ -97,18 +106,9 @@ pub struct ReplayRun {
     pub accept_duplicate_risk: bool,
     /// Last progress (a running job not updated for a while has stopped).
     pub updated_at: DateTime<Utc>,
-    /// Letters sent first.
-    pub canary: i32,
-    /// How long the canaries may take to succeed.
-    pub canary_wait_ms: i64,
-    /// The run stops once this many of its letters failed again.
-    pub stop_after_failures: Option<i32>,
-    /// The run stops once this share of its last `failure_window` settled letters failed again.
-    pub max_failure_ratio: Option<f64>,
-    /// How many settled letters the ratio is judged over.
-    pub failure_window: i32,
-    /// Replays per second at the start.
-    pub start_rate: Option<f64>,
+    /// Its canary, automatic stop and ramp.
+    #[diesel(embed)]
+    pub guard: GuardColumns,
     /// Why it stopped by itself (state `stopped`).
     pub stop_reason: Option<String>,
 }
@@ -116,13 +116,27 @@ pub struct ReplayRun {
 impl ReplayRun {
     /// The guard the run was started with.
     pub fn guard(&self) -> crate::dead_letters::guard::Guard {
+        let columns = &self.guard;
         crate::dead_letters::guard::Guard {
-            canary: self.canary.max(0) as u32,
-            canary_wait_ms: self.canary_wait_ms.max(0) as u64,
-            stop_after_failures: self.stop_after_failures.map(|n| n.max(1) as u32),
-            max_failure_ratio: self.max_failure_ratio,
-            failure_window: self.failure_window.max(1) as u32,
-            start_rate: self.start_rate,
+            canary: columns.canary.max(0) as u32,
+            canary_wait_ms: columns.canary_wait_ms.max(0) as u64,
+            stop_after_failures: columns.stop_after_failures.map(|n| n.max(1) as u32),
+            max_failure_ratio: columns.max_failure_ratio,
+            failure_window: columns.failure_window.max(1) as u32,
+            start_rate: columns.start_rate,
+        }
+    }
+}
+
+impl From<&crate::dead_letters::guard::Guard> for GuardColumns {
+    fn from(guard: &crate::dead_letters::guard::Guard) -> Self {
+        Self {
+            canary: guard.canary as i32,
+            canary_wait_ms: guard.canary_wait_ms as i64,
+            stop_after_failures: guard.stop_after_failures.map(|n| n as i32),
+            max_failure_ratio: guard.max_failure_ratio,
+            failure_window: guard.failure_window as i32,
+            start_rate: guard.start_rate,
         }
     }
 }

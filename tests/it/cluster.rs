@@ -621,3 +621,81 @@ async fn cluster_database_failover_moves_to_the_writable_host_and_loses_nothing(
     );
     worker.stop().await.unwrap();
 }
+
+/// A publish the cluster leaves unconfirmed (its queue lost its quorum) times out, and the
+/// publisher gives its channel up for a new one on the same connection: after a leader's loss,
+/// RabbitMQ 3.10 kept a channel's publishes unconfirmed (or nacked) long after the queue had a
+/// new leader, while a new channel found it at once. Once the quorum is back, the new channel's
+/// publishes are confirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_publish_left_unconfirmed_gives_the_channel_up_for_a_new_one() {
+    let cluster = Cluster::start();
+    let env = TestEnv::with(
+        "http://127.0.0.1:9",
+        &[
+            ("BROKER__URLS", &cluster.urls[0]),
+            ("BROKER__PUBLISH_TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
+    let queue = format!("plw-give-up-{}", env.id);
+    let connection = any_node(&cluster.urls, None).await;
+    let channel = connection.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "declared".into()).await;
+    let publisher =
+        payment_link_worker::broker::publisher::Publisher::open(&env.settings.broker, "give-up")
+            .await
+            .unwrap();
+    let message = |i: usize| payment_link_worker::broker::messages::OutboundMessage {
+        exchange: String::new(),
+        routing_key: queue.clone(),
+        properties: command_properties(&format!("give-up-{i}")),
+        body: b"{}".to_vec(),
+    };
+    publisher.publish(&message(0)).await.unwrap();
+    let first = publisher.channel_number().await;
+
+    // Two of three nodes stopped: the queue has no quorum, nothing is confirmed.
+    rmq(&["stop-node", "2"]);
+    rmq(&["stop-node", "3"]);
+    let refused = publisher.publish(&message(1)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(payment_link_worker::broker::publisher::PublishError::TimedOut(_))
+        ),
+        "{refused:?}"
+    );
+    let second = publisher.channel_number().await;
+    assert_ne!(first, second, "the unconfirmed channel was given up");
+
+    rmq(&["start-node", "2"]);
+    rmq(&["start-node", "3"]);
+    eventually(
+        "a publish confirmed again",
+        Duration::from_secs(60),
+        || async { publisher.publish(&message(2)).await.ok() },
+    )
+    .await;
+    assert!(
+        publisher.channel_number().await != first,
+        "the old channel is not used again"
+    );
+    publisher.close().await;
+}
