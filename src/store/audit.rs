@@ -8,8 +8,9 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
 /// An entry as it is written.
-#[derive(Clone, Debug, Insertable)]
+#[derive(Clone, Debug, Insertable, Queryable, Selectable, Serialize)]
 #[diesel(table_name = super::schema::audit_log)]
+#[serde(rename_all = "camelCase")]
 pub struct NewEntry {
     /// Who (an operator's name, or the CLI's --operator / $USER).
     pub actor: String,
@@ -31,7 +32,7 @@ pub struct NewEntry {
     pub detail: Option<serde_json::Value>,
 }
 
-/// A recorded entry.
+/// A recorded entry: what was written (read through `Deref`), with its id and time.
 #[derive(Clone, Debug, Queryable, Selectable, Serialize)]
 #[diesel(table_name = super::schema::audit_log)]
 #[serde(rename_all = "camelCase")]
@@ -40,24 +41,23 @@ pub struct Entry {
     pub id: i64,
     /// When it happened.
     pub at: DateTime<Utc>,
-    /// Who did it (an operator's name, or the CLI's user).
-    pub actor: String,
-    /// Where from: the CLI or the console.
-    pub source: String,
-    /// What was done: replay, dry-run, archive.
-    pub action: String,
-    /// The filter that chose the letters, if any.
-    pub filter: Option<serde_json::Value>,
-    /// How many letters it concerned.
-    pub count: i32,
-    /// The letters it concerned.
-    pub ids: Vec<i64>,
-    /// The replay run it started, if any.
-    pub run_id: Option<i64>,
-    /// The console client's address, if from the console.
-    pub client_address: Option<String>,
-    /// What an edit changed (personal data in it is masked for viewers).
-    pub detail: Option<serde_json::Value>,
+    /// What was written.
+    #[diesel(embed)]
+    #[serde(flatten)]
+    pub entry: NewEntry,
+}
+
+impl std::ops::Deref for Entry {
+    type Target = NewEntry;
+    fn deref(&self) -> &NewEntry {
+        &self.entry
+    }
+}
+
+impl std::ops::DerefMut for Entry {
+    fn deref_mut(&mut self) -> &mut NewEntry {
+        &mut self.entry
+    }
 }
 
 /// Most ids an entry shows in a list of entries; the whole entry is one request away.
