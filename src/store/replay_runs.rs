@@ -12,7 +12,7 @@ use diesel::sql_types::Text;
 use diesel_async::RunQueryDsl;
 
 /// A run as it starts.
-#[derive(Debug, Insertable)]
+#[derive(Debug, Insertable, Queryable, Selectable)]
 #[diesel(table_name = super::schema::replay_runs)]
 pub struct NewReplayRun {
     /// Who ran it.
@@ -60,7 +60,7 @@ pub struct GuardColumns {
     pub start_rate: Option<f64>,
 }
 
-/// A recorded run.
+/// A recorded run: what it started as (read through `Deref`), with its progress and end.
 #[derive(Debug, Queryable, Selectable)]
 #[diesel(table_name = super::schema::replay_runs)]
 pub struct ReplayRun {
@@ -70,18 +70,9 @@ pub struct ReplayRun {
     pub started_at: DateTime<Utc>,
     /// When it ended (none: it died midway).
     pub finished_at: Option<DateTime<Utc>>,
-    /// Who ran it.
-    pub requested_by: String,
-    /// The `--kind` filter.
-    pub filter_kind: Option<String>,
-    /// The `--command-id` filter.
-    pub filter_command_id: Option<String>,
-    /// The `--limit`.
-    pub max_count: Option<i64>,
-    /// The `--rate`.
-    pub rate_per_second: Option<f64>,
-    /// Whether it only showed what it would do.
-    pub dry_run: bool,
+    /// What it started as.
+    #[diesel(embed)]
+    pub run: NewReplayRun,
     /// Sent back to the command exchange (0 in a dry run).
     pub replayed: i32,
     /// Looked at and left in place.
@@ -94,23 +85,17 @@ pub struct ReplayRun {
     pub command_ids: Vec<String>,
     /// Chosen by the filter (in a dry run, what a real run would have replayed).
     pub selected: i32,
-    /// `cli` or `console`.
-    pub source: String,
-    /// The whole filter.
-    pub filter: Option<serde_json::Value>,
-    /// Running, done or failed.
-    pub state: RunState,
-    /// Dead letters the run is to replay.
-    pub total: i32,
-    /// Whether the operator accepted that some may create a second link.
-    pub accept_duplicate_risk: bool,
     /// Last progress (a running job not updated for a while has stopped).
     pub updated_at: DateTime<Utc>,
-    /// Its canary, automatic stop and ramp.
-    #[diesel(embed)]
-    pub guard: GuardColumns,
     /// Why it stopped by itself (state `stopped`).
     pub stop_reason: Option<String>,
+}
+
+impl std::ops::Deref for ReplayRun {
+    type Target = NewReplayRun;
+    fn deref(&self) -> &NewReplayRun {
+        &self.run
+    }
 }
 
 impl ReplayRun {
