@@ -133,7 +133,7 @@ fn fields(out: &mut String, letter: &DeadLetterView) {
     let text = |v: &Option<String>| v.as_deref().map(|v| visible(v).into_owned());
     let number = |v: Option<i64>| v.map(|v| v.to_string());
     let fields = [
-        ("Error", Some(visible(&letter.message).into_owned())),
+        ("Error", Some(visible(&letter.error_message).into_owned())),
         ("HTTP status", letter.http_status.map(|v| v.to_string())),
         ("Provider answer", text(&letter.error_body)),
         ("Provider calls", letter.attempts.map(|v| v.to_string())),

@@ -1,7 +1,7 @@
 //! Everything about one dead letter, typed once: the console's API serializes it, its detail
 //! page renders it, and `dead-letters show` prints it, so a field added here reaches all three.
 
-use super::store::{self as store, Kind, Replay, State};
+use super::store::{self as store, Replay, Summary};
 use super::targets::ReplayTargets;
 use crate::broker::messages::properties_from_json;
 use crate::config::Settings;
@@ -15,28 +15,14 @@ use serde_json::{Map, Value, json};
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterView {
-    /// Its id in the store.
-    pub id: i64,
-    /// The command's id (its message id).
-    pub command_id: String,
-    /// Why it was dead-lettered.
-    pub kind: Kind,
-    /// Why it failed, in words.
-    pub message: String,
-    /// The provider's HTTP status, when it answered.
-    pub http_status: Option<i32>,
-    /// Provider calls made for it.
-    pub attempts: Option<i32>,
+    /// What a list shows of it (its ids, kind, message, state; its target as `exchange` and
+    /// `routingKey`), read through `Deref`.
+    #[serde(flatten)]
+    pub summary: Summary,
     /// The start of the provider's error answer, if any.
     pub error_body: Option<String>,
-    /// When it failed (the worker's time; its ingestion's for a letter the worker did not make).
-    pub failed_at: DateTime<Utc>,
     /// When it reached the store.
     pub ingested_at: DateTime<Utc>,
-    /// Times its command had been replayed before it failed.
-    pub replay_count: i32,
-    /// Where it stands: open, replaying, replayed or archived.
-    pub state: State,
     /// When its state last changed.
     pub state_changed_at: DateTime<Utc>,
     /// The replay run that last took it, if any.
@@ -45,12 +31,6 @@ pub struct DeadLetterView {
     pub previous_id: Option<i64>,
     /// The command's `paymentProviderId`, where its body had one.
     pub provider_id: Option<i64>,
-    /// The command's `invoiceId`, if any.
-    pub invoice_id: Option<i64>,
-    /// The command's `adhocInvoiceId`, if any.
-    pub adhoc_invoice_id: Option<i64>,
-    /// The command's `customerId`, if any.
-    pub customer_id: Option<i64>,
     /// The command's description.
     pub description: Option<String>,
     /// The command's e-mail address, if any (personal data: masked for viewers).
@@ -86,6 +66,13 @@ pub struct EditChain {
     pub edited_into: Option<String>,
     /// What became of that copy: `succeeded`, `failed`, `processing`, or `pending` (not seen yet).
     pub edited_outcome: Option<String>,
+}
+
+impl std::ops::Deref for DeadLetterView {
+    type Target = Summary;
+    fn deref(&self) -> &Summary {
+        &self.summary
+    }
 }
 
 /// A dead letter's original message.
@@ -183,25 +170,29 @@ impl DeadLetterView {
             edited_into: row.edited_into.clone(),
         };
         Ok(Some(Self {
-            id: row.id,
             fails_again: row.letter.kind.fails_again(),
-            command_id: row.letter.command_id,
-            kind: row.letter.kind,
-            message: row.letter.error_message,
-            http_status: row.letter.http_status,
-            attempts: row.letter.attempts,
+            summary: Summary {
+                id: row.id,
+                command_id: row.letter.command_id.clone(),
+                kind: row.letter.kind,
+                http_status: row.letter.http_status,
+                attempts: row.letter.attempts,
+                failed_at: row.letter.failed_at,
+                replay_count: row.letter.replay_count,
+                state: row.state,
+                invoice_id: row.letter.invoice_id,
+                adhoc_invoice_id: row.letter.adhoc_invoice_id,
+                customer_id: row.letter.customer_id,
+                error_message: row.letter.error_message.clone(),
+                original_exchange: row.letter.original_exchange.clone(),
+                original_routing_key: row.letter.original_routing_key.clone(),
+            },
             error_body: row.letter.error_body,
-            failed_at: row.letter.failed_at,
             ingested_at: row.ingested_at,
-            replay_count: row.letter.replay_count,
-            state: row.state,
             state_changed_at: row.state_changed_at,
             replay_run_id: row.replay_run_id,
             previous_id: row.previous_id,
             provider_id: row.letter.payment_provider_id,
-            invoice_id: row.letter.invoice_id,
-            adhoc_invoice_id: row.letter.adhoc_invoice_id,
-            customer_id: row.letter.customer_id,
             description: row.letter.description,
             email: row.letter.email,
             trace_id: row.letter.trace_id,

@@ -84,7 +84,7 @@ fn why(letter: &DeadLetterView) -> Markup {
     html! {
         h2 { "Why" }
         dl {
-            (field("Error", Some(letter.message.clone())))
+            (field("Error", Some(letter.error_message.clone())))
             (field("HTTP status", letter.http_status.map(|v| v.to_string())))
             (field("Provider answer", text(&letter.error_body)))
             (field("Provider calls", letter.attempts.map(|v| v.to_string())))
