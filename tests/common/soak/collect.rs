@@ -91,6 +91,9 @@ async fn declare_on(url: &str, exchange: &str, keys: &[&str], queue: &str) -> an
     Ok(())
 }
 
+/// The longest quiet spell after which the collector takes its consumer for lost.
+const QUIET: Duration = Duration::from_secs(5);
+
 /// Reads `queue` until `stop` fires, reconnecting round the nodes. A message the broker delivers
 /// again after a lost connection (`redelivered`) whose event id was seen is the collector's own
 /// repeat, not the worker's, and is not counted again.
@@ -136,10 +139,15 @@ pub async fn run(
             continue;
         };
         loop {
+            // A consumer can go silent without being cancelled (seed 10's third hour: no event
+            // for the last 1,150 s after a rolling restart, while the workers went on and the
+            // events piled up in this queue): with commands flowing at the load's rate, a quiet
+            // spell longer than QUIET means the consumer is lost, and the collector consumes
+            // again through the next node.
             let delivery = tokio::select! {
                 _ = stop.cancelled() => break,
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => delivery,
+                next = tokio::time::timeout(QUIET, consumer.next()) => match next {
+                    Ok(Some(Ok(delivery))) => delivery,
                     _ => break,
                 },
             };
