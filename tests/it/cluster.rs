@@ -167,9 +167,9 @@ async fn publish(env: &TestEnv, urls: &[String], prefix: &str, n: usize) {
     let _ = connection.close(200, "published".into()).await;
 }
 
-/// A quorum queue of the test's on the cluster, bound to every event.
-async fn capture(env: &TestEnv, urls: &[String]) -> String {
-    let queue = format!("t.{}.cluster-events", env.id);
+/// Declares the durable quorum queue `queue` on the cluster, through a node that is up, bound to
+/// `bind` (an exchange and its routing key) when given.
+async fn quorum_queue(urls: &[String], queue: &str, bind: Option<(&str, &str)>) {
     let connection = any_node(urls, None).await;
     let channel = connection.create_channel().await.unwrap();
     let mut args = FieldTable::default();
@@ -179,7 +179,7 @@ async fn capture(env: &TestEnv, urls: &[String]) -> String {
     );
     channel
         .queue_declare(
-            queue.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()
@@ -188,17 +188,26 @@ async fn capture(env: &TestEnv, urls: &[String]) -> String {
         )
         .await
         .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            env.settings.broker.event_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    if let Some((exchange, key)) = bind {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
     let _ = connection.close(200, "declared".into()).await;
+}
+
+/// A quorum queue of the test's on the cluster, bound to every event.
+async fn capture(env: &TestEnv, urls: &[String]) -> String {
+    let queue = format!("t.{}.cluster-events", env.id);
+    let events = env.settings.broker.event_exchange.as_str();
+    quorum_queue(urls, &queue, Some((events, "#"))).await;
     queue
 }
 
@@ -639,25 +648,7 @@ async fn cluster_publish_left_unconfirmed_gives_the_channel_up_for_a_new_one() {
     )
     .await;
     let queue = format!("plw-give-up-{}", env.id);
-    let connection = any_node(&cluster.urls, None).await;
-    let channel = connection.create_channel().await.unwrap();
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .unwrap();
-    let _ = connection.close(200, "declared".into()).await;
+    quorum_queue(&cluster.urls, &queue, None).await;
     let publisher =
         payment_link_worker::broker::publisher::Publisher::open(&env.settings.broker, "give-up")
             .await
