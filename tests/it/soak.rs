@@ -126,3 +126,20 @@ async fn soak_three_minutes_of_faults_lose_nothing_double_nothing_and_the_checke
     );
     let _ = std::fs::remove_dir_all(&options.dir);
 }
+
+/// A second soak on the machine refuses to start while one runs (it would remove the first's
+/// clusters as leftovers), and starts once the first has ended.
+#[test]
+fn a_second_soak_refuses_to_start_beside_a_running_one() {
+    let first = harness::RunLock::take().expect("no soak runs beside the suite's tests");
+    let refused = harness::RunLock::take()
+        .err()
+        .expect("the second soak is refused")
+        .to_string();
+    assert!(
+        refused.contains(&format!("another soak (process {})", std::process::id())),
+        "{refused}"
+    );
+    drop(first);
+    drop(harness::RunLock::take().expect("free again once the first has ended"));
+}

@@ -138,10 +138,11 @@ fn read_commit() -> String {
 /// Held for a whole run. Two soaks on one machine share the cluster's ports and the database
 /// clusters' names, and the second's removal of leftovers removed the first's databases midway
 /// (seen when the suite's three-minute soak started beside an hour's run): the second refuses.
-struct RunLock(std::path::PathBuf);
+pub struct RunLock(std::path::PathBuf);
 
 impl RunLock {
-    fn take() -> anyhow::Result<Self> {
+    /// Takes the machine's soak lock, or says which process holds it.
+    pub fn take() -> anyhow::Result<Self> {
         let path = std::env::temp_dir().join("plw-soak.lock");
         for _ in 0..2 {
             match std::fs::create_dir(&path) {
