@@ -252,10 +252,8 @@ fn json_of(raw: Option<&str>) -> serde_json::Value {
 /// suffix) with `~edit` and the next edit number no command has yet.
 async fn successor_id(conn: &mut PgConn, original: &str) -> Result<String, EditError> {
     use crate::store::schema::payment_link_commands::dsl as c;
-    let (base, mut number) = match original.rsplit_once("~edit") {
-        Some((base, n)) if n.parse::<u32>().is_ok() => (base, n.parse::<u32>().unwrap_or(0) + 1),
-        _ => (original, 1),
-    };
+    let (base, first) = first_edit_number(original);
+    let mut number = first.ok_or_else(|| no_free_number(original))?;
     for _ in 0..1000 {
         let id = format!("{base}~edit{number}");
         let used: i64 = c::payment_link_commands
@@ -274,11 +272,27 @@ async fn successor_id(conn: &mut PgConn, original: &str) -> Result<String, EditE
             CommandId::parse(&id).map_err(|e| EditError::Invalid(e.0))?;
             return Ok(id);
         }
-        number += 1;
+        number = number
+            .checked_add(1)
+            .ok_or_else(|| no_free_number(original))?;
     }
-    Err(EditError::Invalid(format!(
-        "no free edit number for {original}"
-    )))
+    Err(no_free_number(original))
+}
+
+/// The base id and the first edit number to try: one after an earlier edit's, or 1. `None` when
+/// the earlier number is the largest there is (the id comes off the wire, so it may be).
+fn first_edit_number(original: &str) -> (&str, Option<u32>) {
+    match original.rsplit_once("~edit") {
+        Some((base, n)) => match n.parse::<u32>() {
+            Ok(earlier) => (base, earlier.checked_add(1)),
+            Err(_) => (original, Some(1)),
+        },
+        None => (original, Some(1)),
+    }
+}
+
+fn no_free_number(original: &str) -> EditError {
+    EditError::Invalid(format!("no free edit number for {original}"))
 }
 
 /// The edited command as it is published: the stored original's properties under the new id,
@@ -414,6 +428,19 @@ mod tests {
 
     fn changes(pairs: &[&str]) -> BTreeMap<String, Box<RawValue>> {
         pairs.iter().map(|p| parse_setting(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn an_edit_number_follows_the_last_and_never_overflows() {
+        assert_eq!(first_edit_number("inv-1"), ("inv-1", Some(1)));
+        assert_eq!(first_edit_number("inv-1~edit3"), ("inv-1", Some(4)));
+        assert_eq!(first_edit_number("inv-1~editx"), ("inv-1~editx", Some(1)));
+        assert_eq!(first_edit_number("inv-1~edit4294967295"), ("inv-1", None));
+        assert!(
+            no_free_number("a")
+                .to_string()
+                .contains("no free edit number for a")
+        );
     }
 
     #[test]
