@@ -163,6 +163,57 @@ impl Tally {
     }
 }
 
+/// The outcomes of the letters one working of a run published, in the order it published them.
+/// Only the pending ones are read again ([`Settling::pending`]): a letter that settled stays
+/// settled, so judging a run after each batch costs what is in flight, not all it sent.
+#[derive(Debug, Default)]
+pub struct Settling {
+    letters: Vec<LetterOutcome>,
+    /// Where each published letter is in `letters`.
+    at: std::collections::HashMap<i64, usize>,
+    /// The dead-letter ids not settled yet.
+    pending: std::collections::BTreeSet<i64>,
+}
+
+impl Settling {
+    /// A letter the broker confirmed; pending until its outcome is read.
+    pub fn published(&mut self, dead_letter_id: i64, command_id: &str) {
+        if self.at.contains_key(&dead_letter_id) {
+            return;
+        }
+        self.at.insert(dead_letter_id, self.letters.len());
+        self.letters.push(LetterOutcome {
+            dead_letter_id,
+            command_id: command_id.to_owned(),
+            settled: Settled::Pending,
+        });
+        self.pending.insert(dead_letter_id);
+    }
+
+    /// The letters whose outcome is still to be read.
+    pub fn pending(&self) -> Vec<i64> {
+        self.pending.iter().copied().collect()
+    }
+
+    /// Outcomes as read; those of letters this working did not publish are ignored.
+    pub fn read(&mut self, outcomes: Vec<LetterOutcome>) {
+        for outcome in outcomes {
+            let Some(&i) = self.at.get(&outcome.dead_letter_id) else {
+                continue;
+            };
+            if outcome.settled != Settled::Pending {
+                self.pending.remove(&outcome.dead_letter_id);
+            }
+            self.letters[i].settled = outcome.settled;
+        }
+    }
+
+    /// Every published letter and its outcome as last read, in publishing order.
+    pub fn all(&self) -> &[LetterOutcome] {
+        &self.letters
+    }
+}
+
 /// How the canaries stand.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Canaries {
@@ -416,5 +467,45 @@ mod tests {
             assert!(why.contains(named), "{request:?}: {why}");
         }
         assert_eq!(GuardRequest::default().check(None), Ok(()));
+    }
+
+    #[test]
+    fn settling_reads_again_only_what_is_pending_and_keeps_the_publishing_order() {
+        let mut settling = Settling::default();
+        for id in [3, 1, 2] {
+            settling.published(id, &format!("c-{id}"));
+        }
+        settling.published(1, "c-1");
+        assert_eq!(settling.pending(), vec![1, 2, 3]);
+        let read = |id: i64, settled: Settled| LetterOutcome {
+            dead_letter_id: id,
+            command_id: format!("c-{id}"),
+            settled,
+        };
+        settling.read(vec![
+            read(1, Settled::Succeeded),
+            read(2, Settled::Pending),
+            read(9, Settled::Succeeded),
+        ]);
+        assert_eq!(
+            settling.pending(),
+            vec![2, 3],
+            "settled letters are not read again"
+        );
+        settling.read(vec![read(3, Settled::FailedAgain("validation".into()))]);
+        let order: Vec<i64> = settling.all().iter().map(|o| o.dead_letter_id).collect();
+        assert_eq!(
+            order,
+            vec![3, 1, 2],
+            "a letter another run sent is not this one's"
+        );
+        assert_eq!(
+            Tally::of(settling.all()),
+            Tally {
+                succeeded: 1,
+                failed_again: 1,
+                pending: 1
+            }
+        );
     }
 }

@@ -10,13 +10,12 @@ use super::replay_rows::{self, ReplayOutcome};
 use super::store::{self, Filter, State};
 use super::targets::ReplayTargets;
 
-use super::guard::{self, Canaries, Guard, GuardRequest, LetterOutcome, Tally};
+use super::guard::{self, Canaries, Guard, GuardRequest, Settling, Tally};
 use crate::config::Settings;
 use crate::store::replay_runs::RunState;
 use crate::store::{self as db, PgConn, audit, replay_runs};
 use diesel_async::AsyncConnection;
 use serde::Serialize;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// How a replay is asked for.
@@ -301,8 +300,11 @@ struct Working {
     rate: Option<f64>,
     began: Instant,
     timeout: Duration,
-    /// The letters published by this working (a resume is judged on its own letters).
-    published: HashSet<i64>,
+    /// The letters published by this working and their outcomes (a resume is judged on its own
+    /// letters).
+    settling: Settling,
+    /// When their outcomes were last read.
+    read_at: Option<Instant>,
     worked: Worked,
     after: i64,
 }
@@ -340,20 +342,22 @@ pub async fn work(
         rate: rate.or(run.rate_per_second),
         began: Instant::now(),
         timeout: Duration::from_millis(settings.broker.publish_timeout_ms),
-        published: HashSet::new(),
+        settling: Settling::default(),
+        read_at: None,
         worked: Worked::default(),
         after: 0,
     };
     let stopped = working.go(conn).await?;
+    working.read_outcomes(conn).await?;
     let Working {
         channel,
         timeout,
         mut worked,
-        published,
+        settling,
         ..
     } = working;
     channel.close(timeout).await;
-    worked.tally = Tally::of(&own(replay_rows::outcomes(conn, run_id).await?, &published));
+    worked.tally = Tally::of(settling.all());
     if let Some(reason) = stopped {
         replay_rows::release(conn, run_id).await?;
         worked.left = store::count(conn, &open()).await?;
@@ -372,14 +376,6 @@ pub async fn work(
     };
     replay_runs::finish(conn, run_id, counts).await?;
     Ok(worked)
-}
-
-/// The outcomes of the letters in `published`.
-fn own(outcomes: Vec<LetterOutcome>, published: &HashSet<i64>) -> Vec<LetterOutcome> {
-    outcomes
-        .into_iter()
-        .filter(|o| published.contains(&o.dead_letter_id))
-        .collect()
 }
 
 impl Working {
@@ -404,14 +400,24 @@ impl Working {
             if self.publish_next(conn, batch).await?.is_empty() {
                 return Ok(None);
             }
-            let outcomes = own(
-                replay_rows::outcomes(conn, self.run_id).await?,
-                &self.published,
-            );
-            if let Some(reason) = self.guard.stop_reason(&outcomes) {
+            // Read at most every poll: without a rate limit, batches follow each other faster
+            // than outcomes come back.
+            if self.read_at.is_none_or(|at| at.elapsed() >= CANARY_POLL) {
+                self.read_outcomes(conn).await?;
+            }
+            if let Some(reason) = self.guard.stop_reason(self.settling.all()) {
                 return Ok(Some(reason));
             }
         }
+    }
+
+    /// Reads the outcomes of the letters still pending.
+    async fn read_outcomes(&mut self, conn: &mut PgConn) -> anyhow::Result<()> {
+        let pending = self.settling.pending();
+        let read = replay_rows::outcomes_of(conn, self.run_id, &pending).await?;
+        self.settling.read(read);
+        self.read_at = Some(Instant::now());
+        Ok(())
     }
 
     /// Publishes the next `limit` reserved letters and records their outcomes; returns the ids
@@ -454,7 +460,9 @@ impl Working {
             }
         }
         replay_rows::record_replays(conn, self.run_id, &outcomes).await?;
-        self.published.extend(&confirmed);
+        for letter in letters.iter().filter(|l| confirmed.contains(&l.id)) {
+            self.settling.published(letter.id, &letter.command_id);
+        }
         // A batch the broker took none of still counts as sent: the next batch goes on.
         Ok(if confirmed.is_empty() {
             letters.iter().map(|l| l.id).collect()
@@ -473,11 +481,8 @@ impl Working {
         let wait = Duration::from_millis(self.guard.canary_wait_ms);
         let until = Instant::now() + wait;
         loop {
-            let outcomes: Vec<LetterOutcome> = replay_rows::outcomes(conn, self.run_id)
-                .await?
-                .into_iter()
-                .filter(|o| canaries.contains(&o.dead_letter_id))
-                .collect();
+            let outcomes = replay_rows::outcomes_of(conn, self.run_id, canaries).await?;
+            self.settling.read(outcomes.clone());
             if outcomes.is_empty() {
                 // The broker took none of them: nothing can be judged, the run goes on as it
                 // would without a canary (those letters are open again, and counted failed).

@@ -4,7 +4,7 @@
 //! transaction per batch.
 
 use super::Kind;
-use super::guard::{LetterOutcome, Settled};
+use super::guard::{LetterOutcome, Settled, Tally};
 use super::store::{State, Stored};
 use crate::store::schema::dead_letter_replays::dsl as r;
 use crate::store::schema::dead_letters::dsl as d;
@@ -219,24 +219,14 @@ async fn insert_history(
     Ok(())
 }
 
-/// What became of each letter `run_id` replayed, in the order it published them: failed again
-/// when the replayed command came back as a new dead letter linked to this one, or when its
-/// record failed after this replay (the new dead letter may not be stored yet); succeeded when
-/// its record has its link; pending otherwise.
-pub async fn outcomes(conn: &mut PgConn, run_id: i64) -> Result<Vec<LetterOutcome>, StoreError> {
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        id: i64,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        command_id: String,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        outcome: String,
-        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-        kind: Option<String>,
-    }
-    let rows: Vec<Row> = diesel::sql_query(
-        "SELECT d.id, d.command_id, \
+/// Each replayed letter of run `$1` (of those listed in `$2`, unless it is null) and what became
+/// of it, in the order the run published them: failed again when the replayed command came back
+/// as a new dead letter linked to this one, or when its record failed after this replay (the new
+/// dead letter may not be stored yet); succeeded when its record has its link; pending otherwise.
+/// A macro, so the queries built on it are whole strings at compile time.
+macro_rules! outcomes_sql {
+    () => {
+        "SELECT h.id AS seq, d.id, d.command_id, \
                 CASE WHEN n.kind IS NOT NULL OR again.failed THEN 'failed' \
                      WHEN c.status = 'succeeded' THEN 'succeeded' \
                      ELSE 'pending' END AS outcome, \
@@ -249,14 +239,27 @@ pub async fn outcomes(conn: &mut PgConn, run_id: i64) -> Result<Vec<LetterOutcom
          LEFT JOIN LATERAL (SELECT n.kind FROM dead_letters n WHERE n.previous_id = d.id \
                             ORDER BY n.id LIMIT 1) n ON true \
          WHERE h.run_id = $1 AND h.outcome = 'replayed' \
-         ORDER BY h.id",
-    )
-    .bind::<diesel::sql_types::BigInt, _>(run_id)
-    .load(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| LetterOutcome {
+           AND ($2::bigint[] IS NULL OR d.id = ANY($2)) \
+         ORDER BY h.id"
+    };
+}
+
+/// One row of [`outcomes_sql`].
+#[derive(QueryableByName)]
+struct OutcomeRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    command_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    outcome: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    kind: Option<String>,
+}
+
+impl From<OutcomeRow> for LetterOutcome {
+    fn from(row: OutcomeRow) -> Self {
+        LetterOutcome {
             dead_letter_id: row.id,
             command_id: row.command_id,
             settled: match row.outcome.as_str() {
@@ -264,8 +267,88 @@ pub async fn outcomes(conn: &mut PgConn, run_id: i64) -> Result<Vec<LetterOutcom
                 "succeeded" => Settled::Succeeded,
                 _ => Settled::Pending,
             },
-        })
-        .collect())
+        }
+    }
+}
+
+type BigInts = diesel::sql_types::Nullable<diesel::sql_types::Array<diesel::sql_types::BigInt>>;
+
+/// What became of each letter `run_id` replayed, in the order it published them (see
+/// [`outcomes_sql`]).
+pub async fn outcomes(conn: &mut PgConn, run_id: i64) -> Result<Vec<LetterOutcome>, StoreError> {
+    outcomes_among(conn, run_id, None).await
+}
+
+/// What became of the letters `ids` that `run_id` replayed: a working reads only those it does
+/// not know the end of yet, so judging a long run costs what is in flight, not its whole past.
+pub async fn outcomes_of(
+    conn: &mut PgConn,
+    run_id: i64,
+    ids: &[i64],
+) -> Result<Vec<LetterOutcome>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    outcomes_among(conn, run_id, Some(ids)).await
+}
+
+async fn outcomes_among(
+    conn: &mut PgConn,
+    run_id: i64,
+    ids: Option<&[i64]>,
+) -> Result<Vec<LetterOutcome>, StoreError> {
+    let rows: Vec<OutcomeRow> = diesel::sql_query(outcomes_sql!())
+        .bind::<diesel::sql_types::BigInt, _>(run_id)
+        .bind::<BigInts, _>(ids)
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(LetterOutcome::from).collect())
+}
+
+/// A run's outcomes counted in the database, and the first `failed_shown` that failed again: what
+/// a run's view needs, without reading every letter into memory on each of a console's polls.
+pub async fn tally(
+    conn: &mut PgConn,
+    run_id: i64,
+    failed_shown: i64,
+) -> Result<(Tally, Vec<LetterOutcome>), StoreError> {
+    #[derive(QueryableByName)]
+    struct Counts {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        succeeded: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        failed: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        pending: i64,
+    }
+    let counts: Counts = diesel::sql_query(concat!(
+        "SELECT count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded, \
+                count(*) FILTER (WHERE outcome = 'failed') AS failed, \
+                count(*) FILTER (WHERE outcome = 'pending') AS pending \
+         FROM (",
+        outcomes_sql!(),
+        ") o"
+    ))
+    .bind::<diesel::sql_types::BigInt, _>(run_id)
+    .bind::<BigInts, _>(None::<&[i64]>)
+    .get_result(conn)
+    .await?;
+    let failed: Vec<OutcomeRow> = diesel::sql_query(concat!(
+        "SELECT * FROM (",
+        outcomes_sql!(),
+        ") o WHERE outcome = 'failed' ORDER BY seq LIMIT $3"
+    ))
+    .bind::<diesel::sql_types::BigInt, _>(run_id)
+    .bind::<BigInts, _>(None::<&[i64]>)
+    .bind::<diesel::sql_types::BigInt, _>(failed_shown)
+    .load(conn)
+    .await?;
+    let tally = Tally {
+        pending: counts.pending as usize,
+        succeeded: counts.succeeded as usize,
+        failed_again: counts.failed as usize,
+    };
+    Ok((tally, failed.into_iter().map(LetterOutcome::from).collect()))
 }
 
 /// Puts the letters `run_id` reserved and did not publish back to open (the run stopped by

@@ -1,7 +1,7 @@
 //! A replay run as the console's API answers it, its page shows it and `dead-letters run --json`
 //! prints it: typed once, so a field added here reaches all three.
 
-use super::guard::{Guard, LetterOutcome, Settled, Tally};
+use super::guard::{Guard, LetterOutcome, Tally};
 use super::replay_rows;
 use crate::store::{PgConn, StoreError, replay_runs};
 use chrono::{DateTime, Utc};
@@ -83,16 +83,10 @@ impl ReplayRunView {
         let Some(run) = replay_runs::find(conn, id).await? else {
             return Ok(None);
         };
-        let letters = replay_rows::outcomes(conn, id).await?;
+        let (tally, failed_again) = replay_rows::tally(conn, id, FAILED_AGAIN_SHOWN as i64).await?;
         let mut view = Self::from(&run);
-        view.outcomes = Some(Tally::of(&letters));
-        view.failed_again = Some(
-            letters
-                .into_iter()
-                .filter(|l| matches!(l.settled, Settled::FailedAgain(_)))
-                .take(FAILED_AGAIN_SHOWN)
-                .collect(),
-        );
+        view.outcomes = Some(tally);
+        view.failed_again = Some(failed_again);
         Ok(Some(view))
     }
 }
