@@ -21,8 +21,10 @@ pub mod run_view;
 pub mod store;
 pub mod targets;
 pub mod view;
+pub mod working;
 
 pub use actions::{Listed, Listing, archive, connect, list};
 pub use kind::{Kind, State};
 pub use publish::replay_message;
-pub use replay::{ReplayError, ReplayRequest, Started, Worked, resume, start, work};
+pub use replay::{ReplayError, ReplayRequest, Started, start};
+pub use working::{Worked, resume, work};
