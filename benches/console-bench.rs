@@ -1,7 +1,8 @@
 //! The dead-letter store at volume: fills a fresh database with N dead letters, then times what
 //! the console and the CLI ask of it (a list page, a page deep down, a filtered page, the summary,
 //! text searches) and a replay of M of them through the real broker with no rate limit, watching
-//! its recorded progress meanwhile. Run with `cargo bench --bench console-bench` (release
+//! its recorded progress meanwhile; and single-letter replays through a console started fresh,
+//! the first one timed apart from the later ones (a new user once saw 5.7 s). Run with `cargo bench --bench console-bench` (release
 //! profile; `-- --help` lists the flags); see the README's Benchmark section.
 
 // A test or a benchmark fails loudly, and should, on what it did not expect.
@@ -32,6 +33,9 @@ struct Options {
     /// Of those, how many one replay takes (no rate limit).
     #[arg(long, default_value_t = 10_000)]
     replay: usize,
+    /// Single-letter replays through a fresh console, each timed from the POST to the job's end.
+    #[arg(long, default_value_t = 5)]
+    console_replays: usize,
     /// Runs of each query; the median is reported.
     #[arg(long, default_value_t = 7)]
     runs: usize,
@@ -177,6 +181,8 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
         rows.push((label, took, 500));
     }
 
+    let console_replays = through_a_fresh_console(o, settings, &mut conn).await?;
+
     // A replay of M matching dead letters, no rate limit, progress read from the run meanwhile.
     let request = ReplayRequest {
         include_failing: true,
@@ -259,6 +265,15 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
         o.replay as f64 / replay.as_secs_f64(),
         if met { "yes" } else { "no" }
     );
+    for (i, took) in console_replays.iter().enumerate() {
+        let which = if i == 0 { "first" } else { "later" };
+        let met = took.as_millis() < 500;
+        println!(
+            "| console ({which}): replay of one letter, POST to done | {} | < 500 ms | {} |",
+            ms(*took),
+            if met { "yes" } else { "no" }
+        );
+    }
     println!(
         "\nProgress read every 250 ms during the replay: {} readings, {:?} … {:?}; {} commands in the command queue afterwards.",
         progress.len(),
@@ -267,4 +282,89 @@ async fn run(o: &Options, settings: &payment_link_worker::config::Settings) -> a
         depth
     );
     Ok(())
+}
+
+/// Starts a console in this process (as `payment-link-worker console` would) and replays one
+/// letter at a time through its API, each timed from the POST to the job's end, the first apart:
+/// whatever the console does once (its pool, its broker connection) shows there.
+async fn through_a_fresh_console(
+    o: &Options,
+    settings: &payment_link_worker::config::Settings,
+    conn: &mut payment_link_worker::store::PgConn,
+) -> anyhow::Result<Vec<Duration>> {
+    const TOKEN: &str = "console-bench-operator-token";
+    let retried = Filter {
+        kind: Some(Kind::Worker(
+            payment_link_worker::errors::ErrorKind::RetriesExhausted,
+        )),
+        ..Filter::default()
+    };
+    let (letters, _) = store::page(conn, &retried, o.console_replays as i64, None).await?;
+    let mut settings = settings.clone();
+    settings.console.operators = vec![payment_link_worker::config::OperatorSettings {
+        name: "bench".into(),
+        role: payment_link_worker::config::Role::Operator,
+        token_sha256: payment_link_worker::console::token_sha256(TOKEN),
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let console = tokio::spawn(payment_link_worker::console::serve(
+        settings,
+        listener,
+        stop.clone(),
+    ));
+    let client = reqwest::Client::new();
+    // Up when it answers; not timed, as the first replay is what a user waits for.
+    let up = Instant::now();
+    while client.get(format!("{base}/metrics")).send().await.is_err() {
+        anyhow::ensure!(
+            up.elapsed() < Duration::from_secs(30),
+            "the console did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut times = Vec::new();
+    for letter in &letters {
+        let started = Instant::now();
+        let answer = client
+            .post(format!("{base}/api/replays"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(serde_json::json!({"ids": [letter.id], "includeFailing": true}).to_string())
+            .send()
+            .await?;
+        anyhow::ensure!(
+            answer.status() == 202,
+            "replay refused: {}",
+            answer.status()
+        );
+        let job: serde_json::Value = serde_json::from_str(&answer.text().await?)?;
+        let job = job["jobId"].as_i64().context("no jobId")?;
+        loop {
+            let view: serde_json::Value = serde_json::from_str(
+                &client
+                    .get(format!("{base}/api/replays/{job}"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await?
+                    .text()
+                    .await?,
+            )?;
+            match view["state"].as_str() {
+                Some("running") => {}
+                Some("done") => break,
+                other => anyhow::bail!("job {job} ended {other:?}: {view}"),
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "job {job} still running after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        times.push(started.elapsed());
+    }
+    stop.cancel();
+    console.await??;
+    Ok(times)
 }
