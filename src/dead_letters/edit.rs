@@ -136,28 +136,7 @@ pub async fn edit(
     Command::parse(&body)
         .map_err(|e| EditError::Invalid(format!("the edited command is not valid: {e}")))?;
     let command_id = successor_id(conn, &letter.command_id).await?;
-    let taken = diesel::update(
-        d::dead_letters
-            .find(letter.id)
-            .filter(d::state.eq(State::Open)),
-    )
-    .set((
-        d::state.eq(State::Edited),
-        d::edited_into.eq(Some(&command_id)),
-        d::state_changed_at.eq(Utc::now()),
-    ))
-    .execute(conn)
-    .await
-    .map_err(StoreError::from)?;
-    if taken == 0 {
-        let state = store::get(conn, letter.id)
-            .await?
-            .map_or(State::Open, |(l, _)| l.state);
-        return Err(EditError::NotOpen {
-            id: letter.id,
-            state,
-        });
-    }
+    take(conn, letter.id, &command_id).await?;
     let properties = properties_from_json(letter.properties.clone())
         .map_err(|e| anyhow::anyhow!("its stored properties do not read back: {e}"))?;
     let copy = new_command(settings, conn, &letter, &properties, &command_id, body).await?;
@@ -171,15 +150,7 @@ pub async fn edit(
         left: 0,
     };
     if let ReplayOutcome::Failed(why) = outcome {
-        diesel::update(d::dead_letters.find(letter.id))
-            .set((
-                d::state.eq(State::Open),
-                d::edited_into.eq(None::<String>),
-                d::state_changed_at.eq(Utc::now()),
-            ))
-            .execute(conn)
-            .await
-            .map_err(StoreError::from)?;
+        give_back(conn, letter.id).await?;
         replay_runs::finish(conn, run_id, counts(0, 1)).await?;
         return Err(EditError::Other(anyhow::anyhow!(
             "the broker did not take the edited command ({why}); dead letter {} is open again",
@@ -197,6 +168,41 @@ pub async fn edit(
     };
     audit::record(conn, &audit_entry(request, &edited, reason)).await?;
     Ok(edited)
+}
+
+/// Takes open letter `id` for the edit that sends it as `command_id`, in one atomic update: a
+/// second edit or a replay at the same time finds it taken.
+async fn take(conn: &mut PgConn, id: i64, command_id: &str) -> Result<(), EditError> {
+    let taken = diesel::update(d::dead_letters.find(id).filter(d::state.eq(State::Open)))
+        .set((
+            d::state.eq(State::Edited),
+            d::edited_into.eq(Some(command_id)),
+            d::state_changed_at.eq(Utc::now()),
+        ))
+        .execute(conn)
+        .await
+        .map_err(StoreError::from)?;
+    if taken == 0 {
+        let state = store::get(conn, id)
+            .await?
+            .map_or(State::Open, |(l, _)| l.state);
+        return Err(EditError::NotOpen { id, state });
+    }
+    Ok(())
+}
+
+/// Opens letter `id` again after the broker did not take its edited command.
+async fn give_back(conn: &mut PgConn, id: i64) -> Result<(), EditError> {
+    diesel::update(d::dead_letters.find(id))
+        .set((
+            d::state.eq(State::Open),
+            d::edited_into.eq(None::<String>),
+            d::state_changed_at.eq(Utc::now()),
+        ))
+        .execute(conn)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(())
 }
 
 /// The body with the changes applied, and the changed fields before and after. Numbers keep

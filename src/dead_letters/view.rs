@@ -134,6 +134,56 @@ impl DeadLetterView {
         let not_replayable_because = ReplayTargets::new(settings)
             .check(&row.original_exchange, &row.original_routing_key)
             .err();
+        let original = OriginalView::of(&row);
+        let edits = EditChain::load(conn, &row, &original.headers).await?;
+        Ok(Some(Self {
+            fails_again: row.letter.kind.fails_again(),
+            summary: Summary::from(&row),
+            error_body: row.letter.error_body,
+            ingested_at: row.ingested_at,
+            state_changed_at: row.state_changed_at,
+            replay_run_id: row.replay_run_id,
+            previous_id: row.previous_id,
+            provider_id: row.letter.payment_provider_id,
+            description: row.letter.description,
+            email: row.letter.email,
+            trace_id: row.letter.trace_id,
+            duplicate_risk: !at_risk.is_empty(),
+            replayable: not_replayable_because.is_none(),
+            not_replayable_because,
+            stored_with_changes: row.letter.stored_with_changes,
+            original,
+            replays,
+            edits,
+        }))
+    }
+}
+
+impl From<&store::Stored> for Summary {
+    fn from(row: &store::Stored) -> Self {
+        Summary {
+            id: row.id,
+            command_id: row.letter.command_id.clone(),
+            kind: row.letter.kind,
+            http_status: row.letter.http_status,
+            attempts: row.letter.attempts,
+            failed_at: row.letter.failed_at,
+            replay_count: row.letter.replay_count,
+            state: row.state,
+            invoice_id: row.letter.invoice_id,
+            adhoc_invoice_id: row.letter.adhoc_invoice_id,
+            customer_id: row.letter.customer_id,
+            error_message: row.letter.error_message.clone(),
+            original_exchange: row.letter.original_exchange.clone(),
+            original_routing_key: row.letter.original_routing_key.clone(),
+        }
+    }
+}
+
+impl OriginalView {
+    /// The stored original as sent: its properties without the headers, the headers as plain
+    /// JSON, and the body as JSON, as text or as neither.
+    fn of(row: &store::Stored) -> Self {
         let headers: Map<String, Value> = properties_from_json(row.properties.clone())
             .ok()
             .and_then(|p| p.headers().clone())
@@ -154,7 +204,28 @@ impl DeadLetterView {
             .as_deref()
             .and_then(|b| serde_json::value::RawValue::from_string(b.to_owned()).ok());
         let body_bytes = row.body.len();
-        let edits = EditChain {
+        OriginalView {
+            exchange: row.letter.original_exchange.clone(),
+            routing_key: row.letter.original_routing_key.clone(),
+            properties,
+            headers,
+            body_bytes,
+            body: body.clone().filter(|_| body_json.is_none()),
+            body_json,
+            text: body,
+        }
+    }
+}
+
+impl EditChain {
+    /// Where a letter's command came from by an edit (its `x-edited-from` header), and what it
+    /// was edited into and how that command stands.
+    async fn load(
+        conn: &mut PgConn,
+        row: &store::Stored,
+        headers: &Map<String, Value>,
+    ) -> Result<Self, StoreError> {
+        Ok(EditChain {
             edited_from: headers
                 .get(crate::headers::EDITED_FROM)
                 .and_then(Value::as_str)
@@ -168,50 +239,6 @@ impl DeadLetterView {
                 None => None,
             },
             edited_into: row.edited_into.clone(),
-        };
-        Ok(Some(Self {
-            fails_again: row.letter.kind.fails_again(),
-            summary: Summary {
-                id: row.id,
-                command_id: row.letter.command_id.clone(),
-                kind: row.letter.kind,
-                http_status: row.letter.http_status,
-                attempts: row.letter.attempts,
-                failed_at: row.letter.failed_at,
-                replay_count: row.letter.replay_count,
-                state: row.state,
-                invoice_id: row.letter.invoice_id,
-                adhoc_invoice_id: row.letter.adhoc_invoice_id,
-                customer_id: row.letter.customer_id,
-                error_message: row.letter.error_message.clone(),
-                original_exchange: row.letter.original_exchange.clone(),
-                original_routing_key: row.letter.original_routing_key.clone(),
-            },
-            error_body: row.letter.error_body,
-            ingested_at: row.ingested_at,
-            state_changed_at: row.state_changed_at,
-            replay_run_id: row.replay_run_id,
-            previous_id: row.previous_id,
-            provider_id: row.letter.payment_provider_id,
-            description: row.letter.description,
-            email: row.letter.email,
-            trace_id: row.letter.trace_id,
-            duplicate_risk: !at_risk.is_empty(),
-            replayable: not_replayable_because.is_none(),
-            not_replayable_because,
-            stored_with_changes: row.letter.stored_with_changes,
-            original: OriginalView {
-                exchange: row.letter.original_exchange,
-                routing_key: row.letter.original_routing_key,
-                properties,
-                headers,
-                body_bytes,
-                body: body.clone().filter(|_| body_json.is_none()),
-                body_json,
-                text: body,
-            },
-            replays,
-            edits,
-        }))
+        })
     }
 }

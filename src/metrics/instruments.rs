@@ -5,6 +5,7 @@ use super::{
     LaneFigures, Levels, Metrics, ProviderFigures, SECONDS_BOUNDARIES, Tally, openmetrics,
 };
 use opentelemetry::KeyValue;
+use opentelemetry::metrics::Histogram;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -279,14 +280,7 @@ pub(super) fn instruments(
             .with_description(description)
             .build()
     };
-    let seconds = |name: &'static str, description: &'static str| {
-        meter
-            .f64_histogram(name)
-            .with_unit("s")
-            .with_description(description)
-            .with_boundaries(SECONDS_BOUNDARIES.to_vec())
-            .build()
-    };
+    let (provider_duration, queue_wait, time_to_outcome) = durations(meter);
     Metrics {
         removed: meter
             .u64_counter("payment_link.retention.removed")
@@ -334,21 +328,41 @@ pub(super) fn instruments(
             .with_unit("{command}")
             .with_description("Commands being processed")
             .build(),
-        provider_duration: seconds(
-            "http.client.request.duration",
-            "Provider call duration, by status class",
-        ),
-        queue_wait: seconds(
-            "payment_link.command.queue_wait",
-            "Time from publish (timestamp_in_ms header, else the AMQP timestamp) to being taken",
-        ),
-        time_to_outcome: seconds(
-            "payment_link.command.time_to_outcome",
-            "Time from the first attempt to success or dead-letter",
-        ),
+        provider_duration,
+        queue_wait,
+        time_to_outcome,
         levels,
         lanes,
         tally: Tally::default(),
         exemplars: openmetrics::Exemplars::default(),
     }
+}
+
+/// The command path's durations: the provider call, the wait in the queue, and the time to an
+/// outcome, in seconds.
+fn durations(
+    meter: &opentelemetry::metrics::Meter,
+) -> (Histogram<f64>, Histogram<f64>, Histogram<f64>) {
+    let seconds = |name: &'static str, description: &'static str| {
+        meter
+            .f64_histogram(name)
+            .with_unit("s")
+            .with_description(description)
+            .with_boundaries(SECONDS_BOUNDARIES.to_vec())
+            .build()
+    };
+    (
+        seconds(
+            "http.client.request.duration",
+            "Provider call duration, by status class",
+        ),
+        seconds(
+            "payment_link.command.queue_wait",
+            "Time from publish (timestamp_in_ms header, else the AMQP timestamp) to being taken",
+        ),
+        seconds(
+            "payment_link.command.time_to_outcome",
+            "Time from the first attempt to success or dead-letter",
+        ),
+    )
 }
