@@ -2,14 +2,38 @@
 //! variables. Every key a user can set exists in the defaults, so an unknown key (a typo that would
 //! otherwise be silently ignored) stops start-up with a message that names it.
 
+mod breaker;
+mod broker;
 mod check;
+mod console;
+mod database;
+mod dead_letters;
+mod events;
 mod layers;
+mod log;
+mod outbox;
+mod provider;
 pub mod reference;
+mod retention;
+mod retry;
 mod secret;
-mod sections;
+mod telemetry;
+mod worker;
 
+pub use breaker::BreakerSettings;
+pub use broker::BrokerSettings;
+pub use console::{ConsoleSettings, OperatorSettings, Role};
+pub use database::DatabaseSettings;
+pub use dead_letters::{DeadLetterSettings, ReplayTarget};
+pub use events::EventSettings;
+pub use log::{LogFormat, LogSettings};
+pub use outbox::OutboxSettings;
+pub use provider::ProviderSettings;
+pub use retention::RetentionSettings;
+pub use retry::RetrySettings;
 pub use secret::{Secret, SecretUrl, redact_url};
-pub use sections::*;
+pub use telemetry::TelemetrySettings;
+pub use worker::WorkerSettings;
 
 use layers::{defaults_table, merge_file, set_from_env};
 use serde::Deserialize;
