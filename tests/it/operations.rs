@@ -41,6 +41,17 @@ pub fn request(filter: Filter, limit: Option<usize>, dry_run: bool) -> ReplayReq
 
 /// Starts and works a replay run to its end; returns the run id and the ids replayed.
 pub async fn replay(env: &TestEnv, request: &ReplayRequest) -> (i64, Vec<i64>) {
+    let (started, worked) = start_and_work(env, request).await;
+    assert!(worked.failed.is_empty(), "{worked:?}");
+    assert_eq!(worked.replayed, started.ids);
+    (started.run_id, worked.replayed)
+}
+
+/// Starts a replay run and works it to its end or its stop, as `dead-letters replay` does.
+pub async fn start_and_work(
+    env: &TestEnv,
+    request: &ReplayRequest,
+) -> (dead_letters::Started, dead_letters::Worked) {
     let mut conn = env.pool.get().await.unwrap();
     let started = dead_letters::start(&env.settings, &mut conn, request)
         .await
@@ -48,9 +59,7 @@ pub async fn replay(env: &TestEnv, request: &ReplayRequest) -> (i64, Vec<i64>) {
     let worked = dead_letters::work(&env.settings, &mut conn, started.run_id, request.rate)
         .await
         .unwrap();
-    assert!(worked.failed.is_empty(), "{worked:?}");
-    assert_eq!(worked.replayed, started.ids);
-    (started.run_id, worked.replayed)
+    (started, worked)
 }
 
 /// Waits until the store holds `n` dead letters matching `filter`.

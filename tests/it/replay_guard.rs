@@ -4,7 +4,7 @@
 //! became of every replayed letter is known from the store.
 
 use crate::helpers::*;
-use crate::operations::{INGEST, stored};
+use crate::operations::start_and_work;
 use payment_link_worker::dead_letters::guard::{GuardRequest, Settled};
 use payment_link_worker::dead_letters::store::{self as store, Filter};
 use payment_link_worker::dead_letters::{self, ReplayRequest, State, Worked, replay_rows};
@@ -14,19 +14,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// A provider that rejects every command (400), a worker with ingestion on, and `n` commands
 /// dead-lettered by it and stored.
-async fn refused(n: i64) -> (MockServer, TestEnv, WorkerHandle) {
-    let provider = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400).set_body_string("bad e-mail address"))
-        .mount(&provider)
-        .await;
-    let env = TestEnv::with(&provider.uri(), &[INGEST]).await;
-    let worker = env.start_worker().await;
-    for i in 0..n {
-        env.send(&format!("guard-{i}"), &command_body("1.00", 500 + i))
-            .await;
-    }
-    stored(&env, &Filter::default(), n).await;
+async fn refused(n: usize) -> (MockServer, TestEnv, WorkerHandle) {
+    let (env, provider, worker) = crate::console::with_dead_letters(n, &[]).await;
     (provider, env, worker)
 }
 
@@ -51,13 +40,7 @@ fn replay_all(guard: GuardRequest, rate: Option<f64>) -> ReplayRequest {
 
 /// Starts and works a run; returns its id and how it ended.
 async fn run(env: &TestEnv, request: &ReplayRequest) -> (i64, Worked) {
-    let mut conn = env.pool.get().await.unwrap();
-    let started = dead_letters::start(&env.settings, &mut conn, request)
-        .await
-        .unwrap();
-    let worked = dead_letters::work(&env.settings, &mut conn, started.run_id, request.rate)
-        .await
-        .unwrap();
+    let (started, worked) = start_and_work(env, request).await;
     (started.run_id, worked)
 }
 
@@ -249,7 +232,7 @@ async fn the_cli_says_why_a_run_stopped_shows_each_outcome_and_resumes() {
     assert!(
         shown
             .lines()
-            .any(|l| l.starts_with("1 ") && l.contains("failed again: provider-rejected  guard-")),
+            .any(|l| l.starts_with("1 ") && l.contains("failed again: provider-rejected  con-")),
         "{shown}"
     );
     let json: serde_json::Value = serde_json::from_str(&output(binary(&env).args([
