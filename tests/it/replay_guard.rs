@@ -259,3 +259,53 @@ async fn the_cli_says_why_a_run_stopped_shows_each_outcome_and_resumes() {
         "{resumed}"
     );
 }
+
+/// A run with a start rate sends its first batches at that rate and doubles it every 10 s up to
+/// its own rate: the batches (one per second of sending, each recorded in one transaction, so
+/// sharing one `replayed_at`) are 4 letters at first, then 8, never more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ramping_run_starts_at_its_start_rate_and_doubles_it() {
+    let (_provider, env, worker) = refused(56).await;
+    worker.stop().await.unwrap();
+    let guard = GuardRequest {
+        canary: Some(0),
+        max_failure_ratio: Some(1.0),
+        start_rate: Some(4.0),
+        ..GuardRequest::default()
+    };
+    let (run_id, worked) = run(&env, &replay_all(guard, Some(8.0))).await;
+    assert_eq!(worked.replayed.len(), 56, "{worked:?}");
+    #[derive(diesel::QueryableByName)]
+    struct Batch {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        letters: i64,
+    }
+    let mut conn = env.pool.get().await.unwrap();
+    let batches: Vec<i64> = diesel_async::RunQueryDsl::load::<Batch>(
+        diesel::sql_query(
+            "SELECT count(*) AS letters FROM dead_letter_replays WHERE run_id = $1 \
+             GROUP BY replayed_at ORDER BY replayed_at",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(run_id),
+        &mut conn,
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|b| b.letters)
+    .collect();
+    assert_eq!(
+        batches[0], 4,
+        "the first batch goes at the start rate: {batches:?}"
+    );
+    assert!(batches.contains(&8), "the rate doubled: {batches:?}");
+    assert!(
+        batches.iter().all(|&n| n <= 8),
+        "never above the run's rate: {batches:?}"
+    );
+    let first_eight = batches.iter().position(|&n| n == 8).unwrap();
+    assert!(
+        batches[..first_eight].iter().all(|&n| n == 4),
+        "4 a batch until it doubles: {batches:?}"
+    );
+}
