@@ -69,6 +69,11 @@ pub struct Resources {
     /// The same for descriptors: the HTTP client's idle connections after a slow provider
     /// close within its idle timeout, a leaked socket stays and raises the floor.
     pub fd_floor: Option<(u64, u64)>,
+    /// The median RSS of the same two windows: the level the worker runs at, which a floor
+    /// taken during the warm-up understates.
+    pub rss_median_kb: Option<(u64, u64)>,
+    /// The median descriptors of the same two windows.
+    pub fd_median: Option<(u64, u64)>,
 }
 
 impl Resources {
@@ -308,6 +313,22 @@ impl Report {
                     (late as f64 / early.max(1) as f64 - 1.0) * 100.0
                 );
             }
+            if let Some((early, late)) = r.rss_median_kb {
+                let _ = writeln!(
+                    t,
+                    "  worker {:<6} RSS median: {early} KiB in the 10 minutes after the baseline, {late} KiB in its last 10 minutes ({:+.1} %)",
+                    r.worker,
+                    (late as f64 / early.max(1) as f64 - 1.0) * 100.0
+                );
+            }
+            if let Some((early, late)) = r.fd_median {
+                let _ = writeln!(
+                    t,
+                    "  worker {:<6} descriptors median: {early} in the 10 minutes after the baseline, {late} in its last 10 minutes ({:+.1} %)",
+                    r.worker,
+                    (late as f64 / early.max(1) as f64 - 1.0) * 100.0
+                );
+            }
             if let Some((early, late)) = r.fd_floor {
                 let _ = writeln!(
                     t,
@@ -406,29 +427,42 @@ fn stalls(done: &[Done], events: &[Event], load_end: Duration) -> Vec<Stall> {
     worst.into_values().collect()
 }
 
-/// The floors of one figure of a life's samples from its baseline on (see
-/// [`Resources::rss_floor_kb`]).
-fn floors(
+/// One figure of a life's samples from its baseline on, in the ten minutes after the baseline and
+/// in the last ten minutes, reduced by `pick` (the floor, the median); lives of 30 minutes or more
+/// (see [`Resources::rss_floor_kb`]).
+fn windows(
     after: &[super::fleet::Sample],
     base_s: f64,
     figure: fn(&super::fleet::Sample) -> u64,
+    pick: fn(Vec<u64>) -> Option<u64>,
 ) -> Option<(u64, u64)> {
     const WINDOW_S: f64 = 600.0;
     let end_s = after.last()?.age_s;
     if end_s - base_s < 3.0 * WINDOW_S {
         return None;
     }
-    let floor = |from: f64, to: f64| {
-        after
-            .iter()
-            .filter(|s| s.age_s >= from && s.age_s <= to)
-            .map(figure)
-            .min()
+    let within = |from: f64, to: f64| {
+        pick(
+            after
+                .iter()
+                .filter(|s| s.age_s >= from && s.age_s <= to)
+                .map(figure)
+                .collect(),
+        )
     };
     Some((
-        floor(base_s, base_s + WINDOW_S)?,
-        floor(end_s - WINDOW_S, end_s)?,
+        within(base_s, base_s + WINDOW_S)?,
+        within(end_s - WINDOW_S, end_s)?,
     ))
+}
+
+fn floor(values: Vec<u64>) -> Option<u64> {
+    values.into_iter().min()
+}
+
+fn median(mut values: Vec<u64>) -> Option<u64> {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied()
 }
 
 /// Per process that lived past its baseline (5 minutes, or a sixth of a shorter run): its level
@@ -452,8 +486,10 @@ fn resources(lives: &[Life], minutes: f64) -> Vec<Resources> {
                 rss_kb: levels(|s| s.rss_kb),
                 fds: levels(|s| s.fds),
                 sockets: levels(|s| s.sockets),
-                rss_floor_kb: floors(after, base.age_s, |s| s.rss_kb),
-                fd_floor: floors(after, base.age_s, |s| s.fds),
+                rss_floor_kb: windows(after, base.age_s, |s| s.rss_kb, floor),
+                fd_floor: windows(after, base.age_s, |s| s.fds, floor),
+                rss_median_kb: windows(after, base.age_s, |s| s.rss_kb, median),
+                fd_median: windows(after, base.age_s, |s| s.fds, median),
             })
         })
         .collect()
