@@ -250,6 +250,12 @@ pub fn canaries(outcomes: &[LetterOutcome]) -> Canaries {
 }
 
 impl Guard {
+    /// Whether anything can stop the run once its canaries passed: without a failure count or
+    /// ratio, its outcomes need not be read while it sends.
+    pub fn judges(&self) -> bool {
+        self.stop_after_failures.is_some() || self.max_failure_ratio.is_some()
+    }
+
     /// Why the run must stop now, given its outcomes so far in publishing order; none while it
     /// may go on.
     pub fn stop_reason(&self, outcomes: &[LetterOutcome]) -> Option<String> {
@@ -507,5 +513,16 @@ mod tests {
                 pending: 1
             }
         );
+    }
+
+    #[test]
+    fn a_run_with_nothing_to_stop_it_is_not_judged_while_it_sends() {
+        assert!(!GuardRequest::off().resolve(100).judges());
+        assert!(GuardRequest::default().resolve(100).judges());
+        let counted = GuardRequest {
+            stop_after_failures: Some(3),
+            ..GuardRequest::off()
+        };
+        assert!(counted.resolve(100).judges());
     }
 }

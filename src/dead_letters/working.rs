@@ -150,6 +150,9 @@ impl Working {
             }
             // Read at most every poll: without a rate limit, batches follow each other faster
             // than outcomes come back.
+            if !self.guard.judges() {
+                continue;
+            }
             if self.read_at.is_none_or(|at| at.elapsed() >= CANARY_POLL) {
                 self.read_outcomes(conn).await?;
             }
