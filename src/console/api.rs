@@ -109,22 +109,35 @@ async fn body(_caller: Caller, State(console): State<Console>, Path(id): Path<i6
     }
 }
 
-/// What became of every letter a run replayed, in the order it sent them.
+/// A page of the run's letters: after the previous page's `nextAfter`, at most `limit`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LettersQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// What became of the letters a run replayed, in the order it sent them, a page at a time.
 async fn run_letters(
     _caller: Caller,
     State(console): State<Console>,
     Path(id): Path<i64>,
+    Query(query): Query<LettersQuery>,
 ) -> Response {
+    use crate::dead_letters::replay_rows::{LETTERS_PAGE, outcomes_page};
+    let limit = query.limit.unwrap_or(LETTERS_PAGE);
     let letters = crate::store::with_conn(&console.pool, async |conn| {
         let run = replay_runs::find(conn, id).await?;
         Ok::<_, crate::store::StoreError>(match run {
             None => None,
-            Some(_) => Some(crate::dead_letters::replay_rows::outcomes(conn, id).await?),
+            Some(_) => Some(outcomes_page(conn, id, query.after, limit).await?),
         })
     });
     match letters.await {
         Ok(None) => error(StatusCode::NOT_FOUND, "no replay run has this id"),
-        Ok(Some(letters)) => Json(json!({ "items": letters })).into_response(),
+        Ok(Some((letters, next))) => {
+            Json(json!({ "items": letters, "nextAfter": next })).into_response()
+        }
         Err(e) => internal(e),
     }
 }

@@ -247,6 +247,9 @@ macro_rules! outcomes_sql {
 /// One row of [`outcomes_sql`].
 #[derive(QueryableByName)]
 struct OutcomeRow {
+    /// Where the run sent it in its order (the history row's id).
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    seq: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     id: i64,
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -303,6 +306,36 @@ async fn outcomes_among(
         .load(conn)
         .await?;
     Ok(rows.into_iter().map(LetterOutcome::from).collect())
+}
+
+/// Most letters one page of a run's outcomes holds.
+pub const LETTERS_PAGE: i64 = 1000;
+
+/// A page of what became of the letters `run_id` replayed, in the order it sent them: up to
+/// `limit` after position `after` (none: from the start), and the position to ask the next page
+/// from (none on the last page). A run of 100,000 letters is read a page at a time.
+pub async fn outcomes_page(
+    conn: &mut PgConn,
+    run_id: i64,
+    after: Option<i64>,
+    limit: i64,
+) -> Result<(Vec<LetterOutcome>, Option<i64>), StoreError> {
+    let limit = limit.clamp(1, LETTERS_PAGE);
+    let rows: Vec<OutcomeRow> = diesel::sql_query(concat!(
+        "SELECT * FROM (",
+        outcomes_sql!(),
+        ") o WHERE seq > $3 ORDER BY seq LIMIT $4"
+    ))
+    .bind::<diesel::sql_types::BigInt, _>(run_id)
+    .bind::<BigInts, _>(None::<&[i64]>)
+    .bind::<diesel::sql_types::BigInt, _>(after.unwrap_or(0))
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.seq))
+        .flatten();
+    Ok((rows.into_iter().map(LetterOutcome::from).collect(), next))
 }
 
 /// A run's outcomes counted in the database, and the first `failed_shown` that failed again: what

@@ -674,7 +674,22 @@ async fn a_job_stopped_by_its_canary_is_shown_and_resumed_through_the_api() {
     let (status, letters) = get(&format!("{api}/replays/{job}/letters"), Some(VIEWER)).await;
     assert_eq!(status, 200);
     assert_eq!(letters["items"].as_array().unwrap().len(), 1);
+    assert_eq!(letters["nextAfter"], Value::Null, "one page holds it all");
     assert_schema("LetterOutcome", &letters["items"][0]);
+    // A page at a time: a full page says where the next starts; the next is empty and last.
+    let (_, first) = get(
+        &format!("{api}/replays/{job}/letters?limit=1"),
+        Some(VIEWER),
+    )
+    .await;
+    let after = first["nextAfter"].as_i64().expect("a full page has a next");
+    let (_, rest) = get(
+        &format!("{api}/replays/{job}/letters?after={after}&limit=1"),
+        Some(VIEWER),
+    )
+    .await;
+    assert_eq!(rest["items"], json!([]), "{rest}");
+    assert_eq!(rest["nextAfter"], Value::Null, "{rest}");
 
     let (status, _) = post(
         &format!("{api}/replays/{job}/resume"),
