@@ -49,6 +49,16 @@ struct Args {
     /// compressed delay tier and retry round, and a minute).
     #[arg(long)]
     drain_s: Option<u64>,
+    /// Run against this broker instead of starting a cluster: its nodes' AMQP URLs,
+    /// comma-separated, with the user, password and virtual host to use. Needs --database-url;
+    /// node, leader, rolling-restart, failover and read-only faults are then not drawn.
+    #[arg(long, value_delimiter = ',', requires = "database_url")]
+    amqp_url: Vec<String>,
+    /// Run against this PostgreSQL server instead of starting a pair: a postgres:// URL whose
+    /// user may create and drop the database `soak` (made afresh, left at the end). Needs
+    /// --amqp-url.
+    #[arg(long, requires = "amqp_url")]
+    database_url: Option<String>,
     /// Where the workers' logs and the report go.
     #[arg(long, default_value = "target/soak")]
     dir: PathBuf,
@@ -108,6 +118,10 @@ async fn main() -> anyhow::Result<()> {
             || soak::longest_wait(args.compress.max(1.0)),
             Duration::from_secs,
         ),
+        given: args.database_url.map(|database_url| soak::Given {
+            amqp_urls: args.amqp_url,
+            database_url,
+        }),
     };
     let report = soak::run(&options).await?;
     std::fs::write(

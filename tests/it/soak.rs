@@ -97,6 +97,7 @@ async fn soak_three_minutes_of_faults_lose_nothing_double_nothing_and_the_checke
         dir: std::env::temp_dir().join(format!("plw-soak-{}", std::process::id())),
         binary: env!("CARGO_BIN_EXE_payment-link-worker").into(),
         drain: harness::longest_wait(compress),
+        given: None,
     };
     let report = harness::run(&options).await.expect("the soak runs");
     let text = report.text();
@@ -125,6 +126,55 @@ async fn soak_three_minutes_of_faults_lose_nothing_double_nothing_and_the_checke
         "the negative control: {text}"
     );
     let _ = std::fs::remove_dir_all(&options.dir);
+}
+
+/// Against a broker and a database server it was given (here the suite's own), the soak draws
+/// only the faults it can cause without running them, clears an earlier run's queues first, and
+/// gives the same account: nothing lost, doubled or stuck, and the plants caught.
+#[tokio::test(flavor = "multi_thread")]
+async fn soak_against_a_given_broker_and_database_draws_only_the_faults_it_can_cause() {
+    let compress = 30.0;
+    let admin = crate::sandbox::admin_database_url();
+    let options = harness::Options {
+        minutes: 1.0,
+        seed: 20261208,
+        rate: 30.0,
+        workers: 2,
+        gap: (4, 8),
+        compress,
+        kinds: Kind::ALL.to_vec(),
+        plant: true,
+        dir: std::env::temp_dir().join(format!("plw-soak-given-{}", std::process::id())),
+        binary: env!("CARGO_BIN_EXE_payment-link-worker").into(),
+        drain: harness::longest_wait(compress),
+        given: Some(harness::Given {
+            amqp_urls: vec![crate::sandbox::amqp_url()],
+            database_url: admin.clone(),
+        }),
+    };
+    let report = harness::run(&options).await.expect("the soak runs");
+    let text = report.text();
+    println!("{text}");
+    let _ = crate::sandbox::exec_admin(&admin, "DROP DATABASE IF EXISTS soak WITH (FORCE)").await;
+    let _ = std::fs::remove_dir_all(&options.dir);
+    // The seed draws three (their holds are long beside a minute).
+    assert!(report.faults.len() >= 3, "the faults ran: {text}");
+    for kind in Kind::ALL.iter().filter(|k| k.needs_control()) {
+        assert!(
+            report.faults.iter().all(|f| !f.contains(kind.name())),
+            "{} needs the broker or the database run by the soak: {text}",
+            kind.name()
+        );
+    }
+    let a = &report.account;
+    assert!(a.commands > 500, "the load ran: {text}");
+    assert_eq!((a.lost, a.two_links, a.created_twice), (0, 0, 0), "{text}");
+    assert_eq!(a.stuck, 0, "{text}");
+    assert_eq!(
+        report.plant_caught(),
+        Some(true),
+        "the negative control: {text}"
+    );
 }
 
 /// A second soak on the machine refuses to start while one runs (it would remove the first's

@@ -68,7 +68,8 @@ impl World {
         progress_from: &mut Duration,
     ) -> anyhow::Result<String> {
         let hold = fault.hold;
-        let node = fault.target % 3;
+        // The harness's cluster has 3 nodes; a broker it was given has as many as its URLs.
+        let node = fault.target % self.broker_proxies.len().max(1);
         let faults = self.sim.faults();
         let provider =
             |knob: &std::sync::atomic::AtomicU32, value: u32| knob.store(value, Ordering::SeqCst);

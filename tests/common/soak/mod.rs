@@ -58,6 +58,18 @@ pub struct Options {
     pub binary: PathBuf,
     /// Longest wait, after the load stops, for every command's outcome.
     pub drain: Duration,
+    /// A broker and a database server to run against instead of the harness's own (only the
+    /// faults it can cause without running them are drawn).
+    pub given: Option<Given>,
+}
+
+/// A broker and a database server of the user's, as the soak is given them.
+#[derive(Clone, Debug)]
+pub struct Given {
+    /// The broker's nodes' AMQP URLs (with the user, password and virtual host to use).
+    pub amqp_urls: Vec<String>,
+    /// A `postgres://` URL of a server and user that may create and drop the database `soak`.
+    pub database_url: String,
 }
 
 /// A setting shortened by the compression factor: its name, its shipped value, its floor.
@@ -183,13 +195,15 @@ impl Drop for RunLock {
 /// the end, whatever happened.
 pub async fn run(options: &Options) -> anyhow::Result<report::Report> {
     let length = Duration::from_secs_f64(options.minutes * 60.0);
-    let faults = schedule::draw(
-        options.seed,
-        length,
-        options.gap,
-        &options.kinds,
-        options.workers,
-    );
+    // Against a given broker and database, only what the harness can cause without running them.
+    let kinds: Vec<schedule::Kind> = options
+        .kinds
+        .iter()
+        .copied()
+        .filter(|k| options.given.is_none() || !k.needs_control())
+        .collect();
+    anyhow::ensure!(!kinds.is_empty(), "no kind of fault is left to draw");
+    let faults = schedule::draw(options.seed, length, options.gap, &kinds, options.workers);
     let settings = compressed(options.compress);
     println!("soak: seed {}  commit {}", options.seed, commit());
     println!(
@@ -208,6 +222,17 @@ pub async fn run(options: &Options) -> anyhow::Result<report::Report> {
         println!("soak: scheduled {fault}");
     }
     std::fs::create_dir_all(&options.dir)?;
+    if let Some(given) = &options.given {
+        println!(
+            "soak: against the given broker ({} node(s)) and database server; their own faults are not drawn",
+            given.amqp_urls.len()
+        );
+        let pg = postgres::Pair::given(&given.database_url, DATABASE)
+            .await
+            .context("cannot make the run's database on the given server")?;
+        let cluster = rabbit::Cluster::given(given.amqp_urls.clone());
+        return soak(options, pg, cluster, faults, settings).await;
+    }
     let _alone = RunLock::take()?;
     postgres::destroy_leftovers(PG_TAG).await;
     let cluster_dir = std::env::temp_dir().join("plw-soak-rabbitmq-cluster");
@@ -238,17 +263,30 @@ async fn soak(
     faults: Vec<schedule::Fault>,
     settings: Vec<(String, String)>,
 ) -> anyhow::Result<report::Report> {
+    // Each node and each database host behind a proxy of the harness's; the workers are given
+    // the proxies' addresses with the URLs' own user, password and virtual host.
     let mut proxies = Vec::new();
+    let mut amqp = Vec::new();
     for url in &cluster.urls {
-        let port: u16 = url
-            .rsplit_once(':')
-            .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
-            .with_context(|| format!("no port in {url}"))?;
-        proxies.push(proxy::Proxy::start(([127, 0, 0, 1], port).into()).await?);
+        let mut parsed = reqwest::Url::parse(url).with_context(|| format!("{url} is not a URL"))?;
+        let target = resolve(&parsed, 5672).await?;
+        let proxy = proxy::Proxy::start(target).await?;
+        parsed
+            .set_host(Some(&proxy.addr.ip().to_string()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        parsed
+            .set_port(Some(proxy.addr.port()))
+            .map_err(|()| anyhow::anyhow!("cannot set the port of {url}"))?;
+        amqp.push(parsed.to_string());
+        proxies.push(proxy);
     }
     let mut db_proxies = Vec::new();
     for port in pg.ports {
-        db_proxies.push(proxy::Proxy::start(([127, 0, 0, 1], port).into()).await?);
+        let target = tokio::net::lookup_host((pg.host.as_str(), port))
+            .await?
+            .next()
+            .with_context(|| format!("{}:{port} does not resolve", pg.host))?;
+        db_proxies.push(proxy::Proxy::start(target).await?);
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim_url = format!("http://{}", listener.local_addr()?);
@@ -263,17 +301,17 @@ async fn soak(
             .with_graceful_shutdown(sim_stop.clone().cancelled_owned())
             .into_future(),
     );
-    let amqp: Vec<String> = proxies
-        .iter()
-        .map(|p| format!("amqp://guest:guest@{}/%2f", p.addr))
-        .collect();
     let hosts: Vec<String> = db_proxies.iter().map(|p| p.addr.to_string()).collect();
+    let login = match &pg.password {
+        Some(password) => format!("{}:{password}", pg.user),
+        None => pg.user.clone(),
+    };
     let mut env: Vec<(String, String)> = vec![
         ("AMQP_URL".into(), amqp.join(",")),
         (
             "DATABASE_URL".into(),
             format!(
-                "postgres://postgres@{}/{DATABASE}?target_session_attrs=read-write",
+                "postgres://{login}@{}/{DATABASE}?target_session_attrs=read-write",
                 hosts.join(",")
             ),
         ),
@@ -288,6 +326,11 @@ async fn soak(
     let names = names();
     for (key, value) in names.iter().chain(settings.iter()) {
         env.push((format!("PAYMENT_LINK_WORKER__{key}"), value.clone()));
+    }
+    if !cluster.controlled() {
+        let mut queues = run_queues(&env)?;
+        queues.push(format!("{PREFIX}.capture"));
+        clear(&cluster.urls, &queues).await?;
     }
     let fleet = fleet::Fleet::start(&options.binary, env.clone(), &options.dir, options.workers)?;
     let fleet = Arc::new(tokio::sync::Mutex::new(fleet));
@@ -317,6 +360,18 @@ async fn soak(
     let _ = tokio::time::timeout(bound, world.cluster.destroy()).await;
     let _ = tokio::time::timeout(bound, world.pg.destroy()).await;
     result
+}
+
+/// The address a URL names (its port, or `default`), resolved.
+async fn resolve(url: &reqwest::Url, default: u16) -> anyhow::Result<std::net::SocketAddr> {
+    let host = url
+        .host_str()
+        .with_context(|| format!("{url} names no host"))?;
+    let port = url.port().unwrap_or(default);
+    tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .with_context(|| format!("{host}:{port} does not resolve"))
 }
 
 /// The broker names of a run.
@@ -623,12 +678,9 @@ async fn dead_letters(world: &faults::World) -> anyhow::Result<Vec<account::Dead
         .collect())
 }
 
-/// What is left once the workers stopped: queue contents, unsent outbox rows, open claims.
-async fn leftovers(
-    world: &faults::World,
-    env: &[(String, String)],
-    urls: &[String],
-) -> anyhow::Result<account::Leftovers> {
+/// The queues a run's workers use, under the settings `env` gives them: the command queue, the
+/// dead-letter queue and each delay tier's.
+fn run_queues(env: &[(String, String)]) -> anyhow::Result<Vec<String>> {
     let settings = payment_link_worker::config::Settings::load_from(None, env.to_vec())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let broker = &settings.broker;
@@ -641,7 +693,43 @@ async fn leftovers(
             broker, tier,
         ));
     }
+    Ok(queues)
+}
+
+/// Deletes `queues` on a broker the harness was given: an earlier run's commands and events must
+/// not count in this one (the harness's own cluster starts empty).
+async fn clear(urls: &[String], queues: &[String]) -> anyhow::Result<()> {
+    let url = urls.first().context("no broker URL")?;
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot connect to the given broker at {}", redacted(url)))?;
+    for queue in queues {
+        // A missing queue closes the channel: one channel per queue.
+        let channel = connection.create_channel().await?;
+        let _ = channel
+            .queue_delete(
+                queue.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = connection.close(200, "cleared".into()).await;
+    Ok(())
+}
+
+/// A URL without its password, for an error message.
+fn redacted(url: &str) -> String {
+    payment_link_worker::config::redact_url(url)
+}
+
+/// What is left once the workers stopped: queue contents, unsent outbox rows, open claims.
+async fn leftovers(
+    world: &faults::World,
+    env: &[(String, String)],
+    urls: &[String],
+) -> anyhow::Result<account::Leftovers> {
     let mut left = account::Leftovers::default();
+    let queues = run_queues(env)?;
     for queue in queues {
         let (ready, _) = queue_counts(urls, &queue).await.unwrap_or((u32::MAX, 0));
         left.queues.insert(queue, ready);

@@ -7,14 +7,24 @@ use anyhow::{Context as _, bail};
 use std::time::Duration;
 use tokio::process::Command;
 
-/// The two clusters; `hosts[primary]` is the primary now.
+/// The two clusters; `hosts[primary]` is the primary now. Or a database server the harness was
+/// given (`Pair::given`): one host, both entries the same, never failed over nor removed.
 pub struct Pair {
     version: String,
     names: [String; 2],
+    /// Their host.
+    pub host: String,
     /// Their ports.
     pub ports: [u16; 2],
     /// Which of the two is the primary now.
     pub primary: usize,
+    /// Who the harness and the workers connect as, and the password if any.
+    pub user: String,
+    pub password: Option<String>,
+    /// The database to connect to for what is not the run's own (creating it).
+    admin_database: String,
+    /// Whether the harness made the clusters (and may fail them over and remove them).
+    controlled: bool,
 }
 
 async fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -51,8 +61,13 @@ impl Pair {
         let pair = Pair {
             version,
             names: [format!("{tag}a"), format!("{tag}b")],
+            host: "127.0.0.1".into(),
             ports: [free_port(), free_port()],
             primary: 0,
+            user: "postgres".into(),
+            password: None,
+            admin_database: "postgres".into(),
+            controlled: true,
         };
         for i in 0..2 {
             let port = pair.ports[i].to_string();
@@ -95,6 +110,48 @@ impl Pair {
         Ok(pair)
     }
 
+    /// A database server the harness was given, as a `postgres://` URL it may create and drop a
+    /// database on: the run's database `database` is made afresh there (an earlier run's is
+    /// replaced) and left at the end, for a look at what the run did.
+    pub async fn given(url: &str, database: &str) -> anyhow::Result<Pair> {
+        let parsed = reqwest::Url::parse(url).context("--database-url is not a URL")?;
+        let host = parsed
+            .host_str()
+            .context("--database-url names no host")?
+            .to_owned();
+        let port = parsed.port().unwrap_or(5432);
+        let user = match parsed.username() {
+            "" => "postgres".to_owned(),
+            user => user.to_owned(),
+        };
+        let admin = parsed.path().trim_start_matches('/');
+        let pair = Pair {
+            version: String::new(),
+            names: [String::new(), String::new()],
+            host,
+            ports: [port, port],
+            primary: 0,
+            user,
+            password: parsed.password().map(str::to_owned),
+            admin_database: if admin.is_empty() {
+                "postgres".into()
+            } else {
+                admin.to_owned()
+            },
+            controlled: false,
+        };
+        let admin = pair.admin_database.clone();
+        pair.sql(
+            0,
+            &admin,
+            &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
+        )
+        .await?;
+        pair.sql(0, &admin, &format!("CREATE DATABASE {database}"))
+            .await?;
+        Ok(pair)
+    }
+
     fn data_dir(&self, i: usize) -> String {
         format!("/var/lib/postgresql/{}/{}", self.version, self.names[i])
     }
@@ -102,15 +159,19 @@ impl Pair {
     /// Runs `sql` on host `i`.
     pub async fn sql(&self, i: usize, database: &str, sql: &str) -> anyhow::Result<String> {
         let port = self.ports[i].to_string();
-        run(
-            "psql",
-            &[
+        let mut psql = Command::new("psql");
+        if let Some(password) = &self.password {
+            psql.env("PGPASSWORD", password);
+        }
+        let out = psql
+            .args([
+                "-w",
                 "-h",
-                "127.0.0.1",
+                &self.host,
                 "-p",
                 &port,
                 "-U",
-                "postgres",
+                &self.user,
                 "-d",
                 database,
                 "-At",
@@ -118,9 +179,18 @@ impl Pair {
                 "ON_ERROR_STOP=1",
                 "-c",
                 sql,
-            ],
-        )
-        .await
+            ])
+            .output()
+            .await
+            .context("cannot run psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql on {}:{port}: {}",
+                self.host,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Makes host `i` a fresh standby of the primary: its data replaced by a base backup.
@@ -247,8 +317,11 @@ impl Pair {
         Ok(())
     }
 
-    /// Removes both clusters.
+    /// Removes both clusters (a given server is left as it is, the run's database with it).
     pub async fn destroy(&self) {
+        if !self.controlled {
+            return;
+        }
         for name in &self.names {
             let _ = run("pg_dropcluster", &["--stop", &self.version, name]).await;
         }

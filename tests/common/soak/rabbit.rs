@@ -14,10 +14,11 @@ pub fn script() -> PathBuf {
         })
 }
 
-/// The cluster: its nodes' AMQP URLs, in node order.
+/// The cluster: its nodes' AMQP URLs, in node order; and the script's directory when the
+/// harness started it (none: a broker it was given, whose nodes it cannot stop).
 pub struct Cluster {
     pub urls: Vec<String>,
-    dir: String,
+    dir: Option<String>,
 }
 
 impl Cluster {
@@ -25,7 +26,7 @@ impl Cluster {
     pub async fn start(dir: &str) -> anyhow::Result<Cluster> {
         let mut cluster = Cluster {
             urls: Vec::new(),
-            dir: dir.to_owned(),
+            dir: Some(dir.to_owned()),
         };
         cluster.run(&["destroy"]).await?;
         cluster.urls = cluster
@@ -41,11 +42,27 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A broker the harness was given: used as it is, never stopped nor removed.
+    pub fn given(urls: Vec<String>) -> Cluster {
+        Cluster { urls, dir: None }
+    }
+
+    /// Whether the harness started it (and may stop its nodes and remove it).
+    pub fn controlled(&self) -> bool {
+        self.dir.is_some()
+    }
+
     async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let Some(dir) = &self.dir else {
+            bail!(
+                "the broker was given, not started by the soak: it cannot {}",
+                args.join(" ")
+            );
+        };
         let out = Command::new("bash")
             .arg(script())
             .args(args)
-            .env("RMQ_CLUSTER_DIR", &self.dir)
+            .env("RMQ_CLUSTER_DIR", dir)
             .output()
             .await
             .with_context(|| format!("cannot run {}", script().display()))?;
@@ -77,8 +94,10 @@ impl Cluster {
             .with_context(|| format!("the leader of {queue}: {out:?}"))
     }
 
-    /// Stops every node and removes its data.
+    /// Stops every node and removes its data (a given broker is left as it is).
     pub async fn destroy(&self) {
-        let _ = self.run(&["destroy"]).await;
+        if self.dir.is_some() {
+            let _ = self.run(&["destroy"]).await;
+        }
     }
 }

@@ -115,6 +115,21 @@ impl Kind {
         }
     }
 
+    /// Whether the harness needs to run the broker or the database itself to cause it (a node
+    /// stopped or killed, a failover, read-only): not drawn against a broker and a database the
+    /// harness was given (`--amqp-url`, `--database-url`).
+    pub fn needs_control(self) -> bool {
+        matches!(
+            self,
+            Kind::NodeStop
+                | Kind::NodeKill
+                | Kind::LeaderKill
+                | Kind::RollingRestart
+                | Kind::DbFailover
+                | Kind::DbReadOnly
+        )
+    }
+
     /// Whether progress must resume within 5 s of the fault (the target): the broker's
     /// faults, and a failover counted from the promotion.
     pub fn has_target(self) -> bool {
