@@ -5,7 +5,9 @@
 //!
 //! The workers reach the broker nodes and the database hosts through proxies the harness owns
 //! (so it can cut and stall their connections); the load and the collector reach the broker
-//! directly, as the invoicing system and the notifiers would.
+//! directly, as the invoicing system and the notifiers would. Given a broker and a database
+//! server instead ([`Given`]), it starts neither and draws only the faults it can cause without
+//! running them.
 
 pub mod account;
 pub mod collect;
