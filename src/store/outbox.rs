@@ -17,8 +17,8 @@ pub const EVENT: &str = "event";
 /// Kind of an outbox row that is a dead letter.
 pub const DEAD_LETTER: &str = "dead-letter";
 
-/// A row to insert.
-#[derive(Clone, Debug, Insertable)]
+/// A row to insert; also what a stored row holds beside its id and the relay's bookkeeping.
+#[derive(Clone, Debug, Insertable, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = super::schema::outbox)]
 pub struct NewOutboxMessage {
     /// The command it is about.
@@ -70,36 +70,31 @@ impl NewOutboxMessage {
     }
 }
 
-/// A stored row.
+/// A stored row: the message as it was written (read through `Deref`), with the relay's
+/// bookkeeping.
 #[derive(Clone, Debug, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = super::schema::outbox)]
 pub struct OutboxRecord {
     /// Its id in the outbox.
     pub id: i64,
-    /// The command it is about.
-    pub command_id: String,
-    /// The message id it is published with (the event's id).
-    pub message_id: String,
-    /// The event's or dead letter's kind, for the relay's log and metrics.
-    pub kind: String,
-    /// The exchange to publish to.
-    pub exchange: String,
-    /// The routing key to publish with.
-    pub routing_key: String,
-    /// Its AMQP properties and headers, in the stored JSON form.
-    pub properties: serde_json::Value,
-    /// The message body.
-    pub body: Vec<u8>,
+    /// What was written.
+    #[diesel(embed)]
+    pub written: NewOutboxMessage,
     /// When it was written.
     pub created_at: DateTime<Utc>,
-    /// When the relay may next try to publish it.
-    pub next_attempt_at: DateTime<Utc>,
     /// Tries the relay made.
     pub publish_attempts: i32,
     /// Why the relay's last try failed, if it did.
     pub last_error: Option<String>,
     /// When the broker confirmed it; none while unsent.
     pub sent_at: Option<DateTime<Utc>>,
+}
+
+impl std::ops::Deref for OutboxRecord {
+    type Target = NewOutboxMessage;
+    fn deref(&self) -> &NewOutboxMessage {
+        &self.written
+    }
 }
 
 impl OutboxRecord {
