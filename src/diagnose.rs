@@ -97,6 +97,8 @@ pub fn io_cause(io: &std::io::Error, server: &str) -> String {
             format!("the connection was closed at once; is that {server}'s port?")
         }
         _ => {
+            // std has no error kind for a failed name lookup (getaddrinfo's answer comes as
+            // text): the one place a cause is told by its words.
             let text = io.to_string();
             if text.contains("lookup")
                 || text.contains("resolve")
