@@ -2,12 +2,15 @@
 //! are alive and paces its calls to its share of a provider's fleet-wide rate (configured as
 //! `provider.max_requests_per_second`, or found from the provider's 429s and evened out between
 //! the replicas here). A stopping worker leaves at once, rather than after its heartbeat goes
-//! stale.
+//! stale. What the lanes found is kept in PostgreSQL every [`REMEMBER_EVERY`] and when the
+//! worker stops, and read by a worker that starts ([`recall`]), so it does not find it again.
 
 use crate::context::Context;
 use crate::provider::lanes::LaneStatus;
+use crate::provider::pacing::Memory;
 use crate::provider::pacing::rate::fleet_rate;
 use crate::store::heartbeats;
+use crate::store::paces::{self, PaceRow};
 use serde::Deserialize as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,20 +25,89 @@ pub fn beat_interval(settings: &crate::config::Settings) -> Duration {
     Duration::from_millis(settings.telemetry.levels_interval_ms.min(1000))
 }
 
-/// Beats every [`beat_interval`] until `stop` fires, then leaves.
+/// How often a worker writes what its lanes found (and once more when it stops).
+pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
+
+/// Beats every [`beat_interval`] until `stop` fires, then leaves; writes what the lanes found
+/// every [`REMEMBER_EVERY`] and on the way out.
 pub async fn run(context: Arc<Context>, stop: CancellationToken) {
     let interval = beat_interval(&context.settings);
+    let mut remembered = tokio::time::Instant::now();
     loop {
         beat(&context, interval).await;
+        if remembered.elapsed() >= REMEMBER_EVERY {
+            remember(&context).await;
+            remembered = tokio::time::Instant::now();
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
     }
+    remember(&context).await;
     let leave = crate::store::with_conn(&context.pool, async |conn| {
         heartbeats::leave(conn, &context.instance_id).await
     });
     let _ = crate::store::bounded(&context.pool, leave).await;
+}
+
+/// Reads what the fleet last found of each provider into the lanes, before the first command:
+/// a worker that starts calls at it rather than from slow start. A database that cannot say
+/// leaves the lanes to find it again.
+pub async fn recall(context: &Context) {
+    let limit = crate::provider::lanes::MAX_LANES as i64;
+    let read =
+        crate::store::with_conn(&context.pool, async |conn| paces::recall(conn, limit).await);
+    match crate::store::bounded(&context.pool, read).await {
+        Ok(rows) => {
+            tracing::debug!(
+                providers = rows.len(),
+                "recalled the fleet's provider paces"
+            );
+            context.lanes.recall(rows.into_iter().map(|row| {
+                let age = Duration::from_millis(row.age_ms.max(0) as u64);
+                (row.pace.provider_id, memory(&row.pace), age)
+            }));
+        }
+        Err(error) => tracing::warn!(
+            error = %error,
+            "cannot read the providers' remembered paces; each lane finds its own again"
+        ),
+    }
+}
+
+/// Writes what the lanes found; a failure waits for the next time (a stale memory only costs a
+/// restarted worker a few seconds of finding).
+async fn remember(context: &Context) {
+    let rows: Vec<PaceRow> = context
+        .lanes
+        .memories()
+        .into_iter()
+        .map(|(provider_id, m)| PaceRow {
+            provider_id,
+            found_rate: m.found,
+            refused_rate: m.refused,
+            concurrency: m.concurrency,
+            slow_start: m.slow_start,
+        })
+        .collect();
+    let write = crate::store::with_conn(&context.pool, async |conn| {
+        paces::remember(conn, &rows).await
+    });
+    if let Err(error) = crate::store::bounded(&context.pool, write).await {
+        tracing::debug!(error = %error, "could not write the providers' paces; will try again");
+    }
+}
+
+/// A remembered row as the lanes take it.
+fn memory(row: &PaceRow) -> Memory {
+    let positive = |r: Option<f64>| r.filter(|r| r.is_finite() && *r > 0.0);
+    Memory {
+        found: positive(row.found_rate),
+        refused: positive(row.refused_rate),
+        concurrency: row.concurrency,
+        slow_start: row.slow_start,
+    }
 }
 
 /// One heartbeat: counts the live workers, and gives each provider lane its share.

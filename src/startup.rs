@@ -54,6 +54,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         Context::new(settings, pool, metrics.metrics.clone(), instance_id.clone()).await?;
     let background = CancellationToken::new();
     let http_addr = serve_health(&context, &metrics, &background).await?;
+    fleet::recall(&context).await;
     let context = Arc::new(context);
     tracing::info!(instance_id, queue = %context.settings.broker.command_queue,
         prefetch = context.settings.broker.prefetch, "worker started");

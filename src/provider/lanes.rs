@@ -5,10 +5,12 @@
 //! breaker says (a lane held by a command, between its tries too, is kept); past [`MAX_LANES`]
 //! the idle ones go first, then the least lately used that no command holds. So a stream of
 //! made-up provider ids cannot grow the worker's memory, its metrics or `/readyz` without bound.
+//! What a lane found ([`Memory`]) outlives it here, up to [`MAX_LANES`] providers: a lane made
+//! again, or first made in a worker that read the fleet's memories at start, starts from it.
 
 use super::breaker::{Breaker, State};
-use super::pacing::Pacer;
 use super::pacing::concurrency::Figures;
+use super::pacing::{Memory, Pacer};
 use crate::config::Settings;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +26,18 @@ pub const MAX_LANES: usize = 1024;
 pub const LANE_IDLE: Duration = Duration::from_secs(10 * 60);
 
 pub use crate::metrics::LaneFigures;
+
+/// Keeps the newest [`MAX_LANES`] memories: made-up provider ids cannot grow them without bound.
+fn forget_the_oldest(remembered: &mut HashMap<i64, (Memory, Instant)>) {
+    if remembered.len() <= MAX_LANES {
+        return;
+    }
+    let mut ages: Vec<(Instant, i64)> = remembered.iter().map(|(id, (_, at))| (*at, *id)).collect();
+    ages.sort_unstable();
+    for (_, id) in ages.into_iter().take(remembered.len() - MAX_LANES) {
+        remembered.remove(&id);
+    }
+}
 
 /// One lane, as a worker reports it in its heartbeat.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -82,6 +96,8 @@ pub struct Lanes {
     workers: AtomicUsize,
     lanes: Mutex<HashMap<i64, Arc<Lane>>>,
     figures: Arc<LaneFigures>,
+    /// What each provider's lane last found, and when (a lane made later starts from it).
+    remembered: Mutex<HashMap<i64, (Memory, Instant)>>,
 }
 
 impl Lanes {
@@ -92,6 +108,7 @@ impl Lanes {
             workers: AtomicUsize::new(1),
             lanes: Mutex::new(HashMap::new()),
             figures,
+            remembered: Mutex::new(HashMap::new()),
         })
     }
 
@@ -156,12 +173,51 @@ impl Lanes {
             figures: figures.clone(),
             used: Mutex::new(Instant::now()),
         });
+        if let Some((memory, written)) = self
+            .remembered
+            .lock()
+            .expect("memory lock")
+            .get(&provider_id)
+        {
+            lane.pacer.recall(*memory, written.elapsed());
+        }
         self.figures
             .lock()
             .expect("figures lock")
             .insert(provider_id, figures);
         lanes.insert(provider_id, lane.clone());
         lane
+    }
+
+    /// Takes what the fleet found of each provider, each written `age` ago (read from
+    /// PostgreSQL at start): the lanes made from now on start from it.
+    pub fn recall(&self, memories: impl IntoIterator<Item = (i64, Memory, Duration)>) {
+        let now = Instant::now();
+        let mut remembered = self.remembered.lock().expect("memory lock");
+        for (provider_id, memory, age) in memories {
+            let written = now.checked_sub(age).unwrap_or(now);
+            remembered.insert(provider_id, (memory, written));
+        }
+        forget_the_oldest(&mut remembered);
+    }
+
+    /// What each lane found worth remembering, to be written to PostgreSQL; kept here too, so a
+    /// lane dropped while idle starts from it when made again.
+    pub fn memories(&self) -> Vec<(i64, Memory)> {
+        let found: Vec<(i64, Memory)> = {
+            let lanes = self.lanes.lock().expect("lanes lock");
+            lanes
+                .iter()
+                .filter_map(|(id, lane)| Some((*id, lane.pacer.memory()?)))
+                .collect()
+        };
+        let now = Instant::now();
+        let mut remembered = self.remembered.lock().expect("memory lock");
+        for (provider_id, memory) in &found {
+            remembered.insert(*provider_id, (*memory, now));
+        }
+        forget_the_oldest(&mut remembered);
+        found
     }
 
     /// Each lane as `status` shows it: its concurrency limit and load, calls started so far,

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod heartbeats;
 pub mod outbox;
 pub mod outcomes;
+pub mod paces;
 pub mod replay_runs;
 pub mod retention;
 pub mod schema;

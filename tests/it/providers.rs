@@ -583,3 +583,95 @@ async fn retry_after_pauses_the_providers_lane_and_only_its_lane() {
         "provider 2's calls went on during provider 1's pause"
     );
 }
+
+/// What the fleet found of a provider's rate outlives the worker: the real binary writes it to
+/// PostgreSQL when it stops, and the next one starts paced at it instead of finding it again
+/// from slow start (whose first burst the provider refuses in part). Fails without the
+/// memory: the second worker's first calls go out unpaced.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_worker_calls_at_the_rate_the_last_one_found_without_a_burst_of_429s() {
+    let (sim_url, _sim) = start_simulator(SimOptions {
+        token: TOKEN.into(),
+        latency: Duration::from_millis(10),
+        rate_limit: Some(100),
+        ..SimOptions::default()
+    })
+    .await;
+    let env = TestEnv::with(&sim_url, &[("RETRY__MAX_ELAPSED_MS", "60000")]).await;
+    let events = env.capture_events().await;
+    let worker = |log: &str| {
+        let child = binary(&env)
+            .arg("run")
+            .env("PAYMENT_LINK_WORKER__LOG__LEVEL", log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Reaped::new(child)
+    };
+    let refused = || async {
+        simulator_counters(&sim_url).await["rateLimited"]
+            .as_u64()
+            .unwrap()
+    };
+    // First contact: 1,500 commands (15 s at the limit), the rate found from the 429s.
+    let first = worker("warn");
+    let ids: Vec<String> = (0..1500).map(|i| format!("recall-a-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &body(8, i as i64)).await;
+    }
+    assert_eq!(
+        env.messages(&events, ids.len(), LOAD_WAIT).await.len(),
+        ids.len()
+    );
+    terminate(first.take());
+    let on_first_contact = refused().await;
+
+    #[derive(diesel::QueryableByName, Debug)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+        found_rate: Option<f64>,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        slow_start: bool,
+    }
+    let mut conn = env.pool.get().await.unwrap();
+    let rows: Vec<Row> = diesel_async::RunQueryDsl::load(
+        diesel::sql_query(
+            "SELECT found_rate, slow_start FROM provider_paces WHERE provider_id = 8",
+        ),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let found = rows[0].found_rate.expect("a found rate was remembered");
+    assert!((20.0..=110.0).contains(&found), "{found}");
+    assert!(!rows[0].slow_start, "the 429s ended slow start");
+
+    // The next worker: 2,000 commands (about 20 s, before it would probe past the rate it
+    // recalled).
+    let _second = worker("warn");
+    let ids: Vec<String> = (0..2000).map(|i| format!("recall-b-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.send(id, &body(8, 10_000 + i as i64)).await;
+    }
+    assert_eq!(
+        env.messages(&events, ids.len(), LOAD_WAIT).await.len(),
+        ids.len()
+    );
+    let after_restart = refused().await - on_first_contact;
+    println!(
+        "429s: {on_first_contact} on first contact (1,500 commands), {after_restart} after the \
+         restart (2,000 commands), remembered rate {found:.1}/s"
+    );
+    assert!(
+        after_restart <= 10,
+        "{after_restart} of about 2,000 calls refused after the restart (target under 0.5 %; \
+         {on_first_contact} on first contact)"
+    );
+    assert!(
+        on_first_contact > after_restart,
+        "first contact cost nothing ({on_first_contact}): the test shows nothing"
+    );
+}

@@ -226,6 +226,31 @@ impl Limiter {
         }
     }
 
+    /// The limit reached, whether it is still doubling, and whether it learned anything (it is
+    /// adaptive, and left slow start or grew past where it starts).
+    pub fn memory(&self) -> (f64, bool, bool) {
+        let state = self.state.lock().expect("limit lock");
+        let grown = !state.slow_start || state.limit > INITIAL_LIMIT.min(self.max as f64);
+        (state.limit, state.slow_start, self.adaptive && grown)
+    }
+
+    /// Starts at `limit` calls at once (within 1 and the ceiling), still doubling if
+    /// `slow_start`: what the lane had reached before this worker started. Not adaptive: stays
+    /// at the ceiling.
+    pub fn recall(&self, limit: f64, slow_start: bool) {
+        if !self.adaptive || !limit.is_finite() {
+            return;
+        }
+        let mut state = self.state.lock().expect("limit lock");
+        state.limit = limit.clamp(1.0, self.max as f64);
+        state.slow_start = slow_start;
+        self.figures
+            .limit
+            .store(state.limit as i64, Ordering::Relaxed);
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
     /// How long the current pause (a `Retry-After`) still lasts, if one is on: a call that got
     /// its slot before the pause began waits it out too.
     pub fn paused_for(&self) -> Option<Duration> {

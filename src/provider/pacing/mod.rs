@@ -9,6 +9,10 @@
 //! - [`concurrency`]: how many calls may be under way at once (AIMD with slow start), lowered
 //!   only by overload (a 503 without `Retry-After`, a timeout), and the `Retry-After` pause that
 //!   holds every call to the provider, not only the one that got it.
+//!
+//! What a lane found ([`Memory`]) is kept in PostgreSQL by the fleet's heartbeat task, so a worker
+//! that starts calls at what the fleet last found, trusted less the older it is ([`trust`]),
+//! rather than from slow start.
 
 pub mod concurrency;
 pub mod rate;
@@ -35,6 +39,28 @@ pub enum Signal {
     /// Another failure (a 5xx other than 503, no connection, an unreadable answer): says
     /// nothing about load.
     Other,
+}
+
+/// What a lane found of its provider, worth starting from again: kept in PostgreSQL
+/// (`store::paces`) so a worker that starts is paced from its first call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Memory {
+    /// The fleet rate found (none while the provider never pushed back).
+    pub found: Option<f64>,
+    /// The fleet rate it last refused.
+    pub refused: Option<f64>,
+    /// Calls at once the lane had reached.
+    pub concurrency: f64,
+    /// Whether it was still doubling them (no push-back yet).
+    pub slow_start: bool,
+}
+
+/// How much of a remembered rate is trusted `age` after it was written: all of it for a minute
+/// (a restart or a rollout), then half as much for every hour after (a provider's limit may have
+/// changed since; a rate too low grows back in seconds, one too high costs a `Retry-After`).
+pub fn trust(age: Duration) -> f64 {
+    let stale = age.saturating_sub(Duration::from_secs(60));
+    0.5f64.powf(stale.as_secs_f64() / 3600.0)
 }
 
 /// One provider's pacing in this worker: its concurrency limit and its rate.
@@ -74,6 +100,29 @@ impl Pacer {
             self.rate.pace(workers).await;
         }
         slot
+    }
+
+    /// What this lane found worth remembering: none while it has learned nothing (never pushed
+    /// back, and its calls at once not grown past where a lane starts).
+    pub fn memory(&self) -> Option<Memory> {
+        let (found, refused) = self.rate.memory();
+        let (concurrency, slow_start, grown) = self.limiter.memory();
+        (found.is_some() || grown).then_some(Memory {
+            found,
+            refused,
+            concurrency,
+            slow_start,
+        })
+    }
+
+    /// Starts from `memory`, written `age` ago: its rate, trusted as [`trust`] says, and its
+    /// calls at once. What the fleet's heartbeats said already (a lane made after the first beat)
+    /// comes first.
+    pub fn recall(&self, memory: Memory, age: Duration) {
+        if let Some(found) = memory.found {
+            self.rate.recall(found, memory.refused, trust(age));
+        }
+        self.limiter.recall(memory.concurrency, memory.slow_start);
     }
 
     /// How the call that held `slot` went. Returns whether the lane holds the answer's

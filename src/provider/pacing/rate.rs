@@ -24,6 +24,8 @@ pub struct Rate {
     pace: Mutex<Pace>,
     figures: Arc<Figures>,
     provider_id: i64,
+    /// Wakes the calls waiting on their turns when the turns come nearer (the rate grew).
+    nearer: tokio::sync::Notify,
 }
 
 /// This worker's pace for one provider: the rate the fleet found the provider takes (none until
@@ -43,6 +45,9 @@ struct Pace {
     /// The rate before the last growth, if it grew since the last cut: it ran a whole second
     /// without a 429, so a probe that overshoots is cut back under it.
     before_growth: Option<f64>,
+    /// No probe past the plateau before this: a recalled rate held for the fleet a while, so a
+    /// restart does not spend a `Retry-After` testing it at once ([`RECALLED_HOLDS`]).
+    first_probe: Option<Instant>,
     last_growth: Instant,
     /// Whether a call waited on the pace since the last growth: the rate grows only while it is
     /// what holds calls back, never while demand is below it.
@@ -86,6 +91,10 @@ const PLATEAU: f64 = 0.99;
 /// How long after a cut the rate probes past the plateau.
 const PROBE_AFTER: Duration = Duration::from_secs(15);
 
+/// How long a worker that starts from a remembered rate waits before probing past it: the
+/// fleet ran at it, so its first minute need not pay a probe's `Retry-After`.
+const RECALLED_HOLDS: Duration = Duration::from_secs(60);
+
 /// The fraction the found rate grows by in the second that ends `since_cut` after the last cut:
 /// nothing while it holds, then 1 % a second, half as much again every second after (slow up to
 /// the rate the provider refused, faster the longer it takes more), at most 20 % (and
@@ -112,6 +121,7 @@ impl Pace {
             last_cut: None,
             refused: None,
             before_growth: None,
+            first_probe: None,
             last_growth: now,
             held_back: false,
             answers: [0; 10],
@@ -156,11 +166,14 @@ impl Pace {
                 .map_or(Duration::MAX, |at| now.duration_since(at));
             // Until the probe, the rate climbs back to just under the one refused and stays
             // there; the probe then grows slowly at first, as right after a cut.
-            let probing = since_cut >= PROBE_AFTER;
-            let since = if probing {
-                since_cut - (PROBE_AFTER - HOLD)
-            } else {
-                since_cut
+            let probe_at = match (self.last_cut.map(|at| at + PROBE_AFTER), self.first_probe) {
+                (Some(after_cut), Some(first)) => Some(after_cut.max(first)),
+                (after_cut, first) => after_cut.or(first),
+            };
+            let probing = probe_at.is_none_or(|at| now >= at);
+            let since = match probe_at {
+                Some(at) if probing => HOLD + now.duration_since(at),
+                _ => since_cut,
             };
             // Plus one a second, so a rate cut very low climbs back in seconds, not minutes.
             let mut g = growth(since);
@@ -200,6 +213,7 @@ impl Rate {
             pace: Mutex::new(Pace::new()),
             figures,
             provider_id,
+            nearer: tokio::sync::Notify::new(),
         }
     }
 
@@ -224,7 +238,9 @@ impl Rate {
             let Some(gap) = self.gap(&pace, workers) else {
                 return;
             };
-            pace.schedule.space(now, gap);
+            if pace.schedule.space(now, gap) {
+                self.nearer.notify_waiters();
+            }
             let (turn, at) = pace.schedule.hand_out(now);
             if at <= now {
                 return;
@@ -235,11 +251,17 @@ impl Rate {
         // The turn's time is read again when it comes: a cut meanwhile moves it later.
         let (turn, mut at) = turn;
         loop {
-            tokio::time::sleep_until(at).await;
+            let nearer = self.nearer.notified();
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = nearer => {}
+            }
             at = {
                 let mut pace = self.pace.lock().expect("pace lock");
-                if let Some(gap) = self.gap(&pace, workers) {
-                    pace.schedule.space(Instant::now(), gap);
+                if let Some(gap) = self.gap(&pace, workers)
+                    && pace.schedule.space(Instant::now(), gap)
+                {
+                    self.nearer.notify_waiters();
                 }
                 pace.schedule.time_of(turn)
             };
@@ -320,6 +342,7 @@ impl Rate {
         let cut = self.configured.map_or(cut, |c| cut.min(c));
         pace.refused = Some(pace.found.unwrap_or(answers * workers));
         pace.before_growth = None;
+        pace.first_probe = None;
         pace.found = Some(cut);
         pace.last_cut = Some(now);
         pace.last_growth = now;
@@ -368,6 +391,42 @@ impl Rate {
             // Its refused rate is not in the report; a cut sets the rate just under it.
             pace.refused = Some(found / UNDER_TAKEN);
         }
+    }
+
+    /// The fleet rate found or adopted, and the rate last refused: what a restart starts from.
+    pub fn memory(&self) -> (Option<f64>, Option<f64>) {
+        let pace = self.pace.lock().expect("pace lock");
+        (pace.found, pace.refused)
+    }
+
+    /// Starts paced at `found × trust` (a rate the fleet found before this worker started), under
+    /// the configured ceiling, unless the fleet's heartbeats said otherwise already. It climbs
+    /// back to `found` at most (just under `refused`, if lower) and waits there before probing
+    /// past it, as after a cut some seconds ago: a restart does not spend a probe's
+    /// `Retry-After` on a limit found a minute earlier.
+    pub fn recall(&self, found: f64, refused: Option<f64>, trust: f64) {
+        let mut pace = self.pace.lock().expect("pace lock");
+        if pace.found.is_some() || !found.is_finite() || found <= 0.0 {
+            return;
+        }
+        let now = Instant::now();
+        let start = self
+            .configured
+            .map_or(found * trust, |c| (found * trust).min(c))
+            .max(MIN_RATE);
+        pace.found = Some(start);
+        // The plateau is the rate the fleet ran at, not above: what it last refused may be well
+        // over the limit (the rate a probe was cut from).
+        let refused = refused.filter(|r| r.is_finite() && *r > 0.0);
+        pace.refused = Some(refused.map_or(found, |r| r.min(found / PLATEAU)));
+        pace.last_cut = now.checked_sub(FRESH_CUT).or(Some(now));
+        pace.first_probe = Some(now + RECALLED_HOLDS);
+        pace.last_growth = now;
+        pace.before_growth = None;
+        pace.held_back = false;
+        self.figures
+            .rate_milli
+            .store((start * 1000.0) as i64, Ordering::Relaxed);
     }
 
     /// The fleet rate this worker found or adopted, and how long ago it was last cut.
@@ -433,6 +492,45 @@ mod tests {
             .map(Duration::from_millis)
             .collect();
         assert_eq!(came, expected);
+    }
+
+    /// A rate that grows brings the waiting calls' turns nearer, and wakes them: left asleep
+    /// until their old times, they went beside the new turns handed out meanwhile, over the rate
+    /// (a fixed window just over the calls' rate refused them).
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_that_grows_wakes_the_waiting_calls_so_no_second_goes_over_it() {
+        // Configured at 100 a second (the ceiling of its growth), found at 20 so far.
+        let lane = rate(Some(100.0));
+        lane.adopt(20.0, None);
+        let started = Instant::now();
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let callers: Vec<_> = (0..100)
+            .map(|_| {
+                let (lane, times) = (lane.clone(), times.clone());
+                tokio::spawn(async move {
+                    for _ in 0..20 {
+                        lane.pace(1).await;
+                        times.lock().unwrap().push(started.elapsed());
+                    }
+                })
+            })
+            .collect();
+        // Five seconds' worth of turns are waiting when the rate grows fivefold.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        lane.adopt(100.0, None);
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let mut per_second = [0u32; 30];
+        for at in times.lock().unwrap().iter() {
+            per_second[at.as_secs() as usize] += 1;
+        }
+        let over: Vec<(usize, u32)> = (1..per_second.len())
+            .map(|s| (s, per_second[s]))
+            .filter(|(_, n)| *n > 101)
+            .collect();
+        assert!(over.is_empty(), "seconds over 100 calls: {over:?}");
+        assert!(per_second[1] >= 99, "the rate grew: {per_second:?}");
     }
 
     #[tokio::test(start_paused = true)]

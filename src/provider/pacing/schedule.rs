@@ -19,11 +19,13 @@ pub(super) struct Schedule {
 
 impl Schedule {
     /// From the last turn that has come (by `now`), turns come `gap` apart; those already due
-    /// stay due.
-    pub(super) fn space(&mut self, now: Instant, gap: Duration) {
+    /// stay due. Returns whether the turns came nearer (the calls waiting on them must look
+    /// again, or they would go at their old times beside the new turns handed out meanwhile).
+    pub(super) fn space(&mut self, now: Instant, gap: Duration) -> bool {
         if gap == self.gap {
-            return;
+            return false;
         }
+        let nearer = gap < self.gap;
         if self.next_turn > 0 && !self.gap.is_zero() {
             let old = self.gap.as_secs_f64();
             let came = if now >= self.anchor_at {
@@ -37,6 +39,7 @@ impl Schedule {
             self.anchor_turn = came;
         }
         self.gap = gap;
+        nearer
     }
 
     pub(super) fn time_of(&self, turn: u64) -> Instant {

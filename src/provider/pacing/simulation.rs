@@ -5,7 +5,7 @@
 //! `Retry-After`). Each scenario asserts its target from the pacing issue; the real benchmark
 //! (docs/benchmarks.md) confirms them against the simulator over HTTP.
 
-use super::{Pacer, Signal};
+use super::{Memory, Pacer, Signal};
 use crate::provider::pacing::concurrency::Figures;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,11 +120,13 @@ impl Limit for Changing {
     }
 }
 
-/// What a run did: calls made, calls refused, and how long the commands took.
+/// What a run did: calls made, calls refused, how long the commands took, and what the first
+/// replica's lane found (what it would write to PostgreSQL).
 struct Run {
     calls: u64,
     refused: u64,
     elapsed: Duration,
+    memory: Option<Memory>,
 }
 
 impl Run {
@@ -142,16 +144,32 @@ impl Run {
 /// `commands` commands through `replicas` replicas at the shipped defaults (256 in flight each,
 /// adaptive concurrency, pauses up to a minute), against `provider`, each call taking `latency`.
 async fn run(provider: Arc<dyn Limit>, replicas: usize, commands: usize, latency: Duration) -> Run {
+    run_from(provider, replicas, commands, latency, None).await
+}
+
+/// [`run`], each replica's lane starting from `recalled` (a memory and its age) if given, as a
+/// worker that read the fleet's memories at start.
+async fn run_from(
+    provider: Arc<dyn Limit>,
+    replicas: usize,
+    commands: usize,
+    latency: Duration,
+    recalled: Option<(Memory, Duration)>,
+) -> Run {
     let pacers: Vec<Arc<Pacer>> = (0..replicas)
         .map(|_| {
-            Arc::new(Pacer::new(
+            let pacer = Pacer::new(
                 1,
                 256,
                 true,
                 None,
                 Duration::from_secs(60),
                 Arc::new(Figures::default()),
-            ))
+            );
+            if let Some((memory, age)) = recalled {
+                pacer.recall(memory, age);
+            }
+            Arc::new(pacer)
         })
         .collect();
     let left = Arc::new(AtomicUsize::new(commands));
@@ -222,23 +240,25 @@ async fn run(provider: Arc<dyn Limit>, replicas: usize, commands: usize, latency
         calls: calls.load(Ordering::Relaxed),
         refused: refused.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
+        memory: pacers[0].memory(),
     }
 }
 
 /// Against a fixed-window 200/s limit with `Retry-After: 1`, two replicas, 30,000 commands.
 /// The pacing issue's target is 95 % of the limit with under 1 % answered 429; measured here:
-/// 88.7 % and 0.83 % (79.3 % and 1.43 % before the rate waited at a plateau before probing).
+/// 92.5 % and 0.72 % (88.7 % and 0.83 % before a rate that grows woke the calls waiting on their
+/// turns; 79.3 % and 1.43 % before the rate waited at a plateau before probing).
 /// Each probe past an unchanged limit still costs a whole `Retry-After` second. Asserted at what
 /// it reaches, so that a change that loses ground fails.
 #[tokio::test(start_paused = true)]
-async fn a_fixed_window_with_retry_after_is_used_to_88_percent_with_under_1_percent_refused() {
+async fn a_fixed_window_with_retry_after_is_used_to_92_percent_with_under_1_percent_refused() {
     let (rate, refused) = fixed_window(true).await;
-    assert!(rate >= 176.0, "{rate:.1}/s is under 88 % of 200/s");
+    assert!(rate >= 184.0, "{rate:.1}/s is under 92 % of 200/s");
     assert!(refused < 0.01, "{:.2} % of calls refused", refused * 100.0);
 }
 
 /// The same without `Retry-After`; the target, met: at least 93 % of the limit, under 2 %
-/// refused (measured: 96.9 % and 0.91 %; 86.5 % and 3.97 % before the plateau).
+/// refused (measured: 96.3 % and 0.96 %; 86.5 % and 3.97 % before the plateau).
 #[tokio::test(start_paused = true)]
 async fn a_fixed_window_without_retry_after_is_used_to_93_percent_with_under_2_percent_refused() {
     let (rate, refused) = fixed_window(false).await;
@@ -298,11 +318,11 @@ async fn measured(
 }
 
 /// The fleet's share of a 200/s fixed window (with `Retry-After`) is found whether one replica or
-/// four share it. Measured: one replica 172.8/s (86.4 %) with 0.61 % refused, four 168.0/s (84.0
-/// %) with 1.69 %. Asserted at what each reaches, so that a change that loses ground fails.
+/// four share it. Measured: one replica 181.5/s (90.8 %) with 0.51 % refused, four 181.1/s (90.6
+/// %) with 1.16 %. Asserted at what each reaches, so that a change that loses ground fails.
 #[tokio::test(start_paused = true)]
 async fn one_to_four_replicas_share_a_fixed_window_without_overrunning_it() {
-    for (replicas, at_least, refused_under) in [(1, 170.0, 0.01), (4, 165.0, 0.02)] {
+    for (replicas, at_least, refused_under) in [(1, 180.0, 0.01), (4, 179.0, 0.015)] {
         let (rate, refused) = measured(
             &format!("{replicas} replica(s)"),
             Arc::new(fixed(200)),
@@ -320,8 +340,8 @@ async fn one_to_four_replicas_share_a_fixed_window_without_overrunning_it() {
 }
 
 /// A sliding window (no burst at a window's edge) and a token bucket (a burst of 50, then its
-/// rate) of 200/s, two replicas. Measured: sliding 165.2/s (82.6 %) with 0.97 % refused, bucket
-/// 172.5/s (86.3 %) with 0.39 %.
+/// rate) of 200/s, two replicas. Measured: sliding 176.7/s (88.4 %) with 0.72 % refused, bucket
+/// 170.2/s (85.1 %) with 0.38 %.
 #[tokio::test(start_paused = true)]
 async fn a_sliding_window_and_a_token_bucket_are_used_without_overrunning_them() {
     let sliding = SlidingWindow {
@@ -329,7 +349,7 @@ async fn a_sliding_window_and_a_token_bucket_are_used_without_overrunning_them()
         taken: Mutex::new(std::collections::VecDeque::new()),
     };
     let (rate, refused) = measured("sliding window", Arc::new(sliding), 2, 30_000).await;
-    assert!(rate >= 163.0, "sliding: {rate:.1}/s");
+    assert!(rate >= 175.0, "sliding: {rate:.1}/s");
     assert!(refused < 0.01, "sliding: {:.2} % refused", refused * 100.0);
     let bucket = TokenBucket {
         rate: 200.0,
@@ -342,8 +362,8 @@ async fn a_sliding_window_and_a_token_bucket_are_used_without_overrunning_them()
 }
 
 /// The limit halves (200/s to 100/s) a minute into the run: the pacing finds the new one, and
-/// the run is paced under it without a storm of refusals. Measured: 122.1/s where a client that
-/// knew both limits would make 154/s (79 %), with 1.72 % refused.
+/// the run is paced under it without a storm of refusals. Measured: 132.6/s where a client that
+/// knew both limits would make 154/s (86 %), with 1.43 % refused.
 #[tokio::test(start_paused = true)]
 async fn a_limit_that_halves_midway_is_found_again() {
     let changing = Changing {
@@ -353,7 +373,7 @@ async fn a_limit_that_halves_midway_is_found_again() {
     };
     // About a minute at 200/s and then about a minute at 100/s.
     let (rate, refused) = measured("halved at 60 s", Arc::new(changing), 2, 17_000).await;
-    assert!(rate >= 120.0, "halved: {rate:.1}/s");
+    assert!(rate >= 131.0, "halved: {rate:.1}/s");
     assert!(refused < 0.02, "halved: {:.2} % refused", refused * 100.0);
 }
 
@@ -410,8 +430,9 @@ async fn changed_limit(before: u64, after: u64, commands: usize) -> Vec<(u64, u6
 /// the new limit within 3 s. The calls made are: in the 40 seconds from the fall, no second is
 /// more than 15 % over the new limit (at most 113 calls; a probe later in the run goes further over); but what the provider takes is under it, as each cut
 /// and each probe costs a `Retry-After` second with next to no calls: over the 20 seconds from
-/// second 63, it took 72.5 % of the new limit a second (measured). **Not met**: "within 15 %" of a
-/// halved limit needs the pauses that a probe costs to be rarer, as for the steady state.
+/// second 63, it took 84.6 % of the new limit a second (measured; 72.5 % before a rate that grows
+/// woke the calls waiting on their turns). **Not met, by a hair**: "within 15 %" of a halved
+/// limit needs the pauses that a probe costs to be rarer, as for the steady state.
 #[tokio::test(start_paused = true)]
 async fn a_halved_limit_is_never_overrun_and_its_take_is_measured() {
     let seconds = changed_limit(200, 100, 17_000).await;
@@ -427,7 +448,7 @@ async fn a_halved_limit_is_never_overrun_and_its_take_is_measured() {
         share * 100.0
     );
     assert!(
-        share >= 0.72,
+        share >= 0.84,
         "{:.1} % of the halved limit taken",
         share * 100.0
     );
@@ -435,7 +456,9 @@ async fn a_halved_limit_is_never_overrun_and_its_take_is_measured() {
 
 /// The limit triples (100/s to 300/s) a minute in: the issue's target is the new limit found
 /// within 30 s. Measured: the provider takes 85 % of 300/s (255 calls) in a second first at
-/// second 68, 8 s after the rise (met).
+/// second 76, 16 s after the rise (met; second 68 before a rate that grows woke the calls
+/// waiting on their turns; the calls that went out over the rate then took some of the new
+/// limit sooner).
 #[tokio::test(start_paused = true)]
 async fn a_tripled_limit_is_found_within_30_seconds() {
     let seconds = changed_limit(100, 300, 22_000).await;
@@ -444,13 +467,13 @@ async fn a_tripled_limit_is_found_within_30_seconds() {
         .expect("300/s never found");
     println!("85 % of 300/s first taken in second {found}");
     assert!(
-        found <= 70,
+        found <= 78,
         "85 % of the tripled limit taken only at second {found}"
     );
 }
 
 /// First contact, nothing known: the issue's target is under 3 % of the first 3,000 calls
-/// answered 429 (two replicas, a 200/s fixed window with `Retry-After`). Measured: 6.25 % of 3,200
+/// answered 429 (two replicas, a 200/s fixed window with `Retry-After`). Measured: 6.10 % of 3,195
 /// calls (**not met**): slow start doubles the calls in flight each round trip, and the calls
 /// already in flight when the first 429 comes back are refused with it, about the provider's
 /// whole first window. Asserted at what it reaches.
@@ -458,4 +481,35 @@ async fn a_tripled_limit_is_found_within_30_seconds() {
 async fn first_contact_refusals_are_measured() {
     let (_, refused) = measured("first contact", Arc::new(fixed(200)), 2, 3_000).await;
     assert!(refused < 0.065, "{:.2} % refused", refused * 100.0);
+}
+
+/// First contact with a remembered rate: the fleet found a 200/s fixed window (with
+/// `Retry-After`) over 30,000 commands and wrote what it found; two workers that start later
+/// (a rollout: 30 s on; a restart the next morning: 10 hours on, the rate trusted at 1/1000 of
+/// it and grown back from the floor) make 3,000 calls each. The issue's target, under 0.5 %
+/// refused, is asserted for both; the fresh start of `first_contact_refusals_are_measured`
+/// refuses 6.10 %.
+#[tokio::test(start_paused = true)]
+async fn a_remembered_rate_is_started_at_with_under_half_a_percent_refused() {
+    let latency = Duration::from_millis(50);
+    let found = run(Arc::new(fixed(200)), 2, 30_000, latency).await;
+    let memory = found.memory.expect("the lane found the provider's rate");
+    let rate = memory.found.expect("a found rate");
+    assert!((150.0..=200.0).contains(&rate), "{memory:?}");
+    for age in [Duration::from_secs(30), Duration::from_secs(10 * 3600)] {
+        let provider = Arc::new(fixed(200));
+        let run = run_from(provider, 2, 3_000, latency, Some((memory, age))).await;
+        println!(
+            "remembered {:.0} s ago: {:.1}/s, {:.2} % of {} calls refused",
+            age.as_secs_f64(),
+            run.rate(3_000),
+            run.refused_share() * 100.0,
+            run.calls
+        );
+        assert!(
+            run.refused_share() < 0.005,
+            "{:.2} % refused with a rate remembered {age:?} ago",
+            run.refused_share() * 100.0
+        );
+    }
 }
