@@ -4,13 +4,14 @@
 use super::Console;
 use super::auth::Caller;
 use super::query::ListQuery;
+use super::reply::{Path, Query};
 use super::reply::{error, internal};
 use super::views::ReplayRunView;
 use crate::dead_letters::Listed;
 use crate::dead_letters::store;
 use crate::dead_letters::targets::ReplayTargets;
 use crate::store::replay_runs;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};

@@ -19,3 +19,46 @@ pub(crate) fn internal(cause: impl std::fmt::Display) -> Response {
         "the request failed inside the console (its log says why)",
     )
 }
+
+/// axum's `Query`, with a query that does not parse (`?limit=abc`) refused in the one shape
+/// above, naming what is wrong, rather than as axum's plain text.
+pub(crate) struct Query<T>(pub T);
+
+/// axum's `Path`, with a path that does not parse (`/api/replays/abc`) refused in the one shape.
+pub(crate) struct Path<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(query)) => Ok(Query(query)),
+            Err(rejection) => Err(error(rejection.status(), &rejection.body_text())),
+        }
+    }
+}
+
+impl<T, S> axum::extract::FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(path)) => Ok(Path(path)),
+            Err(rejection) => Err(error(rejection.status(), &rejection.body_text())),
+        }
+    }
+}

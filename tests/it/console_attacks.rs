@@ -205,6 +205,29 @@ async fn oversized_or_invalid_input_is_refused_with_the_reason_and_every_answer_
         assert_eq!(answer.status(), 400, "{path}");
         assert!(answer.text().await.unwrap().contains("NUL"), "{path}");
     }
+    // A query or a path that does not parse is refused in the API's one shape, `{"error": why}`,
+    // saying what is wrong (it was axum's plain text).
+    for path in [
+        "/api/replays/1/letters?limit=abc",
+        "/api/replays/1/letters?after=1e99",
+        "/api/audit?before=x",
+        "/api/replays/abc",
+        "/api/replays/99999999999999999999/letters",
+        "/api/dead-letters/abc",
+        "/api/audit/-x",
+        "/dead-letters/abc",
+    ] {
+        let answer = get_as(&format!("{base}{path}"), OPERATOR).await;
+        assert_eq!(answer.status(), 400, "{path}");
+        let text = answer.text().await.unwrap();
+        let why: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{path} was not answered in JSON: {text}"));
+        let why = why["error"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("parse") || why.contains("invalid"),
+            "{path}: {why}"
+        );
+    }
     console.stop().await;
 }
 

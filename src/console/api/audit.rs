@@ -4,9 +4,10 @@
 use super::super::Console;
 use super::super::auth::Caller;
 use super::super::reply::{error, internal};
+use crate::console::reply::{Path, Query};
 use crate::store::audit;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;

@@ -6,11 +6,12 @@ use super::{Shown, kind_badge, layout, state_badge, when};
 use crate::console::Console;
 use crate::console::auth::{Caller, Role};
 use crate::console::reply;
+use crate::console::reply::Path;
 use crate::console::views::DeadLetterView;
 use crate::dead_letters::State as LetterState;
 use crate::dead_letters::targets::exchange_name;
 use crate::text::pretty_json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 

@@ -4,9 +4,10 @@ use super::{Shown, layout};
 use crate::console::Console;
 use crate::console::auth::Caller;
 use crate::console::reply;
+use crate::console::reply::Path;
 use crate::dead_letters::guard::{Guard, Settled};
 use crate::store::replay_runs::RunState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use maud::html;
 
