@@ -345,43 +345,64 @@ pub async fn tally(
     run_id: i64,
     failed_shown: i64,
 ) -> Result<(Tally, Vec<LetterOutcome>), StoreError> {
+    use diesel::sql_types::{BigInt, Nullable, Text};
+    /// The counts, on every row, beside one letter that failed again (none: a row of counts
+    /// alone). One statement, so the outcomes are worked out once (a CTE read twice is
+    /// materialised once), not once for the counts and again for the letters.
     #[derive(QueryableByName)]
-    struct Counts {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
         succeeded: i64,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        #[diesel(sql_type = BigInt)]
         failed: i64,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        #[diesel(sql_type = BigInt)]
         pending: i64,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        seq: Option<i64>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        id: Option<i64>,
+        #[diesel(sql_type = Nullable<Text>)]
+        command_id: Option<String>,
+        #[diesel(sql_type = Nullable<Text>)]
+        outcome: Option<String>,
+        #[diesel(sql_type = Nullable<Text>)]
+        kind: Option<String>,
     }
-    let counts: Counts = diesel::sql_query(concat!(
-        "SELECT count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded, \
-                count(*) FILTER (WHERE outcome = 'failed') AS failed, \
-                count(*) FILTER (WHERE outcome = 'pending') AS pending \
-         FROM (",
+    let rows: Vec<Row> = diesel::sql_query(concat!(
+        "WITH o AS (",
         outcomes_sql!(),
-        ") o"
+        "), counts AS ( \
+             SELECT count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded, \
+                    count(*) FILTER (WHERE outcome = 'failed') AS failed, \
+                    count(*) FILTER (WHERE outcome = 'pending') AS pending \
+             FROM o \
+         ) \
+         SELECT c.succeeded, c.failed, c.pending, f.seq, f.id, f.command_id, f.outcome, f.kind \
+         FROM counts c LEFT JOIN LATERAL ( \
+             SELECT * FROM o WHERE outcome = 'failed' ORDER BY seq LIMIT $3 \
+         ) f ON true \
+         ORDER BY f.seq"
     ))
-    .bind::<diesel::sql_types::BigInt, _>(run_id)
+    .bind::<BigInt, _>(run_id)
     .bind::<BigInts, _>(None::<&[i64]>)
-    .get_result(conn)
-    .await?;
-    let failed: Vec<OutcomeRow> = diesel::sql_query(concat!(
-        "SELECT * FROM (",
-        outcomes_sql!(),
-        ") o WHERE outcome = 'failed' ORDER BY seq LIMIT $3"
-    ))
-    .bind::<diesel::sql_types::BigInt, _>(run_id)
-    .bind::<BigInts, _>(None::<&[i64]>)
-    .bind::<diesel::sql_types::BigInt, _>(failed_shown)
+    .bind::<BigInt, _>(failed_shown)
     .load(conn)
     .await?;
-    let tally = Tally {
-        pending: counts.pending as usize,
-        succeeded: counts.succeeded as usize,
-        failed_again: counts.failed as usize,
-    };
-    Ok((tally, failed.into_iter().map(LetterOutcome::from).collect()))
+    let tally = <[Row]>::first(&rows).map_or(Tally::default(), |row| Tally {
+        pending: row.pending as usize,
+        succeeded: row.succeeded as usize,
+        failed_again: row.failed as usize,
+    });
+    let failed = rows.into_iter().filter_map(|row| {
+        Some(LetterOutcome::from(OutcomeRow {
+            seq: row.seq?,
+            id: row.id?,
+            command_id: row.command_id?,
+            outcome: row.outcome?,
+            kind: row.kind,
+        }))
+    });
+    Ok((tally, failed.collect()))
 }
 
 /// Puts the letters `run_id` reserved and did not publish back to open (the run stopped by
