@@ -872,46 +872,10 @@ async fn rate_limited(connection: &Connection, phase: &Limited) -> anyhow::Resul
     let result = async {
         let events = run.declare(connection, &channel, &settings).await?;
         let mut workers = [run.start_worker()?, run.start_worker()?];
-        // Both must count each other before the load (a replica that joins under load is
-        // counted by the others within one refresh): wait until both rows exist, then until both
-        // have been refreshed since then (each worker has counted the other).
+        // Both must count each other before the load.
         use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-        #[derive(diesel::QueryableByName)]
-        struct Live {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            n: i64,
-        }
         let mut conn = AsyncPgConnection::establish(settings.database.url.expose()).await?;
-        let mut since = String::from("-infinity");
-        let started = Instant::now();
-        for stage in ["started", "counted each other"] {
-            loop {
-                let live = diesel::sql_query(
-                    "SELECT count(*) AS n FROM worker_heartbeats WHERE seen_at > $1::timestamptz",
-                )
-                .bind::<diesel::sql_types::Text, _>(&since)
-                .get_result::<Live>(&mut conn)
-                .await
-                .map_or(0, |l| l.n); // the table exists once a worker has migrated
-                if live == 2 {
-                    break;
-                }
-                anyhow::ensure!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "the two replicas have not {stage} within 60 s"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            #[derive(diesel::QueryableByName)]
-            struct Now {
-                #[diesel(sql_type = diesel::sql_types::Text)]
-                t: String,
-            }
-            since = diesel::sql_query("SELECT now()::text AS t")
-                .get_result::<Now>(&mut conn)
-                .await?
-                .t;
-        }
+        both_counted(&mut conn).await?;
         let route = (
             settings.broker.command_exchange.as_str(),
             settings.broker.command_routing_key.as_str(),
@@ -1017,12 +981,118 @@ async fn rate_limited(connection: &Connection, phase: &Limited) -> anyhow::Resul
     result
 }
 
+/// Waits until two replicas count each other (a replica that joins under load is counted by the
+/// others within one refresh): until two rows are fresh, then until both were refreshed since
+/// (each worker has counted the other).
+async fn both_counted(conn: &mut diesel_async::AsyncPgConnection) -> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Live {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        t: String,
+    }
+    let mut since = String::from("-infinity");
+    let started = Instant::now();
+    for stage in ["started", "counted each other"] {
+        loop {
+            let live = diesel::sql_query(
+                "SELECT count(*) AS n FROM worker_heartbeats WHERE seen_at > $1::timestamptz",
+            )
+            .bind::<diesel::sql_types::Text, _>(&since)
+            .get_result::<Live>(conn)
+            .await
+            .map_or(0, |l| l.n); // the table exists once a worker has migrated
+            if live == 2 {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "the two replicas have not {stage} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        since = diesel::sql_query("SELECT now()::text AS t")
+            .get_result::<Now>(conn)
+            .await?
+            .t;
+    }
+    Ok(())
+}
+
+/// What a restart with the fleet's memory costs: two replicas find a 50 ms provider's limit
+/// (with `Retry-After`) over `n` commands, stop (SIGTERM: each writes what it found), and two
+/// new ones take `n` more. Returns the second load's commands a second, the share of its calls
+/// answered 429, and the first load's share (nothing remembered), for comparison.
+async fn remembered_phase(
+    connection: &Connection,
+    limit: u32,
+    n: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    use diesel_async::{AsyncConnection, AsyncPgConnection};
+    let sim = SimOptions {
+        rate_limit: Some(limit),
+        latency: Duration::from_millis(50),
+        ..SimOptions::default()
+    };
+    let run = Run::with(Tuning::Shipped, sim, &[]).await?;
+    let settings = run.settings()?;
+    let channel = confirm_channel(connection).await?;
+    let result = async {
+        let events = run.declare(connection, &channel, &settings).await?;
+        let route = (
+            settings.broker.command_exchange.as_str(),
+            settings.broker.command_routing_key.as_str(),
+        );
+        let mut conn = AsyncPgConnection::establish(settings.database.url.expose()).await?;
+        let counts = async || -> anyhow::Result<(f64, f64)> {
+            let stats = sim_stats(&run).await?;
+            Ok((
+                stats["requests"].as_f64().unwrap_or(0.0),
+                stats["rateLimited"].as_f64().unwrap_or(0.0),
+            ))
+        };
+        let first = [run.start_worker()?, run.start_worker()?];
+        both_counted(&mut conn).await?;
+        preload_for(&channel, route, "first", n, |_| 1).await?;
+        created_events(connection, &events, n).await?;
+        for mut worker in first {
+            Command::new("kill")
+                .args(["-TERM", &worker.id().to_string()])
+                .status()?;
+            worker.wait()?;
+        }
+        let (requests, refused) = counts().await?;
+        let mut second = [run.start_worker()?, run.start_worker()?];
+        both_counted(&mut conn).await?;
+        preload_for(&channel, route, "second", n, |_| 1).await?;
+        let elapsed = created_events(connection, &events, n).await?;
+        let (all_requests, all_refused) = counts().await?;
+        for worker in &mut second {
+            worker.kill()?;
+            worker.wait()?;
+        }
+        Ok::<_, anyhow::Error>((
+            n as f64 / elapsed,
+            (all_refused - refused) / (all_requests - requests).max(1.0),
+            refused / requests.max(1.0),
+        ))
+    }
+    .await;
+    run.cleanup().await;
+    result
+}
+
 /// The phases where two replicas must find a provider's rate limit themselves: with
 /// `Retry-After`, without it, and with the limit changing mid-run.
 async fn found_rate_phases(
     connection: &Connection,
     o: &Options,
-) -> anyhow::Result<(LimitedOutcome, LimitedOutcome, LimitedOutcome)> {
+) -> anyhow::Result<(LimitedOutcome, LimitedOutcome, LimitedOutcome, Remembered)> {
     let log = |what: &str| {
         if !o.json_only {
             eprintln!("… {what}");
@@ -1070,8 +1140,18 @@ async fn found_rate_phases(
         },
     )
     .await?;
-    Ok((found, found_bare, changing))
+    log(&format!(
+        "the first, then two new replicas starting from what the first two found, {} commands \
+         each",
+        o.found_commands
+    ));
+    let remembered = remembered_phase(connection, found_rate, o.found_commands).await?;
+    Ok((found, found_bare, changing, remembered))
 }
+
+/// A restart with the fleet's memory: the second load's commands a second and share answered
+/// 429, and the first load's share.
+type Remembered = (f64, f64, f64);
 
 /// The table rows of the found-rate phases.
 fn print_found_rows(
@@ -1079,8 +1159,15 @@ fn print_found_rows(
     found: &LimitedOutcome,
     found_bare: &LimitedOutcome,
     changing: &LimitedOutcome,
+    (rate, share, first_share): Remembered,
 ) {
     let found_rate = o.found_rate_limit;
+    println!(
+        "| the same, restarted: two new replicas after two found the limit (SIGTERM), {} commands each | {rate:.0} commands/s, {:.2} % of calls answered 429 (the first two: {:.2} %) | < 0.5 % |",
+        o.found_commands,
+        share * 100.0,
+        first_share * 100.0
+    );
     for (what, phase, target) in [
         ("with `Retry-After: 1`", found, "≥ 180/s, < 2 %"),
         ("without `Retry-After`", found_bare, "≥ 160/s, < 5 %"),
@@ -1479,7 +1566,7 @@ async fn main() -> anyhow::Result<()> {
         return storage_phases(&connection, &o, stored).await;
     }
     if o.only_found_rate {
-        let (found, found_bare, changing) = found_rate_phases(&connection, &o).await?;
+        let (found, found_bare, changing, remembered) = found_rate_phases(&connection, &o).await?;
         for (what, phase) in [
             ("Retry-After", &found),
             ("no Retry-After", &found_bare),
@@ -1490,7 +1577,7 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("  {k:>3} {links:>5.0} {limited:>5.0}");
             }
         }
-        print_found_rows(&o, &found, &found_bare, &changing);
+        print_found_rows(&o, &found, &found_bare, &changing, remembered);
         return Ok(());
     }
     let log = |what: &str| {
@@ -1567,7 +1654,7 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let (found, found_bare, changing) = found_rate_phases(&connection, &o).await?;
+    let (found, found_bare, changing, remembered) = found_rate_phases(&connection, &o).await?;
     let found_rate = o.found_rate_limit;
     log(&format!(
         "two provider ids, the second down, {} commands for the first, prefetch {}",
@@ -1638,6 +1725,11 @@ async fn main() -> anyhow::Result<()> {
         "rate_limited_not_configured": found.found_json(found_rate, o.found_commands, 0.9),
         "rate_limited_not_configured_no_retry_after":
             found_bare.found_json(found_rate, o.found_commands, 0.8),
+        "rate_limited_restarted_with_memory": {
+            "throughput_per_s": remembered.0,
+            "answered_429_share": remembered.1,
+            "first_contact_429_share": remembered.2,
+        },
         "rate_limit_changing": changing.changes.iter().map(|(limit, tenth, within)| serde_json::json!({
             "new_limit_per_s": limit,
             "links_per_s_in_10th_second": tenth,
@@ -1716,7 +1808,7 @@ async fn main() -> anyhow::Result<()> {
             limited.share_429 * 100.0,
             f64::from(rate) * 0.9
         );
-        print_found_rows(&o, &found, &found_bare, &changing);
+        print_found_rows(&o, &found, &found_bare, &changing, remembered);
         println!(
             "| two provider ids, one down: the healthy one | {healthy:.0} commands/s ({:.0} % of its solo {solo:.0}/s measured right after; {:.0} % of the end-to-end phase) | ≥ 90 % of solo |",
             healthy / solo * 100.0,
