@@ -18,13 +18,39 @@ pub struct Pair {
     pub ports: [u16; 2],
     /// Which of the two is the primary now.
     pub primary: usize,
-    /// Who the harness and the workers connect as, and the password if any.
+    /// Who the harness and the workers connect as, and the password if any, as a URL has them
+    /// (percent-encoded; psql is given them decoded).
     pub user: String,
     pub password: Option<String>,
     /// The database to connect to for what is not the run's own (creating it).
     admin_database: String,
     /// Whether the harness made the clusters (and may fail them over and remove them).
     controlled: bool,
+}
+
+/// A URL's user or password as it is (`p%40ss` is `p@ss`): a `%` not followed by two hex digits
+/// stays as it is.
+fn decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -161,8 +187,9 @@ impl Pair {
         let port = self.ports[i].to_string();
         let mut psql = Command::new("psql");
         if let Some(password) = &self.password {
-            psql.env("PGPASSWORD", password);
+            psql.env("PGPASSWORD", decoded(password));
         }
+        let user = decoded(&self.user);
         let out = psql
             .args([
                 "-w",
@@ -171,7 +198,7 @@ impl Pair {
                 "-p",
                 &port,
                 "-U",
-                &self.user,
+                &user,
                 "-d",
                 database,
                 "-At",
@@ -342,5 +369,16 @@ pub async fn destroy_leftovers(tag: &str) {
                 let _ = run("pg_dropcluster", &["--stop", &version, &name]).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_urls_password_is_decoded_for_psql() {
+        assert_eq!(super::decoded("p%40ss%2Fw%3Ard"), "p@ss/w:rd");
+        assert_eq!(super::decoded("100%"), "100%");
+        assert_eq!(super::decoded("%zz%4"), "%zz%4");
+        assert_eq!(super::decoded("caf%C3%A9"), "café");
     }
 }
