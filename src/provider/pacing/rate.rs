@@ -3,8 +3,10 @@
 //! provider took in the trailing second, holds while the provider's window settles, grows back
 //! to just under the rate it refused while calls wait on it and stays there; only
 //! [`PROBE_AFTER`] the cut does it probe past it (slowly at first, faster the longer the provider
-//! takes more), so a lane settles just under the provider's limit and pays a probe's
-//! `Retry-After` pause only now and then. Replicas share the rate through their heartbeats
+//! takes more; each probe that finds the limit unmoved puts the next further off, up to
+//! [`LONGEST_PROBE_AFTER`]), so a lane settles just under the provider's limit and pays a
+//! probe's `Retry-After` pause only now and then. A worker that starts from what the fleet found
+//! before ([`Rate::recall`]) is paced from its first call. Replicas share the rate through their heartbeats
 //! ([`Rate::adopt`]); each takes `rate / workers`, spaced evenly with no burst. A configured
 //! `provider.max_requests_per_second` stays the ceiling.
 
@@ -48,6 +50,9 @@ struct Pace {
     /// No probe past the plateau before this: a recalled rate held for the fleet a while, so a
     /// restart does not spend a `Retry-After` testing it at once ([`RECALLED_HOLDS`]).
     first_probe: Option<Instant>,
+    /// How long after a cut the rate probes past the plateau: [`PROBE_AFTER`], half as long
+    /// again after each probe that found the limit where it was, up to [`LONGEST_PROBE_AFTER`].
+    probe_after: Duration,
     last_growth: Instant,
     /// Whether a call waited on the pace since the last growth: the rate grows only while it is
     /// what holds calls back, never while demand is below it.
@@ -90,6 +95,10 @@ const HOLD: Duration = Duration::from_secs(2);
 const PLATEAU: f64 = 0.99;
 /// How long after a cut the rate probes past the plateau.
 const PROBE_AFTER: Duration = Duration::from_secs(15);
+/// The longest wait before a probe: a limit that rose is still found within half a minute.
+const LONGEST_PROBE_AFTER: Duration = Duration::from_secs(24);
+/// A probe cut at no more than this times the rate refused before found the limit unmoved.
+const UNMOVED: f64 = 1.05;
 
 /// How long a worker that starts from a remembered rate waits before probing past it: the
 /// fleet ran at it, so its first minute need not pay a probe's `Retry-After`.
@@ -122,6 +131,7 @@ impl Pace {
             refused: None,
             before_growth: None,
             first_probe: None,
+            probe_after: PROBE_AFTER,
             last_growth: now,
             held_back: false,
             answers: [0; 10],
@@ -166,7 +176,10 @@ impl Pace {
                 .map_or(Duration::MAX, |at| now.duration_since(at));
             // Until the probe, the rate climbs back to just under the one refused and stays
             // there; the probe then grows slowly at first, as right after a cut.
-            let probe_at = match (self.last_cut.map(|at| at + PROBE_AFTER), self.first_probe) {
+            let probe_at = match (
+                self.last_cut.map(|at| at + self.probe_after),
+                self.first_probe,
+            ) {
                 (Some(after_cut), Some(first)) => Some(after_cut.max(first)),
                 (after_cut, first) => after_cut.or(first),
             };
@@ -340,6 +353,22 @@ impl Rate {
         }
         .max(MIN_RATE);
         let cut = self.configured.map_or(cut, |c| cut.min(c));
+        let since_cut = pace.last_cut.map(|at| now.duration_since(at));
+        // A probe (grown past the plateau) cut close to the rate refused before found the limit
+        // where it was: the next probe waits longer. One cut far above it found a risen limit:
+        // probes come at the shortest wait again. A cut at the plateau (the limit fell) leaves
+        // the wait as it was.
+        let probed = pace.refused.zip(pace.found).filter(|(refused, found)| {
+            since_cut.is_some_and(|since| since >= pace.probe_after)
+                && *found > refused * PLATEAU * 1.001
+        });
+        if let Some((refused, found)) = probed {
+            pace.probe_after = if found <= refused * UNMOVED {
+                pace.probe_after.mul_f64(1.5).min(LONGEST_PROBE_AFTER)
+            } else {
+                PROBE_AFTER
+            };
+        }
         pace.refused = Some(pace.found.unwrap_or(answers * workers));
         pace.before_growth = None;
         pace.first_probe = None;
