@@ -288,6 +288,52 @@ mod tests {
         assert!(lanes.figures.lock().unwrap().len() <= MAX_LANES + 1);
     }
 
+    /// A lane starts from what the fleet remembered, under a configured ceiling, trusted less
+    /// the older it is; a lane dropped while idle starts from what it had found when made again;
+    /// made-up ids cannot grow the memories past [`MAX_LANES`].
+    #[tokio::test(start_paused = true)]
+    async fn lanes_start_from_what_was_remembered_under_the_configured_ceiling() {
+        let lanes = lanes(&[(
+            "PAYMENT_LINK_WORKER__PROVIDER__MAX_REQUESTS_PER_SECOND_BY_ID",
+            "5=20",
+        )]);
+        let memory = |found: f64| Memory {
+            found: Some(found),
+            refused: Some(found * 1.05),
+            concurrency: 40.0,
+            slow_start: false,
+        };
+        let hour = Duration::from_secs(3600);
+        lanes.recall([
+            (4, memory(120.0), Duration::from_secs(30)),
+            (5, memory(400.0), Duration::from_secs(30)),
+            (6, memory(120.0), hour + Duration::from_secs(60)),
+        ]);
+        assert_eq!(lanes.lane(4).pacer.rate.found().0, Some(120.0));
+        assert_eq!(
+            lanes.lane(4).pacer.memory().map(|m| m.concurrency),
+            Some(40.0),
+            "its calls at once too"
+        );
+        assert_eq!(
+            lanes.lane(5).pacer.rate.found().0,
+            Some(20.0),
+            "never above the configured rate"
+        );
+        assert_eq!(
+            lanes.lane(6).pacer.rate.found().0,
+            Some(60.0),
+            "an hour older: trusted half"
+        );
+        assert_eq!(lanes.lane(7).pacer.rate.found().0, None, "nothing known");
+        // Provider 4's lane, dropped while idle, starts from what it had found when made again.
+        assert!(lanes.memories().iter().any(|(id, _)| *id == 4));
+        lanes.lanes.lock().unwrap().remove(&4);
+        assert_eq!(lanes.lane(4).pacer.rate.found().0, Some(120.0));
+        lanes.recall((1000..1000 + 2 * MAX_LANES as i64).map(|id| (id, memory(50.0), hour)));
+        assert!(lanes.remembered.lock().unwrap().len() <= MAX_LANES);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn lanes_nobody_uses_are_dropped_whatever_their_breaker_says() {
         let lanes = lanes(&[("PAYMENT_LINK_WORKER__BREAKER__MIN_CALLS", "1")]);
