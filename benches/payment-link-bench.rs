@@ -1060,11 +1060,12 @@ async fn remembered_phase(
         both_counted(&mut conn).await?;
         preload_for(&channel, route, "first", n, |_| 1).await?;
         created_events(connection, &events, n).await?;
+        // Each writes what it found on its way out; waited for off the runtime's threads.
         for mut worker in first {
             Command::new("kill")
                 .args(["-TERM", &worker.id().to_string()])
                 .status()?;
-            worker.wait()?;
+            tokio::task::spawn_blocking(move || worker.wait()).await??;
         }
         let (requests, refused) = counts().await?;
         let mut second = [run.start_worker()?, run.start_worker()?];
