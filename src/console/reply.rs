@@ -27,38 +27,29 @@ pub(crate) struct Query<T>(pub T);
 /// axum's `Path`, with a path that does not parse (`/api/replays/abc`) refused in the one shape.
 pub(crate) struct Path<T>(pub T);
 
-impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = Response;
+/// Implements an extractor above as axum's own, its rejection answered in the one shape.
+macro_rules! in_one_shape {
+    ($ours:ident, $axums:path) => {
+        impl<T, S> axum::extract::FromRequestParts<S> for $ours<T>
+        where
+            T: serde::de::DeserializeOwned + Send,
+            S: Send + Sync,
+        {
+            type Rejection = Response;
 
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Response> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(query)) => Ok(Query(query)),
-            Err(rejection) => Err(error(rejection.status(), &rejection.body_text())),
+            async fn from_request_parts(
+                parts: &mut axum::http::request::Parts,
+                state: &S,
+            ) -> Result<Self, Response> {
+                use $axums as Axums;
+                match Axums::<T>::from_request_parts(parts, state).await {
+                    Ok(Axums(value)) => Ok($ours(value)),
+                    Err(rejection) => Err(error(rejection.status(), &rejection.body_text())),
+                }
+            }
         }
-    }
+    };
 }
 
-impl<T, S> axum::extract::FromRequestParts<S> for Path<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = Response;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Response> {
-        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Path(path)) => Ok(Path(path)),
-            Err(rejection) => Err(error(rejection.status(), &rejection.body_text())),
-        }
-    }
-}
+in_one_shape!(Query, axum::extract::Query);
+in_one_shape!(Path, axum::extract::Path);
