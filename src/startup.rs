@@ -59,7 +59,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     tracing::info!(instance_id, queue = %context.settings.broker.command_queue,
         prefetch = context.settings.broker.prefetch, "worker started");
     tokio::spawn(levels::run(context.clone(), background.clone()));
-    tokio::spawn(fleet::run(context.clone(), background.clone()));
+    let fleet = tokio::spawn(fleet::run(context.clone(), background.clone()));
     tokio::spawn(crate::retention::run(
         context.settings.clone(),
         context.pool.clone(),
@@ -79,6 +79,9 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
     let task = tokio::spawn(async move {
         let ended = consumer::run(context, session, stop).await;
         background.cancel();
+        // The heartbeat task leaves (so the others count this worker out at once) and writes
+        // what the lanes found, before the process ends; each of its steps is bounded.
+        let _ = tokio::time::timeout(LEAVE_WITHIN, fleet).await;
         ended
     });
     Ok(RunningWorker {
@@ -88,6 +91,10 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> anyhow::Resul
         metrics,
     })
 }
+
+/// The longest a stopping worker waits for its heartbeat task to write what its lanes found and
+/// remove its heartbeat row.
+const LEAVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Applies the pending migrations and logs what it did; a failure is one line saying why.
 pub async fn migrate(settings: &Settings, pool: &PgPool) -> anyhow::Result<usize> {
