@@ -422,10 +422,17 @@ impl Rate {
         }
     }
 
-    /// The fleet rate found or adopted, and the rate last refused: what a restart starts from.
+    /// The fleet rate found or adopted that has held (the one before the last growth, if it grew
+    /// since the last cut), and the rate last refused: what a restart starts from.
     pub fn memory(&self) -> (Option<f64>, Option<f64>) {
         let pace = self.pace.lock().expect("pace lock");
-        (pace.found, pace.refused)
+        // The rate before the last growth, if it grew since the last cut: it ran a whole second
+        // without a 429, where the one grown to (a probe, maybe) has not shown it holds yet.
+        let held = match (pace.found, pace.before_growth) {
+            (Some(found), Some(before)) => Some(found.min(before)),
+            (found, _) => found,
+        };
+        (held, pace.refused)
     }
 
     /// Starts paced at `found × trust` (a rate the fleet found before this worker started), under
