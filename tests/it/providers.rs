@@ -257,12 +257,14 @@ async fn a_rate_limited_provider_is_paced_under_its_limit_and_every_command_gets
     drop(worker);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn replicas_converge_on_the_rate_they_find_and_a_new_one_takes_its_share_before_calling() {
-    let (sim_url, _sim) = start_simulator(SimOptions {
+/// A 10 ms provider that answers 429 above `limit` calls a second, and a sandbox whose workers
+/// beat every 200 ms (their found rates reach the others, and the test, quickly) and keep
+/// retrying a refused call for a minute.
+async fn limited_to(limit: u32) -> (String, tokio_util::sync::CancellationToken, TestEnv) {
+    let (sim_url, sim) = start_simulator(SimOptions {
         token: TOKEN.into(),
         latency: Duration::from_millis(10),
-        rate_limit: Some(60),
+        rate_limit: Some(limit),
         ..SimOptions::default()
     })
     .await;
@@ -274,6 +276,12 @@ async fn replicas_converge_on_the_rate_they_find_and_a_new_one_takes_its_share_b
         ],
     )
     .await;
+    (sim_url, sim, env)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_converge_on_the_rate_they_find_and_a_new_one_takes_its_share_before_calling() {
+    let (_sim_url, _sim, env) = limited_to(60).await;
     let events = env.capture_events().await;
     let first = env.start_worker().await;
     let second = env.start_worker().await;
@@ -590,22 +598,8 @@ async fn retry_after_pauses_the_providers_lane_and_only_its_lane() {
 /// memory: the second worker's first calls go out unpaced.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_worker_calls_at_the_rate_the_last_one_found_without_a_burst_of_429s() {
-    let (sim_url, _sim) = start_simulator(SimOptions {
-        token: TOKEN.into(),
-        latency: Duration::from_millis(10),
-        rate_limit: Some(100),
-        ..SimOptions::default()
-    })
-    .await;
     // Heartbeats every 200 ms, to see the restarted worker's lane as it makes its first calls.
-    let env = TestEnv::with(
-        &sim_url,
-        &[
-            ("RETRY__MAX_ELAPSED_MS", "60000"),
-            ("TELEMETRY__LEVELS_INTERVAL_MS", "200"),
-        ],
-    )
-    .await;
+    let (sim_url, _sim, env) = limited_to(100).await;
     let events = env.capture_events().await;
     let worker = |log: &str| {
         let child = binary(&env)
