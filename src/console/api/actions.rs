@@ -124,16 +124,47 @@ fn action(
     Ok((target, filter))
 }
 
-pub(super) async fn replay(
+/// A replay's or an archiving's request as its handler takes it: the caller, who may act, and
+/// the dead letters its body names once (see [`action`]); a refusal is answered before the
+/// handler runs.
+pub(super) struct Action {
     caller: Caller,
+    target: Target,
+    filter: Filter,
+}
+
+impl axum::extract::FromRequest<Console> for Action {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        console: &Console,
+    ) -> Result<Self, Response> {
+        use axum::extract::FromRequestParts;
+        let (mut parts, body) = request.into_parts();
+        let caller = Caller::from_request_parts(&mut parts, console)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let headers = parts.headers.clone();
+        let request = axum::extract::Request::from_parts(parts, body);
+        let body = Json::<Target>::from_request(request, console).await;
+        let (target, filter) = action(&caller, &headers, body).map_err(|refused| *refused)?;
+        Ok(Action {
+            caller,
+            target,
+            filter,
+        })
+    }
+}
+
+pub(super) async fn replay(
     State(console): State<Console>,
-    headers: HeaderMap,
-    body: Result<Json<Target>, axum::extract::rejection::JsonRejection>,
+    Action {
+        caller,
+        target,
+        filter,
+    }: Action,
 ) -> Response {
-    let (target, filter) = match action(&caller, &headers, body) {
-        Ok(action) => action,
-        Err(refused) => return *refused,
-    };
     if target
         .rate
         .is_some_and(|r| !(r >= MIN_RATE && r.is_finite()))
@@ -288,15 +319,13 @@ pub(super) async fn resume(
 }
 
 pub(super) async fn archive(
-    caller: Caller,
     State(console): State<Console>,
-    headers: HeaderMap,
-    body: Result<Json<Target>, axum::extract::rejection::JsonRejection>,
+    Action {
+        caller,
+        target,
+        filter,
+    }: Action,
 ) -> Response {
-    let (target, filter) = match action(&caller, &headers, body) {
-        Ok(action) => action,
-        Err(refused) => return *refused,
-    };
     let archived = async {
         let mut conn = console.pool.get().await?;
         let from = caller.address.map(|a| a.to_string());
