@@ -318,22 +318,15 @@ pub(super) async fn resume(
     }
 }
 
-pub(super) async fn archive(
-    State(console): State<Console>,
-    Action {
-        caller,
-        target,
-        filter,
-    }: Action,
-) -> Response {
+pub(super) async fn archive(State(console): State<Console>, action: Action) -> Response {
     let archived = async {
         let mut conn = console.pool.get().await?;
-        let from = caller.address.map(|a| a.to_string());
+        let from = action.caller.address.map(|a| a.to_string());
         ops::archive(
             &mut conn,
-            &filter,
-            target.limit,
-            &caller.name,
+            &action.filter,
+            action.target.limit,
+            &action.caller.name,
             "console",
             from.as_deref(),
         )
