@@ -12,6 +12,10 @@ use std::time::Duration;
 /// A remembered pace older than this says nothing worth starting from: the lane starts afresh.
 pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Most providers remembered: a publisher that makes up provider ids cannot grow the table
+/// without bound within a day (the newest are kept).
+pub const KEEP_AT_MOST: i64 = 4096;
+
 /// One provider's pace as a worker last wrote it.
 #[derive(QueryableByName, Clone, Debug, PartialEq)]
 pub struct PaceRow {
@@ -44,7 +48,7 @@ pub struct Remembered {
 }
 
 /// Writes `paces` (one per provider, the newest wins) in one statement, and forgets the others
-/// past [`FORGET_AFTER`] on the way (not those written here: one statement must not both update
+/// past [`FORGET_AFTER`], or past the newest [`KEEP_AT_MOST`], on the way (not those written here: one statement must not both update
 /// and delete a row).
 pub async fn remember(conn: &mut PgConn, paces: &[PaceRow]) -> Result<(), StoreError> {
     if paces.is_empty() {
@@ -62,7 +66,10 @@ pub async fn remember(conn: &mut PgConn, paces: &[PaceRow]) -> Result<(), StoreE
                  slow_start = excluded.slow_start, found_at = excluded.found_at
          )
          DELETE FROM provider_paces
-         WHERE found_at < now() - $6 * interval '1 second' AND provider_id <> ALL($1::int8[])",
+         WHERE provider_id <> ALL($1::int8[])
+           AND (found_at < now() - $6 * interval '1 second'
+                OR provider_id NOT IN (SELECT provider_id FROM provider_paces
+                                       ORDER BY found_at DESC, provider_id LIMIT $7))",
     )
     .bind::<Array<BigInt>, _>(paces.iter().map(|p| p.provider_id).collect::<Vec<_>>())
     .bind::<Array<Nullable<Double>>, _>(column(|p| p.found_rate))
@@ -70,6 +77,7 @@ pub async fn remember(conn: &mut PgConn, paces: &[PaceRow]) -> Result<(), StoreE
     .bind::<Array<Double>, _>(paces.iter().map(|p| p.concurrency).collect::<Vec<_>>())
     .bind::<Array<Bool>, _>(paces.iter().map(|p| p.slow_start).collect::<Vec<_>>())
     .bind::<BigInt, _>(FORGET_AFTER.as_secs() as i64)
+    .bind::<BigInt, _>((KEEP_AT_MOST - paces.len() as i64).max(0))
     .execute(conn)
     .await?;
     Ok(())

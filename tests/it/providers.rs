@@ -729,3 +729,48 @@ async fn a_restarted_worker_calls_at_the_rate_the_last_one_found_without_a_burst
          first contact)"
     );
 }
+
+/// Made-up provider ids cannot grow the remembered paces without bound: a write keeps the newest
+/// `KEEP_AT_MOST` rows, the ones it writes among them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_remembered_paces_keep_only_the_newest_providers() {
+    use payment_link_worker::store::paces::{self, KEEP_AT_MOST, PaceRow};
+    let env = TestEnv::new("http://127.0.0.1:9").await;
+    let mut conn = env.pool.get().await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(format!(
+            "INSERT INTO provider_paces (provider_id, found_rate, concurrency, slow_start, found_at)
+             SELECT i, 50, 16, false, now() - i * interval '1 millisecond'
+             FROM generate_series(1, {}) AS i",
+            KEEP_AT_MOST + 500
+        )),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    let written: Vec<PaceRow> = (0..10)
+        .map(|i| PaceRow {
+            provider_id: 1_000_000 + i,
+            found_rate: Some(80.0),
+            refused_rate: None,
+            concurrency: 20.0,
+            slow_start: false,
+        })
+        .collect();
+    paces::remember(&mut conn, &written).await.unwrap();
+    let kept = paces::recall(&mut conn, 2 * KEEP_AT_MOST).await.unwrap();
+    assert_eq!(
+        kept.len() as i64,
+        KEEP_AT_MOST,
+        "the table holds the newest only"
+    );
+    assert!(
+        written.iter().all(|w| kept.iter().any(|k| k.pace == *w)),
+        "the rows just written are kept"
+    );
+    assert!(
+        kept.iter()
+            .all(|k| k.pace.provider_id <= KEEP_AT_MOST - 10 || k.pace.provider_id >= 1_000_000),
+        "the oldest went first"
+    );
+}
