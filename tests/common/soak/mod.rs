@@ -453,7 +453,7 @@ async fn drive(
     let collector_stop = CancellationToken::new();
     let collector = tokio::spawn(collect::run(
         urls.clone(),
-        capture,
+        capture.clone(),
         start,
         events.clone(),
         collector_stop.clone(),
@@ -508,6 +508,10 @@ async fn drive(
         .is_err()
     {
         println!("soak: the collector did not stop within 10 s; reading what it collected");
+    }
+    let swept = collect::sweep(&urls, &capture, start, &events).await;
+    if swept > 0 {
+        println!("soak: {swept} events were left in the collector's queue; read them");
     }
     let dead_letters = dead_letters(world).await?;
     let ledger = world.sim.ledger().await;
