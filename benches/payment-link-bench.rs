@@ -68,6 +68,10 @@ struct Options {
     /// each second's links and 429s.
     #[arg(long)]
     only_found_rate: bool,
+    /// Run only the one-provider-down phases: the healthy provider beside a down one, the down
+    /// one's commands parked alone, and the healthy ones alone.
+    #[arg(long)]
+    only_one_down: bool,
     /// Run only the storage phases: the shipped defaults on a fresh table, with this many
     /// completed commands already stored (filled with SQL), and while a sweep removes
     /// --sweep-backlog expired ones.
@@ -1557,6 +1561,46 @@ async fn storage_phases(connection: &Connection, o: &Options, stored: usize) -> 
     Ok(())
 }
 
+/// The one-provider-down phases: the healthy provider's throughput beside a down one, the down
+/// one's commands parked alone, and the healthy ones alone right after (the ratio's
+/// denominator: neighbouring runs compare well on a machine whose speed drifts).
+async fn isolation_phases(connection: &Connection, o: &Options) -> anyhow::Result<(f64, f64, f64)> {
+    let log = |what: &str| {
+        if !o.json_only {
+            eprintln!("… {what}");
+        }
+    };
+    log(&format!(
+        "two provider ids, the second down, {} commands for the first, prefetch {}",
+        o.commands / 2,
+        o.prefetch
+    ));
+    let healthy = one_provider_down(connection, o.commands / 2, o.prefetch, false).await?;
+    log(&format!(
+        "the down provider's {} commands alone, parked, prefetch {}",
+        o.commands / 2,
+        o.prefetch
+    ));
+    let parked_alone = one_provider_down(connection, o.commands / 2, o.prefetch, true).await?;
+    // The same commands with no provider down, measured right after: on a shared (virtual)
+    // machine whose speed drifts between phases, the ratio of two neighbouring runs is the
+    // figure to trust; the ratio to the end-to-end phase is printed as well.
+    log(&format!(
+        "the same {} commands with both providers up, prefetch {}",
+        o.commands / 2,
+        o.prefetch
+    ));
+    let solo = end_to_end(
+        connection,
+        o.commands / 2,
+        Tuning::Tuned(o.prefetch),
+        Duration::ZERO,
+    )
+    .await?
+    .throughput;
+    Ok((healthy, parked_alone, solo))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = <Options as clap::Parser>::parse();
@@ -1565,6 +1609,19 @@ async fn main() -> anyhow::Result<()> {
         .context("RabbitMQ is not reachable")?;
     if let Some(stored) = o.stored {
         return storage_phases(&connection, &o, stored).await;
+    }
+    if o.only_one_down {
+        let (healthy, parked_alone, solo) = isolation_phases(&connection, &o).await?;
+        println!(
+            "| | healthy beside a down one | parked alone | healthy alone | healthy, of solo | one of each, the healthy one's share |"
+        );
+        println!(
+            "| {} commands | {healthy:.0}/s | {parked_alone:.0}/s | {solo:.0}/s | {:.0} % | {:.0} % |",
+            o.commands / 2,
+            healthy / solo * 100.0,
+            100.0 / (1.0 + solo / parked_alone)
+        );
+        return Ok(());
     }
     if o.only_found_rate {
         let (found, found_bare, changing, remembered) = found_rate_phases(&connection, &o).await?;
@@ -1657,34 +1714,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let (found, found_bare, changing, remembered) = found_rate_phases(&connection, &o).await?;
     let found_rate = o.found_rate_limit;
-    log(&format!(
-        "two provider ids, the second down, {} commands for the first, prefetch {}",
-        o.commands / 2,
-        o.prefetch
-    ));
-    let healthy = one_provider_down(&connection, o.commands / 2, o.prefetch, false).await?;
-    log(&format!(
-        "the down provider's {} commands alone, parked, prefetch {}",
-        o.commands / 2,
-        o.prefetch
-    ));
-    let parked_alone = one_provider_down(&connection, o.commands / 2, o.prefetch, true).await?;
-    // The same commands with no provider down, measured right after: on a shared (virtual)
-    // machine whose speed drifts between phases, the ratio of two neighbouring runs is the
-    // figure to trust; the ratio to the end-to-end phase is printed as well.
-    log(&format!(
-        "the same {} commands with both providers up, prefetch {}",
-        o.commands / 2,
-        o.prefetch
-    ));
-    let solo = end_to_end(
-        &connection,
-        o.commands / 2,
-        Tuning::Tuned(o.prefetch),
-        Duration::ZERO,
-    )
-    .await?
-    .throughput;
+    let (healthy, parked_alone, solo) = isolation_phases(&connection, &o).await?;
     let _ = connection.close(200, "bench done".into()).await;
     let slow_shipped_target = f64::from(shipped_prefetch) / 0.3 * 0.8;
 
