@@ -1212,7 +1212,7 @@ async fn one_provider_down(
     n: usize,
     prefetch: u16,
     down_only: bool,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, CpuSplit)> {
     let sim = SimOptions {
         fail_provider_ids: vec![2],
         ..SimOptions::default()
@@ -1246,6 +1246,7 @@ async fn one_provider_down(
         } else {
             preload_for(&channel, route, "two", 2 * n, |i| 1 + (i % 2) as i64).await?;
         }
+        let cpu_before = CpuSplit::now();
         let mut worker = run.start_worker()?;
         let elapsed = if down_only {
             let queue =
@@ -1254,9 +1255,10 @@ async fn one_provider_down(
         } else {
             created_events(connection, &events, n).await?
         };
+        let cpu = CpuSplit::now().per_1000_since(cpu_before, n);
         worker.kill()?;
         worker.wait()?;
-        Ok::<_, anyhow::Error>(n as f64 / elapsed)
+        Ok::<_, anyhow::Error>((n as f64 / elapsed, cpu))
     }
     .await;
     run.cleanup().await;
@@ -1313,12 +1315,33 @@ async fn latency(
     n: usize,
     rate: f64,
     prefetch: u16,
+    down_too: bool,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let run = Run::new(Tuning::Tuned(prefetch), Duration::ZERO).await?;
+    // With `down_too`, provider 2 is down and each command is followed by one for it, parked
+    // in a delay tier longer than the phase: the latencies are the healthy commands' beside it.
+    const TIER_MS: &str = "600000";
+    let run = if down_too {
+        let sim = SimOptions {
+            fail_provider_ids: vec![2],
+            ..SimOptions::default()
+        };
+        Run::with(
+            Tuning::Tuned(prefetch),
+            sim,
+            &[("RETRY__DELAY_TIERS_MS", TIER_MS)],
+        )
+        .await?
+    } else {
+        Run::new(Tuning::Tuned(prefetch), Duration::ZERO).await?
+    };
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
         let events = run.declare(connection, &channel, &settings).await?;
+        if down_too {
+            let channel = connection.create_channel().await?;
+            payment_link_worker::broker::topology::declare_delay_queues(&channel, &settings.broker, &settings.retry.delay_tiers_ms).await?;
+        }
         let mut child = run.start_worker()?;
         // Wait until the worker consumes (its consumer appears on the command queue).
         let started = Instant::now();
@@ -1348,17 +1371,19 @@ async fn latency(
                 for i in 0..n {
                     let due = begin + interval * i as u32;
                     tokio::time::sleep_until(due.into()).await;
-                    let id = format!("lat-{i}");
-                    let body = format!(r#"{{"paymentProviderId":1,"amountInMajorCurrency":1.00,"description":"d","invoiceId":{}}}"#, i + 1);
-                    sent.lock().unwrap().insert(id.clone(), Instant::now());
-                    let props = BasicProperties::default()
-                        .with_message_id(id.into())
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2);
-                    channel
-                        .basic_publish(exchange.as_str().into(), key.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), props)
-                        .await?
-                        .await?;
+                    for provider in if down_too { 1..=2 } else { 1..=1 } {
+                        let id = if provider == 1 { format!("lat-{i}") } else { format!("lat-down-{i}") };
+                        let body = format!(r#"{{"paymentProviderId":{provider},"amountInMajorCurrency":1.00,"description":"d","invoiceId":{}}}"#, i + 1);
+                        sent.lock().unwrap().insert(id.clone(), Instant::now());
+                        let props = BasicProperties::default()
+                            .with_message_id(id.into())
+                            .with_content_type("application/json".into())
+                            .with_delivery_mode(2);
+                        channel
+                            .basic_publish(exchange.as_str().into(), key.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), props)
+                            .await?
+                            .await?;
+                    }
                 }
                 Ok::<_, anyhow::Error>(())
             })
@@ -1370,6 +1395,9 @@ async fn latency(
             let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await else { continue };
             let delivery = delivery?;
             let subject = payment_link_worker::headers::read_text(&delivery.properties, "cloudEvents:subject").unwrap_or_default();
+            if subject.starts_with("lat-down-") {
+                continue;
+            }
             if let Some(at) = sent.lock().unwrap().remove(&subject) {
                 latencies.push(at.elapsed().as_secs_f64() * 1000.0);
             }
@@ -1575,13 +1603,14 @@ async fn isolation_phases(connection: &Connection, o: &Options) -> anyhow::Resul
         o.commands / 2,
         o.prefetch
     ));
-    let healthy = one_provider_down(connection, o.commands / 2, o.prefetch, false).await?;
+    let (healthy, _) = one_provider_down(connection, o.commands / 2, o.prefetch, false).await?;
     log(&format!(
         "the down provider's {} commands alone, parked, prefetch {}",
         o.commands / 2,
         o.prefetch
     ));
-    let parked_alone = one_provider_down(connection, o.commands / 2, o.prefetch, true).await?;
+    let (parked_alone, parked_cpu) =
+        one_provider_down(connection, o.commands / 2, o.prefetch, true).await?;
     // The same commands with no provider down, measured right after: on a shared (virtual)
     // machine whose speed drifts between phases, the ratio of two neighbouring runs is the
     // figure to trust; the ratio to the end-to-end phase is printed as well.
@@ -1596,9 +1625,39 @@ async fn isolation_phases(connection: &Connection, o: &Options) -> anyhow::Resul
         Tuning::Tuned(o.prefetch),
         Duration::ZERO,
     )
-    .await?
-    .throughput;
-    Ok((healthy, parked_alone, solo))
+    .await?;
+    log(&format!(
+        "machine CPU per 1,000 parked: {}; per 1,000 created alone: {}",
+        parked_cpu.row(),
+        solo.cpu.row()
+    ));
+    // Half the machine's capacity with a provider down: the healthy commands offered at half the
+    // rate they kept beside the down one's, as many of the down one's beside them; their
+    // latency against the same offer with nothing down.
+    let offered = (healthy * 0.5).max(1.0);
+    let n = o.latency_commands;
+    log(&format!(
+        "latency, {n} healthy commands offered at {offered:.0}/s, alone"
+    ));
+    let alone = latency(connection, n, offered, o.prefetch, false).await?;
+    log(&format!(
+        "latency, {n} healthy commands offered at {offered:.0}/s beside as many for a down provider"
+    ));
+    let beside = latency(connection, n, offered, o.prefetch, true).await?;
+    // Alone again: the order of the two must not make the difference.
+    log(&format!(
+        "latency, {n} healthy commands offered at {offered:.0}/s, alone again"
+    ));
+    let again = latency(connection, n, offered, o.prefetch, false).await?;
+    let ms = |(p50, p95, p99): (f64, f64, f64)| format!("{p50:.1}/{p95:.1}/{p99:.1}");
+    log(&format!(
+        "healthy latency at {offered:.0}/s, p50/p95/p99 ms: alone {}, beside a down provider {}, alone again {}: p99 {:.2}× the worse alone (target ≤ 1.5×)",
+        ms(alone),
+        ms(beside),
+        ms(again),
+        beside.2 / alone.2.max(again.2)
+    ));
+    Ok((healthy, parked_alone, solo.throughput))
 }
 
 #[tokio::main]
@@ -1669,7 +1728,8 @@ async fn main() -> anyhow::Result<()> {
         "latency, {} commands offered at {offered:.0}/s",
         o.latency_commands
     ));
-    let (p50, p95, p99) = latency(&connection, o.latency_commands, offered, o.prefetch).await?;
+    let (p50, p95, p99) =
+        latency(&connection, o.latency_commands, offered, o.prefetch, false).await?;
     log(&format!(
         "end to end with 100 ms provider latency, {} commands, prefetch {}",
         o.slow_commands, o.prefetch
