@@ -1,7 +1,7 @@
 //! An adaptive concurrency limit for one provider (AIMD, as in Netflix's concurrency-limits):
-//! it starts small and doubles every round trip (slow start, as TCP's) until the provider first
-//! pushes back or the ceiling is reached, so a new lane does not send a whole prefetch at once
-//! into a provider's rate limit; after that it grows by one per limit's worth of calls that
+//! it starts small and doubles every round trip (slow start, as TCP's), but not faster than
+//! [`SLOW_START_DOUBLING`], until the provider first pushes back or the ceiling is reached, so a
+//! new lane does not send a whole prefetch at once into a provider's rate limit; after that it grows by one per limit's worth of calls that
 //! succeed with a latency near the lowest seen lately, and shrinks by [`BACKOFF`] when the
 //! provider says it is overloaded (a 503 without `Retry-After`, a timeout), at most once per
 //! round trip. A 429 (or a 503 with `Retry-After`) is a matter of rate, the lane's pace: here it
@@ -27,6 +27,10 @@ const MIN_LATENCY_WINDOW: Duration = Duration::from_secs(10);
 const BARE_PAUSE: Duration = Duration::from_millis(50);
 /// The limit a lane starts at, before slow start doubles it (or the ceiling, if lower).
 const INITIAL_LIMIT: f64 = 16.0;
+/// Slow start doubles the limit every round trip, but not faster than once in this long: against
+/// a fast provider's rate limit the calls under way when the first 429 comes back are all
+/// refused, and a doubling every 50 ms round trip had a whole window's worth under way.
+const SLOW_START_DOUBLING: Duration = Duration::from_millis(200);
 /// Shortest time between two decreases, when no latency has been measured yet.
 const MIN_DECREASE_GAP: Duration = Duration::from_millis(50);
 
@@ -44,6 +48,9 @@ struct State {
     paused_until: Option<Instant>,
     /// 429s without `Retry-After` in a row, each after the pause the last one began.
     bare_streak: u32,
+    /// Slow start's limit and when it began (its first call): the limit doubles at most once
+    /// per [`SLOW_START_DOUBLING`], however short the round trip.
+    slow_start_from: (f64, Option<Instant>),
 }
 
 /// The limit of one provider.
@@ -63,10 +70,10 @@ pub struct Slot<'a> {
 }
 
 impl Limiter {
-    /// A limit that starts at [`INITIAL_LIMIT`] and doubles every round trip up to `max` (the
-    /// prefetch) until the provider pushes back, and stays between 1 and `max`; without
-    /// `adaptive`, it stays at `max`. A `Retry-After`
-    /// pauses calls for at most `max_pause`.
+    /// A limit that starts at [`INITIAL_LIMIT`] and doubles every round trip (at most every
+    /// [`SLOW_START_DOUBLING`]) up to `max` (the prefetch) until the provider pushes back, and
+    /// stays between 1 and `max`; without `adaptive`, it stays at `max`. A `Retry-After` pauses
+    /// calls for at most `max_pause`.
     pub fn new(
         max: usize,
         adaptive: bool,
@@ -93,6 +100,7 @@ impl Limiter {
                 last_decrease: None,
                 paused_until: None,
                 bare_streak: 0,
+                slow_start_from: (initial, None),
             }),
             changed: Notify::new(),
             figures,
@@ -117,6 +125,9 @@ impl Limiter {
                 match state.paused_until {
                     Some(until) if until > now => Some(until - now),
                     _ if state.in_flight < state.limit as usize => {
+                        if state.slow_start_from.1.is_none() {
+                            state.slow_start_from.1 = Some(now);
+                        }
                         state.in_flight += 1;
                         self.figures.in_flight.fetch_add(1, Ordering::Relaxed);
                         self.figures.started.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +176,15 @@ impl Limiter {
                     } else {
                         1.0 / state.limit
                     };
-                    state.limit = (state.limit + step).min(self.max as f64);
+                    let mut grown = (state.limit + step).min(self.max as f64);
+                    if state.slow_start {
+                        let (from, since) = state.slow_start_from;
+                        let doublings = since.map_or(0.0, |at| {
+                            now.duration_since(at).as_secs_f64() / SLOW_START_DOUBLING.as_secs_f64()
+                        });
+                        grown = grown.min(from * 2f64.powf(doublings)).max(state.limit);
+                    }
+                    state.limit = grown;
                 }
             }
             Signal::Overloaded(retry_after) => {
@@ -244,6 +263,7 @@ impl Limiter {
         let mut state = self.state.lock().expect("limit lock");
         state.limit = limit.clamp(1.0, self.max as f64);
         state.slow_start = slow_start;
+        state.slow_start_from = (state.limit, None);
         self.figures
             .limit
             .store(state.limit as i64, Ordering::Relaxed);
@@ -306,16 +326,52 @@ mod tests {
         (limiter, figures)
     }
 
+    /// `calls` calls under way at once, answered in 20 ms after [`SLOW_START_DOUBLING`] has
+    /// passed (the round trip is not what holds slow start back here).
+    async fn round_trip(l: &Limiter, calls: usize) {
+        let slots: Vec<_> = futures_util::future::join_all((0..calls).map(|_| l.acquire())).await;
+        tokio::time::advance(SLOW_START_DOUBLING).await;
+        for slot in slots {
+            slot.done(Signal::Answered(Duration::from_millis(20)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_doubles_at_most_once_per_doubling_time_however_fast_the_answers() {
+        let (l, _) = limiter(256);
+        // A thousand answers at once: a round trip far shorter than the doubling time.
+        for _ in 0..1000 {
+            l.acquire()
+                .await
+                .done(Signal::Answered(Duration::from_millis(1)));
+        }
+        assert_eq!(l.limit(), 16, "no time has passed: no doubling");
+        tokio::time::advance(SLOW_START_DOUBLING / 2).await;
+        for _ in 0..1000 {
+            l.acquire()
+                .await
+                .done(Signal::Answered(Duration::from_millis(1)));
+        }
+        assert_eq!(
+            l.limit(),
+            22,
+            "half the time: 16 times the square root of 2"
+        );
+        tokio::time::advance(SLOW_START_DOUBLING * 3 / 2).await;
+        for _ in 0..1000 {
+            l.acquire()
+                .await
+                .done(Signal::Answered(Duration::from_millis(1)));
+        }
+        assert_eq!(l.limit(), 64, "two doublings in twice the time");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn overload_lowers_the_limit_once_per_round_trip_and_fast_answers_raise_it() {
         let (l, figures) = limiter(32);
         assert_eq!(l.limit(), 16, "starts small");
         // Slow start: one more per answer, so 16 answers (one round trip) double it.
-        for _ in 0..16 {
-            l.acquire()
-                .await
-                .done(Signal::Answered(Duration::from_millis(20)));
-        }
+        round_trip(&l, 16).await;
         assert_eq!(l.limit(), 32);
         let slots: Vec<_> = futures_util::future::join_all((0..10).map(|_| l.acquire())).await;
         for slot in slots {
@@ -357,11 +413,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_down_ends_slow_start_without_lowering_the_limit() {
         let (l, _) = limiter(256);
-        for _ in 0..16 {
-            l.acquire()
-                .await
-                .done(Signal::Answered(Duration::from_millis(20)));
-        }
+        round_trip(&l, 16).await;
         assert_eq!(l.limit(), 32, "doubled in one round trip");
         l.acquire().await.done(Signal::SlowDown(None));
         assert_eq!(

@@ -431,9 +431,10 @@ async fn changed_limit(before: u64, after: u64, commands: usize) -> Vec<(u64, u6
 /// the new limit within 3 s. The calls made are: in the 40 seconds from the fall, no second is
 /// more than 15 % over the new limit (at most 113 calls; a probe later in the run goes further over); but what the provider takes is under it, as each cut
 /// and each probe costs a `Retry-After` second with next to no calls: over the 20 seconds from
-/// second 63, it took 78.2 % of the new limit a second (measured; 84.6 % before probes came
-/// further apart, 72.5 % before a rate that grows woke the calls waiting on their turns: the
-/// figure moves with where the `Retry-After` pauses fall in these 20 seconds). **Not met**: after
+/// second 63, it took 77.9 % of the new limit a second (measured; 78.2 % before slow start's
+/// doubling was bounded in time, 84.6 % before probes came further apart, 72.5 % before a rate
+/// that grows woke the calls waiting on their turns: the figure moves with where the
+/// `Retry-After` pauses fall in these 20 seconds). **Not met**: after
 /// the fall the rate collides with its plateau (0.99 of a rate refused that was over the new
 /// limit) several times, each a pause.
 #[tokio::test(start_paused = true)]
@@ -451,7 +452,7 @@ async fn a_halved_limit_is_never_overrun_and_its_take_is_measured() {
         share * 100.0
     );
     assert!(
-        share >= 0.78,
+        share >= 0.77,
         "{:.1} % of the halved limit taken",
         share * 100.0
     );
@@ -476,22 +477,22 @@ async fn a_tripled_limit_is_found_within_30_seconds() {
 }
 
 /// First contact, nothing known: the target is under 3 % of the first 3,000 calls
-/// answered 429 (two replicas, a 200/s fixed window with `Retry-After`). Measured: 6.10 % of 3,195
-/// calls (**not met**): slow start doubles the calls in flight each round trip, and the calls
-/// already in flight when the first 429 comes back are refused with it, about the provider's
-/// whole first window. Asserted at what it reaches.
+/// answered 429 (two replicas, a 200/s fixed window with `Retry-After`). The calls under way when
+/// the first 429 comes back are refused with it; slow start doubling every 50 ms round trip had
+/// about the provider's whole first window under way then (6.10 % of 3,195 calls refused).
+/// Doubling at most every 200 ms: 2.09 % of 3,064.
 #[tokio::test(start_paused = true)]
-async fn first_contact_refusals_are_measured() {
+async fn first_contact_refuses_under_3_percent() {
     let (_, refused) = measured("first contact", Arc::new(fixed(200)), 2, 3_000).await;
-    assert!(refused < 0.065, "{:.2} % refused", refused * 100.0);
+    assert!(refused < 0.03, "{:.2} % refused", refused * 100.0);
 }
 
 /// First contact with a remembered rate: the fleet found a 200/s fixed window (with
 /// `Retry-After`) over 30,000 commands and wrote what it found; two workers that start later
 /// (a rollout: 30 s on; a restart the next morning: 10 hours on, the rate trusted at 1/1000 of
 /// it and grown back from the floor) make 3,000 calls each. The target, under 0.5 %
-/// refused, is asserted for both; the fresh start of `first_contact_refusals_are_measured`
-/// refuses 6.10 %.
+/// refused, is asserted for both; the fresh start of `first_contact_refuses_under_3_percent`
+/// refuses 2.09 %.
 #[tokio::test(start_paused = true)]
 async fn a_remembered_rate_is_started_at_with_under_half_a_percent_refused() {
     let latency = Duration::from_millis(50);
@@ -514,5 +515,36 @@ async fn a_remembered_rate_is_started_at_with_under_half_a_percent_refused() {
             "{:.2} % refused with a rate remembered {age:?} ago",
             run.refused_share() * 100.0
         );
+    }
+}
+
+/// A provider with no limit at all.
+struct Unlimited;
+
+impl Limit for Unlimited {
+    fn call(&self) -> Result<(), Option<Duration>> {
+        Ok(())
+    }
+}
+
+/// What slow start costs a provider with no limit: one replica at the shipped defaults (256 at
+/// once), the benchmark's 100 ms phase (5,000 commands) and its 300 ms phase (3,000), against
+/// the benchmark's targets, 80 % of 256 calls under way at once. Measured: 100 ms 75.1 %
+/// (**not met**; 84.9 % while slow start doubled every round trip, however short: the doubling
+/// at most every 200 ms that keeps first contact under 3 % refused costs this ramp 0.4 s), 300 ms
+/// 78.1 % (**not met**, here; the real benchmark's 709/s is 83 %, counted from the first event).
+/// Asserted at what they reach.
+#[tokio::test(start_paused = true)]
+async fn slow_start_costs_an_unlimited_provider_are_measured() {
+    for (latency_ms, commands, reached) in [(100, 5_000, 0.75), (300, 3_000, 0.78)] {
+        let latency = Duration::from_millis(latency_ms);
+        let run = run(Arc::new(Unlimited), 1, commands, latency).await;
+        let rate = run.rate(commands);
+        let most = 256.0 / latency.as_secs_f64();
+        println!(
+            "{latency_ms} ms: {rate:.0}/s, {:.1} % of {most:.0}/s",
+            rate / most * 100.0
+        );
+        assert!(rate >= reached * most, "{latency_ms} ms: {rate:.0}/s");
     }
 }
