@@ -494,7 +494,7 @@ async fn drive(
         "soak: load stopped at {:.1}s; draining",
         start.elapsed().as_secs_f64()
     );
-    let drained = drain(options, world, &load, &events).await;
+    let drained = drain(options, world, &load, &events, (&urls, &capture, start)).await;
     let load_end = length;
     sampler_stop.cancel();
     let exits = sampler.await?;
@@ -603,8 +603,13 @@ async fn drain(
     world: &faults::World,
     load: &load::Load,
     events: &collect::Events,
+    (urls, capture, start): (&[String], &str, Instant),
 ) -> Option<Duration> {
     let started = Instant::now();
+    // A consumer that went silent leaves events in the capture queue: when nothing new comes
+    // for this long, they are read directly (the collector's own consumer gets the rest).
+    const STILL: Duration = Duration::from_secs(10);
+    let (mut seen, mut since) = (0, Instant::now());
     let sent: Vec<(&str, &load::Planned)> = load
         .planned
         .iter()
@@ -612,7 +617,7 @@ async fn drain(
         .map(|(id, p)| (id.as_str(), p))
         .collect();
     while started.elapsed() < options.drain {
-        let events: std::collections::HashSet<String> = events
+        let with_event: std::collections::HashSet<String> = events
             .snapshot()
             .into_iter()
             .map(|e| e.command_id)
@@ -627,11 +632,22 @@ async fn drain(
             letters.iter().map(|l| l.command_id.as_str()).collect();
         // An outcome for each command, and for each conflicting copy its dead letter.
         let open = sent.iter().any(|(id, plan)| {
-            (!events.contains(*id) && !lettered.contains(id))
+            (!with_event.contains(*id) && !lettered.contains(id))
                 || (plan.conflict && !conflicts.contains(id))
         });
         if !open {
             return Some(started.elapsed());
+        }
+        if with_event.len() != seen {
+            (seen, since) = (with_event.len(), Instant::now());
+        } else if since.elapsed() >= STILL {
+            let swept = collect::sweep(urls, capture, start, events).await;
+            if swept > 0 {
+                println!(
+                    "soak: the collector's queue held {swept} events it had not delivered; read them"
+                );
+            }
+            since = Instant::now();
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
