@@ -48,9 +48,13 @@ struct State {
     paused_until: Option<Instant>,
     /// 429s without `Retry-After` in a row, each after the pause the last one began.
     bare_streak: u32,
-    /// Slow start's limit and when it began (its first call): the limit doubles at most once
-    /// per [`SLOW_START_DOUBLING`], however short the round trip.
+    /// Slow start's limit and when it began (its first call, or the first after the lane sat
+    /// idle): the limit doubles at most once per [`SLOW_START_DOUBLING`], however short the
+    /// round trip.
     slow_start_from: (f64, Option<Instant>),
+    /// When a call last ended: a lane with none under way since longer than
+    /// [`SLOW_START_DOUBLING`] starts slow start's clock again at its next call.
+    last_done: Option<Instant>,
 }
 
 /// The limit of one provider.
@@ -101,6 +105,7 @@ impl Limiter {
                 paused_until: None,
                 bare_streak: 0,
                 slow_start_from: (initial, None),
+                last_done: None,
             }),
             changed: Notify::new(),
             figures,
@@ -125,8 +130,14 @@ impl Limiter {
                 match state.paused_until {
                     Some(until) if until > now => Some(until - now),
                     _ if state.in_flight < state.limit as usize => {
-                        if state.slow_start_from.1.is_none() {
-                            state.slow_start_from.1 = Some(now);
+                        // A burst after a quiet spell doubles from where the lane is, not
+                        // as if it had been doubling all the while.
+                        let idle = state.in_flight == 0
+                            && state
+                                .last_done
+                                .is_none_or(|at| now.duration_since(at) >= SLOW_START_DOUBLING);
+                        if state.slow_start_from.1.is_none() || idle {
+                            state.slow_start_from = (state.limit, Some(now));
                         }
                         state.in_flight += 1;
                         self.figures.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -157,6 +168,7 @@ impl Limiter {
         state.in_flight -= 1;
         self.figures.in_flight.fetch_sub(1, Ordering::Relaxed);
         let now = Instant::now();
+        state.last_done = Some(now);
         match signal {
             Signal::Answered(latency) => {
                 state.bare_streak = 0;
@@ -339,31 +351,38 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn slow_start_doubles_at_most_once_per_doubling_time_however_fast_the_answers() {
         let (l, _) = limiter(256);
-        // A thousand answers at once: a round trip far shorter than the doubling time.
-        for _ in 0..1000 {
-            l.acquire()
-                .await
-                .done(Signal::Answered(Duration::from_millis(1)));
-        }
-        assert_eq!(l.limit(), 16, "no time has passed: no doubling");
-        tokio::time::advance(SLOW_START_DOUBLING / 2).await;
-        for _ in 0..1000 {
-            l.acquire()
-                .await
-                .done(Signal::Answered(Duration::from_millis(1)));
-        }
+        // A thousand answers at once, after `wait`: a round trip far shorter than the doubling
+        // time. Returns the limit after them.
+        let burst_after = |wait: Duration| {
+            let l = &l;
+            async move {
+                tokio::time::advance(wait).await;
+                for _ in 0..1000 {
+                    l.acquire()
+                        .await
+                        .done(Signal::Answered(Duration::from_millis(1)));
+                }
+                l.limit()
+            }
+        };
+        // One call under way all along, as under load: the lane is not idle between the bursts.
+        let busy = l.acquire().await;
         assert_eq!(
-            l.limit(),
-            22,
-            "half the time: 16 times the square root of 2"
+            burst_after(Duration::ZERO).await,
+            16,
+            "no time: no doubling"
         );
-        tokio::time::advance(SLOW_START_DOUBLING * 3 / 2).await;
-        for _ in 0..1000 {
-            l.acquire()
-                .await
-                .done(Signal::Answered(Duration::from_millis(1)));
-        }
-        assert_eq!(l.limit(), 64, "two doublings in twice the time");
+        let half = burst_after(SLOW_START_DOUBLING / 2).await;
+        assert_eq!(half, 22, "half the time: 16 times the square root of 2");
+        let two = burst_after(SLOW_START_DOUBLING * 3 / 2).await;
+        assert_eq!(two, 64, "two doublings in twice the time");
+        // A quiet spell is not time spent doubling: a burst after it starts from 64 again.
+        drop(busy);
+        let idle = burst_after(Duration::from_secs(10)).await;
+        assert_eq!(
+            idle, 64,
+            "after 10 s idle, a burst at once does not grow it"
+        );
     }
 
     #[tokio::test(start_paused = true)]
