@@ -1204,6 +1204,41 @@ fn print_found_rows(
     }
 }
 
+/// The delay tier a down provider's commands wait in: longer than any phase.
+const DOWN_TIER_MS: u64 = 600_000;
+
+/// A run whose simulator answers 503 to provider 2 (the down one), its commands parked in one
+/// delay tier of [`DOWN_TIER_MS`].
+async fn down_run(prefetch: u16) -> anyhow::Result<Run> {
+    let sim = SimOptions {
+        fail_provider_ids: vec![2],
+        ..SimOptions::default()
+    };
+    let tier = DOWN_TIER_MS.to_string();
+    Run::with(
+        Tuning::Tuned(prefetch),
+        sim,
+        &[("RETRY__DELAY_TIERS_MS", tier.as_str())],
+    )
+    .await
+}
+
+/// Declares the run's delay queues (the worker declares them on first use; a phase that counts
+/// what is parked in one needs it there from the start).
+async fn declare_delay_queues(
+    connection: &Connection,
+    settings: &payment_link_worker::config::Settings,
+) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    payment_link_worker::broker::topology::declare_delay_queues(
+        &channel,
+        &settings.broker,
+        &settings.retry.delay_tiers_ms,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Two provider ids, the second down: the first one's throughput; or, `down_only`, only the
 /// down provider's commands: how fast the worker parks them (from the first parked to the last),
 /// the other share of the time the mixed run takes.
@@ -1213,30 +1248,12 @@ async fn one_provider_down(
     prefetch: u16,
     down_only: bool,
 ) -> anyhow::Result<(f64, CpuSplit)> {
-    let sim = SimOptions {
-        fail_provider_ids: vec![2],
-        ..SimOptions::default()
-    };
-    // A delay tier for the failing provider's commands to wait in, longer than the phase.
-    const TIER_MS: u64 = 600_000;
-    let tier = TIER_MS.to_string();
-    let run = Run::with(
-        Tuning::Tuned(prefetch),
-        sim,
-        &[("RETRY__DELAY_TIERS_MS", tier.as_str())],
-    )
-    .await?;
+    let run = down_run(prefetch).await?;
     let settings = run.settings()?;
     let channel = confirm_channel(connection).await?;
     let result = async {
         let events = run.declare(connection, &channel, &settings).await?;
-        let channel_for_delay = connection.create_channel().await?;
-        payment_link_worker::broker::topology::declare_delay_queues(
-            &channel_for_delay,
-            &settings.broker,
-            &settings.retry.delay_tiers_ms,
-        )
-        .await?;
+        declare_delay_queues(connection, &settings).await?;
         let route = (
             settings.broker.command_exchange.as_str(),
             settings.broker.command_routing_key.as_str(),
@@ -1250,7 +1267,7 @@ async fn one_provider_down(
         let mut worker = run.start_worker()?;
         let elapsed = if down_only {
             let queue =
-                payment_link_worker::broker::topology::delay_queue(&settings.broker, TIER_MS);
+                payment_link_worker::broker::topology::delay_queue(&settings.broker, DOWN_TIER_MS);
             parked(&queue, n).await?
         } else {
             created_events(connection, &events, n).await?
@@ -1319,18 +1336,8 @@ async fn latency(
 ) -> anyhow::Result<(f64, f64, f64)> {
     // With `down_too`, provider 2 is down and each command is followed by one for it, parked
     // in a delay tier longer than the phase: the latencies are the healthy commands' beside it.
-    const TIER_MS: &str = "600000";
     let run = if down_too {
-        let sim = SimOptions {
-            fail_provider_ids: vec![2],
-            ..SimOptions::default()
-        };
-        Run::with(
-            Tuning::Tuned(prefetch),
-            sim,
-            &[("RETRY__DELAY_TIERS_MS", TIER_MS)],
-        )
-        .await?
+        down_run(prefetch).await?
     } else {
         Run::new(Tuning::Tuned(prefetch), Duration::ZERO).await?
     };
@@ -1339,8 +1346,7 @@ async fn latency(
     let result = async {
         let events = run.declare(connection, &channel, &settings).await?;
         if down_too {
-            let channel = connection.create_channel().await?;
-            payment_link_worker::broker::topology::declare_delay_queues(&channel, &settings.broker, &settings.retry.delay_tiers_ms).await?;
+            declare_delay_queues(connection, &settings).await?;
         }
         let mut child = run.start_worker()?;
         // Wait until the worker consumes (its consumer appears on the command queue).
@@ -1374,7 +1380,9 @@ async fn latency(
                     for provider in if down_too { 1..=2 } else { 1..=1 } {
                         let id = if provider == 1 { format!("lat-{i}") } else { format!("lat-down-{i}") };
                         let body = format!(r#"{{"paymentProviderId":{provider},"amountInMajorCurrency":1.00,"description":"d","invoiceId":{}}}"#, i + 1);
-                        sent.lock().unwrap().insert(id.clone(), Instant::now());
+                        if provider == 1 {
+                            sent.lock().unwrap().insert(id.clone(), Instant::now());
+                        }
                         let props = BasicProperties::default()
                             .with_message_id(id.into())
                             .with_content_type("application/json".into())
@@ -1395,9 +1403,6 @@ async fn latency(
             let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await else { continue };
             let delivery = delivery?;
             let subject = payment_link_worker::headers::read_text(&delivery.properties, "cloudEvents:subject").unwrap_or_default();
-            if subject.starts_with("lat-down-") {
-                continue;
-            }
             if let Some(at) = sent.lock().unwrap().remove(&subject) {
                 latencies.push(at.elapsed().as_secs_f64() * 1000.0);
             }

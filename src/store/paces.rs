@@ -48,8 +48,8 @@ pub struct Remembered {
 }
 
 /// Writes `paces` (one per provider, the newest wins) in one statement, and forgets the others
-/// past [`FORGET_AFTER`], or past the newest [`KEEP_AT_MOST`], on the way (not those written here: one statement must not both update
-/// and delete a row).
+/// past [`FORGET_AFTER`], or past the newest [`KEEP_AT_MOST`], on the way (not those written
+/// here: one statement must not both update and delete a row).
 pub async fn remember(conn: &mut PgConn, paces: &[PaceRow]) -> Result<(), StoreError> {
     if paces.is_empty() {
         return Ok(());

@@ -1,8 +1,8 @@
 //! An adaptive concurrency limit for one provider (AIMD, as in Netflix's concurrency-limits):
 //! it starts small and doubles every round trip (slow start, as TCP's), but not faster than
 //! [`SLOW_START_DOUBLING`], until the provider first pushes back or the ceiling is reached, so a
-//! new lane does not send a whole prefetch at once into a provider's rate limit; after that it grows by one per limit's worth of calls that
-//! succeed with a latency near the lowest seen lately, and shrinks by [`BACKOFF`] when the
+//! new lane does not send a whole prefetch at once into a provider's rate limit; after that it
+//! grows by one per limit's worth of calls that succeed with a latency near the lowest seen lately, and shrinks by [`BACKOFF`] when the
 //! provider says it is overloaded (a 503 without `Retry-After`, a timeout), at most once per
 //! round trip. A 429 (or a 503 with `Retry-After`) is a matter of rate, the lane's pace: here it
 //! only ends slow start and pauses every call to this provider until its `Retry-After` (or for a
@@ -51,7 +51,7 @@ struct State {
     /// Slow start's limit and when it began (its first call, or the first after the lane sat
     /// idle): the limit doubles at most once per [`SLOW_START_DOUBLING`], however short the
     /// round trip.
-    slow_start_from: (f64, Option<Instant>),
+    slow_start_from: (f64, Instant),
     /// When a call last ended: a lane with none under way since longer than
     /// [`SLOW_START_DOUBLING`] starts slow start's clock again at its next call.
     last_done: Option<Instant>,
@@ -104,7 +104,7 @@ impl Limiter {
                 last_decrease: None,
                 paused_until: None,
                 bare_streak: 0,
-                slow_start_from: (initial, None),
+                slow_start_from: (initial, Instant::now()),
                 last_done: None,
             }),
             changed: Notify::new(),
@@ -132,12 +132,13 @@ impl Limiter {
                     _ if state.in_flight < state.limit as usize => {
                         // A burst after a quiet spell doubles from where the lane is, not
                         // as if it had been doubling all the while.
+                        // (The first call finds the lane idle too.)
                         let idle = state.in_flight == 0
                             && state
                                 .last_done
                                 .is_none_or(|at| now.duration_since(at) >= SLOW_START_DOUBLING);
-                        if state.slow_start_from.1.is_none() || idle {
-                            state.slow_start_from = (state.limit, Some(now));
+                        if state.slow_start && idle {
+                            state.slow_start_from = (state.limit, now);
                         }
                         state.in_flight += 1;
                         self.figures.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -191,9 +192,8 @@ impl Limiter {
                     let mut grown = (state.limit + step).min(self.max as f64);
                     if state.slow_start {
                         let (from, since) = state.slow_start_from;
-                        let doublings = since.map_or(0.0, |at| {
-                            now.duration_since(at).as_secs_f64() / SLOW_START_DOUBLING.as_secs_f64()
-                        });
+                        let doublings = now.duration_since(since).as_secs_f64()
+                            / SLOW_START_DOUBLING.as_secs_f64();
                         grown = grown.min(from * 2f64.powf(doublings)).max(state.limit);
                     }
                     state.limit = grown;
@@ -275,7 +275,7 @@ impl Limiter {
         let mut state = self.state.lock().expect("limit lock");
         state.limit = limit.clamp(1.0, self.max as f64);
         state.slow_start = slow_start;
-        state.slow_start_from = (state.limit, None);
+        state.slow_start_from = (state.limit, Instant::now());
         self.figures
             .limit
             .store(state.limit as i64, Ordering::Relaxed);
